@@ -1,0 +1,179 @@
+"""The neutral file: one safetensors file, tensors under ``<module>.<role>``, manifest in metadata.
+
+Besides the manifest (key ``lorabridge.manifest``) the writer adds what other
+tools read, so the file loads unchanged in diffusers and mindone.diffusers
+``load_lora_weights`` with the right alpha: ``format`` = ``pt``, a prefixed
+``lora_adapter_metadata`` LoraConfig per component, and ModelSpec keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any, Callable
+
+from ..errors import LoraBridgeError, ValidationProblem
+from ..io.safetensors_file import SafetensorsFile, write_safetensors
+from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
+                        model_facts, module_facts, schema_problems, tensor_sha256)
+from ..model import KIND_ROLES, LoraModel, LoraModule, split_key
+
+Problem = tuple[str, str]
+
+
+def adapter_metadata(model: LoraModel) -> dict[str, Any]:
+    """diffusers' prefixed LoraConfig per component: the most common rank/alpha plus patterns for the rest."""
+    out: dict[str, Any] = {}
+    for component in model.components:
+        modules = [m for m in model.modules.values() if m.component == component and m.kind == "lora"]
+        if not modules:
+            continue
+        rank = Counter(m.rank for m in modules).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+        out.update({
+            f"{component}.r": rank,
+            f"{component}.lora_alpha": alpha,
+            f"{component}.target_modules": [m.path for m in modules],
+            f"{component}.rank_pattern": {m.path: m.rank for m in modules if m.rank != rank},
+            f"{component}.alpha_pattern": {m.path: m.alpha for m in modules if m.alpha != alpha},
+            f"{component}.use_dora": any(m.dora_axis for m in modules),
+        })
+    return out
+
+
+def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, str]:
+    """All safetensors metadata of a neutral file: the manifest plus the keys other tools read."""
+    metadata = {
+        MANIFEST_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{model.architecture}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": str(model.training.get("title") or model.provenance.get("source_file") or "lorabridge LoRA"),
+    }
+    peft = adapter_metadata(model)
+    if peft:
+        metadata["lora_adapter_metadata"] = json.dumps(peft, separators=(",", ":"))
+    return metadata
+
+
+def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write ``model`` as a neutral file (atomically) and return the manifest written.
+
+    Example:
+        >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
+    """
+    tensors = model.tensors()
+    manifest = build_manifest(model, tensor_sha256(tensors))
+    problems = schema_problems(manifest)
+    if problems:
+        raise ValidationProblem(problems, path)
+    write_safetensors(path, tensors, interop_metadata(model, manifest), progress=progress)
+    return manifest
+
+
+def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Problem]]:
+    raw = handle.metadata.get(MANIFEST_KEY)
+    if raw is None:
+        return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, [(f"__metadata__.{MANIFEST_KEY}", f"manifest is not JSON ({exc})")]
+    if not isinstance(manifest, dict):
+        return None, [(f"__metadata__.{MANIFEST_KEY}", "manifest is not a JSON object")]
+    try:
+        check_version(manifest.get("spec_version", ""))
+    except VersionError as exc:
+        return None, [("$.spec_version", str(exc))]
+    problems = schema_problems(manifest)
+    return (None if problems else manifest), problems
+
+
+def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
+    """Tensors of one module versus what its manifest entry declares."""
+    where = f"$.modules['{name}']"
+    required, optional = KIND_ROLES[entry["kind"]]
+    problems = [(f"tensor '{name}.{role}'", "missing") for role in required if role not in module.tensors]
+    problems += [(f"tensor '{name}.{role}'", f"role {role!r} is not part of kind {entry['kind']!r}")
+                 for role in module.tensors if role not in required + optional]
+    if problems:
+        return problems
+    if entry["kind"] == "lora":
+        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
+        if len(a) not in (2, 4) or len(b) != len(a) or (len(b) == 4 and b[2:] != (1, 1)):
+            return [(f"tensor '{name}.lora_B.weight'", f"shapes A{list(a)} / B{list(b)} are neither linear nor conv LoRA")]
+        if a[0] != b[1]:
+            return [(f"tensor '{name}.lora_B.weight'", f"rank mismatch: lora_A has {a[0]} rows, lora_B {b[1]} columns")]
+    try:
+        declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
+                    "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
+    except (KeyError, ValueError) as exc:
+        return [(where, f"tensors do not form a {entry['kind']} module ({exc})")]
+    for field, actual in declared.items():
+        if entry.get(field) != actual:
+            problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
+    return problems
+
+
+def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
+    """Read a neutral file and list every problem found: (model or None, manifest or None, problems).
+
+    Problems are (location, message); the location is a JSON path into the manifest or a tensor name.
+    Container errors (truncated file, header not JSON...) raise :class:`LoraBridgeError` instead.
+    """
+    handle = SafetensorsFile(path)
+    manifest, problems = _manifest_of(handle)
+    if manifest is None:
+        return None, None, problems
+    model = LoraModel(**model_facts(manifest))
+    tensors_by_module: dict[str, dict] = {name: {} for name in manifest["modules"]}
+    for key in handle.keys():
+        parts = split_key(key)
+        if parts is None or parts[0] not in tensors_by_module:
+            problems.append((f"tensor '{key}'", "not described by any manifest module"))
+            continue
+        tensors_by_module[parts[0]][parts[1]] = handle.tensor(key)
+    for name, entry in manifest["modules"].items():
+        module = LoraModule(name=name, tensors=tensors_by_module[name], **module_facts(entry))
+        found = _module_problems(name, entry, module)
+        problems += found
+        if not found:
+            model.add(module)
+    components = set(manifest["base_model"]["components"])
+    actual = {name.split(".", 1)[0] for name in manifest["modules"]}
+    if components != actual:
+        problems.append(("$.base_model.components", f"lists {sorted(components)}, modules are in {sorted(actual)}"))
+    if verify_hash and not problems:
+        digest = tensor_sha256(handle.tensors())
+        if digest != manifest["tensor_sha256"]:
+            problems.append(("$.tensor_sha256", f"hash mismatch: manifest {manifest['tensor_sha256'][:12]}..., tensor data {digest[:12]}... (data changed or corrupt)"))
+    return (None if problems else model), manifest, problems
+
+
+def read_neutral(path: str | os.PathLike, verify_hash: bool = False) -> LoraModel:
+    """Read a neutral file into a :class:`LoraModel` (tensors are zero-copy views).
+
+    Raises :class:`ValidationProblem` listing what is wrong, or :class:`LoraBridgeError` for a
+    broken container. ``verify_hash`` also checks ``tensor_sha256`` (one pass over the data).
+
+    Example:
+        >>> model = read_neutral("lora.safetensors")   # doctest: +SKIP
+        >>> model.summary()["modules"]
+    """
+    model, _, problems = inspect_file(path, verify_hash=verify_hash)
+    if problems:
+        raise ValidationProblem(problems, path)
+    return model
+
+
+def is_neutral(path: str | os.PathLike) -> bool:
+    """True when the file is a safetensors file carrying a lorabridge manifest (cheap: header only)."""
+    try:
+        return MANIFEST_KEY in SafetensorsFile(path).metadata
+    except LoraBridgeError:
+        return False
+
+
+__all__ = ["read_neutral", "write_neutral", "inspect_file", "is_neutral", "adapter_metadata", "SPEC_VERSION"]

@@ -1,0 +1,1 @@
+"""Containers: safetensors, MindSpore checkpoints, torch files, and safe output writing."""

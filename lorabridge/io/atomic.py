@@ -1,0 +1,60 @@
+"""Crash-safe output: write to a temporary file beside the target, fsync, rename.
+
+A conversion killed part-way leaves either no output or the previous complete
+one, never a partial file; an existing output is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from ..errors import LoraBridgeError
+
+
+def check_output_path(out: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:
+    """Refuse to overwrite an input, or an existing output unless ``force``."""
+    out = Path(out)
+    for src in inputs:
+        if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
+            raise LoraBridgeError("output would overwrite the input; choose another -o", out)
+        if src is not None and out.resolve() == Path(src).resolve():
+            raise LoraBridgeError("output would overwrite the input; choose another -o", out)
+    if out.exists() and not force:
+        raise LoraBridgeError("output exists; pass --force to replace it", out)
+    if out.is_dir():
+        raise LoraBridgeError("output is a directory", out)
+    if not out.parent.exists():
+        raise LoraBridgeError("output directory does not exist", out.parent)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file in the target directory; on success fsync and rename it over ``path``.
+
+    Example:
+        >>> with atomic_write("out.bin") as f:   # doctest: +SKIP
+        ...     f.write(b"data")
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

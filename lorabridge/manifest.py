@@ -1,0 +1,150 @@
+"""The manifest: the JSON that describes a neutral file, its schema, versioning and hashing.
+
+The manifest is the neutral file's contract with other tools: a reader in any
+language validates it against ``schemas/neutral-lora-v1.schema.json`` and then
+checks the tensors against it. Unknown fields are preserved on read and write
+so that files from newer minor versions survive a round trip through us.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import struct
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import __version__
+from .model import LoraModel, LoraModule
+from .tensor import Tensor
+
+MANIFEST_KEY = "lorabridge.manifest"
+FORMAT_NAME = "lorabridge.neutral-lora"
+SPEC_VERSION = "1.0"
+SCHEMA_NAME = "neutral-lora-v1.schema.json"
+LAYOUT = {
+    "key_grammar": "<module>.<role>",
+    "module_naming": "diffusers",
+    "matrix_order": "lora_A (rank, in_features), lora_B (out_features, rank), row-major little-endian",
+    "conv_layout": "lora_A (rank, in_channels, kh, kw), lora_B (out_channels, rank, 1, 1)",
+}
+# Module fields this version writes; anything else in a module entry is kept in LoraModule.extra.
+_MODULE_FIELDS = {"kind", "rank", "alpha", "alpha_source", "in_features", "out_features", "kernel_size", "dora_axis", "dtype"}
+_TOP_FIELDS = {"format", "spec_version", "base_model", "layout", "modules", "targets", "provenance", "training", "tensor_sha256"}
+
+
+class VersionError(ValueError):
+    """The manifest's major version is newer than this reader understands."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """The published JSON Schema (from the checkout's ``schemas/`` or the installed wheel)."""
+    checkout = Path(__file__).resolve().parent.parent / "schemas" / SCHEMA_NAME
+    if checkout.is_file():
+        return json.loads(checkout.read_text("utf-8"))
+    return json.loads(resources.files("lorabridge.schemas").joinpath(SCHEMA_NAME).read_text("utf-8"))
+
+
+def check_version(version: Any) -> None:
+    """Accept 1.x (any minor); refuse a newer major with a message saying what to do."""
+    ours = int(SPEC_VERSION.split(".")[0])
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise VersionError(f"spec_version {version!r} is not MAJOR.MINOR") from None
+    if major > ours:
+        raise VersionError(f"written for neutral LoRA spec {version}; this lorabridge {__version__} reads {ours}.x only, upgrade lorabridge")
+    if major < 1:
+        raise VersionError(f"spec_version {version!r} predates 1.0")
+
+
+def schema_problems(manifest: Any) -> list[tuple[str, str]]:
+    """Every schema violation as (JSON path, message); empty when valid."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema(), format_checker=jsonschema.FormatChecker())
+    return [(error.json_path, error.message) for error in sorted(validator.iter_errors(manifest), key=lambda e: e.json_path)]
+
+
+def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """The spec's tensor hash: sha256 over tensors sorted by key (UTF-8 bytes) of
+    ``key NUL dtype NUL dims-comma-separated NUL u64le(nbytes) data``.
+
+    Binding names, dtypes and shapes means a renamed or reshaped tensor changes the hash,
+    not only a flipped data byte.
+
+    Example:
+        >>> tensor_sha256({})
+        'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
+        t = tensors[key]
+        digest.update(f"{key}\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8"))
+        digest.update(struct.pack("<Q", t.nbytes))
+        digest.update(t.data)
+    return digest.hexdigest()
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def module_entry(module: LoraModule) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "kind": module.kind,
+        "rank": module.rank,
+        "alpha": module.alpha,
+        "alpha_source": module.alpha_source,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+    }
+    if module.kernel_size:
+        entry["kernel_size"] = list(module.kernel_size)
+    if module.dora_axis:
+        entry["dora_axis"] = module.dora_axis
+    entry["dtype"] = module.dtype
+    return {**module.extra, **entry}
+
+
+def build_manifest(model: LoraModel, tensor_hash: str) -> dict[str, Any]:
+    """The manifest for ``model`` (whose tensors hash to ``tensor_hash``)."""
+    provenance = {"converter": f"lorabridge {__version__}", "created": now_utc(), **model.provenance}
+    provenance.setdefault("source_format", "lorabridge-neutral")
+    return {
+        **model.extra,
+        "format": FORMAT_NAME,
+        "spec_version": SPEC_VERSION,
+        "base_model": {"architecture": model.architecture, "components": model.components},
+        "layout": {**LAYOUT, "dtypes": sorted({t.dtype for t in model.tensors().values()})},
+        "modules": {name: module_entry(m) for name, m in model.modules.items()},
+        "targets": model.targets(),
+        "provenance": provenance,
+        "training": model.training,
+        "tensor_sha256": tensor_hash,
+    }
+
+
+def model_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The file-level facts of a manifest as :class:`LoraModel` keyword arguments."""
+    return {
+        "architecture": manifest["base_model"]["architecture"],
+        "provenance": dict(manifest.get("provenance", {})),
+        "training": dict(manifest.get("training", {})),
+        "extra": {k: v for k, v in manifest.items() if k not in _TOP_FIELDS},
+    }
+
+
+def module_facts(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One manifest module entry as :class:`LoraModule` keyword arguments (tensors aside)."""
+    return {
+        "kind": entry["kind"],
+        "alpha": float(entry["alpha"]),
+        "alpha_source": entry.get("alpha_source", "stored"),
+        "dora_axis": entry.get("dora_axis"),
+        "extra": {k: v for k, v in entry.items() if k not in _MODULE_FIELDS},
+    }

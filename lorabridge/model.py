@@ -1,0 +1,200 @@
+"""The one internal model of a LoRA: named modules, each a kind with its tensors, plus file facts.
+
+Every format is a reader that builds a :class:`LoraModel` and a writer that
+consumes one; converters are compositions of the two. Module names are
+canonical: a component prefix (``unet``, ``text_encoder``, ``text_encoder_2``)
+followed by the diffusers module path, e.g.
+``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .tensor import Tensor
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+
+# kind -> (required tensor roles, optional tensor roles). A role is the key suffix after the module name.
+KIND_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "lora": (("lora_A.weight", "lora_B.weight"), ("dora_scale",)),
+    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ("hada_t1", "hada_t2", "dora_scale")),
+    "lokr": ((), ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale")),
+}
+ALL_ROLES = sorted({role for req, opt in KIND_ROLES.values() for role in req + opt}, key=len, reverse=True)
+
+# Where alpha came from: read from the file, given by the user, or assumed (= rank) because the source has none.
+ALPHA_SOURCES = ("stored", "user", "assumed")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """Split a neutral tensor key into (module name, role), or None if it ends in no known role.
+
+    Example:
+        >>> split_key("unet.conv_in.lora_A.weight")
+        ('unet.conv_in', 'lora_A.weight')
+    """
+    for role in ALL_ROLES:
+        if key.endswith("." + role):
+            return key[: -len(role) - 1], role
+    return None
+
+
+def target_type(name: str) -> str:
+    """The module's leaf type, for summaries: the path after its last block index.
+
+    Example:
+        >>> target_type("unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj")
+        'ff.net.0.proj'
+    """
+    parts = name.split(".")[1:]
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit() and len(parts) - i - 1 >= 2:
+            return ".".join(parts[i + 1:])
+    return ".".join(parts)
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: ``kind``, tensors by role, ``alpha`` and where alpha came from.
+
+    Example:
+        >>> a = Tensor.from_numpy(np.ones((4, 8), "f4")); b = Tensor.from_numpy(np.zeros((16, 4), "f4"))
+        >>> m = LoraModule("unet.conv_in", "lora", {"lora_A.weight": a, "lora_B.weight": b}, alpha=4.0)
+        >>> m.rank, m.in_features, m.out_features, m.scale
+        (4, 8, 16, 1.0)
+    """
+
+    name: str
+    kind: str
+    tensors: dict[str, Tensor]
+    alpha: float
+    alpha_source: str = "stored"
+    dora_axis: str | None = None  # "out" (per output row, PEFT/LyCORIS default) or "in"
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown manifest fields, kept verbatim
+
+    @property
+    def component(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def path(self) -> str:
+        """The module path inside its component (what PEFT calls the module name)."""
+        return self.name.split(".", 1)[1]
+
+    @property
+    def rank(self) -> int:
+        t = self.tensors
+        if self.kind == "lora":
+            return t["lora_A.weight"].shape[0]
+        if self.kind == "loha":
+            return t["hada_w1_b"].shape[0]
+        if "lokr_w2_b" in t:
+            return t["lokr_w2_b"].shape[0]
+        if "lokr_w1_b" in t:
+            return t["lokr_w1_b"].shape[0]
+        return 0  # both Kronecker factors full: no rank, scale 1 by LyCORIS' convention
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor applied to the product of the factors (1 when rank is 0)."""
+        return self.alpha / self.rank if self.rank else 1.0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the adapted weight: (out, in) for a linear, (out, in, kh, kw) for a conv."""
+        t = self.tensors
+        if self.kind == "lora":
+            a, b = t["lora_A.weight"].shape, t["lora_B.weight"].shape
+            return (b[0], a[1], *a[2:])
+        if self.kind == "loha":
+            out, inp = t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
+            if "hada_t1" in t:
+                return (out, inp, *t["hada_t1"].shape[2:])
+            return (out, inp, *t["hada_w1_b"].shape[2:])
+        return tuple(self.delta_weight().shape)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...] | None:
+        return tuple(self.weight_shape[2:]) or None
+
+    @property
+    def dtype(self) -> str:
+        return Counter(t.dtype for t in self.tensors.values()).most_common(1)[0][0]
+
+    def delta_weight(self) -> np.ndarray:
+        """The float32 weight update this module adds (DoRA magnitude not applied).
+
+        lora: alpha/r * B @ A (conv: over the flattened in*kh*kw axis);
+        loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2).
+        """
+        from .math import delta_weight
+
+        return delta_weight(self)
+
+
+@dataclass
+class LoraModel:
+    """A whole LoRA: modules by canonical name, plus facts every conversion must carry.
+
+    ``training`` is free-form (kohya ``ss_*`` keys, MindONE config...) and survives every conversion.
+    ``extra`` keeps unknown top-level manifest fields of newer minor spec versions.
+    """
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    architecture: str = SDXL_ARCHITECTURE
+    provenance: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, module: LoraModule) -> None:
+        if module.name in self.modules:
+            raise ValueError(f"module {module.name} appears twice")
+        self.modules[module.name] = module
+
+    @property
+    def components(self) -> list[str]:
+        present = {m.component for m in self.modules.values()}
+        return [c for c in COMPONENTS if c in present] + sorted(present - set(COMPONENTS))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """All tensors under their neutral keys ``<module>.<role>``, in module order."""
+        return {f"{m.name}.{role}": t for m in self.modules.values() for role, t in m.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for m in self.modules.values() for t in m.tensors.values())
+
+    def summary(self) -> dict[str, Any]:
+        """Counts people want to see after a conversion: modules per component, ranks, alphas, bytes."""
+        return {
+            "modules": len(self.modules),
+            "per_component": dict(Counter(m.component for m in self.modules.values())),
+            "kinds": dict(Counter(m.kind for m in self.modules.values())),
+            "ranks": {str(k): v for k, v in sorted(Counter(m.rank for m in self.modules.values()).items())},
+            "alphas": {f"{k:g}": v for k, v in sorted(Counter(m.alpha for m in self.modules.values()).items())},
+            "alpha_sources": dict(Counter(m.alpha_source for m in self.modules.values())),
+            "dtypes": dict(Counter(t.dtype for m in self.modules.values() for t in m.tensors.values())),
+            "tensors": sum(len(m.tensors) for m in self.modules.values()),
+            "bytes": self.nbytes,
+        }
+
+    def targets(self) -> dict[str, dict[str, int]]:
+        """Per component, how many modules of each leaf type (``attn1.to_q``...) are adapted."""
+        out: dict[str, Counter] = {}
+        for m in self.modules.values():
+            out.setdefault(m.component, Counter())[target_type(m.name)] += 1
+        return {c: dict(sorted(v.items())) for c, v in out.items()}

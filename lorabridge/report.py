@@ -1,0 +1,66 @@
+"""What ``validate`` and ``inspect`` print: reports as plain data, plus their text renderings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import LoraBridgeError
+from .formats.neutral import inspect_file, read_neutral
+
+
+def validation_report(path: str | os.PathLike) -> dict[str, Any]:
+    """{"file", "valid", "problems": [{"where", "problem"}]} for one file; container errors count as problems."""
+    try:
+        _, _, problems = inspect_file(path, verify_hash=True)
+    except LoraBridgeError as exc:
+        problems = [("file", exc.message)]
+    return {"file": os.fspath(path), "valid": not problems,
+            "problems": [{"where": where, "problem": what} for where, what in problems]}
+
+
+def render_validation(report: dict[str, Any]) -> str:
+    if report["valid"]:
+        return f"{report['file']}: valid neutral LoRA"
+    lines = [f"{report['file']}: INVALID ({len(report['problems'])} problem(s))"]
+    lines += [f"  {p['where']}: {p['problem']}" for p in report["problems"]]
+    return "\n".join(lines)
+
+
+def inspection_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The summary ``inspect`` prints, as data."""
+    model = read_neutral(path)
+    return {
+        "file": os.fspath(path),
+        "file_bytes": os.path.getsize(path),
+        "architecture": model.architecture,
+        "components": model.components,
+        **model.summary(),
+        "targets": model.targets(),
+        "provenance": model.provenance,
+        "training": model.training,
+    }
+
+
+def _counts(mapping: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in mapping.items()) or "-"
+
+
+def render_inspection(r: dict[str, Any]) -> str:
+    prov = r["provenance"]
+    lines = [
+        f"file          {r['file']} ({r['file_bytes']:,} bytes, tensors {r['bytes']:,} bytes)",
+        f"architecture  {r['architecture']}",
+        f"components    {_counts(r['per_component'])}",
+        f"modules       {r['modules']} ({r['tensors']} tensors; kinds {_counts(r['kinds'])})",
+        f"rank          {_counts(r['ranks'])}",
+        f"alpha         {_counts(r['alphas'])} (source {_counts(r['alpha_sources'])})",
+        f"dtypes        {_counts(r['dtypes'])}",
+        f"provenance    {prov.get('source_format', '?')} from {prov.get('source_file') or '?'}, "
+        f"by {prov.get('converter', '?')} at {prov.get('created', '?')}",
+    ]
+    for component, targets in r["targets"].items():
+        lines.append(f"targets       {component}: {_counts(targets)}")
+    if r["training"]:
+        lines.append(f"training      {len(r['training'])} field(s): {', '.join(list(r['training'])[:8])}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Framework-free tensors: dtype name, shape and raw little-endian bytes.
+
+Conversions must be bit-exact and must work for bfloat16, which numpy cannot
+represent, so tensors travel as bytes (usually a zero-copy view into a
+memory-mapped file) and are turned into numpy arrays only when math is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# safetensors dtype name -> (bytes per element, numpy dtype or None when numpy has none)
+DTYPES: dict[str, tuple[int, str | None]] = {
+    "F64": (8, "<f8"),
+    "F32": (4, "<f4"),
+    "F16": (2, "<f2"),
+    "BF16": (2, None),
+    "F8_E4M3": (1, None),
+    "F8_E5M2": (1, None),
+    "I64": (8, "<i8"),
+    "I32": (4, "<i4"),
+    "I16": (2, "<i2"),
+    "I8": (1, "i1"),
+    "U64": (8, "<u8"),
+    "U32": (4, "<u4"),
+    "U16": (2, "<u2"),
+    "U8": (1, "u1"),
+    "BOOL": (1, "?"),
+}
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _dtype_of_numpy(array: np.ndarray) -> str:
+    wanted = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    for name, (_, np_name) in DTYPES.items():
+        if np_name is not None and np.dtype(np_name) == wanted:
+            return name
+    raise TypeError(f"numpy dtype {array.dtype} has no safetensors name")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor as stored on disk: ``dtype`` (safetensors name), ``shape`` and ``data`` bytes.
+
+    Example:
+        >>> t = Tensor.from_numpy(np.ones((2, 3), dtype=np.float32))
+        >>> t.dtype, t.shape, t.nbytes
+        ('F32', (2, 3), 24)
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        expected = self.numel * DTYPES[self.dtype][0]
+        if len(self.data) != expected:
+            raise ValueError(f"{self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, dtype: str | None = None) -> "Tensor":
+        """Wrap a numpy array; ``dtype="BF16"`` rounds float32 to bfloat16 (round-to-nearest-even)."""
+        if dtype == "BF16":
+            return cls("BF16", tuple(array.shape), float32_to_bf16_bytes(np.asarray(array, np.float32)))
+        if dtype is not None:
+            array = np.asarray(array, DTYPES[dtype][1])
+        array = np.ascontiguousarray(array)
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        return cls(_dtype_of_numpy(array), tuple(array.shape), array.tobytes())
+
+    def to_numpy(self) -> np.ndarray:
+        """A read-only numpy view; BF16 is widened to float32 (exactly), FP8 is refused."""
+        if self.dtype == "BF16":
+            raw = np.frombuffer(self.data, dtype="<u2").astype("<u4") << 16
+            return raw.view("<f4").reshape(self.shape)
+        np_name = DTYPES[self.dtype][1]
+        if np_name is None:
+            raise TypeError(f"{self.dtype} tensors cannot be turned into numpy arrays")
+        return np.frombuffer(self.data, dtype=np_name).reshape(self.shape)
+
+    def to_float32(self) -> np.ndarray:
+        """The values as a float32 array, for math (merging, splitting, checks)."""
+        return np.asarray(self.to_numpy(), dtype=np.float32)
+
+    def cast(self, dtype: str) -> "Tensor":
+        """The same values in another float dtype (no-op, no copy, when already that dtype)."""
+        if dtype == self.dtype:
+            return self
+        return Tensor.from_numpy(self.to_float32(), dtype)
+
+    def reshaped(self, shape: tuple[int, ...]) -> "Tensor":
+        """The same bytes seen with another shape (same element count)."""
+        return Tensor(self.dtype, tuple(shape), self.data)
+
+    def same_as(self, other: "Tensor") -> bool:
+        """Bit-exact equality: dtype, shape and bytes."""
+        return self.dtype == other.dtype and self.shape == other.shape and bytes(self.data) == bytes(other.data)
+
+
+def float32_to_bf16_bytes(array: np.ndarray) -> bytes:
+    """Round float32 to bfloat16 with round-to-nearest-even, as torch does; NaN stays NaN."""
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    out = ((bits + rounding) >> 16).astype("<u2")
+    nan = np.isnan(array)
+    out[nan] = 0x7FC0
+    return out.tobytes()
