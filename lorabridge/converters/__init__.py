@@ -1,0 +1,98 @@
+"""Conversions as compositions: detect the input format, read it into a LoraModel, write the target.
+
+Every command (``ms2neutral``, ``neutral2pt``, ``convert``...) is this one
+function with the formats fixed. Output safety lives here once: inputs are
+never overwritten, outputs are written atomically, existing outputs need ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import LoraBridgeError
+from ..io.atomic import check_output_path
+from ..model import LoraModel
+from .registry import FORMATS, FormatInfo, get_format
+
+
+@dataclass
+class ConversionResult:
+    model: LoraModel
+    source_format: str
+    target_format: str
+    output: Path
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> FormatInfo:
+    """The first registered format (of ``candidates``, default all) whose detect() accepts ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraBridgeError("no such file or directory", path)
+    names = list(candidates) if candidates is not None else list(FORMATS)
+    for name in names:
+        info = get_format(name)
+        if info.load().detect(path):
+            return info
+    raise LoraBridgeError(f"not a LoRA file in any supported format (tried: {', '.join(names)})", path)
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes (None for a directory input such as a PEFT adapter folder)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_source(model: LoraModel, source: Path, source_format: str) -> None:
+    """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history."""
+    previous = dict(model.provenance)
+    history = previous.pop("history", [])
+    if previous:
+        history = [*history, previous]
+    model.provenance = {"source_format": source_format, "source_file": source.name,
+                        "source_sha256": file_sha256(source), **({"history": history} if history else {})}
+
+
+def default_output(src: Path, suffix: str) -> Path:
+    """``<input stem><suffix>`` beside the input, e.g. ``lora.ckpt`` -> ``lora.safetensors``."""
+    name = src.name[: -len(src.suffix)] if src.suffix and src.is_file() else src.name
+    return src.with_name(name + suffix)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
+            force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
+    """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
+
+    ``options`` go to both the reader and the writer (``alpha``, ``skip_unknown``, ``dtype``...).
+
+    Example:
+        >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
+    """
+    src, started = Path(src), time.perf_counter()
+    target = get_format(to)
+    source = detect_format(src, from_formats)
+    out = check_output_path(dst, force, inputs=(src,))
+    model = source.load().read(src, **options)
+    record_source(model, src, source.name)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
+    try:
+        warnings = target.load().write(model, out, progress=bar.update if bar else None, force=force, **options) or []
+    finally:
+        if bar is not None:
+            bar.close()
+    return ConversionResult(model, source.name, target.name, out, time.perf_counter() - started, list(warnings))

@@ -176,4 +176,14 @@ def is_neutral(path: str | os.PathLike) -> bool:
         return False
 
 
-__all__ = ["read_neutral", "write_neutral", "inspect_file", "is_neutral", "adapter_metadata", "SPEC_VERSION"]
+# The reader/writer pair as the converter registry calls it (options other formats take are ignored).
+def detect(path: str | os.PathLike) -> bool:
+    return is_neutral(path)
+
+
+def read(path: str | os.PathLike, *, verify_hash: bool = False, **_options) -> LoraModel:
+    return read_neutral(path, verify_hash=verify_hash)
+
+
+def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None, **_options) -> None:
+    write_neutral(model, path, progress=progress)

@@ -1,0 +1,39 @@
+"""The formats lorabridge reads and writes, as data: name -> where its reader/writer pair lives.
+
+Modules are imported only when a conversion needs them, so the CLI stays fast.
+Each format module defines ``detect(path) -> bool`` (cheap: header or key names
+only), ``read(path, **options) -> LoraModel`` and ``write(model, path, **options)``.
+``options`` a format does not use are ignored, so one call shape serves all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    name: str
+    module: str  # dotted path of the module holding detect/read/write
+    framework: str  # "neutral", "mindspore" or "torch": which world uses it
+    description: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+# Detection tries formats in this order; the first whose detect() says yes wins.
+FORMATS: dict[str, FormatInfo] = {f.name: f for f in [
+    FormatInfo("neutral", "lorabridge.formats.neutral", "neutral", "lorabridge neutral LoRA v1 (.safetensors + manifest)"),
+]}
+
+
+def get_format(name: str) -> FormatInfo:
+    from ..errors import LoraBridgeError
+
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise LoraBridgeError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None

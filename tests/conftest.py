@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/, one module per area, loaded here for every test file."""
+
+pytest_plugins = [
+    "tests.fixtures.core",
+    "tests.fixtures.mindspore",
+    "tests.fixtures.sdxl",
+]
