@@ -113,10 +113,9 @@ class LoraModule:
             a, b = t["lora_A.weight"].shape, t["lora_B.weight"].shape
             return (b[0], a[1], *a[2:])
         if self.kind == "loha":
-            out, inp = t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
-            if "hada_t1" in t:
-                return (out, inp, *t["hada_t1"].shape[2:])
-            return (out, inp, *t["hada_w1_b"].shape[2:])
+            if "hada_t1" in t:  # Tucker: w_a (r, out), w_b (r, in), kernel in t (r, r, kh, kw)
+                return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
+            return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1], *t["hada_w1_b"].shape[2:])
         return tuple(self.delta_weight().shape)
 
     @property

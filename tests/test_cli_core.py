@@ -1,0 +1,89 @@
+"""validate and inspect from the command line; errors are one line; --help stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "spec" / "vectors"
+
+
+def test_validate_valid_file_exits_zero(run_cli, neutral_file):
+    result = run_cli("validate", neutral_file)
+    assert result.exit_code == 0 and "valid neutral LoRA" in result.output
+
+
+def test_validate_lists_every_problem_with_location_as_json(run_cli, tmp_path):
+    result = run_cli("validate", "--json", VECTORS / "manifest-mismatch.safetensors")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["valid"] is False
+    assert report["problems"][0]["where"].endswith(".in_features")
+
+
+def test_inspect_summarizes(run_cli, neutral_file):
+    result = run_cli("inspect", neutral_file)
+    assert result.exit_code == 0
+    assert "stable-diffusion-xl-v1-base" in result.output and "unet: 4" in result.output
+    data = json.loads(run_cli("inspect", "--json", neutral_file).output)
+    assert data["modules"] == 6 and data["ranks"] == {"4": 6}
+
+
+@pytest.mark.parametrize("name,message", [
+    ("truncated.safetensors", "truncated"),
+    ("header-not-json.safetensors", "header is not JSON"),
+    ("oversize-header.safetensors", "over the 100000000 limit"),
+    ("wrong-hash.safetensors", None),
+])
+def test_bad_input_is_one_line_naming_the_file(name, message):
+    proc = subprocess.run([sys.executable, "cli.py", "inspect", str(VECTORS / name)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if name == "wrong-hash.safetensors":  # inspect does not hash; validate does
+        proc = subprocess.run([sys.executable, "cli.py", "validate", str(VECTORS / name)], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and "hash mismatch" in proc.stdout
+        return
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and name in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("target", ["missing.safetensors", "."])
+def test_missing_path_or_directory_is_refused(target, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "inspect", target], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert ("no such file" if target != "." else "is a directory") in proc.stderr
+
+
+def test_debug_shows_the_traceback():
+    proc = subprocess.run([sys.executable, "cli.py", "--debug", "inspect", str(VECTORS / "truncated.safetensors")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["inspect", str(VECTORS / "mixed.safetensors")]])
+def test_light_commands_import_neither_torch_nor_mindspore(argv):
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['cli.py', *{argv!r}]\n"
+            "try:\n    runpy.run_path('cli.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mindspore', 'diffusers', 'mindone', 'transformers'))\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+def test_every_command_has_help():
+    from click.testing import CliRunner
+
+    from lorabridge.cli import cli
+
+    for name in cli.commands:
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, name
