@@ -116,7 +116,14 @@ class LoraModule:
             if "hada_t1" in t:  # Tucker: w_a (r, out), w_b (r, in), kernel in t (r, r, kh, kw)
                 return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
             return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1], *t["hada_w1_b"].shape[2:])
-        return tuple(self.delta_weight().shape)
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"].shape
+        elif "lokr_t2" in t:  # Tucker: w2_a (r, out2), w2_b (r, in2), kernel in t2 (r, r, kh, kw)
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], *t["lokr_w2_b"].shape[1:])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])  # kron(w1, w2), computed from shapes only
 
     @property
     def out_features(self) -> int:
