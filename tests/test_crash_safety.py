@@ -1,0 +1,97 @@
+"""Outputs are all-or-nothing: a conversion killed part-way leaves no partial file at the output path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lorabridge.converters import convert
+from lorabridge.errors import LoraBridgeError
+from lorabridge.formats.neutral import read_neutral, write_neutral
+from tests.fixtures.core import make_lora_model
+
+ROOT = Path(__file__).resolve().parent.parent
+# A child that converts a neutral file, writing slowly (a sleep per tensor stands in for a slow disk).
+SLOW_CONVERT = textwrap.dedent("""
+    import sys, time
+    from lorabridge.formats import neutral
+    real_write = neutral.write_safetensors
+    def slow_write(path, tensors, metadata=None, progress=None):
+        def tick(n):
+            time.sleep(0.02)
+        return real_write(path, tensors, metadata, progress=tick)
+    neutral.write_safetensors = slow_write
+    from lorabridge.converters import convert
+    convert(sys.argv[1], sys.argv[2], "neutral", force=True, progress=False)
+""")
+
+
+@pytest.fixture
+def big_neutral(tmp_path):
+    modules = {f"unet.down_blocks.1.attentions.0.transformer_blocks.{i}.attn1.to_q": (640, 640) for i in range(2)}
+    modules |= {f"unet.mid_block.attentions.0.transformer_blocks.{i}.ff.net.2": (5120, 1280) for i in range(10)}
+    path = tmp_path / "big.safetensors"
+    write_neutral(make_lora_model(modules, rank=64), path)
+    return path
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["no-previous-output", "previous-output-kept"])
+def test_sigkill_mid_write_leaves_no_partial_output(tmp_path, big_neutral, previous):
+    out = tmp_path / "out.safetensors"
+    if previous:
+        write_neutral(make_lora_model(seed=7), out)
+        before = out.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(big_neutral), str(out)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 0 for p in tmp_path.glob(".out.safetensors.*.partial")):
+        assert child.poll() is None, "conversion ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    if previous:
+        assert out.read_bytes() == before
+    else:
+        assert not out.exists()
+
+
+def test_completed_conversion_is_whole_and_leaves_no_temp_files(tmp_path, big_neutral):
+    out = tmp_path / "out.safetensors"
+    convert(big_neutral, out, "neutral", progress=False)
+    read_neutral(out, verify_hash=True)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_existing_output_needs_force(tmp_path, neutral_file):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(LoraBridgeError, match="pass --force"):
+        convert(neutral_file, out, "neutral", progress=False)
+    assert out.read_bytes() == b"precious"
+    convert(neutral_file, out, "neutral", force=True, progress=False)
+    read_neutral(out, verify_hash=True)
+
+
+def test_output_equal_to_input_is_refused_even_with_force(neutral_file):
+    before = neutral_file.read_bytes()
+    for alias in (neutral_file, neutral_file.parent / "." / neutral_file.name):
+        with pytest.raises(LoraBridgeError, match="overwrite the input"):
+            convert(neutral_file, alias, "neutral", force=True, progress=False)
+    assert neutral_file.read_bytes() == before
+
+
+def test_failed_write_removes_its_temp_file(tmp_path, lora_model):
+    from lorabridge.io.atomic import atomic_write
+
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "x.bin") as handle:
+            handle.write(b"half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
