@@ -16,12 +16,14 @@ from types import ModuleType
 @dataclass(frozen=True)
 class FormatInfo:
     name: str
-    module: str  # dotted path of the module holding detect/read/write
+    module: str  # dotted path of the module holding detect/read/write, or "module:attribute" for an object that does
     framework: str  # "neutral", "mindspore" or "torch": which world uses it
     description: str
 
     def load(self) -> ModuleType:
-        return importlib.import_module(self.module)
+        module, _, attribute = self.module.partition(":")
+        loaded = importlib.import_module(module)
+        return getattr(loaded, attribute) if attribute else loaded
 
 
 # Detection tries formats in this order; the first whose detect() says yes wins.
