@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.mindspore",
     "tests.fixtures.sdxl",
+    "tests.fixtures.naming",
 ]
