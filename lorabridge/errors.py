@@ -31,3 +31,10 @@ class ValidationProblem(LoraBridgeError):
         first = "; ".join(f"{where}: {what}" if where else what for where, what in problems[:3])
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         super().__init__(f"invalid neutral LoRA: {first}{more}", path)
+
+
+class LoraBridgeWarning(UserWarning):
+    """Something the user should know that does not stop a conversion (dropped keys, folded alpha...).
+
+    Readers and writers raise it with :func:`warnings.warn`; commands collect and print it as ``warning: ...``.
+    """
