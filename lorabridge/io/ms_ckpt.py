@@ -1,0 +1,583 @@
+"""Read and write MindSpore checkpoints (``.ckpt`` and MindSpore-flavoured safetensors) without MindSpore.
+
+Why not ``mindspore.load_checkpoint``: it needs MindSpore installed, reads the
+whole file into memory and parses it as one protobuf message (so a big file is
+held twice), and it raises generic errors. This module memory-maps the file,
+walks its records with a small bounds-checked protobuf reader and returns
+zero-copy :class:`~lorabridge.tensor.Tensor` views; every problem is a
+one-line :class:`~lorabridge.errors.LoraBridgeError` naming the file.
+
+The container, as ``mindspore.save_checkpoint`` 2.10 writes it (byte-identity
+with MindSpore's own output is tested in ``tests/test_ms_ckpt_mindspore.py``)::
+
+    file        = record* [b"crc_num" + crc32(all records) as 10 big-endian bytes]
+    record      = one serialized Checkpoint message holding one Value:
+                  0x0a, varint length, Value
+    Value       = {1: tag (string), 2: TensorProto | 3: MapTensorProto}
+    TensorProto = {1: dims (repeated int64), 2: tensor_type (string), 3: tensor_content (bytes)}
+
+A tensor over 512 MiB is written as consecutive records with the same tag and
+the full dims, each holding the next slice of the bytes. Text entries
+(``append_dict`` strings) have tensor_type ``"str"`` and UTF-32 content.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from ..errors import LoraBridgeError
+from ..tensor import DTYPES, Tensor
+from .atomic import atomic_write
+from .ms_dtypes import MS_STR_TYPE, MS_TO_SAFETENSORS, MS_UNSUPPORTED, SAFETENSORS_TO_MS
+from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+
+CHUNK_BYTES = 512 * 1024 * 1024  # save_checkpoint splits a tensor's bytes into records of at most this size
+CRC_MAGIC = b"crc_num"
+CRC_TRAILER_BYTES = len(CRC_MAGIC) + 10
+
+# First 4 bytes (little-endian uint32) of a file written by save_checkpoint(enc_key=..., enc_mode=...);
+# the magic numbers of mindspore/core/utils/crypto.h.
+ENCRYPTION_MAGIC: dict[int, str] = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-CBC"}
+
+# Leading bytes of files that get handed over instead of a MindSpore checkpoint.
+FOREIGN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "this is a PyTorch checkpoint (zip archive), not a MindSpore one"),
+    (b"\x80\x02", "this is a PyTorch checkpoint (pickle), not a MindSpore one"),
+    (b"\x80\x03", "this is a PyTorch checkpoint (pickle), not a MindSpore one"),
+    (b"\x80\x04", "this is a PyTorch checkpoint (pickle), not a MindSpore one"),
+    (b"\x80\x05", "this is a PyTorch checkpoint (pickle), not a MindSpore one"),
+)
+
+# safetensors metadata that mindspore.save_checkpoint(..., format="safetensors") writes
+MS_SAFETENSORS_METADATA = {"format": "ms"}
+
+# MindSpore writes safetensors through the safetensors library, which lays tensors out by dtype in this
+# order (then by name); following it makes our files byte-identical to MindSpore's.
+SAFETENSORS_LAYOUT_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                            "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+
+# ---------------------------------------------------------------- protobuf wire format (the subset used here)
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_FIXED_WIDTH = {_I64: 8, _I32: 4}
+_RECORD_KEY = 0x0A  # Checkpoint field 1 (value), length-delimited
+
+# Message schemas: field number -> (name, kind). "bytes" fields are length-delimited and singular;
+# "varints" fields are repeated integers, plain or packed. Unknown fields are skipped, as protobuf does.
+_VALUE_FIELDS = {1: ("tag", "bytes"), 2: ("tensor", "bytes"), 3: ("maptensor", "bytes")}
+_TENSOR_FIELDS = {1: ("dims", "varints"), 2: ("tensor_type", "bytes"), 3: ("tensor_content", "bytes")}
+
+
+class _Malformed(Exception):
+    """A structural problem found at a byte offset; the caller adds the file name."""
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    """Decode one varint starting at ``pos``, never reading at or past ``end``."""
+    start, result, shift = pos, 0, 0
+    while True:
+        if pos >= end:
+            raise _Malformed("varint runs past the end of its message (truncated?)", start)
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if result >> 64:
+                raise _Malformed("varint does not fit in 64 bits", start)
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise _Malformed("varint longer than 10 bytes", start)
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object, int]]:
+    """Yield (field number, wire type, value, offset) for each field of the message in [start, end).
+
+    The value is an int for varints and a (begin, end) byte span for everything else.
+    """
+    pos = start
+    while pos < end:
+        at = pos
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("protobuf field number 0", at)
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, end)
+        elif wire == _LEN:
+            length, pos = _varint(buf, pos, end)
+            if length > end - pos:
+                raise _Malformed(f"field {number} claims {length} bytes but only {end - pos} remain (truncated?)", at)
+            value, pos = (pos, pos + length), pos + length
+        elif wire in _FIXED_WIDTH:
+            if _FIXED_WIDTH[wire] > end - pos:
+                raise _Malformed(f"field {number} runs past the end of its message (truncated?)", at)
+            value, pos = (pos, pos + _FIXED_WIDTH[wire]), pos + _FIXED_WIDTH[wire]
+        else:
+            raise _Malformed(f"unsupported protobuf wire type {wire}", at)
+        yield number, wire, value, at
+
+
+def _packed_varints(buf, start: int, end: int) -> list[int]:
+    values, pos = [], start
+    while pos < end:
+        value, pos = _varint(buf, pos, end)
+        values.append(value)
+    return values
+
+
+def _parse_message(buf, start: int, end: int, schema: dict[int, tuple[str, str]], what: str) -> dict:
+    found: dict[str, object] = {}
+    for number, wire, value, at in _fields(buf, start, end):
+        if number not in schema:
+            continue
+        name, kind = schema[number]
+        if kind == "varints" and wire == _VARINT:
+            found.setdefault(name, []).append(value)
+        elif kind == "varints" and wire == _LEN:
+            found.setdefault(name, []).extend(_packed_varints(buf, *value))
+        elif kind == "bytes" and wire == _LEN:
+            if name in found:
+                raise _Malformed(f"{what}.{name} appears twice", at)
+            found[name] = value
+        else:
+            raise _Malformed(f"{what}.{name} has the wrong protobuf wire type {wire}", at)
+    return found
+
+
+def _text(buf, span: tuple[int, int], what: str, at: int) -> str:
+    try:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed(f"{what} is not valid UTF-8", at) from None
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(number: int, payload_len: int) -> bytes:
+    """Key and length of a length-delimited field; the payload follows."""
+    return _encode_varint(number << 3 | _LEN) + _encode_varint(payload_len)
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class _Record:
+    offset: int
+    tag: str
+    tensor_type: str
+    dims: tuple[int, ...]
+    content: tuple[int, int]
+
+
+def _parse_record(buf, pos: int, end: int) -> tuple[_Record, int]:
+    """Parse the record at ``pos``; return it and the offset just past it. Content is not touched."""
+    if buf[pos] != _RECORD_KEY:
+        raise _Malformed(f"expected a checkpoint record (byte 0x0a), found 0x{buf[pos]:02x}", pos)
+    length, body = _varint(buf, pos + 1, end)
+    if length > end - body:
+        raise _Malformed(f"record claims {length} bytes but only {end - body} remain (truncated file?)", pos)
+    stop = body + length
+    value = _parse_message(buf, body, stop, _VALUE_FIELDS, "Value")
+    if "tag" not in value:
+        raise _Malformed("record has no tag", pos)
+    tag = _text(buf, value["tag"], "tag", pos)
+    if "maptensor" in value:
+        raise _Malformed(f"{tag!r} is a map tensor (MapParameter, a hash-table embedding), not supported", pos)
+    if "tensor" not in value:
+        raise _Malformed(f"record {tag!r} holds no tensor", pos)
+    tensor = _parse_message(buf, *value["tensor"], _TENSOR_FIELDS, "TensorProto")
+    for required in ("tensor_type", "tensor_content"):
+        if required not in tensor:
+            raise _Malformed(f"record {tag!r} has no {required}", pos)
+    dims = tuple(d - (1 << 64) if d >> 63 else d for d in tensor.get("dims", ()))
+    if any(d < 0 for d in dims):
+        raise _Malformed(f"record {tag!r} has a negative dimension in {list(dims)}", pos)
+    tensor_type = _text(buf, tensor["tensor_type"], "tensor_type", pos)
+    return _Record(pos, tag, tensor_type, dims, tensor["tensor_content"]), stop
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if nbytes < 1000 or unit == "PB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def _needed_bytes(dims: tuple[int, ...], itemsize: int, limit: int) -> int | None:
+    """dims product times itemsize, or None as soon as it exceeds ``limit`` (never builds a huge number)."""
+    if 0 in dims:
+        return 0
+    need = itemsize
+    for dim in dims:
+        need *= dim
+        if need > limit:
+            return None
+    return need
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor or text entry: its records' content spans, joined in order."""
+
+    tag: str
+    tensor_type: str
+    shape: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    offset: int
+
+
+def _entry(group: list[_Record], file_size: int) -> _Entry:
+    """Check a run of same-tag records (one tensor, possibly chunked) and describe it."""
+    first = group[0]
+    where = f"{first.tag!r}"
+    for record in group[1:]:
+        if (record.tensor_type, record.dims) != (first.tensor_type, first.dims):
+            raise _Malformed(f"chunks of {where} disagree: {first.tensor_type}{list(first.dims)} then "
+                             f"{record.tensor_type}{list(record.dims)}", record.offset)
+    spans = tuple(record.content for record in group)
+    held = sum(end - begin for begin, end in spans)
+    if first.tensor_type == MS_STR_TYPE:
+        return _Entry(first.tag, MS_STR_TYPE, (), spans, first.offset)
+    if first.tensor_type in MS_UNSUPPORTED:
+        raise _Malformed(f"{where} has tensor_type {first.tensor_type}: {MS_UNSUPPORTED[first.tensor_type]}", first.offset)
+    if first.tensor_type not in MS_TO_SAFETENSORS:
+        raise _Malformed(f"{where} has unknown tensor_type {first.tensor_type!r}", first.offset)
+    dtype = MS_TO_SAFETENSORS[first.tensor_type]
+    itemsize = DTYPES[dtype][0]
+    shape = first.dims
+    if shape == (0,) and held == itemsize:  # MindSpore reads dims [0] with one element as a scalar
+        shape = ()
+    need = _needed_bytes(shape, itemsize, file_size)
+    if need is None:
+        wanted = _human(math.prod(float(d) for d in shape) * itemsize)
+        raise _Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {wanted}, more than the whole "
+                         f"file ({file_size} bytes)", first.offset)
+    if need != held:
+        chunks = f" in {len(group)} records" if len(group) > 1 else ""
+        raise _Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {need} bytes but the content "
+                         f"holds {held}{chunks}", first.offset)
+    return _Entry(first.tag, dtype, shape, spans, first.offset)
+
+
+def _scan(buf, size: int) -> tuple[list[_Entry], int | None]:
+    """All entries in file order, and the offset of the CRC trailer (None without one)."""
+    groups: list[list[_Record]] = []
+    pos = 0
+    while pos < size:
+        if size - pos == CRC_TRAILER_BYTES and buf[pos:pos + len(CRC_MAGIC)] == CRC_MAGIC:
+            return [_entry(group, size) for group in groups], pos
+        record, pos = _parse_record(buf, pos, size)
+        if groups and groups[-1][0].tag == record.tag:
+            groups[-1].append(record)
+        else:
+            groups.append([record])
+    return [_entry(group, size) for group in groups], None
+
+
+def _refuse_foreign(buf, size: int, path: Path) -> None:
+    """Name the format of files that are clearly not plain MindSpore checkpoints."""
+    head = bytes(buf[:8])
+    if size >= 4 and struct.unpack("<I", head[:4])[0] in ENCRYPTION_MAGIC:
+        mode = ENCRYPTION_MAGIC[struct.unpack("<I", head[:4])[0]]
+        raise LoraBridgeError(f"this MindSpore checkpoint is encrypted ({mode}); decrypt it with MindSpore "
+                              "(load_checkpoint with dec_key and dec_mode) and save it unencrypted first", path)
+    for signature, message in FOREIGN_SIGNATURES:
+        if head.startswith(signature):
+            raise LoraBridgeError(message, path)
+    if size >= 10 and struct.unpack("<Q", head)[0] <= size - 8 and buf[8] == ord("{"):
+        raise LoraBridgeError("this is a safetensors file, not a MindSpore .ckpt (use read_ms_safetensors)", path)
+
+
+def _open_map(path: str | os.PathLike) -> tuple[Path, mmap.mmap | None, int]:
+    path = open_input(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return path, (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None), size
+    except OSError as exc:
+        raise LoraBridgeError(f"cannot read: {exc.strerror or exc}", path) from None
+
+
+class MsCheckpointFile:
+    """A memory-mapped MindSpore ``.ckpt``: tensors by tag (file order) and text entries as ``metadata``.
+
+    Opening checks the whole structure (every record, dtype and size, and the CRC
+    trailer if there is one) before any tensor is handed out; tensors are then
+    zero-copy views into the mapping.
+
+    Example:
+        >>> ckpt = MsCheckpointFile("lora.ckpt")   # doctest: +SKIP
+        >>> ckpt.keys()[:1], ckpt.header_entry(ckpt.keys()[0]), ckpt.has_crc
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self._map, size = _open_map(path)
+        if self._map is None:
+            raise LoraBridgeError("empty file (0 bytes), not a MindSpore checkpoint", self.path)
+        _refuse_foreign(self._map, size, self.path)
+        try:
+            entries, trailer = _scan(self._map, size)
+        except _Malformed as exc:
+            raise LoraBridgeError(f"{exc} (at byte {exc.offset})", self.path) from None
+        self.has_crc = trailer is not None
+        if trailer is not None:
+            self._check_crc(trailer)
+        self._entries: dict[str, _Entry] = {}
+        self.metadata: dict[str, str] = {}
+        for entry in entries:
+            if entry.tag in self._entries or entry.tag in self.metadata:
+                raise LoraBridgeError(f"tag {entry.tag!r} appears twice, the second time at byte {entry.offset}", self.path)
+            if entry.tensor_type == MS_STR_TYPE:
+                self.metadata[entry.tag] = self._decode_text(entry)
+            else:
+                self._entries[entry.tag] = entry
+
+    def _check_crc(self, trailer: int) -> None:
+        stored = int.from_bytes(self._map[trailer + len(CRC_MAGIC):trailer + CRC_TRAILER_BYTES], "big")
+        actual = zlib.crc32(memoryview(self._map)[:trailer])
+        if stored != actual:
+            raise LoraBridgeError(f"CRC mismatch: the trailer says {stored:#010x} but the records hash to "
+                                  f"{actual:#010x}; the file is damaged", self.path)
+
+    def _decode_text(self, entry: _Entry) -> str:
+        raw = b"".join(self._map[begin:end] for begin, end in entry.spans)
+        try:
+            if len(raw) % 4:
+                raise UnicodeDecodeError("utf-32-le", raw, 0, len(raw), "length is not a multiple of 4")
+            return raw.decode("utf-32-le").rstrip("\x00")  # numpy's str dtype, which MindSpore uses, drops NULs
+        except UnicodeDecodeError:
+            raise LoraBridgeError(f"text entry {entry.tag!r} is not valid UTF-32 (at byte {entry.offset})", self.path) from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def header_entry(self, tag: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of a tensor without touching its data."""
+        entry = self._entries[tag]
+        return entry.tensor_type, entry.shape
+
+    def tensor(self, tag: str) -> Tensor:
+        """A zero-copy view of one tensor (a chunked tensor is joined, its only copy)."""
+        entry = self._entries[tag]
+        view = memoryview(self._map)
+        if len(entry.spans) == 1:
+            begin, end = entry.spans[0]
+            return Tensor(entry.tensor_type, entry.shape, view[begin:end])
+        return Tensor(entry.tensor_type, entry.shape, b"".join(view[begin:end] for begin, end in entry.spans))
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        """(tag, tensor) in file order, one tensor at a time."""
+        for tag in self._entries:
+            yield tag, self.tensor(tag)
+
+
+def iter_ms_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, Tensor]]:
+    """Stream (tag, tensor) pairs of a ``.ckpt`` in file order; text entries are skipped
+    (see :class:`MsCheckpointFile` ``.metadata`` or :func:`read_ms_checkpoint`).
+
+    The file is checked completely (structure and CRC) before the first pair is produced.
+
+    Example:
+        >>> for tag, tensor in iter_ms_checkpoint("lora.ckpt"):   # doctest: +SKIP
+        ...     print(tag, tensor.dtype, tensor.shape)
+    """
+    yield from MsCheckpointFile(path).items()
+
+
+def read_ms_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors by tag (file order, zero-copy views) and the text entries as metadata.
+
+    Example:
+        >>> tensors, metadata = read_ms_checkpoint("lora.ckpt")   # doctest: +SKIP
+    """
+    ckpt = MsCheckpointFile(path)
+    return dict(ckpt.items()), dict(ckpt.metadata)
+
+
+def is_ms_checkpoint(path: str | os.PathLike) -> bool:
+    """Cheap sniff: the first record parses as a Checkpoint Value, or the file carries MindSpore's
+    encryption magic (so that reading it says "encrypted" rather than "unknown format").
+
+    Example:
+        >>> is_ms_checkpoint("lora.ckpt")   # doctest: +SKIP
+        True
+    """
+    try:
+        _, buf, size = _open_map(path)
+    except LoraBridgeError:
+        return False
+    if buf is None:
+        return False
+    if size >= 4 and struct.unpack("<I", buf[:4])[0] in ENCRYPTION_MAGIC:
+        return True
+    try:
+        _parse_record(buf, 0, size)
+    except _Malformed:
+        return False
+    return True
+
+
+def _text_content(value: str) -> bytes:
+    """UTF-32 code units as numpy stores a str array, which is what save_checkpoint writes ("" is one NUL)."""
+    return value.encode("utf-32-le") or b"\x00\x00\x00\x00"
+
+
+def _record_head(tag: bytes, dims: tuple[int, ...], tensor_type: bytes, content_len: int) -> bytes:
+    """Everything of a record up to its content, which is the record's last field."""
+    tensor = b"".join(b"\x08" + _encode_varint(d) for d in dims)
+    tensor += _len_field(2, len(tensor_type)) + tensor_type + _len_field(3, content_len)
+    tensor_len = len(tensor) + content_len
+    value = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
+    return _len_field(1, len(value) + tensor_len) + value + tensor
+
+
+def _encoded_records(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Iterator[tuple[bytes, memoryview | bytes]]:
+    """(record head, content) pairs in file order: tensors in chunks of CHUNK_BYTES, then text entries."""
+    for name, tensor in tensors.items():
+        data = memoryview(tensor.data).cast("B")
+        tensor_type = SAFETENSORS_TO_MS[tensor.dtype].encode("ascii")
+        for start in range(0, max(len(data), 1), CHUNK_BYTES):
+            chunk = data[start:start + CHUNK_BYTES]
+            yield _record_head(name.encode("utf-8"), tensor.shape, tensor_type, len(chunk)), chunk
+    for key, value in metadata.items():
+        content = _text_content(value)
+        yield _record_head(key.encode("utf-8"), (0,), MS_STR_TYPE.encode("ascii"), len(content)), content
+
+
+def _check_writable(path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    if not tensors and not metadata:
+        raise LoraBridgeError("refusing to write an empty checkpoint (no tensors, no metadata)", path)
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_TO_MS:
+            raise LoraBridgeError(f"tensor {name!r}: MindSpore checkpoints cannot hold {tensor.dtype} tensors", path)
+        if tensor.shape == (0,):
+            raise LoraBridgeError(f"tensor {name!r} has shape (0,), which MindSpore reads back as a scalar", path)
+        if name in metadata:
+            raise LoraBridgeError(f"{name!r} is both a tensor and a metadata key", path)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise LoraBridgeError(f"metadata {key!r} must be a string, got {type(value).__name__}", path)
+        if value.endswith("\x00"):
+            raise LoraBridgeError(f"metadata {key!r} ends with a NUL character, which MindSpore drops", path)
+    for name in [*tensors, *metadata]:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoraBridgeError(f"name {name!r} cannot be encoded as UTF-8", path) from None
+
+
+def write_ms_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                        metadata: Mapping[str, str] | None = None, crc: bool = False,
+                        progress: Callable[[int], object] | None = None) -> None:
+    """Write tensors (in the given order), then metadata as text entries, atomically.
+
+    The bytes are those ``mindspore.save_checkpoint`` writes for the same parameters
+    (tensors over 512 MiB split into same-tag records; with ``crc=True`` the
+    ``crc_num`` trailer). One difference: MindSpore drops tensors with no elements,
+    this writes them (``load_checkpoint`` reads them back). ``progress``, if given,
+    is called with the byte count of each record's content.
+
+    Example:
+        >>> write_ms_checkpoint("lora.ckpt", {"w": Tensor.from_numpy(np.zeros(3, "f4"))}, crc=True)   # doctest: +SKIP
+    """
+    metadata = dict(metadata or {})
+    _check_writable(path, tensors, metadata)
+    checksum = 0
+    with atomic_write(path) as out:
+        for head, content in _encoded_records(tensors, metadata):
+            out.write(head)
+            out.write(content)
+            if crc:
+                checksum = zlib.crc32(content, zlib.crc32(head, checksum))
+            if progress is not None:
+                progress(len(content))
+        if crc:
+            out.write(CRC_MAGIC + checksum.to_bytes(10, "big"))
+
+
+# ---------------------------------------------------------------- MindSpore's safetensors checkpoints
+
+
+def _safetensors_crc(tensors: Mapping[str, Tensor]) -> int:
+    """The ``crc_num`` save_checkpoint(format="safetensors", crc_check=True) stores: names and bytes, by name."""
+    checksum = 0
+    for name in sorted(tensors):
+        checksum = zlib.crc32(tensors[name].data, zlib.crc32(name.encode("utf-8"), checksum))
+    return checksum
+
+
+def read_ms_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors checkpoint written by MindSpore, its ``crc_num`` checked.
+
+    Metadata is returned as stored (MindSpore writes ``{"format": "ms"}``, plus ``crc_num`` with crc_check).
+
+    Example:
+        >>> tensors, metadata = read_ms_safetensors("lora.safetensors")   # doctest: +SKIP
+    """
+    handle = SafetensorsFile(path)
+    metadata = handle.metadata
+    for name in handle.keys():
+        if name in metadata:  # MindSpore marks qint4x2 tensors, stored as bytes, by their name in metadata
+            raise LoraBridgeError(f"tensor {name!r} is marked {metadata[name]!r} in the metadata "
+                                  "(MindSpore's packed 4-bit integers), not supported", handle.path)
+    tensors = handle.tensors()
+    if "crc_num" in metadata:
+        if not metadata["crc_num"].isdigit():
+            raise LoraBridgeError(f"crc_num {metadata['crc_num']!r} in the metadata is not a number", handle.path)
+        actual = _safetensors_crc(tensors)
+        if int(metadata["crc_num"]) != actual:
+            raise LoraBridgeError(f"CRC mismatch: the metadata says crc_num {metadata['crc_num']} but the tensors "
+                                  f"hash to {actual}; the file is damaged", handle.path)
+    return tensors, metadata
+
+
+def write_ms_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                         metadata: Mapping[str, str] | None = None, crc: bool = False,
+                         progress: Callable[[int], object] | None = None) -> None:
+    """Write a safetensors checkpoint as ``save_checkpoint(..., format="safetensors")`` does, atomically.
+
+    Metadata gets ``{"format": "ms"}`` and, with ``crc=True``, MindSpore's ``crc_num``; tensors are
+    laid out in the safetensors library's order, so the bytes match MindSpore's own file.
+    A metadata key equal to a tensor name is refused: MindSpore's loader reads such a
+    key as a dtype override for that tensor.
+
+    Example:
+        >>> write_ms_safetensors("lora.safetensors", tensors, crc=True)   # doctest: +SKIP
+    """
+    merged = {**MS_SAFETENSORS_METADATA, **(metadata or {})}
+    for key in merged:
+        if key in tensors:
+            raise LoraBridgeError(f"{key!r} is both a tensor and a metadata key", path)
+    if "crc_num" in merged:
+        raise LoraBridgeError("metadata key 'crc_num' is reserved; pass crc=True to store a checksum", path)
+    if crc:
+        merged["crc_num"] = str(_safetensors_crc(tensors))
+    layout = sorted(tensors, key=lambda name: (SAFETENSORS_LAYOUT_ORDER.index(tensors[name].dtype), name))
+    write_safetensors(path, {name: tensors[name] for name in layout}, merged, progress)
