@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import LoraBridgeError
+from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.atomic import check_output_path
 from ..model import LoraModel
 from .registry import FORMATS, FormatInfo, get_format
@@ -27,7 +28,7 @@ class ConversionResult:
     target_format: str
     output: Path
     seconds: float
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # LoraBridgeWarning messages, for the command to print
 
 
 def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> FormatInfo:
@@ -83,16 +84,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     target = get_format(to)
     source = detect_format(src, from_formats)
     out = check_output_path(dst, force, inputs=(src,))
-    model = source.load().read(src, **options)
-    record_source(model, src, source.name)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LoraBridgeWarning)
+        model = source.load().read(src, **options)
+        record_source(model, src, source.name)
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
-    try:
-        warnings = target.load().write(model, out, progress=bar.update if bar else None, force=force, **options) or []
-    finally:
-        if bar is not None:
-            bar.close()
-    return ConversionResult(model, source.name, target.name, out, time.perf_counter() - started, list(warnings))
+            bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
+        try:
+            returned = target.load().write(model, out, progress=bar.update if bar else None, force=force, **options) or []
+        finally:
+            if bar is not None:
+                bar.close()
+    notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)] + list(returned)
+    for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    return ConversionResult(model, source.name, target.name, out, time.perf_counter() - started, notices)
