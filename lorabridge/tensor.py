@@ -78,10 +78,11 @@ class Tensor:
             return cls("BF16", tuple(array.shape), float32_to_bf16_bytes(np.asarray(array, np.float32)))
         if dtype is not None:
             array = np.asarray(array, DTYPES[dtype][1])
+        shape = tuple(np.shape(array))  # before ascontiguousarray, which turns a 0-d array into 1-d
         array = np.ascontiguousarray(array)
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        return cls(_dtype_of_numpy(array), tuple(array.shape), array.tobytes())
+        return cls(_dtype_of_numpy(array), shape, array.tobytes())
 
     def to_numpy(self) -> np.ndarray:
         """A read-only numpy view; BF16 is widened to float32 (exactly), FP8 is refused."""
