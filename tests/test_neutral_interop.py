@@ -1,0 +1,105 @@
+"""The neutral file itself loads unchanged in diffusers and mindone.diffusers, with each module's alpha.
+
+Ranks and alphas differ per module here, so the loaders must use the rank/alpha patterns of
+``lora_adapter_metadata``; fused weights are compared with W + alpha/rank * B @ A computed with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorabridge.formats.neutral import read_neutral, write_neutral
+from lorabridge.model import LoraModel
+from tests.fixtures.core import make_lora_module
+from tests.fixtures.sdxl import load_diffusers_pipeline
+
+pytestmark = pytest.mark.torch
+
+# (component, module path, rank, alpha): linear, conv, feed-forward, resnet and text-encoder layers.
+TARGETS = [
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4, 4.0),
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", 2, 8.0),
+    ("unet", "mid_block.attentions.0.transformer_blocks.9.ff.net.0.proj", 8, 1.0),
+    ("unet", "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0", 4, 4.0),
+    ("unet", "down_blocks.1.resnets.0.conv1", 2, 3.0),
+    ("unet", "up_blocks.1.resnets.2.time_emb_proj", 4, 2.0),
+    ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj", 4, 4.0),
+    ("text_encoder", "text_model.encoder.layers.1.mlp.fc2", 2, 0.5),
+    ("text_encoder_2", "text_model.encoder.layers.0.self_attn.v_proj", 4, 16.0),
+]
+
+
+def weight_shape(module) -> tuple:
+    """(in, out[, kh, kw]) as make_lora_module wants it, from a real torch layer."""
+    w = module.weight
+    return (w.shape[1], w.shape[0], *w.shape[2:])
+
+
+@pytest.fixture(scope="module")
+def mixed_neutral(tiny_sdxl_dir, tmp_path_factory):
+    pipe = load_diffusers_pipeline(tiny_sdxl_dir)
+    rng = np.random.default_rng(3)
+    model = LoraModel(provenance={"source_format": "test"})
+    for component, path, rank, alpha in TARGETS:
+        layer = getattr(pipe, component).get_submodule(path)
+        model.add(make_lora_module(f"{component}.{path}", weight_shape(layer), rank, alpha, rng))
+    out = tmp_path_factory.mktemp("interop") / "mixed.safetensors"
+    write_neutral(model, out)
+    return out
+
+
+def expected_weights(neutral_path, base_weights: dict) -> dict:
+    """W + alpha/rank * B @ A from the neutral tensors, with numpy only (no lorabridge math)."""
+    model = read_neutral(neutral_path)
+    out = {}
+    for name, module in model.modules.items():
+        a = module.tensors["lora_A.weight"].to_float32()
+        b = module.tensors["lora_B.weight"].to_float32()
+        delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(b.shape[0], *a.shape[1:])
+        out[name] = base_weights[name] + module.alpha / a.shape[0] * delta
+    return out
+
+
+def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral, caplog):
+    pipe = load_diffusers_pipeline(tiny_sdxl_dir)
+    base = {f"{c}.{p}": getattr(pipe, c).get_submodule(p).weight.detach().numpy().copy() for c, p, _, _ in TARGETS}
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(str(mixed_neutral))
+    assert not [r for r in caplog.records if "key" in r.getMessage().lower()], caplog.text
+    for component, path, rank, alpha in TARGETS:
+        layer = getattr(pipe, component).get_submodule(path)
+        assert layer.r["default_0"] == rank and layer.scaling["default_0"] == pytest.approx(alpha / rank)
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+    for name, want in expected_weights(mixed_neutral, base).items():
+        component, path = name.split(".", 1)
+        got = getattr(pipe, component).get_submodule(path).weight.detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.mindspore
+def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral, mindspore_run):
+    result = mindspore_run("""
+        import json, sys
+        import numpy as np
+        from tests.fixtures.sdxl import load_mindone_pipeline
+        pipe = load_mindone_pipeline(sys.argv[1])
+        targets = json.loads(sys.argv[3])
+        def layer(c, p):
+            return getattr(pipe, c).get_submodule(p)
+        base = {f"{c}.{p}": layer(c, p).weight.asnumpy().copy() for c, p, _, _ in targets}
+        pipe.load_lora_weights(sys.argv[2])
+        scaling = {f"{c}.{p}": [layer(c, p).r["default_0"], float(layer(c, p).scaling["default_0"])] for c, p, _, _ in targets}
+        pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+        fused = {f"{c}.{p}": layer(c, p).weight.asnumpy() for c, p, _, _ in targets}
+        np.savez(sys.argv[4], **{k + "|base": v for k, v in base.items()}, **{k + "|fused": v for k, v in fused.items()})
+        print(json.dumps({"scaling": scaling}))
+    """, tiny_sdxl_dir, mixed_neutral, json.dumps(TARGETS), mixed_neutral.with_suffix(".npz"))
+    for component, path, rank, alpha in TARGETS:
+        assert result["scaling"][f"{component}.{path}"] == [rank, pytest.approx(alpha / rank)]
+    arrays = np.load(mixed_neutral.with_suffix(".npz"), allow_pickle=False)
+    base = {k.split("|")[0]: arrays[k] for k in arrays.files if k.endswith("|base")}
+    for name, want in expected_weights(mixed_neutral, base).items():
+        np.testing.assert_allclose(arrays[name + "|fused"], want, rtol=1e-4, atol=1e-5, err_msg=name)
