@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.mindspore",
     "tests.fixtures.sdxl",
     "tests.fixtures.naming",
+    "tests.fixtures.ms_ckpt",
 ]
