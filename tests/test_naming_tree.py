@@ -9,6 +9,7 @@ import pytest
 
 from lorabridge.naming.sdxl_tree import (
     COMPONENTS,
+    is_lora_target,
     resolve_underscored,
     sdxl_module_types,
     sdxl_modules,
@@ -127,3 +128,37 @@ def test_underscored_spellings_are_unambiguous(component):
     if component == "unet":
         spellings += [underscored(diffusers_to_sgm(p)) for p in sdxl_modules(component)]
     assert len(spellings) == len(set(spellings))
+
+
+def test_lora_targets_are_the_linear_and_conv_layers():
+    assert is_lora_target("unet", "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2")
+    assert is_lora_target("unet", "up_blocks.0.upsamplers.0.conv")
+    assert not is_lora_target("unet", "down_blocks.1.attentions.0.norm")
+    assert not is_lora_target("text_encoder", "text_model.embeddings.token_embedding")
+    assert not is_lora_target("unet", "down_blocks.1.attentions.0")
+    counts = {c: sum(is_lora_target(c, p) for p in sdxl_modules(c)) for c in COMPONENTS}
+    assert counts == {"unet": 743 + 51, "text_encoder": 72, "text_encoder_2": 193}
+
+
+@pytest.mark.torch
+def test_tiny_test_pipeline_modules_are_all_in_the_tree():
+    """The tiny SDXL used in tests shrinks widths and text encoder depth only, so every name resolves."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorabridge import tiny_sdxl
+    from tests.fixtures.naming import load_generator
+
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel(**tiny_sdxl.UNET_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**tiny_sdxl.TEXT_ENCODER_CONFIG)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**tiny_sdxl.TEXT_ENCODER_2_CONFIG)),
+        }
+    for component, model in models.items():
+        tiny = load_generator().weight_modules(model)
+        assert {p: t for p, (t, _) in tiny.items()} == {p: sdxl_module_types(component)[p] for p in tiny}
+        for path in tiny:
+            assert resolve_underscored(component, underscored(path)) == path
+    assert len([p for p in load_generator().weight_modules(models["unet"]) if p.endswith("attn1.to_q")]) == 70

@@ -62,6 +62,16 @@ def sdxl_module_types(component: str) -> Mapping[str, str]:
     return MappingProxyType({path: kind for path, (kind, _) in _component(component).items()})
 
 
+def is_lora_target(component: str, path: str) -> bool:
+    """True when ``path`` is a Linear or Conv2d of the component: a layer a LoRA factorisation can adapt.
+
+    Example:
+        >>> is_lora_target("unet", "conv_in"), is_lora_target("unet", "conv_norm_out")
+        (True, False)
+    """
+    return sdxl_module_types(component).get(path) in LORA_TARGET_TYPES
+
+
 def underscored(path: str) -> str:
     """The kohya/LyCORIS spelling of a module path: dots become underscores.
 
