@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 from importlib import resources
 
 import pytest
+
+from lorabridge.naming import sdxl_tree, sgm, text_encoders
 
 from lorabridge.naming.sdxl_tree import (
     COMPONENTS,
@@ -16,12 +19,20 @@ from lorabridge.naming.sdxl_tree import (
     underscored,
 )
 from lorabridge.naming.sgm import diffusers_to_sgm
+from tests.fixtures.naming import load_generator
 
 
 @pytest.mark.torch
 def test_committed_tree_is_what_diffusers_and_transformers_build_today(built_sdxl_tree):
-    committed = json.loads(resources.files("lorabridge.data").joinpath("sdxl_modules.json").read_text())
-    assert committed == built_sdxl_tree
+    text = resources.files("lorabridge.data").joinpath("sdxl_modules.json").read_text()
+    assert json.loads(text) == built_sdxl_tree
+    assert text == load_generator().render(built_sdxl_tree)  # byte for byte: regenerating changes nothing
+
+
+@pytest.mark.parametrize("module", [sdxl_tree, sgm, text_encoders], ids=lambda m: m.__name__)
+def test_docstring_examples_hold(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 @pytest.mark.torch
@@ -148,7 +159,6 @@ def test_tiny_test_pipeline_modules_are_all_in_the_tree():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lorabridge import tiny_sdxl
-    from tests.fixtures.naming import load_generator
 
     with torch.device("meta"):
         models = {

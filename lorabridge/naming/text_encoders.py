@@ -9,6 +9,14 @@ q, k and v with one fused ``in_proj`` (rows ordered q, k, v), so a LoRA on it
 is split into three diffusers modules and three are merged back into one, with
 delta W kept exactly (see :func:`split_fused_qkv` and :func:`merge_qkv`).
 SGM names here are full checkpoint paths, ``conditioner.embedders.N...`` included.
+
+What MindONE's SDXL code does (examples/stable_diffusion_xl, gm/modules/embedders):
+its CLIP-L is a port of transformers' ``CLIPTextModel`` with the same module
+names, and its LoRA variant adapts ``self_attn.{q,k,v,out}_proj``. Its OpenCLIP
+attention keeps q/k/v as a bare ``in_proj_weight`` parameter (3*width, width),
+not a layer, so its LoRA variant adapts only ``attn.out_proj``; a LoRA on the
+fused projection is spelled ``attn.in_proj`` here, the name the
+``in_proj_weight`` parameter implies.
 """
 
 from __future__ import annotations
