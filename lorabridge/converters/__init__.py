@@ -83,7 +83,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     src, started = Path(src), time.perf_counter()
     target = get_format(to)
     source = detect_format(src, from_formats)
-    out = check_output_path(dst, force, inputs=(src,))
+    out = check_output_path(dst, force, inputs=(src,), directory=getattr(target.load(), "WRITES_DIRECTORY", False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.load().read(src, **options)

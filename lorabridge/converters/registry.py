@@ -29,6 +29,9 @@ class FormatInfo:
 # Detection tries formats in this order; the first whose detect() says yes wins.
 FORMATS: dict[str, FormatInfo] = {f.name: f for f in [
     FormatInfo("neutral", "lorabridge.formats.neutral", "neutral", "lorabridge neutral LoRA v1 (.safetensors + manifest)"),
+    FormatInfo("diffusers", "lorabridge.formats.diffusers", "torch", "diffusers/PEFT LoRA: unet.*/text_encoder*.lora_A.weight, alpha in lora_adapter_metadata (.safetensors)"),
+    FormatInfo("peft", "lorabridge.formats.peft", "torch", "PEFT adapter directory per component (adapter_config.json + adapter_model.safetensors), or a base_model.model.* state dict"),
+    FormatInfo("legacy-diffusers", "lorabridge.formats.legacy_diffusers", "torch", "old diffusers attention processors (*.processor.to_q_lora.down.weight), the seed's *_pt.ckpt"),
 ]}
 
 

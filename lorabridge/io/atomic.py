@@ -15,17 +15,23 @@ from typing import BinaryIO, Iterator
 from ..errors import LoraBridgeError
 
 
-def check_output_path(out: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:
-    """Refuse to overwrite an input, or an existing output unless ``force``."""
+def check_output_path(out: str | os.PathLike, force: bool, inputs: tuple = (), directory: bool = False) -> Path:
+    """Refuse to overwrite an input, or an existing output unless ``force``.
+
+    ``directory``: the output is a directory (a PEFT adapter folder) that ``force`` may replace
+    as a whole, so it must not contain an input either.
+    """
     out = Path(out)
     for src in inputs:
         if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
             raise LoraBridgeError("output would overwrite the input; choose another -o", out)
         if src is not None and out.resolve() == Path(src).resolve():
             raise LoraBridgeError("output would overwrite the input; choose another -o", out)
+        if src is not None and directory and Path(src).resolve().is_relative_to(out.resolve()):
+            raise LoraBridgeError("output directory contains the input; choose another -o", out)
     if out.exists() and not force:
         raise LoraBridgeError("output exists; pass --force to replace it", out)
-    if out.is_dir():
+    if out.is_dir() and not directory:
         raise LoraBridgeError("output is a directory", out)
     if not out.parent.exists():
         raise LoraBridgeError("output directory does not exist", out.parent)

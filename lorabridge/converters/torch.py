@@ -1,0 +1,128 @@
+"""``pt2neutral``, ``neutral2pt`` and ``convert``: PyTorch-world LoRA files to and from the neutral file.
+
+All three are :func:`~lorabridge.converters.convert` with the formats chosen here: the
+PyTorch-world formats are the registered ones whose framework is ``torch`` (diffusers, PEFT,
+old diffusers, kohya, LyCORIS...), so a format registered later is detected with no change
+here. Before converting, the input is detected once so that a file no format accepts gets a
+reason (empty, a MindSpore checkpoint, no tensors, no LoRA keys) instead of a bare refusal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import LoraBridgeError
+from . import ConversionResult, convert, default_output
+from .registry import FORMATS, get_format
+
+# What neutral2pt writes, the first being the default, and the default output name per format.
+WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers")
+OUTPUT_SUFFIXES = {"diffusers": "_diffusers.safetensors", "peft": "_peft", "kohya": "_kohya.safetensors",
+                   "legacy-diffusers": "_legacy.safetensors", "lycoris": "_lycoris.safetensors",
+                   "neutral": "_neutral.safetensors"}
+SHOWN_KEYS = 3
+
+
+def torch_formats() -> list[str]:
+    """The registered PyTorch-world formats, in detection order."""
+    return [name for name, info in FORMATS.items() if info.framework == "torch"]
+
+
+def why_undetected(path: Path, tried: Iterable[str]) -> str:
+    """Why none of the ``tried`` formats accepts the file at ``path``, as specifically as can be said cheaply."""
+    from ..io.torch_file import container_of, state_dict_keys
+
+    tried = ", ".join(tried)
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if container_of(path) is None and not path.is_dir():
+        from ..formats.mindone import container_of as mindspore_container
+
+        if mindspore_container(path):
+            return "a MindSpore checkpoint, not a PyTorch-world file: use ms2neutral"
+        return f"neither safetensors nor a torch pickle (tried: {tried})"
+    found = state_dict_keys(path) if path.is_file() else None
+    if found is None:
+        return f"not a LoRA file or adapter directory in any of: {tried}"
+    keys = found[0]
+    if not keys:
+        return "holds no tensors"
+    more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return f"none of its {len(keys)} tensor keys is a LoRA key of {tried}: {', '.join(keys[:SHOWN_KEYS])}{more}"
+
+
+def detect_input(src: Path, candidates: Iterable[str]) -> str:
+    """The first of ``candidates`` that accepts ``src``; a one-line error saying why when none does."""
+    candidates = list(candidates)
+    if not src.exists():
+        raise LoraBridgeError("no such file or directory", src)
+    for name in candidates:
+        if get_format(name).load().detect(src):
+            return name
+    raise LoraBridgeError(why_undetected(src, candidates), src)
+
+
+def _beside(src: Path, format_name: str) -> Path:
+    """The default output: ``<input stem><suffix of the format>`` beside the input."""
+    return default_output(src, OUTPUT_SUFFIXES.get(format_name, f"_{format_name}.safetensors"))
+
+
+def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, from_format: str | None = None,
+               alpha: float | None = None, skip_unknown: bool = False, strict: bool = False,
+               force: bool = False, progress: bool = True) -> ConversionResult:
+    """Convert a PyTorch-world LoRA (file or PEFT directory, format auto-detected) to a neutral file.
+
+    ``alpha`` applies to modules whose file stores none (recorded as "user"); without it they get
+    alpha = rank (recorded as "assumed"). ``out`` defaults to ``<input stem>_neutral.safetensors``.
+
+    Example:
+        >>> pt2neutral("pytorch_lora_weights.safetensors").output   # doctest: +SKIP
+        PosixPath('pytorch_lora_weights_neutral.safetensors')
+    """
+    src = Path(src)
+    if get_format("neutral").load().detect(src):
+        raise LoraBridgeError("already a neutral LoRA file (use neutral2pt or convert to go on from it)", src)
+    source = detect_input(src, [from_format] if from_format else torch_formats())
+    out = Path(out) if out is not None else _beside(src, "neutral")
+    return convert(src, out, "neutral", from_formats=[source], force=force, progress=progress,
+                   alpha=alpha, skip_unknown=skip_unknown, strict=strict)
+
+
+def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = WRITE_FORMATS[0],
+               dtype: str | None = None, bake_to_lora: int | None = None, strict: bool = False,
+               force: bool = False, progress: bool = True) -> ConversionResult:
+    """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, legacy-diffusers).
+
+    ``dtype`` (fp32/fp16/bf16) casts the tensors; ``bake_to_lora`` turns LoHa/LoKr modules into
+    plain LoRA of that rank for formats that hold only LoRA. ``out`` defaults to
+    ``<input stem>_<format>.safetensors`` (a directory ``<input stem>_peft`` for peft).
+
+    Example:
+        >>> neutral2pt("lora.safetensors", format="peft").output   # doctest: +SKIP
+        PosixPath('lora_peft')
+    """
+    if format not in WRITE_FORMATS:
+        raise LoraBridgeError(f"unknown PyTorch format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
+    src = Path(src)
+    detect_input(src, ["neutral"])
+    out = Path(out) if out is not None else _beside(src, format)
+    return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress,
+                   dtype=dtype, bake_to_lora=bake_to_lora, strict=strict)
+
+
+def convert_any(src: str | os.PathLike, out: str | os.PathLike, *, to: str, from_format: str | None = None,
+                force: bool = False, progress: bool = True, **options) -> ConversionResult:
+    """Any supported format to any other through the neutral model (input auto-detected unless ``from_format``).
+
+    ``options`` reach the reader and the writer (``alpha``, ``skip_unknown``, ``strict``, ``dtype``,
+    ``bake_to_lora``...).
+
+    Example:
+        >>> convert_any("lora_kohya.safetensors", "lora_peft", to="peft")   # doctest: +SKIP
+    """
+    get_format(to)
+    src = Path(src)
+    source = detect_input(src, [from_format] if from_format else list(FORMATS))
+    return convert(src, out, to, from_formats=[source], force=force, progress=progress, **options)

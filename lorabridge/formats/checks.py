@@ -1,0 +1,190 @@
+"""Checks shared by the PyTorch-world formats: on what a reader read, and before a writer writes.
+
+A LoRA file from the PyTorch world can be for another model (SD 1.x, SD3, Flux),
+name layers no SDXL has, pair factors of different ranks, or hold NaN/Inf.
+:func:`check_model` finds all of that by comparing the modules with SDXL-base's
+real module tree and says why in one line, with the first offending modules as
+evidence. :func:`writable_lora` is the writer's side: plain-LoRA targets get
+LoHa/LoKr baked or refused, DoRA checked, the dtype cast.
+
+Shapes: a file whose modules *all* differ from SDXL-base is an SDXL-structured model
+of other widths (such as the tiny test pipeline) and is accepted, as the MindONE
+reader does; a mix of fitting and misfitting shapes means another model.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..model import KIND_ROLES, LoraModel, LoraModule
+
+Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
+
+SHOWN = 3  # offending modules named in a message
+CHECKED_DTYPES = ("F64", "F32", "F16", "BF16")  # NaN/Inf checked (numpy cannot read FP8)
+DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+# Module-name fragments only other architectures have; the first that matches names the likely model.
+ARCHITECTURE_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Flux", ("single_transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "txt_in")),
+    ("SD3", ("joint_blocks", "context_block", "context_embedder", "attn.add_q_proj")),
+    ("a DiT such as SD3 or Flux", ("transformer.transformer_blocks",)),
+    ("SD 1.x/2.x", ("down_blocks.0.attentions", "up_blocks.3.attentions", "up_blocks.2.attentions")),
+)
+# Width of the text features cross-attention reads -> the model whose text encoder has it (SDXL: 2048).
+CROSS_ATTENTION_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 4096: "a T5-conditioned model"}
+
+
+def warn(message: str) -> None:
+    """Tell the user something that does not stop the conversion (commands print it as ``warning:``)."""
+    warnings.warn(message, LoraBridgeWarning, stacklevel=3)
+
+
+def sdxl_tree() -> Tree:
+    """SDXL-base's module tree (all components) from the naming tables."""
+    from ..naming.sdxl_tree import COMPONENTS, sdxl_modules
+
+    return {component: sdxl_modules(component) for component in COMPONENTS}
+
+
+def _listed(items: Sequence[str]) -> str:
+    more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return "; ".join(items[:SHOWN]) + more
+
+
+def _role_problems(module: LoraModule) -> list[str]:
+    """Missing or foreign roles, and A/B rank disagreement, of one module."""
+    required, optional = KIND_ROLES[module.kind]
+    problems = [f"{module.name} has {', '.join(sorted(module.tensors))} but no {r}"
+                for r in required if r not in module.tensors]
+    problems += [f"{module.name}: {r} is not part of a {module.kind} module"
+                 for r in module.tensors if r not in required + optional]
+    if not problems and module.kind == "lora":
+        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
+        if len(a) not in (2, 4) or len(b) != len(a) or a[0] != b[1]:
+            problems.append(f"{module.name}: rank mismatch, lora_A is {list(a)} but lora_B is {list(b)}")
+    return problems
+
+
+def _hint(model: LoraModel) -> str | None:
+    """Which other model the names or the cross-attention width point to, if any."""
+    for label, fragments in ARCHITECTURE_HINTS:
+        if any(fragment in name for name in model.modules for fragment in fragments):
+            return label
+    for m in model.modules.values():
+        if m.name.endswith(("attn2.to_k", "attn2.to_v")) and m.in_features in CROSS_ATTENTION_WIDTHS:
+            return CROSS_ATTENTION_WIDTHS[m.in_features]
+    return None
+
+
+def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
+    """Raise "not an SDXL LoRA" with evidence; list unknown modules, or drop them with ``skip_unknown``."""
+    foreign, unknown, misshapen, fitting = [], [], [], 0
+    for m in model.modules.values():
+        if m.component not in tree:
+            foreign.append(f"{m.name} (component {m.component!r}; SDXL has {', '.join(tree)})")
+        elif m.path not in tree[m.component]:
+            unknown.append(m.name)
+        elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]):
+            misshapen.append(f"{m.name} adapts a {list(m.weight_shape)} weight, SDXL's is {list(tree[m.component][m.path])}")
+        else:
+            fitting += 1
+    misshapen = misshapen if fitting else []  # all different: SDXL structure at other widths
+    hint = _hint(model)
+    if foreign or misshapen or hint or len(unknown) == len(model.modules):
+        evidence = foreign + misshapen + [f"{n} (no such SDXL layer)" for n in unknown]
+        likely = f"; looks like {hint}" if hint else ""
+        raise LoraBridgeError(f"not an SDXL LoRA: {len(evidence)} of {len(model.modules)} modules do not fit SDXL-base: "
+                              f"{_listed(evidence)}{likely}", path)
+    if unknown and not skip_unknown:
+        raise LoraBridgeError(f"{len(unknown)} module(s) match no SDXL layer: {_listed(unknown)} "
+                              "(--skip-unknown drops them with a warning)", path)
+    if unknown:
+        warn(f"{path}: dropped {len(unknown)} module(s) that match no SDXL layer: {_listed(unknown)}")
+        for name in unknown:
+            del model.modules[name]
+
+
+def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
+    """Warn about NaN/Inf values (a diverged training run), or refuse them with ``strict``."""
+    bad = []
+    for m in model.modules.values():
+        for role, t in m.tensors.items():
+            if t.dtype in CHECKED_DTYPES and t.numel:
+                values = t.to_numpy()
+                count = int(values.size - np.count_nonzero(np.isfinite(values)))
+                if count:
+                    bad.append(f"{m.name}.{role} ({count} of {values.size})")
+    if not bad:
+        return
+    message = f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(bad)}"
+    if strict:
+        raise LoraBridgeError(f"{message}; refused (--strict)", path)
+    warn(f"{path}: {message}; images will turn to NaN where they apply")
+
+
+def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequence[str] = (),
+                skip_unknown: bool = False, strict: bool = False, **_options) -> LoraModel:
+    """Check a model a reader built from ``path`` and return it (unknown modules dropped with ``skip_unknown``).
+
+    ``unrecognized`` lists tensor keys the reader could not place in any module. Refused, with
+    :class:`LoraBridgeError`: no LoRA tensors; another architecture ("not an SDXL LoRA" and the
+    evidence); modules or keys matching nothing (unless ``skip_unknown``: dropped with a warning);
+    missing factors or mismatched A/B ranks; NaN/Inf with ``strict`` (else a warning).
+
+    Example:
+        >>> model = check_model(model, "lora.safetensors", skip_unknown=True)   # doctest: +SKIP
+    """
+    if not model.modules:
+        shown = f": {_listed(list(unrecognized))}" if unrecognized else ""
+        raise LoraBridgeError(f"no LoRA tensors found ({len(unrecognized)} other tensor(s){shown})", path)
+    problems = [p for m in model.modules.values() for p in _role_problems(m)]
+    if problems:
+        raise LoraBridgeError(f"{len(problems)} broken LoRA module(s): {_listed(problems)}", path)
+    _fit(model, path, sdxl_tree(), skip_unknown)
+    if unrecognized and not skip_unknown:
+        raise LoraBridgeError(f"{len(unrecognized)} tensor key(s) are not LoRA weights of this format: "
+                              f"{_listed(list(unrecognized))} (--skip-unknown drops them with a warning)", path)
+    if unrecognized:
+        warn(f"{path}: dropped {len(unrecognized)} tensor key(s) that are not LoRA weights: {_listed(list(unrecognized))}")
+    check_finite(model, path, strict=strict)
+    return model
+
+
+def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dtype: str | None = None,
+                  bake_to_lora: int | None = None, dora: bool = True, strict: bool = False,
+                  **_options) -> LoraModel:
+    """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
+
+    ``target`` names the format in messages; ``dora`` says whether it stores per-output-row DoRA
+    magnitudes (PEFT's ``lora_magnitude_vector``). ``dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
+    NaN/Inf are checked here too, for inputs (neutral files) no foreign reader checked.
+
+    Example:
+        >>> model = writable_lora(model, "out.safetensors", target="diffusers", dtype="fp16")   # doctest: +SKIP
+    """
+    from ..bake import lora_only
+
+    model, notes = lora_only(model, target, bake_to_lora, path)
+    for note in notes:
+        warn(f"{path}: {note}")
+    undoable = [m.name for m in model.modules.values() if m.dora_axis and (not dora or m.dora_axis != "out")]
+    if undoable:
+        why = "stores no DoRA magnitudes" if not dora else "stores DoRA magnitudes per output row only (dora_axis out)"
+        raise LoraBridgeError(f"the {target} format {why}; {len(undoable)} module(s) cannot be written: {_listed(undoable)}", path)
+    check_finite(model, path, strict=strict)
+    if dtype is None:
+        return model
+    if dtype not in DTYPE_NAMES:
+        raise LoraBridgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    wanted = DTYPE_NAMES[dtype]
+    cast = LoraModel(architecture=model.architecture, provenance=model.provenance, training=model.training, extra=model.extra)
+    for m in model.modules.values():
+        cast.add(LoraModule(m.name, m.kind, {r: t.cast(wanted) for r, t in m.tensors.items()}, m.alpha,
+                            m.alpha_source, m.dora_axis, m.extra))
+    return cast

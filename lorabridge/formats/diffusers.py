@@ -1,0 +1,98 @@
+"""diffusers LoRA files: PEFT keys behind a pipeline-component prefix, alpha in ``lora_adapter_metadata``.
+
+What ``StableDiffusionXLPipeline.save_lora_weights`` writes and ``load_lora_weights``
+reads: ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``
+(``text_encoder.``/``text_encoder_2.`` for the CLIP towers), ``format`` = ``pt``, and,
+since diffusers 0.34 when asked, ``lora_adapter_metadata``: one LoraConfig per component
+with prefixed fields (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``...). Without
+that metadata the file has no alpha, and diffusers assumes alpha = rank.
+
+Files for other pipelines use the same grammar with other components (``transformer.`` for
+SD3 and Flux); they are read so that the checks can say which model they belong to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoraBridgeError
+from ..io.safetensors_file import write_safetensors
+from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, state_dict_keys
+from ..model import LoraModel
+from .checks import check_model, writable_lora
+from .neutral import adapter_metadata
+from .peft import build_model, config_alpha, group_keys, metadata_configs, parse_key, peft_tensors
+
+# First key segments diffusers pipelines use for their LoRA-bearing models.
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
+                       "decoder", "controlnet")
+# safetensors metadata this format itself owns (everything else is kept as training facts).
+OWN_METADATA = ("format", "lora_adapter_metadata")
+
+
+def split_component(module_key: str) -> tuple[str, str] | None:
+    """(component, module path) of a prefixed PEFT module key, or None.
+
+    Example:
+        >>> split_component("text_encoder_2.text_model.encoder.layers.0.mlp.fc1")
+        ('text_encoder_2', 'text_model.encoder.layers.0.mlp.fc1')
+    """
+    component, _, rest = module_key.partition(".")
+    return (component, rest) if component in PIPELINE_COMPONENTS and rest else None
+
+
+def training_metadata(model: LoraModel) -> dict[str, str]:
+    """The model's free-form training facts as safetensors metadata strings (non-strings as JSON)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in model.training.items() if k not in OWN_METADATA}
+
+
+def detect(path: str | os.PathLike) -> bool:
+    """A state-dict file (not a neutral one) whose LoRA keys start with a pipeline component."""
+    found = state_dict_keys(path)
+    if found is None or "lorabridge.manifest" in found[1]:
+        return False
+    for key in found[0]:
+        parsed = parse_key(key)
+        if parsed and split_component(parsed[0]):
+            return True
+    return False
+
+
+def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+    """Read a diffusers LoRA (safetensors, or a torch pickle read with weights_only=True).
+
+    Alpha per module from ``lora_adapter_metadata`` (``alpha_pattern``, ``use_rslora`` honoured),
+    else ``alpha`` (recorded as given by the user), else the rank (recorded as assumed).
+
+    Example:
+        >>> model = read("pytorch_lora_weights.safetensors", alpha=8)   # doctest: +SKIP
+    """
+    tensors, metadata = read_state_dict(path)
+    groups, unrecognized = group_keys(tensors, split_component, path)
+    configs = metadata_configs(metadata, path)
+
+    def alpha_of(name: str, rank: int) -> float | None:
+        component, module_path = name.split(".", 1)
+        return config_alpha(configs.get(component) or configs.get("", {}), module_path, rank)
+
+    model = build_model(groups, alpha_of, alpha, path)
+    model.training = {k: v for k, v in metadata.items() if k not in OWN_METADATA}
+    return check_model(model, path, unrecognized=unrecognized, **options)
+
+
+def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options) -> None:
+    """Write a diffusers LoRA safetensors file that ``load_lora_weights`` loads with every alpha right.
+
+    Example:
+        >>> write(model, "pytorch_lora_weights.safetensors", dtype="fp16")   # doctest: +SKIP
+    """
+    if Path(path).suffix.lower() in TORCH_SUFFIXES:
+        raise LoraBridgeError("the diffusers format keeps alpha in safetensors metadata; name the output .safetensors", path)
+    model = writable_lora(model, path, target="diffusers", **options)
+    tensors = {f"{m.name}.{role}": t for m in model.modules.values() for role, t in peft_tensors(m).items()}
+    metadata: dict[str, Any] = {**training_metadata(model), "format": "pt",
+                                "lora_adapter_metadata": json.dumps(adapter_metadata(model), separators=(",", ":"))}
+    write_safetensors(path, tensors, metadata, progress=progress)

@@ -1,0 +1,136 @@
+"""Old diffusers LoRA files (before the PEFT backend, diffusers < 0.24), incl. the seed's ``*_pt.ckpt``.
+
+Three spellings, all with ``down`` (= A) and ``up`` (= B) factors and no alpha:
+
+- attention processors, what the seed's ``convert_lora_ms2pt.py`` wrote (a ``torch.save``'d
+  dict) and ``unet.load_attn_procs`` loads:
+  ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight``;
+- ``LoRACompatibleLinear``/``Conv`` layers: ``unet.<layer>.lora.down.weight``;
+- patched text-encoder layers: ``text_encoder.<layer>.lora_linear_layer.down.weight``.
+
+diffusers still converts all three on load (``load_lora_weights``, ``load_attn_procs``).
+Having no alpha, the format means scale 1: reading assumes alpha = rank (or ``--alpha``),
+writing folds alpha / rank into ``up`` where they differ, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..io.torch_file import read_state_dict, state_dict_keys, write_state_dict
+from ..model import COMPONENTS, LoraModel, LoraModule
+from ..tensor import Tensor
+from .checks import check_model, sdxl_tree, warn, writable_lora
+from .peft import build_model, infer_component
+
+FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}
+FACTOR_SUFFIXES = {role: suffix for suffix, role in FACTORS.items()}
+# Attention-processor LoRA layer (after ".processor.") -> the layer it adapts, per tower.
+PROCESSOR_LAYERS = {
+    "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
+    "text": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"},
+}
+# Wrapped-layer spelling per tower: "<layer>.<wrapper>.down.weight".
+WRAPPERS = {"unet": "lora", "text": "lora_linear_layer"}
+ATTENTION_LAYERS = {layer: processor for processor, layer in PROCESSOR_LAYERS["unet"].items()}
+
+
+def _tower(component: str) -> str:
+    return "text" if component.startswith("text_encoder") else "unet"
+
+
+def parse_key(key: str) -> tuple[str | None, str, str] | None:
+    """(component or None when unprefixed, module path, neutral role) of an old diffusers key, or None.
+
+    Example:
+        >>> parse_key("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight")
+        ('unet', 'mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0', 'lora_B.weight')
+    """
+    for suffix, role in FACTORS.items():
+        if key.endswith("." + suffix):
+            stem = key[: -len(suffix) - 1]
+            break
+    else:
+        return None
+    first, _, rest = stem.partition(".")
+    component, stem = (first, rest) if first in COMPONENTS else (None, stem)
+    head, _, last = stem.rpartition(".")
+    tower = _tower(component or ("text_encoder" if stem.startswith("text_model.") else "unet"))
+    if last in WRAPPERS.values() and head:
+        return component, head, role
+    if last in PROCESSOR_LAYERS[tower] and head:
+        return component, f"{head.removesuffix('.processor')}.{PROCESSOR_LAYERS[tower][last]}", role
+    return None
+
+
+def spell(module: LoraModule, role: str) -> str:
+    """The old diffusers key of one factor: attention processors for UNet attention projections
+    (as the seed wrote), ``.lora.`` for other UNet layers, ``.lora_linear_layer.`` for text encoders.
+
+    Example:
+        >>> spell(LoraModule("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "lora", {}, 4.0), "lora_A.weight")
+        'unet.mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight'
+    """
+    tower, suffix = _tower(module.component), FACTOR_SUFFIXES[role]
+    if tower == "unet":
+        for layer, processor in ATTENTION_LAYERS.items():
+            attention = module.name.removesuffix("." + layer)
+            if attention != module.name and attention.rsplit(".", 1)[-1].startswith("attn"):
+                return f"{attention}.processor.{processor}.{suffix}"
+    return f"{module.name}.{WRAPPERS[tower]}.{suffix}"
+
+
+def detect(path: str | os.PathLike) -> bool:
+    """A state-dict file with at least one old-diffusers LoRA key."""
+    found = state_dict_keys(path)
+    return found is not None and any(parse_key(k) for k in found[0])
+
+
+def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+    """Read an old diffusers LoRA (safetensors, or a torch pickle such as the seed's ``*_pt.ckpt``).
+
+    Example:
+        >>> model = read("sdxl_lora_pt.ckpt")   # doctest: +SKIP
+    """
+    tensors, _ = read_state_dict(path)
+    parsed: dict[tuple[str | None, str], dict[str, Tensor]] = {}
+    unrecognized = []
+    for key, tensor in tensors.items():
+        found = parse_key(key)
+        if found is None:
+            unrecognized.append(key)
+        else:
+            parsed.setdefault(found[:2], {})[found[2]] = tensor
+    tree = sdxl_tree()
+    groups = {f"{component or infer_component(module_path, roles, tree)}.{module_path}": roles
+              for (component, module_path), roles in parsed.items()}
+    model = build_model(groups, lambda name, rank: None, alpha, path)
+    return check_model(model, path, unrecognized=unrecognized, **options)
+
+
+def _scaled_up(module: LoraModule) -> Tensor:
+    """lora_B with alpha / rank folded in (the format has no alpha: its scale is 1)."""
+    b = module.tensors["lora_B.weight"]
+    if module.alpha == module.rank:
+        return b
+    return Tensor.from_numpy(b.to_float32() * (module.alpha / module.rank), b.dtype)
+
+
+def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options) -> None:
+    """Write old diffusers keys: a torch pickle for .ckpt/.bin/.pt/.pth outputs (as the seed), else safetensors.
+
+    Example:
+        >>> write(model, "sdxl_lora_pt.ckpt")   # doctest: +SKIP
+    """
+    model = writable_lora(model, path, target="legacy-diffusers", dora=False, **options)
+    folded = [m.name for m in model.modules.values() if m.alpha != m.rank]
+    if folded:
+        warn(f"{path}: legacy-diffusers files store no alpha; alpha/rank folded into the up factor of "
+             f"{len(folded)} module(s) (values rounded to their dtype)")
+    tensors = {}
+    for m in model.modules.values():
+        tensors[spell(m, "lora_A.weight")] = m.tensors["lora_A.weight"]
+        tensors[spell(m, "lora_B.weight")] = _scaled_up(m)
+    metadata = {"format": "pt"} if Path(path).suffix.lower() == ".safetensors" else None
+    write_state_dict(path, tensors, metadata, progress=progress)

@@ -1,0 +1,369 @@
+"""PEFT adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` directories, and PEFT key grammar.
+
+PEFT names a LoRA tensor after the module it wraps, inside ``base_model.model.``
+when saved from a ``PeftModel`` (``base_model.model.down_blocks.0.conv1.lora_A.weight``),
+with the adapter name inside the key when taken from a live model's
+``state_dict()`` (``lora_A.default.weight``). Alpha lives only in the config
+(``lora_alpha``, ``alpha_pattern``, ``use_rslora``). An SDXL pipeline has one
+adapter per component, so lorabridge writes one directory per component::
+
+    OUT/unet/{adapter_config.json, adapter_model.safetensors}
+    OUT/text_encoder/...   OUT/text_encoder_2/...
+
+and reads such a directory, a single adapter directory, or a bare PEFT state-dict file.
+The diffusers format (:mod:`.diffusers`) reuses this key grammar with a component prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import LoraBridgeError
+from ..io.safetensors_file import write_safetensors
+from ..io.torch_file import read_state_dict, state_dict_keys
+from ..model import COMPONENTS, LoraModel, LoraModule
+from ..tensor import Tensor
+from .checks import check_model, sdxl_tree, warn, writable_lora
+from .neutral import adapter_metadata
+
+WRITES_DIRECTORY = True  # the output path is a directory (one adapter per component)
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# PEFT key tail -> neutral role. The adapter name, when present, sits before ".weight".
+_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<factor>lora_[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+                  r"|(?P<magnitude>lora_magnitude_vector)(?:\.(?P<adapter_m>(?!weight$)[^.]+))?(?:\.weight)?)$")
+ROLES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "dora_scale"}
+PEFT_ROLES = {role: peft for peft, role in ROLES.items()}
+# Fields of the LoraConfig lorabridge writes beyond r/alpha/targets/patterns (PEFT's inference defaults).
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
+    "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "init_lora_weights": True,
+    "use_rslora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+}
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def parse_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module path, neutral role, adapter name or None) of a PEFT tensor key, or None if it is not one.
+
+    Example:
+        >>> parse_key("down_blocks.0.resnets.0.conv1.lora_A.default.weight")
+        ('down_blocks.0.resnets.0.conv1', 'lora_A.weight', 'default')
+    """
+    match = _KEY.match(key)
+    if not match:
+        return None
+    peft_role = match["factor"] or match["magnitude"]
+    return match["module"], ROLES[peft_role], match["adapter"] or match["adapter_m"]
+
+
+def group_keys(tensors: Mapping[str, Tensor], component_of: Callable[[str], tuple[str, str] | None],
+               path) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """PEFT tensors grouped by canonical module name, plus keys that fit no module.
+
+    ``component_of(module key)`` returns (component, path inside it) or None when the key
+    belongs to no component. More than one adapter name in a file is refused: lorabridge
+    converts one adapter at a time.
+    """
+    modules: dict[str, dict[str, Tensor]] = {}
+    unrecognized: list[str] = []
+    adapters: set[str] = set()
+    for key, tensor in tensors.items():
+        parsed = parse_key(key)
+        placed = component_of(parsed[0]) if parsed else None
+        if placed is None:
+            unrecognized.append(key)
+            continue
+        module, role, adapter = parsed
+        adapters.add(adapter or "")
+        modules.setdefault(".".join(placed), {})[role] = tensor
+    if len(adapters) > 1:
+        raise LoraBridgeError(f"holds {len(adapters)} adapters ({', '.join(sorted(a or '<unnamed>' for a in adapters))}); "
+                              "save one adapter per file", path)
+    return modules, unrecognized
+
+
+def pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of ``path`` as a regex.
+
+    Example:
+        >>> pattern_value({"attn2.to_k": 8}, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 4)
+        8
+    """
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return pattern[key]
+    return default
+
+
+def config_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | None:
+    """The neutral alpha (scale = alpha / rank) a LoraConfig gives module ``path``; None if it has none.
+
+    With ``use_rslora`` PEFT scales by alpha / sqrt(r), so the neutral alpha is alpha * sqrt(r).
+    """
+    if config.get("lora_alpha") is None and not config.get("alpha_pattern"):
+        return None
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", rank)))
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[str, int], float | None],
+                user_alpha: float | None, path) -> LoraModel:
+    """A :class:`LoraModel` from grouped PEFT tensors (canonical module name -> role -> tensor).
+
+    Alpha per module: ``alpha_of(name, rank)`` (stored in the file), else ``user_alpha``, else the rank (assumed).
+
+    DoRA magnitudes (PEFT: ``(out,)`` for linear, ``(1, out, 1, 1)`` for conv) become neutral
+    ``dora_scale`` ``(out, 1[, 1, 1])`` with ``dora_axis`` "out": same bytes, new shape.
+    """
+    model = LoraModel()
+    for name, tensors in groups.items():
+        tensors = dict(tensors)
+        module = LoraModule(name, "lora", tensors, alpha=0.0)
+        if "dora_scale" in tensors and "lora_A.weight" in tensors:
+            kernel = tensors["lora_A.weight"].shape[2:]
+            magnitude = tensors["dora_scale"]
+            tensors["dora_scale"] = magnitude.reshaped((magnitude.numel, 1, *(1 for _ in kernel)))
+            module.dora_axis = "out"
+        rank = tensors["lora_A.weight"].shape[0] if "lora_A.weight" in tensors else 0
+        stored = alpha_of(name, rank) if rank else None
+        if stored is not None:
+            module.alpha, module.alpha_source = stored, "stored"
+        elif user_alpha is not None:
+            module.alpha, module.alpha_source = float(user_alpha), "user"
+        else:
+            module.alpha, module.alpha_source = float(rank), "assumed"
+        model.add(module)
+    stored = sum(m.alpha_source == "stored" for m in model.modules.values())
+    if user_alpha is not None and stored:
+        warn(f"{path}: the file stores alpha for {stored} module(s); --alpha {user_alpha:g} applies only to the others")
+    return model
+
+
+def peft_tensors(module: LoraModule) -> dict[str, Tensor]:
+    """A lora module's tensors under PEFT roles (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``)."""
+    out = {}
+    for role, tensor in module.tensors.items():
+        if role == "dora_scale":
+            conv = len(module.tensors["lora_A.weight"].shape) == 4
+            tensor = tensor.reshaped((1, tensor.numel, 1, 1) if conv else (tensor.numel,))
+        out[PEFT_ROLES[role] if role == "dora_scale" else role] = tensor
+    return out
+
+
+def component_configs(model: LoraModel) -> dict[str, dict[str, Any]]:
+    """One PEFT LoraConfig (as a dict) per component: diffusers' prefixed metadata, split by component."""
+    prefixed = adapter_metadata(model)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in prefixed.items():
+        component, field = key.rsplit(".", 1)
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def metadata_configs(metadata: Mapping[str, str], path) -> dict[str, dict[str, Any]]:
+    """LoraConfigs from a file's ``lora_adapter_metadata``: by component prefix, or under "" when unprefixed."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoraBridgeError(f"lora_adapter_metadata is not JSON ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise LoraBridgeError("lora_adapter_metadata is not a JSON object", path)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        component, dot, field = key.partition(".")
+        if dot and field and "." not in field:
+            configs.setdefault(component, {})[field] = value
+        else:
+            configs.setdefault("", {})[key] = value
+    return configs
+
+
+# ---- component inference for keys without a component prefix --------------------------------
+
+
+def infer_component(module_path: str, tensors: Mapping[str, Tensor], tree) -> str:
+    """The SDXL component whose tree holds ``module_path`` with the shapes the tensors imply.
+
+    CLIP-L and bigG share module names, so shapes decide; when they cannot (a model whose two
+    text encoders have equal widths) the first candidate is taken and the checks report any misfit.
+    """
+    candidates = [c for c in COMPONENTS if module_path in tree.get(c, {})]
+    a, b = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
+    if a is not None and b is not None:
+        fitting = [c for c in candidates if tuple(tree[c][module_path][:2]) == (b.shape[0], a.shape[1])]
+        candidates = fitting or candidates
+    if candidates:
+        return candidates[0]
+    return "text_encoder" if module_path.startswith("text_model.") else "unet"
+
+
+def _strip_prefix(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
+
+
+def _read_component(tensors: Mapping[str, Tensor], component: str | None, tree, path):
+    """Group one component's PEFT tensors (``component`` None: infer it per module from the tree)."""
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_key(key)
+        if parsed:
+            by_module.setdefault(parsed[0], {})[parsed[1]] = tensor
+
+    def place(module_path: str) -> tuple[str, str]:
+        return component or infer_component(module_path, by_module.get(module_path, {}), tree), module_path
+
+    return group_keys(tensors, place, path)
+
+
+def _adapter_dirs(path: Path) -> dict[str | None, Path]:
+    """component (None = infer) -> adapter directory, for a single adapter or a per-component layout."""
+    if (path / CONFIG_NAME).is_file():
+        return {path.name if path.name in COMPONENTS else None: path}
+    return {c: path / c for c in COMPONENTS if (path / c / CONFIG_NAME).is_file()}
+
+
+def _load_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraBridgeError(f"unreadable adapter config ({exc})", directory / CONFIG_NAME) from None
+    if not isinstance(config, dict):
+        raise LoraBridgeError("adapter config is not a JSON object", directory / CONFIG_NAME)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraBridgeError(f"a {config.get('peft_type')} adapter, not LoRA", directory / CONFIG_NAME)
+    return config
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    raise LoraBridgeError(f"no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}", directory)
+
+
+def _is_peft_state_dict(keys: list[str], metadata: Mapping[str, str]) -> bool:
+    """PEFT keys that carry no pipeline component prefix (those are the diffusers format)."""
+    from .diffusers import PIPELINE_COMPONENTS
+
+    if "lorabridge.manifest" in metadata:
+        return False
+    parsed = [parse_key(k) for k in keys]
+    return any(p is not None for p in parsed) and all(
+        k.startswith(PEFT_PREFIX) or k.split(".", 1)[0] not in PIPELINE_COMPONENTS for k, p in zip(keys, parsed) if p)
+
+
+# ---- the registry interface ----------------------------------------------------------------
+
+
+def detect(path: str | os.PathLike) -> bool:
+    """An adapter directory (or per-component directories), or a bare PEFT state-dict file."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(_adapter_dirs(path))
+    found = state_dict_keys(path)
+    return found is not None and _is_peft_state_dict(*found)
+
+
+def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+    """Read a PEFT adapter directory, a per-component directory of them, or a PEFT state-dict file.
+
+    Example:
+        >>> model = read("my_adapter/")   # doctest: +SKIP
+    """
+    path = Path(path)
+    tree = sdxl_tree()
+    groups: dict[str, dict[str, Tensor]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    unrecognized: list[str] = []
+    if path.is_dir():
+        directories = _adapter_dirs(path)
+        if not directories:
+            raise LoraBridgeError(f"no {CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/", path)
+        sources = []
+        for component, directory in directories.items():
+            tensors, _ = read_state_dict(_weights_file(directory))
+            sources.append((component, _strip_prefix(tensors), _load_config(directory)))
+    else:
+        tensors, metadata = read_state_dict(path)
+        from_metadata = metadata_configs(metadata, path)
+        sources = [(None, _strip_prefix(tensors), from_metadata.get("", {}))]
+        configs.update({c: v for c, v in from_metadata.items() if c})
+    for component, tensors, config in sources:
+        found, skipped = _read_component(tensors, component, tree, path)
+        unrecognized += skipped
+        for name, module_tensors in found.items():
+            if name in groups:
+                raise LoraBridgeError(f"module {name} appears in more than one adapter", path)
+            groups[name] = module_tensors
+            configs.setdefault(name.split(".", 1)[0], config)
+
+    def alpha_of(name: str, rank: int) -> float | None:
+        component, module_path = name.split(".", 1)
+        return config_alpha(configs.get(component, {}), module_path, rank)
+
+    model = build_model(groups, alpha_of, alpha, path)
+    return check_model(model, path, unrecognized=unrecognized, **options)
+
+
+def _safe_subdir(root: Path, component: str) -> Path:
+    """``root/component``, refusing names that would leave ``root`` (``..``, absolute, separators)."""
+    target = (root / component).resolve()
+    if not _SAFE_COMPONENT.match(component) or component in (".", "..") or target.parent != root.resolve():
+        raise LoraBridgeError(f"component name {component!r} is not a plain directory name; refusing to write it", root)
+    return target
+
+
+def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bool = False, **options) -> None:
+    """Write one PEFT adapter directory per component under ``path`` (a new directory), atomically.
+
+    The directory is assembled beside ``path`` and renamed into place; an existing ``path``
+    is replaced only with ``force``. Loads with ``PeftModel.from_pretrained(unet, path/"unet")``.
+
+    Example:
+        >>> write(model, "lora_peft")   # doctest: +SKIP
+    """
+    path = Path(path)
+    model = writable_lora(model, path, target="peft", **options)
+    configs = component_configs(model)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        for component in model.components:
+            directory = _safe_subdir(staging, component)
+            directory.mkdir()
+            modules = [m for m in model.modules.values() if m.component == component]
+            tensors = {f"{PEFT_PREFIX}{m.path}.{role}": t for m in modules for role, t in peft_tensors(m).items()}
+            config = {**CONFIG_DEFAULTS, **configs[component]}
+            (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2), "utf-8")
+            write_safetensors(directory / WEIGHT_NAMES[0], tensors, {"format": "pt"}, progress=progress)
+        _replace(staging, path, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(staging: Path, path: Path, force: bool) -> None:
+    """Move the finished ``staging`` directory to ``path``; an old ``path`` goes only with ``force``."""
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise LoraBridgeError("output exists; pass --force to replace it", path)
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(staging, path)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.replace(staging, path)

@@ -1,0 +1,206 @@
+"""PyTorch-world state-dict files: ``.safetensors`` and torch pickles (``.bin``/``.pt``/``.ckpt``).
+
+A torch pickle can run arbitrary code when loaded, so this module reads one
+only through ``torch.load(weights_only=True)``: PyTorch's restricted unpickler
+accepts tensors and plain containers and refuses any other global *before*
+calling it. A refused pickle becomes a one-line :class:`LoraBridgeError`;
+nothing in the file runs. Zip-format files (everything ``torch.save`` wrote
+since PyTorch 1.6) are memory-mapped, so tensors are views, not copies.
+Which container a file is comes from its first bytes, never its extension
+(MindSpore also writes ``.ckpt`` files).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import LoraBridgeError
+from ..tensor import Tensor
+from .atomic import atomic_write
+from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+
+# torch dtype name (str(torch.float32) without "torch.") -> safetensors dtype name
+TORCH_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+TORCH_DTYPE_NAMES = {name: torch_name for torch_name, name in TORCH_DTYPES.items()}
+# Containers whose tensors would otherwise hide one level down.
+NESTED_STATE_DICT_KEYS = ("state_dict", "module")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def container_of(path: str | os.PathLike) -> str | None:
+    """``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"`` or None, from the file's first bytes.
+
+    Example:
+        >>> container_of("pytorch_lora_weights.safetensors")   # doctest: +SKIP
+        'safetensors'
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch-legacy"  # a pickle: torch.save(..., _use_new_zipfile_serialization=False)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
+        return "safetensors"
+    return None
+
+
+def _to_tensor(value) -> Tensor:
+    """A lorabridge Tensor sharing memory with a CPU torch tensor (bf16/fp8 seen as raw integers)."""
+    import torch
+
+    dtype = TORCH_DTYPES.get(str(value.dtype).removeprefix("torch."))
+    if dtype is None:
+        raise TypeError(f"unsupported tensor dtype {value.dtype}")
+    value = value.detach().contiguous()
+    if dtype == "BF16":
+        value = value.view(torch.int16)
+    elif dtype.startswith("F8"):
+        value = value.view(torch.uint8)
+    array = value.numpy()
+    return Tensor(dtype, tuple(array.shape), memoryview(array.reshape(-1)).cast("B"))
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The informative part of torch's weights-only refusal (e.g. ``Unsupported global: GLOBAL os.system``)."""
+    text = str(exc)
+    _, found, detail = text.partition("WeightsUnpickler error:")
+    detail = " ".join((detail if found else text).split("Check the documentation")[0].split(" was not an allowed")[0].split())
+    return detail[:200] or type(exc).__name__
+
+
+def _torch_load(path: Path):
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise LoraBridgeError("refused to load: the pickle asks for more than tensors and plain containers, "
+                              f"so it could run code; nothing was executed ({_refusal_reason(exc)})", path) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise LoraBridgeError(f"not a readable torch file ({' '.join(str(exc).split())[:200]})", path) from None
+
+
+def _flatten(obj, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    import torch
+
+    if not isinstance(obj, Mapping):
+        raise LoraBridgeError(f"holds a {type(obj).__name__}, expected a dict of tensors", path)
+    for key in NESTED_STATE_DICT_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    tensors: dict[str, Tensor] = {}
+    metadata: dict[str, str] = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            try:
+                tensors[str(key)] = _to_tensor(value)
+            except TypeError as exc:
+                raise LoraBridgeError(f"tensor {key!r}: {exc}", path) from None
+        elif isinstance(value, (str, int, float, bool)):
+            metadata[str(key)] = str(value)
+    return tensors, metadata
+
+
+def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors (zero-copy where the file is memory-mapped) and scalar entries of a torch pickle.
+
+    Only ``torch.load(weights_only=True)`` is used: a pickle that would call anything but
+    PyTorch's tensor rebuilders is refused with :class:`LoraBridgeError` and runs nothing.
+    A dict nested under ``state_dict`` is unwrapped; non-tensor scalars become metadata strings.
+
+    Example:
+        >>> tensors, metadata = read_torch_file("sdxl_lora_pt.ckpt")   # doctest: +SKIP
+    """
+    path = open_input(path)
+    if container_of(path) not in ("torch-zip", "torch-legacy"):
+        raise LoraBridgeError("not a torch file (neither a torch zip archive nor a pickle)", path)
+    return _flatten(_torch_load(path), path)
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file or a torch pickle, whichever ``path`` is.
+
+    Example:
+        >>> tensors, metadata = read_state_dict("pytorch_lora_weights.safetensors")   # doctest: +SKIP
+    """
+    path = open_input(path)
+    if path.stat().st_size == 0:
+        raise LoraBridgeError("empty file (0 bytes)", path)
+    if container_of(path) == "safetensors":
+        handle = SafetensorsFile(path)
+        return handle.tensors(), handle.metadata
+    return read_torch_file(path)
+
+
+@lru_cache(maxsize=8)
+def _cached_keys(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    tensors, metadata = read_state_dict(path)
+    return tuple(tensors), tuple(metadata.items())
+
+
+def state_dict_keys(path: str | os.PathLike) -> tuple[list[str], dict[str, str]] | None:
+    """Tensor names and metadata of a state-dict file, or None if it is not one (for detection).
+
+    Results are cached per (path, mtime, size): several formats' ``detect`` ask about the same file.
+    """
+    path = Path(path)
+    if not path.is_file() or container_of(path) is None:
+        return None
+    stat = path.stat()
+    try:
+        keys, metadata = _cached_keys(os.fspath(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except LoraBridgeError:
+        return None
+    return list(keys), dict(metadata)
+
+
+def _to_torch(tensor: Tensor):
+    """A torch tensor holding a copy of the bytes (torch.save serializes it anyway)."""
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[tensor.dtype])
+    if not tensor.numel:
+        return torch.empty(tensor.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(tensor.shape)
+
+
+def write_torch_file(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
+    """``torch.save`` a plain dict of tensors (what old diffusers scripts wrote), atomically.
+
+    Example:
+        >>> write_torch_file("lora_pt.ckpt", {"w": Tensor.from_numpy(numpy.zeros(3, "f4"))})   # doctest: +SKIP
+    """
+    import torch
+
+    state = {name: _to_torch(t) for name, t in tensors.items()}
+    with atomic_write(path) as out:
+        torch.save(state, out)
+
+
+def write_state_dict(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+                     progress=None) -> None:
+    """Write safetensors, or a torch pickle when ``path`` ends in .bin/.pt/.pth/.ckpt (metadata then dropped)."""
+    if Path(path).suffix.lower() in TORCH_SUFFIXES:
+        write_torch_file(path, tensors)
+        if progress is not None:
+            progress(sum(t.nbytes for t in tensors.values()))
+    else:
+        write_safetensors(path, tensors, metadata, progress=progress)
