@@ -1,4 +1,4 @@
-"""Our name tables against diffusers' own, independent converters, on every SDXL-base module.
+"""Our name tables against the independent converters of diffusers and LyCORIS, on every SDXL-base module.
 
 diffusers converts original SDXL checkpoints (SGM UNet, OpenCLIP bigG) and
 kohya LoRA files with its own code. Single-file checkpoints: each module gets
@@ -113,3 +113,18 @@ def test_diffusers_kohya_loader_agrees_on_every_text_encoder_linear():
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(_kohya_state_dict(names))
     for component, paths in expected.items():
         assert _peft_modules(converted, component) == paths
+
+
+def test_lycoris_diffusers_to_compvis_converter_agrees_on_every_unet_module_it_knows():
+    """LyCORIS renames diffusers-spelled kohya keys to SGM spelling with its own regex table."""
+    lycoris_utils = pytest.importorskip("lycoris.utils")
+
+    unknown_to_lycoris = []
+    for path in sdxl_modules("unet"):
+        key = "lora_unet_" + underscored(path)
+        converted = lycoris_utils.convert_diffusers_name_to_compvis(key)
+        if converted == key:  # LyCORIS passes keys it has no rule for through unchanged
+            unknown_to_lycoris.append(path)
+        else:
+            assert converted == "lora_unet_" + underscored(diffusers_to_sgm(path))
+    assert unknown_to_lycoris == ["add_embedding.linear_1", "add_embedding.linear_2", "conv_norm_out"]
