@@ -65,6 +65,25 @@ def inspect(file: str, as_json: bool) -> None:
     _print(inspection_report(file), as_json, render_inspection)
 
 
+@cli.command("make-tiny-sdxl")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")
+@click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
+              help="Also write a random non-zero LoRA for it (neutral .safetensors) to this file.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
+    """Build a tiny random-weight SDXL pipeline (diffusers layout) in OUT, offline and reproducibly.
+
+    Same block names and transformer depths as SDXL-base at small widths; loads in diffusers and mindone.diffusers.
+    """
+    from .tiny_sdxl import build_tiny_sdxl, write_tiny_lora
+
+    path = build_tiny_sdxl(out, seed=seed, force=force)
+    click.echo(f"tiny SDXL pipeline: {path}")
+    if lora:
+        click.echo(f"LoRA: {write_tiny_lora(path, lora, seed=seed, force=force)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")

@@ -1,0 +1,112 @@
+"""The MindSpore backend: mindone.diffusers' StableDiffusionXLPipeline, the same neutral file, no conversion.
+
+The neutral file carries PEFT keys and a prefixed ``lora_adapter_metadata``, which
+mindone.diffusers' ``load_lora_weights`` reads exactly as diffusers does. On Ascend
+MindSpore's own kernels run; elsewhere :mod:`.ms_cpu_ops` first reroutes the few ``mint``
+ops that have no CPU kernel.
+
+Example:
+    >>> pipe, fw = load_pipeline("tiny-sdxl", device="CPU", dtype="fp32")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import LoraBridgeError
+from .base_model import BaseModel, describe_base
+
+NAME = "mindspore"
+EXTRA = "mindspore"
+REQUIRED = ("mindspore", "mindone")
+DEVICES = ("Ascend", "CPU")
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class MindSporeFramework:
+    """Module walking, tensors and generators for mindone.diffusers (see :class:`~.pipeline.Framework`)."""
+
+    name = "mindspore"
+
+    def __init__(self):
+        import mindone.diffusers
+
+        self.schedulers = mindone.diffusers
+
+    def modules(self, model: Any) -> Iterator[tuple[str, Any]]:
+        return model.cells_and_names()
+
+    def weight_shape(self, module: Any) -> tuple[int, ...] | None:
+        from mindspore import Parameter
+
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Parameter) or len(weight.shape) not in (2, 4):
+            return None
+        return tuple(weight.shape)
+
+    def latents(self, array: np.ndarray, pipe: Any) -> Any:
+        import mindspore as ms
+
+        return ms.Tensor(np.ascontiguousarray(array)).to(pipe.unet.dtype)
+
+    def generator(self, seed: int) -> Any:
+        return np.random.Generator(np.random.PCG64(seed))
+
+
+def ascend_present() -> bool:
+    """Whether this MindSpore build has a usable Ascend (NPU) plugin."""
+    from mindspore._c_expression import MSContext
+
+    return bool(MSContext.get_instance().is_pkg_support_device("Ascend"))
+
+
+def resolve_device(name: str | None) -> str:
+    """``Ascend`` or ``CPU`` (any case), checked against this machine; default Ascend when present."""
+    if name is None:
+        return "Ascend" if ascend_present() else "CPU"
+    canonical = {d.lower(): d for d in DEVICES}.get(name.lower())
+    if canonical is None:
+        raise LoraBridgeError(f"unknown mindspore device {name!r}; choose one of: {', '.join(DEVICES)}")
+    if canonical == "Ascend" and not ascend_present():
+        raise LoraBridgeError("mindspore device 'Ascend' is not available on this machine (no Ascend plugin)")
+    return canonical
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` is fp16 on Ascend, fp32 on CPU."""
+    if dtype == "auto":
+        return "fp16" if device == "Ascend" else "fp32"
+    return dtype
+
+
+def setup(device: str) -> list[str]:
+    """Select ``device`` in PyNative mode; off Ascend, reroute the ops that lack CPU kernels (returned)."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device(device)
+    if device == "Ascend":
+        return []
+    from . import ms_cpu_ops
+
+    return ms_cpu_ops.apply()
+
+
+def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
+                  config: str | None = None) -> tuple[Any, MindSporeFramework]:
+    """mindone.diffusers' SDXL pipeline from a diffusers directory (after :func:`setup`) and its framework."""
+    import mindspore as ms
+
+    base = describe_base(base) if not isinstance(base, BaseModel) else base
+    if base.single_file:
+        raise LoraBridgeError("the mindspore backend needs a diffusers pipeline directory, not a single file", base.path)
+    setup(resolve_device(device))
+    from mindone.diffusers import StableDiffusionXLPipeline
+
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), dtype=getattr(ms, _DTYPES[dtype]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoraBridgeError(f"mindone.diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
+    return pipe, MindSporeFramework()

@@ -1,0 +1,98 @@
+"""Run mindone.diffusers on MindSpore's CPU backend: reroute the few ``mint`` ops without CPU kernels.
+
+mindone is written for Ascend and calls ``mindspore.mint`` ops whose kernels exist only
+there (on CPU: ``RuntimeError: The kernel GeluExt unregistered``). Each such op has an
+older ``mindspore.ops`` equivalent that runs on CPU; :func:`apply` rebinds the ``mint``
+entry points to those, everywhere MindSpore and mindone hold a reference to them. It is
+meant for tests and demos on machines without an NPU and is never applied on Ascend.
+
+Example:
+    >>> import mindspore as ms; ms.set_device("CPU")   # doctest: +SKIP
+    >>> from lorabridge.adapters import ms_cpu_ops; ms_cpu_ops.apply()
+    >>> from mindone.diffusers import StableDiffusionXLPipeline   # now runs on CPU, slowly
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Callable
+
+
+def _gelu(input, approximate: str = "none"):
+    from mindspore import ops
+
+    return ops.gelu(input, approximate=approximate)
+
+
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    from mindspore import ops
+
+    if isinstance(padding, str):
+        return ops.conv2d(input, weight, bias, stride, padding, dilation=dilation, groups=groups)
+    return ops.conv2d(input, weight, bias, stride, "pad", padding, dilation, groups)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    from mindspore import ops
+
+    begin = input.ndim - len(normalized_shape)
+    if weight is None:
+        weight = ops.ones(tuple(normalized_shape), input.dtype)
+    if bias is None:
+        bias = ops.zeros(tuple(normalized_shape), input.dtype)
+    return ops.LayerNorm(begin, begin, eps)(input, weight, bias)[0]
+
+
+def _arange(start=0, end=None, step=1, *, dtype=None):
+    from mindspore import ops
+
+    return ops.arange(start, end, step, dtype=dtype)
+
+
+def _zeros_like(input, *, dtype=None):
+    from mindspore import ops
+
+    return ops.zeros_like(input, dtype=dtype)
+
+
+# MindSpore kernel without a CPU implementation -> (module, attribute) of its Python entry point, CPU replacement.
+REROUTES: dict[str, tuple[str, str, Callable[..., Any]]] = {
+    "GeluExt": ("mindspore.ops.functional_overload", "gelu", _gelu),
+    "Conv2DExt": ("mindspore.ops.auto_generate.gen_ops_prim", "conv2d_ext_op", _conv2d),
+    "LayerNormExt": ("mindspore.ops.function.nn_func", "layer_norm", _layer_norm),
+    "Arange": ("mindspore.ops.function.array_func", "arange_ext", _arange),
+    "ZerosLikeExt": ("mindspore.ops.function.array_func", "zeros_like_ext", _zeros_like),
+}
+
+_applied: dict[str, Any] = {}
+
+
+def _rebind(original: Any, replacement: Callable[..., Any]) -> int:
+    """Point every module-level name bound to ``original`` (in mindspore and mindone) at ``replacement``."""
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("mindspore", "mindone")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attr, replacement)
+                count += 1
+    return count
+
+
+def apply() -> list[str]:
+    """Reroute every op of :data:`REROUTES` (idempotent); returns the kernel names rerouted.
+
+    Import mindone before calling it, so the names mindone bound at import time are rebound too;
+    models built afterwards pick up the replacements.
+    """
+    import mindspore  # noqa: F401  (the modules below must be loaded)
+
+    for kernel, (module_name, attr, replacement) in REROUTES.items():
+        if kernel in _applied:
+            continue
+        original = getattr(importlib.import_module(module_name), attr)
+        _rebind(original, replacement)
+        _applied[kernel] = original
+    return list(_applied)
