@@ -84,6 +84,62 @@ def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
         click.echo(f"LoRA: {write_tiny_lora(path, lora, seed=seed, force=force)}")
 
 
+def _report(result) -> None:
+    """Print a conversion's summary, then its warnings on stderr."""
+    from .converters.mindspore import render_summary
+
+    click.echo(render_summary(result))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command("ms2neutral")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Neutral file to write [default: IN with .safetensors, beside it].")
+@click.option("--alpha", type=float, default=None,
+              help="LoRA alpha for every module. MindONE files carry no alpha: the default is alpha = rank "
+                   "(MindONE's default), recorded in the manifest as 'assumed'; a value given here is recorded "
+                   "as 'user'. Files that store alpha (kohya port) keep theirs.")
+@click.option("--skip-unknown", is_flag=True, help="Drop LoRA tensors that name no SDXL module (with a warning) instead of failing.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def ms2neutral_command(src: str, output: str | None, alpha: float | None, skip_unknown: bool, force: bool) -> None:
+    """Convert a MindONE SDXL LoRA (IN: .ckpt or MindSpore safetensors) to a neutral .safetensors file.
+
+    The MindONE naming (SDXL trainer's SGM names, mindone.diffusers PEFT names, or the kohya port's
+    lora_unet_ names) is detected; tensors are paired by name and checked against SDXL's shapes.
+
+    Example: lorabridge ms2neutral sdxl_lora.ckpt -o sdxl_lora.safetensors
+    """
+    from .converters.mindspore import ms2neutral
+
+    _report(ms2neutral(src, output, alpha=alpha, skip_unknown=skip_unknown, force=force))
+
+
+@cli.command("neutral2ms")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="MindONE file to write [default: IN with .ckpt (or _ms.safetensors), beside it].")
+@click.option("--naming", type=click.Choice(["mindone-sgm", "mindone-diffusers", "mindone-kohya"]), default="mindone-sgm",
+              show_default=True, help="Key names: MindONE's SDXL trainer (SGM), mindone.diffusers (PEFT) or the kohya port.")
+@click.option("--format", "container", type=click.Choice(["ckpt", "safetensors"]), default="ckpt", show_default=True,
+              help="MindSpore container: protobuf .ckpt or MindSpore safetensors.")
+@click.option("--crc", is_flag=True, help="Add MindSpore's CRC checksum (checked by load_checkpoint(crc_check=True)).")
+@click.option("--fold-alpha/--no-fold-alpha", default=True, show_default=True,
+              help="Where the file cannot store alpha and a module's alpha != rank, scale lora_B by alpha/rank so "
+                   "MindONE's default alpha = rank gives the same delta W.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def neutral2ms_command(src: str, output: str | None, naming: str, container: str, crc: bool, fold_alpha: bool,
+                       force: bool) -> None:
+    """Convert a neutral LoRA file (IN) to a MindONE SDXL LoRA for MindSpore.
+
+    Example: lorabridge neutral2ms lora.safetensors -o lora_ms.ckpt --crc
+    """
+    from .converters.mindspore import neutral2ms
+
+    _report(neutral2ms(src, output, naming=naming, container=container, crc=crc, fold_alpha=fold_alpha, force=force))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.sdxl",
     "tests.fixtures.naming",
     "tests.fixtures.ms_ckpt",
+    "tests.fixtures.mindone",
 ]

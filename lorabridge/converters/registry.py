@@ -29,9 +29,14 @@ class FormatInfo:
 # Detection tries formats in this order; the first whose detect() says yes wins.
 FORMATS: dict[str, FormatInfo] = {f.name: f for f in [
     FormatInfo("neutral", "lorabridge.formats.neutral", "neutral", "lorabridge neutral LoRA v1 (.safetensors + manifest)"),
+    FormatInfo("mindone-sgm", "lorabridge.formats.mindone:MINDONE_SGM", "mindspore", "MindONE SDXL trainer LoRA: SGM names (model.diffusion_model.*, conditioner.embedders.*), .ckpt or MindSpore safetensors"),
+    FormatInfo("mindone-diffusers", "lorabridge.formats.mindone:MINDONE_DIFFUSERS", "mindspore", "mindone.diffusers LoRA: PEFT names (unet.*.lora_A.weight) in a .ckpt or MindSpore safetensors"),
+    FormatInfo("mindone-kohya", "lorabridge.formats.mindone:MINDONE_KOHYA", "mindspore", "MindONE's kohya port: lora_unet_*/lora_te1_*/lora_te2_* with .alpha, .ckpt or MindSpore safetensors"),
     FormatInfo("diffusers", "lorabridge.formats.diffusers", "torch", "diffusers/PEFT LoRA: unet.*/text_encoder*.lora_A.weight, alpha in lora_adapter_metadata (.safetensors)"),
     FormatInfo("peft", "lorabridge.formats.peft", "torch", "PEFT adapter directory per component (adapter_config.json + adapter_model.safetensors), or a base_model.model.* state dict"),
     FormatInfo("legacy-diffusers", "lorabridge.formats.legacy_diffusers", "torch", "old diffusers attention processors (*.processor.to_q_lora.down.weight), the seed's *_pt.ckpt"),
+    FormatInfo("kohya", "lorabridge.formats.kohya", "torch", "kohya sd-scripts/A1111/ComfyUI: lora_unet_<SGM or diffusers path>.lora_down/lora_up/.alpha, lora_te1_/lora_te2_"),
+    FormatInfo("lycoris", "lorabridge.formats.lycoris", "torch", "LyCORIS (lycoris-lora): LoRA/LoCon, LoHa, LoKr, DoRA; lora_unet_/lora_te1_/lora_te2_/lycoris_ + diffusers path"),
 ]}
 
 

@@ -1,0 +1,437 @@
+"""MindONE's SDXL LoRA files: three naming schemes in two MindSpore containers.
+
+MindONE spells the same LoRA three ways, depending on which of its tools wrote it:
+
+- ``mindone-sgm``: the SDXL trainer (``examples/stable_diffusion_xl``), SGM module paths
+  (``model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight``,
+  ``conditioner.embedders.0/1...`` for the text encoders, bigG's q/k/v fused in ``attn.in_proj``);
+- ``mindone-diffusers``: ``mindone.diffusers`` / PEFT (``unet.<diffusers path>.lora_A.weight``);
+- ``mindone-kohya``: MindONE's port of kohya sd-scripts (``lora_unet_<SGM path, dots as _>.lora_down.weight``
+  with a 0-d ``.alpha``).
+
+Each is a :class:`Naming` (data plus the name tables of :mod:`lorabridge.naming`) and a
+:class:`MindoneFormat` pairs it with a container: the protobuf ``.ckpt`` or MindSpore's
+safetensors (metadata ``format`` = ``ms``), detected on read and picked by ``container`` or the
+output suffix on write. Tensors are grouped into modules by name, never by position, A/B
+ranks are checked, and full-size files are checked against the SDXL-base module shapes.
+
+MindONE files (other than kohya ones) carry no alpha; MindONE uses alpha = rank unless told
+otherwise, so that is what reading assumes (``alpha`` overrides it) and what writing
+preserves: a module whose alpha differs from its rank gets alpha / rank folded into lora_B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_checkpoint, read_ms_checkpoint, read_ms_safetensors,
+                          write_ms_checkpoint, write_ms_safetensors)
+from ..io.safetensors_file import SafetensorsFile
+from ..model import COMPONENTS, LoraModel, LoraModule
+from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
+from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
+from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused_qkv_paths, merge_qkv,
+                                    sgm_text_to_diffusers, split_fused_qkv)
+from ..tensor import Tensor
+from .checks import check_finite, writable_lora
+from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
+from .neutral import adapter_metadata
+from .peft import config_alpha, metadata_configs
+
+A, B = "lora_A.weight", "lora_B.weight"
+
+# Where MindSpore str entries / safetensors metadata of the source file travel, so a round trip keeps them.
+STRINGS_KEY = "mindspore_strings"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # PEFT LoraConfig per component, as diffusers writes it
+# Tag prefixes of training state that sits beside LoRA weights in a MindSpore training checkpoint.
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accum.", "ema.")
+# Key endings of LoRA factors in any naming: a key ending so that our naming cannot place is "unknown", not "ignored".
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How one MindONE tool spells LoRA tensor keys: ``<module key>.<role suffix>``.
+
+    ``parse`` maps a module key to the canonical module names it holds (three for a fused
+    q/k/v projection) or None; ``spell`` maps a canonical name to (module key, row block of a
+    fused projection or None), or None when this naming cannot express the module.
+    """
+
+    name: str
+    prefixes: tuple[str, ...]  # every module key of this naming starts with one of these
+    roles: Mapping[str, str]  # key suffix in the file -> neutral role (or ALPHA)
+    parse: Callable[[str], tuple[str, ...] | None]
+    spell: Callable[[str], tuple[str, int | None] | None]
+
+    @property
+    def stores_alpha(self) -> bool:
+        return ALPHA in self.roles.values()
+
+    def suffix(self, role: str) -> str:
+        return next(s for s, r in self.roles.items() if r == role)
+
+    def split_key(self, key: str) -> tuple[str, str] | None:
+        """(module key, neutral role) of a tensor key of this naming, or None (not a LoRA tensor of ours)."""
+        if not key.startswith(self.prefixes):
+            return None
+        for suffix, role in self.roles.items():
+            if key.endswith("." + suffix):
+                return key[: -len(suffix) - 1], role
+        return None
+
+
+def _targetable(component: str, path: str | None) -> str | None:
+    """``component.path`` when the SDXL tree has a Linear/Conv2d there (what a LoRA can adapt), else None."""
+    if path is None or sdxl_module_types(component).get(path) not in LORA_TARGET_TYPES:
+        return None
+    return f"{component}.{path}"
+
+
+# --- SGM (MindONE SDXL trainer) ---------------------------------------------------------------
+SGM_UNET = "model.diffusion_model."
+
+
+def _sgm_parse(key: str) -> tuple[str, ...] | None:
+    if key.startswith(SGM_UNET):
+        name = _targetable("unet", sgm_to_diffusers(key[len(SGM_UNET):]))
+        return (name,) if name else None
+    fused = fused_qkv_paths(key)
+    if fused:
+        component, paths = fused
+        return tuple(f"{component}.{p}" for p in paths)
+    text = sgm_text_to_diffusers(key)
+    name = _targetable(*text) if text else None
+    return (name,) if name else None
+
+
+def _sgm_spell(name: str) -> tuple[str, int | None] | None:
+    component, path = name.split(".", 1)
+    if component == "unet":
+        sgm = diffusers_to_sgm(path)
+        return (SGM_UNET + sgm, None) if sgm else None
+    fused = fused_qkv_name(component, path)
+    if fused:
+        return fused
+    sgm = diffusers_text_to_sgm(component, path)
+    return (sgm, None) if sgm else None
+
+
+# --- mindone.diffusers / PEFT -------------------------------------------------------------------
+def _diffusers_parse(key: str) -> tuple[str, ...] | None:
+    component, _, path = key.partition(".")
+    name = _targetable(component, path) if component in COMPONENTS else None
+    return (name,) if name else None
+
+
+def _diffusers_spell(name: str) -> tuple[str, int | None] | None:
+    return name, None
+
+
+# --- MindONE's kohya sd-scripts port: kohya's grammar (lorabridge.formats.kohya) in a MindSpore file ------
+KOHYA_PREFIXES = {component: f"{prefix}_" for prefix, component in KOHYA_GRAMMAR.prefixes.items()}
+
+
+def _kohya_parse(key: str) -> tuple[str, ...] | None:
+    for component, prefix in KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            name = _targetable(component, resolve_underscored(component, key[len(prefix):]))
+            return (name,) if name else None
+    return None
+
+
+def _kohya_spell(name: str) -> tuple[str, int | None] | None:
+    component, path = name.split(".", 1)
+    if component == "unet":  # kohya spells SDXL's UNet the SGM way
+        path = diffusers_to_sgm(path)
+    return (KOHYA_PREFIXES[component] + underscored(path), None) if path and component in KOHYA_PREFIXES else None
+
+
+LORA_ROLES = {A: A, B: B}
+NAMINGS: dict[str, Naming] = {n.name: n for n in [
+    Naming("sgm", (SGM_UNET, "conditioner.embedders."), LORA_ROLES, _sgm_parse, _sgm_spell),
+    Naming("diffusers", tuple(f"{c}." for c in COMPONENTS), LORA_ROLES, _diffusers_parse, _diffusers_spell),
+    Naming("kohya", tuple(KOHYA_PREFIXES.values()),  # MindONE's port has no DoRA
+           {suffix: role for suffix, role in KOHYA_GRAMMAR.suffixes.items() if role in (A, B, ALPHA)}, _kohya_parse, _kohya_spell),
+]}
+
+
+# --- containers ---------------------------------------------------------------------------------
+CONTAINERS = ("ckpt", "safetensors")
+MS_SAFETENSORS_FORMATS = ("ms", "np")  # ``format`` metadata of MindSpore's and mindone.diffusers' safetensors
+CONTAINER_KEYS = ("format", "crc_num")  # safetensors metadata that belongs to the container, not to the LoRA
+
+
+def container_of(path: str | os.PathLike) -> str | None:
+    """"ckpt" or "safetensors" for a MindSpore/MindONE file, None otherwise (cheap: first bytes / header)."""
+    if is_ms_checkpoint(path):
+        return "ckpt"
+    try:
+        fmt = SafetensorsFile(path).metadata.get("format")
+    except LoraBridgeError:
+        return None
+    return "safetensors" if fmt in MS_SAFETENSORS_FORMATS else None
+
+
+def _keys(path: Path, container: str) -> Iterable[str]:
+    if container == "ckpt":
+        return (tag for tag, _ in iter_ms_checkpoint(path))
+    return SafetensorsFile(path).keys()
+
+
+def _read_container(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
+    container = container_of(path)
+    if container == "ckpt":
+        tensors, strings = read_ms_checkpoint(path)
+    elif container == "safetensors":
+        tensors, strings = read_ms_safetensors(path)
+        strings = {k: v for k, v in strings.items() if k not in CONTAINER_KEYS}
+    else:
+        raise LoraBridgeError(why_not_mindone(path), path)
+    return container, tensors, strings
+
+
+def why_not_mindone(path: str | os.PathLike) -> str:
+    """Why no MindONE format accepts ``path``: what the file is instead, or the container's own error
+    (truncated, encrypted, CRC mismatch, a PyTorch pickle... raised as :class:`LoraBridgeError`).
+
+    Example:
+        >>> why_not_mindone("lora_pt.safetensors")   # doctest: +SKIP
+        "a safetensors file with format='pt', not one written by MindSpore/MindONE: use pt2neutral or convert"
+    """
+    path = Path(path)
+    container = container_of(path)
+    if container is None:
+        try:
+            fmt = SafetensorsFile(path).metadata.get("format")
+        except LoraBridgeError:
+            read_ms_checkpoint(path)  # raises the container's precise error
+            return "not a MindSpore checkpoint"
+        return f"a safetensors file with format={fmt!r}, not one written by MindSpore/MindONE: use pt2neutral or convert"
+    _, tensors, _ = _read_container(path)
+    sample = ", ".join(list(tensors)[:3]) or "none"
+    return (f"a MindSpore {container} file with {len(tensors)} tensor(s) but no LoRA tensor in any MindONE naming "
+            f"(sgm, diffusers, kohya); first keys: {sample}")
+
+
+# --- reading ------------------------------------------------------------------------------------
+def _lora_pair_problem(a: Tensor, b: Tensor) -> str | None:
+    """Why A and B do not form a linear or conv LoRA, or None."""
+    if len(a.shape) not in (2, 4) or len(b.shape) != len(a.shape) or (len(b.shape) == 4 and b.shape[2:] != (1, 1)):
+        return f"shapes A{list(a.shape)} / B{list(b.shape)} are neither a linear nor a conv LoRA"
+    if a.shape[0] != b.shape[1]:
+        return f"rank mismatch: A has {a.shape[0]} rows, B has {b.shape[1]} columns"
+    return None
+
+
+def _config_alpha(configs: dict, name: str, rank: int) -> float | None:
+    """alpha of a module from a PEFT LoraConfig per component (mindone.diffusers safetensors), if any."""
+    component, path = name.split(".", 1)
+    config = configs.get(component) or configs.get("")
+    return config_alpha(config, path, rank) if config else None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, LoraBridgeWarning, stacklevel=3)
+
+
+def _shape_problems(model: LoraModel) -> list[str]:
+    """Modules whose weight shape is not SDXL-base's, when other modules do match it.
+
+    A file whose every module differs is an SDXL-structured model of other widths (such as
+    the tiny test pipeline) and is accepted; a mix means a mapping error or another model.
+    """
+    wrong = []
+    for m in model.modules.values():
+        expected = sdxl_modules(m.component).get(m.path)
+        if tuple(expected) != tuple(m.weight_shape):
+            wrong.append(f"{m.name} is {list(m.weight_shape)}, SDXL-base has {list(expected)}")
+    return wrong if len(wrong) < len(model.modules) else []
+
+
+def _raise_problems(problems: list[str], what: str, path) -> None:
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LoraBridgeError(f"{len(problems)} {what}: {'; '.join(problems[:5])}{more}", path)
+
+
+@dataclass(frozen=True)
+class MindoneFormat:
+    """A MindONE naming in a MindSpore container, with the registry's ``detect``/``read``/``write``."""
+
+    naming: Naming
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        """True for a MindSpore .ckpt or safetensors file holding at least one LoRA tensor of this naming."""
+        path = Path(path)
+        try:
+            container = container_of(path) if path.is_file() else None
+            return container is not None and any(self.naming.split_key(k) for k in _keys(path, container))
+        except LoraBridgeError:
+            return False
+
+    def read(self, path: str | os.PathLike, *, alpha: float | None = None, skip_unknown: bool = False,
+             strict: bool = False, **_options) -> LoraModel:
+        """Read the LoRA tensors of a MindONE file into a :class:`LoraModel`, pairing A and B by name.
+
+        ``alpha``: alpha of every module without a stored one (default: its rank, MindONE's default,
+        recorded as "assumed"). ``skip_unknown``: drop LoRA tensors that name no SDXL module (with a
+        warning) instead of failing. Non-LoRA tensors (base weights, optimizer state) are ignored, with
+        a warning saying how many. NaN/Inf values are warned about (``strict``: refused).
+
+        Example:
+            >>> model = MINDONE_SGM.read("sdxl_lora.ckpt", alpha=8)   # doctest: +SKIP
+        """
+        path = Path(path)
+        container, tensors, strings = _read_container(path)
+        groups: dict[tuple[str, tuple[str, ...]], dict[str, Tensor]] = {}
+        unknown: list[str] = []
+        ignored = 0
+        for key, tensor in tensors.items():
+            parts = self.naming.split_key(key) if not key.startswith(OPTIMIZER_PREFIXES) else None
+            if parts is None and (key.startswith(OPTIMIZER_PREFIXES) or not key.endswith(LORA_SUFFIXES)):
+                ignored += 1
+                continue
+            names = self.naming.parse(parts[0]) if parts else None
+            if names is None:
+                unknown.append(key)
+                continue
+            groups.setdefault((parts[0], names), {})[parts[1]] = tensor
+        if unknown and not skip_unknown:
+            _raise_problems(unknown, f"LoRA tensor(s) name no SDXL-base module in MindONE {self.naming.name} naming"
+                                     " (--skip-unknown drops them)", path)
+        if unknown:
+            _warn(f"{path}: dropped {len(unknown)} LoRA tensor(s) naming no SDXL module: "
+                  f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        if ignored:
+            _warn(f"{path}: ignored {ignored} non-LoRA tensor(s) (base weights or training state); "
+                  f"kept {sum(len(g) for g in groups.values())} LoRA tensors")
+        configs = metadata_configs({ADAPTER_METADATA_KEY: strings.pop(ADAPTER_METADATA_KEY, "")}, path)
+        model = LoraModel(training={STRINGS_KEY: strings} if strings else {})
+        problems: list[str] = []
+        overridden = 0
+        for (key, names), roles in groups.items():
+            missing = [self.naming.suffix(r) for r in (A, B) if r not in roles]
+            problem = f"no {' or '.join(missing)}" if missing else _lora_pair_problem(roles[A], roles[B])
+            if problem is None and ALPHA in roles and roles[ALPHA].numel != 1:
+                problem = f".alpha must hold one number, has shape {list(roles[ALPHA].shape)}"
+            if problem is None and len(names) == 3 and roles[B].shape[0] % 3:
+                problem = f"fused q/k/v lora_B has {roles[B].shape[0]} rows, not a multiple of 3"
+            if problem:
+                problems.append(f"{key}: {problem}")
+                continue
+            rank = roles[A].shape[0]
+            stored = _config_alpha(configs, names[0], rank)
+            if stored is not None:
+                module_alpha, source, extra = stored, "stored", {}
+            else:  # kohya's rule: the stored .alpha, else the user's, else the rank
+                module_alpha, source, extra = alpha_of({r: t for r, t in roles.items() if r == ALPHA}, rank, alpha)
+            overridden += source == "stored" and alpha is not None
+            module = LoraModule(names[0] if len(names) == 1 else key, "lora", {A: roles[A], B: roles[B]},
+                                module_alpha, source, extra=extra)
+            for part in (split_fused_qkv(module, *names) if len(names) == 3 else [module]):
+                model.add(part)
+        _raise_problems(problems, "malformed LoRA module(s)", path)
+        if not model.modules:
+            raise LoraBridgeError(f"no LoRA modules in MindONE {self.naming.name} naming", path)
+        _raise_problems(_shape_problems(model), "module(s) with shapes other than SDXL-base's", path)
+        if overridden:
+            _warn(f"{path}: --alpha ignored for {overridden} module(s) that store their own alpha")
+        check_finite(model, path, strict=strict)
+        return model
+
+    # --- writing ------------------------------------------------------------------------------
+    def file_tensors(self, model: LoraModel, path, fold_alpha: bool = True, alpha_in_metadata: bool = False
+                     ) -> tuple[dict[str, Tensor], list[str]]:
+        """The tensors of ``model`` under this naming's keys, in module order, plus warnings.
+
+        bigG q/k/v are merged back into the fused projection where the naming fuses them. Without
+        a place for alpha (no ``.alpha`` role, no adapter metadata), a module with alpha != rank gets
+        alpha / rank folded into lora_B when ``fold_alpha`` (delta W kept at MindONE's alpha = rank).
+        """
+        modules, unspellable = self._spelled_modules(model)
+        _raise_problems(unspellable, f"module(s) with no name in MindONE {self.naming.name} naming", path)
+        tensors: dict[str, Tensor] = {}
+        unscaled = [m for m in modules.values() if m.alpha != m.rank]
+        fold = fold_alpha and unscaled and not (self.naming.stores_alpha or alpha_in_metadata)
+        for key, m in modules.items():
+            b = m.tensors[B]
+            if fold and m.alpha != m.rank:
+                b = Tensor.from_numpy(b.to_float32() * np.float32(m.scale), b.dtype)
+            tensors[f"{key}.{self.naming.suffix(A)}"] = m.tensors[A]
+            tensors[f"{key}.{self.naming.suffix(B)}"] = b
+            if self.naming.stores_alpha and m.alpha_source != "assumed":
+                tensors[f"{key}.{self.naming.suffix(ALPHA)}"] = alpha_tensor(m)
+        notes = []
+        if unscaled and not (self.naming.stores_alpha or alpha_in_metadata):
+            ratios = ", ".join(f"{r:g}" for r in sorted({m.scale for m in unscaled}))
+            notes.append(f"{len(unscaled)} module(s) have alpha != rank (alpha/rank {ratios}) and MindONE files carry no "
+                         + ("alpha: folded alpha/rank into lora_B, so MindONE's default alpha = rank gives the same delta W"
+                            if fold else "alpha: load them with lora_alpha set to match, or drop --no-fold-alpha"))
+        return tensors, notes
+
+    def _spelled_modules(self, model: LoraModel) -> tuple[dict[str, LoraModule], list[str]]:
+        """Modules under their file module keys (fused q/k/v merged), and the names with no key."""
+        spelled: dict[str, LoraModule | dict[int, LoraModule]] = {}
+        unspellable = []
+        for m in model.modules.values():
+            spelling = self.naming.spell(m.name)
+            if spelling is None:
+                unspellable.append(m.name)
+            elif spelling[1] is None:
+                spelled[spelling[0]] = m
+            else:
+                spelled.setdefault(spelling[0], {})[spelling[1]] = m
+        return {key: m if isinstance(m, LoraModule) else _merge_fused(key, m) for key, m in spelled.items()}, unspellable
+
+    def write(self, model: LoraModel, path: str | os.PathLike, *, container: str | None = None, crc: bool = False,
+              fold_alpha: bool = True, progress: Callable[[int], None] | None = None, **options) -> list[str]:
+        """Write ``model`` as a MindONE file (atomically); return warnings for the user.
+
+        ``container``: "ckpt" or "safetensors" (default: by the suffix of ``path``); ``crc``: add
+        MindSpore's checksum (the ``crc_num`` trailer of a .ckpt, or metadata of a safetensors file);
+        ``fold_alpha``: see :meth:`file_tensors`.
+
+        Example:
+            >>> MINDONE_SGM.write(model, "lora_ms.ckpt", crc=True)   # doctest: +SKIP
+        """
+        container = container or ("safetensors" if Path(path).suffix == ".safetensors" else "ckpt")
+        if container not in CONTAINERS:
+            raise LoraBridgeError(f"unknown MindSpore container {container!r}; choose ckpt or safetensors", path)
+        alpha_in_metadata = container == "safetensors" and self.naming.name == "diffusers"
+        model = writable_lora(model, path, target=f"MindONE {self.naming.name}", dora=False,
+                              bake_to_lora=options.get("bake_to_lora"), strict=options.get("strict", False))
+        tensors, notes = self.file_tensors(model, path, fold_alpha, alpha_in_metadata)
+        strings = dict(model.training.get(STRINGS_KEY) or {})
+        if container == "ckpt":
+            write_ms_checkpoint(path, tensors, metadata=strings, crc=crc, progress=progress)
+        else:
+            if alpha_in_metadata:
+                strings[ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata(model), separators=(",", ":"))
+            write_ms_safetensors(path, tensors, metadata=strings, crc=crc, progress=progress)
+        return notes
+
+
+def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
+    """One fused q/k/v LoRA from the parts present; a missing part gets B = 0 (so its delta W is 0)."""
+    present = next(iter(parts.values()))
+    filler = {A: present.tensors[A],
+              B: Tensor.from_numpy(np.zeros((present.out_features, present.rank), np.float32), present.tensors[B].dtype)}
+    q, k, v = (parts.get(i) or LoraModule(f"{key}[{i}]", "lora", filler, present.alpha, present.alpha_source)
+               for i in range(3))
+    return merge_qkv(q, k, v, key)
+
+
+# The registered formats (converters/registry.py points at these objects).
+MINDONE_SGM = MindoneFormat(NAMINGS["sgm"])
+MINDONE_DIFFUSERS = MindoneFormat(NAMINGS["diffusers"])
+MINDONE_KOHYA = MindoneFormat(NAMINGS["kohya"])
+
