@@ -9,11 +9,12 @@ land, after diffusers' loader conversions, on the module we resolve it to.
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
 
-from lorabridge.naming.sdxl_tree import resolve_underscored, sdxl_module_types, sdxl_modules, underscored
+from lorabridge.naming.sdxl_tree import is_lora_target, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
 from lorabridge.naming.sgm import TOP_LEVEL, diffusers_to_sgm
 from lorabridge.naming.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm, fused_qkv_name
 from tests.fixtures.naming import load_generator
@@ -128,3 +129,19 @@ def test_lycoris_diffusers_to_compvis_converter_agrees_on_every_unet_module_it_k
         else:
             assert converted == "lora_unet_" + underscored(diffusers_to_sgm(path))
     assert unknown_to_lycoris == ["add_embedding.linear_1", "add_embedding.linear_2", "conv_norm_out"]
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "text_encoder_2"])
+def test_peft_can_target_every_lora_target_with_the_shapes_the_tree_predicts(component, sdxl_meta_models):
+    """PEFT adapts every Linear/Conv2d we list, with lora_A (r, in[, kh, kw]) and lora_B (out, r[, 1, 1])."""
+    peft = pytest.importorskip("peft")
+    model = copy.deepcopy(sdxl_meta_models[component])
+    targets = [p for p in sdxl_modules(component) if is_lora_target(component, p)]
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=targets), model)
+    state = peft.get_peft_model_state_dict(model)
+    expected = {}
+    for path in targets:
+        out, inp, *kernel = sdxl_modules(component)[path]
+        expected[f"{path}.lora_A.weight"] = (4, inp, *kernel)
+        expected[f"{path}.lora_B.weight"] = (out, 4, *([1, 1] if kernel else []))
+    assert {key: tuple(value.shape) for key, value in state.items()} == expected

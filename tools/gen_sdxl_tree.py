@@ -121,17 +121,23 @@ def weight_modules(model) -> dict[str, list]:
     return out
 
 
-def build_tree() -> dict[str, dict[str, list]]:
-    """Build the three SDXL-base components on the meta device and list their weight-bearing modules."""
+def build_models() -> dict:
+    """The three SDXL-base components, built by diffusers/transformers on the meta device (no weights)."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        te1 = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG))
-    return {"unet": weight_modules(unet), "text_encoder": weight_modules(te1), "text_encoder_2": weight_modules(te2)}
+        return {
+            "unet": UNet2DConditionModel(**UNET_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)),
+        }
+
+
+def build_tree(models: dict | None = None) -> dict[str, dict[str, list]]:
+    """component -> {path: [type, shape]} of the given (default: freshly built) SDXL-base components."""
+    return {component: weight_modules(model) for component, model in (models or build_models()).items()}
 
 
 def render(tree: dict[str, dict[str, list]]) -> str:
