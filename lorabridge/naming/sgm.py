@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from .sdxl_tree import sdxl_modules
 
-# SDXL-base layout: resnets per down level (up levels have one more), and which levels hold attentions.
+# SDXL-base layout: resnets per down level (up levels have one more), and which up levels hold attentions
+# (an up level's upsampler comes after its attention, so this decides the upsampler's slot).
 LAYERS_PER_BLOCK = 2
-DOWN_HAS_ATTENTION = (False, True, True)
 UP_HAS_ATTENTION = (True, True, False)
 
 # Modules outside the blocks: diffusers path -> SGM path.
@@ -88,12 +88,12 @@ def _diffusers_to_sgm(path: str) -> str | None:
     return f"output_blocks.{level * _PER_LEVEL + j}.{inner[0]}.{inner[1]}" if inner else None
 
 
-def _sgm_inner(prefix: str, slot: str, rest: str) -> str | None:
-    """diffusers path of slot ``.0`` (resnet) or ``.1`` (attention) of an SGM block under ``prefix``."""
+def _sgm_inner(block: str, pos: int, slot: str, rest: str) -> str | None:
+    """diffusers path of slot ``.0`` (resnet) or ``.1`` (attention) of an SGM block, ``block`` its diffusers parent."""
     if slot == "0":
-        return f"{prefix}resnets.{{}}.{_RESNET_LAYERS_SGM[rest]}" if rest in _RESNET_LAYERS_SGM else None
+        return f"{block}.resnets.{pos}.{_RESNET_LAYERS_SGM[rest]}" if rest in _RESNET_LAYERS_SGM else None
     if slot == "1":
-        return f"{prefix}attentions.{{}}.{rest}"
+        return f"{block}.attentions.{pos}.{rest}"
     return None
 
 
@@ -115,16 +115,14 @@ def _sgm_to_diffusers(path: str) -> str | None:
         if pos == LAYERS_PER_BLOCK:
             ok = slot == "0" and rest == DOWNSAMPLER_LAYER[1]
             return f"down_blocks.{level}.downsamplers.0.{DOWNSAMPLER_LAYER[0]}" if ok else None
-        inner = _sgm_inner(f"down_blocks.{level}.", slot, rest)
-        return inner.format(pos) if inner else None
+        return _sgm_inner(f"down_blocks.{level}", pos, slot, rest)
     if parts[0] == "output_blocks":
         level, pos = divmod(block, _PER_LEVEL)
         if level >= len(UP_HAS_ATTENTION):
             return None
         if pos == LAYERS_PER_BLOCK and slot == str(_upsampler_slot(level)) and rest == UPSAMPLER_LAYER[1]:
             return f"up_blocks.{level}.upsamplers.0.{UPSAMPLER_LAYER[0]}"
-        inner = _sgm_inner(f"up_blocks.{level}.", slot, rest)
-        return inner.format(pos) if inner else None
+        return _sgm_inner(f"up_blocks.{level}", pos, slot, rest)
     return None
 
 
