@@ -1,0 +1,192 @@
+"""LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr and their DoRA variants, for SDXL.
+
+Keys follow the kohya grammar (:mod:`lorabridge.formats.kohya`): ``lora_unet_`` / ``lora_te1_`` /
+``lora_te2_`` from LyCORIS' kohya network, ``lycoris_`` (UNet) from ``create_lycoris``, each
+followed by the diffusers module path with dots as underscores (SGM spelling is accepted too).
+Every module has a 0-d ``alpha``. The kinds stay what they are in the neutral model:
+
+- LoRA/LoCon ``lora_down.weight`` / ``lora_up.weight`` -> kind ``lora``. A Tucker LoCon's
+  ``lora_mid.weight`` is folded into lora_A (exact in float32, not bit-exact; warned).
+- LoHa ``hada_w1_a`` ... ``hada_t2`` -> kind ``loha``, LoKr ``lokr_w1`` ... ``lokr_t2`` -> kind ``lokr``.
+  LyCORIS' modules store the ``*_b`` factor of a non-Tucker conv flattened, (rank, in*kh*kw);
+  the neutral model keeps the kernel axes, (rank, in, kh, kw), as lora_A does. The kernel comes
+  from the SDXL module tree; the writer flattens again, so a round trip is bit-exact.
+- ``dora_scale`` (DoRA, ``dora_wd``) is kept with its axis: (out, 1, ...) is ``"out"``
+  (``wd_on_output=True``, the default), (1, in, ...) is ``"in"``.
+
+lycoris-lora 4.1.3 applies the LoHa/LoKr scale alpha/rank twice in ``get_diff_weight`` (and so in
+``merge_to``), but once in its forward pass, which is what training optimised; the neutral
+delta W (see docs/spec-lycoris-kinds.md) is the forward pass's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import LoraBridgeWarning
+from ..model import COMPONENTS, LoraModel, LoraModule
+from ..tensor import Tensor
+from .kohya import ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, lora_module, read_underscored, with_dora, write_underscored
+
+# LyCORIS tensor suffixes of the kinds lorabridge keeps (same names as the neutral roles).
+LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LORA_MID = "lora_mid.weight"
+# Suffixes of LyCORIS algorithms without a neutral kind -> the algorithm, for the refusal.
+UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "BOFT", "on_input": "IA3",
+               "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA",
+               "diff": "full", "diff_b": "full", "w_norm": "norm", "b_norm": "norm"}
+
+LYCORIS = Grammar(
+    prefixes={**KOHYA.prefixes, "lycoris": "unet"},
+    suffixes={**KOHYA.suffixes, LORA_MID: LORA_MID, **{s: s for s in LOHA_SUFFIXES + LOKR_SUFFIXES},
+              **{s: s for s in UNSUPPORTED}},
+)
+# kind -> (the neutral roles of it LyCORIS stores flattened for a non-Tucker conv, the role marking Tucker)
+FLATTENED = {"loha": (("hada_w1_b", "hada_w2_b"), "hada_t1"), "lokr": (("lokr_w2_b",), "lokr_t2")}
+KIND_PREFIXES = {"lora_": "lora", "hada_": "loha", "lokr_": "lokr"}
+
+
+def kind_of(roles: list[str]) -> str:
+    """The kind a module's roles belong to (dora_scale belongs to all); mixed kinds are a problem."""
+    kinds = {kind for role in roles for prefix, kind in KIND_PREFIXES.items() if role.startswith(prefix)}
+    if len(kinds) != 1:
+        raise ModuleProblem(f"tensors {', '.join(sorted(roles))} mix LyCORIS kinds" if kinds else "has no LoRA factors")
+    return kinds.pop()
+
+
+def base_kernel(name: str) -> tuple[int, ...] | None:
+    """The kernel size of the SDXL layer ``name`` adapts, None for a linear layer or an unknown name."""
+    from ..naming.sdxl_tree import sdxl_modules
+
+    component, _, path = name.partition(".")
+    shape = sdxl_modules(component).get(path) if component in COMPONENTS else None
+    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
+
+
+def unflattened(tensors: dict[str, Tensor], kind: str, kernel: tuple[int, ...] | None) -> dict[str, Tensor]:
+    """LoHa/LoKr tensors with a flattened (rank, in*kh*kw) conv factor given back its kernel axes."""
+    roles, tucker = FLATTENED[kind]
+    if kernel is None or tucker in tensors:
+        return tensors
+    out = dict(tensors)
+    for role in roles:
+        t = tensors.get(role)
+        if t is not None and len(t.shape) == 2 and t.shape[1] % math.prod(kernel) == 0:
+            out[role] = t.reshaped((t.shape[0], t.shape[1] // math.prod(kernel), *kernel))
+    return out
+
+
+def fold_mid(down: Tensor, mid: Tensor) -> Tensor:
+    """A Tucker LoCon's lora_mid (r, r, kh, kw) folded into its lora_down (r, in, 1, 1): (r, in, kh, kw).
+
+    A 1x1 conv (down) followed by the k x k conv (mid) is one k x k conv whose weight is
+    ``mid`` contracted with ``down`` over the inner rank, so delta W is unchanged.
+    """
+    if len(down.shape) != 4 or len(mid.shape) != 4 or down.shape[2:] != (1, 1) or mid.shape[1] != down.shape[0]:
+        raise ModuleProblem(f"lora_mid {list(mid.shape)} does not fit lora_down {list(down.shape)}")
+    folded = np.einsum("pjhw,ji->pihw", mid.to_float32(), down.to_float32().reshape(down.shape[:2]))
+    return Tensor.from_numpy(folded.astype(np.float32), down.dtype)
+
+
+def check_factors(module: LoraModule) -> None:
+    """LoHa/LoKr factors that are missing or whose inner dimensions disagree, found before any math runs."""
+    t = {role: tensor.shape for role, tensor in module.tensors.items()}
+    pairs = {"loha": (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")),
+             "lokr": (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"))}[module.kind]
+    if FLATTENED[module.kind][1] not in t:
+        for left, right in pairs:
+            if left in t and right in t and (len(t[left]) < 2 or not t[right] or t[left][1] != t[right][0]):
+                raise ModuleProblem(f"rank mismatch: {left} is {list(t[left])}, {right} is {list(t[right])}")
+    try:
+        module.weight_shape
+    except (KeyError, IndexError) as exc:
+        raise ModuleProblem(f"{module.kind} module without factor {exc}") from None
+
+
+def lycoris_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None, folded: list[str]) -> LoraModule:
+    """One neutral module from a LyCORIS module's parts (file suffix -> tensor)."""
+    unsupported = sorted({UNSUPPORTED[s] for s in parts if s in UNSUPPORTED})
+    if unsupported:
+        raise ModuleProblem(f"LyCORIS {'/'.join(unsupported)} modules have no neutral kind (lorabridge keeps LoRA, LoHa, LoKr)")
+    roles = {LYCORIS.suffixes[s]: t for s, t in parts.items() if s != ALPHA}
+    kind = kind_of([r for r in roles if r != "dora_scale"])
+    if kind == "lora":
+        if LORA_MID in parts:
+            if "lora_down.weight" not in parts:
+                raise ModuleProblem("has lora_mid.weight but no lora_down.weight")
+            folded.append(name)
+            parts = {s: t for s, t in parts.items() if s != LORA_MID}
+            parts["lora_down.weight"] = fold_mid(parts["lora_down.weight"], roles[LORA_MID])
+        return lora_module(name, parts, user_alpha)
+    module = LoraModule(name, kind, unflattened(roles, kind, base_kernel(name)), 0.0)
+    check_factors(module)
+    module.alpha, module.alpha_source, module.extra = alpha_of(parts, module.rank, user_alpha)
+    return with_dora(module)
+
+
+def lycoris_tensors(module: LoraModule) -> dict[str, Tensor]:
+    """A module's tensors under LyCORIS suffixes, conv factors flattened as LyCORIS' modules hold them."""
+    if module.kind == "lora":
+        tensors = {s: module.tensors[r] for s, r in KOHYA.suffixes.items() if r in module.tensors}
+    else:
+        tensors = dict(module.tensors)
+        roles, tucker = FLATTENED[module.kind]
+        for role in roles:
+            t = tensors.get(role)
+            if t is not None and len(t.shape) > 2 and tucker not in tensors:
+                tensors[role] = t.reshaped((t.shape[0], math.prod(t.shape[1:])))
+    tensors[ALPHA] = alpha_tensor(module)  # LyCORIS' loaders need it: float(alpha) on a missing one fails
+    return tensors
+
+
+# The reader/writer pair as the converter registry calls it.
+def detect(path: str | os.PathLike) -> bool:
+    """A state-dict file with LyCORIS-only keys: a ``lycoris_`` prefix, LoHa/LoKr factors or a Tucker mid."""
+    from ..io.torch_file import state_dict_keys
+
+    found = state_dict_keys(path)
+    if not found:
+        return False
+    only_lycoris = tuple("." + s for s in (*LOHA_SUFFIXES, *LOKR_SUFFIXES, LORA_MID))
+    return any(k.startswith("lycoris_") or k.endswith(only_lycoris) for k in found[0])
+
+
+def read(path: str | os.PathLike, **options) -> LoraModel:
+    """Read a LyCORIS file into a checked :class:`LoraModel`, kinds kept.
+
+    Example:
+        >>> model = read("sdxl_loha.safetensors")   # doctest: +SKIP
+        >>> model.summary()["kinds"]
+        {'loha': 722}
+    """
+    folded: list[str] = []
+    model = read_underscored(path, LYCORIS, lambda name, parts, alpha: lycoris_module(name, parts, alpha, folded), **options)
+    if folded:
+        warnings.warn(f"{path}: folded the Tucker lora_mid of {len(folded)} LoCon module(s) into lora_down "
+                      f"(same delta W, float32 rounding): {', '.join(folded[:3])}{' ...' if len(folded) > 3 else ''}",
+                      LoraBridgeWarning, stacklevel=2)
+    return model
+
+
+def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
+          dtype: str | None = None, strict: bool = False, **_options) -> list[str]:
+    """Write ``model`` as a LyCORIS file (``lora_unet_``/``lora_te1_``/``lora_te2_``, diffusers spelling).
+
+    LoRA, LoHa and LoKr modules keep their kind, DoRA magnitudes their axis: what lycoris-lora's
+    ``create_network_from_weights`` and ComfyUI load. Returns no warnings: every neutral kind fits.
+
+    Example:
+        >>> write(model, "sdxl_lokr.safetensors")   # doctest: +SKIP
+        []
+    """
+    from .checks import check_finite
+
+    check_finite(model, path, strict=strict)
+    write_underscored(model, path, "diffusers", lycoris_tensors, dtype=dtype, progress=progress)
+    return []
