@@ -172,3 +172,14 @@ def test_merge_refuses_mismatched_inputs():
     q, k, v = _lora(QKV[0], 8, 8, 2, 2.0, rng), _lora(QKV[1], 8, 16, 2, 2.0, rng), _lora(QKV[2], 8, 8, 2, 2.0, rng)
     with pytest.raises(LoraBridgeError, match="different input sizes"):
         merge_qkv(q, k, v, FUSED)
+
+
+def test_merge_of_mixed_dtypes_widens_to_float32_exactly():
+    rng = np.random.default_rng(9)
+    q, k, v = (_lora(n, 8, 8, 2, 2.0, rng, dtype) for n, dtype in zip(QKV, ("F16", "BF16", "F16")))
+    fused = merge_qkv(q, k, v, FUSED)
+    assert {t.dtype for t in fused.tensors.values()} == {"F32"}
+    a = fused.tensors["lora_A.weight"].to_numpy()
+    for i, part in enumerate((q, k, v)):  # widening loses nothing
+        np.testing.assert_array_equal(a[2 * i:2 * i + 2], part.tensors["lora_A.weight"].to_float32())
+    np.testing.assert_allclose(_delta(fused), np.concatenate([_delta(q), _delta(k), _delta(v)]), rtol=1e-6, atol=1e-6)

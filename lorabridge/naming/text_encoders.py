@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import LoraBridgeError
 from ..model import LoraModule
-from ..tensor import DTYPES, Tensor
+from ..tensor import Tensor
 from .sdxl_tree import sdxl_modules
 
 # component -> SGM prefix in front of the path that stays unchanged / the OpenCLIP model root.
@@ -191,9 +191,9 @@ def split_fused_qkv(module: LoraModule, q_name: str, k_name: str, v_name: str) -
 
 
 def _common_dtype(tensors: list[Tensor]) -> str:
-    """The shared dtype, or the widest float one (by bytes per element) when they differ."""
+    """The shared dtype, or F32 (which holds F16 and BF16 values exactly) when they differ."""
     dtypes = {t.dtype for t in tensors}
-    return dtypes.pop() if len(dtypes) == 1 else max(dtypes, key=lambda d: DTYPES[d][0])
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
 _ALPHA_SOURCE_PRIORITY = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
@@ -232,8 +232,7 @@ def merge_qkv(q: LoraModule, k: LoraModule, v: LoraModule, fused_name: str) -> L
         alpha = q.alpha
     else:
         a_dtype, b_dtype = _common_dtype(a_list), _common_dtype(b_list)
-        ranks = [m.rank for m in parts]
-        total = sum(ranks)
+        total = sum(m.rank for m in parts)
         a_cat = np.concatenate([a.to_float32() for a in a_list], axis=0)
         b_diag = np.zeros((sum(m.out_features for m in parts), total), np.float32)
         row = col = 0
