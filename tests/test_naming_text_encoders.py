@@ -103,7 +103,9 @@ def test_split_gives_each_projection_its_row_block_of_the_fused_delta_exactly(dt
     for i, part in enumerate(parts):
         assert part.name == QKV[i] and part.rank == 4 and part.alpha == 8.0
         assert part.tensors["lora_A.weight"].same_as(fused.tensors["lora_A.weight"])
+        b_rows = fused.tensors["lora_B.weight"].to_numpy()[24 * i:24 * (i + 1)]
         assert part.tensors["lora_B.weight"].dtype == dtype
+        np.testing.assert_array_equal(part.tensors["lora_B.weight"].to_numpy(), b_rows)
         np.testing.assert_array_equal(_delta(part), whole[24 * i:24 * (i + 1)])
 
 
