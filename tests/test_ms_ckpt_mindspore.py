@@ -109,7 +109,8 @@ map_value = parsed.value[0]
 
 print(json.dumps({
     "loaded": {name: summary(load(name, crc_check=name in ("crc.ckpt", "chunked.ckpt", "crc.safetensors")))
-               for name in ("plain.ckpt", "crc.ckpt", "chunked.ckpt", "two_records.ckpt", "ms.safetensors", "crc.safetensors")},
+               for name in ("plain.ckpt", "crc.ckpt", "chunked.ckpt", "two_records.ckpt",
+                            "ms.safetensors", "crc.safetensors")},
     "rejects_damaged": rejects_damaged,
     "map_record": [map_value.tag, map_value.WhichOneof("value"), len(map_value.maptensor.tensor)],
 }))
@@ -248,4 +249,4 @@ def test_our_files_load_in_mindspore_and_mindspore_rewrites_them_identically(tmp
         assert report[name] == our_summary(tensors, metadata), name
         if resave:
             assert same_file_as_mindspore(tmp_path / name, tmp_path / f"ms_{name}"), name
-    assert report["ours_empty.ckpt"]["empty"][:2] == ["Float32", [0, 3]], "MindSpore reads the empty tensors it never writes"
+    assert report["ours_empty.ckpt"]["empty"][:2] == ["Float32", [0, 3]], "MindSpore reads empty tensors it never writes"

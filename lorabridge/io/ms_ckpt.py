@@ -260,7 +260,8 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
     if first.tensor_type == MS_STR_TYPE:
         return _Entry(first.tag, MS_STR_TYPE, (), spans, first.offset)
     if first.tensor_type in MS_UNSUPPORTED:
-        raise _Malformed(f"{where} has tensor_type {first.tensor_type}: {MS_UNSUPPORTED[first.tensor_type]}", first.offset)
+        reason = MS_UNSUPPORTED[first.tensor_type]
+        raise _Malformed(f"{where} has tensor_type {first.tensor_type}: {reason}", first.offset)
     if first.tensor_type not in MS_TO_SAFETENSORS:
         raise _Malformed(f"{where} has unknown tensor_type {first.tensor_type!r}", first.offset)
     dtype = MS_TO_SAFETENSORS[first.tensor_type]
@@ -347,7 +348,8 @@ class MsCheckpointFile:
         self.metadata: dict[str, str] = {}
         for entry in entries:
             if entry.tag in self._entries or entry.tag in self.metadata:
-                raise LoraBridgeError(f"tag {entry.tag!r} appears twice, the second time at byte {entry.offset}", self.path)
+                raise LoraBridgeError(f"tag {entry.tag!r} appears twice, the second time at byte {entry.offset}",
+                                      self.path)
             if entry.tensor_type == MS_STR_TYPE:
                 self.metadata[entry.tag] = self._decode_text(entry)
             else:
@@ -367,7 +369,8 @@ class MsCheckpointFile:
                 raise UnicodeDecodeError("utf-32-le", raw, 0, len(raw), "length is not a multiple of 4")
             return raw.decode("utf-32-le").rstrip("\x00")  # numpy's str dtype, which MindSpore uses, drops NULs
         except UnicodeDecodeError:
-            raise LoraBridgeError(f"text entry {entry.tag!r} is not valid UTF-32 (at byte {entry.offset})", self.path) from None
+            raise LoraBridgeError(f"text entry {entry.tag!r} is not valid UTF-32 (at byte {entry.offset})",
+                                  self.path) from None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -458,7 +461,8 @@ def _record_head(tag: bytes, dims: tuple[int, ...], tensor_type: bytes, content_
     return _len_field(1, len(value) + tensor_len) + value + tensor
 
 
-def _encoded_records(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Iterator[tuple[bytes, memoryview | bytes]]:
+def _encoded_records(tensors: Mapping[str, Tensor],
+                     metadata: Mapping[str, str]) -> Iterator[tuple[bytes, memoryview | bytes]]:
     """(record head, content) pairs in file order: tensors in chunks of CHUNK_BYTES, then text entries."""
     for name, tensor in tensors.items():
         data = memoryview(tensor.data).cast("B")
