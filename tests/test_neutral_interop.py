@@ -67,7 +67,8 @@ def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, m
     pipe = load_diffusers_pipeline(tiny_sdxl_dir)
     base = {f"{c}.{p}": getattr(pipe, c).get_submodule(p).weight.detach().numpy().copy() for c, p, _, _ in TARGETS}
     with caplog.at_level("WARNING"):
-        pipe.load_lora_weights(str(mixed_neutral))
+        # diffusers in offline mode wants the directory plus weight_name, not a file path
+        pipe.load_lora_weights(str(mixed_neutral.parent), weight_name=mixed_neutral.name)
     assert not [r for r in caplog.records if "key" in r.getMessage().lower()], caplog.text
     for component, path, rank, alpha in TARGETS:
         layer = getattr(pipe, component).get_submodule(path)
@@ -87,8 +88,11 @@ def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mix
         from tests.fixtures.sdxl import load_mindone_pipeline
         pipe = load_mindone_pipeline(sys.argv[1])
         targets = json.loads(sys.argv[3])
-        def layer(c, p):
-            return getattr(pipe, c).get_submodule(p)
+        def layer(c, p):  # MindSpore cells have no get_submodule
+            node = getattr(pipe, c)
+            for part in p.split("."):
+                node = node[int(part)] if part.isdigit() else getattr(node, part)
+            return node
         base = {f"{c}.{p}": layer(c, p).weight.asnumpy().copy() for c, p, _, _ in targets}
         pipe.load_lora_weights(sys.argv[2])
         scaling = {f"{c}.{p}": [layer(c, p).r["default_0"], float(layer(c, p).scaling["default_0"])] for c, p, _, _ in targets}
