@@ -37,17 +37,12 @@ def ms2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         PosixPath('sdxl_lora.safetensors')
     """
     src = Path(src)
-    if src.is_file():
-        detected = [name for name in MINDONE_FORMATS if get_format(name).load().detect(src)]
-        if not detected:
-            from ..formats.mindone import why_not_mindone
+    if src.is_file() and not any(get_format(name).load().detect(src) for name in MINDONE_FORMATS):
+        from ..formats.mindone import why_not_mindone
 
-            raise LoraBridgeError(why_not_mindone(src), src)
-        formats = detected[:1]
-    else:
-        formats = list(MINDONE_FORMATS)  # convert() names the missing file
+        raise LoraBridgeError(why_not_mindone(src), src)
     out = Path(out) if out is not None else _beside(src, ".safetensors", "neutral")
-    return convert(src, out, "neutral", from_formats=formats, force=force, progress=progress,
+    return convert(src, out, "neutral", from_formats=MINDONE_FORMATS, force=force, progress=progress,
                    alpha=alpha, skip_unknown=skip_unknown)
 
 

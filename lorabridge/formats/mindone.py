@@ -26,8 +26,9 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -181,10 +182,32 @@ def container_of(path: str | os.PathLike) -> str | None:
     return "safetensors" if fmt in MS_SAFETENSORS_FORMATS else None
 
 
-def _keys(path: Path, container: str) -> Iterable[str]:
-    if container == "ckpt":
-        return (tag for tag, _ in iter_ms_checkpoint(path))
-    return SafetensorsFile(path).keys()
+@lru_cache(maxsize=8)
+def _naming_of(path: str, _mtime_ns: int, _size: int) -> str | None:
+    """The first naming with a LoRA key in the file (cached per file version: detection asks once per format)."""
+    container = container_of(path)
+    if container is None:
+        return None
+    keys = (tag for tag, _ in iter_ms_checkpoint(path)) if container == "ckpt" else SafetensorsFile(path).keys()
+    for key in keys:
+        for naming in NAMINGS.values():
+            if naming.split_key(key):
+                return naming.name
+    return None
+
+
+def naming_of(path: str | os.PathLike) -> str | None:
+    """"sgm", "diffusers" or "kohya" for a MindSpore file with LoRA keys in that naming, else None (never raises).
+
+    Example:
+        >>> naming_of("sdxl_lora.ckpt")   # doctest: +SKIP
+        'sgm'
+    """
+    try:
+        stat = os.stat(path)
+        return _naming_of(os.fspath(path), stat.st_mtime_ns, stat.st_size) if Path(path).is_file() else None
+    except (OSError, LoraBridgeError):
+        return None
 
 
 def _read_container(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
@@ -270,13 +293,8 @@ class MindoneFormat:
     naming: Naming
 
     def detect(self, path: str | os.PathLike) -> bool:
-        """True for a MindSpore .ckpt or safetensors file holding at least one LoRA tensor of this naming."""
-        path = Path(path)
-        try:
-            container = container_of(path) if path.is_file() else None
-            return container is not None and any(self.naming.split_key(k) for k in _keys(path, container))
-        except LoraBridgeError:
-            return False
+        """True for a MindSpore .ckpt or safetensors file whose first LoRA key is of this naming."""
+        return naming_of(path) == self.naming.name
 
     def read(self, path: str | os.PathLike, *, alpha: float | None = None, skip_unknown: bool = False,
              strict: bool = False, **_options) -> LoraModel:
