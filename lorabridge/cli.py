@@ -140,6 +140,70 @@ def neutral2ms_command(src: str, output: str | None, naming: str, container: str
     _report(neutral2ms(src, output, naming=naming, container=container, crc=crc, fold_alpha=fold_alpha, force=force))
 
 
+@cli.command("infer")
+@click.option("--backend", required=True, help="torch (diffusers) or mindspore (mindone.diffusers).")
+@click.option("--base", required=True, type=click.Path(), help="SDXL base: a diffusers directory, or (torch) a single-file .safetensors.")
+@click.option("--lora", type=click.Path(), default=None, help="Neutral LoRA file (.safetensors); omit for the base model alone.")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None)
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--width", type=int, default=None, help="Image width [default: the base's native size].")
+@click.option("--height", type=int, default=None, help="Image height [default: the base's native size].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initial noise (numpy, same on both backends); image i uses seed+i.")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
+@click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
+@click.option("--scheduler", default="euler", show_default=True,
+              help="euler (SDXL's DDPM discretization; use it for parity), euler-karras, euler-a, ddim, ddpm, "
+                   "dpm++2m, dpm++2m-karras, dpm++2m-sde, unipc.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on accelerators).")
+@click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
+@click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
+@click.option("--save-latents", type=click.Path(), default=None, help="Save the initial noise to this .npy file.")
+@click.option("--config", type=click.Path(), default=None, help="torch single-file base: diffusers directory with the component configs.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Image directory [default: <lora file>-gen-images].")
+@click.option("--force", is_flag=True, help="Replace an existing output directory of images / latents file.")
+def infer_command(backend: str, base: str, lora: str | None, output: str | None, config: str | None,
+                  init_latents: str | None, save_latents: str | None, **options) -> None:
+    """Generate images from an SDXL base plus one neutral LoRA file, with diffusers or mindone.diffusers.
+
+    Example: lorabridge infer --backend mindspore --base sdxl --lora lora.safetensors --prompt "a cat"
+    """
+    from pathlib import Path
+
+    from .adapters.infer import infer
+    from .adapters.options import InferOptions
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else Path(value)
+
+    request = InferOptions(backend=backend, base=Path(base), lora=path(lora), output=path(output), config=path(config),
+                           init_latents=path(init_latents), save_latents=path(save_latents), **options)
+    result = infer(request, log=lambda line: click.echo(line, err=True))
+    click.echo("\n".join(str(p) for p in result.images))
+
+
+@cli.command("compare")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Side-by-side image A | B | heat map (a directory when comparing directories).")
+@click.option("--max-mae", type=float, default=5.0, show_default=True, help="Fail (exit 1) when any pair's MAE is above this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+@click.option("--force", is_flag=True, help="Replace existing output images.")
+def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json: bool, force: bool) -> None:
+    """Compare images A and B (or two directories, pairing files by name): MAE (0..255), max error, PSNR.
+
+    Example: lorabridge compare torch-images mindspore-images -o diff
+    """
+    from .compare import compare_paths, render_comparison
+
+    report = compare_paths(a, b, output=output, max_mae=max_mae, force=force)
+    _print(report, as_json, render_comparison)
+    sys.exit(0 if report["passed"] else 1)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")

@@ -1,0 +1,150 @@
+"""``infer``: one neutral LoRA file, images from diffusers (torch) or mindone.diffusers (mindspore).
+
+Everything that can be checked without a framework is checked first (backend installed,
+base model, LoRA file, latents, output path), so bad input fails in a second with one
+line. Images are written to a hidden directory beside the output and renamed into place
+at the end: a failed run leaves no partial output directory.
+
+Example:
+    >>> infer(InferOptions("torch", Path("tiny-sdxl"), "a cat", lora=Path("lora.safetensors")))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+from .. import __version__
+from ..converters import file_sha256
+from ..errors import LoraBridgeError
+from ..formats.neutral import read_neutral
+from ..io.atomic import check_output_path
+from ..model import SDXL_ARCHITECTURE, LoraModel
+from .base_model import BaseModel, describe_base
+from .latents import draw_latents, load_latents, save_latents
+from .options import BACKENDS, InferOptions
+from .pipeline import apply_lora, sample, set_scheduler
+from .png import write_png
+
+BACKEND_MODULES = {"torch": "lorabridge.adapters.torch_backend", "mindspore": "lorabridge.adapters.mindspore_backend"}
+
+
+@dataclass
+class InferResult:
+    images: list[Path]
+    output_dir: Path
+    backend: str
+    device: str
+    dtype: str
+    applied: dict[str, int] = field(default_factory=dict)
+    latents: Path | None = None
+    seconds: float = 0.0
+
+
+def load_backend(name: str) -> ModuleType:
+    """The backend module, after checking its framework packages are installed (naming the extra if not)."""
+    if name not in BACKENDS:
+        raise LoraBridgeError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    module = importlib.import_module(BACKEND_MODULES[name])
+    missing = [package for package in module.REQUIRED if importlib.util.find_spec(package) is None]
+    if missing:
+        raise LoraBridgeError(f"the {name} backend needs {', '.join(missing)}, not installed: "
+                              f"pip install 'lorabridge[{module.EXTRA}]'")
+    return module
+
+
+def _read_lora(path: Path) -> LoraModel:
+    model = read_neutral(path, verify_hash=True)
+    if model.architecture != SDXL_ARCHITECTURE:
+        raise LoraBridgeError(f"LoRA is for {model.architecture!r}, infer runs {SDXL_ARCHITECTURE!r}", path)
+    return model
+
+
+def _check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an existing output unless ``force``; even then replace only a directory of images."""
+    if not out.parent.is_dir():
+        raise LoraBridgeError("output's parent directory does not exist", out.parent)
+    if not out.exists():
+        return
+    if not force:
+        raise LoraBridgeError("output exists; pass --force to replace it", out)
+    if not out.is_dir() or any(not (p.is_file() and p.suffix == ".png") for p in out.iterdir()):
+        raise LoraBridgeError("output exists and is not a directory of .png images; not replacing it", out)
+
+
+def png_text(options: InferOptions, result: InferResult, lora_sha256: str | None, seed: int,
+             size: tuple[int, int]) -> dict[str, str]:
+    """The text chunks of one image: enough to reproduce it and to tell which run made it."""
+    text = {
+        "prompt": options.prompt,
+        "negative_prompt": options.negative_prompt or "",
+        "seed": str(seed),
+        "steps": str(options.steps),
+        "guidance_scale": f"{options.guidance_scale:g}",
+        "scheduler": options.scheduler,
+        "size": f"{size[0]}x{size[1]}",
+        "init_latents": options.init_latents.name if options.init_latents else f"seed {options.seed}",
+        "backend": result.backend,
+        "device": result.device,
+        "dtype": result.dtype,
+        "base": options.base.name,
+        "software": f"lorabridge {__version__}",
+    }
+    if options.lora is not None:
+        text.update({"lora": options.lora.name, "lora_sha256": lora_sha256 or "", "lora_scale": f"{options.lora_scale:g}",
+                     "lora_fused": str(options.fuse).lower()})
+    return text
+
+
+def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None) -> InferResult:
+    """Generate ``options.num_images`` images with ``options.backend`` and write them as PNGs; see the module doc."""
+    started = time.perf_counter()
+    options.check()
+    backend = load_backend(options.backend)
+    base: BaseModel = describe_base(options.base)
+    lora = _read_lora(options.lora) if options.lora is not None else None
+    out = options.output_dir
+    _check_output_dir(out, options.force)
+    if options.save_latents is not None:
+        check_output_path(options.save_latents, options.force, inputs=(options.init_latents, options.lora))
+    size = (options.width or base.native_size, options.height or base.native_size)
+    shape = base.latent_shape(options.num_images, *size)
+    latents = load_latents(options.init_latents, shape) if options.init_latents else draw_latents(options.seed, shape)
+    device = backend.resolve_device(options.device)
+    dtype = backend.resolve_dtype(options.dtype, device)
+    result = InferResult([], out, options.backend, device, dtype)
+    log(f"{options.backend} on {device} ({dtype}): {base.path} {'(single file)' if base.single_file else ''}".rstrip())
+
+    pipe, fw = backend.load_pipeline(base, dtype, device, options.config)
+    if lora is not None:
+        result.applied = apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log)
+    set_scheduler(pipe, fw, options.scheduler)
+    images = sample(pipe, fw, options, latents, size)
+
+    lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for i, pixels in enumerate(images):
+            seed = options.seed + i
+            name = f"{i:03d}-seed{seed}.png"
+            write_png(tmp / name, pixels, png_text(options, result, lora_sha256, seed, size))
+            result.images.append(out / name)
+        if options.save_latents is not None:
+            result.latents = save_latents(options.save_latents, latents)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    for path in result.images:
+        log(f"wrote {path}")
+    return result

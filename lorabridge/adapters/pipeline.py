@@ -1,0 +1,113 @@
+"""Drive an SDXL pipeline the same way in diffusers and mindone.diffusers: LoRA, scheduler, sampling.
+
+mindone.diffusers mirrors diffusers' API (``load_lora_weights``, ``set_adapters``,
+``fuse_lora``, scheduler classes, the pipeline call), so this logic is written once; a
+:class:`Framework` supplies the few framework-specific pieces (module walking, tensors,
+random generators, the scheduler classes).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from ..errors import LoraBridgeError
+from ..model import COMPONENTS, LoraModel
+from .options import SCHEDULERS, InferOptions
+
+ADAPTER_NAME = "lorabridge"
+Log = Callable[[str], None]
+
+
+class Framework(Protocol):
+    """What a backend contributes: how to walk modules and make tensors in its framework."""
+
+    name: str
+    schedulers: Any  # module holding the scheduler classes (diffusers or mindone.diffusers)
+
+    def modules(self, model: Any) -> Iterator[tuple[str, Any]]: ...
+    def weight_shape(self, module: Any) -> tuple[int, ...] | None: ...
+    def latents(self, array: np.ndarray, pipe: Any) -> Any: ...
+    def generator(self, seed: int) -> Any: ...
+
+
+def lora_mismatches(lora: LoraModel, pipe: Any, fw: Framework) -> list[str]:
+    """Every LoRA module the base lacks, or whose weight shape differs from the LoRA's: one string each."""
+    problems = []
+    for component in lora.components:
+        model = getattr(pipe, component, None) if component in COMPONENTS else None
+        if model is None:
+            problems += [f"{m.name} (no component {component!r})" for m in lora.modules.values() if m.component == component]
+            continue
+        shapes = {path: fw.weight_shape(module) for path, module in fw.modules(model)}
+        for m in lora.modules.values():
+            if m.component != component:
+                continue
+            if m.path not in shapes or shapes[m.path] is None:
+                problems.append(f"{m.name} (not in base)")
+            elif tuple(shapes[m.path]) != tuple(m.weight_shape):
+                problems.append(f"{m.name} (LoRA {'x'.join(map(str, m.weight_shape))}, "
+                                f"base {'x'.join(map(str, shapes[m.path]))})")
+    return problems
+
+
+def _adapted(pipe: Any, fw: Framework, component: str) -> dict[str, Any]:
+    """Modules of ``component`` carrying our adapter (PEFT layers in both frameworks have ``lora_A``)."""
+    model = getattr(pipe, component, None)
+    if model is None:
+        return {}
+    return {path: m for path, m in fw.modules(model) if ADAPTER_NAME in (getattr(m, "lora_A", None) or {})}
+
+
+def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fuse: bool, log: Log) -> dict[str, int]:
+    """Load the neutral file through the pipeline's own ``load_lora_weights``; check every module landed.
+
+    Returns the number of modules applied per component. Raises when the LoRA and the base do
+    not match, listing the modules, or when a module's scaling is not the file's alpha / rank.
+    """
+    problems = lora_mismatches(lora, pipe, fw)
+    if problems:
+        shown = ", ".join(problems[:8]) + (f", ... (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        raise LoraBridgeError(f"LoRA does not match the base model: {len(problems)} of {len(lora.modules)} modules: {shown}", path)
+    unsupported = Counter(m.kind for m in lora.modules.values() if m.kind != "lora")
+    if unsupported:
+        raise LoraBridgeError(f"infer loads kind 'lora' only; this file has {dict(unsupported)} modules", path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER_NAME)
+    applied = {}
+    for component in lora.components:
+        layers = _adapted(pipe, fw, component)
+        wanted = [m for m in lora.modules.values() if m.component == component]
+        missing = [m.name for m in wanted if m.path not in layers]
+        if missing:
+            raise LoraBridgeError(f"{len(missing)} LoRA modules were not applied by {fw.name}: {', '.join(missing[:8])}", path)
+        wrong = [m.name for m in wanted if not np.isclose(float(layers[m.path].scaling[ADAPTER_NAME]), m.scale)]
+        if wrong:
+            raise LoraBridgeError(f"{fw.name} applied {len(wrong)} modules with a scale other than alpha/rank: {', '.join(wrong[:8])}", path)
+        applied[component] = len(wanted)
+    log(f"LoRA applied ({fw.name}): " + ", ".join(f"{n} modules in {c}" for c, n in applied.items()))
+    if fuse:
+        pipe.fuse_lora(components=list(applied), lora_scale=scale, adapter_names=[ADAPTER_NAME])
+        log(f"LoRA fused into the base weights at scale {scale:g}")
+    else:
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    return applied
+
+
+def set_scheduler(pipe: Any, fw: Framework, name: str) -> None:
+    """Replace the pipeline's scheduler by ``name`` (see :data:`SCHEDULERS`), keeping the base's config."""
+    class_name, overrides, _ = SCHEDULERS[name]
+    scheduler_class = getattr(fw.schedulers, class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+
+
+def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Run the denoising loop from ``latents`` (a progress bar per step); (N, H, W, 3) uint8 images."""
+    width, height = size
+    pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
+    images = pipe(prompt=options.prompt, negative_prompt=options.negative_prompt, num_inference_steps=options.steps,
+                  guidance_scale=options.guidance_scale, width=width, height=height,
+                  num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
+                  generator=fw.generator(options.seed), output_type="np", return_dict=False)[0]
+    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
