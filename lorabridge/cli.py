@@ -140,6 +140,95 @@ def neutral2ms_command(src: str, output: str | None, naming: str, container: str
     _report(neutral2ms(src, output, naming=naming, container=container, crc=crc, fold_alpha=fold_alpha, force=force))
 
 
+_PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers"]
+_strict = click.option("--strict", is_flag=True, help="Refuse tensors holding NaN/Inf instead of warning.")
+_skip_unknown = click.option("--skip-unknown", is_flag=True,
+                             help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
+_force = click.option("--force", is_flag=True, help="Replace an existing output.")
+_dtype = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                      help="Cast the tensors [default: keep the input's dtype].")
+_bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None, metavar="RANK",
+                     help="Turn LoHa/LoKr modules into plain LoRA of this rank (truncated SVD; the error is reported).")
+
+
+@cli.command("pt2neutral")
+@click.argument("src", metavar="IN", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Neutral file to write [default: IN's stem + _neutral.safetensors, beside it].")
+@click.option("--alpha", type=float, default=None,
+              help="Alpha for modules whose file stores none (recorded as 'user'); without it alpha = rank "
+                   "(recorded as 'assumed'). Alphas the file stores (lora_adapter_metadata, .alpha) are kept.")
+@click.option("--from", "from_format", default=None, metavar="FORMAT",
+              help="Input format instead of auto-detection: diffusers, peft, legacy-diffusers, kohya...")
+@_skip_unknown
+@_strict
+@_force
+def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_format: str | None,
+                       skip_unknown: bool, strict: bool, force: bool) -> None:
+    """Convert a PyTorch-world SDXL LoRA (IN) to a neutral .safetensors file.
+
+    IN may be a diffusers/PEFT .safetensors, a PEFT adapter directory (or one with unet/,
+    text_encoder/, text_encoder_2/ adapters), an old diffusers attention-processor file such as
+    the seed's *_pt.ckpt, or a kohya/A1111/ComfyUI or LyCORIS file. Torch pickles (.bin/.pt/.ckpt)
+    are read only with torch.load(weights_only=True): a pickle that could run code is refused.
+
+    Example: lorabridge pt2neutral pytorch_lora_weights.safetensors -o lora.safetensors
+    """
+    from .converters.torch import pt2neutral
+
+    _report(pt2neutral(src, output, from_format=from_format, alpha=alpha, skip_unknown=skip_unknown,
+                       strict=strict, force=force))
+
+
+@cli.command("neutral2pt")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="File (directory for peft) to write [default: IN's stem + _<format>, beside it].")
+@click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
+              help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
+                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed).")
+@_dtype
+@_bake
+@_skip_unknown
+@_strict
+@_force
+def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
+                       skip_unknown: bool, strict: bool, force: bool) -> None:
+    """Convert a neutral LoRA file (IN) to a PyTorch-world format.
+
+    Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
+    """
+    from .converters.torch import neutral2pt
+
+    _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
+                       skip_unknown=skip_unknown, strict=strict, force=force))
+
+
+@cli.command("convert")
+@click.argument("src", metavar="IN", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="File (directory for peft) to write.")
+@click.option("--to", "to_format", required=True, metavar="FORMAT",
+              help="Output format: neutral, diffusers, peft, kohya, legacy-diffusers, mindone-sgm... "
+                   "(an unknown name lists all).")
+@click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
+@click.option("--alpha", type=float, default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
+@_dtype
+@_bake
+@_skip_unknown
+@_strict
+@_force
+def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
+                    dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, force: bool) -> None:
+    """Convert IN from any supported format to any other, through the neutral model.
+
+    Example: lorabridge convert lora_kohya.safetensors --to peft -o lora_peft
+    """
+    from .converters.torch import convert_any
+
+    _report(convert_any(src, output, to=to_format, from_format=from_format, alpha=alpha, dtype=dtype,
+                        bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict, force=force))
+
+
 @cli.command("infer")
 @click.option("--backend", required=True, help="torch (diffusers) or mindspore (mindone.diffusers).")
 @click.option("--base", required=True, type=click.Path(), help="SDXL base: a diffusers directory, or (torch) a single-file .safetensors.")

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.naming",
     "tests.fixtures.ms_ckpt",
     "tests.fixtures.mindone",
+    "tests.fixtures.torch_lora",
 ]

@@ -24,7 +24,8 @@ from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, state_dict_keys
 from ..model import LoraModel
 from .checks import check_model, writable_lora
 from .neutral import adapter_metadata
-from .peft import build_model, config_alpha, group_keys, metadata_configs, parse_key, peft_tensors
+from . import legacy_diffusers
+from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
 
 # First key segments diffusers pipelines use for their LoRA-bearing models.
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
@@ -42,6 +43,23 @@ def split_component(module_key: str) -> tuple[str, str] | None:
     """
     component, _, rest = module_key.partition(".")
     return (component, rest) if component in PIPELINE_COMPONENTS and rest else None
+
+
+def parse(key: str) -> Parsed | None:
+    """(component, module path, role, adapter) of a key in PEFT spelling behind a component prefix,
+    or else in an old diffusers spelling: diffusers' training scripts save the attention layers the
+    old way and every other layer the PEFT way, in one file.
+
+    Example:
+        >>> parse("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight")
+        ('text_encoder_2', 'text_model.encoder.layers.0.mlp.fc1', 'lora_A.weight', None)
+    """
+    found = parse_key(key)
+    placed = split_component(found[0]) if found else None
+    if placed:
+        return (*placed, found[1], found[2])
+    old = legacy_diffusers.parse_key(key)
+    return (*old, None) if old else None
 
 
 def training_metadata(model: LoraModel) -> dict[str, str]:
@@ -62,7 +80,8 @@ def detect(path: str | os.PathLike) -> bool:
 
 
 def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
-    """Read a diffusers LoRA (safetensors, or a torch pickle read with weights_only=True).
+    """Read a diffusers LoRA (safetensors, or a torch pickle read with weights_only=True), in either
+    key spelling (see :func:`parse`).
 
     Alpha per module from ``lora_adapter_metadata`` (``alpha_pattern``, ``use_rslora`` honoured),
     else ``alpha`` (recorded as given by the user), else the rank (recorded as assumed).
@@ -71,14 +90,8 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         >>> model = read("pytorch_lora_weights.safetensors", alpha=8)   # doctest: +SKIP
     """
     tensors, metadata = read_state_dict(path)
-    groups, unrecognized = group_keys(tensors, split_component, path)
-    configs = metadata_configs(metadata, path)
-
-    def alpha_of(name: str, rank: int) -> float | None:
-        component, module_path = name.split(".", 1)
-        return config_alpha(configs.get(component) or configs.get("", {}), module_path, rank)
-
-    model = build_model(groups, alpha_of, alpha, path)
+    groups, unrecognized = group_keys(tensors, parse, path)
+    model = build_model(groups, metadata_alpha(metadata, path), alpha, path)
     model.training = {k: v for k, v in metadata.items() if k not in OWN_METADATA}
     return check_model(model, path, unrecognized=unrecognized, **options)
 

@@ -9,8 +9,10 @@ Three spellings, all with ``down`` (= A) and ``up`` (= B) factors and no alpha:
 - patched text-encoder layers: ``text_encoder.<layer>.lora_linear_layer.down.weight``.
 
 diffusers still converts all three on load (``load_lora_weights``, ``load_attn_procs``).
-Having no alpha, the format means scale 1: reading assumes alpha = rank (or ``--alpha``),
-writing folds alpha / rank into ``up`` where they differ, with a warning.
+The keys carry no alpha. diffusers' training scripts still save this spelling (through
+``convert_state_dict_to_diffusers``) with a ``lora_adapter_metadata`` that has it, so reading
+takes alpha from there when present, else ``--alpha``, else alpha = rank. Writing folds
+alpha / rank into ``up`` where they differ (with a warning), as old loaders know no alpha.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io.torch_file import read_state_dict, state_dict_keys, write_state_dict
+from ..io.torch_file import state_dict_keys, write_state_dict
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
-from .checks import check_model, sdxl_tree, warn, writable_lora
-from .peft import build_model, infer_component
+from .checks import warn, writable_lora
 
 FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}
 FACTOR_SUFFIXES = {role: suffix for suffix, role in FACTORS.items()}
@@ -87,26 +88,17 @@ def detect(path: str | os.PathLike) -> bool:
     return found is not None and any(parse_key(k) for k in found[0])
 
 
-def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+def read(path: str | os.PathLike, **options) -> LoraModel:
     """Read an old diffusers LoRA (safetensors, or a torch pickle such as the seed's ``*_pt.ckpt``).
+
+    The diffusers reader does it: it takes both spellings, since diffusers' own files mix them.
 
     Example:
         >>> model = read("sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
-    tensors, _ = read_state_dict(path)
-    parsed: dict[tuple[str | None, str], dict[str, Tensor]] = {}
-    unrecognized = []
-    for key, tensor in tensors.items():
-        found = parse_key(key)
-        if found is None:
-            unrecognized.append(key)
-        else:
-            parsed.setdefault(found[:2], {})[found[2]] = tensor
-    tree = sdxl_tree()
-    groups = {f"{component or infer_component(module_path, roles, tree)}.{module_path}": roles
-              for (component, module_path), roles in parsed.items()}
-    model = build_model(groups, lambda name, rank: None, alpha, path)
-    return check_model(model, path, unrecognized=unrecognized, **options)
+    from .diffusers import read as read_diffusers
+
+    return read_diffusers(path, **options)
 
 
 def _scaled_up(module: LoraModule) -> Tensor:
@@ -128,6 +120,14 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     if folded:
         warn(f"{path}: legacy-diffusers files store no alpha; alpha/rank folded into the up factor of "
              f"{len(folded)} module(s) (values rounded to their dtype)")
+    ranks: dict[str, set[int]] = {}
+    for m in model.modules.values():
+        ranks.setdefault(m.component, set()).add(m.rank)
+    mixed = [component for component, found in ranks.items() if len(found) > 1]
+    if mixed:
+        warn(f"{path}: ranks differ within {', '.join(mixed)}; a file without alpha loads at scale 1 in old "
+             "diffusers, but diffusers >= 0.24 applies one rank as alpha to all modules of a component: "
+             "use the diffusers format for modern diffusers")
     tensors = {}
     for m in model.modules.values():
         tensors[spell(m, "lora_A.weight")] = m.tensors["lora_A.weight"]

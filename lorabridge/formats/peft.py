@@ -65,30 +65,43 @@ def parse_key(key: str) -> tuple[str, str, str | None] | None:
     return match["module"], ROLES[peft_role], match["adapter"] or match["adapter_m"]
 
 
-def group_keys(tensors: Mapping[str, Tensor], component_of: Callable[[str], tuple[str, str] | None],
-               path) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
-    """PEFT tensors grouped by canonical module name, plus keys that fit no module.
+# A key parser's answer: (component, or None to infer it from the tree; module path; neutral role; adapter name).
+Parsed = tuple[str | None, str, str, str | None]
 
-    ``component_of(module key)`` returns (component, path inside it) or None when the key
-    belongs to no component. More than one adapter name in a file is refused: lorabridge
-    converts one adapter at a time.
+
+def group_keys(tensors: Mapping[str, Tensor], parse: Callable[[str], Parsed | None],
+               path) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """Tensors grouped by canonical module name (role -> tensor), plus the keys ``parse`` rejects.
+
+    Modules whose component ``parse`` leaves open are placed by :func:`infer_component`. A role
+    given twice for one module (two spellings of the same factor), or more than one adapter name
+    in a file, is refused: lorabridge converts one adapter at a time.
     """
-    modules: dict[str, dict[str, Tensor]] = {}
+    parsed: dict[tuple[str | None, str], dict[str, Tensor]] = {}
+    seen: dict[tuple[str | None, str, str], str] = {}
     unrecognized: list[str] = []
     adapters: set[str] = set()
     for key, tensor in tensors.items():
-        parsed = parse_key(key)
-        placed = component_of(parsed[0]) if parsed else None
-        if placed is None:
+        found = parse(key)
+        if found is None:
             unrecognized.append(key)
             continue
-        module, role, adapter = parsed
+        component, module_path, role, adapter = found
+        if (component, module_path, role) in seen:
+            raise LoraBridgeError(f"two tensors for {role} of {module_path}: {seen[component, module_path, role]!r} "
+                                  f"and {key!r}", path)
+        seen[component, module_path, role] = key
         adapters.add(adapter or "")
-        modules.setdefault(".".join(placed), {})[role] = tensor
+        parsed.setdefault((component, module_path), {})[role] = tensor
     if len(adapters) > 1:
         raise LoraBridgeError(f"holds {len(adapters)} adapters ({', '.join(sorted(a or '<unnamed>' for a in adapters))}); "
                               "save one adapter per file", path)
-    return modules, unrecognized
+    tree = sdxl_tree() if any(component is None for component, _ in parsed) else {}
+    groups = {f"{component or infer_component(module_path, roles, tree)}.{module_path}": roles
+              for (component, module_path), roles in parsed.items()}
+    if len(groups) != len(parsed):
+        raise LoraBridgeError("the same module appears with and without a component prefix", path)
+    return groups, unrecognized
 
 
 def pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
@@ -145,6 +158,14 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
     stored = sum(m.alpha_source == "stored" for m in model.modules.values())
     if user_alpha is not None and stored:
         warn(f"{path}: the file stores alpha for {stored} module(s); --alpha {user_alpha:g} applies only to the others")
+    assumed: dict[str, set[int]] = {}
+    for m in model.modules.values():
+        if m.alpha_source == "assumed":
+            assumed.setdefault(m.component, set()).add(m.rank)
+    mixed = [component for component, ranks in assumed.items() if len(ranks) > 1]
+    if mixed:
+        warn(f"{path}: no alpha stored and ranks differ within {', '.join(mixed)}: alpha = each module's rank "
+             "assumed (diffusers would apply one module's rank as alpha to all); give --alpha if you know it")
     return model
 
 
@@ -190,6 +211,21 @@ def metadata_configs(metadata: Mapping[str, str], path) -> dict[str, dict[str, A
     return configs
 
 
+def metadata_alpha(metadata: Mapping[str, str], path) -> Callable[[str, int], float | None]:
+    """``alpha_of(module name, rank)`` from a file's ``lora_adapter_metadata`` (None where it says nothing).
+
+    diffusers' ``save_lora_weights`` writes that metadata whatever the key spelling (PEFT keys, or the
+    old ``lora.down`` spelling its training scripts still produce), so every such format reads it.
+    """
+    configs = metadata_configs(metadata, path)
+
+    def alpha_of(name: str, rank: int) -> float | None:
+        component, module_path = name.split(".", 1)
+        return config_alpha(configs.get(component) or configs.get("", {}), module_path, rank)
+
+    return alpha_of
+
+
 # ---- component inference for keys without a component prefix --------------------------------
 
 
@@ -209,22 +245,14 @@ def infer_component(module_path: str, tensors: Mapping[str, Tensor], tree) -> st
     return "text_encoder" if module_path.startswith("text_model.") else "unet"
 
 
-def _strip_prefix(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}
+def _peft_parser(component: str | None) -> Callable[[str], Parsed | None]:
+    """A key parser for one adapter's PEFT keys (``base_model.model.`` optional), all in ``component``."""
 
+    def parse(key: str) -> Parsed | None:
+        found = parse_key(key.removeprefix(PEFT_PREFIX))
+        return (component, *found) if found else None
 
-def _read_component(tensors: Mapping[str, Tensor], component: str | None, tree, path):
-    """Group one component's PEFT tensors (``component`` None: infer it per module from the tree)."""
-    by_module: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        parsed = parse_key(key)
-        if parsed:
-            by_module.setdefault(parsed[0], {})[parsed[1]] = tensor
-
-    def place(module_path: str) -> tuple[str, str]:
-        return component or infer_component(module_path, by_module.get(module_path, {}), tree), module_path
-
-    return group_keys(tensors, place, path)
+    return parse
 
 
 def _adapter_dirs(path: Path) -> dict[str | None, Path]:
@@ -283,7 +311,6 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         >>> model = read("my_adapter/")   # doctest: +SKIP
     """
     path = Path(path)
-    tree = sdxl_tree()
     groups: dict[str, dict[str, Tensor]] = {}
     configs: dict[str, dict[str, Any]] = {}
     unrecognized: list[str] = []
@@ -294,14 +321,14 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         sources = []
         for component, directory in directories.items():
             tensors, _ = read_state_dict(_weights_file(directory))
-            sources.append((component, _strip_prefix(tensors), _load_config(directory)))
+            sources.append((component, tensors, _load_config(directory)))
     else:
         tensors, metadata = read_state_dict(path)
         from_metadata = metadata_configs(metadata, path)
-        sources = [(None, _strip_prefix(tensors), from_metadata.get("", {}))]
+        sources = [(None, tensors, from_metadata.get("", {}))]
         configs.update({c: v for c, v in from_metadata.items() if c})
     for component, tensors, config in sources:
-        found, skipped = _read_component(tensors, component, tree, path)
+        found, skipped = group_keys(tensors, _peft_parser(component), path)
         unrecognized += skipped
         for name, module_tensors in found.items():
             if name in groups:
