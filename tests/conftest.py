@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.ms_ckpt",
     "tests.fixtures.mindone",
     "tests.fixtures.torch_lora",
+    "tests.fixtures.lycoris",
 ]

@@ -36,8 +36,9 @@ SHOWN = 3  # modules named in a message
 # same order makes the data section, and so kohya's ``sshs_model_hash``, identical to the source's.
 SAFETENSORS_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
                            "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
-# Metadata keys holding sha256 of the data section (kohya's ``precalculate_safetensors_hashes``),
-# recomputed on write; the legacy hash covers header bytes too, so it cannot survive a rewrite.
+# Metadata keys holding sha256 of the data section (A1111's "addnet" hash, kohya's
+# ``precalculate_safetensors_hashes``): recomputed for the file written, keeping the value's "0x" style.
+# The legacy hash covers header bytes too, so it cannot survive a rewrite and is dropped.
 DATA_HASH_KEYS = ("sshs_model_hash", "modelspec.hash_sha256")
 STALE_KEYS = ("sshs_legacy_hash",)
 MODELSPEC_DEFAULTS = {
@@ -251,8 +252,8 @@ def file_metadata(model: LoraModel, tensors: Mapping[str, Tensor]) -> dict[str, 
         digest = hashlib.sha256()
         for t in tensors.values():
             digest.update(t.data)
-        metadata.update({key: "0x" + digest.hexdigest() if key.startswith("modelspec") else digest.hexdigest()
-                         for key in DATA_HASH_KEYS if key in metadata})
+        for key in (k for k in DATA_HASH_KEYS if k in metadata):
+            metadata[key] = ("0x" if metadata[key].startswith("0x") else "") + digest.hexdigest()
     return metadata
 
 

@@ -147,13 +147,14 @@ def lycoris_tensors(module: LoraModule) -> dict[str, Tensor]:
 
 # The reader/writer pair as the converter registry calls it.
 def detect(path: str | os.PathLike) -> bool:
-    """A state-dict file with LyCORIS-only keys: a ``lycoris_`` prefix, LoHa/LoKr factors or a Tucker mid."""
+    """A state-dict file with LyCORIS-only keys: a ``lycoris_`` prefix, LoHa/LoKr factors, a Tucker mid,
+    or an algorithm lorabridge has no kind for (so that the reader can say so)."""
     from ..io.torch_file import state_dict_keys
 
     found = state_dict_keys(path)
     if not found:
         return False
-    only_lycoris = tuple("." + s for s in (*LOHA_SUFFIXES, *LOKR_SUFFIXES, LORA_MID))
+    only_lycoris = tuple("." + s for s in (*LOHA_SUFFIXES, *LOKR_SUFFIXES, LORA_MID, *UNSUPPORTED))
     return any(k.startswith("lycoris_") or k.endswith(only_lycoris) for k in found[0])
 
 

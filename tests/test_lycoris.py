@@ -1,0 +1,164 @@
+"""LyCORIS files written by lycoris-lora on the tiny SDXL pipeline convert correctly, and back.
+
+Inputs come from lycoris-lora 4.1.3 itself (tests/fixtures/lycoris.py): LoRA/LoCon, LoHa, LoKr,
+DoRA with the magnitude on either axis, Tucker variants, ``lora_unet_``/``lora_te1_``/``lora_te2_``
+and ``lycoris_`` prefixes, fp32/fp16/bf16. For every module lycoris created, the layer it adapts
+(taken from the module object, not its name) must be in the neutral file under its diffusers name,
+and running the layer with the neutral weights must give what the layer gives with the LyCORIS
+module applied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("lycoris")
+pytestmark = pytest.mark.torch
+
+from lorabridge.converters import convert  # noqa: E402
+from lorabridge.errors import LoraBridgeError  # noqa: E402
+from lorabridge.formats.neutral import read_neutral  # noqa: E402
+from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
+from lorabridge.math import dora_weight  # noqa: E402
+from tests.fixtures.lycoris import layer_input, load_torch_components  # noqa: E402
+
+EPS = float(np.finfo(np.float32).eps)
+
+CASES = {  # id -> (algo, prefix, lycoris options)
+    "lora": ("lora", "lora_unet", {}),
+    "loha": ("loha", "lora_unet", {}),
+    "lokr": ("lokr", "lora_unet", {"factor": 4}),
+    "lokr-decompose-both-bf16": ("lokr", "lora_unet", {"factor": 8, "decompose_both": True, "dtype": "bfloat16"}),
+    "dora-out": ("lora", "lora_unet", {"dora_wd": True}),
+    "dora-in": ("lora", "lora_unet", {"dora_wd": True, "wd_on_output": False}),
+    "loha-dora-in-fp16": ("loha", "lora_unet", {"dora_wd": True, "wd_on_output": False, "dtype": "float16"}),
+    "loha-tucker": ("loha", "lora_unet", {"use_tucker": True}),
+    "lokr-tucker": ("lokr", "lora_unet", {"factor": 4, "use_tucker": True}),
+    "lycoris-lora": ("lora", "lycoris", {}),
+    "lycoris-loha": ("loha", "lycoris", {}),
+    "lycoris-lokr-fp16": ("lokr", "lycoris", {"factor": 4, "dtype": "float16"}),
+}
+
+
+def effective_weight(module, layer) -> np.ndarray:
+    """The weight the neutral module gives the layer: W + delta W, or DoRA's rescaled W + delta W."""
+    w = layer.weight.detach().numpy()
+    delta = module.delta_weight().reshape(w.shape)
+    if module.dora_axis:
+        return dora_weight(w, delta, module.tensors["dora_scale"].to_float32(), module.dora_axis, eps=EPS)
+    return w + delta
+
+
+def run_layer(layer, weight: np.ndarray, x):
+    w = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding)
+    return torch.nn.functional.linear(x, w, layer.bias)
+
+
+def assert_same_outputs(model, case):
+    """Every lycoris module's layer output equals the layer run with the neutral module's weight."""
+    assert set(model.modules) == set(case.modules)
+    worst = 0.0
+    with torch.no_grad():
+        for name, lyco in case.modules.items():
+            layer, x = case.layers[name], layer_input(case.layers[name])
+            expected = lyco(x)
+            got = run_layer(layer, effective_weight(model.modules[name], layer), x)
+            worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_lycoris_files_convert_to_neutral_modules_computing_what_lycoris_computes(case_id, lycoris_file, tmp_path):
+    algo, prefix, options = CASES[case_id]
+    case = lycoris_file(algo, prefix, **options)
+    result = convert(case.path, tmp_path / "neutral.safetensors", to="neutral", progress=False)
+    # A LyCORIS LoRA/LoCon under lora_unet_ keys is a kohya file (diffusers spelling): either reader gives this model.
+    assert result.source_format == ("kohya" if (algo, prefix) == ("lora", "lora_unet") and "use_tucker" not in options else "lycoris")
+    model = read_neutral(result.output, verify_hash=True)
+    kinds = {"lora": "lora", "loha": "loha", "lokr": "lokr"}
+    assert set(model.summary()["kinds"]) == {kinds[algo]}
+    if "dora_wd" in options:
+        axis = "out" if options.get("wd_on_output", True) else "in"
+        assert {m.dora_axis for m in model.modules.values()} == {axis}
+    if prefix == "lora_unet":  # create_network adapted both text encoders too
+        assert set(model.components) == {"unet", "text_encoder", "text_encoder_2"}
+    assert model.training["ss_algo"] == algo
+    assert_same_outputs(model, case)
+
+
+def test_tucker_locon_converts_with_its_mid_folded_and_a_warning(lycoris_file, tmp_path):
+    case = lycoris_file("lora", use_tucker=True)
+    result = convert(case.path, tmp_path / "neutral.safetensors", to="neutral", progress=False)
+    assert any("folded the Tucker lora_mid" in w for w in result.warnings)
+    assert_same_outputs(read_neutral(result.output), case)
+
+
+@pytest.mark.parametrize("case_id", ["loha", "lokr-tucker", "dora-in", "loha-dora-in-fp16", "lokr-decompose-both-bf16"])
+def test_lycoris_to_neutral_to_lycoris_is_bit_exact(case_id, lycoris_file, tmp_path):
+    algo, prefix, options = CASES[case_id]
+    case = lycoris_file(algo, prefix, **options)
+    neutral = convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False).output
+    back = convert(neutral, tmp_path / "back.safetensors", to="lycoris", progress=False).output
+    original, original_meta = read_safetensors(case.path)
+    written, written_meta = read_safetensors(back)
+    assert set(written) == set(original)
+    assert all(written[k].same_as(original[k]) for k in original)
+    assert {k: v for k, v in written_meta.items() if k.startswith("ss_")} == \
+           {k: v for k, v in original_meta.items() if k.startswith("ss_")}
+
+
+def test_lycoris_prefix_is_written_back_as_lora_unet(lycoris_file, tmp_path):
+    case = lycoris_file("loha", "lycoris")
+    neutral = convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False).output
+    back = convert(neutral, tmp_path / "back.safetensors", to="lycoris", progress=False).output
+    original, _ = read_safetensors(case.path)
+    written, _ = read_safetensors(back)
+    assert {"lora_unet_" + k[len("lycoris_"):] for k in original} == set(written)
+    assert all(written["lora_unet_" + k[len("lycoris_"):]].same_as(t) for k, t in original.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", ["loha", "lokr", "dora-out"])
+def test_our_lycoris_export_loads_in_lycoris_and_computes_the_same(case_id, lycoris_file, tiny_sdxl_dir, tmp_path):
+    """lycoris' create_network_from_weights rebuilds every module from our file, with the same outputs.
+
+    (lycoris 4.1.3 rebuilds DoRA modules with wd_on_out=True whatever the file says, so it cannot
+    reload its own ``wd_on_output=False`` files; the "in" axis is checked by conversion above.)
+    """
+    from lycoris.kohya import create_network_from_weights
+
+    algo, prefix, options = CASES[case_id]
+    case = lycoris_file(algo, prefix, **options)
+    neutral = convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False).output
+    ours = convert(neutral, tmp_path / "ours.safetensors", to="lycoris", progress=False).output
+    models = load_torch_components(tiny_sdxl_dir)
+    encoders = [models["text_encoder"], models["text_encoder_2"]]
+    network, _ = create_network_from_weights(1.0, str(ours), None, encoders, models["unet"])
+    network.apply_to(encoders, models["unet"], True, True)
+    reloaded = {m.lora_name: m for m in network.loras}
+    assert set(reloaded) == {m.lora_name for m in case.modules.values()}
+    with torch.no_grad():
+        for original in case.modules.values():
+            x = layer_input(original.org_module[0])
+            torch.testing.assert_close(reloaded[original.lora_name](x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_kohya_network_with_the_attn_only_preset_adapts_no_diffusers_unet_layer(tiny_sdxl_dir):
+    """FORMATS.md: the built-in attn-only preset names LDM classes (CrossAttention); diffusers has Attention."""
+    from lycoris.kohya import create_network
+
+    models = load_torch_components(tiny_sdxl_dir)
+    network = create_network(1.0, 4, 1.0, None, [models["text_encoder"], models["text_encoder_2"]], models["unet"],
+                             preset="attn-only")
+    assert network.unet_loras == [] and len(network.text_encoder_loras) > 0
+
+
+def test_unsupported_lycoris_algorithms_are_refused_by_name(lycoris_file, tmp_path):
+    case = lycoris_file("ia3")
+    with pytest.raises(LoraBridgeError, match="LyCORIS IA3 modules have no neutral kind"):
+        convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False)
+    assert not (tmp_path / "n.safetensors").exists()
