@@ -1,0 +1,163 @@
+"""Every key of our kohya (and LyCORIS) export is one ComfyUI loads, onto the right SDXL weight.
+
+ComfyUI is not installable offline, so its SDXL key-matching rules are restated here as data,
+read from ``comfy/lora.py`` (``model_lora_keys_unet``, ``model_lora_keys_clip``, ``load_lora``) and
+``comfy/utils.py`` (``unet_to_diffusers``) of comfyanonymous/ComfyUI:
+
+- UNet: ``lora_unet_<SGM weight path, dots as _>`` for every weight of ComfyUI's (SGM) SDXL model,
+  plus ``lora_unet_<diffusers path>`` and ``lycoris_<diffusers path>`` through ``unet_to_diffusers``.
+- CLIP: ``lora_te1_text_model_encoder_layers_<b>_<layer>`` (clip_l) and ``lora_te2_...`` (clip_g, when
+  clip_l is present, as in SDXL) for the six layers of ``LORA_CLIP_MAP``; ``lora_te2_text_projection``.
+- Per module ``load_lora`` reads ``.alpha``, ``.dora_scale``, ``.lora_up/down/mid.weight``, LoHa
+  ``hada_*`` and LoKr ``lokr_*`` factors, multiplying the ``*_a`` @ ``*_b`` pairs with ``torch.mm``
+  (so they must be 2-D); any other key is "lora key not loaded".
+
+The SDXL model facts the rules run on (blocks, depths, where resamplers and conv shortcuts exist)
+are spelled out below, independent of lorabridge's naming code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lorabridge.formats import kohya, lycoris
+from lorabridge.io.safetensors_file import read_safetensors
+from lorabridge.model import LoraModel, LoraModule
+from lorabridge.naming.sdxl_tree import sdxl_module_types, sdxl_modules
+from lorabridge.tensor import Tensor
+
+# --- ComfyUI's rules, restated -------------------------------------------------------------------
+# unet_to_diffusers tables: SGM layer -> diffusers layer inside a resnet, an attention, a transformer block.
+RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+          "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+ATTENTION = ("norm", "proj_in", "proj_out")
+TRANSFORMER_BLOCK = ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+       "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+       "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+# model_lora_keys_clip: LORA_CLIP_MAP, per encoder layer.
+CLIP_LAYERS = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+               "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+               "self_attn.out_proj": "self_attn_out_proj"}
+# load_lora: the per-module suffixes it consumes.
+LOADED_SUFFIXES = {"alpha", "dora_scale", "reshape_weight", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
+                   "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                   "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+MM_FACTORS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1_a", "lokr_w1_b"}  # torch.mm operands
+
+# --- SDXL-base, as ComfyUI's SDXL config describes it ----------------------------------------------
+RES_BLOCKS = 2
+DOWN_DEPTHS = (0, 2, 10)  # transformer blocks per attention, per down level (level 0 has no attention)
+UP_DEPTHS = (10, 2, 0)
+MID_DEPTH = 10
+CLIP_DEPTHS = {"text_encoder": ("lora_te1", 12), "text_encoder_2": ("lora_te2", 32)}
+# Resnets whose channel count changes, so they have a conv_shortcut: the first of down levels 1 and 2, all up ones.
+SHORTCUTS = {("down", 1, 0), ("down", 2, 0)} | {("up", level, i) for level in range(3) for i in range(3)}
+
+
+def sdxl_sgm_to_diffusers() -> dict[str, str]:
+    """SGM weight path -> diffusers path, for every weight ComfyUI's SDXL UNet has (unet_to_diffusers, restated)."""
+    table = dict(TOP)
+
+    def resnet(sgm: str, diffusers: str, has_shortcut: bool):
+        table.update({f"{sgm}.{s}": f"{diffusers}.{d}" for s, d in RESNET.items() if d != "conv_shortcut" or has_shortcut})
+
+    def attention(sgm: str, diffusers: str, depth: int):
+        table.update({f"{sgm}.{layer}": f"{diffusers}.{layer}" for layer in ATTENTION})
+        table.update({f"{sgm}.transformer_blocks.{t}.{layer}": f"{diffusers}.transformer_blocks.{t}.{layer}"
+                      for t in range(depth) for layer in TRANSFORMER_BLOCK})
+
+    for level, depth in enumerate(DOWN_DEPTHS):
+        for i in range(RES_BLOCKS):
+            block = 1 + level * (RES_BLOCKS + 1) + i
+            resnet(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{i}", ("down", level, i) in SHORTCUTS)
+            if depth:
+                attention(f"input_blocks.{block}.1", f"down_blocks.{level}.attentions.{i}", depth)
+        if level < len(DOWN_DEPTHS) - 1:  # the last level does not downsample
+            table[f"input_blocks.{(level + 1) * (RES_BLOCKS + 1)}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+    resnet("middle_block.0", "mid_block.resnets.0", False)
+    attention("middle_block.1", "mid_block.attentions.0", MID_DEPTH)
+    resnet("middle_block.2", "mid_block.resnets.1", False)
+    for level, depth in enumerate(UP_DEPTHS):
+        for i in range(RES_BLOCKS + 1):
+            block = level * (RES_BLOCKS + 1) + i
+            resnet(f"output_blocks.{block}.0", f"up_blocks.{level}.resnets.{i}", True)
+            if depth:
+                attention(f"output_blocks.{block}.1", f"up_blocks.{level}.attentions.{i}", depth)
+            if i == RES_BLOCKS and level < len(UP_DEPTHS) - 1:  # the last level does not upsample
+                table[f"output_blocks.{block}.{2 if depth else 1}.conv"] = f"up_blocks.{level}.upsamplers.0.conv"
+    return table
+
+
+def comfyui_key_map() -> dict[str, str]:
+    """LoRA key stem ComfyUI recognises -> the diffusers name of the SDXL weight it patches."""
+    sgm = sdxl_sgm_to_diffusers()
+    keys = {"lora_unet_" + s.replace(".", "_"): f"unet.{d}" for s, d in sgm.items()}
+    keys |= {f"{prefix}_{d.replace('.', '_')}": f"unet.{d}" for d in sgm.values() for prefix in ("lora_unet", "lycoris")}
+    for component, (prefix, depth) in CLIP_DEPTHS.items():
+        keys |= {f"{prefix}_text_model_encoder_layers_{b}_{short}": f"{component}.text_model.encoder.layers.{b}.{layer}"
+                 for b in range(depth) for layer, short in CLIP_LAYERS.items()}
+    keys["lora_te2_text_projection"] = "text_encoder_2.text_projection"
+    return keys
+
+
+# --- what we export --------------------------------------------------------------------------------
+def every_sdxl_layer(kind: str = "lora") -> LoraModel:
+    """A rank-1 module on every Linear and Conv2d of SDXL-base's UNet and both text encoders."""
+    rng = np.random.default_rng(0)
+    model = LoraModel()
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        types = sdxl_module_types(component)
+        for path, shape in sdxl_modules(component).items():
+            if types[path] not in ("Linear", "Conv2d") or "embeddings" in path:
+                continue
+            out, inp, *kernel = shape
+            if kind == "lora":
+                t = {"lora_A.weight": (1, inp, *kernel), "lora_B.weight": (out, 1, *([1, 1] if kernel else []))}
+            else:
+                t = {"hada_w1_a": (out, 1), "hada_w1_b": (1, inp, *kernel), "hada_w2_a": (out, 1), "hada_w2_b": (1, inp, *kernel)}
+            tensors = {r: Tensor.from_numpy(rng.standard_normal(s).astype("f2")) for r, s in t.items()}
+            model.add(LoraModule(f"{component}.{path}", kind, tensors, alpha=1.0))
+    return model
+
+
+def stems_and_suffixes(path) -> list[tuple[str, str, Tensor]]:
+    tensors, _ = read_safetensors(path)
+    return [(*key.split(".", 1), t) for key, t in tensors.items()]
+
+
+def test_the_restated_unet_table_covers_every_sdxl_unet_weight():
+    """Sanity of the restatement itself: it names exactly SDXL-base's UNet weights (2,000+), no more."""
+    assert set(sdxl_sgm_to_diffusers().values()) == set(sdxl_modules("unet"))
+
+
+def test_every_key_of_a_kohya_export_is_loaded_by_comfyui_onto_the_layer_it_came_from(tmp_path):
+    model = every_sdxl_layer()
+    kohya.write(model, tmp_path / "k.safetensors")
+    key_map, seen = comfyui_key_map(), set()
+    roles = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+    for stem, suffix, tensor in stems_and_suffixes(tmp_path / "k.safetensors"):
+        assert suffix in LOADED_SUFFIXES, f"{stem}.{suffix}: lora key not loaded"
+        assert stem in key_map, f"{stem}: ComfyUI has no such key"
+        target = key_map[stem]  # the SDXL weight ComfyUI patches with it: must be where the factors came from
+        if suffix in roles:
+            assert tensor.same_as(model.modules[target].tensors[roles[suffix]]), f"{stem} patches {target}"
+        seen.add(target)
+    loadable = set(key_map.values())
+    assert seen == {m for m in model.modules if m in loadable}
+    # ComfyUI loads every UNet layer, and the text-encoder layers it knows (q/k/v/out, fc1/fc2, text_projection).
+    assert {m for m in model.modules if m.startswith("unet.")} <= seen
+    assert len([m for m in seen if m.startswith("text_encoder.")]) == 12 * 6
+    assert len([m for m in seen if m.startswith("text_encoder_2.")]) == 32 * 6 + 1
+
+
+def test_a_lycoris_loha_export_is_loaded_by_comfyui_with_2d_factors(tmp_path):
+    model = every_sdxl_layer("loha")
+    lycoris.write(model, tmp_path / "l.safetensors")
+    key_map = comfyui_key_map()
+    for stem, suffix, tensor in stems_and_suffixes(tmp_path / "l.safetensors"):
+        assert suffix in LOADED_SUFFIXES and stem in key_map, f"{stem}.{suffix}"
+        if suffix in MM_FACTORS:
+            assert len(tensor.shape) == 2, f"{stem}.{suffix} {tensor.shape}: torch.mm needs a matrix"
