@@ -324,8 +324,12 @@ def test_neutral2ms_command_with_all_options(run_cli, tiny_ckpt, tmp_path):
 
 def test_ms2neutral_explains_what_a_non_mindone_file_is(run_cli, tmp_path, neutral_file):
     result = run_cli("ms2neutral", neutral_file, "-o", tmp_path / "x.safetensors")
-    assert result.exit_code == 1
-    assert "format='pt', not one written by MindSpore/MindONE" in result.output
+    assert result.exit_code == 1 and "already a neutral LoRA file" in result.output
+    from safetensors.numpy import save_file
+
+    save_file({"unet.conv_in.lora_A.weight": np.zeros((4, 4, 3, 3), "f4")}, tmp_path / "pt.safetensors", {"format": "pt"})
+    result = run_cli("ms2neutral", tmp_path / "pt.safetensors", "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 1 and "format='pt', not one written by MindSpore/MindONE" in result.output
     empty = write_ckpt({"model.diffusion_model.out.2.weight": np.zeros((4, 4), "f4")}, tmp_path / "base.ckpt")
     result = run_cli("ms2neutral", empty, "-o", tmp_path / "y.safetensors")
     assert result.exit_code == 1 and "no LoRA tensor in any MindONE naming" in result.output

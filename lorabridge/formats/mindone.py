@@ -36,6 +36,7 @@ from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_checkpoint, read_ms_checkpoint, read_ms_safetensors,
                           write_ms_checkpoint, write_ms_safetensors)
 from ..io.safetensors_file import SafetensorsFile
+from ..manifest import MANIFEST_KEY
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
 from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
@@ -234,11 +235,14 @@ def why_not_mindone(path: str | os.PathLike) -> str:
     container = container_of(path)
     if container is None:
         try:
-            fmt = SafetensorsFile(path).metadata.get("format")
+            metadata = SafetensorsFile(path).metadata
         except LoraBridgeError:
             read_ms_checkpoint(path)  # raises the container's precise error
             return "not a MindSpore checkpoint"
-        return f"a safetensors file with format={fmt!r}, not one written by MindSpore/MindONE: use pt2neutral or convert"
+        if MANIFEST_KEY in metadata:
+            return "already a neutral LoRA file (neutral2ms writes MindONE files from it)"
+        return (f"a safetensors file with format={metadata.get('format')!r}, not one written by MindSpore/MindONE: "
+                "use pt2neutral or convert")
     _, tensors, _ = _read_container(path)
     sample = ", ".join(list(tensors)[:3]) or "none"
     return (f"a MindSpore {container} file with {len(tensors)} tensor(s) but no LoRA tensor in any MindONE naming "
