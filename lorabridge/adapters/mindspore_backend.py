@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -105,7 +107,8 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
     if base.single_file:
         raise LoraBridgeError("the mindspore backend needs a diffusers pipeline directory, not a single file", base.path)
     setup(resolve_device(device))
-    from mindone.diffusers import StableDiffusionXLPipeline
+    with contextlib.redirect_stdout(sys.stderr):  # mindone prints import-time notices; stdout is for results
+        from mindone.diffusers import StableDiffusionXLPipeline
 
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, _DTYPES[dtype]))

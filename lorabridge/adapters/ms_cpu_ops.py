@@ -56,16 +56,17 @@ def _zeros_like(input, *, dtype=None):
     return ops.zeros_like(input, dtype=dtype)
 
 
-# MindSpore kernel without a CPU implementation -> (module, attribute) of its Python entry point, CPU replacement.
-REROUTES: dict[str, tuple[str, str, Callable[..., Any]]] = {
-    "GeluExt": ("mindspore.ops.functional_overload", "gelu", _gelu),
-    "Conv2DExt": ("mindspore.ops.auto_generate.gen_ops_prim", "conv2d_ext_op", _conv2d),
-    "LayerNormExt": ("mindspore.ops.function.nn_func", "layer_norm", _layer_norm),
-    "Arange": ("mindspore.ops.function.array_func", "arange_ext", _arange),
-    "ZerosLikeExt": ("mindspore.ops.function.array_func", "zeros_like_ext", _zeros_like),
-}
+# (MindSpore kernel without a CPU implementation, module holding a Python entry point to it, attribute, CPU replacement)
+REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
+    ("GeluExt", "mindspore.ops.functional_overload", "gelu", _gelu),
+    ("Conv2DExt", "mindspore.ops.auto_generate.gen_ops_prim", "conv2d_ext_op", _conv2d),  # mint.nn.Conv2d
+    ("Conv2DExt", "mindspore.ops.functional_overload", "conv2d", _conv2d),  # mint.nn.functional.conv2d
+    ("LayerNormExt", "mindspore.ops.function.nn_func", "layer_norm", _layer_norm),
+    ("Arange", "mindspore.ops.function.array_func", "arange_ext", _arange),
+    ("ZerosLikeExt", "mindspore.ops.function.array_func", "zeros_like_ext", _zeros_like),
+)
 
-_applied: dict[str, Any] = {}
+_applied: dict[tuple[str, str], Any] = {}  # (module, attribute) -> the original, once rebound
 
 
 def _rebind(original: Any, replacement: Callable[..., Any]) -> int:
@@ -84,15 +85,14 @@ def _rebind(original: Any, replacement: Callable[..., Any]) -> int:
 def apply() -> list[str]:
     """Reroute every op of :data:`REROUTES` (idempotent); returns the kernel names rerouted.
 
-    Import mindone before calling it, so the names mindone bound at import time are rebound too;
-    models built afterwards pick up the replacements.
+    Call it before models are built: names already bound to an op (``from ... import gelu``) are
+    rebound, and modules imported later import the replacement from MindSpore's own modules.
     """
     import mindspore  # noqa: F401  (the modules below must be loaded)
 
-    for kernel, (module_name, attr, replacement) in REROUTES.items():
-        if kernel in _applied:
-            continue
-        original = getattr(importlib.import_module(module_name), attr)
-        _rebind(original, replacement)
-        _applied[kernel] = original
-    return list(_applied)
+    for _, module_name, attr, replacement in REROUTES:
+        if (module_name, attr) not in _applied:
+            original = getattr(importlib.import_module(module_name), attr)
+            _rebind(original, replacement)
+            _applied[module_name, attr] = original
+    return sorted({kernel for kernel, *_ in REROUTES})
