@@ -7,6 +7,11 @@ since diffusers 0.34 when asked, ``lora_adapter_metadata``: one LoraConfig per c
 with prefixed fields (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``...). Without
 that metadata the file has no alpha, and diffusers assumes alpha = rank.
 
+diffusers' own training scripts save attention layers in the old spelling (``...to_q.lora.down.weight``,
+``...q_proj.lora_linear_layer.down.weight``) and other layers in PEFT spelling, in one file: the
+reader takes both. The writer uses PEFT spelling, except for a text encoder whose LoRA has no
+attention projection: diffusers 0.35 cannot load that in PEFT spelling, so it gets the old one.
+
 Files for other pipelines use the same grammar with other components (``transformer.`` for
 SD3 and Flux); they are read so that the checks can say which model they belong to.
 """
@@ -22,6 +27,7 @@ from ..errors import LoraBridgeError
 from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, state_dict_keys
 from ..model import LoraModel
+from ..tensor import Tensor
 from .checks import check_model, writable_lora
 from .neutral import adapter_metadata
 from . import legacy_diffusers
@@ -60,6 +66,29 @@ def parse(key: str) -> Parsed | None:
         return (*placed, found[1], found[2])
     old = legacy_diffusers.parse_key(key)
     return (*old, None) if old else None
+
+
+# diffusers (0.35) round-trips a text encoder's keys through its old spelling on load and cannot tell
+# the spelling of a state dict that has none of these layers: such components are written the old way.
+TEXT_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+
+
+def _old_spelling_components(model: LoraModel) -> set[str]:
+    """Text encoders whose LoRA has no attention projection (only MLP layers, say)."""
+    components = {m.component for m in model.modules.values() if m.component.startswith("text_encoder")}
+    return {c for c in components if not any(m.component == c and m.name.endswith(TEXT_ATTENTION)
+                                             for m in model.modules.values())}
+
+
+def _keyed(model: LoraModel) -> dict[str, Tensor]:
+    """Tensors under diffusers keys: PEFT spelling, old spelling for the components above."""
+    old = _old_spelling_components(model)
+    tensors = {}
+    for m in model.modules.values():
+        for role, tensor in peft_tensors(m).items():
+            spelled_old = m.component in old and role in legacy_diffusers.FACTOR_SUFFIXES
+            tensors[legacy_diffusers.spell(m, role) if spelled_old else f"{m.name}.{role}"] = tensor
+    return tensors
 
 
 def training_metadata(model: LoraModel) -> dict[str, str]:
@@ -105,7 +134,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     if Path(path).suffix.lower() in TORCH_SUFFIXES:
         raise LoraBridgeError("the diffusers format keeps alpha in safetensors metadata; name the output .safetensors", path)
     model = writable_lora(model, path, target="diffusers", **options)
-    tensors = {f"{m.name}.{role}": t for m in model.modules.values() for role, t in peft_tensors(m).items()}
+    tensors = _keyed(model)
     metadata: dict[str, Any] = {**training_metadata(model), "format": "pt",
                                 "lora_adapter_metadata": json.dumps(adapter_metadata(model), separators=(",", ":"))}
     write_safetensors(path, tensors, metadata, progress=progress)
