@@ -32,7 +32,7 @@ def torch_formats() -> list[str]:
 
 def why_undetected(path: Path, tried: Iterable[str]) -> str:
     """Why none of the ``tried`` formats accepts the file at ``path``, as specifically as can be said cheaply."""
-    from ..io.torch_file import container_of, state_dict_keys
+    from ..io.torch_file import container_of, read_state_dict, state_dict_keys
 
     tried = ", ".join(tried)
     if path.is_file() and path.stat().st_size == 0:
@@ -44,6 +44,11 @@ def why_undetected(path: Path, tried: Iterable[str]) -> str:
             return "a MindSpore checkpoint, not a PyTorch-world file: use ms2neutral"
         return f"neither safetensors nor a torch pickle (tried: {tried})"
     found = state_dict_keys(path) if path.is_file() else None
+    if found is None and path.is_file():
+        try:
+            read_state_dict(path)
+        except LoraBridgeError as exc:  # the container's own reason: a refused pickle, a broken archive...
+            return exc.message
     if found is None:
         return f"not a LoRA file or adapter directory in any of: {tried}"
     keys = found[0]
