@@ -323,3 +323,24 @@ def test_loha_needs_baking_for_plain_lora_formats(tmp_path):
         diffusers.write(model, tmp_path / "baked.safetensors", bake_to_lora=8)
     assert any("baked 1 module(s)" in str(w.message) for w in caught)
     assert read_safetensors(tmp_path / "baked.safetensors")[0]["unet.mid_block.attentions.0.proj_in.lora_A.weight"].shape == (8, 1280)
+
+
+def test_broken_configs_and_magnitudes_are_one_line_errors(tmp_path):
+    model = make_lora_model()
+    tensors = {f"{m.name}.{r}": t for m in model.modules.values() for r, t in m.tensors.items()}
+    write_safetensors(tmp_path / "bad_alpha.safetensors", tensors, {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": "eight"})})
+    with pytest.raises(LoraBridgeError, match="unusable alpha for unet.* in the LoRA config"):
+        diffusers.read(tmp_path / "bad_alpha.safetensors")
+    write_safetensors(tmp_path / "bad_json.safetensors", tensors, {"lora_adapter_metadata": "{not json"})
+    with pytest.raises(LoraBridgeError, match="lora_adapter_metadata is not JSON"):
+        diffusers.read(tmp_path / "bad_json.safetensors")
+    q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    magnitude = {f"{q}.lora_magnitude_vector": Tensor.from_numpy(np.ones(7, np.float32))}
+    write_safetensors(tmp_path / "bad_dora.safetensors", {**tensors, **magnitude})
+    with pytest.raises(LoraBridgeError, match="DoRA magnitude has 7 values, expected 640"):
+        diffusers.read(tmp_path / "bad_dora.safetensors")
+
+
+def test_a_pattern_that_is_no_regex_is_taken_literally():
+    assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_q(", 4) == 2
+    assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_k", 4) == 4

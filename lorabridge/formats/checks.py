@@ -68,6 +68,11 @@ def _role_problems(module: LoraModule) -> list[str]:
         a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
         if len(a) not in (2, 4) or len(b) != len(a) or a[0] != b[1]:
             problems.append(f"{module.name}: rank mismatch, lora_A is {list(a)} but lora_B is {list(b)}")
+    if not problems and "dora_scale" in module.tensors:
+        size = {"out": module.out_features, "in": module.in_features}.get(module.dora_axis)
+        if size != module.tensors["dora_scale"].numel:
+            problems.append(f"{module.name}: DoRA magnitude has {module.tensors['dora_scale'].numel} values, "
+                            f"expected {size} (axis {module.dora_axis})")
     return problems
 
 

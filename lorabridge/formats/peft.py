@@ -112,7 +112,11 @@ def pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
         8
     """
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", path):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", path)
+        except re.error:  # not a regex (PEFT would fail): take it literally
+            hit = path == key or path.endswith("." + key)
+        if hit:
             return pattern[key]
     return default
 
@@ -147,7 +151,10 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
             tensors["dora_scale"] = magnitude.reshaped((magnitude.numel, 1, *(1 for _ in kernel)))
             module.dora_axis = "out"
         rank = tensors["lora_A.weight"].shape[0] if "lora_A.weight" in tensors else 0
-        stored = alpha_of(name, rank) if rank else None
+        try:
+            stored = alpha_of(name, rank) if rank else None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise LoraBridgeError(f"unusable alpha for {name} in the LoRA config ({exc})", path) from None
         if stored is not None:
             module.alpha, module.alpha_source = stored, "stored"
         elif user_alpha is not None:
