@@ -69,15 +69,18 @@ def inspect(file: str, as_json: bool) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")
 @click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
-              help="Also write a random non-zero LoRA for it (neutral .safetensors) to this file.")
+              help="Also write a random non-zero LoRA for it: .ckpt as MindONE's SDXL trainer saves it, "
+                   ".safetensors as a neutral file.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
     """Build a tiny random-weight SDXL pipeline (diffusers layout) in OUT, offline and reproducibly.
 
     Same block names and transformer depths as SDXL-base at small widths; loads in diffusers and mindone.diffusers.
     """
-    from .tiny_sdxl import build_tiny_sdxl, write_tiny_lora
+    from .tiny_sdxl import build_tiny_sdxl, lora_file_format, write_tiny_lora
 
+    if lora:
+        lora_file_format(lora)
     path = build_tiny_sdxl(out, seed=seed, force=force)
     click.echo(f"tiny SDXL pipeline: {path}")
     if lora:

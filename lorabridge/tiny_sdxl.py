@@ -214,11 +214,24 @@ def make_tiny_lora(pipeline_dir: str | os.PathLike, rank: int = 4, alpha: float 
     return model
 
 
+# --make-lora output suffix -> registry format written: a neutral file, or what MindONE's SDXL trainer saves.
+LORA_FILE_FORMATS = {".safetensors": "neutral", ".ckpt": "mindone-sgm"}
+
+
 def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
-    """Write :func:`make_tiny_lora` for ``pipeline_dir`` as a neutral file at ``out``."""
-    from .formats.neutral import write_neutral
+    """Write :func:`make_tiny_lora` for ``pipeline_dir`` at ``out``: ``.safetensors`` as a neutral file,
+    ``.ckpt`` as a MindONE SDXL trainer checkpoint (SGM names, alpha folded into lora_B)."""
+    from .converters.registry import get_format
     from .io.atomic import check_output_path
 
     out = check_output_path(out, force)
-    write_neutral(make_tiny_lora(pipeline_dir, seed=seed), out)
+    get_format(lora_file_format(out)).load().write(make_tiny_lora(pipeline_dir, seed=seed), out)
     return out
+
+
+def lora_file_format(path: str | os.PathLike) -> str:
+    """The format :func:`write_tiny_lora` writes to ``path``, by suffix (checked before any work)."""
+    suffix = Path(path).suffix
+    if suffix not in LORA_FILE_FORMATS:
+        raise LoraBridgeError(f"LoRA file must end in {' or '.join(LORA_FILE_FORMATS)}", path)
+    return LORA_FILE_FORMATS[suffix]

@@ -93,3 +93,20 @@ def test_cli_builds_refuses_to_overwrite_and_writes_a_lora(run_cli, tmp_path):
     again = run_cli("make-tiny-sdxl", out)
     assert again.exit_code == 1 and "pass --force" in again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny-lora.safetensors"]  # no partial dirs left
+
+
+def test_cli_writes_a_mindone_checkpoint_lora_that_ms2neutral_reads_back(run_cli, tiny_sdxl_dir, tmp_path):
+    ckpt = tmp_path / "lora.ckpt"
+    result = run_cli("make-tiny-sdxl", tmp_path / "tiny", "--make-lora", ckpt)
+    assert result.exit_code == 0, result.output
+    assert run_cli("ms2neutral", ckpt, "-o", tmp_path / "lora.safetensors").exit_code == 0
+    back, original = read_neutral(tmp_path / "lora.safetensors"), make_tiny_lora(tiny_sdxl_dir)
+    assert back.summary()["per_component"] == original.summary()["per_component"]
+    for name in ("unet.mid_block.attentions.0.transformer_blocks.9.attn2.to_v", "text_encoder_2.text_model.encoder.layers.1.self_attn.k_proj"):
+        np.testing.assert_allclose(back.modules[name].delta_weight(), original.modules[name].delta_weight(), rtol=1e-6, atol=1e-7)
+
+
+def test_cli_refuses_an_unknown_lora_suffix_before_building(run_cli, tmp_path):
+    result = run_cli("make-tiny-sdxl", tmp_path / "tiny", "--make-lora", tmp_path / "lora.bin")
+    assert result.exit_code == 1 and "must end in .safetensors or .ckpt" in result.output
+    assert list(tmp_path.iterdir()) == []
