@@ -173,13 +173,16 @@ def state_dict_keys(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]
 
 
 def _to_torch(tensor: Tensor):
-    """A torch tensor holding a copy of the bytes (torch.save serializes it anyway)."""
+    """A torch tensor over the same bytes, no copy (torch.save only reads it; torch warns that the
+    memory-mapped buffer is read-only, which is the point)."""
     import torch
 
     dtype = getattr(torch, TORCH_DTYPE_NAMES[tensor.dtype])
     if not tensor.numel:
         return torch.empty(tensor.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(tensor.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
 
 
 def write_torch_file(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> None:
