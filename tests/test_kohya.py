@@ -323,3 +323,11 @@ def test_cli_refuses_loha_to_kohya_without_bake_in_one_line(tmp_path, run_cli):
     result = run_cli("neutral2pt", neutral, "--format", "kohya", "-o", tmp_path / "k.safetensors", "--bake-to-lora", "4")
     assert result.exit_code == 0, result.output
     assert "relative error" in result.output
+
+
+def test_top_level_unet_layers_are_written_with_a_warning_that_diffusers_cannot_load_them(tmp_path):
+    src = save_kohya(tmp_path / "src.safetensors", kohya_state_dict())
+    neutral = convert(src, tmp_path / "n.safetensors", to="neutral", progress=False).output
+    result = convert(neutral, tmp_path / "k.safetensors", to="kohya", progress=False)
+    [warning] = [w for w in result.warnings if "outside the down/mid/up blocks" in w]
+    assert "4 UNet layer(s)" in warning and "unet.conv_in" in warning and "--format diffusers" in warning

@@ -41,6 +41,9 @@ SAFETENSORS_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F1
 # The legacy hash covers header bytes too, so it cannot survive a rewrite and is dropped.
 DATA_HASH_KEYS = ("sshs_model_hash", "modelspec.hash_sha256")
 STALE_KEYS = ("sshs_legacy_hash",)
+# Where diffusers' kohya loader can place UNet layers: it maps only SGM input_blocks 1+, middle_block and
+# output_blocks, so conv_in (input_blocks.0), time/label embeddings and conv_out make it fail.
+UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 MODELSPEC_DEFAULTS = {
     "modelspec.sai_model_spec": "1.0.0",
     "modelspec.architecture": f"{SDXL_ARCHITECTURE}/lora",
@@ -324,8 +327,13 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
         >>> write(model, "sdxl_lora_kohya.safetensors")   # doctest: +SKIP
         []
     """
-    from .checks import writable_lora
+    from .checks import warn, writable_lora
 
     model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict)
     write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
+    outside = [m.name for m in model.modules.values() if m.component == "unet" and not m.path.startswith(UNET_BLOCKS)]
+    if outside:
+        warn(f"{path}: {len(outside)} UNet layer(s) outside the down/mid/up blocks ({', '.join(outside[:SHOWN])}"
+             f"{' ...' if len(outside) > SHOWN else ''}): ComfyUI and A1111 load them, diffusers' kohya loader "
+             "cannot; for diffusers write --format diffusers")
     return []
