@@ -147,14 +147,43 @@ def test_our_lycoris_export_loads_in_lycoris_and_computes_the_same(case_id, lyco
             torch.testing.assert_close(reloaded[original.lora_name](x), original(x), rtol=1e-5, atol=1e-5)
 
 
+# --- lycoris-lora 4.1.3 behaviour that the fixtures and docs/spec-lycoris-kinds.md rely on ---------
+
 def test_lycoris_kohya_network_with_the_attn_only_preset_adapts_no_diffusers_unet_layer(tiny_sdxl_dir):
-    """FORMATS.md: the built-in attn-only preset names LDM classes (CrossAttention); diffusers has Attention."""
+    """The built-in attn-only preset names LDM classes (CrossAttention); diffusers has Attention."""
     from lycoris.kohya import create_network
 
     models = load_torch_components(tiny_sdxl_dir)
     network = create_network(1.0, 4, 1.0, None, [models["text_encoder"], models["text_encoder_2"]], models["unet"],
                              preset="attn-only")
     assert network.unet_loras == [] and len(network.text_encoder_loras) > 0
+
+
+def test_lycoris_full_preset_fails_on_a_diffusers_sdxl_unet(tiny_sdxl_dir):
+    """time_embedding.linear_1 is a target by name and through the TimestepEmbedding class: named twice."""
+    from lycoris.kohya import create_network
+
+    models = load_torch_components(tiny_sdxl_dir)
+    with pytest.raises(AssertionError, match="duplicated lora name: lora_unet_time_embedding_linear_1"):
+        create_network(1.0, 4, 1.0, None, [models["text_encoder"], models["text_encoder_2"]], models["unet"], preset="full")
+
+
+def test_create_lycoris_ignores_the_unet_keys_of_built_in_presets(tiny_sdxl_dir):
+    from lycoris import create_lycoris
+
+    unet = load_torch_components(tiny_sdxl_dir)["unet"]
+    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=1.0, preset="attn-only")
+    linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(network.loras) >= len(linears)  # every Linear, not attention only
+
+
+def test_lycoris_cannot_reload_its_own_dora_files_with_magnitudes_per_input_column(lycoris_file, tiny_sdxl_dir):
+    from lycoris.kohya import create_network_from_weights
+
+    case = lycoris_file("lora", dora_wd=True, wd_on_output=False)
+    models = load_torch_components(tiny_sdxl_dir)
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        create_network_from_weights(1.0, str(case.path), None, [models["text_encoder"], models["text_encoder_2"]], models["unet"])
 
 
 def test_unsupported_lycoris_algorithms_are_refused_by_name(lycoris_file, tmp_path):
