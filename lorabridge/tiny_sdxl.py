@@ -98,8 +98,8 @@ def write_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TOKENIZER_MERGES) + "\n", "utf-8")
 
 
-def _components(seed: int) -> dict[str, Any]:
-    """The seeded torch modules and tokenizers of the pipeline (random init, eval mode)."""
+def _components(seed: int, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The seeded torch modules and tokenizers of the pipeline (random init); ``configs`` override the tiny sizes."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -110,12 +110,14 @@ def _components(seed: int) -> dict[str, Any]:
         # The pooled output is read at eos_token_id, so it must be the tokenizer's real id.
         return CLIPTextConfig(vocab_size=VOCAB_SIZE, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **config)
 
+    sizes = {name: {**default, **configs.get(name, {})} for name, default in (
+        ("unet", UNET_CONFIG), ("vae", VAE_CONFIG), ("text_encoder", TEXT_ENCODER_CONFIG), ("text_encoder_2", TEXT_ENCODER_2_CONFIG))}
     torch.manual_seed(seed)
     parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel(**UNET_CONFIG),
-        "vae": AutoencoderKL(**VAE_CONFIG),
-        "text_encoder": CLIPTextModel(text_config(TEXT_ENCODER_CONFIG)),
-        "text_encoder_2": CLIPTextModelWithProjection(text_config(TEXT_ENCODER_2_CONFIG)),
+        "unet": UNet2DConditionModel(**sizes["unet"]),
+        "vae": AutoencoderKL(**sizes["vae"]),
+        "text_encoder": CLIPTextModel(text_config(sizes["text_encoder"])),
+        "text_encoder_2": CLIPTextModelWithProjection(text_config(sizes["text_encoder_2"])),
         "scheduler": EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,12 +128,16 @@ def _components(seed: int) -> dict[str, Any]:
     return parts
 
 
-def build_tiny_sdxl(out: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
+def build_tiny_sdxl(out: str | os.PathLike, seed: int = 0, force: bool = False,
+                    configs: dict[str, dict[str, Any]] | None = None, half: bool = False) -> Path:
     """Write a tiny random SDXL pipeline (diffusers layout, safetensors) to ``out`` and return its path.
 
     The same ``seed`` gives the same weights bit for bit. The directory is assembled beside
-    ``out`` and renamed into place at the end, so a failure leaves nothing behind.
+    ``out`` and renamed into place at the end, so a failure leaves nothing behind. ``configs``
+    overrides component configs (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``), e.g. with
+    SDXL-base's real widths for a benchmark; ``half`` saves fp16 weights.
     """
+    import torch
     from diffusers import StableDiffusionXLPipeline
 
     out = Path(out)
@@ -139,7 +145,9 @@ def build_tiny_sdxl(out: str | os.PathLike, seed: int = 0, force: bool = False) 
         raise LoraBridgeError("output exists; pass --force to replace it", out)
     if not out.parent.exists():
         raise LoraBridgeError("output directory does not exist", out.parent)
-    pipe = StableDiffusionXLPipeline(**_components(seed))
+    pipe = StableDiffusionXLPipeline(**_components(seed, configs or {}))
+    if half:
+        pipe.to(torch.float16)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

@@ -102,12 +102,17 @@ def set_scheduler(pipe: Any, fw: Framework, name: str) -> None:
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
 
 
-def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Run the denoising loop from ``latents`` (a progress bar per step); (N, H, W, 3) uint8 images."""
+def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int],
+           on_step: Callable[..., dict] | None = None) -> np.ndarray:
+    """Run the denoising loop from ``latents`` (a progress bar per step); (N, H, W, 3) uint8 images.
+
+    ``on_step`` is the pipelines' ``callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs``.
+    """
     width, height = size
     pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
+    extra = {"callback_on_step_end": on_step} if on_step is not None else {}
     images = pipe(prompt=options.prompt, negative_prompt=options.negative_prompt, num_inference_steps=options.steps,
                   guidance_scale=options.guidance_scale, width=width, height=height,
                   num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
-                  generator=fw.generator(options.seed), output_type="np", return_dict=False)[0]
+                  generator=fw.generator(options.seed), output_type="np", return_dict=False, **extra)[0]
     return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -1,0 +1,187 @@
+"""What a LoRA costs at inference: load time and time per denoising step, base vs LoRA unfused vs fused.
+
+    python bench/infer_bench.py                          # tiny SDXL on CPU, torch and mindspore backends
+    python bench/infer_bench.py --model sdxl --device cuda --dtype fp16 --backends torch --size 1024
+
+Everything goes through lorabridge's own adapters (``load_pipeline`` + ``apply_lora``, i.e. what
+``infer`` does, checks included), one fresh process per backend. Numbers are medians over
+``--repeats`` runs, per-step times over every step but the first of each run; they are reported
+as ratios to the base model measured in the same run, and written to bench/RESULTS-infer.md.
+``--model sdxl`` builds SDXL-base's real sizes with random weights (no download; fp16 on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# SDXL-base 1.0's component sizes (its config.json files), for --model sdxl with random weights.
+SDXL_BASE = {
+    "unet": {"sample_size": 128, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+             "cross_attention_dim": 2048, "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+                     "projection_dim": 768},
+    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+                       "projection_dim": 1280},
+    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024},
+}
+VARIANTS = ("base", "lora unfused", "lora fused")
+
+
+def _sync(backend: str) -> None:
+    """Wait for queued device work, so a timestamp means the step is done."""
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        import mindspore as ms
+
+        ms.runtime.synchronize()
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Measure one backend in this process: base, LoRA unfused, LoRA fused; print and return the medians."""
+    from lorabridge.adapters.base_model import describe_base
+    from lorabridge.adapters.infer import load_backend
+    from lorabridge.adapters.latents import draw_latents
+    from lorabridge.adapters.options import InferOptions
+    from lorabridge.adapters.pipeline import apply_lora, sample, set_scheduler
+    from lorabridge.formats.neutral import read_neutral
+
+    backend = load_backend(args.worker)
+    base = describe_base(args.base)
+    lora = read_neutral(args.lora)
+    device = backend.resolve_device(args.device)
+    dtype = backend.resolve_dtype(args.dtype, device)
+    size = args.size or base.native_size
+    latents = draw_latents(0, base.latent_shape(1, size, size))
+    options = InferOptions(args.worker, base.path, "a photo of a cat", steps=args.steps)
+    results = {}
+    for variant in ("warm-up", *VARIANTS):
+        loads, lora_loads, steps = [], [], []
+        for _ in range(1 if variant == "warm-up" else args.repeats):
+            started = time.perf_counter()
+            pipe, fw = backend.load_pipeline(base, dtype, device)
+            _sync(args.worker)
+            loaded = time.perf_counter()
+            if variant.startswith("lora"):
+                apply_lora(pipe, fw, lora, Path(args.lora), 1.0, variant == "lora fused", log=lambda line: None)
+                _sync(args.worker)
+            lora_loads.append(time.perf_counter() - loaded)
+            loads.append(loaded - started)
+            set_scheduler(pipe, fw, "euler")
+            stamps = []
+
+            def stamp(pipe, step, timestep, kwargs):
+                _sync(args.worker)
+                stamps.append(time.perf_counter())
+                return kwargs
+
+            sample(pipe, fw, options, latents, (size, size), on_step=stamp)
+            steps += [b - a for a, b in zip(stamps, stamps[1:])]
+            del pipe
+        if variant != "warm-up":
+            results[variant] = {"pipeline_load_s": statistics.median(loads), "lora_load_s": statistics.median(lora_loads),
+                                "step_s": statistics.median(steps)}
+    return {"backend": args.worker, "device": device, "dtype": dtype, "size": size, "results": results}
+
+
+def versions(backend: str) -> str:
+    from importlib.metadata import version
+
+    packages = ("torch", "diffusers", "peft") if backend == "torch" else ("mindspore", "mindone")
+    return ", ".join(f"{p} {version(p)}" for p in packages)
+
+
+def render(report: dict, argv: list[str]) -> str:
+    """bench/RESULTS-infer.md: how it was run, then one table per backend with ratios to the base."""
+    lines = [
+        "# Inference benchmark: what a LoRA costs (lorabridge `infer` adapters)",
+        "",
+        f"Command: `python bench/infer_bench.py {' '.join(argv)}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{platform.python_implementation()} {platform.python_version()}  ",
+        f"Model: {report['model']} SDXL ({report['lora']['modules']} LoRA modules: {report['lora']['per_component']}, "
+        f"rank {report['lora']['rank']}), {report['steps']} euler steps, guidance 5 (two UNet passes per step), "
+        f"medians of {report['repeats']} runs.",
+        "",
+        "Load = build the pipeline from disk; LoRA = `load_lora_weights` with lorabridge's module and scale checks "
+        "(+ `fuse_lora` when fused). Ratios are to the base model in the same run.",
+        "",
+    ]
+    for run in report["runs"]:
+        base = run["results"]["base"]
+        lines += [f"## {run['backend']} on {run['device']} ({run['dtype']}, {run['size']}x{run['size']}; {run['versions']})", "",
+                  "| variant | pipeline load s | LoRA load s | load ratio | per step ms | step ratio |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for variant, r in run["results"].items():
+            load_ratio = (r["pipeline_load_s"] + r["lora_load_s"]) / base["pipeline_load_s"]
+            lines.append(f"| {variant} | {r['pipeline_load_s']:.2f} | {r['lora_load_s']:.2f} | {load_ratio:.2f} | "
+                         f"{1000 * r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "sdxl"), default="tiny")
+    parser.add_argument("--backends", nargs="+", default=["torch", "mindspore"], choices=("torch", "mindspore"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--size", type=int, default=None, help="image side [default: the model's native size]")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-infer.md"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+
+    from lorabridge.formats.neutral import write_neutral
+    from lorabridge.tiny_sdxl import build_tiny_sdxl, make_tiny_lora
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_tiny_sdxl(Path(tmp) / "sdxl", configs=SDXL_BASE if args.model == "sdxl" else None,
+                               half=args.model == "sdxl")
+        lora = make_tiny_lora(base)
+        write_neutral(lora, Path(tmp) / "lora.safetensors")
+        summary = lora.summary()
+        report = {"model": args.model, "steps": args.steps, "repeats": args.repeats, "runs": [],
+                  "lora": {"modules": summary["modules"], "per_component": summary["per_component"],
+                           "rank": ", ".join(summary["ranks"])}}
+        for backend in args.backends:
+            worker = [sys.executable, __file__, "--worker", backend, "--base", str(base), "--lora", str(Path(tmp) / "lora.safetensors"),
+                      "--steps", str(args.steps), "--repeats", str(args.repeats), "--dtype", args.dtype]
+            worker += ["--device", args.device] if args.device else []
+            worker += ["--size", str(args.size)] if args.size else []
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOG_v": "3", "PYTHONPATH": str(ROOT)}
+            proc = subprocess.run(worker, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"{backend} worker failed:\n{proc.stderr[-3000:]}")
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            run["versions"] = versions(backend)
+            report["runs"].append(run)
+            print(f"{backend}: " + json.dumps(run["results"]), flush=True)
+    text = render(report, sys.argv[1:])
+    Path(args.out).write_text(text + "\n", "utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
