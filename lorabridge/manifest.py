@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
+from .io.streaming import release_pages
 from .model import LoraModel, LoraModule
 from .tensor import Tensor
 
@@ -62,12 +63,51 @@ def check_version(version: Any) -> None:
         raise VersionError(f"spec_version {version!r} predates 1.0")
 
 
-def schema_problems(manifest: Any) -> list[tuple[str, str]]:
-    """Every schema violation as (JSON path, message); empty when valid."""
+@lru_cache(maxsize=2)
+def _validator(check_module_entries: bool = True):
+    """The schema's validator; without ``check_module_entries``, one that leaves module entries unchecked."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(load_schema(), format_checker=jsonschema.FormatChecker())
-    return [(error.json_path, error.message) for error in sorted(validator.iter_errors(manifest), key=lambda e: e.json_path)]
+    schema = load_schema()
+    if not check_module_entries:
+        modules = {k: v for k, v in schema["properties"]["modules"].items() if k != "additionalProperties"}
+        schema = {**schema, "properties": {**schema["properties"], "modules": modules}}
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def _sorted_problems(errors) -> list[tuple[str, str]]:
+    return [(error.json_path, error.message) for error in sorted(errors, key=lambda e: e.json_path)]
+
+
+def schema_problems(manifest: Any) -> list[tuple[str, str]]:
+    """Every schema violation as (JSON path, message); empty when valid.
+
+    A file has hundreds of module entries but few distinct ones, and every entry is checked
+    against the same subschema whatever its name, so identical entries have identical problems:
+    each distinct entry is checked once (its problems repeated under every module holding it),
+    and the rest of the manifest, module names included, with module entries left unchecked.
+    The result is what checking the whole manifest in one go gives (tested), several times faster.
+    """
+    modules = manifest.get("modules") if isinstance(manifest, dict) else None
+    groups: dict[str, list[str]] = {}
+    try:
+        for name, entry in (modules.items() if isinstance(modules, dict) else ()):
+            groups.setdefault(json.dumps(entry, sort_keys=True), []).append(name)
+    except (TypeError, ValueError):  # not JSON data: no grouping
+        groups = {}
+    if not isinstance(modules, dict) or len(groups) in (0, len(modules)):  # nothing to gain: check it all
+        return _sorted_problems(_validator().iter_errors(manifest))
+    errors = list(_validator(check_module_entries=False).iter_errors(manifest))
+    sample = {**manifest, "modules": {names[0]: modules[names[0]] for names in groups.values()}}
+    problems = []
+    for error in _validator().iter_errors(sample):
+        path = error.relative_path
+        if len(path) < 2 or path[0] != "modules":
+            continue  # outside the module entries: found by the first pass
+        for name in groups[json.dumps(modules[path[1]], sort_keys=True)]:
+            path[1] = name
+            problems.append((error.json_path, error.message))
+    return sorted(_sorted_problems(errors) + problems, key=lambda problem: problem[0])
 
 
 def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
@@ -75,7 +115,8 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
     ``key NUL dtype NUL dims-comma-separated NUL u64le(nbytes) data``.
 
     Binding names, dtypes and shapes means a renamed or reshaped tensor changes the hash,
-    not only a flipped data byte.
+    not only a flipped data byte. Memory-mapped pages are let go once hashed, so hashing a
+    large file does not leave it all resident.
 
     Example:
         >>> tensor_sha256({})
@@ -87,6 +128,7 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
         digest.update(f"{key}\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8"))
         digest.update(struct.pack("<Q", t.nbytes))
         digest.update(t.data)
+        release_pages(t.data)
     return digest.hexdigest()
 
 

@@ -23,10 +23,10 @@ SLOW_CONVERT = textwrap.dedent("""
     import sys, time
     from lorabridge.formats import neutral
     real_write = neutral.write_safetensors
-    def slow_write(path, tensors, metadata=None, progress=None):
+    def slow_write(path, tensors, metadata=None, progress=None, **options):
         def tick(n):
             time.sleep(0.02)
-        return real_write(path, tensors, metadata, progress=tick)
+        return real_write(path, tensors, metadata, progress=tick, **options)
     neutral.write_safetensors = slow_write
     from lorabridge.converters import convert
     convert(sys.argv[1], sys.argv[2], "neutral", force=True, progress=False)

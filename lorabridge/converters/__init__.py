@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.atomic import check_output_path
+from ..io.streaming import in_background
 from ..model import LoraModel
 from .registry import FORMATS, FormatInfo, get_format
 
@@ -44,25 +45,33 @@ def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = No
     raise LoraBridgeError(f"not a LoRA file in any supported format (tried: {', '.join(names)})", path)
 
 
+HASH_CHUNK_BYTES = 1 << 20  # read into one reused buffer that stays in the CPU cache while it is hashed
+
+
 def file_sha256(path: Path) -> str | None:
     """sha256 of a file's bytes (None for a directory input such as a PEFT adapter folder)."""
     if not path.is_file():
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    buffer = bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 
-def record_source(model: LoraModel, source: Path, source_format: str) -> None:
-    """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history."""
+def record_source(model: LoraModel, source: Path, source_format: str, source_sha256: str | None) -> None:
+    """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history.
+
+    ``source_sha256``: see :func:`file_sha256` (None for a directory, or while it is being computed).
+    """
     previous = dict(model.provenance)
     history = previous.pop("history", [])
     if previous:
         history = [*history, previous]
     model.provenance = {"source_format": source_format, "source_file": source.name,
-                        "source_sha256": file_sha256(source), **({"history": history} if history else {})}
+                        "source_sha256": source_sha256, **({"history": history} if history else {})}
 
 
 def default_output(src: Path, suffix: str) -> Path:
@@ -76,6 +85,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
 
     ``options`` go to both the reader and the writer (``alpha``, ``skip_unknown``, ``dtype``...).
+    The source file is hashed (provenance ``source_sha256``) in a thread beside reading; for a
+    target that does not store the hash (no ``RECORDS_SOURCE_HASH`` in its module) beside writing
+    too, the hash then reaching the provenance only after the write.
 
     Example:
         >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
@@ -83,21 +95,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     src, started = Path(src), time.perf_counter()
     target = get_format(to)
     source = detect_format(src, from_formats)
-    out = check_output_path(dst, force, inputs=(src,), directory=getattr(target.load(), "WRITES_DIRECTORY", False))
+    writer = target.load()
+    out = check_output_path(dst, force, inputs=(src,), directory=getattr(writer, "WRITES_DIRECTORY", False))
+    source_sha256 = in_background(file_sha256, src)
+    stores_hash = getattr(writer, "RECORDS_SOURCE_HASH", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.load().read(src, **options)
-        record_source(model, src, source.name)
+        record_source(model, src, source.name, source_sha256() if stores_hash else None)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
         try:
-            returned = target.load().write(model, out, progress=bar.update if bar else None, force=force, **options) or []
+            returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **options) or []
         finally:
             if bar is not None:
                 bar.close()
+    model.provenance["source_sha256"] = source_sha256()
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)] + list(returned)
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)

@@ -21,12 +21,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..io.streaming import release_pages
 from ..model import KIND_ROLES, LoraModel, LoraModule
+from ..tensor import Tensor
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
 
 SHOWN = 3  # offending modules named in a message
 CHECKED_DTYPES = ("F64", "F32", "F16", "BF16")  # NaN/Inf checked (numpy cannot read FP8)
+# dtype -> (unsigned integer of its width, exponent bits): a value is NaN or Inf when all its exponent bits are set.
+EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+                 "BF16": ("<u2", 0x7F80)}
+FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 # Module-name fragments only other architectures have; the first that matches names the likely model.
@@ -115,16 +121,33 @@ def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
             del model.modules[name]
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True when no value is NaN or Inf: the exponent bits, looked at in chunks through one small buffer.
+
+    Several times faster than ``np.isfinite`` on F16/BF16 (which numpy widens), and allocates
+    nothing the size of the tensor.
+    """
+    bits_type, exponent = EXPONENT_BITS[tensor.dtype]
+    bits = np.frombuffer(tensor.data, dtype=bits_type)
+    buffer = np.empty(min(FINITE_CHUNK, bits.size), dtype=bits_type)
+    for start in range(0, bits.size, FINITE_CHUNK):
+        chunk = buffer[:min(FINITE_CHUNK, bits.size - start)]
+        np.bitwise_and(bits[start:start + FINITE_CHUNK], exponent, out=chunk)
+        if chunk.max() == exponent:
+            return False
+    return True
+
+
 def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
     """Warn about NaN/Inf values (a diverged training run), or refuse them with ``strict``."""
     bad = []
     for m in model.modules.values():
         for role, t in m.tensors.items():
-            if t.dtype in CHECKED_DTYPES and t.numel:
+            if t.dtype in CHECKED_DTYPES and t.numel and not all_finite(t):
                 values = t.to_numpy()
                 count = int(values.size - np.count_nonzero(np.isfinite(values)))
-                if count:
-                    bad.append(f"{m.name}.{role} ({count} of {values.size})")
+                bad.append(f"{m.name}.{role} ({count} of {values.size})")
+            release_pages(t.data)
     if not bad:
         return
     message = f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(bad)}"

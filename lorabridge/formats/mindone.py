@@ -36,6 +36,7 @@ from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_checkpoint, read_ms_checkpoint, read_ms_safetensors,
                           write_ms_checkpoint, write_ms_safetensors)
 from ..io.safetensors_file import SafetensorsFile
+from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
@@ -449,7 +450,10 @@ def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
               B: Tensor.from_numpy(np.zeros((present.out_features, present.rank), np.float32), present.tensors[B].dtype)}
     q, k, v = (parts.get(i) or LoraModule(f"{key}[{i}]", "lora", filler, present.alpha, present.alpha_source)
                for i in range(3))
-    return merge_qkv(q, k, v, key)
+    fused = merge_qkv(q, k, v, key)
+    for tensor in (t for m in (q, k, v) for t in m.tensors.values()):
+        release_pages(tensor.data)  # merging read them all (before any is written)
+    return fused
 
 
 # The registered formats (converters/registry.py points at these objects).

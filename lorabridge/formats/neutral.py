@@ -15,11 +15,13 @@ from typing import Any, Callable
 
 from ..errors import LoraBridgeError, ValidationProblem
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
+from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
                         model_facts, module_facts, schema_problems, tensor_sha256)
 from ..model import KIND_ROLES, LoraModel, LoraModule, split_key
 
 Problem = tuple[str, str]
+RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
 
 
 def adapter_metadata(model: LoraModel) -> dict[str, Any]:
@@ -61,15 +63,21 @@ def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, st
 def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write ``model`` as a neutral file (atomically) and return the manifest written.
 
+    One pass over the tensor data: ``tensor_sha256`` is computed in a thread while the data is
+    written, behind a placeholder of the same length that is overwritten in the header at the end.
+
     Example:
         >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
     """
     tensors = model.tensors()
-    manifest = build_manifest(model, tensor_sha256(tensors))
+    digest = in_background(tensor_sha256, tensors)
+    placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
+    manifest = build_manifest(model, placeholder)
     problems = schema_problems(manifest)
     if problems:
         raise ValidationProblem(problems, path)
-    write_safetensors(path, tensors, interop_metadata(model, manifest), progress=progress)
+    write_safetensors(path, tensors, interop_metadata(model, manifest), progress=progress, late={placeholder: digest})
+    manifest["tensor_sha256"] = digest()
     return manifest
 
 

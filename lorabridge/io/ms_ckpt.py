@@ -37,9 +37,11 @@ from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
 from .ms_dtypes import MS_STR_TYPE, MS_TO_SAFETENSORS, MS_UNSUPPORTED, SAFETENSORS_TO_MS
 from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+from .streaming import release_pages
 
 CHUNK_BYTES = 512 * 1024 * 1024  # save_checkpoint splits a tensor's bytes into records of at most this size
 CRC_MAGIC = b"crc_num"
+RELEASE_STRIDE = 16 * 1024 * 1024  # whole-file passes (record walk, CRC) let mapped pages go every this many bytes
 CRC_TRAILER_BYTES = len(CRC_MAGIC) + 10
 
 # First 4 bytes (little-endian uint32) of a file written by save_checkpoint(enc_key=..., enc_mode=...);
@@ -284,11 +286,14 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
 def _scan(buf, size: int) -> tuple[list[_Entry], int | None]:
     """All entries in file order, and the offset of the CRC trailer (None without one)."""
     groups: list[list[_Record]] = []
-    pos = 0
+    pos = released = 0
     while pos < size:
         if size - pos == CRC_TRAILER_BYTES and buf[pos:pos + len(CRC_MAGIC)] == CRC_MAGIC:
             return [_entry(group, size) for group in groups], pos
         record, pos = _parse_record(buf, pos, size)
+        if pos - released >= RELEASE_STRIDE:  # reading a record's head maps the pages around it
+            release_pages(memoryview(buf)[released:pos])
+            released = pos
         if groups and groups[-1][0].tag == record.tag:
             groups[-1].append(record)
         else:
@@ -344,6 +349,7 @@ class MsCheckpointFile:
         self.has_crc = trailer is not None
         if trailer is not None:
             self._check_crc(trailer)
+        release_pages(memoryview(self._map))  # the walk (and CRC) touched every record: let those pages go
         self._entries: dict[str, _Entry] = {}
         self.metadata: dict[str, str] = {}
         for entry in entries:
@@ -357,7 +363,11 @@ class MsCheckpointFile:
 
     def _check_crc(self, trailer: int) -> None:
         stored = int.from_bytes(self._map[trailer + len(CRC_MAGIC):trailer + CRC_TRAILER_BYTES], "big")
-        actual = zlib.crc32(memoryview(self._map)[:trailer])
+        view, actual = memoryview(self._map), 0
+        for start in range(0, trailer, RELEASE_STRIDE):
+            piece = view[start:min(start + RELEASE_STRIDE, trailer)]
+            actual = zlib.crc32(piece, actual)
+            release_pages(piece)
         if stored != actual:
             raise LoraBridgeError(f"CRC mismatch: the trailer says {stored:#010x} but the records hash to "
                                   f"{actual:#010x}; the file is damaged", self.path)
@@ -520,6 +530,7 @@ def write_ms_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor],
             out.write(content)
             if crc:
                 checksum = zlib.crc32(content, zlib.crc32(head, checksum))
+            release_pages(content)
             if progress is not None:
                 progress(len(content))
         if crc:
@@ -534,6 +545,7 @@ def _safetensors_crc(tensors: Mapping[str, Tensor]) -> int:
     checksum = 0
     for name in sorted(tensors):
         checksum = zlib.crc32(tensors[name].data, zlib.crc32(name.encode("utf-8"), checksum))
+        release_pages(tensors[name].data)
     return checksum
 
 

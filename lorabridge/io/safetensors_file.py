@@ -14,11 +14,12 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
 from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
+from .streaming import release_pages
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
 
@@ -124,10 +125,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
-                      metadata: Mapping[str, str] | None = None, progress=None) -> None:
+                      metadata: Mapping[str, str] | None = None, progress=None,
+                      late: Mapping[str, Callable[[], str]] | None = None) -> None:
     """Write tensors (in the given order) and metadata atomically, streaming tensor by tensor.
 
-    ``progress``, if given, is called with the byte count of each tensor written.
+    ``progress``, if given, is called with the byte count of each tensor written. ``late`` maps
+    placeholder text in ``metadata`` values to a callable giving the final text (of the same length),
+    called once the tensor data is written: a value computed from the data while it is being written,
+    such as a hash, costs no second pass over it. Each placeholder must occur exactly once in the header.
+    Memory-mapped pages of the tensors are let go as they are written (see :func:`release_pages`).
 
     Example:
         >>> write_safetensors("out.safetensors", {"w": Tensor.from_numpy(np.zeros(3, "f4"))})   # doctest: +SKIP
@@ -141,11 +147,23 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
         offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    patches = {}
+    for placeholder, final in (late or {}).items():
+        needle = placeholder.encode("utf-8")
+        if raw.count(needle) != 1:
+            raise ValueError(f"placeholder {placeholder!r} occurs {raw.count(needle)} times in the header, not once")
+        patches[8 + raw.index(needle)] = (needle, final)
     with atomic_write(path) as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for tensor in tensors.values():
             out.write(tensor.data)
+            release_pages(tensor.data)
             if progress is not None:
                 progress(tensor.nbytes)
-
+        for position, (needle, final) in patches.items():
+            text = final().encode("utf-8")
+            if len(text) != len(needle):
+                raise ValueError(f"late metadata {text!r} is not as long as its placeholder {needle!r}")
+            out.seek(position)
+            out.write(text)

@@ -1,0 +1,76 @@
+"""What keeps a conversion streaming: memory-mapped pages let go once used, hashing beside writing.
+
+Readers hand out zero-copy views into read-only memory maps. Every page a pass touches (a
+hash, a NaN check, a write) stays mapped, and counts in the process's resident set, until the
+map is closed: streaming through a 2 GiB file would end with 2 GiB resident, although those
+pages are only page cache. :func:`release_pages` tells the kernel a view's pages are no longer
+needed by this process; the data stays in the page cache and is mapped back on the next touch.
+
+hashlib releases the GIL while it hashes a large buffer, and so does a file write, so a hash
+run by :func:`in_background` takes a second core while the main thread writes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+_CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+# A map's pages are released once this many bytes of it have been used since the last release: one
+# madvise per stretch, not per tensor. Per tensor would not do anyway: a page fault maps the pages
+# around the one touched too (the 64 KiB "fault-around" block, or the whole large page cache folio
+# on recent kernels), so a tensor's neighbours would come back mapped.
+RELEASE_EVERY_BYTES = 16 * 1024 * 1024
+_used: dict[int, int] = {}  # id(map) -> bytes used since its pages were last released
+
+
+def release_pages(data) -> None:
+    """Say that ``data``, a view into a read-only memory map, has been used: every 16 MiB of use, the
+    map's pages are dropped from this process's resident set (the data stays in the page cache).
+
+    Anything else (``bytes``, a view of a writable or private map) is left alone: only a read-only
+    shared file map can give its pages back without losing data. Pages another thread is reading
+    are dropped too; its next touch maps them back in from the page cache.
+
+    Example:
+        >>> release_pages(b"not a map")   # no-op
+    """
+    if not (_CAN_RELEASE and isinstance(data, memoryview) and data.readonly
+            and isinstance(data.obj, mmap.mmap) and not data.obj.closed):
+        return
+    key = id(data.obj)
+    used = _used.get(key, 0) + data.nbytes
+    if used >= RELEASE_EVERY_BYTES:
+        data.obj.madvise(mmap.MADV_DONTNEED)
+        used = 0
+    _used[key] = used
+
+
+def in_background(function: Callable[..., T], *args) -> Callable[[], T]:
+    """Start ``function(*args)`` in a thread; the returned callable waits for its result (or raises its error).
+
+    Example:
+        >>> result = in_background(sum, [1, 2, 3])
+        >>> result()
+        6
+    """
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"lorabridge-{getattr(function, '__name__', 'task')}", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result

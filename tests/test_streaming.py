@@ -1,0 +1,216 @@
+"""The streaming write/read path: one pass over the data, mapped pages let go, same bytes as before.
+
+Speed and memory are measured in bench/convert_bench.py; these tests pin the behaviour the
+optimizations must keep: the bytes written, the hashes, the errors, and that nothing is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorabridge.converters import convert
+from lorabridge.errors import LoraBridgeError
+from lorabridge.formats import neutral
+from lorabridge.formats.checks import all_finite
+from lorabridge.io import atomic, ms_ckpt, streaming
+from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+from lorabridge.io.streaming import in_background, release_pages
+from lorabridge.manifest import build_manifest, load_schema, schema_problems, tensor_sha256
+from lorabridge.tensor import Tensor
+from tests.fixtures.core import make_lora_model
+
+
+def _mapped(path, access=mmap.ACCESS_READ):
+    handle = open(path, "r+b" if access == mmap.ACCESS_COPY else "rb")
+    return handle, mmap.mmap(handle.fileno(), 0, access=access)
+
+
+@pytest.fixture
+def release_often(monkeypatch):
+    """Release a map's pages on every use, so that small test files exercise the release."""
+    monkeypatch.setattr(streaming, "RELEASE_EVERY_BYTES", 1)
+
+
+def test_released_pages_read_back_the_same(tmp_path, release_often):
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    handle, mapped = _mapped(path)
+    with handle, mapped, memoryview(mapped) as whole, whole[12345:2_000_000] as view:
+        before = bytes(view)
+        release_pages(view)
+        assert bytes(view) == before
+        release_pages(whole)
+        assert bytes(view) == before
+
+
+def test_private_maps_are_never_released(tmp_path, release_often):
+    """Dropping the pages of a private (copy-on-write) map would lose its changes: release leaves it alone."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(1 << 20))
+    handle, mapped = _mapped(path, mmap.ACCESS_COPY)
+    with handle, mapped, memoryview(mapped) as view:
+        view[:4] = b"edit"
+        release_pages(view)
+        assert bytes(view[:4]) == b"edit"
+    release_pages(b"bytes are not mapped")
+
+
+def test_in_background_returns_the_result_or_raises_the_error():
+    assert in_background(sum, [1, 2, 3])() == 6
+    with pytest.raises(ZeroDivisionError):
+        in_background(lambda: 1 / 0)()
+
+
+def _tensors():
+    rng = np.random.default_rng(1)
+    return {"b": Tensor.from_numpy(rng.standard_normal((3, 4)).astype("f4")),
+            "a": Tensor.from_numpy(rng.standard_normal(5).astype("f2"))}
+
+
+def test_late_metadata_gives_the_bytes_of_knowing_it_up_front(tmp_path):
+    digest = hashlib.sha256(b"x").hexdigest()
+    write_safetensors(tmp_path / "known.safetensors", _tensors(), {"hash": digest, "other": "text"})
+    write_safetensors(tmp_path / "late.safetensors", _tensors(), {"hash": "f" * 64, "other": "text"},
+                      late={"f" * 64: lambda: digest})
+    assert (tmp_path / "late.safetensors").read_bytes() == (tmp_path / "known.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("metadata, late, message", [
+    ({"hash": "abc"}, {"zzz": lambda: "xyz"}, "occurs 0 times"),
+    ({"one": "abc", "two": "abc"}, {"abc": lambda: "xyz"}, "occurs 2 times"),
+    ({"hash": "abc"}, {"abc": lambda: "wxyz"}, "not as long as its placeholder"),
+])
+def test_bad_late_metadata_is_refused_and_leaves_no_file(tmp_path, metadata, late, message):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match=message):
+        write_safetensors(out, _tensors(), metadata, late=late)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_neutral_writer_is_one_pass_but_writes_the_two_pass_bytes(tmp_path, lora_model, monkeypatch):
+    """Hashing beside writing behind a placeholder gives the file of hashing first, then writing."""
+    monkeypatch.setattr("lorabridge.manifest.now_utc", lambda: "2025-01-01T00:00:00Z")
+    manifest = neutral.write_neutral(lora_model, tmp_path / "one_pass.safetensors")
+    tensors = lora_model.tensors()
+    expected = build_manifest(lora_model, tensor_sha256(tensors))
+    write_safetensors(tmp_path / "two_pass.safetensors", tensors, neutral.interop_metadata(lora_model, expected))
+    assert (tmp_path / "one_pass.safetensors").read_bytes() == (tmp_path / "two_pass.safetensors").read_bytes()
+    assert manifest == expected
+
+
+def test_source_hash_reaches_provenance_for_every_target(tmp_path, neutral_file):
+    """The source is hashed beside the conversion; formats that do not store it still report it."""
+    digest = hashlib.sha256(neutral_file.read_bytes()).hexdigest()
+    for to, name in (("neutral", "copy.safetensors"), ("diffusers", "lora_diffusers.safetensors")):
+        result = convert(neutral_file, tmp_path / name, to, progress=False)
+        assert result.model.provenance["source_sha256"] == digest
+    stored = json.loads(SafetensorsFile(tmp_path / "copy.safetensors").metadata["lorabridge.manifest"])
+    assert stored["provenance"]["source_sha256"] == digest
+
+
+def test_early_writeback_keeps_every_byte(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
+    data = np.random.default_rng(2).bytes(100_000)
+    with atomic.atomic_write(tmp_path / "out.bin") as out:
+        for start in range(0, len(data), 3000):
+            out.write(data[start:start + 3000])
+        out.seek(10)
+        out.write(b"patched")
+    assert (tmp_path / "out.bin").read_bytes() == data[:10] + b"patched" + data[17:]
+
+
+def test_checkpoint_walk_and_crc_read_the_same_with_pages_released_as_they_go(tmp_path, monkeypatch, release_often):
+    rng = np.random.default_rng(3)
+    tensors = {f"w{i}": Tensor.from_numpy(rng.standard_normal((64, 33)).astype("f4")) for i in range(20)}
+    ms_ckpt.write_ms_checkpoint(tmp_path / "x.ckpt", tensors, metadata={"note": "n"}, crc=True)
+    monkeypatch.setattr(ms_ckpt, "RELEASE_STRIDE", 1000)  # release after nearly every record, CRC in pieces
+    read, metadata = ms_ckpt.read_ms_checkpoint(tmp_path / "x.ckpt")
+    assert metadata == {"note": "n"}
+    assert all(read[k].same_as(t) for k, t in tensors.items())
+    damaged = bytearray((tmp_path / "x.ckpt").read_bytes())
+    damaged[200] ^= 1
+    (tmp_path / "y.ckpt").write_bytes(damaged)
+    with pytest.raises(LoraBridgeError, match="CRC mismatch"):  # byte 200 is inside the first tensor
+        ms_ckpt.read_ms_checkpoint(tmp_path / "y.ckpt")
+
+
+# --- NaN/Inf check by exponent bits: the same verdict as numpy's isfinite ---------------------------
+WIDTHS = {"F16": "<u2", "BF16": "<u2", "F32": "<u4", "F64": "<u8"}
+
+
+def _isfinite_reference(tensor: Tensor) -> bool:
+    values = tensor.to_numpy() if tensor.dtype != "BF16" else tensor.to_float32()
+    return bool(np.isfinite(values).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(dtype=st.sampled_from(sorted(WIDTHS)), seed=st.integers(0, 2**32 - 1), size=st.integers(1, 600_000),
+       poison=st.sampled_from([None, "nan", "inf", "-inf", "raw"]))
+def test_all_finite_agrees_with_isfinite(dtype, seed, size, poison):
+    rng = np.random.default_rng(seed)
+    width = np.dtype(WIDTHS[dtype]).itemsize
+    raw = bytearray(rng.integers(0, 256, size * width, dtype=np.uint8).tobytes()) if poison == "raw" else None
+    if raw is None:
+        values = rng.standard_normal(size).astype(np.float32)
+        if poison:
+            values[rng.integers(0, size)] = float(poison)
+        tensor = Tensor.from_numpy(values, dtype)
+    else:
+        tensor = Tensor(dtype, (size,), bytes(raw))
+    assert all_finite(tensor) == _isfinite_reference(tensor)
+
+
+def test_all_finite_finds_a_bad_value_in_the_last_chunk():
+    values = np.zeros(2**18 * 3 + 5, np.float32)
+    values[-1] = np.inf
+    assert not all_finite(Tensor.from_numpy(values))
+    assert all_finite(Tensor.from_numpy(values[:-1]))
+
+
+# --- schema check of distinct module entries: the same problems as checking every entry --------------
+def _full_check(manifest):
+    validator = jsonschema.Draft202012Validator(load_schema(), format_checker=jsonschema.FormatChecker())
+    return [(e.json_path, e.message) for e in sorted(validator.iter_errors(manifest), key=lambda e: e.json_path)]
+
+
+GOOD_ENTRY = {"kind": "lora", "rank": 4, "alpha": 4.0, "alpha_source": "assumed", "in_features": 320,
+              "out_features": 320, "dtype": "F32"}
+ENTRY_VARIANTS = [GOOD_ENTRY, {**GOOD_ENTRY, "rank": 8}, {**GOOD_ENTRY, "kind": "lokr", "rank": 0},
+                  {**GOOD_ENTRY, "rank": 0}, {**GOOD_ENTRY, "kind": "x"}, {**GOOD_ENTRY, "dtype": "F12", "alpha": "a"},
+                  {"kind": "lora"}, {**GOOD_ENTRY, "kernel_size": []}, {**GOOD_ENTRY, "unknown": 1}, "not an object", 7]
+NAMES = ["unet.a.to_q", "unet.b", "text_encoder.x.y", "bad name", "nodots", "unet.c'quote", "unet.d.e"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(modules=st.dictionaries(st.sampled_from(NAMES) | st.from_regex(r"unet\.[a-z]{1,3}", fullmatch=True),
+                               st.sampled_from(range(len(ENTRY_VARIANTS))), max_size=12),
+       drop=st.sets(st.sampled_from(["format", "provenance", "layout"])))
+def test_grouped_schema_check_equals_the_full_check(modules, drop):
+    manifest = build_manifest(make_lora_model(), "0" * 64)
+    manifest["modules"] = {name: json.loads(json.dumps(ENTRY_VARIANTS[i])) for name, i in modules.items()}
+    for key in drop:
+        del manifest[key]
+    assert schema_problems(manifest) == _full_check(manifest)
+
+
+def test_grouped_schema_check_of_odd_manifests():
+    for manifest in ({"modules": []}, {"modules": {"unet.a": GOOD_ENTRY, "unet.b": GOOD_ENTRY}}, [], "x",
+                     {"modules": {"unet.a": {"alpha": float("nan")}, "unet.b": {"alpha": float("nan")}}}):
+        assert schema_problems(manifest) == _full_check(manifest)
+
+
+def test_tensor_hash_of_mapped_tensors_is_unchanged_by_releasing(neutral_file):
+    tensors = SafetensorsFile(neutral_file).tensors()
+    copies = {k: Tensor(t.dtype, t.shape, bytes(t.data)) for k, t in tensors.items()}
+    assert tensor_sha256(tensors) == tensor_sha256(copies) == tensor_sha256(tensors)
+    header = struct.unpack("<Q", neutral_file.read_bytes()[:8])[0]
+    assert header % 8 == 0
