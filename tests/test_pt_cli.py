@@ -222,7 +222,8 @@ def test_a_mindspore_checkpoint_is_sent_to_ms2neutral(run_cli, tmp_path):
 def test_wrong_direction_inputs_are_refused(run_cli, diffusers_file, tmp_path):
     write_neutral(make_lora_model(), tmp_path / "n.safetensors")
     refused(run_cli("pt2neutral", tmp_path / "n.safetensors"), "already a neutral LoRA file")
-    refused(run_cli("neutral2pt", diffusers_file), "lora.safetensors")
+    refused(run_cli("neutral2pt", diffusers_file), "lora.safetensors", "not a neutral LoRA file", "convert --to diffusers")
+    refused(run_cli("neutral2pt", tmp_path / "missing.safetensors"), "no such file")
     refused(run_cli("convert", diffusers_file, "-o", tmp_path / "x", "--to", "onnx"), "unknown format 'onnx'")
     refused(run_cli("pt2neutral", tmp_path / "missing.safetensors"), "no such file or directory")
 

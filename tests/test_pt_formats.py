@@ -344,3 +344,26 @@ def test_broken_configs_and_magnitudes_are_one_line_errors(tmp_path):
 def test_a_pattern_that_is_no_regex_is_taken_literally():
     assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_q(", 4) == 2
     assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_k", 4) == 4
+
+
+def test_legacy_writer_warns_when_ranks_differ_within_a_component(tmp_path):
+    rng = np.random.default_rng(0)
+    model = LoraModel()
+    model.add(make_lora_module("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", (640, 640), 4, 4.0, rng))
+    model.add(make_lora_module("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k", (640, 640), 8, 8.0, rng))
+    write_neutral(model, tmp_path / "n.safetensors")
+    result = neutral2pt(tmp_path / "n.safetensors", tmp_path / "l.safetensors", format="legacy-diffusers", progress=False)
+    assert any("ranks differ within unet" in w for w in result.warnings)
+
+
+def test_peft_adapter_saved_as_a_torch_pickle_is_read(tmp_path):
+    torch = pytest.importorskip("torch")
+    write_neutral(varied(), tmp_path / "n.safetensors")
+    out = neutral2pt(tmp_path / "n.safetensors", tmp_path / "lora_peft", format="peft", progress=False).output
+    weights = out / "unet" / "adapter_model.safetensors"
+    torch.save({k: torch.from_numpy(t.to_numpy().copy()) for k, t in read_safetensors(weights)[0].items()},
+               out / "unet" / "adapter_model.bin")
+    weights.unlink()
+    model = read_neutral(pt2neutral(out / "unet", tmp_path / "back.safetensors", progress=False).output)
+    assert sorted(model.modules) == sorted(n for n in varied().modules if n.startswith("unet."))
+    assert {m.alpha_source for m in model.modules.values()} == {"stored"}

@@ -20,8 +20,7 @@ from .registry import FORMATS, get_format
 # What neutral2pt writes, the first being the default, and the default output name per format.
 WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers")
 OUTPUT_SUFFIXES = {"diffusers": "_diffusers.safetensors", "peft": "_peft", "kohya": "_kohya.safetensors",
-                   "legacy-diffusers": "_legacy.safetensors", "lycoris": "_lycoris.safetensors",
-                   "neutral": "_neutral.safetensors"}
+                   "legacy-diffusers": "_legacy.safetensors", "neutral": "_neutral.safetensors"}
 SHOWN_KEYS = 3
 
 
@@ -71,7 +70,7 @@ def detect_input(src: Path, candidates: Iterable[str]) -> str:
 
 def _beside(src: Path, format_name: str) -> Path:
     """The default output: ``<input stem><suffix of the format>`` beside the input."""
-    return default_output(src, OUTPUT_SUFFIXES.get(format_name, f"_{format_name}.safetensors"))
+    return default_output(src, OUTPUT_SUFFIXES[format_name])
 
 
 def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, from_format: str | None = None,
@@ -112,7 +111,9 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     if format not in WRITE_FORMATS:
         raise LoraBridgeError(f"unknown PyTorch format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
     src = Path(src)
-    detect_input(src, ["neutral"])
+    if src.exists() and not get_format("neutral").load().detect(src):
+        raise LoraBridgeError("not a neutral LoRA file (no lorabridge.manifest); "
+                              f"`convert --to {format}` takes any supported format", src)
     out = Path(out) if out is not None else _beside(src, format)
     return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress,
                    dtype=dtype, bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict)

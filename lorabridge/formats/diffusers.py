@@ -28,9 +28,9 @@ from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, state_dict_keys
 from ..model import LoraModel
 from ..tensor import Tensor
+from . import legacy_diffusers
 from .checks import check_model, writable_lora
 from .neutral import adapter_metadata
-from . import legacy_diffusers
 from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
 
 # First key segments diffusers pipelines use for their LoRA-bearing models.
@@ -75,9 +75,8 @@ TEXT_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
 
 def _old_spelling_components(model: LoraModel) -> set[str]:
     """Text encoders whose LoRA has no attention projection (only MLP layers, say)."""
-    components = {m.component for m in model.modules.values() if m.component.startswith("text_encoder")}
-    return {c for c in components if not any(m.component == c and m.name.endswith(TEXT_ATTENTION)
-                                             for m in model.modules.values())}
+    text = {m.component for m in model.modules.values() if m.component.startswith("text_encoder")}
+    return text - {m.component for m in model.modules.values() if m.name.endswith(TEXT_ATTENTION)}
 
 
 def _keyed(model: LoraModel) -> dict[str, Tensor]:

@@ -126,7 +126,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     mixed = [component for component, found in ranks.items() if len(found) > 1]
     if mixed:
         warn(f"{path}: ranks differ within {', '.join(mixed)}; a file without alpha loads at scale 1 in old "
-             "diffusers, but diffusers >= 0.24 applies one rank as alpha to all modules of a component: "
+             "diffusers, but diffusers 0.35 applies one module's rank as alpha to all modules of a component: "
              "use the diffusers format for modern diffusers")
     tensors = {}
     for m in model.modules.values():
