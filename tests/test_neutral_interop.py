@@ -84,6 +84,7 @@ def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, m
 def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral, mindspore_run):
     result = mindspore_run("""
         import json, sys
+        from pathlib import Path
         import numpy as np
         from tests.fixtures.sdxl import load_mindone_pipeline
         pipe = load_mindone_pipeline(sys.argv[1])
@@ -94,7 +95,8 @@ def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mix
                 node = node[int(part)] if part.isdigit() else getattr(node, part)
             return node
         base = {f"{c}.{p}": layer(c, p).weight.asnumpy().copy() for c, p, _, _ in targets}
-        pipe.load_lora_weights(sys.argv[2])
+        lora = Path(sys.argv[2])
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)  # offline mode wants weight_name
         scaling = {f"{c}.{p}": [layer(c, p).r["default_0"], float(layer(c, p).scaling["default_0"])] for c, p, _, _ in targets}
         pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
         fused = {f"{c}.{p}": layer(c, p).weight.asnumpy() for c, p, _, _ in targets}
