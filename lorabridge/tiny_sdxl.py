@@ -34,20 +34,23 @@ UNET_CONFIG: dict[str, Any] = {
     "layers_per_block": 2,
     "transformer_layers_per_block": [1, 2, 10],
     "attention_head_dim": [1, 2, 2],  # diffusers' name for the head count (SDXL-base: 5/10/20)
-    "cross_attention_dim": 64,  # text_encoder hidden + text_encoder_2 hidden, as 768 + 1280 = 2048
+    "cross_attention_dim": 80,  # text_encoder hidden + text_encoder_2 hidden (32 + 48), as 768 + 1280 = 2048
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 6 * 8 + 32,  # 6 time ids * embed dim + pooled text_encoder_2
+    "projection_class_embeddings_input_dim": 6 * 8 + 48,  # 6 time ids * embed dim + pooled text_encoder_2
     "norm_num_groups": 32,
 }
 
-# CLIP ViT-L (text_encoder) and OpenCLIP bigG (text_encoder_2) shrunk to 2 layers of width 32.
+# CLIP ViT-L (text_encoder) and OpenCLIP bigG (text_encoder_2) shrunk to 2 layers of widths 32 and 48.
+# Different widths, as in SDXL (768 / 1280): a LoRA for one encoder cannot silently fit the other, and
+# single-file loaders tell the two apart by width.
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
     "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32,
 }
-TEXT_ENCODER_2_CONFIG: dict[str, Any] = {**TEXT_ENCODER_CONFIG, "hidden_act": "gelu"}
+TEXT_ENCODER_2_CONFIG: dict[str, Any] = {**TEXT_ENCODER_CONFIG, "hidden_size": 48, "intermediate_size": 96,
+                                         "projection_dim": 48, "hidden_act": "gelu"}
 
 # SDXL's VAE: four levels (so the latent is 1/8 of the image, as in SDXL), 4 latent channels.
 VAE_CONFIG: dict[str, Any] = {

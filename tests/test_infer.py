@@ -12,7 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
+from lorabridge.adapters.base_model import SDXL_SINGLE_FILE_KEY
 from lorabridge.adapters.png import read_png
+from lorabridge.io.safetensors_file import write_safetensors
+from lorabridge.tensor import Tensor
 from lorabridge.formats.neutral import write_neutral
 from lorabridge.tiny_sdxl import make_tiny_lora
 from tests.fixtures.core import make_lora_model
@@ -83,6 +86,16 @@ def test_lora_changes_the_image_scale_zero_is_the_base_and_fused_equals_unfused(
     assert mae(image["half"], image["base"]) > 1 and mae(image["half"], image["lora"]) > 1
 
 
+def test_single_file_base_gives_the_same_image_as_the_pipeline_directory(run_cli, infer, tiny_sdxl_dir,
+                                                                         tiny_sdxl_single_file, tiny_lora_file, tmp_path):
+    assert infer("--lora", tiny_lora_file, "-o", tmp_path / "dir").exit_code == 0
+    result = run_cli("infer", "--backend", "torch", "--base", tiny_sdxl_single_file, "--config", tiny_sdxl_dir,
+                     "--lora", tiny_lora_file, "--prompt", TINY_PROMPT, "--steps", "2", "-o", tmp_path / "single")
+    assert result.exit_code == 0, result.output
+    assert "(single file)" in result.output and "560 modules in unet" in result.output
+    assert mae(tmp_path / "dir/000-seed0.png", tmp_path / "single/000-seed0.png") == 0
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m-karras", "euler-a", "unipc"])
 def test_schedulers(infer, tmp_path, scheduler):
     result = infer("--scheduler", scheduler, "-o", tmp_path / "out")
@@ -124,6 +137,9 @@ def test_missing_and_non_sdxl_bases(run_cli, tmp_path, tiny_lora_file):
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04 pickle")
     assert_refused(infer_on(tmp_path / "model.ckpt"), "must be .safetensors")
     assert_refused(infer_on(tiny_lora_file), "not an SDXL base checkpoint")
+    fake = tmp_path / "fake-sdxl.safetensors"  # the SDXL marker tensor and nothing else: diffusers' own error, one line
+    write_safetensors(fake, {SDXL_SINGLE_FILE_KEY: Tensor.from_numpy(np.zeros((77, 48), np.float32))}, {})
+    assert_refused(infer_on(fake), "diffusers cannot load this base model")
     assert not (tmp_path / "out").exists()
 
 

@@ -33,7 +33,7 @@ def test_has_sdxl_base_transformer_depths_and_lora_targets(tiny_sdxl_dir):
     assert blocks == {"down_blocks.1": 2 * 2, "down_blocks.2": 2 * 10, "mid_block": 10,
                       "up_blocks.0": 3 * 10, "up_blocks.1": 3 * 2}
     assert len(shapes) == 560  # as many attention projections as the real SDXL UNet
-    assert shapes["unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == (64, 64)
+    assert shapes["unet.down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == (64, 80)  # 80 = 32 + 48, both encoders
 
 
 def test_tokenizer_covers_every_byte_and_merges_words(tiny_sdxl_dir):

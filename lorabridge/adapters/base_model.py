@@ -47,8 +47,11 @@ def _json(path: Path) -> dict:
     return data
 
 
-def describe_base(path: str | os.PathLike) -> BaseModel:
+def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = None) -> BaseModel:
     """Check that ``path`` is an SDXL diffusers directory or single-file ``.safetensors`` and describe it.
+
+    A single file's sizes are SDXL-base's, or those of ``config`` (the diffusers directory whose
+    component configs it is loaded with).
 
     Example:
         >>> describe_base("tiny-sdxl").native_size   # doctest: +SKIP
@@ -76,4 +79,9 @@ def describe_base(path: str | os.PathLike) -> BaseModel:
 
     if SDXL_SINGLE_FILE_KEY not in SafetensorsFile(path):
         raise LoraBridgeError(f"not an SDXL base checkpoint (no {SDXL_SINGLE_FILE_KEY})", path)
-    return BaseModel(path, True, *SDXL_NATIVE)
+    if config is None:
+        return BaseModel(path, True, *SDXL_NATIVE)
+    if not Path(config).is_dir():
+        raise LoraBridgeError("--config must be a diffusers SDXL pipeline directory", config)
+    sizes = describe_base(config)
+    return BaseModel(path, True, sizes.sample_size, sizes.vae_scale_factor)

@@ -108,7 +108,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     started = time.perf_counter()
     options.check()
     backend = load_backend(options.backend)
-    base: BaseModel = describe_base(options.base)
+    base: BaseModel = describe_base(options.base, options.config)
     lora = _read_lora(options.lora) if options.lora is not None else None
     out = options.output_dir
     _check_output_dir(out, options.force)
