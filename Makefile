@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m lorabridge.demo demo-output
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/convert_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

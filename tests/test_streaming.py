@@ -214,3 +214,16 @@ def test_tensor_hash_of_mapped_tensors_is_unchanged_by_releasing(neutral_file):
     assert tensor_sha256(tensors) == tensor_sha256(copies) == tensor_sha256(tensors)
     header = struct.unpack("<Q", neutral_file.read_bytes()[:8])[0]
     assert header % 8 == 0
+
+
+def test_checkpoint_tags_are_read_lazily_for_detection(tmp_path):
+    """Detection reads tags record by record: the first tag comes even when a later record is damaged."""
+    tensors = {f"w{i}": Tensor.from_numpy(np.full((8, 8), i, np.float32)) for i in range(3)}
+    ms_ckpt.write_ms_checkpoint(tmp_path / "x.ckpt", tensors, metadata={"note": "n"}, crc=True)
+    assert list(ms_ckpt.iter_ms_tags(tmp_path / "x.ckpt")) == ["w0", "w1", "w2", "note"]
+    data = (tmp_path / "x.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:len(data) // 2])
+    tags = ms_ckpt.iter_ms_tags(tmp_path / "cut.ckpt")
+    assert next(tags) == "w0"
+    with pytest.raises(LoraBridgeError, match="cut.ckpt: .*truncated"):
+        list(tags)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         model = source.load().read(src, **options)
         record_source(model, src, source.name, source_sha256() if stores_hash else None)
         bar = None
-        if progress:
+        if progress and sys.stderr is not None and sys.stderr.isatty():  # tqdm(disable=None) shows nothing otherwise
             from tqdm import tqdm
 
             bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)

@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
-from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_checkpoint, read_ms_checkpoint, read_ms_safetensors,
+from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, read_ms_safetensors,
                           write_ms_checkpoint, write_ms_safetensors)
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
@@ -190,7 +190,7 @@ def _naming_of(path: str, _mtime_ns: int, _size: int) -> str | None:
     container = container_of(path)
     if container is None:
         return None
-    keys = (tag for tag, _ in iter_ms_checkpoint(path)) if container == "ckpt" else SafetensorsFile(path).keys()
+    keys = iter_ms_tags(path) if container == "ckpt" else SafetensorsFile(path).keys()  # stops at the first LoRA key
     for key in keys:
         for naming in NAMINGS.values():
             if naming.split_key(key):

@@ -411,6 +411,29 @@ class MsCheckpointFile:
             yield tag, self.tensor(tag)
 
 
+def iter_ms_tags(path: str | os.PathLike) -> Iterator[str]:
+    """Tags of a ``.ckpt`` in file order (text entries too), each record parsed only when asked for.
+
+    For cheap detection: a caller that stops after the first LoRA tag reads one record, not the
+    file; nothing after the records read is checked (no CRC). A malformed record raises
+    :class:`LoraBridgeError` when reached.
+
+    Example:
+        >>> next(iter_ms_tags("lora.ckpt"))   # doctest: +SKIP
+        'model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight'
+    """
+    path, buf, size = _open_map(path)
+    pos = 0
+    while buf is not None and pos < size:
+        if size - pos == CRC_TRAILER_BYTES and buf[pos:pos + len(CRC_MAGIC)] == CRC_MAGIC:
+            return
+        try:
+            record, pos = _parse_record(buf, pos, size)
+        except _Malformed as exc:
+            raise LoraBridgeError(f"{exc} (at byte {exc.offset})", path) from None
+        yield record.tag
+
+
 def iter_ms_checkpoint(path: str | os.PathLike) -> Iterator[tuple[str, Tensor]]:
     """Stream (tag, tensor) pairs of a ``.ckpt`` in file order; text entries are skipped
     (see :class:`MsCheckpointFile` ``.metadata`` or :func:`read_ms_checkpoint`).

@@ -1,0 +1,109 @@
+"""Benchmark inputs: MindONE SGM LoRA checkpoints at SDXL-base shapes, written by lorabridge's own writer.
+
+Each input is a :class:`InputSpec` (which modules, rank, dtype) turned into a ``.ckpt`` exactly as
+MindONE's SDXL trainer lays one out: SGM names, bigG q/k/v as one fused ``attn.in_proj`` LoRA
+(one A, the three B stacked), no alpha. Values are slices of one seeded random pool, so a 2 GiB
+file is generated in seconds; conversions never look at the values, only hash and copy them.
+
+    spec = INPUTS["rank4-attn"]
+    path = generate(spec, Path("/tmp/bench"))      # cached: regenerated only when missing
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorabridge.converters.registry import get_format
+from lorabridge.model import LoraModel, LoraModule
+from lorabridge.naming.sdxl_tree import LORA_TARGET_TYPES, sdxl_module_types, sdxl_modules
+from lorabridge.tensor import DTYPES, Tensor
+
+# Module selections (regular expressions over diffusers paths, per component).
+UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+UNET_ATTENTION_FF_PROJ = r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$"
+UNET_ALL = r".*"  # every Linear and Conv2d (resnets, time embedding, convs, attention, ff)
+TEXT_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"  # diffusers' default text encoder targets
+POOL_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    description: str
+    rank: int
+    dtype: str
+    unet: str
+    text: str | None = None  # selection for both text encoders, None for a UNet-only LoRA
+
+    def selection(self) -> dict[str, list[str]]:
+        """component -> the diffusers paths of the Linear/Conv2d layers this input adapts."""
+        chosen = {"unet": self.unet, **({"text_encoder": self.text, "text_encoder_2": self.text} if self.text else {})}
+        return {component: [p for p, kind in sdxl_module_types(component).items()
+                            if kind in LORA_TARGET_TYPES and re.search(pattern, p)]
+                for component, pattern in chosen.items()}
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.ckpt"
+
+
+INPUTS: dict[str, InputSpec] = {s.name: s for s in [
+    InputSpec("rank4-attn", "rank 4, UNet attention only (to_q/k/v/to_out.0 of every attn1/attn2), F32",
+              4, "F32", UNET_ATTENTION),
+    InputSpec("rank128-attn-ff-proj-te", "rank 128, UNet attention + ff + proj_in/proj_out, both text encoders' "
+              "self-attention (bigG q/k/v fused as MindONE stores it), F16", 128, "F16", UNET_ATTENTION_FF_PROJ,
+              TEXT_ATTENTION),
+    InputSpec("rank160-all-2gib", "rank 160, every UNet Linear and Conv2d (794 layers) plus both text encoders' "
+              "self-attention, F32 (synthetic, about 2 GiB)", 160, "F32", UNET_ALL, TEXT_ATTENTION),
+]}
+
+
+class _Pool:
+    """Hands out byte slices of one random buffer: distinct-looking, cheap, reproducible."""
+
+    def __init__(self, dtype: str, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        values = self.rng.standard_normal(POOL_BYTES // DTYPES[dtype][0], dtype=np.float32) * 0.01
+        self.dtype, self.data = dtype, memoryview(Tensor.from_numpy(values, dtype).data)
+
+    def tensor(self, shape: tuple[int, ...]) -> Tensor:
+        nbytes = math.prod(shape) * DTYPES[self.dtype][0]
+        if nbytes > len(self.data):
+            raise ValueError(f"tensor of {nbytes} bytes is larger than the pool")
+        start = int(self.rng.integers(0, (len(self.data) - nbytes) // 8 + 1)) * 8
+        return Tensor(self.dtype, shape, self.data[start:start + nbytes])
+
+
+def build_model(spec: InputSpec, seed: int = 0) -> LoraModel:
+    """The LoRA of ``spec`` with random factors; bigG q/k/v of a layer share one A (MindONE's fused in_proj)."""
+    pool = _Pool(spec.dtype, seed)
+    model = LoraModel(training={"note": f"lorabridge benchmark input {spec.name}"})
+    shared_a: dict[str, Tensor] = {}
+    for component, paths in spec.selection().items():
+        shapes = sdxl_modules(component)
+        for path in paths:
+            out, inp, *kernel = shapes[path]
+            fused = re.match(r"(.*self_attn\.)(q|k|v)_proj$", path) if component == "text_encoder_2" else None
+            if fused:
+                a = shared_a.setdefault(fused.group(1), pool.tensor((spec.rank, inp)))
+            else:
+                a = pool.tensor((spec.rank, inp, *kernel))
+            b = pool.tensor((out, spec.rank, *([1, 1] if kernel else [])))
+            model.add(LoraModule(f"{component}.{path}", "lora", {"lora_A.weight": a, "lora_B.weight": b},
+                                 alpha=float(spec.rank), alpha_source="assumed"))
+    return model
+
+
+def generate(spec: InputSpec, directory: Path, regenerate: bool = False) -> Path:
+    """Write ``spec`` as a MindONE SGM ``.ckpt`` in ``directory`` (kept and reused unless ``regenerate``)."""
+    path = directory / spec.file_name
+    if path.exists() and not regenerate:
+        return path
+    path.unlink(missing_ok=True)
+    get_format("mindone-sgm").load().write(build_model(spec), path, container="ckpt")
+    return path

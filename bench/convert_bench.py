@@ -1,0 +1,500 @@
+"""Conversion benchmarks: lorabridge's commands side by side with cp, the seed's script and diffusers.
+
+One command runs everything and writes ``bench/RESULTS.md``::
+
+    .venv/bin/python bench/convert_bench.py            # three inputs (the last about 2 GiB), 3 repeats
+    .venv/bin/python bench/convert_bench.py --quick    # the two smaller inputs, 1 repeat
+    make bench
+
+Inputs are MindONE SGM ``.ckpt`` files at SDXL-base shapes (``bench_inputs.py``), plus the neutral
+file ``ms2neutral`` makes of each (made once, untimed). Every contender is a separate process,
+measured by ``measure.py`` (wall time, ``ru_maxrss``, sampled ``RssAnon``/``RssFile``); all contenders
+of a repeat run one after the other, after ``sync``, on inputs in the page cache. Figures are medians
+over repeats (peaks: the highest). Ratios are against ``cp`` of the same input file. Hand-written
+notes after the ``NOTES_MARKER`` line of RESULTS.md are kept when it is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from bench_inputs import INPUTS, InputSpec, generate
+from measure import Launcher, Run
+
+from lorabridge.io.safetensors_file import SafetensorsFile
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+RESULTS = REPO / "bench" / "RESULTS.md"
+NOTES_MARKER = "<!-- notes: everything below this line is hand-written and kept when the script rewrites the file -->"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       }
+VERSIONS = ("lorabridge", "numpy", "safetensors", "torch", "mindspore", "diffusers", "jsonschema", "click")
+TARGET_CP_RATIO = 0.5  # every converter at >= 0.5x cp's throughput on the rank-128 file
+TARGET_SEED_SPEEDUP = 10.0  # >= 10x faster than the seed's approach
+TARGET_RSS_SLACK = 100 * 2**20  # peak RSS <= largest tensor + 100 MB
+TARGET_CLI_S = 0.3  # --help and inspect
+TARGET_INPUT = "rank128-attn-ff-proj-te"
+PROFILE_LINES = 14
+
+
+@dataclass
+class Files:
+    """The files of one input: the MindONE checkpoint, its neutral file, the seed's name lists, outputs."""
+
+    ckpt: Path
+    neutral: Path
+    ms_names: Path
+    pt_names: Path
+    out: Path
+
+    def input(self, reads: str) -> Path:
+        return self.ckpt if reads == "ckpt" else self.neutral
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "floor" (cp), "baseline" (seed, diffusers) or "ours"
+    reads: str  # "ckpt" or "neutral"
+    output: str  # output file (or directory) name under Files.out
+    argv: Callable[[Files, Path], list[str]]  # (files, output path) -> command line
+
+
+def _cli(*args: str) -> Callable[[Files, Path], list[str]]:
+    """``python cli.py <args>`` with IN / OUT filled in: IN is the input the contender reads."""
+    def argv(files: Files, out: Path, reads: str) -> list[str]:
+        return [PY, "cli.py", *(os.fspath(files.input(reads)) if a == "IN" else os.fspath(out) if a == "OUT" else a
+                                for a in args)]
+    return argv
+
+
+def _contenders() -> list[Contender]:
+    cp = lambda reads: lambda f, out: ["cp", os.fspath(f.input(reads)), os.fspath(out)]
+    cp_sync = lambda reads: lambda f, out: ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", os.fspath(f.input(reads)),
+                                            os.fspath(out)]
+    ours = lambda reads, *args: (lambda f, out: _cli(*args)(f, out, reads))
+    return [
+        Contender("cp", "floor", "ckpt", "cp.ckpt", cp("ckpt")),
+        Contender("cp + fsync", "floor", "ckpt", "cp_sync.ckpt", cp_sync("ckpt")),
+        Contender("seed: load_checkpoint, pair by position, torch.save", "baseline", "ckpt", "seed_pt.ckpt",
+                  lambda f, out: [PY, "bench/contenders/seed_ms2pt.py", os.fspath(f.ckpt), os.fspath(f.ms_names),
+                                  os.fspath(f.pt_names), os.fspath(out)]),
+        Contender("ours: ms2neutral", "ours", "ckpt", "ms2neutral.safetensors", ours("ckpt", "ms2neutral", "IN", "-o", "OUT")),
+        Contender("cp", "floor", "neutral", "cp.safetensors", cp("neutral")),
+        Contender("cp + fsync", "floor", "neutral", "cp_sync.safetensors", cp_sync("neutral")),
+        Contender("diffusers: lora_state_dict + save_lora_weights", "baseline", "neutral", "diffusers_out",
+                  lambda f, out: [PY, "bench/contenders/diffusers_resave.py", os.fspath(f.neutral), os.fspath(out)]),
+        Contender("ours: neutral2pt (diffusers)", "ours", "neutral", "neutral2pt.safetensors",
+                  ours("neutral", "neutral2pt", "IN", "-o", "OUT")),
+        Contender("ours: neutral2ms (mindone-sgm .ckpt)", "ours", "neutral", "neutral2ms.ckpt",
+                  ours("neutral", "neutral2ms", "IN", "-o", "OUT")),
+        Contender("ours: convert --to kohya", "ours", "neutral", "kohya.safetensors",
+                  ours("neutral", "convert", "IN", "--to", "kohya", "-o", "OUT")),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def prepare(spec: InputSpec, work: Path, regenerate: bool) -> Files:
+    """Generate the input, its neutral file and the seed's name lists (all untimed)."""
+    from lorabridge.converters.mindspore import ms2neutral
+
+    ckpt = generate(spec, work, regenerate)
+    files = Files(ckpt, work / f"{spec.name}.safetensors", work / f"{spec.name}.ms_lora_params.txt",
+                  work / f"{spec.name}.pt_lora_params_ordered.txt", work / "out" / spec.name)
+    if regenerate or not files.neutral.exists() or files.neutral.stat().st_mtime < ckpt.stat().st_mtime:
+        ms2neutral(ckpt, files.neutral, force=True, progress=False)
+    if regenerate or not files.pt_names.exists() or files.pt_names.stat().st_mtime < ckpt.stat().st_mtime:
+        write_name_lists(ckpt, files.ms_names, files.pt_names)
+    files.out.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def write_name_lists(ckpt: Path, ms_list: Path, pt_list: Path) -> None:
+    """The seed's two inputs: ``name#shape#dtype`` of every MindSpore tensor in file order, and the
+    diffusers name of each at the same line (a fused bigG in_proj keeps its fused name: the seed
+    cannot split it, and pairing by position does not care)."""
+    from lorabridge.formats.mindone import NAMINGS
+    from lorabridge.io.ms_ckpt import MsCheckpointFile
+
+    naming, handle = NAMINGS["sgm"], MsCheckpointFile(ckpt)
+    ms_lines, pt_lines = [], []
+    for key in handle.keys():
+        dtype, shape = handle.header_entry(key)
+        module, role = naming.split_key(key)
+        names = naming.parse(module)
+        pt_module = names[0] if len(names) == 1 else f"text_encoder_2.{module}"
+        ms_lines.append(f"{key}#{shape}#{dtype}\n")
+        pt_lines.append(f"{pt_module}.{role}#{shape}#{dtype}\n")
+    ms_list.write_text("".join(ms_lines))
+    pt_list.write_text("".join(pt_lines))
+
+
+def largest_tensor(files: Files) -> int:
+    """Bytes of the largest tensor in the input checkpoint or its neutral file."""
+    from lorabridge.io.ms_ckpt import MsCheckpointFile
+
+    sizes = [t.nbytes for _, t in MsCheckpointFile(files.ckpt).items()]
+    sizes += [t.nbytes for t in SafetensorsFile(files.neutral).tensors().values()]
+    return max(sizes)
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, RAM, the disk the work directory is on, OS and Python."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram": f"{mem / 2**30:.1f} GiB",
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def disk(path: Path) -> str:
+    """Device, filesystem and size of the filesystem holding ``path``, and whether it is rotational."""
+    out = subprocess.run(["df", "--output=source,fstype,size", os.fspath(path)], capture_output=True, text=True)
+    fields = out.stdout.splitlines()[-1].split() if out.returncode == 0 else ["?", "?", "0"]
+    device = Path(fields[0]).name
+    rotational = Path(f"/sys/block/{device}/queue/rotational")
+    kind = {"0": "non-rotational", "1": "rotational"}.get(rotational.read_text().strip(), "?") if rotational.exists() else "?"
+    virtual = " (virtio disk of a VM)" if device.startswith("vd") else ""
+    return f"{fields[0]} {fields[1]}, {int(fields[2]) / 2**20:.0f} GiB, {kind}{virtual}"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_revision() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "lorabridge"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return f"{head}{' + uncommitted changes in lorabridge/' if dirty else ''}"
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def run_one(launcher: Launcher, argv: list[str], out: Path | None, log: Path) -> Run:
+    """Remove the previous output, flush dirty pages (so no run pays for another's writeback), run."""
+    if out is not None:
+        shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    os.sync()
+    return launcher.measure(argv, cwd=REPO, env=ENV, log=log)
+
+
+def startup_commands(files: dict[str, Files]) -> list[tuple[str, list[str]]]:
+    commands = [("python -c pass (interpreter alone)", [PY, "-c", "pass"]),
+                ("python -c 'import lorabridge.cli' (our start-up)", [PY, "-c", "import lorabridge.cli"]),
+                ("python cli.py --help", [PY, "cli.py", "--help"])]
+    commands += [(f"python cli.py inspect {f.neutral.name}", [PY, "cli.py", "inspect", os.fspath(f.neutral)])
+                 for f in files.values()]
+    return commands
+
+
+def heavy_imports(argv: list[str]) -> list[str]:
+    """Which of torch / mindspore / diffusers a command imports (from ``python -X importtime``)."""
+    out = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], cwd=REPO, env=ENV, capture_output=True, text=True)
+    modules = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    return sorted(m for m in modules if m in ("torch", "mindspore", "diffusers"))
+
+
+def profile(argv: list[str], out: Path, work: Path) -> str:
+    """cProfile of one of our commands: the functions with the most own time."""
+    stats_file = work / "profile.prof"
+    shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    subprocess.run([argv[0], "-m", "cProfile", "-o", os.fspath(stats_file), *argv[1:]], cwd=REPO, env=ENV,
+                   capture_output=True, check=True)
+    text = io.StringIO()
+    stats = pstats.Stats(os.fspath(stats_file), stream=text)
+    stats.strip_dirs().sort_stats("tottime").print_stats(PROFILE_LINES)
+    lines = text.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if "function calls" in line)
+    return "\n".join(line for line in lines[start:] if line.strip() and "Ordered by" not in line and "List reduced" not in line)
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}" if n >= 2**20 else f"{n / 2**20:.3f}"
+
+
+def median(runs: list[Run]) -> float:
+    return statistics.median(r.wall_s for r in runs)
+
+
+def spread(runs: list[Run]) -> str:
+    walls = [r.wall_s for r in runs]
+    return f"{statistics.median(walls):.3f}" + (f" ({min(walls):.2f}-{max(walls):.2f})" if len(walls) > 1 else "")
+
+
+@dataclass
+class Row:
+    contender: Contender
+    runs: list[Run]
+    input_bytes: int
+    cp: float  # median wall of cp of the same input file
+    cp_sync: float
+    seed: float
+    startup: float
+
+    @property
+    def wall(self) -> float:
+        return median(self.runs)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(r.cpu_s for r in self.runs)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.returncode == 0 for r in self.runs)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(r.peak_rss_bytes for r in self.runs)
+
+    @property
+    def peak_anon(self) -> int:
+        return max(r.peak_anon_bytes for r in self.runs)
+
+    @property
+    def peak_file(self) -> int:
+        return max(r.peak_file_bytes for r in self.runs)
+
+
+def input_table(rows: list[Row]) -> list[str]:
+    head = ("| contender | reads | wall s (median, min-max) | CPU s | MB/s | x cp | x cp+fsync | seed time / this | "
+            "wall - start-up s | x cp, start-up excluded | peak RSS MiB | RSS / input | peak RssAnon MiB | "
+            "peak RssFile MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        c = r.contender
+        if not r.ok:
+            lines.append(f"| {c.name} | {c.reads} | FAILED (exit {r.runs[-1].returncode}): "
+                         f"{r.runs[-1].stderr.strip().splitlines()[-1] if r.runs[-1].stderr.strip() else ''} |")
+            continue
+        python = c.kind != "floor"
+        net = r.wall - r.startup if c.kind == "ours" else None
+        lines.append(
+            f"| {c.name} | {c.reads} | {spread(r.runs)} | {r.cpu:.2f} | {r.input_bytes / r.wall / 1e6:,.0f} | {r.cp / r.wall:.2f} | "
+            f"{r.cp_sync / r.wall:.2f} | {r.seed / r.wall:.1f} | "
+            f"{f'{net:.3f}' if net is not None else ''} | {f'{r.cp / net:.2f}' if net else ''} | "
+            f"{mib(r.peak_rss)} | {r.peak_rss / r.input_bytes:.2f} | {mib(r.peak_anon) if python else ''} | "
+            f"{mib(r.peak_file) if python else ''} |")
+    return lines
+
+
+def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: list[tuple[str, list[Run], list[str]]]
+            ) -> tuple[list[str], list[tuple[str, Row]]]:
+    """The issue's targets, each met or missed with its number; and the rows to profile."""
+    lines, misses = [], []
+    ours = lambda name: [r for r in all_rows.get(name, []) if r.contender.kind == "ours"]
+    if TARGET_INPUT in all_rows:
+        lines.append(f"**Throughput >= {TARGET_CP_RATIO}x cp on the rank-128 file** (`{TARGET_INPUT}`):")
+        for r in ours(TARGET_INPUT):
+            ratio = r.cp / r.wall
+            met = r.ok and ratio >= TARGET_CP_RATIO
+            lines.append(f"- {r.contender.name}: {'met' if met else 'MISSED'}, {ratio:.2f}x cp "
+                         f"({r.wall:.3f} s vs cp {r.cp:.3f} s; {r.cp_sync / r.wall:.2f}x cp + fsync; "
+                         f"start-up excluded {r.cp / (r.wall - r.startup):.2f}x cp)")
+            if not met:
+                misses.append((TARGET_INPUT, r))
+    lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
+    for name, rows in all_rows.items():
+        for r in ours(name):
+            speedup = r.seed / r.wall
+            lines.append(f"- {name}, {r.contender.name}: {'met' if r.ok and speedup >= TARGET_SEED_SPEEDUP else 'MISSED'}, "
+                         f"{speedup:.1f}x ({r.wall:.3f} s vs seed {r.seed:.3f} s)")
+    lines.append("\n**Peak RSS <= largest tensor + 100 MB** (ru_maxrss; RssAnon in brackets):")
+    for name, rows in all_rows.items():
+        limit = largest[name] + TARGET_RSS_SLACK
+        for r in ours(name):
+            met = r.peak_rss <= limit
+            lines.append(f"- {name}, {r.contender.name}: {'met' if met else 'MISSED'}, {mib(r.peak_rss)} MiB "
+                         f"[{mib(r.peak_anon)} MiB anon] vs limit {mib(limit)} MiB "
+                         f"(largest tensor {mib(largest[name])} MiB)")
+    lines.append(f"\n**`--help` and `inspect` under {TARGET_CLI_S} s, no torch or mindspore import:**")
+    for label, runs, heavy in cli_rows:
+        if "cli.py" not in label:
+            continue
+        wall = median(runs)
+        met = wall < TARGET_CLI_S and not heavy
+        lines.append(f"- `{label}`: {'met' if met else 'MISSED'}, {wall:.3f} s"
+                     f"{', imports ' + ', '.join(heavy) if heavy else ', imports neither torch nor mindspore'}")
+    return lines, misses
+
+
+def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[str, InputSpec], sizes: dict,
+                  largest: dict, cli_rows, profiles: dict[str, str]) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    target_lines, _ = targets(tables, largest, cli_rows)
+    out = [
+        "# Conversion benchmarks",
+        "",
+        f"Written by `{info['command']}` on {info['date']} (git {info['git']}).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {info['machine']['cpu']}, {info['machine']['cores']} cores; RAM {info['machine']['ram']}",
+        f"- Disk (work directory `{info['work']}`): {info['disk']}",
+        f"- {info['machine']['os']}, Python {info['machine']['python']}",
+        f"- Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}",
+        f"- Load average before / after: {info['load_before']} / {info['load_after']} (other work on the machine "
+        "shows up as noise; the min-max spread says how much)",
+        f"- Repeats: {args.repeat}; figures are medians, peaks the highest of the repeats",
+        "",
+        "## How it is measured",
+        "",
+        "Each contender is one process started with `posix_spawn`; wall time runs from the spawn to `wait4`. Peak RSS "
+        "is `ru_maxrss` from `wait4`; it includes the pages of memory-mapped input files the process touched "
+        "(page cache, not private memory), so peak `RssAnon` and `RssFile` from `/proc/<pid>/status` are sampled "
+        f"every 3 ms as well. Commands are spawned from a small launcher process, because the kernel records "
+        f"the spawning process's peak RSS into the child's `ru_maxrss` at exec: {mib(info['launcher_rss'])} MiB, "
+        "the launcher's, is therefore a floor under every peak RSS below. Before every run the previous output is removed and `sync` flushes dirty pages; "
+        "inputs are in the page cache (generated or read just before). `cp` is the floor: GNU cp copies in the "
+        "kernel (`copy_file_range`) and does not fsync; our writers fsync the output before renaming it into place "
+        "(crash safety), so `cp + fsync` (`cp a b && sync b`) is shown too. \"x cp\" = cp's wall time / this "
+        "wall time on the same input file (= throughput relative to cp). Python start-up is part of every "
+        "command's cost; \"wall - start-up\" subtracts the median of a bare `python -c 'import lorabridge.cli'`. "
+        "\"CPU s\" is user + system time of the process and all its threads (from `wait4`): less sensitive than "
+        "wall time to other work on the machine, and above wall time when threads run on both cores.",
+        "",
+        "Contenders, exactly:",
+        "",
+        "- `cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
+        "- seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
+        "(the seed's `convert_lora_ms2pt.py` steps: `mindspore.load_checkpoint`, names paired by line position "
+        "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper)",
+        "- diffusers: `python bench/contenders/diffusers_resave.py NEUTRAL OUTDIR`: "
+        "`StableDiffusionXLPipeline.lora_state_dict(dir, weight_name=file)`, split by `unet.`/`text_encoder.`/"
+        "`text_encoder_2.`, `StableDiffusionXLPipeline.save_lora_weights(OUTDIR, unet_lora_layers=..., "
+        "text_encoder_lora_layers=..., text_encoder_2_lora_layers=..., weight_name='pytorch_lora_weights.safetensors')` "
+        "(no model instance)",
+        "- ours: `python cli.py ms2neutral IN.ckpt -o OUT`, `python cli.py neutral2pt NEUTRAL -o OUT` (diffusers format), "
+        "`python cli.py neutral2ms NEUTRAL -o OUT.ckpt` (mindone-sgm), `python cli.py convert NEUTRAL --to kohya -o OUT`",
+        "",
+        "## Inputs",
+        "",
+        "| input | what | tensors | .ckpt bytes | neutral bytes | largest tensor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, spec in specs.items():
+        out.append(f"| `{name}` | {spec.description} | {sizes[name]['tensors']} | {sizes[name]['ckpt']:,} | "
+                   f"{sizes[name]['neutral']:,} | {mib(largest[name])} MiB |")
+    for name, rows in tables.items():
+        out += ["", f"## `{name}`", ""] + input_table(rows)
+    out += ["", "## Start-up, `--help`, `inspect`", "",
+            "| command | wall s (median, min-max) | CPU s | peak RSS MiB | imports |", "|---|---|---|---|---|"]
+    for label, runs, heavy in cli_rows:
+        out.append(f"| `{label}` | {spread(runs)} | {statistics.median(r.cpu_s for r in runs):.3f} | "
+                   f"{mib(max(r.peak_rss_bytes for r in runs))} | "
+                   f"{', '.join(heavy) or 'no torch, mindspore, diffusers'} |")
+    out += ["", "## Targets (issue 7)", ""] + target_lines
+    if profiles:
+        out += ["", "## Profiles of the misses", "",
+                f"`python -m cProfile` of the command, the {PROFILE_LINES} functions with the most own time (one run, "
+                "so times include profiling overhead; time in numpy calls and in page faults on mapped input counts "
+                "as the own time of the Python function that made them):"]
+        for label, text in profiles.items():
+            out += ["", f"### {label}", "", "```", text, "```"]
+    out += ["", NOTES_MARKER]
+    RESULTS.write_text("\n".join(out) + notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only the two smaller inputs, one repeat")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per contender [3; 1 with --quick]")
+    parser.add_argument("--inputs", nargs="*", choices=list(INPUTS), default=None, help="inputs to run [all]")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorabridge-bench",
+                        help="where inputs and outputs go (inputs are kept and reused) [%(default)s]")
+    parser.add_argument("--regenerate", action="store_true", help="regenerate the inputs even if present")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile runs of target misses")
+    args = parser.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    names = args.inputs or (list(INPUTS)[:2] if args.quick else list(INPUTS))
+    args.work.mkdir(parents=True, exist_ok=True)
+    launcher = Launcher()  # first, while this process is still small (see measure.LAUNCHER)
+    specs = {n: INPUTS[n] for n in names}
+    python = os.path.relpath(PY, REPO) if Path(PY).is_relative_to(REPO) else PY
+    info = {"command": " ".join([python, "bench/convert_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": git_revision(),
+            "machine": machine(), "disk": disk(args.work), "versions": versions(), "work": os.fspath(args.work)}
+    print(f"preparing inputs in {args.work} ...", flush=True)
+    files = {n: prepare(s, args.work, args.regenerate) for n, s in specs.items()}
+    sizes = {n: {"ckpt": f.ckpt.stat().st_size, "neutral": f.neutral.stat().st_size,
+                 "tensors": len(SafetensorsFile(f.neutral))} for n, f in files.items()}
+    largest = {n: largest_tensor(f) for n, f in files.items()}
+    info["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    contenders = _contenders()
+    runs: dict[tuple[str, int], list[Run]] = {}
+    cli = startup_commands(files)
+    cli_runs: dict[str, list[Run]] = {label: [] for label, _ in cli}
+    logs = args.work / "logs"
+    logs.mkdir(exist_ok=True)
+    for repeat in range(args.repeat):
+        for label, command in cli:
+            cli_runs[label].append(run_one(launcher, command, None, logs / "cli.out"))
+        for name, f in files.items():
+            for i, c in enumerate(contenders):
+                out = f.out / c.output
+                run = run_one(launcher, c.argv(f, out), out, logs / f"{name}.{i}.out")
+                runs.setdefault((name, i), []).append(run)
+                print(f"[{repeat + 1}/{args.repeat}] {name:28s} {c.name:55s} {run.wall_s:8.3f} s "
+                      f"{mib(run.peak_rss_bytes):>9s} MiB rss{'' if run.returncode == 0 else '  FAILED'}", flush=True)
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["launcher_rss"] = launcher.own_rss()
+    launcher.__exit__()
+    startup = median(cli_runs["python -c 'import lorabridge.cli' (our start-up)"])
+    tables: dict[str, list[Row]] = {}
+    for name, f in files.items():
+        by_reads = lambda reads, kind_name: median(next(runs[(name, i)] for i, c in enumerate(contenders)
+                                                        if c.reads == reads and c.name == kind_name))
+        seed = median(next(runs[(name, i)] for i, c in enumerate(contenders) if c.name.startswith("seed")))
+        tables[name] = [Row(c, runs[(name, i)], f.input(c.reads).stat().st_size, by_reads(c.reads, "cp"),
+                            by_reads(c.reads, "cp + fsync"), seed, startup) for i, c in enumerate(contenders)]
+    cli_rows = [(label, cli_runs[label], heavy_imports(command)) for label, command in cli]
+    profiles = {}
+    if not args.no_profile:
+        _, misses = targets(tables, largest, cli_rows)
+        for name, row in misses:
+            out = files[name].out / row.contender.output
+            profiles[f"{row.contender.name} ({name})"] = profile(row.contender.argv(files[name], out), out, args.work)
+        for label, command in cli:
+            if "cli.py" in label and median(cli_runs[label]) >= TARGET_CLI_S:
+                profiles[label] = profile(command, args.work / "none", args.work)
+    write_results(args, info, tables, specs, sizes, largest, cli_rows, profiles)
+    (args.work / "results.json").write_text(json.dumps(
+        {"info": info, "runs": {f"{n}/{contenders[i].name}/{contenders[i].reads}": [asdict(r) for r in rs]
+                                for (n, i), rs in runs.items()},
+         "cli": {label: [asdict(r) for r in rs] for label, rs in cli_runs.items()}}, indent=1))
+    print(f"wrote {RESULTS.relative_to(REPO)} (raw numbers: {args.work / 'results.json'})")
+
+
+if __name__ == "__main__":
+    main()
