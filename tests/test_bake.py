@@ -41,15 +41,23 @@ def eckart_young(delta: np.ndarray, rank: int) -> float:
     return float(np.sqrt((s[rank:] ** 2).sum() / (s ** 2).sum()))
 
 
-@pytest.mark.parametrize("rank", [1, 2, 3, 8])
-def test_baking_reaches_the_eckart_young_bound_and_reports_the_error_it_has(rank):
-    module = loha()
+@pytest.mark.parametrize("module", [loha(rank=3), lokr_conv(), loha(rank=3, out=9, alpha=-2.0)], ids=["loha", "lokr-conv", "loha-negative-alpha"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 5])
+def test_baking_reaches_the_eckart_young_bound_and_reports_the_error_it_has(module, rank):
     baked, report = bake_module(module, rank)
     delta, approx = module.delta_weight(), baked.delta_weight()
     measured = np.linalg.norm(delta - approx) / np.linalg.norm(delta)
     assert report.relative_error == pytest.approx(measured, rel=1e-4, abs=1e-6)
     assert report.relative_error == pytest.approx(eckart_young(delta, rank), rel=1e-3, abs=1e-6)
     assert (baked.kind, baked.rank, baked.alpha, baked.scale) == ("lora", rank, float(rank), 1.0)
+
+
+def test_tucker_modules_bake_through_a_dense_svd():
+    module = random_module(CONV, "loha", {"hada_w1_a": (2, 24), "hada_w1_b": (2, 8), "hada_t1": (2, 2, 3, 3),
+                                          "hada_w2_a": (2, 24), "hada_w2_b": (2, 8), "hada_t2": (2, 2, 3, 3)})
+    baked, report = bake_module(module, 6)
+    assert report.relative_error == pytest.approx(eckart_young(module.delta_weight(), 6), rel=1e-3, abs=1e-6)
+    assert baked.tensors["lora_A.weight"].shape == (6, 8, 3, 3)
 
 
 def test_a_rank_2_loha_bakes_exactly_at_rank_4():
@@ -60,17 +68,17 @@ def test_a_rank_2_loha_bakes_exactly_at_rank_4():
 
 def test_conv_lokr_bakes_to_a_conv_lora_with_the_kernel_on_lora_a():
     module = lokr_conv()
-    baked, report = bake_module(module, 16)  # delta W is (24, 72): rank <= 16 = rank(w1) * rank(w2 as 6x18)... exact
-    assert baked.tensors["lora_A.weight"].shape == (16, 8, 3, 3)
-    assert baked.tensors["lora_B.weight"].shape == (24, 16, 1, 1)
+    baked, report = bake_module(module, 16)  # kron((4, 4), rank-2 (6, 18)) has rank 4 * 2 = 8: exact at 8
+    assert baked.tensors["lora_A.weight"].shape == (8, 8, 3, 3)
+    assert baked.tensors["lora_B.weight"].shape == (24, 8, 1, 1)
     assert baked.weight_shape == module.weight_shape == (24, 8, 3, 3)
     np.testing.assert_allclose(baked.delta_weight(), module.delta_weight(), rtol=1e-4, atol=1e-4)
     assert report.relative_error < 1e-5
 
 
-def test_a_rank_above_what_the_weight_allows_is_clamped():
-    baked, _ = bake_module(loha(out=6, inp=5), 64)
-    assert baked.rank == 5
+def test_a_rank_above_what_delta_w_has_is_clamped_to_it():
+    assert bake_module(loha(rank=2), 64)[0].rank == 4  # a rank-2 LoHa: at most 2 * 2
+    assert bake_module(loha(rank=3, out=6, inp=5), 64)[0].rank == 5  # at most the smaller side
 
 
 def test_baked_factors_keep_the_module_dtype_and_the_error_is_measured_after_the_cast():

@@ -163,7 +163,7 @@ def read(path: str | os.PathLike, **options) -> LoraModel:
 
     Example:
         >>> model = read("sdxl_loha.safetensors")   # doctest: +SKIP
-        >>> model.summary()["kinds"]
+        >>> model.summary()["kinds"]   # doctest: +SKIP
         {'loha': 722}
     """
     folded: list[str] = []
