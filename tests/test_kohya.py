@@ -300,6 +300,17 @@ def test_loras_for_other_architectures_are_not_sdxl_loras_with_evidence(tmp_path
     assert not (tmp_path / "n.safetensors").exists()
 
 
+def test_an_sd15_unet_lora_in_diffusers_spelling_is_not_sdxl_even_with_skip_unknown(tmp_path):
+    """down_blocks.0 has attention in SD 1.x only; down_blocks.1 attn1 layers fit SDXL too (same width)."""
+    sd = {}
+    for level, width in ((0, 320), (1, 640)):
+        stem = f"lora_unet_down_blocks_{level}_attentions_0_transformer_blocks_0_attn1_to_q"
+        sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = torch.zeros(2, width), torch.zeros(width, 2)
+    src = save_kohya(tmp_path / "sd15.safetensors", sd)
+    with pytest.raises(LoraBridgeError, match=r"not an SDXL LoRA: .*down_blocks_0_attentions_0.*looks like SD 1\.x/2\.x"):
+        kohya.read(src, skip_unknown=True)
+
+
 def test_detect_leaves_lycoris_files_to_the_lycoris_reader(tmp_path):
     sd = kohya_state_dict()
     sd["lora_unet_conv_in.hada_w1_a"] = torch.zeros(2, 2)

@@ -83,9 +83,14 @@ def _role_problems(module: LoraModule) -> list[str]:
 
 
 def _hint(model: LoraModel) -> str | None:
-    """Which other model the names or the cross-attention width point to, if any."""
+    """Which other model the names or the cross-attention width point to, if any.
+
+    Names are compared with dots as underscores too: a kohya name that resolves to no SDXL layer
+    keeps its underscores (``unet.down_blocks_0_attentions_0_...``).
+    """
+    names = [name.replace(".", "_") for name in model.modules]
     for label, fragments in ARCHITECTURE_HINTS:
-        if any(fragment in name for name in model.modules for fragment in fragments):
+        if any(fragment.replace(".", "_") in name for name in names for fragment in fragments):
             return label
     for m in model.modules.values():
         if m.name.endswith(("attn2.to_k", "attn2.to_v")) and m.in_features in CROSS_ATTENTION_WIDTHS:
