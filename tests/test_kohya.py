@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from lorabridge.converters import convert  # noqa: E402
-from lorabridge.errors import LoraBridgeError  # noqa: E402
+from lorabridge.errors import LoraBridgeError, LoraBridgeWarning  # noqa: E402
 from lorabridge.formats import kohya  # noqa: E402
 from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
@@ -74,7 +75,7 @@ def kohya_state_dict(spelling: int = 0, dtype=torch.float32, alpha_dtype=torch.f
 
 def data_section_sha256(path) -> str:
     """kohya's/A1111's model hash: sha256 of everything after the safetensors header."""
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     return hashlib.sha256(raw[8 + n:]).hexdigest()
 
@@ -342,3 +343,32 @@ def test_top_level_unet_layers_are_written_with_a_warning_that_diffusers_cannot_
     result = convert(neutral, tmp_path / "k.safetensors", to="kohya", progress=False)
     [warning] = [w for w in result.warnings if "outside the down/mid/up blocks" in w]
     assert "4 UNet layer(s)" in warning and "unet.conv_in" in warning and "--format diffusers" in warning
+
+
+def test_a_kohya_torch_pickle_reads_like_its_safetensors_twin(tmp_path):
+    sd = kohya_state_dict()
+    torch.save(sd, tmp_path / "lora.pt")
+    assert kohya.detect(tmp_path / "lora.pt")
+    from_pickle = kohya.read(tmp_path / "lora.pt")
+    from_safetensors = kohya.read(save_kohya(tmp_path / "lora.safetensors", sd))
+    for name, module in from_safetensors.modules.items():
+        assert all(t.same_as(from_pickle.modules[name].tensors[r]) for r, t in module.tensors.items())
+
+
+def test_nan_factors_warn_and_strict_refuses_them(tmp_path):
+    sd = kohya_state_dict()
+    sd["lora_unet_out_2.lora_up.weight"][0, 0] = float("nan")
+    src = save_kohya(tmp_path / "nan.safetensors", sd)
+    with pytest.warns(LoraBridgeWarning, match=r"1 tensor\(s\) hold NaN or Inf values: unet\.conv_out\.lora_B\.weight"):
+        kohya.read(src)
+    with pytest.raises(LoraBridgeError, match="refused"):
+        kohya.read(src, strict=True)
+
+
+def test_training_facts_that_are_not_strings_become_json_metadata(tmp_path):
+    model = kohya.read(save_kohya(tmp_path / "src.safetensors", kohya_state_dict()))
+    model.training = {"learning_rate": 0.0001, "resolution": [1024, 1024], "ss_network_dim": "2"}
+    with pytest.warns(LoraBridgeWarning, match="outside the down/mid/up blocks"):
+        kohya.write(model, tmp_path / "k.safetensors")
+    _, metadata = read_safetensors(tmp_path / "k.safetensors")
+    assert (metadata["learning_rate"], metadata["resolution"], metadata["ss_network_dim"]) == ("0.0001", "[1024, 1024]", "2")
