@@ -15,6 +15,7 @@ from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.model import LoraModel
 from tests.fixtures.core import make_lora_module
 from tests.fixtures.sdxl import load_diffusers_pipeline
+from tests.fixtures.torch_lora import diffusers_messages
 
 pytestmark = pytest.mark.torch
 
@@ -63,13 +64,13 @@ def expected_weights(neutral_path, base_weights: dict) -> dict:
     return out
 
 
-def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral, caplog):
+def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral):
     pipe = load_diffusers_pipeline(tiny_sdxl_dir)
     base = {f"{c}.{p}": getattr(pipe, c).get_submodule(p).weight.detach().numpy().copy() for c, p, _, _ in TARGETS}
-    with caplog.at_level("WARNING"):
+    with diffusers_messages() as messages:
         # diffusers in offline mode wants the directory plus weight_name, not a file path
         pipe.load_lora_weights(str(mixed_neutral.parent), weight_name=mixed_neutral.name)
-    assert not [r for r in caplog.records if "key" in r.getMessage().lower()], caplog.text
+    assert not [m for m in messages if "key" in m.lower()], messages
     for component, path, rank, alpha in TARGETS:
         layer = getattr(pipe, component).get_submodule(path)
         assert layer.r["default_0"] == rank and layer.scaling["default_0"] == pytest.approx(alpha / rank)
