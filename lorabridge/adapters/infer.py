@@ -29,7 +29,7 @@ from ..io.atomic import check_output_path
 from ..model import SDXL_ARCHITECTURE, LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, save_latents
-from .options import BACKENDS, InferOptions
+from .options import BACKENDS, SCHEDULERS, InferOptions
 from .pipeline import apply_lora, sample, set_scheduler
 from .png import write_png
 
@@ -121,6 +121,9 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     dtype = backend.resolve_dtype(options.dtype, device)
     result = InferResult([], out, options.backend, device, dtype)
     log(f"{options.backend} on {device} ({dtype}): {base.path} {'(single file)' if base.single_file else ''}".rstrip())
+    if not SCHEDULERS[options.scheduler][2]:
+        log(f"note: {options.scheduler} adds fresh noise at every step from {options.backend}'s own generator, "
+            "so the same seed gives different images on the two backends")
 
     pipe, fw = backend.load_pipeline(base, dtype, device, options.config)
     if lora is not None:

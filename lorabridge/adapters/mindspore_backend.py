@@ -100,7 +100,10 @@ def setup(device: str) -> list[str]:
 
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
                   config: str | None = None) -> tuple[Any, MindSporeFramework]:
-    """mindone.diffusers' SDXL pipeline from a diffusers directory (after :func:`setup`) and its framework."""
+    """mindone.diffusers' SDXL pipeline from a diffusers directory (after :func:`setup`) and its framework.
+
+    ``config`` exists for the torch backend's single-file loading and is not used here.
+    """
     import mindspore as ms
 
     base = describe_base(base) if not isinstance(base, BaseModel) else base

@@ -69,17 +69,14 @@ REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
 _applied: dict[tuple[str, str], Any] = {}  # (module, attribute) -> the original, once rebound
 
 
-def _rebind(original: Any, replacement: Callable[..., Any]) -> int:
+def _rebind(original: Any, replacement: Callable[..., Any]) -> None:
     """Point every module-level name bound to ``original`` (in mindspore and mindone) at ``replacement``."""
-    count = 0
     for name, module in list(sys.modules.items()):
         if module is None or not name.startswith(("mindspore", "mindone")):
             continue
         for attr, value in list(vars(module).items()):
             if value is original:
                 setattr(module, attr, replacement)
-                count += 1
-    return count
 
 
 def apply() -> list[str]:

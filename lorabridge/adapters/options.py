@@ -6,13 +6,14 @@ call, so one table of scheduler names and one options object serve both framewor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LoraBridgeError
 
-# --scheduler name -> (scheduler class in diffusers and mindone.diffusers, config overrides, deterministic?)
+# --scheduler name -> (scheduler class in diffusers and mindone.diffusers, config overrides, deterministic:
+# False when each step draws noise from the framework's own generator, so backends cannot match)
 # "euler" on SDXL's scheduler config is the DDPM-trained sigma discretization with the Euler sampler:
 # what MindONE's sampler calls DiffusersDDPMDiscretization, the seed's setting for cross-framework parity.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -61,7 +62,6 @@ class InferOptions:
     output: Path | None = None
     config: Path | None = None  # diffusers config directory for a single-file base (torch)
     force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_dir(self) -> Path:
@@ -73,9 +73,7 @@ class InferOptions:
         return Path(f"{self.lora}-gen-images")
 
     def check(self) -> None:
-        """Refuse values no backend can run, before anything heavy is loaded."""
-        if self.backend not in BACKENDS:
-            raise LoraBridgeError(f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        """Refuse values no backend can run, before anything heavy is loaded (the backend: :func:`.infer.load_backend`)."""
         if self.scheduler not in SCHEDULERS:
             raise LoraBridgeError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:
