@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 def lora_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
     """scale * B @ A; for conv A is (r, in, kh, kw) and B (out, r, 1, 1), the product reshaped back."""
     rank = a.shape[0]
-    flat = b.reshape(b.shape[0], rank).astype(np.float32) @ a.reshape(rank, -1).astype(np.float32)
-    return (scale * flat).reshape((b.shape[0], *a.shape[1:])).astype(np.float32)
+    flat = b.reshape(b.shape[0], rank).astype(np.float32, copy=False) @ a.reshape(rank, -1).astype(np.float32, copy=False)
+    return (scale * flat).reshape((b.shape[0], *a.shape[1:])).astype(np.float32, copy=False)
 
 
 def _factor(t: dict, whole: str, left: str, right: str) -> np.ndarray:
@@ -40,7 +40,7 @@ def delta_weight(module: "LoraModule") -> np.ndarray:
         else:
             w1 = lora_delta(t["hada_w1_b"].to_float32(), t["hada_w1_a"].to_float32(), 1.0)
             w2 = lora_delta(t["hada_w2_b"].to_float32(), t["hada_w2_a"].to_float32(), 1.0)
-        return (w1 * w2 * module.scale).astype(np.float32)
+        return (w1 * w2 * module.scale).astype(np.float32, copy=False)
     if module.kind == "lokr":
         w1 = _factor(t, "lokr_w1", "lokr_w1_a", "lokr_w1_b")
         if "lokr_t2" in t:  # Tucker: w2_a (r, out2), w2_b (r, in2) around a (r, r, kh, kw) core
@@ -49,7 +49,7 @@ def delta_weight(module: "LoraModule") -> np.ndarray:
             w2 = _factor(t, "lokr_w2", "lokr_w2_a", "lokr_w2_b")
         if w2.ndim == 4 and w1.ndim == 2:
             w1 = w1[:, :, None, None]
-        return (np.kron(w1, w2) * module.scale).astype(np.float32)
+        return (np.kron(w1, w2) * module.scale).astype(np.float32, copy=False)
     raise ValueError(f"unknown LoRA kind {module.kind!r}")
 
 
