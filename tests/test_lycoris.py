@@ -193,3 +193,18 @@ def test_unsupported_lycoris_algorithms_are_refused_by_name(lycoris_file, tmp_pa
     with pytest.raises(LoraBridgeError, match="LyCORIS IA3 modules have no neutral kind"):
         convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False)
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_a_lycoris_file_for_flux_is_not_an_sdxl_lora(tmp_path):
+    """SimpleTuner writes LyCORIS for Flux with lycoris_ + diffusers Flux paths."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for stem, (out, inp) in {"lycoris_transformer_blocks_0_attn_to_q": (3072, 3072),
+                             "lycoris_single_transformer_blocks_0_proj_mlp": (12288, 3072)}.items():
+        sd.update({f"{stem}.hada_w1_a": torch.zeros(out, 2), f"{stem}.hada_w1_b": torch.zeros(2, inp),
+                   f"{stem}.hada_w2_a": torch.zeros(out, 2), f"{stem}.hada_w2_b": torch.zeros(2, inp),
+                   f"{stem}.alpha": torch.tensor(1.0)})
+    save_file(sd, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(LoraBridgeError, match=r"not an SDXL LoRA: 2 of 2 modules .*unet\.single_transformer_blocks_0_proj_mlp.*looks like Flux"):
+        convert(tmp_path / "flux.safetensors", tmp_path / "n.safetensors", to="neutral", progress=False)
