@@ -42,8 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 RESULTS = REPO / "bench" / "RESULTS.md"
 NOTES_MARKER = "<!-- notes: everything below this line is hand-written and kept when the script rewrites the file -->"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       }
+# Commands run as a user's would: offline, and with Python's bytecode cache (an environment that
+# sets PYTHONDONTWRITEBYTECODE would have every run compile lorabridge's modules from source).
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 VERSIONS = ("lorabridge", "numpy", "safetensors", "torch", "mindspore", "diffusers", "jsonschema", "click")
 TARGET_CP_RATIO = 0.5  # every converter at >= 0.5x cp's throughput on the rank-128 file
 TARGET_SEED_SPEEDUP = 10.0  # >= 10x faster than the seed's approach
@@ -197,12 +199,20 @@ def git_revision() -> str:
 # ------------------------------------------------------------------------------------------- running
 
 
+def remove(out: Path) -> None:
+    shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+
+
 def run_one(launcher: Launcher, argv: list[str], out: Path | None, log: Path) -> Run:
-    """Remove the previous output, flush dirty pages (so no run pays for another's writeback), run."""
-    if out is not None:
-        shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    """Flush dirty pages (so no run pays for another's writeback), run, note the output's size and
+    remove it (outputs of 2 GiB inputs would otherwise fill the disk)."""
     os.sync()
-    return launcher.measure(argv, cwd=REPO, env=ENV, log=log)
+    run = launcher.measure(argv, cwd=REPO, env=ENV, log=log)
+    if out is not None:
+        run.output_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else (
+            out.stat().st_size if out.exists() else 0)
+        remove(out)
+    return run
 
 
 def startup_commands(files: dict[str, Files]) -> list[tuple[str, list[str]]]:
@@ -224,9 +234,10 @@ def heavy_imports(argv: list[str]) -> list[str]:
 def profile(argv: list[str], out: Path, work: Path) -> str:
     """cProfile of one of our commands: the functions with the most own time."""
     stats_file = work / "profile.prof"
-    shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    remove(out)
     subprocess.run([argv[0], "-m", "cProfile", "-o", os.fspath(stats_file), *argv[1:]], cwd=REPO, env=ENV,
                    capture_output=True, check=True)
+    remove(out)
     text = io.StringIO()
     stats = pstats.Stats(os.fspath(stats_file), stream=text)
     stats.strip_dirs().sort_stats("tottime").print_stats(PROFILE_LINES)
@@ -294,8 +305,10 @@ def input_table(rows: list[Row]) -> list[str]:
     for r in rows:
         c = r.contender
         if not r.ok:
-            lines.append(f"| {c.name} | {c.reads} | FAILED (exit {r.runs[-1].returncode}): "
-                         f"{r.runs[-1].stderr.strip().splitlines()[-1] if r.runs[-1].stderr.strip() else ''} |")
+            failed = next(run for run in r.runs if run.returncode != 0)
+            why = failed.stderr.strip().splitlines()[-1] if failed.stderr.strip() else ""
+            lines.append(f"| {c.name} | {c.reads} | FAILED in {sum(run.returncode != 0 for run in r.runs)} of "
+                         f"{len(r.runs)} runs (exit {failed.returncode}): {why} |")
             continue
         python = c.kind != "floor"
         net = r.wall - r.startup if c.kind == "ours" else None
@@ -382,14 +395,17 @@ def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[st
         "wall time on the same input file (= throughput relative to cp). Python start-up is part of every "
         "command's cost; \"wall - start-up\" subtracts the median of a bare `python -c 'import lorabridge.cli'`. "
         "\"CPU s\" is user + system time of the process and all its threads (from `wait4`): less sensitive than "
-        "wall time to other work on the machine, and above wall time when threads run on both cores.",
+        "wall time to other work on the machine, and above wall time when threads run on both cores. Commands run "
+        "offline (`HF_HUB_OFFLINE=1`) with Python's bytecode cache, compiled beforehand (`compileall`).",
         "",
         "Contenders, exactly:",
         "",
         "- `cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
         "- seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
         "(the seed's `convert_lora_ms2pt.py` steps: `mindspore.load_checkpoint`, names paired by line position "
-        "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper)",
+        "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper, and with MindSpore "
+        "2.10's guard that refuses a .ckpt larger than *free* memory switched off: with a full page cache it "
+        "refuses even the 727 MB input, which the seed's MindSpore did not)",
         "- diffusers: `python bench/contenders/diffusers_resave.py NEUTRAL OUTDIR`: "
         "`StableDiffusionXLPipeline.lora_state_dict(dir, weight_name=file)`, split by `unet.`/`text_encoder.`/"
         "`text_encoder_2.`, `StableDiffusionXLPipeline.save_lora_weights(OUTDIR, unet_lora_layers=..., "
@@ -450,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {n: {"ckpt": f.ckpt.stat().st_size, "neutral": f.neutral.stat().st_size,
                  "tensors": len(SafetensorsFile(f.neutral))} for n, f in files.items()}
     largest = {n: largest_tensor(f) for n, f in files.items()}
+    subprocess.run([PY, "-m", "compileall", "-q", "lorabridge", "bench/contenders"], cwd=REPO, env=ENV, check=True)
     info["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     contenders = _contenders()
     runs: dict[tuple[str, int], list[Run]] = {}

@@ -36,6 +36,7 @@ class Run:
     peak_file_bytes: int  # highest RssFile sampled (mapped file pages, shared libraries)
     samples: int
     stderr: str
+    output_bytes: int = 0  # filled in by the caller that knows the output
 
 
 def _status(pid: int, fields: tuple[str, ...] = STATUS_FIELDS) -> dict[str, int]:

@@ -65,7 +65,7 @@ def file_sha256(path: Path) -> str | None:
 def record_source(model: LoraModel, source: Path, source_format: str, source_sha256: str | None) -> None:
     """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history.
 
-    ``source_sha256``: see :func:`file_sha256` (None for a directory, or while it is being computed).
+    ``source_sha256``: see :func:`file_sha256` (None for a directory, or when the target does not store it).
     """
     previous = dict(model.provenance)
     history = previous.pop("history", [])
@@ -86,9 +86,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
 
     ``options`` go to both the reader and the writer (``alpha``, ``skip_unknown``, ``dtype``...).
-    The source file is hashed (provenance ``source_sha256``) in a thread beside reading; for a
-    target that does not store the hash (no ``RECORDS_SOURCE_HASH`` in its module) beside writing
-    too, the hash then reaching the provenance only after the write.
+    The source file is hashed (provenance ``source_sha256``) in a thread beside reading, when the
+    target stores the hash (``RECORDS_SOURCE_HASH`` in its module: the neutral manifest); for other
+    targets the hash would be a pass over the input that nothing keeps, so it is skipped (None).
 
     Example:
         >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
@@ -98,12 +98,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     source = detect_format(src, from_formats)
     writer = target.load()
     out = check_output_path(dst, force, inputs=(src,), directory=getattr(writer, "WRITES_DIRECTORY", False))
-    source_sha256 = in_background(file_sha256, src)
-    stores_hash = getattr(writer, "RECORDS_SOURCE_HASH", False)
+    source_hash = in_background(file_sha256, src) if getattr(writer, "RECORDS_SOURCE_HASH", False) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.load().read(src, **options)
-        record_source(model, src, source.name, source_sha256() if stores_hash else None)
+        record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None
         if progress and sys.stderr is not None and sys.stderr.isatty():  # tqdm(disable=None) shows nothing otherwise
             from tqdm import tqdm
@@ -114,7 +113,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         finally:
             if bar is not None:
                 bar.close()
-    model.provenance["source_sha256"] = source_sha256()
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)] + list(returned)
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
