@@ -4,8 +4,9 @@
     python bench/infer_bench.py --model sdxl --device cuda --dtype fp16 --backends torch --size 1024
 
 Everything goes through lorabridge's own adapters (``load_pipeline`` + ``apply_lora``, i.e. what
-``infer`` does, checks included), one fresh process per backend. Numbers are medians over
-``--repeats`` runs, per-step times over every step but the first of each run; they are reported
+``infer`` does, checks included), one fresh process per backend. Numbers: load times best of
+``--repeats`` runs, per-step times the median over every step but the first of a run, best of the
+runs (variants interleaved, so background load hits all alike); they are reported
 as ratios to the base model measured in the same run, and written to bench/RESULTS-infer.md.
 ``--model sdxl`` builds SDXL-base's real sizes with random weights (no download; fp16 on a GPU).
 """
@@ -69,33 +70,32 @@ def run_worker(args: argparse.Namespace) -> dict:
     size = args.size or base.native_size
     latents = draw_latents(0, base.latent_shape(1, size, size))
     options = InferOptions(args.worker, base.path, "a photo of a cat", steps=args.steps)
-    results = {}
-    for variant in ("warm-up", *VARIANTS):
-        loads, lora_loads, steps = [], [], []
-        for _ in range(1 if variant == "warm-up" else args.repeats):
-            started = time.perf_counter()
-            pipe, fw = backend.load_pipeline(base, dtype, device)
+    samples: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
+    # Variants are interleaved, so a burst of load from other processes hits all of them alike.
+    for variant in ("base", *[v for _ in range(args.repeats) for v in VARIANTS]):
+        started = time.perf_counter()
+        pipe, fw = backend.load_pipeline(base, dtype, device)
+        _sync(args.worker)
+        loaded = time.perf_counter()
+        if variant.startswith("lora"):
+            apply_lora(pipe, fw, lora, Path(args.lora), 1.0, variant == "lora fused", log=lambda line: None)
             _sync(args.worker)
-            loaded = time.perf_counter()
-            if variant.startswith("lora"):
-                apply_lora(pipe, fw, lora, Path(args.lora), 1.0, variant == "lora fused", log=lambda line: None)
-                _sync(args.worker)
-            lora_loads.append(time.perf_counter() - loaded)
-            loads.append(loaded - started)
-            set_scheduler(pipe, fw, "euler")
-            stamps = []
+        lora_loaded = time.perf_counter()
+        set_scheduler(pipe, fw, "euler")
+        stamps: list[float] = []
 
-            def stamp(pipe, step, timestep, kwargs):
-                _sync(args.worker)
-                stamps.append(time.perf_counter())
-                return kwargs
+        def stamp(pipe, step, timestep, kwargs):
+            _sync(args.worker)
+            stamps.append(time.perf_counter())
+            return kwargs
 
-            sample(pipe, fw, options, latents, (size, size), on_step=stamp)
-            steps += [b - a for a, b in zip(stamps, stamps[1:])]
-            del pipe
-        if variant != "warm-up":
-            results[variant] = {"pipeline_load_s": statistics.median(loads), "lora_load_s": statistics.median(lora_loads),
-                                "step_s": statistics.median(steps)}
+        sample(pipe, fw, options, latents, (size, size), on_step=stamp)
+        samples[variant].append({"pipeline_load_s": loaded - started, "lora_load_s": lora_loaded - loaded,
+                                 "step_s": statistics.median(b - a for a, b in zip(stamps, stamps[1:]))})
+        del pipe
+    samples["base"].pop(0)  # the first run warms caches up
+    # Best of the repeats: on a shared machine, noise only ever adds time.
+    results = {variant: {key: min(run[key] for run in runs) for key in runs[0]} for variant, runs in samples.items()}
     return {"backend": args.worker, "device": device, "dtype": dtype, "size": size, "results": results}
 
 
@@ -116,7 +116,8 @@ def render(report: dict, argv: list[str]) -> str:
         f"{platform.python_implementation()} {platform.python_version()}  ",
         f"Model: {report['model']} SDXL ({report['lora']['modules']} LoRA modules: {report['lora']['per_component']}, "
         f"rank {report['lora']['rank']}), {report['steps']} euler steps, guidance 5 (two UNet passes per step), "
-        f"medians of {report['repeats']} runs.",
+        f"best of {report['repeats']} interleaved runs (per step: median over a run's steps after the first), "
+        f"{report['threads'] or 'default'} CPU thread(s) per worker.",
         "",
         "Load = build the pipeline from disk; LoRA = `load_lora_weights` with lorabridge's module and scale checks "
         "(+ `fuse_lora` when fused). Ratios are to the base model in the same run.",
@@ -144,6 +145,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=None, help="image side [default: the model's native size]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per worker (0: the frameworks' default). One thread keeps CPU timings stable "
+                             "on a shared machine, where competing processes stall multi-threaded kernels.")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-infer.md"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -162,7 +166,7 @@ def main() -> None:
         lora = make_tiny_lora(base)
         write_neutral(lora, Path(tmp) / "lora.safetensors")
         summary = lora.summary()
-        report = {"model": args.model, "steps": args.steps, "repeats": args.repeats, "runs": [],
+        report = {"model": args.model, "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "runs": [],
                   "lora": {"modules": summary["modules"], "per_component": summary["per_component"],
                            "rank": ", ".join(summary["ranks"])}}
         for backend in args.backends:
@@ -171,6 +175,8 @@ def main() -> None:
             worker += ["--device", args.device] if args.device else []
             worker += ["--size", str(args.size)] if args.size else []
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOG_v": "3", "PYTHONPATH": str(ROOT)}
+            if args.threads:
+                env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
             proc = subprocess.run(worker, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.exit(f"{backend} worker failed:\n{proc.stderr[-3000:]}")
