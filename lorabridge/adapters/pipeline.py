@@ -89,6 +89,7 @@ def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fu
     log(f"LoRA applied ({fw.name}): " + ", ".join(f"{n} modules in {c}" for c, n in applied.items()))
     if fuse:
         pipe.fuse_lora(components=list(applied), lora_scale=scale, adapter_names=[ADAPTER_NAME])
+        pipe.unload_lora_weights()  # drops the now idle LoRA layers; the merged weights stay
         log(f"LoRA fused into the base weights at scale {scale:g}")
     else:
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
