@@ -113,7 +113,8 @@ def render(report: dict, argv: list[str]) -> str:
         "",
         f"Command: `python bench/infer_bench.py {' '.join(argv)}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{platform.python_implementation()} {platform.python_version()}  ",
+        f"{platform.python_implementation()} {platform.python_version()}; load average {report['load']} (start, end: "
+        "other processes share the CPU, so single runs are noisy)  ",
         f"Model: {report['model']} SDXL ({report['lora']['modules']} LoRA modules: {report['lora']['per_component']}, "
         f"rank {report['lora']['rank']}), {report['steps']} euler steps, guidance 5 (two UNet passes per step), "
         f"best of {report['repeats']} interleaved runs (per step: median over a run's steps after the first), "
@@ -166,6 +167,7 @@ def main() -> None:
         lora = make_tiny_lora(base)
         write_neutral(lora, Path(tmp) / "lora.safetensors")
         summary = lora.summary()
+        load_start = os.getloadavg()[0]
         report = {"model": args.model, "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "runs": [],
                   "lora": {"modules": summary["modules"], "per_component": summary["per_component"],
                            "rank": ", ".join(summary["ranks"])}}
@@ -184,6 +186,7 @@ def main() -> None:
             run["versions"] = versions(backend)
             report["runs"].append(run)
             print(f"{backend}: " + json.dumps(run["results"]), flush=True)
+    report["load"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"
     text = render(report, sys.argv[1:])
     Path(args.out).write_text(text + "\n", "utf-8")
     print(text)

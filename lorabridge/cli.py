@@ -13,6 +13,7 @@ import sys
 import click
 
 from . import __version__
+from .adapters.options import SCHEDULERS
 from .errors import LoraBridgeError
 
 
@@ -247,8 +248,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
 @click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
 @click.option("--scheduler", default="euler", show_default=True,
-              help="euler (SDXL's DDPM discretization; use it for parity), euler-karras, euler-a, ddim, ddpm, "
-                   "dpm++2m, dpm++2m-karras, dpm++2m-sde, unipc.")
+              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization the "
+                   "seed's MindSpore/PyTorch consistency check used.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on accelerators).")
 @click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
 @click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
