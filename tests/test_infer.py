@@ -57,10 +57,11 @@ def test_writes_pngs_with_their_parameters_and_logs_modules_per_component(infer,
     assert noise.shape == (2, 4, 8, 8) and noise.dtype == np.float32
 
 
-def test_default_output_is_beside_the_lora_file(infer, tiny_lora_file, tmp_path):
+def test_default_output_is_beside_the_lora_file_and_size_is_free(infer, tiny_lora_file, tmp_path):
     lora = shutil.copy(tiny_lora_file, tmp_path / "mine.safetensors")
-    assert infer("--lora", lora).exit_code == 0
-    assert [p.name for p in (tmp_path / "mine.safetensors-gen-images").iterdir()] == ["000-seed0.png"]
+    assert infer("--lora", lora, "--width", "96", "--negative-prompt", "blurry").exit_code == 0
+    image, text = read_png(tmp_path / "mine.safetensors-gen-images" / "000-seed0.png")
+    assert image.shape == (64, 96, 3) and text["size"] == "96x64" and text["negative_prompt"] == "blurry"
 
 
 def test_same_seed_same_image_and_saved_latents_reproduce_it(infer, tmp_path):
