@@ -121,7 +121,7 @@ def render(report: dict, argv: list[str]) -> str:
         f"{report['threads'] or 'default'} CPU thread(s) per worker.",
         "",
         "Load = build the pipeline from disk; LoRA = `load_lora_weights` with lorabridge's module and scale checks "
-        "(+ `fuse_lora` when fused). Ratios are to the base model in the same run.",
+        "(+ `fuse_lora` and dropping the idle LoRA layers when fused). Ratios are to the base model in the same run.",
         "",
     ]
     for run in report["runs"]:
