@@ -14,15 +14,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import LoraBridgeError
-from .io.atomic import atomic_write, check_output_path
+from .io.atomic import atomic_directory, atomic_write, check_output_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -121,18 +119,11 @@ def _write_outputs(out: Path, images: dict[str, tuple[np.ndarray, dict]], direct
         (pixels, text), = images.values()
         _write_png(out, pixels, text)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise LoraBridgeError("output exists and is not a directory", out)
+    with atomic_directory(out, force=True) as tmp:  # the caller has checked --force
         for name, (pixels, text) in images.items():
             _write_png(tmp / name, pixels, text)
-        if out.exists():
-            if not out.is_dir():
-                raise LoraBridgeError("output exists and is not a directory", out)
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def render_comparison(report: dict[str, Any]) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import LoraBridgeError
+from .io.atomic import atomic_directory
 
 # SDXL-base's UNet layout at small widths (320/640/1280 -> 32/64/64), 32-dim attention heads.
 UNET_CONFIG: dict[str, Any] = {
@@ -151,15 +151,8 @@ def build_tiny_sdxl(out: str | os.PathLike, seed: int = 0, force: bool = False,
     pipe = StableDiffusionXLPipeline(**_components(seed, configs or {}))
     if half:
         pipe.to(torch.float16)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_directory(out, force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

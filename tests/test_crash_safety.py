@@ -95,3 +95,21 @@ def test_failed_write_removes_its_temp_file(tmp_path, lora_model):
             handle.write(b"half")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_outputs_are_swapped_in_whole(tmp_path):
+    from lorabridge.io.atomic import atomic_directory
+
+    out = tmp_path / "images"
+    with atomic_directory(out) as staging:
+        (staging / "a.png").write_bytes(b"new")
+    assert (out / "a.png").read_bytes() == b"new" and oct(out.stat().st_mode & 0o777) != "0o700"
+    with pytest.raises(LoraBridgeError, match="pass --force"):
+        with atomic_directory(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out, force=True) as staging:
+            (staging / "b.png").write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from .. import __version__
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
 from ..formats.neutral import read_neutral
-from ..io.atomic import check_output_path
+from ..io.atomic import atomic_directory, check_output_path
 from ..model import SDXL_ARCHITECTURE, LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, save_latents
@@ -132,8 +130,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     images = sample(pipe, fw, options, latents, size)
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_directory(out, force=True) as tmp:  # run() checked --force before sampling
         for i, pixels in enumerate(images):
             seed = options.seed + i
             name = f"{i:03d}-seed{seed}.png"
@@ -141,12 +138,6 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
             result.images.append(out / name)
         if options.save_latents is not None:
             result.latents = save_latents(options.save_latents, latents)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.seconds = time.perf_counter() - started
     for path in result.images:
         log(f"wrote {path}")

@@ -20,12 +20,11 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import LoraBridgeError
+from ..io.atomic import atomic_directory
 from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import read_state_dict, state_dict_keys
 from ..model import COMPONENTS, LoraModel, LoraModule
@@ -371,8 +370,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
     path = Path(path)
     model = writable_lora(model, path, target="peft", **options)
     configs = component_configs(model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
+    with atomic_directory(path, force) as staging:
         for component in model.components:
             directory = _safe_subdir(staging, component)
             directory.mkdir()
@@ -381,23 +379,3 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
             config = {**CONFIG_DEFAULTS, **configs[component]}
             (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2), "utf-8")
             write_safetensors(directory / WEIGHT_NAMES[0], tensors, {"format": "pt"}, progress=progress)
-        _replace(staging, path, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _replace(staging: Path, path: Path, force: bool) -> None:
-    """Move the finished ``staging`` directory to ``path``; an old ``path`` goes only with ``force``."""
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise LoraBridgeError("output exists; pass --force to replace it", path)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(staging, path)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(staging, path)

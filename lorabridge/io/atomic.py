@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -60,6 +61,12 @@ class _EarlyWriteback(io.BufferedWriter):
         return written
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file in the target directory; on success fsync and rename it over ``path``.
@@ -72,9 +79,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         with _EarlyWriteback(io.FileIO(fd, "wb")) as handle:
             yield handle
@@ -91,3 +96,38 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Build a directory output in a staging folder beside ``path``, then swap it into place.
+
+    On an error (or a kill) ``path`` keeps its previous content; an existing ``path`` is
+    replaced only with ``force``, and the old one is moved aside before the new one moves in.
+
+    Example:
+        >>> with atomic_directory("images", force=True) as staging:   # doctest: +SKIP
+        ...     (staging / "000.png").write_bytes(png)
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise LoraBridgeError("output exists; pass --force to replace it", path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        yield staging
+        if path.exists() or path.is_symlink():
+            if not force:
+                raise LoraBridgeError("output exists; pass --force to replace it", path)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(staging, path)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
