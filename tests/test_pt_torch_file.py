@@ -112,6 +112,8 @@ def test_the_refusal_path_really_would_have_run_code(tmp_path):
     (b"", "empty file"),
     (b"\x0a\x05hello", "not a torch file"),
     (b"PK\x03\x04 broken zip", "not a readable torch file"),
+    (b"\x80\x02\x8a", "not a readable torch file"),  # found by atheris: truncated pickle, IndexError inside torch
+    (b"\x80\x05b", "not a readable torch file"),  # found by atheris: BUILD on an empty stack
 ])
 def test_damaged_files_are_one_line_errors(tmp_path, content, problem):
     path = tmp_path / "x.bin"

@@ -93,8 +93,9 @@ def _torch_load(path: Path):
     except pickle.UnpicklingError as exc:
         raise LoraBridgeError("refused to load: the pickle asks for more than tensors and plain containers, "
                               f"so it could run code; nothing was executed ({_refusal_reason(exc)})", path) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise LoraBridgeError(f"not a readable torch file ({' '.join(str(exc).split())[:200]})", path) from None
+    except Exception as exc:  # noqa: BLE001 - a malformed pickle fails in many ways (IndexError on a short stack...)
+        detail = " ".join(str(exc).split())[:200] or "no detail"
+        raise LoraBridgeError(f"not a readable torch file ({type(exc).__name__}: {detail})", path) from None
 
 
 def _flatten(obj, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
