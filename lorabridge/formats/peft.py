@@ -131,6 +131,12 @@ def config_alpha(config: Mapping[str, Any], path: str, rank: int) -> float | Non
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
+def _declared_rank(tensors: Mapping[str, Tensor]) -> int:
+    """Rows of lora_A, or 0 when it is missing or 0-d (check_model then reports the broken module)."""
+    a = tensors.get("lora_A.weight")
+    return a.shape[0] if a is not None and a.shape else 0
+
+
 def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[str, int], float | None],
                 user_alpha: float | None, path) -> LoraModel:
     """A :class:`LoraModel` from grouped PEFT tensors (canonical module name -> role -> tensor).
@@ -149,7 +155,7 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
             magnitude = tensors["dora_scale"]
             tensors["dora_scale"] = magnitude.reshaped((magnitude.numel, 1, *(1 for _ in kernel)))
             module.dora_axis = "out"
-        rank = tensors["lora_A.weight"].shape[0] if "lora_A.weight" in tensors else 0
+        rank = _declared_rank(tensors)
         try:
             stored = alpha_of(name, rank) if rank else None
         except (TypeError, ValueError, AttributeError) as exc:
@@ -167,7 +173,7 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
     assumed: dict[str, set[int]] = {}
     for m in model.modules.values():
         if m.alpha_source == "assumed":
-            assumed.setdefault(m.component, set()).add(m.rank)
+            assumed.setdefault(m.component, set()).add(_declared_rank(m.tensors))
     mixed = [component for component, ranks in assumed.items() if len(ranks) > 1]
     if mixed:
         warn(f"{path}: no alpha stored and ranks differ within {', '.join(mixed)}: alpha = each module's rank "
