@@ -17,9 +17,8 @@ import pytest
 
 from lorabridge.converters.mindspore import ms2neutral, neutral2ms
 from lorabridge.formats.neutral import read_neutral
-from tests.fixtures.mindone import (ATTENTION_TARGETS, CLIP_L, OPENCLIP, SDXL_TRANSFORMERS, SGM_UNET, canonical_names,
-                                    expected_deltas, save_with_mindspore, sgm_attention_lora, tiny_sgm_lora, tiny_text,
-                                    tiny_widths)
+from tests.fixtures.mindone import (CLIP_L, OPENCLIP, canonical_names, expected_deltas, save_with_mindspore,
+                                    sgm_attention_layers, sgm_attention_lora, tiny_sgm_lora, tiny_text, tiny_widths)
 
 pytestmark = pytest.mark.mindspore
 
@@ -128,15 +127,8 @@ print(json.dumps(results))
 
 def mindone_layers(rank: int, fused_rank: int) -> dict[str, tuple[int, int, int]]:
     """MindONE's SDXL LoRA layers at the tiny widths: SGM path -> (in, out, rank), from the fixture tables."""
-    widths, text = tiny_widths(), tiny_text()
-    layers = {}
-    for sgm, (_, level, depth) in SDXL_TRANSFORMERS.items():
-        width = widths["block_out_channels"][level]
-        for block in range(depth):
-            for attn in ("attn1", "attn2"):
-                for target in ATTENTION_TARGETS:
-                    inp = widths["cross_attention_dim"] if attn == "attn2" and target in ("to_k", "to_v") else width
-                    layers[f"{SGM_UNET}{sgm}.transformer_blocks.{block}.{attn}.{target}"] = (inp, width, rank)
+    text = tiny_text()
+    layers = {key: (inp, out, rank) for key, (inp, out) in sgm_attention_layers(tiny_widths()).items()}
     n1, h1, _ = text["text_encoder"]
     n2, h2, _ = text["text_encoder_2"]
     for n in range(n1):
