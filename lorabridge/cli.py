@@ -97,6 +97,10 @@ def _report(result) -> None:
         click.echo(f"warning: {warning}", err=True)
 
 
+_verify_hash = click.option("--verify-hash", is_flag=True,
+                            help="Check a neutral input's tensor_sha256 before converting (one extra pass over the data).")
+
+
 @cli.command("ms2neutral")
 @click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -132,16 +136,18 @@ def ms2neutral_command(src: str, output: str | None, alpha: float | None, skip_u
 @click.option("--fold-alpha/--no-fold-alpha", default=True, show_default=True,
               help="Where the file cannot store alpha and a module's alpha != rank, scale lora_B by alpha/rank so "
                    "MindONE's default alpha = rank gives the same delta W.")
+@_verify_hash
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def neutral2ms_command(src: str, output: str | None, naming: str, container: str, crc: bool, fold_alpha: bool,
-                       force: bool) -> None:
+                       verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a MindONE SDXL LoRA for MindSpore.
 
     Example: lorabridge neutral2ms lora.safetensors -o lora_ms.ckpt --crc
     """
     from .converters.mindspore import neutral2ms
 
-    _report(neutral2ms(src, output, naming=naming, container=container, crc=crc, fold_alpha=fold_alpha, force=force))
+    _report(neutral2ms(src, output, naming=naming, container=container, crc=crc, fold_alpha=fold_alpha,
+                       verify_hash=verify_hash, force=force))
 
 
 _PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers"]
@@ -195,9 +201,10 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
 @_bake
 @_skip_unknown
 @_strict
+@_verify_hash
 @_force
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       skip_unknown: bool, strict: bool, force: bool) -> None:
+                       skip_unknown: bool, strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
@@ -205,7 +212,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     from .converters.torch import neutral2pt
 
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       skip_unknown=skip_unknown, strict=strict, force=force))
+                       skip_unknown=skip_unknown, strict=strict, verify_hash=verify_hash, force=force))
 
 
 @cli.command("convert")
@@ -220,9 +227,11 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
 @_bake
 @_skip_unknown
 @_strict
+@_verify_hash
 @_force
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
-                    dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, force: bool) -> None:
+                    dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, verify_hash: bool,
+                    force: bool) -> None:
     """Convert IN from any supported format to any other, through the neutral model.
 
     Example: lorabridge convert lora_kohya.safetensors --to peft -o lora_peft
@@ -230,7 +239,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
     from .converters.torch import convert_any
 
     _report(convert_any(src, output, to=to_format, from_format=from_format, alpha=alpha, dtype=dtype,
-                        bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict, force=force))
+                        bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict, verify_hash=verify_hash,
+                        force=force))
 
 
 @cli.command("infer")

@@ -113,3 +113,17 @@ def test_directory_outputs_are_swapped_in_whole(tmp_path):
             raise RuntimeError("killed")
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+@pytest.mark.parametrize("command, suffix", [(["neutral2pt"], ".safetensors"), (["neutral2ms"], ".ckpt"),
+                                             (["convert", "--to", "kohya"], ".safetensors")])
+def test_verify_hash_on_conversion_reports_a_flipped_byte_and_writes_nothing(run_cli, neutral_file, tmp_path, command,
+                                                                              suffix):
+    blob = bytearray(neutral_file.read_bytes())
+    blob[-1] ^= 0x01
+    neutral_file.write_bytes(bytes(blob))
+    out = tmp_path / f"out{suffix}"
+    result = run_cli(*command, neutral_file, "-o", out, "--verify-hash")
+    assert result.exit_code == 1 and "hash mismatch" in result.output
+    assert not out.exists()
+    assert run_cli(*command, neutral_file, "-o", out).exit_code == 0  # without the flag the cheap path converts

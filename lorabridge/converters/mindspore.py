@@ -48,10 +48,11 @@ def ms2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
 def neutral2ms(src: str | os.PathLike, out: str | os.PathLike | None = None, *, naming: str = MINDONE_FORMATS[0],
                container: str = "ckpt", crc: bool = False, fold_alpha: bool = True, force: bool = False,
-               progress: bool = True) -> ConversionResult:
+               progress: bool = True, verify_hash: bool = False) -> ConversionResult:
     """Convert a neutral file to a MindONE LoRA in ``naming`` (a MindONE format) and ``container``.
 
-    ``out`` defaults to the input's name with ``.ckpt`` (``_ms.safetensors`` for safetensors).
+    ``out`` defaults to the input's name with ``.ckpt`` (``_ms.safetensors`` for safetensors);
+    ``verify_hash`` checks the input's tensor hash first (one extra pass over the data).
 
     Example:
         >>> neutral2ms("lora.safetensors", naming="mindone-sgm", crc=True).output   # doctest: +SKIP
@@ -64,7 +65,7 @@ def neutral2ms(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     src = Path(src)
     out = Path(out) if out is not None else _beside(src, SUFFIXES[container], "ms")
     return convert(src, out, naming, from_formats=["neutral"], force=force, progress=progress,
-                   container=container, crc=crc, fold_alpha=fold_alpha)
+                   container=container, crc=crc, fold_alpha=fold_alpha, verify_hash=verify_hash)
 
 
 def _per_value(counts: dict) -> str:
