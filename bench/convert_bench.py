@@ -97,7 +97,8 @@ def _contenders() -> list[Contender]:
         Contender("seed: load_checkpoint, pair by position, torch.save", "baseline", "ckpt", "seed_pt.ckpt",
                   lambda f, out: [PY, "bench/contenders/seed_ms2pt.py", os.fspath(f.ckpt), os.fspath(f.ms_names),
                                   os.fspath(f.pt_names), os.fspath(out)]),
-        Contender("ours: ms2neutral", "ours", "ckpt", "ms2neutral.safetensors", ours("ckpt", "ms2neutral", "IN", "-o", "OUT")),
+        Contender("ours: ms2neutral", "ours", "ckpt", "ms2neutral.safetensors",
+                  ours("ckpt", "ms2neutral", "IN", "-o", "OUT")),
         Contender("cp", "floor", "neutral", "cp.safetensors", cp("neutral")),
         Contender("cp + fsync", "floor", "neutral", "cp_sync.safetensors", cp_sync("neutral")),
         Contender("diffusers: lora_state_dict + save_lora_weights", "baseline", "neutral", "diffusers_out",
@@ -203,9 +204,26 @@ def remove(out: Path) -> None:
     shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
 
 
-def run_one(launcher: Launcher, argv: list[str], out: Path | None, log: Path) -> Run:
-    """Flush dirty pages (so no run pays for another's writeback), run, note the output's size and
-    remove it (outputs of 2 GiB inputs would otherwise fill the disk)."""
+def warm(path: Path) -> None:
+    """Read ``path`` into the page cache (a run before may have pushed it out: the seed peaks at 4.7 GB)."""
+    with open(path, "rb", buffering=0) as handle:
+        while handle.read(8 << 20):
+            pass
+
+
+def make_room(files: Files) -> None:
+    """Copy the inputs once and delete the copies, untimed, so that the page cache has that much memory
+    free: otherwise the first contender of an input pays for reclaiming what the runs before left cached."""
+    for path in (files.ckpt, files.neutral):
+        shutil.copyfile(path, files.out / "room")
+        (files.out / "room").unlink()
+
+
+def run_one(launcher: Launcher, argv: list[str], out: Path | None, log: Path, reads: Path | None = None) -> Run:
+    """Bring the input into the page cache, flush dirty pages (so no run pays for another's writeback),
+    run, note the output's size and remove it (outputs of 2 GiB inputs would otherwise fill the disk)."""
+    if reads is not None:
+        warm(reads)
     os.sync()
     run = launcher.measure(argv, cwd=REPO, env=ENV, log=log)
     if out is not None:
@@ -243,7 +261,17 @@ def profile(argv: list[str], out: Path, work: Path) -> str:
     stats.strip_dirs().sort_stats("tottime").print_stats(PROFILE_LINES)
     lines = text.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if "function calls" in line)
-    return "\n".join(line for line in lines[start:] if line.strip() and "Ordered by" not in line and "List reduced" not in line)
+    noise = ("Ordered by", "List reduced")
+    return "\n".join(line for line in lines[start:] if line.strip() and not any(n in line for n in noise))
+
+
+def memory_profile(argv: list[str], out: Path) -> str:
+    """``bench/memprofile.py``: the allocation sites holding the most Python-allocated memory at the peak."""
+    remove(out)
+    done = subprocess.run([argv[0], "bench/memprofile.py", *argv[2:]], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, check=True)
+    remove(out)
+    return done.stdout[done.stdout.index("traced peak"):].rstrip()
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -313,7 +341,8 @@ def input_table(rows: list[Row]) -> list[str]:
         python = c.kind != "floor"
         net = r.wall - r.startup if c.kind == "ours" else None
         lines.append(
-            f"| {c.name} | {c.reads} | {spread(r.runs)} | {r.cpu:.2f} | {r.input_bytes / r.wall / 1e6:,.0f} | {r.cp / r.wall:.2f} | "
+            f"| {c.name} | {c.reads} | {spread(r.runs)} | {r.cpu:.2f} | {r.input_bytes / r.wall / 1e6:,.0f} | "
+            f"{r.cp / r.wall:.2f} | "
             f"{r.cp_sync / r.wall:.2f} | {r.seed / r.wall:.1f} | "
             f"{f'{net:.3f}' if net is not None else ''} | {f'{r.cp / net:.2f}' if net else ''} | "
             f"{mib(r.peak_rss)} | {r.peak_rss / r.input_bytes:.2f} | {mib(r.peak_anon) if python else ''} | "
@@ -322,8 +351,9 @@ def input_table(rows: list[Row]) -> list[str]:
 
 
 def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: list[tuple[str, list[Run], list[str]]]
-            ) -> tuple[list[str], list[tuple[str, Row]]]:
-    """The issue's targets, each met or missed with its number; and the rows to profile."""
+            ) -> tuple[list[str], list[tuple[str, Row, str]]]:
+    """The issue's targets, each met or missed with its number; and the rows to profile: (input, row,
+    "time" or "memory")."""
     lines, misses = [], []
     ours = lambda name: [r for r in all_rows.get(name, []) if r.contender.kind == "ours"]
     if TARGET_INPUT in all_rows:
@@ -335,7 +365,7 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
                          f"({r.wall:.3f} s vs cp {r.cp:.3f} s; {r.cp_sync / r.wall:.2f}x cp + fsync; "
                          f"start-up excluded {r.cp / (r.wall - r.startup):.2f}x cp)")
             if not met:
-                misses.append((TARGET_INPUT, r))
+                misses.append((TARGET_INPUT, r, "time"))
     lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
     for name, rows in all_rows.items():
         for r in ours(name):
@@ -347,6 +377,8 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
         limit = largest[name] + TARGET_RSS_SLACK
         for r in ours(name):
             met = r.peak_rss <= limit
+            if not met:
+                misses.append((name, r, "memory"))
             lines.append(f"- {name}, {r.contender.name}: {'met' if met else 'MISSED'}, {mib(r.peak_rss)} MiB "
                          f"[{mib(r.peak_anon)} MiB anon] vs limit {mib(limit)} MiB "
                          f"(largest tensor {mib(largest[name])} MiB)")
@@ -388,8 +420,9 @@ def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[st
         "(page cache, not private memory), so peak `RssAnon` and `RssFile` from `/proc/<pid>/status` are sampled "
         f"every 3 ms as well. Commands are spawned from a small launcher process, because the kernel records "
         f"the spawning process's peak RSS into the child's `ru_maxrss` at exec: {mib(info['launcher_rss'])} MiB, "
-        "the launcher's, is therefore a floor under every peak RSS below. Before every run the previous output is removed and `sync` flushes dirty pages; "
-        "inputs are in the page cache (generated or read just before). `cp` is the floor: GNU cp copies in the "
+        "the launcher's, is therefore a floor under every peak RSS below. Before every run the input is read into "
+        "the page cache and `sync` flushes dirty pages; after it, its output is removed. `cp` is the floor: GNU "
+        "cp copies in the "
         "kernel (`copy_file_range`) and does not fsync; our writers fsync the output before renaming it into place "
         "(crash safety), so `cp + fsync` (`cp a b && sync b`) is shown too. \"x cp\" = cp's wall time / this "
         "wall time on the same input file (= throughput relative to cp). Python start-up is part of every "
@@ -433,9 +466,11 @@ def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[st
     out += ["", "## Targets (issue 7)", ""] + target_lines
     if profiles:
         out += ["", "## Profiles of the misses", "",
-                f"`python -m cProfile` of the command, the {PROFILE_LINES} functions with the most own time (one run, "
-                "so times include profiling overhead; time in numpy calls and in page faults on mapped input counts "
-                "as the own time of the Python function that made them):"]
+                f"Time: `python -m cProfile` of the command, the {PROFILE_LINES} functions with the most own time (one "
+                "run, so times include profiling overhead; time in numpy calls and in page faults on mapped input "
+                "counts as the own time of the Python function that made them; threads other than the main one "
+                "show as waits in `acquire`). Memory: `bench/memprofile.py`, tracemalloc at the peak (mapped file "
+                "pages are not allocations: see RssFile in the tables)."]
         for label, text in profiles.items():
             out += ["", f"### {label}", "", "```", text, "```"]
     out += ["", NOTES_MARKER]
@@ -478,9 +513,10 @@ def main(argv: list[str] | None = None) -> None:
         for label, command in cli:
             cli_runs[label].append(run_one(launcher, command, None, logs / "cli.out"))
         for name, f in files.items():
+            make_room(f)
             for i, c in enumerate(contenders):
                 out = f.out / c.output
-                run = run_one(launcher, c.argv(f, out), out, logs / f"{name}.{i}.out")
+                run = run_one(launcher, c.argv(f, out), out, logs / f"{name}.{i}.out", f.input(c.reads))
                 runs.setdefault((name, i), []).append(run)
                 print(f"[{repeat + 1}/{args.repeat}] {name:28s} {c.name:55s} {run.wall_s:8.3f} s "
                       f"{mib(run.peak_rss_bytes):>9s} MiB rss{'' if run.returncode == 0 else '  FAILED'}", flush=True)
@@ -499,9 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     profiles = {}
     if not args.no_profile:
         _, misses = targets(tables, largest, cli_rows)
-        for name, row in misses:
+        for name, row, kind in misses:
             out = files[name].out / row.contender.output
-            profiles[f"{row.contender.name} ({name})"] = profile(row.contender.argv(files[name], out), out, args.work)
+            argv = row.contender.argv(files[name], out)
+            profiles[f"{row.contender.name} ({name}, {kind})"] = (
+                profile(argv, out, args.work) if kind == "time" else memory_profile(argv, out))
         for label, command in cli:
             if "cli.py" in label and median(cli_runs[label]) >= TARGET_CLI_S:
                 profiles[label] = profile(command, args.work / "none", args.work)

@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
         if best["snapshot"] is not None:
             for stat in best["snapshot"].statistics("traceback")[:TOP]:
                 frames = [f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback if "lorabridge" in f.filename]
-                print(f"{stat.size / 2**20:8.1f} MiB in {stat.count:6d} blocks  {' <- '.join(reversed(frames[-3:])) or stat.traceback[-1]}")
+                where = " <- ".join(reversed(frames[-3:])) or stat.traceback[-1]
+                print(f"{stat.size / 2**20:8.1f} MiB in {stat.count:6d} blocks  {where}")
 
 
 if __name__ == "__main__":
