@@ -10,7 +10,6 @@ module applied.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,10 +20,8 @@ from lorabridge.converters import convert  # noqa: E402
 from lorabridge.errors import LoraBridgeError  # noqa: E402
 from lorabridge.formats.neutral import read_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
-from lorabridge.math import dora_weight  # noqa: E402
-from tests.fixtures.lycoris import layer_input, load_torch_components  # noqa: E402
+from tests.fixtures.lycoris import effective_weight, layer_input, load_torch_components, run_layer  # noqa: E402
 
-EPS = float(np.finfo(np.float32).eps)
 
 CASES = {  # id -> (algo, prefix, lycoris options)
     "lora": ("lora", "lora_unet", {}),
@@ -40,22 +37,6 @@ CASES = {  # id -> (algo, prefix, lycoris options)
     "lycoris-loha": ("loha", "lycoris", {}),
     "lycoris-lokr-fp16": ("lokr", "lycoris", {"factor": 4, "dtype": "float16"}),
 }
-
-
-def effective_weight(module, layer) -> np.ndarray:
-    """The weight the neutral module gives the layer: W + delta W, or DoRA's rescaled W + delta W."""
-    w = layer.weight.detach().numpy()
-    delta = module.delta_weight().reshape(w.shape)
-    if module.dora_axis:
-        return dora_weight(w, delta, module.tensors["dora_scale"].to_float32(), module.dora_axis, eps=EPS)
-    return w + delta
-
-
-def run_layer(layer, weight: np.ndarray, x):
-    w = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
-    if isinstance(layer, torch.nn.Conv2d):
-        return torch.nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding)
-    return torch.nn.functional.linear(x, w, layer.bias)
 
 
 def assert_same_outputs(model, case):

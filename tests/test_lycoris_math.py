@@ -20,14 +20,13 @@ from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 from lorabridge.formats.lycoris import lycoris_module, lycoris_tensors  # noqa: E402
-from lorabridge.math import dora_weight  # noqa: E402
 from lorabridge.tensor import Tensor  # noqa: E402
+from tests.fixtures.lycoris import effective_weight, run_layer  # noqa: E402
 
 # Real SDXL layer names (the reader takes conv kernels from the SDXL tree), at small widths.
 LINEAR = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV3 = "unet.down_blocks.1.resnets.0.conv1"
 CONV1 = "unet.down_blocks.1.resnets.0.conv_shortcut"
-EPS = float(np.finfo(np.float32).eps)  # LyCORIS adds it to DoRA norms
 
 VARIANTS = {
     "locon": (LoConModule, {}),
@@ -73,21 +72,6 @@ def parts_of(module) -> dict[str, Tensor]:
     return {k: Tensor.from_numpy(v.detach().float().numpy()) for k, v in module.state_dict().items()}
 
 
-def neutral_weight(neutral, base) -> np.ndarray:
-    w = base.weight.detach().numpy()
-    delta = neutral.delta_weight().reshape(w.shape)
-    if neutral.dora_axis:
-        return dora_weight(w, delta, neutral.tensors["dora_scale"].to_float32(), neutral.dora_axis, eps=EPS)
-    return w + delta
-
-
-def run(base, weight: np.ndarray, x):
-    w = torch.from_numpy(np.ascontiguousarray(weight))
-    if isinstance(base, torch.nn.Conv2d):
-        return torch.nn.functional.conv2d(x, w, base.bias, base.stride, base.padding)
-    return torch.nn.functional.linear(x, w, base.bias)
-
-
 def layer_input(base):
     gen = torch.Generator().manual_seed(1)
     if isinstance(base, torch.nn.Conv2d):
@@ -107,7 +91,7 @@ def test_neutral_module_computes_what_the_lycoris_forward_computes(variant, name
     with torch.no_grad():
         expected = module(x).numpy()
     with torch.no_grad():
-        got = run(base, neutral_weight(neutral, base), x).numpy()
+        got = run_layer(base, effective_weight(neutral, base), x).numpy()
     assert neutral.weight_shape == tuple(base.weight.shape)
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * float(np.abs(expected).max()))
 
