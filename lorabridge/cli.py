@@ -161,6 +161,13 @@ _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None,
                      help="Turn LoHa/LoKr modules into plain LoRA of this rank (truncated SVD; the error is reported).")
 
 
+def _neutral_reader_writer_options(command):
+    """The options shared by commands that read any input and write a PyTorch-world file (neutral2pt, convert)."""
+    for option in (_force, _verify_hash, _strict, _skip_unknown, _bake, _dtype):  # applied bottom-up
+        command = option(command)
+    return command
+
+
 @cli.command("pt2neutral")
 @click.argument("src", metavar="IN", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None,
@@ -197,12 +204,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
 @click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
               help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
                    "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed).")
-@_dtype
-@_bake
-@_skip_unknown
-@_strict
-@_verify_hash
-@_force
+@_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
                        skip_unknown: bool, strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
@@ -223,12 +225,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
                    "(an unknown name lists all).")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
 @click.option("--alpha", type=float, default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
-@_dtype
-@_bake
-@_skip_unknown
-@_strict
-@_verify_hash
-@_force
+@_neutral_reader_writer_options
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
                     dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, verify_hash: bool,
                     force: bool) -> None:
