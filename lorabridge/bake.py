@@ -139,10 +139,10 @@ def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]
     return baked, BakedModule(module.name, module.kind, kept, error)
 
 
-def bake_to_lora(model: LoraModel, rank: int) -> tuple[LoraModel, list[BakedModule]]:
-    """A copy of ``model`` with every non-LoRA module replaced by its rank-``rank`` truncated SVD.
+def bake_to_lora(model: LoraModel, rank: int, keeps: tuple[str, ...] = ("lora",)) -> tuple[LoraModel, list[BakedModule]]:
+    """A copy of ``model`` with every module not of a kind in ``keeps`` replaced by its rank-``rank`` truncated SVD.
 
-    LoRA modules are kept as they are (same tensor objects, bit-exact). Returns the new
+    Modules of the kinds kept stay as they are (same tensor objects, bit-exact). Returns the new
     model and one :class:`BakedModule` per module baked, in model order.
 
     Example:
@@ -153,7 +153,7 @@ def bake_to_lora(model: LoraModel, rank: int) -> tuple[LoraModel, list[BakedModu
         raise LoraBridgeError(f"--bake-to-lora needs a rank of at least 1, got {rank}")
     modules, report = {}, []
     for name, module in model.modules.items():
-        if module.kind == "lora":
+        if module.kind in keeps:
             modules[name] = module
             continue
         modules[name], baked = bake_module(module, rank)
@@ -170,25 +170,31 @@ def summary_line(report: list[BakedModule]) -> str:
             f"max {worst.relative_error:.3g} ({worst.name})")
 
 
-def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | os.PathLike | None) -> tuple[LoraModel, list[str]]:
+def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | os.PathLike | None,
+              keeps: tuple[str, ...] = ("lora",)) -> tuple[LoraModel, list[str]]:
     """What a writer of a LoRA-only format calls first: the model as plain LoRA, and warnings to return.
 
-    Without ``bake_rank`` a model holding other kinds is refused with the modules listed;
-    with it they are baked and the reconstruction error of each becomes a warning line.
+    ``keeps`` are the kinds the target holds besides (kohya files hold ``full`` deltas too). Without
+    ``bake_rank`` a model holding other kinds is refused with the modules listed; with it they are
+    baked and the reconstruction error of each becomes a warning line. Baking a ``full`` module
+    keeps its weight delta only: a dropped bias delta (``diff_b``) is a warning line too.
 
     Example:
         >>> model, warnings = lora_only(model, "kohya", bake_rank=None, path="out.safetensors")   # doctest: +SKIP
     """
-    others = [m for m in model.modules.values() if m.kind != "lora"]
+    others = [m for m in model.modules.values() if m.kind not in keeps]
     if not others:
         return model, []
     if bake_rank is None:
         shown = ", ".join(f"{m.name} ({m.kind})" for m in others[:SHOWN])
         more = f" (+{len(others) - SHOWN} more)" if len(others) > SHOWN else ""
         kinds = "/".join(sorted({m.kind for m in others}))
-        raise LoraBridgeError(f"the {target} format holds only plain LoRA, {len(others)} module(s) are {kinds}: "
+        holds = " and ".join(["plain LoRA", *(f"{kind} deltas" for kind in keeps if kind != "lora")])
+        raise LoraBridgeError(f"the {target} format holds only {holds}, {len(others)} module(s) are {kinds}: "
                               f"{shown}{more}; pass --bake-to-lora RANK to convert them by truncated SVD, "
                               "or write the lycoris format", path)
-    baked, report = bake_to_lora(model, int(bake_rank))
-    return baked, [summary_line(report), *(r.line() for r in report)]
-
+    baked, report = bake_to_lora(model, int(bake_rank), keeps)
+    biased = [m.name for m in others if "diff_b" in m.tensors]
+    dropped = [f"dropped the bias delta (diff_b) of {len(biased)} baked full module(s), a LoRA has none: "
+               f"{', '.join(biased[:SHOWN])}{' ...' if len(biased) > SHOWN else ''}"] if biased else []
+    return baked, [summary_line(report), *dropped, *(r.line() for r in report)]

@@ -150,7 +150,7 @@ def neutral2ms_command(src: str, output: str | None, naming: str, container: str
                        verify_hash=verify_hash, force=force))
 
 
-_PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers"]
+_PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers", "lycoris"]
 _strict = click.option("--strict", is_flag=True, help="Refuse tensors holding NaN/Inf instead of warning.")
 _skip_unknown = click.option("--skip-unknown", is_flag=True,
                              help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
@@ -203,7 +203,8 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
               help="File (directory for peft) to write [default: IN's stem + _<format>, beside it].")
 @click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
               help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
-                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed).")
+                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed); "
+                   "lycoris: lycoris-lora (LoHa/LoKr/full kept, lycoris_ prefix kept).")
 @_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
                        skip_unknown: bool, strict: bool, verify_hash: bool, force: bool) -> None:

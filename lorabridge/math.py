@@ -50,6 +50,8 @@ def delta_weight(module: "LoraModule") -> np.ndarray:
         if w2.ndim == 4 and w1.ndim == 2:
             w1 = w1[:, :, None, None]
         return (np.kron(w1, w2) * module.scale).astype(np.float32, copy=False)
+    if module.kind == "full":
+        return t["diff"].to_float32()
     raise ValueError(f"unknown LoRA kind {module.kind!r}")
 
 

@@ -25,6 +25,8 @@ KIND_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lora": (("lora_A.weight", "lora_B.weight"), ("dora_scale",)),
     "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ("hada_t1", "hada_t2", "dora_scale")),
     "lokr": ((), ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale")),
+    # A full-weight delta (ComfyUI LoraSave, A1111 and LyCORIS "full"): diff has the weight's shape, diff_b the bias's.
+    "full": (("diff",), ("diff_b",)),
 }
 ALL_ROLES = sorted({role for req, opt in KIND_ROLES.values() for role in req + opt}, key=len, reverse=True)
 
@@ -42,6 +44,24 @@ def split_key(key: str) -> tuple[str, str] | None:
     for role in ALL_ROLES:
         if key.endswith("." + role):
             return key[: -len(role) - 1], role
+    return None
+
+
+def full_delta_problem(tensors: dict[str, Tensor]) -> str | None:
+    """What is wrong with a kind "full" module's shapes, or None.
+
+    ``diff`` must be a Linear (out, in) or Conv2d (out, in, kh, kw) weight: a 1-D delta (a norm
+    layer's scale) has no in/out features to describe it by. ``diff_b`` is (out,).
+
+    Example:
+        >>> full_delta_problem({"diff": Tensor.from_numpy(np.zeros(8, "f4"))})
+        'diff is [8]: a full delta is kept for a Linear (out, in) or Conv2d (out, in, kh, kw) weight only'
+    """
+    diff, bias = tensors["diff"].shape, tensors.get("diff_b")
+    if len(diff) not in (2, 4):
+        return f"diff is {list(diff)}: a full delta is kept for a Linear (out, in) or Conv2d (out, in, kh, kw) weight only"
+    if bias is not None and tuple(bias.shape) != (diff[0],):
+        return f"diff_b is {list(bias.shape)}, the bias of a {list(diff)} weight is [{diff[0]}]"
     return None
 
 
@@ -94,6 +114,8 @@ class LoraModule:
             return t["lora_A.weight"].shape[0]
         if self.kind == "loha":
             return t["hada_w1_b"].shape[0]
+        if self.kind == "full":
+            return 0  # no factors: no rank, scale 1
         if "lokr_w2_b" in t:
             return t["lokr_w2_b"].shape[0]
         if "lokr_w1_b" in t:
@@ -116,6 +138,8 @@ class LoraModule:
             if "hada_t1" in t:  # Tucker: w_a (r, out), w_b (r, in), kernel in t (r, r, kh, kw)
                 return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
             return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1], *t["hada_w1_b"].shape[2:])
+        if self.kind == "full":
+            return t["diff"].shape
         w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
         if "lokr_w2" in t:
             w2 = t["lokr_w2"].shape
@@ -145,7 +169,7 @@ class LoraModule:
         """The float32 weight update this module adds (DoRA magnitude not applied).
 
         lora: alpha/r * B @ A (conv: over the flattened in*kh*kw axis);
-        loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2).
+        loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2); full: diff (alpha unused).
         """
         from .math import delta_weight
 

@@ -181,7 +181,7 @@ def loha_model() -> LoraModel:
 
 
 def test_loha_modules_are_refused_by_the_kohya_writer_with_the_modules_listed(tmp_path):
-    with pytest.raises(LoraBridgeError, match=r"kohya format holds only plain LoRA, 2 module\(s\) are loha: "
+    with pytest.raises(LoraBridgeError, match=r"kohya format holds only plain LoRA and full deltas, 2 module\(s\) are loha: "
                                               r"unet\.down_blocks\.1\..*attn1\.to_q \(loha\).*--bake-to-lora RANK"):
         kohya.write(loha_model(), tmp_path / "k.safetensors")
     assert not (tmp_path / "k.safetensors").exists()

@@ -9,7 +9,7 @@ read from ``comfy/lora.py`` (``model_lora_keys_unet``, ``model_lora_keys_clip``,
 - CLIP: ``lora_te1_text_model_encoder_layers_<b>_<layer>`` (clip_l) and ``lora_te2_...`` (clip_g, when
   clip_l is present, as in SDXL) for the six layers of ``LORA_CLIP_MAP``; ``lora_te2_text_projection``.
 - Per module ``load_lora`` reads ``.alpha``, ``.dora_scale``, ``.lora_up/down/mid.weight``, LoHa
-  ``hada_*`` and LoKr ``lokr_*`` factors, multiplying the ``*_a`` @ ``*_b`` pairs with ``torch.mm``
+  ``hada_*`` and LoKr ``lokr_*`` factors, full deltas ``.diff`` (the weight) and ``.diff_b`` (the bias), multiplying the ``*_a`` @ ``*_b`` pairs with ``torch.mm``
   (so they must be 2-D); any other key is "lora key not loaded".
 
 The SDXL model facts the rules run on (blocks, depths, where resamplers and conv shortcuts exist)
@@ -43,7 +43,7 @@ CLIP_LAYERS = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "
                "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
                "self_attn.out_proj": "self_attn_out_proj"}
 # load_lora: the per-module suffixes it consumes.
-LOADED_SUFFIXES = {"alpha", "dora_scale", "reshape_weight", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
+LOADED_SUFFIXES = {"alpha", "dora_scale", "reshape_weight", "diff", "diff_b", "lora_up.weight", "lora_down.weight", "lora_mid.weight",
                    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                    "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 MM_FACTORS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1_a", "lokr_w1_b"}  # torch.mm operands
@@ -163,3 +163,92 @@ def test_a_lycoris_loha_export_is_loaded_by_comfyui_with_2d_factors(tmp_path):
         assert suffix in LOADED_SUFFIXES and stem in key_map, f"{stem}.{suffix}"
         if suffix in MM_FACTORS:
             assert len(tensor.shape) == 2, f"{stem}.{suffix} {tensor.shape}: torch.mm needs a matrix"
+
+
+# --- ComfyUI's LoraSave output, read -----------------------------------------------------------------
+# comfyanonymous/ComfyUI comfy_extras/nodes_lora_extract.py (LoraSave.save, calc_lora_model): keys are the
+# model's own state-dict names minus ".weight" under "diffusion_model." (SGM UNet) and "text_encoders."
+# (the CLIP patcher's "clip_l.transformer.*"/"clip_g.transformer.*", transformers layout, comfy/clip_model.py);
+# lora_type "standard": every weight of 2+ dims as lora_up (out, r[, 1, 1]) / lora_down (r, in[, kh, kw]), fp16,
+# no alpha; with bias_diff (on by default) a ".diff" for every 1-D weight (norms) and a ".diff_b" for every bias;
+# lora_type "full_diff": a ".diff" for every weight. ComfyUI's CLIP-L has a text_projection diffusers' lacks.
+def _has_bias(stem: str) -> bool:
+    return not stem.endswith(("to_q", "to_k", "to_v", "text_projection")) and "embedding" not in stem
+
+
+def lora_save_file(path, lora_type: str = "standard", only: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """A LoraSave file for an SDXL model diff at SDXL-base shapes (rank 1); ``only``: stems containing one of these."""
+    rng = np.random.default_rng(0)
+    weights = {f"diffusion_model.{s}": sdxl_modules("unet")[d] for s, d in sdxl_sgm_to_diffusers().items()}
+    for component, clip in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        weights |= {f"text_encoders.{clip}.transformer.{p}": shape for p, shape in sdxl_modules(component).items()}
+    weights["text_encoders.clip_l.transformer.text_projection"] = (768, 768)
+    sd = {}
+    for stem, shape in weights.items():
+        if only and not any(o in stem for o in only):
+            continue
+        out, *rest = shape
+        if lora_type == "full_diff" or len(shape) < 2:
+            sd[f"{stem}.diff"] = rng.standard_normal(shape)
+        else:
+            sd[f"{stem}.lora_up.weight"] = rng.standard_normal((out, 1, *([1, 1] if len(rest) > 1 else [])))
+            sd[f"{stem}.lora_down.weight"] = rng.standard_normal((1, *rest))
+        if _has_bias(stem):
+            sd[f"{stem}.diff_b"] = rng.standard_normal((out,))
+    tensors = {k: Tensor.from_numpy(v.astype("f2")) for k, v in sd.items()}
+    from lorabridge.io.safetensors_file import write_safetensors
+
+    write_safetensors(path, tensors, {})
+    return tensors
+
+
+def test_a_comfyui_lora_save_file_reads_its_lora_pairs_and_names_what_it_drops(tmp_path, run_cli):
+    """Refused before as "component 'diffusion'" / "LyCORIS full modules have no neutral kind"."""
+    from lorabridge.converters.torch import pt2neutral
+    from lorabridge.errors import LoraBridgeError
+    from lorabridge.formats.neutral import read_neutral
+
+    tensors = lora_save_file(tmp_path / "ComfyUI_extracted_lora_00001_.safetensors")
+    src = tmp_path / "ComfyUI_extracted_lora_00001_.safetensors"
+    stray = [k for k in tensors if k.endswith(".diff_b") or k.endswith(".diff")]
+    with pytest.raises(LoraBridgeError, match=rf"{len(stray)} bias or norm-layer delta\(s\) .*--skip-unknown drops them"):
+        pt2neutral(src, tmp_path / "n.safetensors", progress=False)
+    result = pt2neutral(src, tmp_path / "n.safetensors", skip_unknown=True, progress=False)
+    assert result.source_format == "kohya"
+    assert any(f"dropped {len(stray)} bias or norm-layer delta(s)" in w for w in result.warnings)
+    assert any("text_encoder.text_projection" in w for w in result.warnings)  # CLIP-L's: no such diffusers layer
+    model = read_neutral(result.output, verify_hash=True)
+    pairs = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_up.weight")} - {"text_encoders.clip_l.transformer.text_projection"}
+    assert len(model.modules) == len(pairs) and set(model.summary()["kinds"]) == {"lora"}
+    sgm = sdxl_sgm_to_diffusers()
+    for stem in pairs:
+        if stem.startswith("diffusion_model."):
+            name = "unet." + sgm[stem[len("diffusion_model."):]]
+        else:
+            name = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}[stem.split(".")[1]] + "." + stem.split(".", 3)[3]
+        module = model.modules[name]
+        assert module.tensors["lora_A.weight"].same_as(tensors[f"{stem}.lora_down.weight"]), name
+        assert module.tensors["lora_B.weight"].same_as(tensors[f"{stem}.lora_up.weight"]), name
+        assert module.alpha_source == "assumed" and module.alpha == 1.0
+
+
+def test_comfyui_full_diff_deltas_are_kind_full_and_written_back_where_comfyui_loads_them(tmp_path):
+    """LoraSave's full_diff: ``.diff`` (delta W) and ``.diff_b`` per layer -> kind "full"; our kohya export
+    spells them ``lora_unet_<SGM path>.diff``/``.diff_b``, which ComfyUI's load_lora patches the weight/bias with."""
+    from lorabridge.converters.torch import pt2neutral
+    from lorabridge.formats.neutral import read_neutral
+
+    src = tmp_path / "full.safetensors"
+    tensors = lora_save_file(src, "full_diff", only=("input_blocks.4.1.transformer_blocks.0.attn1", "input_blocks.4.0.in_layers"))
+    result = pt2neutral(src, tmp_path / "n.safetensors", skip_unknown=True, progress=False)
+    model = read_neutral(result.output, verify_hash=True)
+    assert set(model.summary()["kinds"]) == {"full"} and len(model.modules) == 5  # to_q/k/v/out.0 and conv1
+    out_proj = model.modules["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    assert out_proj.tensors["diff_b"].same_as(tensors["diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0.diff_b"])
+    assert any("dropped 2 bias or norm-layer delta(s)" in w for w in result.warnings)  # in_layers.0 (GroupNorm)
+    kohya.write(model, tmp_path / "k.safetensors")
+    key_map = comfyui_key_map()
+    written = stems_and_suffixes(tmp_path / "k.safetensors")
+    assert {suffix for _, suffix, _ in written} == {"diff", "diff_b"}
+    for stem, suffix, tensor in written:
+        assert tensor.same_as(model.modules[key_map[stem]].tensors[suffix])

@@ -79,3 +79,27 @@ def test_per_module_alphas_of_a_kohya_file_reach_diffusers(tiny_pipe_factory, tm
     load_kohya_export(pipe, model, tmp_path, run_cli)
     pipe.fuse_lora(components=list(COMPONENTS))
     assert_fused(pipe, model, base)
+
+
+def test_diffusers_output_kohya_format_reads_as_the_file_it_came_from(trained_lora, tmp_path):
+    """train_dreambooth_lora_sdxl.py --output_kohya_format: diffusers' own kohya keys (glued
+    ``..._attn1_to_k_lora.down.weight`` for old-spelled layers, int64 ``.alpha``) were refused as
+    "none of its keys is a LoRA key"; they read to the same modules and tensors as the diffusers file.
+
+    Alphas are what diffusers' converter wrote: ``.alpha`` = rank as int64 (it writes ``len(down)``, not
+    the training alpha) where it wrote one, none (so alpha = rank, assumed) beside the glued keys.
+    """
+    from lorabridge.converters import convert
+    from lorabridge.formats.neutral import read_neutral
+
+    kohya = read_neutral(convert(trained_lora.files["diffusers-kohya"], tmp_path / "k.safetensors", to="neutral",
+                                 progress=False).output)
+    script = read_neutral(convert(trained_lora.files["diffusers-script"], tmp_path / "s.safetensors", to="neutral",
+                                  progress=False).output)
+    assert set(kohya.modules) == set(script.modules) == set(trained_lora.truth)
+    for name, module in kohya.modules.items():
+        assert all(module.tensors[r].same_as(t) for r, t in script.modules[name].tensors.items()), name
+        assert module.alpha == module.rank
+    sources = {m.component: m.alpha_source for m in kohya.modules.values()}
+    assert sources == {"unet": "assumed", "text_encoder": "stored", "text_encoder_2": "stored"}
+    assert {m.extra.get("alpha_dtype") for m in kohya.modules.values() if m.alpha_source == "stored"} == {"I64"}

@@ -92,14 +92,45 @@ def test_lycoris_to_neutral_to_lycoris_is_bit_exact(case_id, lycoris_file, tmp_p
            {k: v for k, v in original_meta.items() if k.startswith("ss_")}
 
 
-def test_lycoris_prefix_is_written_back_as_lora_unet(lycoris_file, tmp_path):
-    case = lycoris_file("loha", "lycoris")
+@pytest.mark.parametrize("algo", ["loha", "full"])
+def test_create_lycoris_files_come_back_under_lycoris_keys_and_lycoris_loads_every_module(algo, lycoris_file, tiny_sdxl_dir,
+                                                                                          tmp_path, run_cli):
+    """SimpleTuner's LyCORIS files (``create_lycoris`` + ``save_weights``): ``lycoris_`` keys. Written back as
+    ``lora_unet_``, ``create_lycoris_from_weights`` found 0 modules in them, silently; the prefix is now kept
+    (manifest ``key_prefix``) and ``neutral2pt --format lycoris`` writes it again. ``full`` is LyCORIS' full
+    weight delta (``diff``, ``diff_b`` where the layer has a bias)."""
+    from lycoris import create_lycoris_from_weights
+
+    case = lycoris_file(algo, "lycoris")
     neutral = convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False).output
-    back = convert(neutral, tmp_path / "back.safetensors", to="lycoris", progress=False).output
+    model = read_neutral(neutral, verify_hash=True)
+    assert {m.extra.get("key_prefix") for m in model.modules.values()} == {"lycoris"}
+    assert set(model.summary()["kinds"]) == {algo}
+    out = tmp_path / "back.safetensors"
+    assert run_cli("neutral2pt", str(neutral), "--format", "lycoris", "-o", str(out)).exit_code == 0
     original, _ = read_safetensors(case.path)
-    written, _ = read_safetensors(back)
-    assert {"lora_unet_" + k[len("lycoris_"):] for k in original} == set(written)
-    assert all(written["lora_unet_" + k[len("lycoris_"):]].same_as(t) for k, t in original.items())
+    written, _ = read_safetensors(out)
+    assert set(written) == set(original)
+    assert all(written[k].same_as(t) for k, t in original.items())
+    unet = load_torch_components(tiny_sdxl_dir)["unet"]
+    network, _ = create_lycoris_from_weights(1.0, str(out), unet)
+    assert len(network.loras) == len(case.modules) == len(model.modules)
+    assert {type(m).__name__ for m in network.loras} == {type(m).__name__ for m in case.modules.values()}
+
+
+def test_a_lycoris_full_module_reads_as_its_weight_and_bias_delta(lycoris_file, tmp_path):
+    case = lycoris_file("full", "lycoris")
+    model = read_neutral(convert(case.path, tmp_path / "n.safetensors", to="neutral", progress=False).output)
+    original, _ = read_safetensors(case.path)
+    with_bias = [m for m in model.modules.values() if "diff_b" in m.tensors]
+    assert with_bias and len(with_bias) < len(model.modules)  # to_out.0 has a bias, to_q/k/v have none
+    for name, module in model.modules.items():
+        key = "lycoris_" + module.path.replace(".", "_")
+        assert module.tensors["diff"].same_as(original[f"{key}.diff"])
+        assert (module.rank, module.scale, module.weight_shape) == (0, 1.0, tuple(original[f"{key}.diff"].shape))
+        assert (module.delta_weight() == original[f"{key}.diff"].to_float32()).all()
+        if "diff_b" in module.tensors:
+            assert module.tensors["diff_b"].same_as(original[f"{key}.diff_b"])
 
 
 @pytest.mark.slow

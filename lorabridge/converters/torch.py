@@ -18,9 +18,10 @@ from . import ConversionResult, convert, default_output
 from .registry import FORMATS, get_format
 
 # What neutral2pt writes, the first being the default, and the default output name per format.
-WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers")
+WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers", "lycoris")
 OUTPUT_SUFFIXES = {"diffusers": "_diffusers.safetensors", "peft": "_peft", "kohya": "_kohya.safetensors",
-                   "legacy-diffusers": "_legacy.safetensors", "neutral": "_neutral.safetensors"}
+                   "legacy-diffusers": "_legacy.safetensors", "lycoris": "_lycoris.safetensors",
+                  "neutral": "_neutral.safetensors"}
 SHOWN_KEYS = 3
 
 
@@ -98,7 +99,7 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
                dtype: str | None = None, bake_to_lora: int | None = None, skip_unknown: bool = False,
                strict: bool = False, force: bool = False, progress: bool = True,
                verify_hash: bool = False) -> ConversionResult:
-    """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, legacy-diffusers).
+    """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, legacy-diffusers, lycoris).
 
     ``dtype`` (fp32/fp16/bf16) casts the tensors; ``bake_to_lora`` turns LoHa/LoKr modules into
     plain LoRA of that rank for formats that hold only LoRA; ``skip_unknown`` lets a writer drop

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.streaming import release_pages
-from ..model import KIND_ROLES, LoraModel, LoraModule
+from ..model import KIND_ROLES, LoraModel, LoraModule, full_delta_problem
 from ..tensor import Tensor
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
@@ -74,6 +74,8 @@ def _role_problems(module: LoraModule) -> list[str]:
         a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
         if len(a) not in (2, 4) or len(b) != len(a) or a[0] != b[1]:
             problems.append(f"{module.name}: rank mismatch, lora_A is {list(a)} but lora_B is {list(b)}")
+    if not problems and module.kind == "full" and (problem := full_delta_problem(module.tensors)):
+        problems.append(f"{module.name}: {problem}")
     if not problems and "dora_scale" in module.tensors:
         size = {"out": module.out_features, "in": module.in_features}.get(module.dora_axis)
         if size != module.tensors["dora_scale"].numel:
@@ -191,10 +193,11 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
 
 def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dtype: str | None = None,
                   bake_to_lora: int | None = None, dora: bool = True, strict: bool = False,
-                  **_options) -> LoraModel:
+                  kinds: tuple[str, ...] = ("lora",), **_options) -> LoraModel:
     """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
 
-    ``target`` names the format in messages; ``dora`` says whether it stores per-output-row DoRA
+    ``target`` names the format in messages; ``kinds`` are the module kinds it holds (other kinds
+    are baked or refused); ``dora`` says whether it stores per-output-row DoRA
     magnitudes (PEFT's ``lora_magnitude_vector``). ``dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
     NaN/Inf are checked here too, for inputs (neutral files) no foreign reader checked.
 
@@ -203,7 +206,7 @@ def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dty
     """
     from ..bake import lora_only
 
-    model, notes = lora_only(model, target, bake_to_lora, path)
+    model, notes = lora_only(model, target, bake_to_lora, path, kinds)
     for note in notes:
         warn(f"{path}: {note}")
     undoable = [m.name for m in model.modules.values() if m.dora_axis and (not dora or m.dora_axis != "out")]

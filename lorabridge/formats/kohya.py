@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -51,45 +51,93 @@ MODELSPEC_DEFAULTS = {
 }
 
 
+class Key(NamedTuple):
+    """One tensor key taken apart: the file prefix it used, its component, underscored path and file suffix."""
+
+    prefix: str
+    component: str
+    path: str
+    suffix: str
+
+
 @dataclass(frozen=True)
 class Grammar:
     """How a family of files spells tensor keys: ``<prefix>_<path with _>.<suffix>``.
 
     ``prefixes`` maps a file prefix to the component it adapts; ``suffixes`` maps a file
     suffix to the neutral role of its tensor (:data:`ALPHA` for the module's alpha).
+    ``dotted`` maps prefixes of ComfyUI's generic names, ``<prefix>.<path with dots>.<suffix>``
+    (what its LoraSave node writes), to components. ``glued`` maps suffixes that follow the stem
+    with ``_`` instead of ``.`` to the suffix they stand for: diffusers' ``convert_state_dict_to_kohya``
+    keeps only the last two dots, so an old-spelled ``to_k.lora.down.weight`` becomes
+    ``..._to_k_lora.down.weight``.
     """
 
     prefixes: Mapping[str, str]
     suffixes: Mapping[str, str]
+    dotted: Mapping[str, str] = field(default_factory=dict)
+    glued: Mapping[str, str] = field(default_factory=dict)
+
+    def parse(self, key: str) -> Key | None:
+        """The parts of a key, or None when no suffix is known.
+
+        A prefix this grammar does not know becomes the component as is (``lora_te``, ``lora_te3``,
+        ``lora_transformer``, ``text_encoders``...), so the checks can say which model such a file is for.
+
+        Example:
+            >>> KOHYA.parse("diffusion_model.input_blocks.4.1.proj_in.lora_up.weight")
+            Key(prefix='diffusion_model', component='unet', path='input_blocks_4_1_proj_in', suffix='lora_up.weight')
+        """
+        stem, suffix = self._cut_suffix(key)
+        if suffix is None:
+            return None
+        for prefix in sorted(self.dotted, key=len, reverse=True):
+            if stem.startswith(prefix + "."):
+                return Key(prefix, self.dotted[prefix], stem[len(prefix) + 1:].replace(".", "_"), suffix)
+        for prefix in sorted(self.prefixes, key=len, reverse=True):
+            if stem.startswith(prefix + "_"):
+                return Key(prefix, self.prefixes[prefix], stem[len(prefix) + 1:], suffix)
+        if "." in stem:  # generic names of a model that is not SDXL (text_encoders.t5xxl...)
+            first, _, rest = stem.partition(".")
+            return Key(first, first, rest.replace(".", "_"), suffix)
+        words = stem.split("_")
+        cut = 2 if words[0] == "lora" and len(words) > 2 else 1
+        return Key("_".join(words[:cut]), "_".join(words[:cut]), "_".join(words[cut:]), suffix)
+
+    def _cut_suffix(self, key: str) -> tuple[str, str | None]:
+        """(stem, suffix) of a key, the suffix normalised from its glued spelling; (key, None) when none fits."""
+        for glued in sorted(self.glued, key=len, reverse=True):
+            if key.endswith("_" + glued):
+                return key[: -len(glued) - 1], self.glued[glued]
+        suffix = next((s for s in sorted(self.suffixes, key=len, reverse=True) if key.endswith("." + s)), None)
+        return (key, None) if suffix is None else (key[: -len(suffix) - 1], suffix)
 
     def split(self, key: str) -> tuple[str, str, str] | None:
         """(component, underscored path, file suffix) of a key, or None when no suffix is known.
-
-        A prefix this grammar does not know becomes the component as is (``lora_te``, ``lora_te3``,
-        ``lora_transformer``...), so the checks can say which model such a file is for.
 
         Example:
             >>> KOHYA.split("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha")
             ('text_encoder_2', 'text_model_encoder_layers_0_mlp_fc1', 'alpha')
         """
-        suffix = next((s for s in sorted(self.suffixes, key=len, reverse=True) if key.endswith("." + s)), None)
-        if suffix is None:
-            return None
-        stem = key[: -len(suffix) - 1]
-        for prefix in sorted(self.prefixes, key=len, reverse=True):
-            if stem.startswith(prefix + "_"):
-                return self.prefixes[prefix], stem[len(prefix) + 1:], suffix
-        words = stem.split("_")
-        cut = 2 if words[0] == "lora" and len(words) > 2 else 1
-        return "_".join(words[:cut]), "_".join(words[cut:]), suffix
+        parts = self.parse(key)
+        return None if parts is None else parts[1:]
 
 
+# Full-weight deltas (kind "full"): ComfyUI's LoraSave and LyCORIS' full algorithm, read by ComfyUI and A1111.
+DIFF, DIFF_B = "diff", "diff_b"
 KOHYA = Grammar(
     prefixes={"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
-    suffixes={"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "dora_scale": "dora_scale", "alpha": ALPHA},
+    suffixes={"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "dora_scale": "dora_scale",
+              "alpha": ALPHA, DIFF: DIFF, DIFF_B: DIFF_B},
+    # ComfyUI's generic names (comfy/lora.py model_lora_keys_unet/_clip; comfy_extras/nodes_lora_extract.py).
+    dotted={"diffusion_model": "unet", "text_encoders.clip_l.transformer": "text_encoder",
+            "text_encoders.clip_g.transformer": "text_encoder_2"},
+    glued={"lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"},
 )
 # component -> kohya prefix, for writing
 KOHYA_PREFIX = {component: prefix for prefix, component in KOHYA.prefixes.items()}
+# How the keys of a kohya-grammar file begin (detection): kohya's prefixes and ComfyUI's generic ones.
+KEY_STARTS = ("lora_", *(f"{prefix}." for prefix in KOHYA.dotted), "text_encoders.")
 
 
 class ModuleProblem(ValueError):
@@ -177,35 +225,91 @@ def lora_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None
     return with_dora(module) if a is not None and b is not None and len(a.shape) >= 2 and len(b.shape) >= 2 else module
 
 
+def full_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None = None) -> LoraModule:
+    """A kind "full" module from ``diff`` (and ``diff_b``) parts: delta W itself, no rank; alpha has no effect."""
+    tensors = {KOHYA.suffixes[s]: t for s, t in parts.items() if s != ALPHA}
+    alpha, source, extra = alpha_of(parts, 0, user_alpha)
+    return LoraModule(name, "full", tensors, alpha, source, extra=extra)
+
+
+def kohya_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None = None) -> LoraModule:
+    """A module from kohya/A1111/ComfyUI parts: a full delta when it has ``diff``, else a LoRA."""
+    return (full_module if DIFF in parts else lora_module)(name, parts, user_alpha)
+
+
 Builder = Callable[[str, Mapping[str, Tensor], float | None], LoraModule]
 
 
+def stray_deltas(groups: dict[str, dict[str, str]], tensors: Mapping[str, Tensor]) -> list[str]:
+    """Take out of ``groups`` the full-weight deltas the neutral model cannot hold and return their keys.
+
+    ComfyUI's LoraSave (``bias_diff``, on by default) writes a bias delta ``diff_b`` beside the LoRA
+    pair of every layer with a bias, and a ``diff`` for every 1-D weight (norm layers); a neutral
+    module holds a bias delta only with its weight delta (kind ``full``), and a full delta only for a
+    Linear or Conv2d weight.
+    """
+    stray = []
+    for name, keys in list(groups.items()):
+        if DIFF in keys and len(tensors[keys[DIFF]].shape) < 2:
+            stray += [keys.pop(s) for s in (DIFF, DIFF_B, ALPHA) if s in keys]
+        elif DIFF_B in keys and DIFF not in keys:
+            stray.append(keys.pop(DIFF_B))
+        if not keys:
+            del groups[name]
+    return stray
+
+
+def drop_stray(stray: list[str], path, skip_unknown: bool) -> None:
+    """Refuse stray deltas with a message saying what they are, or (``skip_unknown``) warn that they are dropped."""
+    from .checks import warn
+
+    if not stray:
+        return
+    listed = f"{', '.join(stray[:SHOWN])}{f' (+{len(stray) - SHOWN} more)' if len(stray) > SHOWN else ''}"
+    what = (f"{len(stray)} bias or norm-layer delta(s) that the neutral format cannot hold (a bias delta is kept only "
+            f"with its layer's full weight delta, a full delta only for a Linear/Conv2d weight): {listed}")
+    if not skip_unknown:
+        raise LoraBridgeError(f"{what} (--skip-unknown drops them with a warning)", path)
+    warn(f"{path}: dropped {what}")
+
+
 def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, *, alpha: float | None = None,
-                     **options) -> LoraModel:
+                     skip_unknown: bool = False, **options) -> LoraModel:
     """Read a file in an underscored grammar into a checked :class:`LoraModel`.
 
     ``build`` turns one module's parts (file suffix -> tensor) into a :class:`LoraModule`;
-    ``options`` go to :func:`~lorabridge.formats.checks.check_model` (``skip_unknown``, ``strict``).
+    ``skip_unknown`` and ``options`` go to :func:`~lorabridge.formats.checks.check_model` (``strict``).
+    A module whose keys use a prefix other than kohya's for its component (LyCORIS' ``lycoris_``)
+    keeps it in ``extra["key_prefix"]``, for writers of the same format.
     """
     from ..io.torch_file import read_state_dict
     from .checks import check_model
 
     tensors, metadata = read_state_dict(path)
     groups, unrecognized, problems = group_keys(tensors, grammar)
+    drop_stray(stray_deltas(groups, tensors), path, skip_unknown)
     model = LoraModel(training=dict(metadata))
     for name, keys in groups.items():
         try:
-            model.add(build(name, {suffix: tensors[key] for suffix, key in keys.items()}, alpha))
+            module = build(name, {suffix: tensors[key] for suffix, key in keys.items()}, alpha)
         except ModuleProblem as exc:
             problems.append(f"{name}: {exc}")
+            continue
+        prefix = grammar.parse(next(iter(keys.values()))).prefix
+        if prefix in grammar.prefixes and KOHYA_PREFIX.get(module.component) != prefix:
+            module.extra["key_prefix"] = prefix
+        model.add(module)
     if problems:
         more = f" (+{len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
         raise LoraBridgeError(f"broken LoRA module(s): {'; '.join(problems[:SHOWN])}{more}", path)
-    return check_model(model, path, unrecognized=unrecognized, **options)
+    return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, **options)
 
 
-def stem(module: LoraModule, spelling: str) -> str:
+def stem(module: LoraModule, spelling: str, own_prefix: bool = False) -> str:
     """The key stem of a module: kohya prefix + its path with underscores, UNet paths in ``spelling`` ("sgm"/"diffusers").
+
+    ``own_prefix``: use the prefix the module was read with (``extra["key_prefix"]``, e.g. LyCORIS'
+    ``lycoris``) where it has one.
 
     Example:
         >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "sgm")
@@ -220,7 +324,8 @@ def stem(module: LoraModule, spelling: str) -> str:
         path = diffusers_to_sgm(module.path)
         if path is None:
             raise ModuleProblem("is no SDXL-base UNet layer, so it has no SGM name")
-    return f"{KOHYA_PREFIX[module.component]}_{path.replace('.', '_')}"
+    prefix = module.extra.get("key_prefix", KOHYA_PREFIX[module.component]) if own_prefix else KOHYA_PREFIX[module.component]
+    return f"{prefix}_{path.replace('.', '_')}"
 
 
 def alpha_tensor(module: LoraModule) -> Tensor:
@@ -228,8 +333,15 @@ def alpha_tensor(module: LoraModule) -> Tensor:
     return Tensor.from_numpy(np.array(module.alpha, np.float32), module.extra.get("alpha_dtype", module.dtype))
 
 
+def full_tensors(module: LoraModule) -> dict[str, Tensor]:
+    """A full module's tensors under their own suffixes (``diff``, ``diff_b``): no alpha, which would mean nothing."""
+    return dict(module.tensors)
+
+
 def kohya_tensors(module: LoraModule) -> dict[str, Tensor]:
     """A LoRA module's tensors under kohya suffixes; alpha omitted when it was only assumed (= rank)."""
+    if module.kind == "full":
+        return full_tensors(module)
     t = module.tensors
     out = {"lora_down.weight": t["lora_A.weight"], "lora_up.weight": t["lora_B.weight"]}
     if module.alpha_source != "assumed":
@@ -273,14 +385,16 @@ def cast_to(tensor: Tensor, dtype: str | None) -> Tensor:
 
 def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
                       tensors_of: Callable[[LoraModule], Mapping[str, Tensor]], *, dtype: str | None = None,
-                      progress: Callable[[int], None] | None = None) -> None:
-    """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata."""
+                      progress: Callable[[int], None] | None = None, own_prefix: bool = False) -> None:
+    """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata.
+
+    ``own_prefix``: stems keep the prefix each module was read with (see :func:`stem`)."""
     from ..io.torch_file import write_state_dict
 
     tensors, problems = {}, []
     for module in model.modules.values():
         try:
-            key_stem = stem(module, spelling)
+            key_stem = stem(module, spelling, own_prefix)
         except ModuleProblem as exc:
             problems.append(f"{module.name}: {exc}")
             continue
@@ -294,29 +408,33 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
 
 # The reader/writer pair as the converter registry calls it.
 def detect(path: str | os.PathLike) -> bool:
-    """A state-dict file whose keys are kohya LoRA keys (any architecture: the reader says if it is not SDXL)."""
+    """A state-dict file whose keys are kohya LoRA keys or full deltas, in kohya's or ComfyUI's generic
+    names (any architecture: the reader says if it is not SDXL)."""
     from ..io.torch_file import state_dict_keys
 
     found = state_dict_keys(path)
     if not found:
         return False
-    keys = found[0]
-    lora = [k for k in keys if k.startswith("lora_") and k.endswith((".lora_down.weight", ".lora_up.weight"))]
-    return bool(lora) and all(KOHYA.split(k) is not None for k in keys if k.startswith("lora_"))
+    ours = [KOHYA.parse(k) for k in found[0] if k.startswith(KEY_STARTS)]
+    weights = ("lora_down.weight", "lora_up.weight", DIFF)
+    return any(p is not None and p.suffix in weights for p in ours) and all(p is not None for p in ours)
 
 
 def read(path: str | os.PathLike, **options) -> LoraModel:
-    """Read a kohya/A1111 LoRA (SGM or diffusers spelling) and check it against SDXL.
+    """Read a kohya/A1111/ComfyUI LoRA (SGM or diffusers spelling, or ComfyUI's generic names) and check it against SDXL.
+
+    ``diff``/``diff_b`` full-weight deltas become kind ``full`` modules; bias deltas beside LoRA
+    pairs and deltas of norm layers are refused, or dropped with ``skip_unknown`` (see :func:`stray_deltas`).
 
     Example:
         >>> model = read("sdxl_lora.safetensors")   # doctest: +SKIP
     """
-    return read_underscored(path, KOHYA, lora_module, **options)
+    return read_underscored(path, KOHYA, kohya_module, **options)
 
 
 def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
           bake_to_lora: int | None = None, dtype: str | None = None, strict: bool = False, **_options) -> list[str]:
-    """Write ``model`` as a kohya LoRA (SGM names, 0-d alphas, ModelSpec).
+    """Write ``model`` as a kohya LoRA (SGM names, 0-d alphas, ModelSpec); full modules as ``diff``/``diff_b``.
 
     LoHa/LoKr modules are refused with the modules listed unless ``bake_to_lora`` gives a
     rank; then they are baked by truncated SVD and the error per module is reported as
@@ -329,7 +447,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
     """
     from .checks import warn, writable_lora
 
-    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict)
+    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict, kinds=("lora", "full"))
     write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
     outside = [m.name for m in model.modules.values() if m.component == "unet" and not m.path.startswith(UNET_BLOCKS)]
     if outside:

@@ -1,4 +1,4 @@
-"""LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr and their DoRA variants, for SDXL.
+"""LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr, full and their DoRA variants, for SDXL.
 
 Keys follow the kohya grammar (:mod:`lorabridge.formats.kohya`): ``lora_unet_`` / ``lora_te1_`` /
 ``lora_te2_`` from LyCORIS' kohya network, ``lycoris_`` (UNet) from ``create_lycoris``, each
@@ -11,6 +11,9 @@ Every module has a 0-d ``alpha``. The kinds stay what they are in the neutral mo
   LyCORIS' modules store the ``*_b`` factor of a non-Tucker conv flattened, (rank, in*kh*kw);
   the neutral model keeps the kernel axes, (rank, in, kh, kw), as lora_A does. The kernel comes
   from the SDXL module tree; the writer flattens again, so a round trip is bit-exact.
+- full ``diff`` / ``diff_b`` (delta W and bias delta) -> kind ``full``.
+- A module read from ``lycoris_`` keys keeps that prefix in ``extra["key_prefix"]`` (the manifest's
+  ``key_prefix``) and is written under it again: ``create_lycoris_from_weights`` finds only those.
 - ``dora_scale`` (DoRA, ``dora_wd``) is kept with its axis: (out, 1, ...) is ``"out"``
   (``wd_on_output=True``, the default), (1, in, ...) is ``"in"``.
 
@@ -31,7 +34,8 @@ import numpy as np
 from ..errors import LoraBridgeWarning
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
-from .kohya import ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, lora_module, read_underscored, with_dora, write_underscored
+from .kohya import (ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, full_module, full_tensors, lora_module,
+                    read_underscored, with_dora, write_underscored)
 
 # LyCORIS tensor suffixes of the kinds lorabridge keeps (same names as the neutral roles).
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -40,7 +44,7 @@ LORA_MID = "lora_mid.weight"
 # Suffixes of LyCORIS algorithms without a neutral kind -> the algorithm, for the refusal.
 UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "BOFT", "on_input": "IA3",
                "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA",
-               "diff": "full", "diff_b": "full", "w_norm": "norm", "b_norm": "norm"}
+               "w_norm": "norm", "b_norm": "norm"}
 
 LYCORIS = Grammar(
     prefixes={**KOHYA.prefixes, "lycoris": "unet"},
@@ -49,7 +53,7 @@ LYCORIS = Grammar(
 )
 # kind -> (the neutral roles of it LyCORIS stores flattened for a non-Tucker conv, the role marking Tucker)
 FLATTENED = {"loha": (("hada_w1_b", "hada_w2_b"), "hada_t1"), "lokr": (("lokr_w2_b",), "lokr_t2")}
-KIND_PREFIXES = {"lora_": "lora", "hada_": "loha", "lokr_": "lokr"}
+KIND_PREFIXES = {"lora_": "lora", "hada_": "loha", "lokr_": "lokr", "diff": "full"}
 
 
 def kind_of(roles: list[str]) -> str:
@@ -113,9 +117,11 @@ def lycoris_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | N
     """One neutral module from a LyCORIS module's parts (file suffix -> tensor)."""
     unsupported = sorted({UNSUPPORTED[s] for s in parts if s in UNSUPPORTED})
     if unsupported:
-        raise ModuleProblem(f"LyCORIS {'/'.join(unsupported)} modules have no neutral kind (lorabridge keeps LoRA, LoHa, LoKr)")
+        raise ModuleProblem(f"LyCORIS {'/'.join(unsupported)} modules have no neutral kind (lorabridge keeps LoRA, LoHa, LoKr, full)")
     roles = {LYCORIS.suffixes[s]: t for s, t in parts.items() if s != ALPHA}
     kind = kind_of([r for r in roles if r != "dora_scale"])
+    if kind == "full":
+        return full_module(name, parts, user_alpha)
     if kind == "lora":
         if LORA_MID in parts:
             if "lora_down.weight" not in parts:
@@ -132,6 +138,8 @@ def lycoris_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | N
 
 def lycoris_tensors(module: LoraModule) -> dict[str, Tensor]:
     """A module's tensors under LyCORIS suffixes, conv factors flattened as LyCORIS' modules hold them."""
+    if module.kind == "full":  # LyCORIS' full module stores diff and diff_b only
+        return full_tensors(module)
     if module.kind == "lora":
         tensors = {s: module.tensors[r] for s, r in KOHYA.suffixes.items() if r in module.tensors}
     else:
@@ -179,8 +187,10 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
           dtype: str | None = None, strict: bool = False, **_options) -> list[str]:
     """Write ``model`` as a LyCORIS file (``lora_unet_``/``lora_te1_``/``lora_te2_``, diffusers spelling).
 
-    LoRA, LoHa and LoKr modules keep their kind, DoRA magnitudes their axis: what lycoris-lora's
-    ``create_network_from_weights`` and ComfyUI load. Returns no warnings: every neutral kind fits.
+    LoRA, LoHa, LoKr and full modules keep their kind, DoRA magnitudes their axis: what lycoris-lora's
+    ``create_network_from_weights`` and ComfyUI load. Modules read from ``lycoris_`` keys (``create_lycoris``)
+    are written under that prefix again, which ``create_lycoris_from_weights`` needs. Returns no
+    warnings: every neutral kind fits.
 
     Example:
         >>> write(model, "sdxl_lokr.safetensors")   # doctest: +SKIP
@@ -189,5 +199,5 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
     from .checks import check_finite
 
     check_finite(model, path, strict=strict)
-    write_underscored(model, path, "diffusers", lycoris_tensors, dtype=dtype, progress=progress)
+    write_underscored(model, path, "diffusers", lycoris_tensors, dtype=dtype, progress=progress, own_prefix=True)
     return []

@@ -18,7 +18,7 @@ from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
                         model_facts, module_facts, schema_problems, tensor_sha256)
-from ..model import KIND_ROLES, LoraModel, LoraModule, split_key
+from ..model import KIND_ROLES, LoraModel, LoraModule, full_delta_problem, split_key
 
 Problem = tuple[str, str]
 RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
@@ -114,6 +114,8 @@ def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> li
             return [(f"tensor '{name}.lora_B.weight'", f"shapes A{list(a)} / B{list(b)} are neither linear nor conv LoRA")]
         if a[0] != b[1]:
             return [(f"tensor '{name}.lora_B.weight'", f"rank mismatch: lora_A has {a[0]} rows, lora_B {b[1]} columns")]
+    if entry["kind"] == "full" and (problem := full_delta_problem(module.tensors)):
+        return [(f"tensor '{name}.diff'", problem)]
     try:
         declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
                     "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
