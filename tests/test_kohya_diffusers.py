@@ -103,3 +103,20 @@ def test_diffusers_output_kohya_format_reads_as_the_file_it_came_from(trained_lo
     sources = {m.component: m.alpha_source for m in kohya.modules.values()}
     assert sources == {"unet": "assumed", "text_encoder": "stored", "text_encoder_2": "stored"}
     assert {m.extra.get("alpha_dtype") for m in kohya.modules.values() if m.alpha_source == "stored"} == {"I64"}
+
+
+def test_a_neutral_file_with_full_deltas_is_refused_by_diffusers_as_a_whole(tiny_pipe_factory, tmp_path):
+    """diffusers 0.35.2's load_lora_weights has no full-delta kind: it refuses such a neutral file as a
+    whole ("Invalid LoRA checkpoint.") rather than loading part of it; the README says to convert."""
+    from lorabridge.model import LoraModule
+    from lorabridge.tensor import Tensor
+
+    pipe = tiny_pipe_factory()
+    model = varied_model(pipe)
+    name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    shape = tuple(torch_layer(pipe, name).weight.shape)
+    model.modules.pop(name, None)
+    model.add(LoraModule(name, "full", {"diff": Tensor.from_numpy(np.ones(shape, "f4"))}, 0.0, "assumed"))
+    write_neutral(model, tmp_path / "full.safetensors")
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        pipe.load_lora_weights(str(tmp_path), weight_name="full.safetensors")
