@@ -172,3 +172,21 @@ def test_diffusers_loads_the_neutral_file_with_dora_magnitudes(tiny_sdxl_dir, do
         component, path = name.split(".", 1)
         got = getattr(pipe, component).get_submodule(path).weight.detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.mindspore
+def test_mindone_cannot_load_dora_at_all(tiny_sdxl_dir, dora_neutral, mindspore_run):
+    """mindone 0.5.0's PEFT port has no DoRA: LoraLayer.dora_init raises NotImplementedError (so validate warns)."""
+    result = mindspore_run("""
+        import json, sys, traceback
+        from pathlib import Path
+        from tests.fixtures.sdxl import load_mindone_pipeline
+        pipe = load_mindone_pipeline(sys.argv[1])
+        lora = Path(sys.argv[2])
+        try:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+            print(json.dumps({"loaded": True}))
+        except NotImplementedError:
+            print(json.dumps({"loaded": False, "raised_in": traceback.extract_tb(sys.exc_info()[2])[-1].name}))
+    """, tiny_sdxl_dir, dora_neutral)
+    assert result == {"loaded": False, "raised_in": "dora_init"}

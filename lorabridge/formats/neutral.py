@@ -84,13 +84,17 @@ def split_stored_key(key: str) -> tuple[str, str] | None:
 
 
 def diffusers_limits(model: LoraModel) -> list[str]:
-    """Why diffusers' and mindone.diffusers' ``load_lora_weights`` cannot load this (valid) file, if they cannot.
+    """Why diffusers' or mindone.diffusers' ``load_lora_weights`` cannot load this (valid) file, if they cannot.
 
     PEFT holds one DoRA magnitude per output row and turns DoRA on for all LoRA modules of a component
     (``use_dora`` in its LoraConfig): magnitudes per input column and components mixing DoRA and plain
     LoRA modules have no PEFT form, and diffusers fails on them ("Cannot copy out of meta tensor").
     """
     notes = []
+    dora = [m.name for m in model.modules.values() if m.dora_axis]
+    if dora:
+        notes.append(f"{len(dora)} module(s) have DoRA magnitudes: mindone.diffusers (0.5.0) cannot load them, its "
+                     f"PEFT port has no DoRA (dora_init raises NotImplementedError) ({listed(dora)})")
     per_column = [m.name for m in model.modules.values() if m.dora_axis == "in"]
     if per_column:
         notes.append(f"{len(per_column)} module(s) have DoRA magnitudes per input column (dora_axis in), which "
