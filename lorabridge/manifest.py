@@ -24,7 +24,10 @@ from .tensor import Tensor
 
 MANIFEST_KEY = "lorabridge.manifest"
 FORMAT_NAME = "lorabridge.neutral-lora"
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"  # the newest version this lorabridge reads and writes
+# Spec 1.1 adds one thing: a kind-lora module's DoRA magnitude per output row is stored as PEFT spells
+# it, ``<module>.lora_magnitude_vector`` of shape (out,) or (1, out, 1, 1), so that diffusers loads it.
+PEFT_MAGNITUDE = "lora_magnitude_vector"
 SCHEMA_NAME = "neutral-lora-v1.schema.json"
 LAYOUT = {
     "key_grammar": "<module>.<role>",
@@ -153,6 +156,17 @@ def module_entry(module: LoraModule) -> dict[str, Any]:
     return {**module.extra, **entry}
 
 
+def stores_peft_magnitude(module: LoraModule) -> bool:
+    """Whether a neutral file stores this module's DoRA magnitude as :data:`PEFT_MAGNITUDE` (spec 1.1)."""
+    return module.kind == "lora" and module.dora_axis == "out" and "dora_scale" in module.tensors
+
+
+def spec_version(model: LoraModel) -> str:
+    """The oldest spec version that describes the file of ``model``: 1.1 only when it holds a
+    ``lora_magnitude_vector``, so that 1.0 readers keep reading every other file."""
+    return SPEC_VERSION if any(stores_peft_magnitude(m) for m in model.modules.values()) else "1.0"
+
+
 def build_manifest(model: LoraModel, tensor_hash: str) -> dict[str, Any]:
     """The manifest for ``model`` (whose tensors hash to ``tensor_hash``)."""
     provenance = {"converter": f"lorabridge {__version__}", "created": now_utc(), **model.provenance}
@@ -160,7 +174,7 @@ def build_manifest(model: LoraModel, tensor_hash: str) -> dict[str, Any]:
     return {
         **model.extra,
         "format": FORMAT_NAME,
-        "spec_version": SPEC_VERSION,
+        "spec_version": spec_version(model),
         "base_model": {"architecture": model.architecture, "components": model.components},
         "layout": {**LAYOUT, "dtypes": sorted({t.dtype for t in model.tensors().values()})},
         "modules": {name: module_entry(m) for name, m in model.modules.items()},

@@ -162,6 +162,12 @@ class LoraModule:
         return tuple(self.weight_shape[2:]) or None
 
     @property
+    def peft_magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's shape for a DoRA magnitude per output row (``lora_magnitude_vector``): (out,) for a
+        linear layer, (1, out, 1, 1) for a conv; this model holds it as (out, 1[, 1, 1])."""
+        return (1, self.out_features, 1, 1) if self.kernel_size else (self.out_features,)
+
+    @property
     def dtype(self) -> str:
         return Counter(t.dtype for t in self.tensors.values()).most_common(1)[0][0]
 

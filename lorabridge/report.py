@@ -6,22 +6,28 @@ import os
 from typing import Any
 
 from .errors import LoraBridgeError
-from .formats.neutral import inspect_file, read_neutral
+from .formats.neutral import diffusers_limits, inspect_file, read_neutral
 
 
 def validation_report(path: str | os.PathLike) -> dict[str, Any]:
-    """{"file", "valid", "problems": [{"where", "problem"}]} for one file; container errors count as problems."""
+    """{"file", "valid", "problems": [{"where", "problem"}], "warnings"} for one file; container errors
+    count as problems. Warnings say what a valid file cannot do (the tools it claims to load in that cannot)."""
     try:
-        _, _, problems = inspect_file(path, verify_hash=True)
+        model, _, problems = inspect_file(path, verify_hash=True)
     except LoraBridgeError as exc:
-        problems = [("file", exc.message)]
+        model, problems = None, [("file", exc.message)]
     return {"file": os.fspath(path), "valid": not problems,
-            "problems": [{"where": where, "problem": what} for where, what in problems]}
+            "problems": [{"where": where, "problem": what} for where, what in problems],
+            "warnings": diffusers_limits(model) if model is not None else []}
+
+
+def _warning_lines(report: dict[str, Any]) -> list[str]:
+    return [f"  warning: {w}" for w in report["warnings"]]
 
 
 def render_validation(report: dict[str, Any]) -> str:
     if report["valid"]:
-        return f"{report['file']}: valid neutral LoRA"
+        return "\n".join([f"{report['file']}: valid neutral LoRA", *_warning_lines(report)])
     lines = [f"{report['file']}: INVALID ({len(report['problems'])} problem(s))"]
     lines += [f"  {p['where']}: {p['problem']}" for p in report["problems"]]
     return "\n".join(lines)
@@ -39,6 +45,7 @@ def inspection_report(path: str | os.PathLike) -> dict[str, Any]:
         "targets": model.targets(),
         "provenance": model.provenance,
         "training": model.training,
+        "warnings": diffusers_limits(model),
     }
 
 
@@ -63,4 +70,5 @@ def render_inspection(r: dict[str, Any]) -> str:
         lines.append(f"targets       {component}: {_counts(targets)}")
     if r["training"]:
         lines.append(f"training      {len(r['training'])} field(s): {', '.join(list(r['training'])[:8])}")
+    lines += [f"warning       {w}" for w in r["warnings"]]
     return "\n".join(lines)

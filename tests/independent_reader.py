@@ -15,7 +15,7 @@ import numpy as np
 NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
 SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 ROLES = {  # spec section 3.2: kind -> (required, optional)
-    "lora": ({"lora_A.weight", "lora_B.weight"}, {"dora_scale"}),
+    "lora": ({"lora_A.weight", "lora_B.weight"}, {"dora_scale", "lora_magnitude_vector"}),
     "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_t1", "hada_t2", "dora_scale"}),
     "lokr": (set(), {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale"}),
 }
@@ -89,6 +89,7 @@ def _check(manifest, tensors):
         delta = delta_w(entry, {role: _array(*t) for role, t in have.items()})
         if [entry["out_features"], entry["in_features"], *entry.get("kernel_size", [])] != list(delta.shape):
             raise Invalid(f"{name}: shape disagrees with manifest")
+        magnitude(entry, {role: _array(*t) for role, t in have.items()})
     if set(manifest["base_model"]["components"]) != {n.split(".")[0] for n in modules}:
         raise Invalid("components disagree with modules")
     digest = hashlib.sha256()  # spec 5.5
@@ -118,3 +119,20 @@ def delta_w(entry, t):
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
     return scale * np.kron(w1, w2)
+
+
+def magnitude(entry, t):
+    """Spec 3.3 (DoRA): the magnitude in the shape it broadcasts in, (out, 1[, 1, 1]) or (1, in[, 1, 1]); None without one."""
+    ones = [1] * len(entry.get("kernel_size", []))
+    if "lora_magnitude_vector" in t:  # spec 1.1: kind lora, per output row, PEFT's shape
+        m = t["lora_magnitude_vector"]
+        peft = [1, entry["out_features"], 1, 1] if ones else [entry["out_features"]]
+        if "dora_scale" in t or entry.get("dora_axis") != "out" or list(m.shape) != peft:
+            raise Invalid("lora_magnitude_vector does not fit")
+        return m.reshape(entry["out_features"], 1, *ones)
+    if "dora_scale" not in t:
+        return None
+    want = {"out": [entry["out_features"], 1, *ones], "in": [1, entry["in_features"], *ones]}.get(entry.get("dora_axis"))
+    if list(t["dora_scale"].shape) != want:
+        raise Invalid("dora_scale does not fit dora_axis")
+    return t["dora_scale"]

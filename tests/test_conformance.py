@@ -55,6 +55,10 @@ def test_independent_reader_reads_valid_vectors_like_ours(vector):
                    if k.startswith(name + ".")}
         np.testing.assert_allclose(independent_reader.delta_w(entry, by_role), ours.modules[name].delta_weight(),
                                    rtol=1e-5, atol=1e-7)
+        theirs, mine = independent_reader.magnitude(entry, by_role), ours.modules[name].tensors.get("dora_scale")
+        assert (theirs is None) == (mine is None)
+        if mine is not None:
+            np.testing.assert_array_equal(theirs, mine.to_float32())
 
 
 @pytest.mark.parametrize("vector", INVALID, ids=lambda v: v["file"])

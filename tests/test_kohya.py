@@ -210,17 +210,25 @@ def dora_model(axis: str) -> LoraModel:
     return model
 
 
-def test_dora_magnitudes_per_output_row_are_written_as_dora_scale_and_read_back(tmp_path):
-    kohya.write(dora_model("out"), tmp_path / "k.safetensors")
+def test_dora_magnitudes_per_output_row_are_written_as_dora_scale_with_a_warning_and_read_back(tmp_path):
+    with pytest.warns(LoraBridgeWarning, match=r"1 module\(s\) have DoRA magnitudes per output row .*attn2.to_v.*A1111"):
+        kohya.write(dora_model("out"), tmp_path / "k.safetensors")
     written, _ = read_safetensors(tmp_path / "k.safetensors")
     assert written["lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.dora_scale"].shape == (64, 1)
     back = kohya.read(tmp_path / "k.safetensors")
     assert back.modules["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].dora_axis == "out"
 
 
-def test_dora_magnitudes_per_input_column_are_refused_by_kohya(tmp_path):
-    with pytest.raises(LoraBridgeError, match="per output row only"):
-        kohya.write(dora_model("in"), tmp_path / "k.safetensors")
+def test_dora_magnitudes_per_input_column_are_written_unchanged(tmp_path):
+    """OneTrainer's and LyCORIS' wd_on_output=False axis, the one A1111 and ComfyUI compute right."""
+    model = dora_model("in")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about on this axis
+        kohya.write(model, tmp_path / "k.safetensors")
+    written, _ = read_safetensors(tmp_path / "k.safetensors")
+    stored = written["lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.dora_scale"]
+    assert stored.same_as(model.modules["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].tensors["dora_scale"])
+    assert kohya.read(tmp_path / "k.safetensors").modules["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].dora_axis == "in"
 
 
 # --- bad input ------------------------------------------------------------------------------------

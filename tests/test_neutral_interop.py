@@ -110,3 +110,83 @@ def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mix
     base = {k.split("|")[0]: arrays[k] for k in arrays.files if k.endswith("|base")}
     for name, want in expected_weights(mixed_neutral, base).items():
         np.testing.assert_allclose(arrays[name + "|fused"], want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# --- DoRA: the magnitude per output row is stored as diffusers loads it (spec 1.1) ----------------------------
+# Every LoRA module of a component must have one: PEFT's use_dora covers a whole component.
+DORA_TARGETS = [
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4, 8.0),
+    ("unet", "down_blocks.1.resnets.0.conv1", 2, 2.0),
+    ("unet", "mid_block.attentions.0.transformer_blocks.0.ff.net.2", 4, 4.0),
+    ("text_encoder", "text_model.encoder.layers.0.self_attn.k_proj", 2, 1.0),
+]
+
+
+@pytest.fixture(scope="module")
+def dora_neutral(tiny_sdxl_dir, tmp_path_factory):
+    """A neutral file of DoRA modules, magnitudes per output row near the norms of W + delta W (as trained)."""
+    from lorabridge.tensor import Tensor
+
+    pipe = load_diffusers_pipeline(tiny_sdxl_dir)
+    rng = np.random.default_rng(5)
+    model = LoraModel(provenance={"source_format": "test"})
+    for component, path, rank, alpha in DORA_TARGETS:
+        layer = getattr(pipe, component).get_submodule(path)
+        module = make_lora_module(f"{component}.{path}", weight_shape(layer), rank, alpha, rng)
+        w = layer.weight.detach().numpy()
+        norms = np.linalg.norm((w + module.delta_weight()).reshape(w.shape[0], -1), axis=1)
+        magnitude = norms * rng.uniform(0.5, 1.5, norms.shape)
+        module.tensors["dora_scale"] = Tensor.from_numpy(magnitude.reshape(w.shape[0], *[1] * (w.ndim - 1)).astype(np.float32))
+        module.dora_axis = "out"
+        model.add(module)
+    out = tmp_path_factory.mktemp("interop-dora") / "dora.safetensors"
+    write_neutral(model, out)
+    return out
+
+
+def expected_dora_weights(neutral_path, base_weights: dict) -> dict:
+    """m * V / ||V|| per output row, V = W + alpha/rank * B @ A, from the stored tensors with numpy only."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(neutral_path))
+    manifest = read_neutral(neutral_path)
+    out = {}
+    for name, module in manifest.modules.items():
+        a, b = stored[f"{name}.lora_A.weight"], stored[f"{name}.lora_B.weight"]
+        v = base_weights[name] + module.alpha / a.shape[0] * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base_weights[name].shape)
+        norm = np.linalg.norm(v.reshape(v.shape[0], -1), axis=1)
+        magnitude = stored[f"{name}.lora_magnitude_vector"].reshape(-1)
+        out[name] = v * (magnitude / norm).reshape(v.shape[0], *[1] * (v.ndim - 1))
+    return out
+
+
+def test_diffusers_loads_the_neutral_file_with_dora_magnitudes(tiny_sdxl_dir, dora_neutral):
+    pipe = load_diffusers_pipeline(tiny_sdxl_dir)
+    base = {f"{c}.{p}": getattr(pipe, c).get_submodule(p).weight.detach().numpy().copy() for c, p, _, _ in DORA_TARGETS}
+    with diffusers_messages() as messages:
+        pipe.load_lora_weights(str(dora_neutral.parent), weight_name=dora_neutral.name)
+    assert not [m for m in messages if "key" in m.lower() and "No LoRA keys associated" not in m], messages
+    assert not [m for m in messages if "dora" in m.lower()], messages
+    pipe.fuse_lora(components=["unet", "text_encoder"])
+    for name, want in expected_dora_weights(dora_neutral, base).items():
+        component, path = name.split(".", 1)
+        got = getattr(pipe, component).get_submodule(path).weight.detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.mindspore
+def test_mindone_cannot_load_dora_at_all(tiny_sdxl_dir, dora_neutral, mindspore_run):
+    """mindone 0.5.0's PEFT port has no DoRA: LoraLayer.dora_init raises NotImplementedError (so validate warns)."""
+    result = mindspore_run("""
+        import json, sys, traceback
+        from pathlib import Path
+        from tests.fixtures.sdxl import load_mindone_pipeline
+        pipe = load_mindone_pipeline(sys.argv[1])
+        lora = Path(sys.argv[2])
+        try:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+            print(json.dumps({"loaded": True}))
+        except NotImplementedError:
+            print(json.dumps({"loaded": False, "raised_in": traceback.extract_tb(sys.exc_info()[2])[-1].name}))
+    """, tiny_sdxl_dir, dora_neutral)
+    assert result == {"loaded": False, "raised_in": "dora_init"}

@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lorabridge.formats.neutral import interop_metadata  # noqa: E402
+from lorabridge.formats.neutral import interop_metadata, stored_tensors  # noqa: E402
 from lorabridge.io.safetensors_file import write_safetensors  # noqa: E402
-from lorabridge.manifest import MANIFEST_KEY, build_manifest, tensor_sha256  # noqa: E402
+from lorabridge.manifest import MANIFEST_KEY, SPEC_VERSION, build_manifest, tensor_sha256  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
 from lorabridge.tensor import Tensor  # noqa: E402
 
@@ -45,9 +45,10 @@ def model_of(*modules, **facts) -> LoraModel:
     return model
 
 
-def save(name: str, model: LoraModel, mutate=None, tensors=None) -> None:
-    """Write a vector; ``mutate(manifest)`` breaks the manifest, ``tensors`` replaces the tensor set."""
-    real = model.tensors()
+def save(name: str, model: LoraModel, mutate=None, tensors=None, spelled=None) -> None:
+    """Write a vector; ``mutate(manifest)`` breaks the manifest, ``tensors`` replaces the tensor set,
+    ``spelled`` replaces it and the hash too (a valid file as another, older writer spells it)."""
+    real = spelled if spelled is not None else stored_tensors(model)
     manifest = build_manifest(model, tensor_sha256(real))
     if mutate:
         mutate(manifest)
@@ -98,7 +99,22 @@ def main() -> None:
         LoraModule(ATTN_Q, "lora", {"lora_A.weight": t(rng, (4, 64)), "lora_B.weight": t(rng, (64, 4)),
                                     "dora_scale": t(rng, (64, 1))}, alpha=4.0, dora_axis="out"),
     )
-    valid("kinds.safetensors", kinds, 3, "LoHa, LoKr and a DoRA LoRA module")
+    valid("kinds.safetensors", kinds, 3, "LoHa, LoKr and a DoRA LoRA module (lora_magnitude_vector, spec 1.1)")
+
+    def spec_one_zero(m):
+        m["spec_version"] = "1.0"
+    valid("dora-1.0-spelling.safetensors", kinds, 3, "the same as spec 1.0 writers stored it: dora_scale (64, 1)",
+          mutate=spec_one_zero, spelled=kinds.tensors())
+
+    own = np.random.default_rng(2027)  # not rng: the vectors after this one keep their bytes
+    per_column = model_of(
+        LoraModule(ATTN_Q, "lora", {"lora_A.weight": t(own, (4, 64)), "lora_B.weight": t(own, (64, 4)),
+                                    "dora_scale": t(own, (1, 64))}, alpha=4.0, dora_axis="in"),
+        LoraModule("unet.down_blocks.1.resnets.0.conv1", "loha",
+                   {"hada_w1_a": t(own, (16, 2)), "hada_w1_b": t(own, (2, 32, 3, 3)), "hada_w2_a": t(own, (16, 2)),
+                    "hada_w2_b": t(own, (2, 32, 3, 3)), "dora_scale": t(own, (1, 32, 1, 1))}, alpha=1.0, dora_axis="in"),
+    )
+    valid("dora-in.safetensors", per_column, 2, "DoRA magnitudes per input column (dora_scale (1, in[, 1, 1])), linear and conv")
 
     def rank_as_string(m):
         m["modules"][ATTN_Q]["rank"] = "4"
@@ -140,7 +156,7 @@ def main() -> None:
     write_safetensors(OUT / "no-manifest.safetensors", minimal.tensors(), {"format": "pt"})
     index.append({"file": "no-manifest.safetensors", "verdict": "invalid", "reason": "not-neutral", "note": "plain PEFT file, no manifest"})
 
-    (OUT / "index.json").write_text(json.dumps({"spec_version": "1.0", "vectors": index}, indent=2) + "\n")
+    (OUT / "index.json").write_text(json.dumps({"spec_version": SPEC_VERSION, "vectors": index}, indent=2) + "\n")
     print(f"wrote {len(index)} vectors to {OUT}")
 
 

@@ -58,7 +58,8 @@ def sdxl_tree() -> Tree:
     return {component: sdxl_modules(component) for component in COMPONENTS}
 
 
-def _listed(items: Sequence[str]) -> str:
+def listed(items: Sequence[str]) -> str:
+    """The first few items, "; "-separated, and how many more there are."""
     more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
     return "; ".join(items[:SHOWN]) + more
 
@@ -118,12 +119,12 @@ def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
         evidence = foreign + misshapen + [f"{n} (no such SDXL layer)" for n in unknown]
         likely = f"; looks like {hint}" if hint else ""
         raise LoraBridgeError(f"not an SDXL LoRA: {len(evidence)} of {len(model.modules)} modules do not fit SDXL-base: "
-                              f"{_listed(evidence)}{likely}", path)
+                              f"{listed(evidence)}{likely}", path)
     if unknown and not skip_unknown:
-        raise LoraBridgeError(f"{len(unknown)} module(s) match no SDXL layer: {_listed(unknown)} "
+        raise LoraBridgeError(f"{len(unknown)} module(s) match no SDXL layer: {listed(unknown)} "
                               "(--skip-unknown drops them with a warning)", path)
     if unknown:
-        warn(f"{path}: dropped {len(unknown)} module(s) that match no SDXL layer: {_listed(unknown)}")
+        warn(f"{path}: dropped {len(unknown)} module(s) that match no SDXL layer: {listed(unknown)}")
         for name in unknown:
             del model.modules[name]
 
@@ -157,7 +158,7 @@ def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
             release_pages(t.data)
     if not bad:
         return
-    message = f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(bad)}"
+    message = f"{len(bad)} tensor(s) hold NaN or Inf values: {listed(bad)}"
     if strict:
         raise LoraBridgeError(f"{message}; refused (--strict)", path)
     warn(f"{path}: {message}; images will turn to NaN where they apply")
@@ -176,29 +177,54 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
         >>> model = check_model(model, "lora.safetensors", skip_unknown=True)   # doctest: +SKIP
     """
     if not model.modules:
-        shown = f": {_listed(list(unrecognized))}" if unrecognized else ""
+        shown = f": {listed(list(unrecognized))}" if unrecognized else ""
         raise LoraBridgeError(f"no LoRA tensors found ({len(unrecognized)} other tensor(s){shown})", path)
     problems = [p for m in model.modules.values() for p in _role_problems(m)]
     if problems:
-        raise LoraBridgeError(f"{len(problems)} broken LoRA module(s): {_listed(problems)}", path)
+        raise LoraBridgeError(f"{len(problems)} broken LoRA module(s): {listed(problems)}", path)
     _fit(model, path, sdxl_tree(), skip_unknown)
     if unrecognized and not skip_unknown:
         raise LoraBridgeError(f"{len(unrecognized)} tensor key(s) are not LoRA weights of this format: "
-                              f"{_listed(list(unrecognized))} (--skip-unknown drops them with a warning)", path)
+                              f"{listed(list(unrecognized))} (--skip-unknown drops them with a warning)", path)
     if unrecognized:
-        warn(f"{path}: dropped {len(unrecognized)} tensor key(s) that are not LoRA weights: {_listed(list(unrecognized))}")
+        warn(f"{path}: dropped {len(unrecognized)} tensor key(s) that are not LoRA weights: {listed(list(unrecognized))}")
     check_finite(model, path, strict=strict)
     return model
 
 
+# Where a DoRA magnitude on each axis can go, for refusals.
+DORA_FORMATS = {"out": "--format diffusers, peft, kohya or lycoris", "in": "--format kohya or lycoris"}
+
+
+def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | None:
+    """Why ``target``, storing DoRA magnitudes on ``axes`` only, cannot hold the model's, or None.
+
+    No axis is converted into the other: per output row, ``m_i / ||(W + dW)_i||`` scales row i; per
+    input column, ``m_j / ||(W + dW)_:j||`` scales column j. One equals the other only when every
+    row's (or column's) factor is the same number k, i.e. DoRA rescales the whole weight by k;
+    and even to find that out takes the base weights W, which a LoRA file does not hold.
+    """
+    for axis in ("in", "out"):
+        modules = [m.name for m in model.modules.values() if m.dora_axis == axis and axis not in axes]
+        if not modules:
+            continue
+        holds = "stores DoRA magnitudes per output row only" if axes else "stores no DoRA magnitudes"
+        where = "output row (dora_axis out)" if axis == "out" else "input column (dora_axis in: OneTrainer, LyCORIS wd_on_output=False)"
+        return (f"the {target} format {holds}; {len(modules)} module(s) have them per {where}: {listed(modules)}. "
+                "Moving a magnitude to the other axis needs the base weights and is exact only when DoRA rescales "
+                f"the whole weight by one factor, so lorabridge does not; write {DORA_FORMATS[axis]}, which keep this axis")
+    return None
+
+
 def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dtype: str | None = None,
-                  bake_to_lora: int | None = None, dora: bool = True, strict: bool = False,
+                  bake_to_lora: int | None = None, dora_axes: tuple[str, ...] = ("out",), strict: bool = False,
                   kinds: tuple[str, ...] = ("lora",), **_options) -> LoraModel:
     """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
 
     ``target`` names the format in messages; ``kinds`` are the module kinds it holds (other kinds
-    are baked or refused); ``dora`` says whether it stores per-output-row DoRA
-    magnitudes (PEFT's ``lora_magnitude_vector``). ``dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
+    are baked or refused); ``dora_axes`` are the DoRA magnitude axes it stores
+    (PEFT's ``lora_magnitude_vector`` holds ``"out"`` only, kohya's ``dora_scale`` both, MindONE none);
+    a module on another axis is refused (see :func:`dora_refusal`). ``dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
     NaN/Inf are checked here too, for inputs (neutral files) no foreign reader checked.
 
     Example:
@@ -209,10 +235,9 @@ def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dty
     model, notes = lora_only(model, target, bake_to_lora, path, kinds)
     for note in notes:
         warn(f"{path}: {note}")
-    undoable = [m.name for m in model.modules.values() if m.dora_axis and (not dora or m.dora_axis != "out")]
-    if undoable:
-        why = "stores no DoRA magnitudes" if not dora else "stores DoRA magnitudes per output row only (dora_axis out)"
-        raise LoraBridgeError(f"the {target} format {why}; {len(undoable)} module(s) cannot be written: {_listed(undoable)}", path)
+    refusal = dora_refusal(model, target, dora_axes)
+    if refusal:
+        raise LoraBridgeError(refusal, path)
     check_finite(model, path, strict=strict)
     if dtype is None:
         return model

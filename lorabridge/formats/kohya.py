@@ -44,6 +44,11 @@ STALE_KEYS = ("sshs_legacy_hash",)
 # Where diffusers' kohya loader can place UNet layers: it maps only SGM input_blocks 1+, middle_block and
 # output_blocks, so conv_in (input_blocks.0), time/label embeddings and conv_out make it fail.
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+# What the tools that read kohya files make of a dora_scale per output row (out, 1[, 1, 1]); per input
+# column both compute DoRA as trained. Rules restated in tests/test_dora_axes.py, with their sources.
+OUT_AXIS_READERS = ("A1111 and older ComfyUI read dora_scale per input column only and compute a wrong weight "
+                    "from it, newer ComfyUI divides by the norm of W instead of W + delta W; LyCORIS computes it "
+                    "as trained, and --format diffusers or peft keeps it for diffusers/PEFT")
 MODELSPEC_DEFAULTS = {
     "modelspec.sai_model_spec": "1.0.0",
     "modelspec.architecture": f"{SDXL_ARCHITECTURE}/lora",
@@ -438,8 +443,9 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
 
     LoHa/LoKr modules are refused with the modules listed unless ``bake_to_lora`` gives a
     rank; then they are baked by truncated SVD and the error per module is reported as
-    :class:`~lorabridge.errors.LoraBridgeWarning`. DoRA magnitudes are written as ``dora_scale``
-    when they are per output row (what ComfyUI and A1111 read); others are refused.
+    :class:`~lorabridge.errors.LoraBridgeWarning`. DoRA magnitudes are written as ``dora_scale`` on
+    the axis they have. Per input column (OneTrainer's and LyCORIS' ``wd_on_output=False``) is what
+    A1111 and ComfyUI compute right; per output row is warned about (see :data:`OUT_AXIS_READERS`).
 
     Example:
         >>> write(model, "sdxl_lora_kohya.safetensors")   # doctest: +SKIP
@@ -447,8 +453,13 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
     """
     from .checks import warn, writable_lora
 
-    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict, kinds=("lora", "full"))
+    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, dora_axes=("out", "in"), strict=strict,
+                          kinds=("lora", "full"))
     write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
+    per_row = [m.name for m in model.modules.values() if m.dora_axis == "out"]
+    if per_row:
+        warn(f"{path}: {len(per_row)} module(s) have DoRA magnitudes per output row ({', '.join(per_row[:SHOWN])}"
+             f"{' ...' if len(per_row) > SHOWN else ''}): {OUT_AXIS_READERS}")
     outside = [m.name for m in model.modules.values() if m.component == "unet" and not m.path.startswith(UNET_BLOCKS)]
     if outside:
         warn(f"{path}: {len(outside)} UNet layer(s) outside the down/mid/up blocks ({', '.join(outside[:SHOWN])}"

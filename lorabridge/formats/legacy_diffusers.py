@@ -115,7 +115,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     Example:
         >>> write(model, "sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
-    model = writable_lora(model, path, target="legacy-diffusers", dora=False, **options)
+    model = writable_lora(model, path, target="legacy-diffusers", dora_axes=(), **options)
     folded = [m.name for m in model.modules.values() if m.alpha != m.rank]
     if folded:
         warn(f"{path}: legacy-diffusers files store no alpha; alpha/rank folded into the up factor of "

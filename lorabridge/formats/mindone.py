@@ -430,7 +430,7 @@ class MindoneFormat:
         if container not in CONTAINERS:
             raise LoraBridgeError(f"unknown MindSpore container {container!r}; choose ckpt or safetensors", path)
         alpha_in_metadata = container == "safetensors" and self.naming.name == "diffusers"
-        model = writable_lora(model, path, target=f"MindONE {self.naming.name}", dora=False,
+        model = writable_lora(model, path, target=f"MindONE {self.naming.name}", dora_axes=(),
                               bake_to_lora=options.get("bake_to_lora"), strict=options.get("strict", False))
         tensors, notes = self.file_tensors(model, path, fold_alpha, alpha_in_metadata)
         strings = dict(model.training.get(STRINGS_KEY) or {})

@@ -16,9 +16,11 @@ from typing import Any, Callable
 from ..errors import LoraBridgeError, ValidationProblem
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
-from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
-                        model_facts, module_facts, schema_problems, tensor_sha256)
+from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, SPEC_VERSION, VersionError, build_manifest, check_version,
+                        model_facts, module_facts, schema_problems, stores_peft_magnitude, tensor_sha256)
 from ..model import KIND_ROLES, LoraModel, LoraModule, full_delta_problem, split_key
+from ..tensor import Tensor
+from .checks import listed
 
 Problem = tuple[str, str]
 RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
@@ -60,6 +62,54 @@ def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, st
     return metadata
 
 
+def stored_tensors(model: LoraModel) -> dict[str, Tensor]:
+    """The tensors under the keys and shapes a neutral file stores them: the model's, except that a
+    kind-lora magnitude per output row is PEFT's ``<module>.lora_magnitude_vector`` (spec 1.1), the one
+    spelling diffusers' ``load_lora_weights`` loads (it drops every key containing ``dora_scale``)."""
+    out = {}
+    for m in model.modules.values():
+        for role, tensor in m.tensors.items():
+            if role == "dora_scale" and stores_peft_magnitude(m):
+                out[f"{m.name}.{PEFT_MAGNITUDE}"] = tensor.reshaped(m.peft_magnitude_shape)
+            else:
+                out[f"{m.name}.{role}"] = tensor
+    return out
+
+
+def split_stored_key(key: str) -> tuple[str, str] | None:
+    """(module name, role as stored) of a neutral file's tensor key: a model role or ``lora_magnitude_vector``."""
+    if key.endswith("." + PEFT_MAGNITUDE):
+        return key[: -len(PEFT_MAGNITUDE) - 1], PEFT_MAGNITUDE
+    return split_key(key)
+
+
+def diffusers_limits(model: LoraModel) -> list[str]:
+    """Why diffusers' or mindone.diffusers' ``load_lora_weights`` cannot load this (valid) file, if they cannot.
+
+    PEFT holds one DoRA magnitude per output row and turns DoRA on for all LoRA modules of a component
+    (``use_dora`` in its LoraConfig): magnitudes per input column and components mixing DoRA and plain
+    LoRA modules have no PEFT form, and diffusers fails on them ("Cannot copy out of meta tensor").
+    """
+    notes = []
+    dora = [m.name for m in model.modules.values() if m.dora_axis]
+    if dora:
+        notes.append(f"{len(dora)} module(s) have DoRA magnitudes: mindone.diffusers (0.5.0) cannot load them, its "
+                     f"PEFT port has no DoRA (dora_init raises NotImplementedError) ({listed(dora)})")
+    per_column = [m.name for m in model.modules.values() if m.dora_axis == "in"]
+    if per_column:
+        notes.append(f"{len(per_column)} module(s) have DoRA magnitudes per input column (dora_axis in), which "
+                     f"diffusers and PEFT cannot hold: load_lora_weights cannot load this file ({listed(per_column)}); "
+                     "convert it with --to kohya or --to lycoris, which keep that axis")
+    for component in model.components:
+        lora = [m for m in model.modules.values() if m.component == component and m.kind == "lora"]
+        plain = [m.name for m in lora if not m.dora_axis]
+        if plain and len(plain) < len(lora):
+            notes.append(f"{component}: {len(lora) - len(plain)} LoRA module(s) have DoRA magnitudes and {len(plain)} "
+                         f"do not ({listed(plain)}); PEFT turns DoRA on for a whole component, so diffusers' "
+                         "load_lora_weights cannot load this file")
+    return notes
+
+
 def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write ``model`` as a neutral file (atomically) and return the manifest written.
 
@@ -69,7 +119,7 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     Example:
         >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
     """
-    tensors = model.tensors()
+    tensors = stored_tensors(model)
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
     manifest = build_manifest(model, placeholder)
@@ -99,9 +149,45 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[P
     return (None if problems else manifest), problems
 
 
+def _as_model_roles(name: str, module: LoraModule) -> list[Problem]:
+    """Turn a stored ``lora_magnitude_vector`` into the model's ``dora_scale`` (out, 1[, 1, 1]), in place."""
+    stored = module.tensors.pop(PEFT_MAGNITUDE, None)
+    if stored is None:
+        return []
+    where = f"tensor '{name}.{PEFT_MAGNITUDE}'"
+    if "dora_scale" in module.tensors:
+        return [(where, "a module has one DoRA magnitude: both lora_magnitude_vector and dora_scale are present")]
+    if module.kind != "lora" or module.dora_axis != "out":
+        return [(where, f"holds a magnitude per output row of a kind 'lora' module; the manifest says kind "
+                        f"{module.kind!r}, dora_axis {module.dora_axis!r}")]
+    shape = stored.shape
+    if len(shape) == 1 or (len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1)):
+        module.tensors["dora_scale"] = stored.reshaped((stored.numel, 1, *(1 for _ in shape[2:])))
+        return []
+    return [(where, f"shape {list(shape)} is neither (out,) nor (1, out, 1, 1)")]
+
+
+def _dora_problems(name: str, module: LoraModule) -> list[Problem]:
+    """A DoRA magnitude whose shape is not the one its dora_axis and the module's weight give."""
+    if "dora_scale" not in module.tensors:
+        return [(f"$.modules['{name}'].dora_axis", "set, but the module has no DoRA magnitude")] if module.dora_axis else []
+    ones = (1,) * len(module.kernel_size or ())
+    expected = {"out": (module.out_features, 1, *ones), "in": (1, module.in_features, *ones)}.get(module.dora_axis)
+    actual = module.tensors["dora_scale"].shape
+    if expected is None:
+        return [(f"$.modules['{name}'].dora_axis", "missing: a module with a DoRA magnitude must say its axis (out or in)")]
+    if actual != expected:
+        return [(f"tensor '{name}.dora_scale'", f"shape {list(actual)} does not fit dora_axis {module.dora_axis!r} "
+                                                f"(expected {list(expected)})")]
+    return []
+
+
 def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
     """Tensors of one module versus what its manifest entry declares."""
     where = f"$.modules['{name}']"
+    problems = _as_model_roles(name, module)
+    if problems:
+        return problems
     required, optional = KIND_ROLES[entry["kind"]]
     problems = [(f"tensor '{name}.{role}'", "missing") for role in required if role not in module.tensors]
     problems += [(f"tensor '{name}.{role}'", f"role {role!r} is not part of kind {entry['kind']!r}")
@@ -124,7 +210,7 @@ def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> li
     for field, actual in declared.items():
         if entry.get(field) != actual:
             problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
-    return problems
+    return problems or _dora_problems(name, module)
 
 
 def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
@@ -140,7 +226,7 @@ def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[Lor
     model = LoraModel(**model_facts(manifest))
     tensors_by_module: dict[str, dict] = {name: {} for name in manifest["modules"]}
     for key in handle.keys():
-        parts = split_key(key)
+        parts = split_stored_key(key)
         if parts is None or parts[0] not in tensors_by_module:
             problems.append((f"tensor '{key}'", "not described by any manifest module"))
             continue

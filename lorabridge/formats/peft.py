@@ -186,8 +186,7 @@ def peft_tensors(module: LoraModule) -> dict[str, Tensor]:
     out = {}
     for role, tensor in module.tensors.items():
         if role == "dora_scale":
-            conv = len(module.tensors["lora_A.weight"].shape) == 4
-            tensor = tensor.reshaped((1, tensor.numel, 1, 1) if conv else (tensor.numel,))
+            tensor = tensor.reshaped(module.peft_magnitude_shape)
         out[PEFT_ROLES[role] if role == "dora_scale" else role] = tensor
     return out
 
