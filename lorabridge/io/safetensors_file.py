@@ -12,22 +12,16 @@ from __future__ import annotations
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
 from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
-from .input_file import check_regular, map_input
+from .input_file import map_input
 from .json_safe import load_json
 from .streaming import release_pages
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
-
-
-def open_input(path: str | os.PathLike) -> Path:
-    """The path, if it names a regular file; a one-line error otherwise (FIFOs and devices are refused unopened)."""
-    return check_regular(path)
 
 
 def _is_count(value) -> bool:

@@ -24,9 +24,9 @@ from typing import Mapping
 from ..errors import LoraBridgeError
 from ..tensor import Tensor
 from .atomic import atomic_write
-from .input_file import hold, holding_inputs, open_regular
+from .input_file import check_regular, hold, holding_inputs, open_regular
 from .json_safe import is_unicode as _is_unicode
-from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+from .safetensors_file import SafetensorsFile, write_safetensors
 
 # torch dtype name (str(torch.float32) without "torch.") -> safetensors dtype name
 TORCH_DTYPES = {
@@ -173,7 +173,7 @@ def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     Example:
         >>> tensors, metadata = read_torch_file("sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
-    path = open_input(path)
+    path = check_regular(path)
     if container_of(path) not in ("torch-zip", "torch-legacy"):
         raise LoraBridgeError("not a torch file (neither a torch zip archive nor a pickle)", path)
     return _flatten(_torch_load(path), path)
@@ -185,7 +185,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     Example:
         >>> tensors, metadata = read_state_dict("pytorch_lora_weights.safetensors")   # doctest: +SKIP
     """
-    path = open_input(path)
+    path = check_regular(path)
     if path.stat().st_size == 0:
         raise LoraBridgeError("empty file (0 bytes)", path)
     if container_of(path) == "safetensors":
