@@ -1,7 +1,7 @@
 """Long fuzzing run of lorabridge's parsers under atheris (coverage-guided).
 
 Usage: python bench/fuzz_atheris.py TARGET [-atheris_runs=N] [-max_total_time=SECONDS]
-TARGET is one of the names in TARGETS. A run passes when every input either parses or raises
+TARGET is one of the names in TARGETS (neutral, ms-ckpt, kohya, diffusers, torch-pickle, peft-dir). A run passes when every input either parses or raises
 LoraBridgeError; anything else (another exception, a hang, a huge allocation) is a finding.
 The bounded, always-on version of these runs is tests/test_fuzz_*.py (hypothesis).
 """
@@ -22,30 +22,92 @@ with atheris.instrument_imports():
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = Path(tempfile.mkdtemp(prefix="lorabridge-fuzz-"))
 
-# name -> (module, function taking a path, seed files)
+def vector_seeds() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((ROOT / "spec" / "vectors").glob("*.safetensors"))}
+
+
+def torch_seeds() -> dict[str, bytes]:
+    """Small state dicts as torch.save writes them: zip archive (stored and deflated) and legacy pickle."""
+    import io
+    import zipfile
+
+    import torch
+
+    state = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.zeros(3, 2, dtype=torch.bfloat16),
+             "x.alpha": torch.tensor(2.0), "epoch": 3, "note": "seed"}
+    seeds = {}
+    for name, zipped in (("zip.pt", True), ("legacy.pt", False)):
+        buffer = io.BytesIO()
+        torch.save(state, buffer, _use_new_zipfile_serialization=zipped)
+        seeds[name] = buffer.getvalue()
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(seeds["zip.pt"])) as stored, zipfile.ZipFile(deflated, "w") as out:
+        for info in stored.infolist():
+            out.writestr(info.filename, stored.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    seeds["deflated.pt"] = deflated.getvalue()
+    return seeds
+
+
+def peft_seeds() -> dict[str, bytes]:
+    """An adapter directory (config and weights joined by PEFT_SPLIT) for one SDXL attention module."""
+    import json
+
+    import numpy as np
+
+    from lorabridge.io.safetensors_file import write_safetensors
+    from lorabridge.tensor import Tensor
+
+    module = "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{module}.lora_A.weight": Tensor.from_numpy(np.ones((2, 640), np.float32)),
+               f"{module}.lora_B.weight": Tensor.from_numpy(np.ones((640, 2), np.float32))}
+    weights = SCRATCH / "seed.safetensors"
+    write_safetensors(weights, tensors, {"format": "pt"})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["to_q"],
+              "alpha_pattern": {"attn1.to_q": 3}, "rank_pattern": {}, "use_rslora": False}
+    return {"adapter": json.dumps(config).encode() + PEFT_SPLIT + weights.read_bytes()}
+
+
+# name -> (module, function taking a path, seed maker, how the fuzz input becomes that path)
 TARGETS = {
-    "neutral": ("lorabridge.formats.neutral", "inspect_file", sorted((ROOT / "spec" / "vectors").glob("*.safetensors"))),
-    "ms-ckpt": ("lorabridge.io.ms_ckpt", "read_ms_checkpoint", []),
-    "kohya": ("lorabridge.formats.kohya", "read", []),
-    "diffusers": ("lorabridge.formats.diffusers", "read", []),
+    "neutral": ("lorabridge.formats.neutral", "inspect_file", vector_seeds, "file"),
+    "ms-ckpt": ("lorabridge.io.ms_ckpt", "read_ms_checkpoint", dict, "file"),
+    "kohya": ("lorabridge.formats.kohya", "read", dict, "file"),
+    "diffusers": ("lorabridge.formats.diffusers", "read", dict, "file"),
+    "torch-pickle": ("lorabridge.io.torch_file", "read_torch_file", torch_seeds, "file"),
+    "peft-dir": ("lorabridge.formats.peft", "read", peft_seeds, "peft-dir"),
 }
+PEFT_SPLIT = b"\n--adapter_model--\n"  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
+
+
+def write_input(data: bytes, kind: str, scratch: Path) -> Path:
+    """The path the target reads: the bytes as one file, or split into a PEFT adapter directory."""
+    if kind == "file":
+        path = scratch / "input.bin"
+        path.unlink(missing_ok=True)  # a new file each time: maps of the last input must not see this one
+        path.write_bytes(data)
+        return path
+    config, _, weights = data.partition(PEFT_SPLIT)
+    directory = scratch / "adapter"
+    directory.mkdir(exist_ok=True)
+    (directory / "adapter_config.json").write_bytes(config)
+    (directory / "adapter_model.safetensors").write_bytes(weights)
+    return directory
 
 
 def main() -> None:
     name = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "neutral"
-    module_name, function_name, seeds = TARGETS[name]
+    module_name, function_name, make_seeds, kind = TARGETS[name]
     with atheris.instrument_imports():
         target = getattr(importlib.import_module(module_name), function_name)
     corpus = SCRATCH / "corpus"
     corpus.mkdir()
-    for seed in seeds:
-        (corpus / seed.name).write_bytes(seed.read_bytes())
-    path = SCRATCH / "input.bin"
+    for seed_name, seed in make_seeds().items():
+        (corpus / seed_name).write_bytes(seed)
     counter = {"inputs": 0}
 
     def one_input(data: bytes) -> None:
         counter["inputs"] += 1
-        path.write_bytes(data)
+        path = write_input(data, kind, SCRATCH)
         try:
             target(path)
         except LoraBridgeError:

@@ -21,8 +21,11 @@ class LoraBridgeGroup(click.Group):
     """A group that turns expected errors into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context):
+        from .io.input_file import held_inputs
+
         try:
-            return super().invoke(ctx)
+            with held_inputs():  # no input can be truncated under a command reading it (see io/input_file.py)
+                return super().invoke(ctx)
         except LoraBridgeError as exc:
             if ctx.params.get("debug"):
                 raise

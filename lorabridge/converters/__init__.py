@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.atomic import check_output_path
+from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
 from .registry import FORMATS, FormatInfo, get_format
@@ -35,9 +36,7 @@ class ConversionResult:
 
 def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> FormatInfo:
     """The first registered format (of ``candidates``, default all) whose detect() accepts ``path``."""
-    path = Path(path)
-    if not path.exists():
-        raise LoraBridgeError("no such file or directory", path)
+    path = check_regular(path, directory_ok=True)
     names = list(candidates) if candidates is not None else list(FORMATS)
     for name in names:
         info = get_format(name)
@@ -81,6 +80,7 @@ def default_output(src: Path, suffix: str) -> Path:
     return src.with_name(name + suffix)
 
 
+@held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
             force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
@@ -102,6 +102,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.load().read(src, **options)
+        check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None
         if progress and sys.stderr is not None and sys.stderr.isatty():  # tqdm(disable=None) shows nothing otherwise

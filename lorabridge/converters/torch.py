@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import LoraBridgeError
+from ..io.input_file import check_regular
+from ..io.safetensors_file import SafetensorsFile
+from ..io.torch_file import container_of
 from . import ConversionResult, convert, default_output
 from .registry import FORMATS, get_format
 
@@ -32,7 +35,7 @@ def torch_formats() -> list[str]:
 
 def why_undetected(path: Path, tried: Iterable[str]) -> str:
     """Why none of the ``tried`` formats accepts the file at ``path``, as specifically as can be said cheaply."""
-    from ..io.torch_file import container_of, read_state_dict, state_dict_keys
+    from ..io.torch_file import read_state_dict, state_dict_keys
 
     tried = ", ".join(tried)
     if path.is_file() and path.stat().st_size == 0:
@@ -61,8 +64,7 @@ def why_undetected(path: Path, tried: Iterable[str]) -> str:
 def detect_input(src: Path, candidates: Iterable[str]) -> str:
     """The first of ``candidates`` that accepts ``src``; a one-line error saying why when none does."""
     candidates = list(candidates)
-    if not src.exists():
-        raise LoraBridgeError("no such file or directory", src)
+    check_regular(src, directory_ok=True)
     for name in candidates:
         if get_format(name).load().detect(src):
             return name
@@ -113,8 +115,10 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     """
     if format not in WRITE_FORMATS:
         raise LoraBridgeError(f"unknown PyTorch format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
-    src = Path(src)
-    if src.exists() and not get_format("neutral").load().detect(src):
+    src = check_regular(src)
+    if not get_format("neutral").load().detect(src):
+        if container_of(src) == "safetensors":
+            SafetensorsFile(src)  # a damaged safetensors file: say what is wrong with it, not only "not neutral"
         raise LoraBridgeError("not a neutral LoRA file (no lorabridge.manifest); "
                               f"`convert --to {format}` takes any supported format", src)
     out = Path(out) if out is not None else _beside(src, format)

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from ..errors import LoraBridgeError, ValidationProblem
+from ..io.json_safe import load_json
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, SPEC_VERSION, VersionError, build_manifest, check_version,
@@ -136,9 +137,9 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[P
     if raw is None:
         return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
     try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return None, [(f"__metadata__.{MANIFEST_KEY}", f"manifest is not JSON ({exc})")]
+        manifest = load_json(raw, "manifest", handle.path)
+    except LoraBridgeError as exc:
+        return None, [(f"__metadata__.{MANIFEST_KEY}", exc.message)]
     if not isinstance(manifest, dict):
         return None, [(f"__metadata__.{MANIFEST_KEY}", "manifest is not a JSON object")]
     try:

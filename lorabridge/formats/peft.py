@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 from ..errors import LoraBridgeError
 from ..io.atomic import atomic_directory
+from ..io.input_file import check_regular
+from ..io.json_safe import load_json, load_json_file
 from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import read_state_dict, state_dict_keys
 from ..model import COMPONENTS, LoraModel, LoraModule
@@ -206,10 +208,7 @@ def metadata_configs(metadata: Mapping[str, str], path) -> dict[str, dict[str, A
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoraBridgeError(f"lora_adapter_metadata is not JSON ({exc})", path) from None
+    data = load_json(raw, "lora_adapter_metadata", path)
     if not isinstance(data, dict):
         raise LoraBridgeError("lora_adapter_metadata is not a JSON object", path)
     configs: dict[str, dict[str, Any]] = {}
@@ -268,16 +267,13 @@ def _peft_parser(component: str | None) -> Callable[[str], Parsed | None]:
 
 def _adapter_dirs(path: Path) -> dict[str | None, Path]:
     """component (None = infer) -> adapter directory, for a single adapter or a per-component layout."""
-    if (path / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).exists():  # not is_file(): a FIFO or directory by that name gets refused, not skipped
         return {path.name if path.name in COMPONENTS else None: path}
-    return {c: path / c for c in COMPONENTS if (path / c / CONFIG_NAME).is_file()}
+    return {c: path / c for c in COMPONENTS if (path / c / CONFIG_NAME).exists()}
 
 
 def _load_config(directory: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraBridgeError(f"unreadable adapter config ({exc})", directory / CONFIG_NAME) from None
+    config = load_json_file(directory / CONFIG_NAME, "adapter config")
     if not isinstance(config, dict):
         raise LoraBridgeError("adapter config is not a JSON object", directory / CONFIG_NAME)
     if config.get("peft_type", "LORA") != "LORA":
@@ -287,8 +283,8 @@ def _load_config(directory: Path) -> dict[str, Any]:
 
 def _weights_file(directory: Path) -> Path:
     for name in WEIGHT_NAMES:
-        if (directory / name).is_file():
-            return directory / name
+        if (directory / name).exists():
+            return check_regular(directory / name)
     raise LoraBridgeError(f"no {' or '.join(WEIGHT_NAMES)} beside {CONFIG_NAME}", directory)
 
 

@@ -24,7 +24,6 @@ the full dims, each holding the next slice of the bytes. Text entries
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 import zlib
@@ -35,8 +34,9 @@ from typing import Callable, Iterator, Mapping
 from ..errors import LoraBridgeError
 from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
+from .input_file import map_input
 from .ms_dtypes import MS_STR_TYPE, MS_TO_SAFETENSORS, MS_UNSUPPORTED, SAFETENSORS_TO_MS
-from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+from .safetensors_file import SafetensorsFile, write_safetensors
 from .streaming import release_pages
 
 CHUNK_BYTES = 512 * 1024 * 1024  # save_checkpoint splits a tensor's bytes into records of at most this size
@@ -315,16 +315,6 @@ def _refuse_foreign(buf, size: int, path: Path) -> None:
         raise LoraBridgeError("this is a safetensors file, not a MindSpore .ckpt (use read_ms_safetensors)", path)
 
 
-def _open_map(path: str | os.PathLike) -> tuple[Path, mmap.mmap | None, int]:
-    path = open_input(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            return path, (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None), size
-    except OSError as exc:
-        raise LoraBridgeError(f"cannot read: {exc.strerror or exc}", path) from None
-
-
 class MsCheckpointFile:
     """A memory-mapped MindSpore ``.ckpt``: tensors by tag (file order) and text entries as ``metadata``.
 
@@ -338,7 +328,7 @@ class MsCheckpointFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path, self._map, size = _open_map(path)
+        self.path, self._map, size = map_input(path)
         if self._map is None:
             raise LoraBridgeError("empty file (0 bytes), not a MindSpore checkpoint", self.path)
         _refuse_foreign(self._map, size, self.path)
@@ -422,7 +412,7 @@ def iter_ms_tags(path: str | os.PathLike) -> Iterator[str]:
         >>> next(iter_ms_tags("lora.ckpt"))   # doctest: +SKIP
         'model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight'
     """
-    path, buf, size = _open_map(path)
+    path, buf, size = map_input(path)
     pos = 0
     while buf is not None and pos < size:
         if size - pos == CRC_TRAILER_BYTES and buf[pos:pos + len(CRC_MAGIC)] == CRC_MAGIC:
@@ -466,7 +456,7 @@ def is_ms_checkpoint(path: str | os.PathLike) -> bool:
         True
     """
     try:
-        _, buf, size = _open_map(path)
+        _, buf, size = map_input(path)
     except LoraBridgeError:
         return False
     if buf is None:
@@ -572,6 +562,12 @@ def _safetensors_crc(tensors: Mapping[str, Tensor]) -> int:
     return checksum
 
 
+def _is_crc_text(text: str) -> bool:
+    """A decimal CRC-32 as MindSpore writes it: ASCII digits only (``str.isdigit`` also accepts '²' or '٣',
+    which ``int`` refuses), and few enough of them that ``int`` cannot hit its digit limit."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def read_ms_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors checkpoint written by MindSpore, its ``crc_num`` checked.
 
@@ -588,7 +584,7 @@ def read_ms_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dic
                                   "(MindSpore's packed 4-bit integers), not supported", handle.path)
     tensors = handle.tensors()
     if "crc_num" in metadata:
-        if not metadata["crc_num"].isdigit():
+        if not _is_crc_text(metadata["crc_num"]):
             raise LoraBridgeError(f"crc_num {metadata['crc_num']!r} in the metadata is not a number", handle.path)
         actual = _safetensors_crc(tensors)
         if int(metadata["crc_num"]) != actual:

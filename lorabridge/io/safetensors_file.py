@@ -10,28 +10,23 @@ Files it writes load unchanged with ``safetensors.safe_open`` (tested).
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
-from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
 from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
+from .input_file import map_input
+from .json_safe import load_json
 from .streaming import release_pages
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
 
 
-def open_input(path: str | os.PathLike) -> Path:
-    """The path, if it names a readable regular file; a one-line error otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise LoraBridgeError("no such file", path)
-    if path.is_dir():
-        raise LoraBridgeError("is a directory, expected a file", path)
-    return path
+def _is_count(value) -> bool:
+    """A JSON integer usable as a dimension or offset: not a bool (``true`` is an int to Python) and below 2**63."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 class SafetensorsFile:
@@ -43,22 +38,15 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = open_input(path)
-        size = self.path.stat().st_size
+        self.path, self._map, size = map_input(path)
         if size < 8:
             raise LoraBridgeError(f"truncated: {size} bytes, a safetensors file has at least 8", path)
-        with open(self.path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > MAX_HEADER_BYTES:
-                raise LoraBridgeError(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit", path)
-            if 8 + header_len > size:
-                raise LoraBridgeError(f"truncated: header claims {header_len} bytes, file has {size - 8}", path)
-            raw = handle.read(header_len)
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else None
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoraBridgeError(f"header is not JSON ({exc})", path) from None
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        if header_len > MAX_HEADER_BYTES:
+            raise LoraBridgeError(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit", path)
+        if 8 + header_len > size:
+            raise LoraBridgeError(f"truncated: header claims {header_len} bytes, file has {size - 8}", path)
+        header = load_json(self._map[8:8 + header_len], "header", path)
         if not isinstance(header, dict):
             raise LoraBridgeError("header is not a JSON object", path)
         metadata = header.pop("__metadata__", None) or {}
@@ -76,10 +64,10 @@ class SafetensorsFile:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
             raise LoraBridgeError(f"{where}: unknown dtype {dtype!r}", self.path)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise LoraBridgeError(f"{where}: shape must be a list of non-negative integers", self.path)
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise LoraBridgeError(f"{where}: shape must be a list of non-negative integers, got {shape!r}", self.path)
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+                or not all(_is_count(o) for o in offsets) or not offsets[0] <= offsets[1]):
             raise LoraBridgeError(f"{where}: bad data_offsets {offsets!r}", self.path)
         need = DTYPES[dtype][0]
         for dim in shape:
@@ -107,7 +95,7 @@ class SafetensorsFile:
     def tensor(self, name: str) -> Tensor:
         """A zero-copy view of one tensor's bytes."""
         dtype, shape, begin, end = self._entries[name]
-        view = memoryview(self._map)[self.data_start + begin:self.data_start + end] if self._map else b""
+        view = memoryview(self._map)[self.data_start + begin:self.data_start + end]
         return Tensor(dtype, shape, view)
 
     def tensors(self) -> dict[str, Tensor]:

@@ -24,7 +24,9 @@ from typing import Mapping
 from ..errors import LoraBridgeError
 from ..tensor import Tensor
 from .atomic import atomic_write
-from .safetensors_file import SafetensorsFile, open_input, write_safetensors
+from .input_file import check_regular, hold, holding_inputs, open_regular
+from .json_safe import is_unicode as _is_unicode
+from .safetensors_file import SafetensorsFile, write_safetensors
 
 # torch dtype name (str(torch.float32) without "torch.") -> safetensors dtype name
 TORCH_DTYPES = {
@@ -46,10 +48,15 @@ def container_of(path: str | os.PathLike) -> str | None:
         'safetensors'
     """
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(9)
+        fd = open_regular(path)
+    except LoraBridgeError:
+        return None
+    try:
+        head = os.pread(fd, 9, 0) if hasattr(os, "pread") else os.read(fd, 9)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -63,6 +70,11 @@ def _to_tensor(value) -> Tensor:
     """A lorabridge Tensor sharing memory with a CPU torch tensor (bf16/fp8 seen as raw integers)."""
     import torch
 
+    if value.is_nested or value.layout != torch.strided:
+        raise TypeError(f"a {'nested' if value.is_nested else str(value.layout).removeprefix('torch.')} tensor; "
+                        "only dense (strided) tensors are LoRA weights")
+    if value.device.type != "cpu":
+        raise TypeError(f"a tensor on device {value.device.type!r}, not in the file's data")
     dtype = TORCH_DTYPES.get(str(value.dtype).removeprefix("torch."))
     if dtype is None:
         raise TypeError(f"unsupported tensor dtype {value.dtype}")
@@ -83,19 +95,49 @@ def _refusal_reason(exc: Exception) -> str:
     return detail[:200] or type(exc).__name__
 
 
+def _mappable(path: Path) -> bool:
+    """Whether ``torch.load(mmap=True)`` reads the file right: a zip whose members are all stored.
+
+    torch maps member data at its offset in the file; a deflate-compressed member (a zip rewritten by
+    a zip tool, which ``torch.load(mmap=False)`` reads fine) would be mapped as compressed bytes and
+    come back as garbage tensors, or fail, depending on sizes.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    except Exception:  # noqa: BLE001 - not a readable zip: torch.load (unmapped) gives the reason
+        return False
+
+
 def _torch_load(path: Path):
+    """torch.load, weights only; memory-mapped where that is both correct (:func:`_mappable`) and safe
+    (outside :func:`held_inputs`, or with the file leased there: see :mod:`.input_file`)."""
     import torch
 
+    fd = open_regular(path)
+    try:
+        leased = hold(fd, path)
+    finally:
+        os.close(fd)
+    mmap = _mappable(path) and (leased or not holding_inputs())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise LoraBridgeError("refused to load: the pickle asks for more than tensors and plain containers, "
                               f"so it could run code; nothing was executed ({_refusal_reason(exc)})", path) from None
     except Exception as exc:  # noqa: BLE001 - a malformed pickle fails in many ways (IndexError on a short stack...)
         detail = " ".join(str(exc).split())[:200] or "no detail"
         raise LoraBridgeError(f"not a readable torch file ({type(exc).__name__}: {detail})", path) from None
+
+
+def _text(value, what: str, path: Path) -> str:
+    """``str(value)`` for a key or scalar of the pickle, refusing what no writer could store."""
+    text = str(value)  # ints are short: torch's weights-only unpickler refuses LONG4, the opcode of huge ones
+    if not _is_unicode(text):
+        raise LoraBridgeError(f"{what} {ascii(text)[:80]} is not valid Unicode (a lone surrogate)", path)
+    return text
 
 
 def _flatten(obj, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -110,13 +152,14 @@ def _flatten(obj, path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, str] = {}
     for key, value in obj.items():
+        name = _text(key, "a key", path)
         if isinstance(value, torch.Tensor):
             try:
-                tensors[str(key)] = _to_tensor(value)
-            except TypeError as exc:
-                raise LoraBridgeError(f"tensor {key!r}: {exc}", path) from None
+                tensors[name] = _to_tensor(value)
+            except (TypeError, RuntimeError) as exc:
+                raise LoraBridgeError(f"tensor {name!r}: {' '.join(str(exc).split())[:200]}", path) from None
         elif isinstance(value, (str, int, float, bool)):
-            metadata[str(key)] = str(value)
+            metadata[name] = _text(value, f"entry {name!r}", path)
     return tensors, metadata
 
 
@@ -130,7 +173,7 @@ def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     Example:
         >>> tensors, metadata = read_torch_file("sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
-    path = open_input(path)
+    path = check_regular(path)
     if container_of(path) not in ("torch-zip", "torch-legacy"):
         raise LoraBridgeError("not a torch file (neither a torch zip archive nor a pickle)", path)
     return _flatten(_torch_load(path), path)
@@ -142,7 +185,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     Example:
         >>> tensors, metadata = read_state_dict("pytorch_lora_weights.safetensors")   # doctest: +SKIP
     """
-    path = open_input(path)
+    path = check_regular(path)
     if path.stat().st_size == 0:
         raise LoraBridgeError("empty file (0 bytes)", path)
     if container_of(path) == "safetensors":
