@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral, write_neutral
 from tests.fixtures.core import make_lora_model
 from tests.test_pt_cli import refused
@@ -271,3 +272,92 @@ def test_library_writes_outside_a_command_still_replace(tmp_path, lora_model):
     out.write_bytes(b"old")
     write_neutral(lora_model, out)
     assert read_neutral(out).modules.keys() == lora_model.modules.keys()
+
+
+@pytest.fixture(params=["renameat2", "link-or-rename"])
+def publishing(request, monkeypatch):
+    """Each way of publishing: renameat2 where Linux has it, else a hard link (files) or a checked rename
+    (directories), as on macOS or a file system that takes no renameat2 flags (NFS)."""
+    from lorabridge.io import atomic
+
+    if request.param == "link-or-rename":
+        monkeypatch.setattr(atomic, "_renameat2", None)
+    return atomic
+
+
+def make_entry(path: Path, kind: str) -> None:
+    """Put a directory (with a file), an empty directory, a file or a dangling link at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "directory":
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "old").write_bytes(b"old")
+    elif kind == "empty directory":
+        path.mkdir()
+    elif kind == "file":
+        path.write_bytes(b"old")
+    else:
+        path.symlink_to("nowhere")
+
+
+KINDS = ["directory", "empty directory", "file", "dangling link"]
+
+
+@pytest.mark.parametrize("existing", KINDS)
+@pytest.mark.parametrize("appears", ["before", "while writing"])
+def test_file_outputs_never_replace_an_entry_without_force(tmp_path, publishing, existing, appears):
+    """"while writing": another run publishes first, after every early check: the publishing rename refuses."""
+    work, reference = tmp_path / "work", tmp_path / "reference"
+    make_entry(reference / "out", existing)
+    work.mkdir()
+    if appears == "before":
+        make_entry(work / "out", existing)
+    with pytest.raises(LoraBridgeError, match="output exists"):
+        with publishing.replacing(False), publishing.atomic_write(work / "out") as handle:
+            handle.write(b"new")
+            if appears != "before":
+                make_entry(work / "out", existing)
+    assert snapshot(work) == snapshot(reference)
+
+
+@pytest.mark.parametrize("existing", KINDS)
+@pytest.mark.parametrize("appears", ["before", "while writing"])
+def test_directory_outputs_never_replace_an_entry_without_force(tmp_path, publishing, existing, appears):
+    work, reference = tmp_path / "work", tmp_path / "reference"
+    make_entry(reference / "out", existing)
+    work.mkdir()
+    if appears == "before":
+        make_entry(work / "out", existing)
+    with pytest.raises(LoraBridgeError, match="output exists"):
+        with publishing.atomic_directory(work / "out") as staging:
+            (staging / "new").write_bytes(b"new")
+            if appears != "before":
+                make_entry(work / "out", existing)
+    assert snapshot(work) == snapshot(reference)
+
+
+@pytest.mark.parametrize("existing", ["file", "dangling link", None])
+def test_file_outputs_with_force_replace_a_file_or_link(tmp_path, publishing, existing):
+    if existing:
+        make_entry(tmp_path / "out", existing)
+    with publishing.replacing(True), publishing.atomic_write(tmp_path / "out") as handle:
+        handle.write(b"new")
+    assert snapshot(tmp_path) == {"out": b"new"}
+
+
+@pytest.mark.parametrize("existing", KINDS[:2])
+def test_a_file_output_onto_a_directory_is_one_line_even_with_force(tmp_path, publishing, existing):
+    make_entry(tmp_path / "out", existing)
+    before = snapshot(tmp_path)
+    with pytest.raises(LoraBridgeError, match="Is a directory"):
+        with publishing.replacing(True), publishing.atomic_write(tmp_path / "out") as handle:
+            handle.write(b"new")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing", [*KINDS, None])
+def test_directory_outputs_with_force_replace_anything(tmp_path, publishing, existing):
+    if existing:
+        make_entry(tmp_path / "out", existing)
+    with publishing.atomic_directory(tmp_path / "out", force=True) as staging:
+        (staging / "new").write_bytes(b"new")
+    assert snapshot(tmp_path) == {"out": "dir", "out/new": b"new"}
