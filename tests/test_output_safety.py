@@ -68,6 +68,18 @@ def test_output_overlapping_a_directory_input_is_refused_even_with_force(run_cli
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("output", ["work", "work/torch", "work/torch/sub"])
+def test_compare_never_replaces_a_directory_holding_its_inputs(run_cli, tmp_path, output):
+    from tests.test_compare import image
+
+    for side in ("torch", "mindspore"):
+        image(tmp_path / "work" / side, "000.png", 7)
+    before = snapshot(tmp_path)
+    refused(run_cli("compare", tmp_path / "work" / "torch", tmp_path / "work" / "mindspore", "-o", tmp_path / output,
+                    "--force"), str(tmp_path / output))
+    assert snapshot(tmp_path) == before
+
+
 # ---- paths no output can be written at: one line, not a traceback --------------------------------------
 
 
