@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .adapters.options import SCHEDULERS
-from .errors import LoraBridgeError
+from .errors import LoraBridgeError, shown, single_line
 
 
 class LoraBridgeGroup(click.Group):
@@ -86,9 +86,9 @@ def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
     if lora:
         lora_file_format(lora)
     path = build_tiny_sdxl(out, seed=seed, force=force)
-    click.echo(f"tiny SDXL pipeline: {path}")
+    click.echo(f"tiny SDXL pipeline: {shown(path)}")
     if lora:
-        click.echo(f"LoRA: {write_tiny_lora(path, lora, seed=seed, force=force)}")
+        click.echo(f"LoRA: {shown(write_tiny_lora(path, lora, seed=seed, force=force))}")
 
 
 def _report(result) -> None:
@@ -97,7 +97,7 @@ def _report(result) -> None:
 
     click.echo(render_summary(result))
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {single_line(warning)}", err=True)
 
 
 _verify_hash = click.option("--verify-hash", is_flag=True,
@@ -285,7 +285,7 @@ def infer_command(backend: str, base: str, lora: str | None, output: str | None,
     request = InferOptions(backend=backend, base=Path(base), lora=path(lora), output=path(output), config=path(config),
                            init_latents=path(init_latents), save_latents=path(save_latents), **options)
     result = infer(request, log=lambda line: click.echo(line, err=True))
-    click.echo("\n".join(str(p) for p in result.images))
+    click.echo("\n".join(shown(p) for p in result.images))
 
 
 @cli.command("compare")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LoraBridgeError
-from .io.atomic import atomic_directory, atomic_write, check_output_path
+from .io.atomic import atomic_directory, atomic_write, check_output_path, replacing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -90,14 +90,7 @@ def compare_paths(a: str | os.PathLike, b: str | os.PathLike, output: str | os.P
     or a directory holds an image the other lacks. ``output`` gets the side-by-side image(s)."""
     a, b = Path(a), Path(b)
     pairs, unpaired = _pairs(a, b)
-    out = Path(output) if output is not None else None
-    if out is not None and a.is_dir():
-        if out.exists() and not force:
-            raise LoraBridgeError("output exists; pass --force to replace it", out)
-        if not out.parent.is_dir():
-            raise LoraBridgeError("output's parent directory does not exist", out.parent)
-    elif out is not None:
-        check_output_path(out, force, inputs=(a, b))
+    out = None if output is None else check_output_path(output, force, inputs=(a, b), directory=a.is_dir())
     results, images = [], {}
     for pa, pb in pairs:
         (ia, _), (ib, _) = _load(pa), _load(pb)
@@ -107,21 +100,22 @@ def compare_paths(a: str | os.PathLike, b: str | os.PathLike, output: str | os.P
         results.append({"a": str(pa), "b": str(pb), **metrics, "passed": metrics["mae"] <= max_mae})
         images[pa.with_suffix(".png").name] = (side_by_side(ia, ib), {"a": str(pa), "b": str(pb), **{k: str(v) for k, v in metrics.items()}})
     if out is not None:
-        _write_outputs(out, images, a.is_dir())
+        _write_outputs(out, images, a.is_dir(), force)
         for row in results:
             row["diff"] = str(out / Path(row["a"]).with_suffix(".png").name if a.is_dir() else out)
     return {"pairs": results, "unpaired": unpaired, "max_mae": max_mae,
             "passed": all(r["passed"] for r in results) and not unpaired}
 
 
-def _write_outputs(out: Path, images: dict[str, tuple[np.ndarray, dict]], directory: bool) -> None:
+def _write_outputs(out: Path, images: dict[str, tuple[np.ndarray, dict]], directory: bool, force: bool) -> None:
     if not directory:
         (pixels, text), = images.values()
-        _write_png(out, pixels, text)
+        with replacing(force):
+            _write_png(out, pixels, text)
         return
     if out.exists() and not out.is_dir():
         raise LoraBridgeError("output exists and is not a directory", out)
-    with atomic_directory(out, force=True) as tmp:  # the caller has checked --force
+    with atomic_directory(out, force) as tmp:
         for name, (pixels, text) in images.items():
             _write_png(tmp / name, pixels, text)
 

@@ -19,8 +19,32 @@ class LoraBridgeError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        text = " ".join(self.message.split())
-        return f"{self.path}: {text}" if self.path else text
+        text = single_line(self.message)
+        return f"{shown(self.path)}: {text}" if self.path else text
+
+
+def shown(name: str | os.PathLike) -> str:
+    r"""A file name as messages show it: as it is when every character prints, else quoted with escapes
+    (Python's repr). A newline in a name cannot then start a forged ``error:`` line, and a name that is
+    not UTF-8 prints as escapes instead of failing the print.
+
+    Example:
+        >>> shown("lora.ckpt"), shown("a\nerror: b")
+        ('lora.ckpt', "'a\\nerror: b'")
+    """
+    text = os.fsdecode(name)
+    return text if text.isprintable() else repr(text)
+
+
+def single_line(text: str) -> str:
+    r"""``text`` as one line of a message: runs of whitespace (newlines too) become one space, other
+    control characters (and undecodable bytes) their escapes.
+
+    Example:
+        >>> single_line("dropped\n  key\x1b")
+        'dropped key\\x1b'
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
 
 
 class ValidationProblem(LoraBridgeError):

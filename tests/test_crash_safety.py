@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -18,18 +20,19 @@ from lorabridge.formats.neutral import read_neutral, write_neutral
 from tests.fixtures.core import make_lora_model
 
 ROOT = Path(__file__).resolve().parent.parent
-# A child that converts a neutral file, writing slowly (a sleep per tensor stands in for a slow disk).
+# A child that converts a neutral file (to neutral, or the format in argv[3]), writing slowly (a sleep per
+# tensor stands in for a slow disk).
 SLOW_CONVERT = textwrap.dedent("""
     import sys, time
-    from lorabridge.formats import neutral
-    real_write = neutral.write_safetensors
+    from lorabridge.io import safetensors_file
+    real_write = safetensors_file.write_safetensors
     def slow_write(path, tensors, metadata=None, progress=None, **options):
         def tick(n):
             time.sleep(0.02)
         return real_write(path, tensors, metadata, progress=tick, **options)
-    neutral.write_safetensors = slow_write
+    safetensors_file.write_safetensors = slow_write   # before any format module imports it
     from lorabridge.converters import convert
-    convert(sys.argv[1], sys.argv[2], "neutral", force=True, progress=False)
+    convert(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "neutral", force=True, progress=False)
 """)
 
 
@@ -127,3 +130,41 @@ def test_verify_hash_on_conversion_reports_a_flipped_byte_and_writes_nothing(run
     assert result.exit_code == 1 and "hash mismatch" in result.output
     assert not out.exists()
     assert run_cli(*command, neutral_file, "-o", out).exit_code == 0  # without the flag the cheap path converts
+
+
+def start_slow_conversion(source: Path, out: Path, target: str = "neutral") -> tuple[subprocess.Popen, Path]:
+    """A conversion writing slowly, once its temporary output (file, or staging directory) has data."""
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(source), str(out), target], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while True:
+        for temporary in out.parent.glob(f".{out.name}.*.partial"):
+            with contextlib.suppress(FileNotFoundError):  # published meanwhile
+                if any(p.is_file() and p.stat().st_size > 0 for p in [temporary, *temporary.rglob("*")]):
+                    return child, temporary
+        assert child.poll() is None, "conversion ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("target", ["neutral", "peft"])
+def test_a_killed_runs_temporary_is_removed_by_the_next_run_into_that_directory(tmp_path, big_neutral, target):
+    killed, stale = start_slow_conversion(big_neutral, tmp_path / "killed", target)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert stale.exists()
+    live, live_temporary = start_slow_conversion(big_neutral, tmp_path / "live", target)
+    os.kill(live.pid, signal.SIGSTOP)  # a writer mid-way, however long the next run takes
+    # Not ours, or not stale: a user's file; a name like ours whose process is alive; one a writer holds locked
+    # although its PID is gone here (a writer in another container sharing the directory).
+    keep = [tmp_path / ".notes.partial", tmp_path / f".x.lorabridge-{os.getpid()}.abcdefgh.partial",
+            tmp_path / f".y.lorabridge-{killed.pid}.abcdefgh.partial"]
+    for path in keep:
+        path.write_bytes(b"keep")
+    with open(keep[-1], "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        convert(big_neutral, tmp_path / "next.safetensors", "neutral", progress=False)
+    assert not stale.exists()
+    assert live_temporary.exists() and all(path.read_bytes() == b"keep" for path in keep)
+    os.kill(live.pid, signal.SIGCONT)
+    assert live.wait(timeout=120) == 0
+    assert (tmp_path / "live").exists() and not live_temporary.exists()

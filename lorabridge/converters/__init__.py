@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
-from ..io.atomic import check_output_path
+from ..io.atomic import check_output_path, replacing
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
@@ -110,7 +110,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
 
             bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
         try:
-            returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **options) or []
+            with replacing(force):  # without --force, even a run racing this one cannot be replaced
+                returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **options) or []
         finally:
             if bar is not None:
                 bar.close()

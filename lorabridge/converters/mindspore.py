@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import LoraBridgeError
+from ..errors import LoraBridgeError, shown
 from . import ConversionResult, convert, default_output
 from .registry import get_format
 
@@ -85,7 +85,7 @@ def render_summary(result: ConversionResult) -> str:
     """
     s = result.model.summary()
     return "\n".join([
-        f"{result.source_format} -> {result.target_format}: {result.output} "
+        f"{result.source_format} -> {result.target_format}: {shown(result.output)} "
         f"({result.output.stat().st_size:,} bytes) in {result.seconds:.2f} s",
         f"  modules  {s['modules']}: {', '.join(f'{c} {n}' for c, n in s['per_component'].items())} "
         f"({s['tensors']} tensors, {s['bytes']:,} bytes, {'/'.join(s['dtypes'])})",

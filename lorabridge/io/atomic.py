@@ -1,43 +1,100 @@
-"""Crash-safe output: write to a temporary file beside the target, fsync, rename.
+"""Crash-safe output: write to a temporary file beside the target, fsync, then publish it by a rename.
 
 A conversion killed part-way leaves either no output or the previous complete
 one, never a partial file; an existing output is replaced only with ``force``.
+Without ``force`` the publishing rename itself refuses to replace anything
+(``renameat2(RENAME_NOREPLACE)``, else a hard link): of two runs writing the
+same new output at once, one gets "output exists" instead of both succeeding.
+Temporaries are named ``.<output name>.lorabridge-<pid>.<random>.partial`` and
+locked while written, so a later run can tell a killed run's leftovers from a
+live writer's and remove them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
+import errno
+import fcntl
 import io
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
+
+EXISTS = "output exists; pass --force to replace it"
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """``path`` checked as a name an output can be published under: it must end in a name (not '.', '..'
+    or '/', which no rename can replace) short enough for the file system."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise LoraBridgeError("output must end in a file or directory name, not '.', '..' or '/'", path)
+    limit = _name_max(path.parent)
+    if len(os.fsencode(path.name)) > limit:
+        raise LoraBridgeError(f"file name too long (over {limit} bytes)", path)
+    return path
 
 
 def check_output_path(out: str | os.PathLike, force: bool, inputs: tuple = (), directory: bool = False) -> Path:
     """Refuse to overwrite an input, or an existing output unless ``force``.
 
     ``directory``: the output is a directory (a PEFT adapter folder) that ``force`` may replace
-    as a whole, so it must not contain an input either.
+    as a whole, so it must not contain an input either. A dangling symlink at ``out`` counts as existing.
     """
-    out = Path(out)
+    out = output_target(out)
     for src in inputs:
-        if src is not None and out.exists() and Path(src).exists() and os.path.samefile(out, src):
-            raise LoraBridgeError("output would overwrite the input; choose another -o", out)
-        if src is not None and out.resolve() == Path(src).resolve():
-            raise LoraBridgeError("output would overwrite the input; choose another -o", out)
-        if src is not None and directory and Path(src).resolve().is_relative_to(out.resolve()):
-            raise LoraBridgeError("output directory contains the input; choose another -o", out)
-    if out.exists() and not force:
-        raise LoraBridgeError("output exists; pass --force to replace it", out)
+        if src is not None:
+            _refuse_overlap(out, Path(src), directory)
+    if os.path.lexists(out) and not force:
+        raise LoraBridgeError(EXISTS, out)
     if out.is_dir() and not directory:
         raise LoraBridgeError("output is a directory", out)
-    if not out.parent.exists():
-        raise LoraBridgeError("output directory does not exist", out.parent)
+    if not out.parent.is_dir():
+        raise LoraBridgeError("is not a directory" if out.parent.exists() else "output directory does not exist",
+                              out.parent)
     return out
+
+
+def _refuse_overlap(out: Path, src: Path, directory: bool) -> None:
+    """The output must not be the input (by path, through symlinks, or as a hard link), nor lie inside an
+    input directory (a PEFT adapter folder), nor, when it is a directory replaced whole, contain the input."""
+    target, source = Path(os.path.realpath(out)), Path(os.path.realpath(src))
+    if target == source or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        raise LoraBridgeError("output would overwrite the input; choose another -o", out)
+    if src.is_dir() and target.is_relative_to(source):
+        raise LoraBridgeError("output would be written inside the input directory; choose another -o", out)
+    if directory and source.is_relative_to(target):
+        raise LoraBridgeError("output directory contains the input; choose another -o", out)
+
+
+# Whether publishing may replace an existing output. The command decides (its --force) once, around the
+# whole write; every writer beneath, however deep, publishes by that rule without passing it along.
+# Library calls outside any command replace, as safetensors.save_file and torch.save do.
+_may_replace: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_may_replace", default=True)
+
+
+@contextlib.contextmanager
+def replacing(allowed: bool) -> Iterator[None]:
+    """Within this block, atomic writes replace an existing output only if ``allowed`` (a command's --force);
+    otherwise the publishing rename fails with "output exists", even against a run racing this one.
+
+    Example:
+        >>> with replacing(force):   # doctest: +SKIP
+        ...     write_safetensors("out.safetensors", tensors)
+    """
+    token = _may_replace.set(allowed)
+    try:
+        yield
+    finally:
+        _may_replace.reset(token)
 
 
 # Every this many bytes, the temporary file's new pages are handed to the disk (without waiting), so
@@ -47,18 +104,35 @@ WRITEBACK_BYTES = 64 * 1024 * 1024
 
 class _EarlyWriteback(io.BufferedWriter):
     """A buffered file whose written pages start going to disk as it grows (Linux: posix_fadvise
-    DONTNEED starts writeback of dirty pages without waiting for it, and drops no page not yet on disk)."""
+    DONTNEED starts writeback of dirty pages without waiting for it, and drops no page not yet on disk).
+    A failed write (disk full, file size limit) is reported as one line about ``target``."""
 
     _started = 0  # writeback was started for the bytes before this offset
 
+    def __init__(self, raw: io.FileIO, target: Path):
+        super().__init__(raw)
+        self.target = target
+
     def write(self, data) -> int:
-        written = super().write(data)
-        position = self.tell()
-        if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            self.flush()
-            os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
-            self._started = position
+        with _reported(self.target, "cannot write the output"):
+            written = super().write(data)
+            position = self.tell()
+            if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+                self.flush()
+                os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
+                self._started = position
         return written
+
+
+@contextlib.contextmanager
+def _reported(path: Path, doing: str) -> Iterator[None]:
+    """Turn an OSError into the one-line error users see (``doing``: what failed, e.g. 'cannot create the output')."""
+    try:
+        yield
+    except FileExistsError:
+        raise LoraBridgeError(EXISTS, path) from None
+    except OSError as exc:
+        raise LoraBridgeError(f"{doing}: {exc.strerror or exc}", path) from None
 
 
 def _umask() -> int:
@@ -69,7 +143,8 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file in the target directory; on success fsync and rename it over ``path``.
+    """Open a temporary file in the target directory; on success fsync and publish it at ``path``
+    (replacing an existing file only as :func:`replacing` allows).
 
     Large outputs are handed to the disk while they are written, so the final fsync is short.
 
@@ -77,25 +152,35 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         >>> with atomic_write("out.bin") as f:   # doctest: +SKIP
         ...     f.write(b"data")
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    path = output_target(path)
+    replace = _may_replace.get()
+    if os.path.lexists(path) and not replace:
+        raise LoraBridgeError(EXISTS, path)
+    _remove_stale_temporaries(path.parent)
+    with _reported(path, "cannot create the output"):
+        fd, tmp = tempfile.mkstemp(_SUFFIX, _temporary_prefix(path), path.parent)
+    lock = _hold_lock(os.dup(fd))
+    handle = _EarlyWriteback(io.FileIO(fd, "wb"), path)
     try:
-        with _EarlyWriteback(io.FileIO(fd, "wb")) as handle:
-            yield handle
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        yield handle
+        with _reported(path, "cannot write the output"):
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            handle.close()
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _publish_new(Path(tmp), path)
     except BaseException:
+        with contextlib.suppress(OSError):
+            handle.close()  # what a failed write left buffered cannot be written either
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    finally:
+        os.close(lock)
+    _sync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -103,31 +188,201 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     """Build a directory output in a staging folder beside ``path``, then swap it into place.
 
     On an error (or a kill) ``path`` keeps its previous content; an existing ``path`` is
-    replaced only with ``force``, and the old one is moved aside before the new one moves in.
+    replaced only with ``force``: staging and output trade places in one step
+    (``renameat2(RENAME_EXCHANGE)``), then the old content is removed.
 
     Example:
         >>> with atomic_directory("images", force=True) as staging:   # doctest: +SKIP
         ...     (staging / "000.png").write_bytes(png)
     """
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise LoraBridgeError("output exists; pass --force to replace it", path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
+    path = output_target(path)
+    if os.path.lexists(path) and not force:
+        raise LoraBridgeError(EXISTS, path)
+    _remove_stale_temporaries(path.parent)
+    with _reported(path, "cannot create the output"):
+        staging = Path(tempfile.mkdtemp(_SUFFIX, _temporary_prefix(path), path.parent))
+    lock = _hold_lock(os.open(staging, os.O_RDONLY))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
         yield staging
-        if path.exists() or path.is_symlink():
-            if not force:
-                raise LoraBridgeError("output exists; pass --force to replace it", path)
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(staging, path)
+        with _reported(path, "cannot write the output"):
+            old = _swap_in(staging, path) if force else _publish_new(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+    if old is not None:  # what was replaced; if it cannot all go, a later run removes it (a temporary's name)
+        with contextlib.suppress(OSError):
+            _remove(old)
+    _sync_directory(path.parent)
+
+
+# ---------------------------------------------------------------- temporaries: names, locks, stale ones
+
+_SUFFIX = ".partial"
+_TEMPORARY = re.compile(r"\..*\.lorabridge-(\d+)\.[a-z0-9_]{8}\.partial", re.DOTALL)
+_RANDOM = 8  # characters mkstemp/mkdtemp put between prefix and suffix
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (in bytes) the file system holding ``directory`` takes (255 on most)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _temporary_prefix(path: Path) -> str:
+    """mkstemp's prefix for a temporary beside ``path``: ``.<name>.lorabridge-<pid>.`` (then come 8 random
+    characters and ``.partial``), the output's name shortened as needed so the whole fits the name limit."""
+    tag = f".lorabridge-{os.getpid()}."
+    room = _name_max(path.parent) - len(_SUFFIX) - _RANDOM - len(tag) - 1
+    name = path.name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}{tag}"
+
+
+def _hold_lock(fd: int) -> int:
+    """Lock ``fd``'s file (shared: works on any file system and open mode) until ``fd`` is closed: the sign,
+    for :func:`_remove_stale_temporaries`, that its writer is alive even where its PID is not visible
+    (another container sharing the directory). Held past the write handle, up to the publish."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporaries killed lorabridge runs left in ``directory``: only entries named as ours
+    whose writer's PID is no longer alive and that no one holds locked (a live writer always does)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and not _alive(int(match[1])):
+            with contextlib.suppress(OSError):
+                _remove_if_unlocked(Path(entry.path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails (BlockingIOError) while a writer holds its lock
+        _remove(path)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or whole directory tree."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory, so the rename that published an output survives a power cut."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# ---------------------------------------------------------------- publishing renames
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+# renameat2 flags a file system does not take (NFS, some FUSE) fail with one of these; hard links
+# where a file system has none (FAT, some FUSE) with one of these or EPERM.
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _libc_renameat2() -> Callable | None:
+    """Linux's renameat2(2) (glibc 2.28+), or None where the C library lacks it (macOS, old glibc)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _libc_renameat2()
+
+
+def _rename(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2 ``src`` to ``dst`` with ``flags``; False where the system or file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(dst))
+
+
+def _publish_new(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` only if no entry (a dangling symlink included) is there, else FileExistsError.
+
+    One atomic step where the system allows: renameat2(RENAME_NOREPLACE), else for a file a hard link
+    (which fails on an existing name) and an unlink. Where neither works (a directory on NFS, files on a
+    few FUSE file systems), a check then a rename: rename still fails onto a file or a non-empty directory.
+    Returns None: nothing was replaced.
+    """
+    if _rename(src, dst, _RENAME_NOREPLACE):
+        return None
+    if not src.is_dir():
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED | {errno.EPERM}:
+                raise
+        else:
+            os.unlink(src)
+            return None
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst)) from None
+        raise
+    return None
+
+
+def _swap_in(staging: Path, path: Path) -> Path | None:
+    """Put directory ``staging`` at ``path``, replacing whatever is there; return where the replaced
+    entry now is (to delete), or None. With RENAME_EXCHANGE no moment leaves ``path`` missing, and of
+    two runs swapping at once the last one's output stays, whole."""
+    while True:
+        try:
+            if not _rename(staging, path, _RENAME_EXCHANGE):
+                break
+            return staging
+        except FileNotFoundError:  # nothing at path: publish as new; if someone beats us to it, exchange
+            with contextlib.suppress(FileExistsError):
+                return _publish_new(staging, path)
+    if not os.path.lexists(path):  # without exchange: move the old output aside, then the new one in
+        return _publish_new(staging, path)
+    aside = path.with_name(_temporary_prefix(path) + "replaced")  # not a name cleaned up: kept if killed here
+    os.replace(path, aside)
+    os.rename(staging, path)
+    return aside
