@@ -21,6 +21,7 @@ from lorabridge.io.ms_ckpt import read_ms_checkpoint, read_ms_safetensors, write
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model
+from tests.fixtures.kohya_file import KOHYA_TRAINING_METADATA, TE2_QKV_RANKS, kohya_sdxl_lora, write_kohya
 from tests.fixtures.mindone import (OPENCLIP, SGM_UNET, expected_unet_name, sgm_attention_lora, sgm_text_encoder_lora,
                                     tiny_text, tiny_widths, write_ckpt)
 
@@ -206,6 +207,73 @@ def test_q_k_v_with_their_own_a_merge_into_a_wider_in_proj_with_the_same_delta_w
         np.testing.assert_allclose(back.modules[f"{layer}.{proj}"].delta_weight(),
                                    model.modules[f"{layer}.{proj}"].delta_weight(), rtol=1e-5, atol=1e-6)
     assert not back.modules[f"{layer}.k_proj"].delta_weight().any()
+
+
+@pytest.fixture
+def kohya_neutral(tmp_path):
+    """A kohya SDXL LoRA at the tiny widths (bigG q/k/v at ranks 4/8/2, alpha = rank, kohya's training
+    metadata), converted to a neutral file."""
+    src = write_kohya(kohya_sdxl_lora(tiny_widths(), tiny_text()), tmp_path / "kohya.safetensors")
+    return convert(src, tmp_path / "kohya_neutral.safetensors", to="neutral", progress=False).output
+
+
+def test_kohya_q_k_v_of_their_own_ranks_come_back_from_mindone_bit_exact(kohya_neutral, tmp_path):
+    ckpt = neutral2ms(kohya_neutral, tmp_path / "sgm.ckpt", progress=False).output
+    tensors, _ = read_ms_checkpoint(ckpt)
+    assert tensors[f"{OPENCLIP}0.attn.in_proj.lora_A.weight"].shape[0] == sum(TE2_QKV_RANKS.values())  # block-diagonal
+    back = read_neutral(ms2neutral(ckpt, tmp_path / "back.safetensors", progress=False).output)
+    first = read_neutral(kohya_neutral)
+    assert set(back.modules) == set(first.modules)
+    for name, module in first.modules.items():
+        again = back.modules[name]
+        assert (again.rank, again.alpha) == (module.rank, module.alpha), name
+        assert all(again.tensors[r].same_as(module.tensors[r]) for r in (A, B)), name
+    ranks = {n.rsplit(".", 1)[1]: m.rank for n, m in back.modules.items() if ".layers.1.self_attn." in n and "text_encoder_2" in n}
+    assert ranks == {**TE2_QKV_RANKS, "out_proj": 4}
+
+
+def test_sgm_output_says_which_modules_mindones_sdxl_lora_model_drops(kohya_neutral, tmp_path):
+    result = neutral2ms(kohya_neutral, tmp_path / "sgm.ckpt", progress=False)
+    (note,) = [w for w in result.warnings if "no LoRA layer in MindONE's SDXL LoRA model" in w]
+    # bigG q/k/v (fused into attn.in_proj, a bare parameter there) and both MLPs; UNet and CLIP-L attention load
+    assert "5 module(s)" in note and "text_encoder_2 attn.in_proj x2" in note and "text_encoder_2 mlp.c_fc x2" in note
+    assert "text_encoder mlp.fc1 x1" in note and "--naming mindone-diffusers keeps them effective" in note
+    assert read_ms_checkpoint(result.output)[0].keys() >= {f"{OPENCLIP}0.attn.in_proj.lora_A.weight"}  # still written
+    other = neutral2ms(kohya_neutral, tmp_path / "peft.ckpt", naming="mindone-diffusers", progress=False)
+    assert not any("no LoRA layer" in w for w in other.warnings)
+    unet_only = write_ckpt(sgm_attention_lora(widths=tiny_widths()), tmp_path / "unet.ckpt")
+    neutral = ms2neutral(unet_only, tmp_path / "unet.safetensors", progress=False).output
+    assert not any("no LoRA layer" in w for w in neutral2ms(neutral, tmp_path / "u.ckpt", progress=False).warnings)
+
+
+@pytest.mark.parametrize("naming", ["mindone-sgm", "mindone-diffusers", "mindone-kohya"])
+def test_mindspore_safetensors_keep_the_training_metadata(kohya_neutral, tmp_path, naming):
+    out = neutral2ms(kohya_neutral, tmp_path / "ms.safetensors", naming=naming, container="safetensors", progress=False)
+    assert not any("training metadata" in w for w in out.warnings)
+    _, metadata = read_ms_safetensors(out.output)
+    assert metadata["format"] == "ms" and metadata["ss_tag_frequency"] == KOHYA_TRAINING_METADATA["ss_tag_frequency"]
+    back = ms2neutral(out.output, tmp_path / "back.safetensors", progress=False).output
+    assert read_neutral(back).training == KOHYA_TRAINING_METADATA
+
+
+def test_a_ckpt_output_says_the_training_metadata_is_lost(kohya_neutral, tmp_path, run_cli):
+    result = run_cli("neutral2ms", kohya_neutral, "-o", tmp_path / "out.ckpt")
+    assert result.exit_code == 0, result.output
+    (line,) = [w for w in result.output.splitlines() if "training metadata" in w]
+    assert line.startswith(f"warning: {tmp_path / 'out.ckpt'}: {len(KOHYA_TRAINING_METADATA)} training metadata field(s) (")
+    assert "(+35 more)) not written" in line and line.endswith("--format safetensors keeps them")
+    _, strings = read_ms_checkpoint(tmp_path / "out.ckpt")
+    assert strings == {}
+
+
+def test_str_entries_survive_a_trip_through_a_pytorch_format(tmp_path):
+    src = write_ckpt(sgm_attention_lora(widths=tiny_widths()), tmp_path / "src.ckpt", metadata={"note": "MindONE run 7"})
+    neutral = ms2neutral(src, tmp_path / "n.safetensors", progress=False).output
+    diffusers = convert(neutral, tmp_path / "d.safetensors", to="diffusers", progress=False).output  # strings as JSON
+    again = convert(diffusers, tmp_path / "n2.safetensors", to="neutral", progress=False).output
+    back = neutral2ms(again, tmp_path / "back.ckpt", progress=False)
+    assert read_ms_checkpoint(back.output)[1] == {"note": "MindONE run 7"}
+    assert not any("training metadata" in w for w in back.warnings)
 
 
 def test_loha_and_dora_modules_are_refused_with_their_names(tmp_path):

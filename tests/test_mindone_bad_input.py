@@ -76,3 +76,20 @@ def test_a_missing_input_and_an_existing_output_are_refused(run_cli, tmp_path):
     assert result.exit_code == 1 and "pass --force" in result.output and out.read_bytes() == b"keep me"
     result = run_cli("neutral2ms", src, "-o", tmp_path / "x.ckpt")  # a .ckpt is no neutral input
     assert result.exit_code == 1 and not (tmp_path / "x.ckpt").exists()
+
+
+def test_one_module_in_two_spellings_is_one_line_naming_both_keys(run_cli, tmp_path):
+    """MindONE's kohya port resolves SGM and diffusers spellings alike (as kohya does), so both can name one layer."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for stem in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"):
+        arrays[f"{stem}.lora_down.weight"] = rng.standard_normal((4, 640)).astype("f4")
+        arrays[f"{stem}.lora_up.weight"] = rng.standard_normal((640, 4)).astype("f4")
+    bad = write_ckpt(arrays, tmp_path / "twice.ckpt")
+    result = run_cli("ms2neutral", bad, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {bad}: 1 module(s) named twice")
+    assert "'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q'" in line
+    assert "'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q'" in line

@@ -185,3 +185,55 @@ def test_merge_of_mixed_dtypes_widens_to_float32_exactly():
     for i, part in enumerate((q, k, v)):  # widening loses nothing
         np.testing.assert_array_equal(a[2 * i:2 * i + 2], part.tensors["lora_A.weight"].to_float32())
     np.testing.assert_allclose(_delta(fused), np.concatenate([_delta(q), _delta(k), _delta(v)]), rtol=1e-6, atol=1e-6)
+
+
+# ---- ranks of q, k, v with their own A: merged block-diagonally, split back to their own ranks ----------
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_q_k_v_with_own_ranks_merge_and_split_back_to_the_same_ranks_alphas_and_bytes(dtype):
+    rng = np.random.default_rng(10)
+    q, k, v = (_lora(n, 24, 16, r, float(r), rng, dtype) for n, r in zip(QKV, (4, 2, 8)))  # alpha = rank: one scale
+    fused = merge_qkv(q, k, v, FUSED)
+    assert fused.rank == 14
+    for part, original in zip(split_fused_qkv(fused, *QKV), (q, k, v)):
+        assert (part.rank, part.alpha, part.alpha_source) == (original.rank, original.alpha, original.alpha_source)
+        for role, tensor in original.tensors.items():
+            assert part.tensors[role].same_as(tensor), (part.name, role)
+
+
+def test_parts_with_other_scales_come_back_at_their_ranks_with_the_same_delta():
+    rng = np.random.default_rng(11)
+    q, k, v = (_lora(n, 24, 16, r, 1.0, rng) for n, r in zip(QKV, (4, 2, 8)))  # kohya's usual: one alpha, ranks differ
+    for part, original in zip(split_fused_qkv(merge_qkv(q, k, v, FUSED), *QKV), (q, k, v)):
+        assert part.rank == original.rank
+        np.testing.assert_allclose(_delta(part), _delta(original), rtol=1e-6, atol=1e-7)
+
+
+def test_a_zero_initialised_fused_lora_keeps_its_rank_and_a():
+    fused = _lora(FUSED, 3 * 8, 8, 4, 4.0, np.random.default_rng(12))
+    zero_b = Tensor.from_numpy(np.zeros((24, 4), np.float32))
+    for b in (zero_b, Tensor.from_numpy(np.concatenate([np.ones((8, 4)), np.zeros((16, 4))]).astype("f4"))):
+        fused.tensors["lora_B.weight"] = b  # all B zero (start of training), or only k and v still zero
+        for part in split_fused_qkv(fused, *QKV):
+            assert part.rank == 4 and part.alpha == 4.0
+            assert part.tensors["lora_A.weight"].same_as(fused.tensors["lora_A.weight"])
+
+
+def test_parts_sharing_rank_columns_are_not_trimmed():
+    b = np.zeros((24, 6), np.float32)
+    b[0:8, 0:3], b[8:16, 2:4], b[16:24, 4:6] = 1.0, 2.0, 3.0  # q and k both use column 2: not block-diagonal
+    fused = _lora(FUSED, 24, 8, 6, 6.0, np.random.default_rng(13))
+    fused.tensors["lora_B.weight"] = Tensor.from_numpy(b)
+    assert [p.rank for p in split_fused_qkv(fused, *QKV)] == [6, 6, 6]
+
+
+def test_an_all_zero_column_between_blocks_goes_to_the_earlier_part_with_delta_kept():
+    b = np.zeros((24, 7), np.float32)
+    b[0:8, 0:2], b[8:16, 3:5], b[16:24, 5:7] = 1.0, 2.0, 3.0  # column 2 is zero everywhere
+    fused = _lora(FUSED, 24, 8, 7, 7.0, np.random.default_rng(14))
+    fused.tensors["lora_B.weight"] = Tensor.from_numpy(b)
+    parts = split_fused_qkv(fused, *QKV)
+    assert [p.rank for p in parts] == [3, 2, 2] and [p.alpha for p in parts] == [3.0, 2.0, 2.0]
+    whole = _delta(fused)
+    for i, part in enumerate(parts):
+        np.testing.assert_allclose(_delta(part), whole[8 * i:8 * (i + 1)], rtol=1e-6, atol=1e-7)

@@ -32,12 +32,11 @@ from . import legacy_diffusers
 from .checks import check_model, writable_lora
 from .neutral import adapter_metadata
 from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
+from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
 
 # First key segments diffusers pipelines use for their LoRA-bearing models.
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
                        "decoder", "controlnet")
-# safetensors metadata this format itself owns (everything else is kept as training facts).
-OWN_METADATA = ("format", "lora_adapter_metadata")
 
 
 def split_component(module_key: str) -> tuple[str, str] | None:
@@ -90,11 +89,6 @@ def _keyed(model: LoraModel) -> dict[str, Tensor]:
     return tensors
 
 
-def training_metadata(model: LoraModel) -> dict[str, str]:
-    """The model's free-form training facts as safetensors metadata strings (non-strings as JSON)."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in model.training.items() if k not in OWN_METADATA}
-
-
 def detect(path: str | os.PathLike) -> bool:
     """A state-dict file (not a neutral one) whose LoRA keys start with a pipeline component."""
     found = state_dict_keys(path)
@@ -120,7 +114,7 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
     tensors, metadata = read_state_dict(path)
     groups, unrecognized = group_keys(tensors, parse, path)
     model = build_model(groups, metadata_alpha(metadata, path), alpha, path)
-    model.training = {k: v for k, v in metadata.items() if k not in OWN_METADATA}
+    model.training = training_from_metadata(metadata, FILE_METADATA_KEYS)
     return check_model(model, path, unrecognized=unrecognized, **options)
 
 
@@ -134,6 +128,6 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
         raise LoraBridgeError("the diffusers format keeps alpha in safetensors metadata; name the output .safetensors", path)
     model = writable_lora(model, path, target="diffusers", **options)
     tensors = _keyed(model)
-    metadata: dict[str, Any] = {**training_metadata(model), "format": "pt",
+    metadata: dict[str, Any] = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt",
                                 "lora_adapter_metadata": json.dumps(adapter_metadata(model), separators=(",", ":"))}
     write_safetensors(path, tensors, metadata, progress=progress)

@@ -18,9 +18,9 @@ ComfyUI and diffusers' kohya converter load.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import LoraBridgeError
 from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
 from ..tensor import Tensor
+from .training import lost_training, training_metadata
 
 ALPHA = "alpha"  # the suffix whose tensor is the module's alpha, not one of its tensors
 SHOWN = 3  # modules named in a message
@@ -364,7 +365,7 @@ def safetensors_order(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def file_metadata(model: LoraModel, tensors: Mapping[str, Tensor]) -> dict[str, str]:
     """The model's training facts as safetensors metadata, ModelSpec keys filled in, data hashes recomputed."""
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in model.training.items() if k not in STALE_KEYS}
+    metadata = training_metadata(model, STALE_KEYS)
     title = model.provenance.get("source_file") or "lorabridge LoRA"
     for key, value in {**MODELSPEC_DEFAULTS, "modelspec.title": str(title)}.items():
         metadata.setdefault(key, value)
@@ -394,7 +395,8 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
     """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata.
 
     ``own_prefix``: stems keep the prefix each module was read with (see :func:`stem`)."""
-    from ..io.torch_file import write_state_dict
+    from ..io.torch_file import TORCH_SUFFIXES, write_state_dict
+    from .checks import warn
 
     tensors, problems = {}, []
     for module in model.modules.values():
@@ -408,6 +410,10 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
         more = f" (+{len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
         raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {'; '.join(problems[:SHOWN])}{more}", path)
     tensors = safetensors_order(tensors)
+    if Path(path).suffix.lower() in TORCH_SUFFIXES:
+        lost = lost_training(model, path, "a torch pickle", "write a .safetensors file to keep them")
+        if lost:
+            warn(lost)
     write_state_dict(path, tensors, file_metadata(model, tensors), progress=progress)
 
 

@@ -24,6 +24,7 @@ from ..io.torch_file import state_dict_keys, write_state_dict
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import warn, writable_lora
+from .training import FILE_METADATA_KEYS, lost_training, training_metadata
 
 FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}
 FACTOR_SUFFIXES = {role: suffix for suffix, role in FACTORS.items()}
@@ -112,6 +113,9 @@ def _scaled_up(module: LoraModule) -> Tensor:
 def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options) -> None:
     """Write old diffusers keys: a torch pickle for .ckpt/.bin/.pt/.pth outputs (as the seed), else safetensors.
 
+    The training facts go into the safetensors metadata (the reader takes them back); a torch pickle
+    has no place for them, which is warned about.
+
     Example:
         >>> write(model, "sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
@@ -132,5 +136,11 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     for m in model.modules.values():
         tensors[spell(m, "lora_A.weight")] = m.tensors["lora_A.weight"]
         tensors[spell(m, "lora_B.weight")] = _scaled_up(m)
-    metadata = {"format": "pt"} if Path(path).suffix.lower() == ".safetensors" else None
+    if Path(path).suffix.lower() == ".safetensors":
+        metadata = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt"}
+    else:
+        metadata = None
+        lost = lost_training(model, path, "a torch pickle", "write a .safetensors file to keep them")
+        if lost:
+            warn(lost)
     write_state_dict(path, tensors, metadata, progress=progress)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, re
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY
-from ..model import COMPONENTS, LoraModel, LoraModule
+from ..model import COMPONENTS, LoraModel, LoraModule, target_type
 from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
 from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
 from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused_qkv_paths, merge_qkv,
@@ -48,6 +49,7 @@ from .checks import check_finite, writable_lora
 from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
 from .neutral import adapter_metadata
 from .peft import config_alpha, metadata_configs
+from .training import lost_training, training_from_metadata, training_metadata
 
 A, B = "lora_A.weight", "lora_B.weight"
 
@@ -56,6 +58,16 @@ STRINGS_KEY = "mindspore_strings"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # PEFT LoraConfig per component, as diffusers writes it
 # Tag prefixes of training state that sits beside LoRA weights in a MindSpore training checkpoint.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accum.", "ema.")
+# What MindONE's own SDXL LoRA model wraps in a LoRA layer (examples/stable_diffusion_xl at 831bcaf1:
+# UNetModel_lora in gm/modules/diffusionmodules/openaimodel.py, FrozenCLIPEmbedder_lora and
+# FrozenOpenCLIPEmbedder2_lora in gm/modules/embedders/modules.py), as module path endings per component.
+# Its load_pretrained loads a file with load_param_into_net(strict_load=False), so a LoRA on any other
+# module (bigG's fused attn.in_proj is a bare parameter there, not a layer) is dropped without effect.
+MINDONE_SDXL_LORA_LAYERS = {
+    "unet": tuple(f".{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "text_encoder": tuple(f".self_attn.{proj}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "text_encoder_2": (".self_attn.out_proj",),
+}
 # Key endings of LoRA factors in any naming: a key ending so that our naming cannot place is "unknown", not "ignored".
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight")
 
@@ -338,7 +350,8 @@ class MindoneFormat:
             _warn(f"{path}: ignored {ignored} non-LoRA tensor(s) (base weights or training state); "
                   f"kept {sum(len(g) for g in groups.values())} LoRA tensors")
         configs = metadata_configs({ADAPTER_METADATA_KEY: strings.pop(ADAPTER_METADATA_KEY, "")}, path)
-        model = LoraModel(training={STRINGS_KEY: strings} if strings else {})
+        model = LoraModel(training=_training_of(container, strings))
+        _raise_problems(_named_twice(groups), "module(s) named twice (two spellings of one module)", path)
         problems: list[str] = []
         overridden = 0
         for (key, names), roles in groups.items():
@@ -433,14 +446,72 @@ class MindoneFormat:
         model = writable_lora(model, path, target=f"MindONE {self.naming.name}", dora_axes=(),
                               bake_to_lora=options.get("bake_to_lora"), strict=options.get("strict", False))
         tensors, notes = self.file_tensors(model, path, fold_alpha, alpha_in_metadata)
-        strings = dict(model.training.get(STRINGS_KEY) or {})
+        notes += filter(None, [self._ineffective_in_mindone(model)])
+        strings = _source_strings(model, path)
         if container == "ckpt":
+            notes += filter(None, [lost_training(model, path, "a MindSpore .ckpt written by lorabridge (it keeps only the "
+                                                 "source checkpoint's own text entries)", "--format safetensors keeps them",
+                                                 kept=(STRINGS_KEY,))])
             write_ms_checkpoint(path, tensors, metadata=strings, crc=crc, progress=progress)
         else:
+            metadata = {**training_metadata(model, (STRINGS_KEY, *CONTAINER_KEYS, ADAPTER_METADATA_KEY)), **strings}
             if alpha_in_metadata:
-                strings[ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata(model), separators=(",", ":"))
-            write_ms_safetensors(path, tensors, metadata=strings, crc=crc, progress=progress)
+                metadata[ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata(model), separators=(",", ":"))
+            write_ms_safetensors(path, tensors, metadata=metadata, crc=crc, progress=progress)
         return notes
+
+    def _ineffective_in_mindone(self, model: LoraModel) -> str | None:
+        """The warning that MindONE's SDXL LoRA model ignores some modules of an SGM file, or None.
+
+        Only the SGM naming is loaded by that model (through its ``load_pretrained``); the modules are
+        still written, since ``ms2neutral`` reads them back, and mindone.diffusers applies them all.
+        """
+        if self.naming.name != "sgm":
+            return None
+        keys = {self.naming.spell(m.name)[0]: m.component for m in model.modules.values()
+                if not m.path.endswith(MINDONE_SDXL_LORA_LAYERS.get(m.component, ()))}
+        if not keys:
+            return None
+        groups = Counter(f"{component} {target_type(key)}" for key, component in keys.items())
+        listed = ", ".join(f"{group} x{n}" for group, n in sorted(groups.items()))
+        return (f"{len(keys)} module(s) have no LoRA layer in MindONE's SDXL LoRA model (examples/stable_diffusion_xl: "
+                "UNet attention to_q/k/v/out, CLIP-L self_attn q/k/v/out_proj, bigG attn.out_proj only), whose "
+                f"load_pretrained drops them without a word (load_param_into_net, strict_load=False): {listed}. "
+                "They are written for ms2neutral and other readers; --naming mindone-diffusers keeps them effective "
+                "(mindone.diffusers load_lora_weights applies every module)")
+
+
+def _training_of(container: str, strings: dict[str, str]) -> dict:
+    """A MindONE file's training facts: a .ckpt's text entries kept together (written back as they were),
+    a safetensors file's metadata as facts of their own (as the PyTorch-world formats read theirs)."""
+    if container == "ckpt":
+        return {STRINGS_KEY: strings} if strings else {}
+    return training_from_metadata(strings)
+
+
+def _source_strings(model: LoraModel, path) -> dict[str, str]:
+    """The source .ckpt's text entries, from the model or from their JSON text (a trip through a format
+    that stores training facts as strings turns the dict into JSON)."""
+    strings = model.training.get(STRINGS_KEY) or {}
+    try:
+        strings = json.loads(strings) if isinstance(strings, str) else strings
+    except json.JSONDecodeError:
+        strings = None
+    if not isinstance(strings, dict) or not all(isinstance(v, str) for v in strings.values()):
+        raise LoraBridgeError(f"training fact {STRINGS_KEY!r} is not an object of strings", path)
+    return dict(strings)
+
+
+def _named_twice(groups: Mapping[tuple[str, tuple[str, ...]], object]) -> list[str]:
+    """Modules that two module keys of a file name (e.g. SGM and diffusers spelling of one UNet layer)."""
+    seen: dict[str, str] = {}
+    problems = []
+    for key, names in groups:
+        for name in names:
+            if name in seen:
+                problems.append(f"{name}: both {seen[name]!r} and {key!r}")
+            seen.setdefault(name, key)
+    return problems
 
 
 def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:

@@ -11,6 +11,9 @@ adapter per component, so lorabridge writes one directory per component::
     OUT/text_encoder/...   OUT/text_encoder_2/...
 
 and reads such a directory, a single adapter directory, or a bare PEFT state-dict file.
+Training facts (kohya ``ss_*``, ``modelspec.*``...) go into the metadata of every component's
+``adapter_model.safetensors`` (PEFT's loader ignores safetensors metadata; ``adapter_config.json``
+is PEFT's ``LoraConfig``, no place for them) and are read back from there.
 The diffusers format (:mod:`.diffusers`) reuses this key grammar with a component prefix.
 """
 
@@ -33,6 +36,7 @@ from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import check_model, sdxl_tree, warn, writable_lora
 from .neutral import adapter_metadata
+from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
 
 WRITES_DIRECTORY = True  # the output path is a directory (one adapter per component)
 PEFT_PREFIX = "base_model.model."
@@ -325,14 +329,15 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         directories = _adapter_dirs(path)
         if not directories:
             raise LoraBridgeError(f"no {CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/", path)
-        sources = []
+        sources, metadatas = [], []
         for component, directory in directories.items():
-            tensors, _ = read_state_dict(_weights_file(directory))
+            tensors, metadata = read_state_dict(_weights_file(directory))
             sources.append((component, tensors, _load_config(directory)))
+            metadatas.append(metadata)
     else:
         tensors, metadata = read_state_dict(path)
         from_metadata = metadata_configs(metadata, path)
-        sources = [(None, tensors, from_metadata.get("", {}))]
+        sources, metadatas = [(None, tensors, from_metadata.get("", {}))], [metadata]
         configs.update({c: v for c, v in from_metadata.items() if c})
     for component, tensors, config in sources:
         found, skipped = group_keys(tensors, _peft_parser(component), path)
@@ -348,7 +353,22 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         return config_alpha(configs.get(component, {}), module_path, rank)
 
     model = build_model(groups, alpha_of, alpha, path)
+    model.training = _training(metadatas, path)
     return check_model(model, path, unrecognized=unrecognized, **options)
+
+
+def _training(metadatas: list[Mapping[str, str]], path) -> dict[str, str]:
+    """The training facts of all adapter files (the writer puts the same in each); the first file wins a conflict."""
+    training: dict[str, str] = {}
+    conflicting = set()
+    for metadata in metadatas:
+        for key, value in training_from_metadata(metadata, FILE_METADATA_KEYS).items():
+            if training.setdefault(key, value) != value:
+                conflicting.add(key)
+    if conflicting:
+        warn(f"{path}: the adapter files disagree on training metadata {', '.join(sorted(conflicting))}; "
+             "kept the first component's values")
+    return training
 
 
 def _safe_subdir(root: Path, component: str) -> Path:
@@ -371,6 +391,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
     path = Path(path)
     model = writable_lora(model, path, target="peft", **options)
     configs = component_configs(model)
+    metadata = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt"}
     with atomic_directory(path, force) as staging:
         for component in model.components:
             directory = _safe_subdir(staging, component)
@@ -379,4 +400,4 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
             tensors = {f"{PEFT_PREFIX}{m.path}.{role}": t for m in modules for role, t in peft_tensors(m).items()}
             config = {**CONFIG_DEFAULTS, **configs[component]}
             (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2), "utf-8")
-            write_safetensors(directory / WEIGHT_NAMES[0], tensors, {"format": "pt"}, progress=progress)
+            write_safetensors(directory / WEIGHT_NAMES[0], tensors, metadata, progress=progress)

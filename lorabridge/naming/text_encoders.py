@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import LoraBridgeError
 from ..model import LoraModule
-from ..tensor import Tensor
+from ..tensor import DTYPES, Tensor
 from .sdxl_tree import sdxl_modules
 
 # component -> SGM prefix in front of the path that stays unchanged / the OpenCLIP model root.
@@ -159,12 +159,60 @@ def _stack_rows(tensors: list[Tensor]) -> Tensor:
     return Tensor(tensors[0].dtype, (rows, *tensors[0].shape[1:]), b"".join(bytes(t.data) for t in tensors))
 
 
+def _raw(t: Tensor) -> np.ndarray:
+    """The tensor's elements as unsigned integers of its width: bit patterns, for exact slicing and zero tests."""
+    return np.frombuffer(t.data, dtype=f"<u{DTYPES[t.dtype][0]}").reshape(t.shape)
+
+
+def _used_columns(b: Tensor) -> np.ndarray:
+    """Indices of the rank columns of a lora_B block that hold a non-zero value (+0 and -0 are zero)."""
+    bits = _raw(b)
+    sign = np.array(1 << (bits.dtype.itemsize * 8 - 1), bits.dtype)
+    return np.flatnonzero(((bits & ~sign) != 0).any(axis=0))
+
+
+def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
+    """The rank columns [start, end) of q, k and v when a fused LoRA is block-diagonal, else None.
+
+    :func:`merge_qkv` gives q, k and v that have their own A consecutive column blocks of B
+    (q's rows are zero outside the first block, and so on). The blocks are found again from the
+    non-zero columns of each part's rows: the rule, exactly, is that every part must use at least
+    one column, and all columns q uses must come before all that k uses, which come before all that
+    v uses. Then k's block starts at its first used column, v's at its first used column, and q's
+    block is everything before k's: an all-zero column between two blocks goes to the earlier part.
+    Anything else (a part whose rows are all zero, as in a zero-initialised LoRA; parts sharing
+    columns, as a LoRA trained on the fused projection does) is not block-diagonal: None.
+
+    Example:
+        >>> b = Tensor.from_numpy(np.kron(np.eye(3, dtype="f4"), np.ones((2, 2), "f4")))  # 6 x 6, blocks of 2
+        >>> part_ranks(_row_blocks(b, 3))
+        [(0, 2), (2, 4), (4, 6)]
+    """
+    used = [_used_columns(b) for b in b_parts]
+    if any(u.size == 0 for u in used) or any(used[i][-1] >= used[i + 1][0] for i in range(len(used) - 1)):
+        return None
+    starts = [0] + [int(u[0]) for u in used[1:]]
+    return list(zip(starts, starts[1:] + [b_parts[0].shape[1]]))
+
+
+def _rank_slice(a: Tensor, b: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+    """Rows [start, end) of A and the same columns of B, as their exact bytes."""
+    step = len(a.data) // a.shape[0]
+    a_part = Tensor(a.dtype, (end - start, *a.shape[1:]), memoryview(a.data)[start * step:end * step])
+    b_part = Tensor(b.dtype, (b.shape[0], end - start), np.ascontiguousarray(_raw(b)[:, start:end]).tobytes())
+    return a_part, b_part
+
+
 def split_fused_qkv(module: LoraModule, q_name: str, k_name: str, v_name: str) -> list[LoraModule]:
     """Split a LoRA on a fused qkv projection into q, k and v LoRAs with exactly the same delta W.
 
-    Each part keeps A, rank and alpha and takes its row block of B, so delta W of
-    each part is bit for bit the matching row block of the fused delta W. A DoRA
-    magnitude per output row is split the same way.
+    Each part takes its row block of B, so delta W of each part is bit for bit the
+    matching row block of the fused delta W. When the fused LoRA is block-diagonal
+    (:func:`part_ranks`: what :func:`merge_qkv` makes of q, k, v with their own A),
+    each part keeps only its own rank columns of B and rows of A, with alpha scaled
+    so alpha / rank stays the fused one: q, k and v merged then split come back with
+    their own ranks and bytes. Otherwise each part keeps the whole A, rank and alpha.
+    A DoRA magnitude per output row is split by rows the same way.
 
     Example (``fused`` named after the SGM ``attn.in_proj``)::
 
@@ -181,12 +229,18 @@ def split_fused_qkv(module: LoraModule, q_name: str, k_name: str, v_name: str) -
         raise LoraBridgeError(f"{module.name}: a DoRA magnitude per input column cannot be split into q/k/v")
     b_parts = _row_blocks(b, 3)
     dora_parts = _row_blocks(dora, 3) if dora is not None else [None] * 3
+    blocks = part_ranks(b_parts) if len(a.shape) == 2 else None
     out = []
-    for name, b_part, dora_part in zip((q_name, k_name, v_name), b_parts, dora_parts):
-        tensors = {"lora_A.weight": a, "lora_B.weight": b_part}
+    for i, (name, b_part, dora_part) in enumerate(zip((q_name, k_name, v_name), b_parts, dora_parts)):
+        a_part, alpha = a, module.alpha
+        if blocks:
+            start, end = blocks[i]
+            a_part, b_part = _rank_slice(a, b_part, start, end)
+            alpha = module.alpha * (end - start) / module.rank
+        tensors = {"lora_A.weight": a_part, "lora_B.weight": b_part}
         if dora_part is not None:
             tensors["dora_scale"] = dora_part
-        out.append(LoraModule(name, "lora", tensors, module.alpha, module.alpha_source, module.dora_axis, dict(module.extra)))
+        out.append(LoraModule(name, "lora", tensors, alpha, module.alpha_source, module.dora_axis, dict(module.extra)))
     return out
 
 
