@@ -18,6 +18,11 @@ ranks are checked, and full-size files are checked against the SDXL-base module 
 MindONE files (other than kohya ones) carry no alpha; MindONE uses alpha = rank unless told
 otherwise, so that is what reading assumes (``alpha`` overrides it) and what writing
 preserves: a module whose alpha differs from its rank gets alpha / rank folded into lora_B.
+
+Training facts: a .ckpt's text entries travel together (``training["mindspore_strings"]``) and are
+written back as they were; a MindSpore safetensors file's metadata are training facts of their own,
+as in the PyTorch-world formats. A safetensors output stores all of them; a .ckpt output only the
+text entries, with a warning naming what is lost.
 """
 
 from __future__ import annotations
