@@ -163,7 +163,7 @@ _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None,
 
 def _neutral_reader_writer_options(command):
     """The options shared by commands that read any input and write a PyTorch-world file (neutral2pt, convert)."""
-    for option in (_force, _verify_hash, _strict, _skip_unknown, _bake, _dtype):  # applied bottom-up
+    for option in (_force, _verify_hash, _strict, _bake, _dtype):  # applied bottom-up
         command = option(command)
     return command
 
@@ -206,7 +206,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
                    "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed).")
 @_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       skip_unknown: bool, strict: bool, verify_hash: bool, force: bool) -> None:
+                       strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
@@ -214,7 +214,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     from .converters.torch import neutral2pt
 
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       skip_unknown=skip_unknown, strict=strict, verify_hash=verify_hash, force=force))
+                       strict=strict, verify_hash=verify_hash, force=force))
 
 
 @cli.command("convert")
@@ -225,6 +225,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
                    "(an unknown name lists all).")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
 @click.option("--alpha", type=float, default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
+@_skip_unknown
 @_neutral_reader_writer_options
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
                     dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, verify_hash: bool,
