@@ -308,3 +308,7 @@ def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")
+
+
+if __name__ == "__main__":  # python -m lorabridge.cli
+    main()
