@@ -186,7 +186,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
 
     IN may be a diffusers/PEFT .safetensors, a PEFT adapter directory (or one with unet/,
     text_encoder/, text_encoder_2/ adapters), an old diffusers attention-processor file such as
-    the seed's *_pt.ckpt, or a kohya/A1111/ComfyUI or LyCORIS file. Torch pickles (.bin/.pt/.ckpt)
+    the *_pt.ckpt of MindONE's convert_lora_ms2pt.py, or a kohya/A1111/ComfyUI or LyCORIS file. Torch pickles (.bin/.pt/.ckpt)
     are read only with torch.load(weights_only=True): a pickle that could run code is refused.
 
     Example: lorabridge pt2neutral pytorch_lora_weights.safetensors -o lora.safetensors
@@ -203,7 +203,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
               help="File (directory for peft) to write [default: IN's stem + _<format>, beside it].")
 @click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
               help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
-                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed).")
+                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as MindONE's convert_lora_ms2pt.py writes).")
 @_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
                        strict: bool, verify_hash: bool, force: bool) -> None:
@@ -256,8 +256,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
 @click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
 @click.option("--scheduler", default="euler", show_default=True,
-              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization the "
-                   "seed's MindSpore/PyTorch consistency check used.")
+              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization that "
+                   "MindONE's SDXL LoRA consistency check (convert_lora_ms2pt.py, infer_lora.py) used.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on accelerators).")
 @click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
 @click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
