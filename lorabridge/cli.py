@@ -166,7 +166,7 @@ _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None,
 
 def _neutral_reader_writer_options(command):
     """The options shared by commands that read any input and write a PyTorch-world file (neutral2pt, convert)."""
-    for option in (_force, _verify_hash, _strict, _skip_unknown, _bake, _dtype):  # applied bottom-up
+    for option in (_force, _verify_hash, _strict, _bake, _dtype):  # applied bottom-up
         command = option(command)
     return command
 
@@ -189,7 +189,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
 
     IN may be a diffusers/PEFT .safetensors, a PEFT adapter directory (or one with unet/,
     text_encoder/, text_encoder_2/ adapters), an old diffusers attention-processor file such as
-    the seed's *_pt.ckpt, or a kohya/A1111/ComfyUI or LyCORIS file. Torch pickles (.bin/.pt/.ckpt)
+    the *_pt.ckpt of MindONE's convert_lora_ms2pt.py, or a kohya/A1111/ComfyUI or LyCORIS file. Torch pickles (.bin/.pt/.ckpt)
     are read only with torch.load(weights_only=True): a pickle that could run code is refused.
 
     Example: lorabridge pt2neutral pytorch_lora_weights.safetensors -o lora.safetensors
@@ -206,11 +206,11 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
               help="File (directory for peft) to write [default: IN's stem + _<format>, beside it].")
 @click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
               help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
-                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as the seed); "
+                   "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as MindONE's convert_lora_ms2pt.py writes); "
                    "lycoris: lycoris-lora (LoHa/LoKr/full kept, lycoris_ prefix kept).")
 @_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       skip_unknown: bool, strict: bool, verify_hash: bool, force: bool) -> None:
+                       strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
@@ -218,7 +218,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     from .converters.torch import neutral2pt
 
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       skip_unknown=skip_unknown, strict=strict, verify_hash=verify_hash, force=force))
+                       strict=strict, verify_hash=verify_hash, force=force))
 
 
 @cli.command("convert")
@@ -229,6 +229,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
                    "(an unknown name lists all).")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
 @click.option("--alpha", type=float, default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
+@_skip_unknown
 @_neutral_reader_writer_options
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
                     dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, verify_hash: bool,
@@ -259,8 +260,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
 @click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
 @click.option("--scheduler", default="euler", show_default=True,
-              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization the "
-                   "seed's MindSpore/PyTorch consistency check used.")
+              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization that "
+                   "MindONE's SDXL LoRA consistency check (convert_lora_ms2pt.py, infer_lora.py) used.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on accelerators).")
 @click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
 @click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
@@ -311,3 +312,7 @@ def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")
+
+
+if __name__ == "__main__":  # python -m lorabridge.cli
+    main()

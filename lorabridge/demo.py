@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch image:      {parity['a']}")
     print(f"mindspore image:  {parity['b']}")
     print(f"side by side:     {parity['diff']}  (torch | mindspore | heat map of the difference)")
-    print(f"torch vs mindspore: MAE {parity['mae']:.4f} on 0..255 (max {parity['max_error']}); the seed's bar is 5")
+    print(f"torch vs mindspore: MAE {parity['mae']:.4f} on 0..255 (max {parity['max_error']}); MindONE's SDXL LoRA consistency bar is 5")
     print(f"LoRA vs base model: MAE {effect['mae']:.2f} (what the LoRA changes, same noise)")
     sys.exit(0 if result["passed"] else 1)
 

@@ -87,3 +87,9 @@ def test_every_command_has_help():
     for name in cli.commands:
         result = CliRunner().invoke(cli, [name, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, name
+
+
+@pytest.mark.parametrize("module", ["lorabridge", "lorabridge.cli"])
+def test_python_dash_m_runs_the_command_line(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: lorabridge "), proc.stdout + proc.stderr

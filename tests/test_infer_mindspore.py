@@ -128,3 +128,42 @@ def test_mindspore_needs_a_pipeline_directory(run_cli, tmp_path):
                             "--prompt", "x", "-o", tmp_path / "o")
     assert result.returncode == 1 and "needs a diffusers pipeline directory" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def scheduler_images(tiny_sdxl_dir, parity_images, tmp_path_factory):
+    """Every scheduler but euler (the parity fixture's) for 2 steps on both backends, from the parity noise.
+
+    torch runs in the test process; MindSpore runs all schedulers in one subprocess (one start-up).
+    """
+    from lorabridge.adapters.infer import infer
+    from lorabridge.adapters.options import SCHEDULERS, InferOptions
+    from tests.fixtures.mindspore import run_mindspore
+
+    tmp, noise = tmp_path_factory.mktemp("schedulers"), parity_images["dir"] / "noise.npy"
+    names = [name for name in SCHEDULERS if name != "euler"]
+    common = dict(base=tiny_sdxl_dir, prompt=TINY_PROMPT, steps=2, dtype="fp32", init_latents=noise)
+    torch_images = {name: str(infer(InferOptions(backend="torch", scheduler=name, output=tmp / f"torch-{name}",
+                                                  **common)).images[0]) for name in names}
+    ms_images = run_mindspore("""
+        import json, sys
+        from pathlib import Path
+        from lorabridge.adapters.infer import infer
+        from lorabridge.adapters.options import InferOptions
+        base, noise, out, prompt, names = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5:]
+        print(json.dumps({name: str(infer(InferOptions(backend="mindspore", device="CPU", scheduler=name, base=base,
+                                                       prompt=prompt, steps=2, dtype="fp32", init_latents=noise,
+                                                       output=out / f"mindspore-{name}")).images[0]) for name in names}))
+    """, tiny_sdxl_dir, noise, tmp, TINY_PROMPT, *names)
+    return {name: (torch_images[name], ms_images[name]) for name in names}
+
+
+def test_every_scheduler_runs_on_both_backends_and_deterministic_ones_agree(scheduler_images):
+    from lorabridge.adapters.options import SCHEDULERS
+
+    assert sorted(scheduler_images) == sorted(name for name in SCHEDULERS if name != "euler")
+    for name, (torch_image, ms_image) in scheduler_images.items():
+        row, = compare_paths(torch_image, ms_image)["pairs"]
+        print(f"\n{name}: torch vs mindspore MAE {row['mae']:.4f}, max {row['max_error']}")
+        if SCHEDULERS[name][2]:  # deterministic: the same noise gives the same image
+            assert row["mae"] < 0.5, (name, row)

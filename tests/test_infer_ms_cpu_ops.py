@@ -27,6 +27,8 @@ ops = {
     "LayerNormExt": lambda: mint.nn.functional.layer_norm(x, (6,), g, None, 1e-5),
     "Arange": lambda: mint.arange(0, 10, 3),
     "ZerosLikeExt": lambda: mint.zeros_like(x),
+    "NonZeroExt": lambda: ms.ops.stack((x > 0).nonzero(as_tuple=True)),  # DDPMScheduler.previous_timestep
+    "StackExt": lambda: mint.stack([x, -x], 1),  # UniPCMultistepScheduler
 }
 missing = {}
 for kernel, op in ops.items():
@@ -72,6 +74,8 @@ def test_reroutes_compute_what_the_mint_ops_mean(ms_ops):
         "LayerNormExt": F.layer_norm(x, (6,), torch.tensor([1.0, 0.5, 2.0, -1.0, 0.0, 3.0]), None, 1e-5),
         "Arange": torch.arange(0, 10, 3),
         "ZerosLikeExt": torch.zeros_like(x),
+        "NonZeroExt": torch.stack((x > 0).nonzero(as_tuple=True)),
+        "StackExt": torch.stack([x, -x], 1),
         "Conv2d layer": F.conv2d(x, w, b, padding=1),
     }
     for name, reference in expected.items():

@@ -159,7 +159,7 @@ def test_our_lycoris_export_loads_in_lycoris_and_computes_the_same(case_id, lyco
             torch.testing.assert_close(reloaded[original.lora_name](x), original(x), rtol=1e-5, atol=1e-5)
 
 
-# --- lycoris-lora 4.1.3 behaviour that the fixtures and docs/spec-lycoris-kinds.md rely on ---------
+# --- lycoris-lora 4.1.3 behaviour that the fixtures and the spec (sections 4 and 7.1) rely on ---------
 
 def test_lycoris_kohya_network_with_the_attn_only_preset_adapts_no_diffusers_unet_layer(tiny_sdxl_dir):
     """The built-in attn-only preset names LDM classes (CrossAttention); diffusers has Attention."""

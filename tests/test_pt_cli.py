@@ -239,3 +239,20 @@ def test_loha_needs_bake_to_lora_for_diffusers(run_cli, tmp_path):
     assert result.exit_code == 0 and "baked 1 module(s)" in result.stderr and "relative error" in result.stderr
     metadata = read_safetensors(tmp_path / "n_diffusers.safetensors")[1]
     assert json.loads(metadata["lora_adapter_metadata"])["unet.rank_pattern"][f"{ATTN[5:]}.attn1.to_v"] == 16
+
+
+def test_summary_describes_the_file_written_not_the_input(run_cli, tmp_path):
+    """dtype, tensor bytes and file bytes of the output (a kohya fp16 file holds F16, half the input's tensor bytes)."""
+    write_neutral(make_lora_model(), tmp_path / "n.safetensors")
+    out = tmp_path / "k.safetensors"
+    result = run_cli("neutral2pt", tmp_path / "n.safetensors", "--format", "kohya", "--dtype", "fp16", "-o", out)
+    assert result.exit_code == 0, result.output
+    tensors, _ = read_safetensors(out)
+    assert {t.dtype for t in tensors.values()} == {"F16"}
+    assert f"({out.stat().st_size:,} bytes)" in result.stdout
+    assert f"tensors  {len(tensors)} written: {sum(t.nbytes for t in tensors.values()):,} bytes, F16\n" in result.stdout
+    peft = tmp_path / "p"
+    result = run_cli("neutral2pt", tmp_path / "n.safetensors", "--format", "peft", "-o", peft)
+    files = [p for p in peft.rglob("*") if p.is_file()]
+    assert f"({sum(p.stat().st_size for p in files):,} bytes)" in result.stdout  # a directory: all its files
+    assert "tensors  12 written: 431,104 bytes, F32\n" in result.stdout

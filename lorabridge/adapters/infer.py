@@ -130,7 +130,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     images = sample(pipe, fw, options, latents, size)
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
-    with atomic_directory(out, force=True) as tmp:  # run() checked --force before sampling
+    with atomic_directory(out, force=True) as tmp:  # _check_output_dir checked --force before sampling
         for i, pixels in enumerate(images):
             seed = options.seed + i
             name = f"{i:03d}-seed{seed}.png"

@@ -8,8 +8,8 @@ meant for tests and demos on machines without an NPU and is never applied on Asc
 
 Example:
     >>> import mindspore as ms; ms.set_device("CPU")   # doctest: +SKIP
-    >>> from lorabridge.adapters import ms_cpu_ops; ms_cpu_ops.apply()
-    >>> from mindone.diffusers import StableDiffusionXLPipeline   # now runs on CPU, slowly
+    >>> from lorabridge.adapters import ms_cpu_ops; ms_cpu_ops.apply()   # doctest: +SKIP
+    >>> from mindone.diffusers import StableDiffusionXLPipeline   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -56,6 +56,20 @@ def _zeros_like(input, *, dtype=None):
     return ops.zeros_like(input, dtype=dtype)
 
 
+def _nonzero_tuple(input):
+    """``nonzero(as_tuple=True)``: one index tensor per dimension (DDPM's ``previous_timestep``)."""
+    from mindspore import ops
+
+    indices = ops.NonZero()(input)
+    return tuple(indices[:, axis] for axis in range(input.ndim))
+
+
+def _stack(tensors, dim: int = 0):
+    from mindspore import ops
+
+    return ops.stack(tensors, dim)
+
+
 # (MindSpore kernel without a CPU implementation, module holding a Python entry point to it, attribute, CPU replacement)
 REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("GeluExt", "mindspore.ops.functional_overload", "gelu", _gelu),
@@ -64,6 +78,8 @@ REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("LayerNormExt", "mindspore.ops.function.nn_func", "layer_norm", _layer_norm),
     ("Arange", "mindspore.ops.function.array_func", "arange_ext", _arange),
     ("ZerosLikeExt", "mindspore.ops.function.array_func", "zeros_like_ext", _zeros_like),
+    ("NonZeroExt", "mindspore.ops.function.array_func", "non_zero_ext_", _nonzero_tuple),  # Tensor.nonzero(as_tuple=True)
+    ("StackExt", "mindspore.ops.auto_generate.gen_ops_def", "stack_ext", _stack),  # mint.stack
 )
 
 _applied: dict[tuple[str, str], Any] = {}  # (module, attribute) -> the original, once rebound

@@ -18,10 +18,11 @@ from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.atomic import check_output_path, replacing
+from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
-from .registry import FORMATS, FormatInfo, get_format
+from .registry import FORMATS, FormatInfo, get_format, split_options
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ConversionResult:
     output: Path
     seconds: float
     warnings: list[str] = field(default_factory=list)  # LoraBridgeWarning messages, for the command to print
+    written: FileContents = field(default_factory=FileContents)  # what the output holds, read back from it
 
 
 def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> FormatInfo:
@@ -85,7 +87,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
             force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
 
-    ``options`` go to both the reader and the writer (``alpha``, ``skip_unknown``, ``dtype``...).
+    ``options`` are :class:`~.registry.ReadOptions` and :class:`~.registry.WriteOptions` fields
+    (``alpha``, ``skip_unknown``, ``dtype``...); each goes to the reader and/or writer that declares
+    it in the registry, and one given (not at its default) that neither honours is refused
+    before anything is read or written.
     The source file is hashed (provenance ``source_sha256``) in a thread beside reading, when the
     target stores the hash (``RECORDS_SOURCE_HASH`` in its module: the neutral manifest); for other
     targets the hash would be a pass over the input that nothing keeps, so it is skipped (None).
@@ -96,12 +101,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     src, started = Path(src), time.perf_counter()
     target = get_format(to)
     source = detect_format(src, from_formats)
+    read_options, write_options = split_options(options, source, target)
     writer = target.load()
     out = check_output_path(dst, force, inputs=(src,), directory=getattr(writer, "WRITES_DIRECTORY", False))
     source_hash = in_background(file_sha256, src) if getattr(writer, "RECORDS_SOURCE_HASH", False) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
-        model = source.load().read(src, **options)
+        model = source.load().read(src, **read_options)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None
@@ -111,11 +117,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
             bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
         try:
             with replacing(force):  # without --force, even a run racing this one cannot be replaced
-                returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **options) or []
+                returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **write_options) or []
         finally:
             if bar is not None:
                 bar.close()
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)] + list(returned)
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
-    return ConversionResult(model, source.name, target.name, out, time.perf_counter() - started, notices)
+    seconds = time.perf_counter() - started
+    return ConversionResult(model, source.name, target.name, out, seconds, notices, file_contents(out))

@@ -74,21 +74,23 @@ def _per_value(counts: dict) -> str:
 
 
 def render_summary(result: ConversionResult) -> str:
-    """What the commands print: formats, output, modules per component, rank, alpha, bytes, time.
+    """What the commands print: formats, output (its bytes, tensors and dtypes as written), modules per
+    component, rank, alpha, time.
 
     Example:
         >>> print(render_summary(ms2neutral("lora.ckpt")))   # doctest: +SKIP
         mindone-sgm -> neutral: lora.safetensors (23,257,336 bytes) in 0.21 s
-          modules  560: unet 560 (1120 tensors, 23,224,320 bytes, F32)
+          modules  560: unet 560
+          tensors  1120 written: 23,224,320 bytes, F32
           rank     4 (560 modules)
           alpha    4 (560 modules); source: assumed 560
     """
-    s = result.model.summary()
+    s, written = result.model.summary(), result.written
     return "\n".join([
         f"{result.source_format} -> {result.target_format}: {shown(result.output)} "
-        f"({result.output.stat().st_size:,} bytes) in {result.seconds:.2f} s",
-        f"  modules  {s['modules']}: {', '.join(f'{c} {n}' for c, n in s['per_component'].items())} "
-        f"({s['tensors']} tensors, {s['bytes']:,} bytes, {'/'.join(s['dtypes'])})",
+        f"({written.file_bytes:,} bytes) in {result.seconds:.2f} s",
+        f"  modules  {s['modules']}: {', '.join(f'{c} {n}' for c, n in s['per_component'].items())}",
+        f"  tensors  {written.tensors} written: {written.tensor_bytes:,} bytes, {'/'.join(written.dtypes) or '-'}",
         f"  rank     {_per_value(s['ranks'])}",
         f"  alpha    {_per_value(s['alphas'])}; source: {', '.join(f'{k} {n}' for k, n in s['alpha_sources'].items())}",
     ])

@@ -98,15 +98,13 @@ def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
 
 def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = WRITE_FORMATS[0],
-               dtype: str | None = None, bake_to_lora: int | None = None, skip_unknown: bool = False,
-               strict: bool = False, force: bool = False, progress: bool = True,
-               verify_hash: bool = False) -> ConversionResult:
+               dtype: str | None = None, bake_to_lora: int | None = None, strict: bool = False,
+               force: bool = False, progress: bool = True, verify_hash: bool = False) -> ConversionResult:
     """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, legacy-diffusers, lycoris).
 
     ``dtype`` (fp32/fp16/bf16) casts the tensors; ``bake_to_lora`` turns LoHa/LoKr modules into
-    plain LoRA of that rank for formats that hold only LoRA; ``skip_unknown`` lets a writer drop
-    modules its naming cannot spell (with a warning); ``verify_hash`` checks the input's tensor hash
-    first (one extra pass over the data). ``out`` defaults to
+    plain LoRA of that rank for formats that hold only LoRA; ``strict`` refuses NaN/Inf;
+    ``verify_hash`` checks the input's tensor hash first (one extra pass over the data). ``out`` defaults to
     ``<input stem>_<format>.safetensors`` (a directory ``<input stem>_peft`` for peft).
 
     Example:
@@ -123,16 +121,15 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
                               f"`convert --to {format}` takes any supported format", src)
     out = Path(out) if out is not None else _beside(src, format)
     return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress,
-                   dtype=dtype, bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict,
-                   verify_hash=verify_hash)
+                   dtype=dtype, bake_to_lora=bake_to_lora, strict=strict, verify_hash=verify_hash)
 
 
 def convert_any(src: str | os.PathLike, out: str | os.PathLike, *, to: str, from_format: str | None = None,
                 force: bool = False, progress: bool = True, **options) -> ConversionResult:
     """Any supported format to any other through the neutral model (input auto-detected unless ``from_format``).
 
-    ``options`` reach the reader and the writer (``alpha``, ``skip_unknown``, ``strict``, ``dtype``,
-    ``bake_to_lora``...).
+    ``options`` (``alpha``, ``skip_unknown``, ``strict``, ``dtype``, ``bake_to_lora``...) reach the
+    reader or writer that honours them; one that neither honours is refused (see :func:`convert`).
 
     Example:
         >>> convert_any("lora_kohya.safetensors", "lora_peft", to="peft")   # doctest: +SKIP

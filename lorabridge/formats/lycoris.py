@@ -19,7 +19,7 @@ Every module has a 0-d ``alpha``. The kinds stay what they are in the neutral mo
 
 lycoris-lora 4.1.3 applies the LoHa/LoKr scale alpha/rank twice in ``get_diff_weight`` (and so in
 ``merge_to``), but once in its forward pass, which is what training optimised; the neutral
-delta W (see docs/spec-lycoris-kinds.md) is the forward pass's.
+delta W (spec/neutral-lora-v1.md, section 4, implementers' note) is the forward pass's.
 """
 
 from __future__ import annotations

@@ -257,7 +257,8 @@ def read_neutral(path: str | os.PathLike, verify_hash: bool = False) -> LoraMode
 
     Example:
         >>> model = read_neutral("lora.safetensors")   # doctest: +SKIP
-        >>> model.summary()["modules"]
+        >>> model.summary()["modules"]   # doctest: +SKIP
+        576
     """
     model, _, problems = inspect_file(path, verify_hash=verify_hash)
     if problems:

@@ -3,7 +3,8 @@
 SGM numbers the UNet as flat ``input_blocks.i`` / ``output_blocks.i`` lists
 whose entries hold a resnet (``.0``), an attention (``.1``) and maybe a resampler;
 diffusers nests them as ``down_blocks[level].resnets[j]`` / ``.attentions[j]``.
-The index arithmetic below follows the SDXL-base layout (FORMATS.md section 3),
+The index arithmetic below follows the SDXL-base layout (three entries per level:
+``input_blocks.i`` (i >= 1) -> ``down_blocks[(i-1)//3]``, ``output_blocks.i`` -> ``up_blocks[i//3]``),
 and every answer is checked against the real module tree, so a path that names
 no SDXL-base module maps to None instead of to a plausible-looking guess.
 Paths have no ``model.diffusion_model.`` / ``unet.`` prefix.
