@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import struct
 from functools import lru_cache
 from importlib import resources
@@ -48,6 +49,41 @@ def load_schema() -> dict:
     if checkout.is_file():
         return json.loads(checkout.read_text("utf-8"))
     return json.loads(resources.files("lorabridge.schemas").joinpath(SCHEMA_NAME).read_text("utf-8"))
+
+
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite(text: str, parse=float) -> Any:
+    try:
+        value = parse(text)
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is beyond the float64 range")
+    return value
+
+
+def parse_json(raw: str) -> Any:
+    """``raw`` parsed as strict JSON (RFC 8259), raising :class:`ValueError` where it is not.
+
+    Python's :func:`json.loads` accepts ``NaN``, ``Infinity`` and ``-Infinity`` and turns ``1e400``
+    into ``inf``; no other JSON reader does, and a non-finite alpha makes delta W NaN. Numbers that
+    do not fit a float64 are refused too, so every value reads the same in every language.
+
+    Example:
+        >>> parse_json('{"alpha": NaN}')
+        Traceback (most recent call last):
+        ValueError: NaN is not a JSON number
+    """
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite, parse_int=lambda text: _finite(text, int))
+
+
+def dump_json(data: Any, **options: Any) -> str:
+    """``data`` as strict JSON text; :class:`ValueError` for NaN or Inf, which JSON cannot hold."""
+    return json.dumps(data, allow_nan=False, **options)
 
 
 def check_version(version: Any) -> None:

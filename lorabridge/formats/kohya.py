@@ -329,7 +329,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
     """
     from .checks import warn, writable_lora
 
-    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict)
+    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, strict=strict, dtype=dtype)
     write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
     outside = [m.name for m in model.modules.values() if m.component == "unet" and not m.path.startswith(UNET_BLOCKS)]
     if outside:

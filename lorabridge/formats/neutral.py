@@ -8,7 +8,6 @@ tools read, so the file loads unchanged in diffusers and mindone.diffusers
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from typing import Any, Callable
@@ -16,9 +15,10 @@ from typing import Any, Callable
 from ..errors import LoraBridgeError, ValidationProblem
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
-from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
-                        model_facts, module_facts, schema_problems, tensor_sha256)
-from ..model import KIND_ROLES, LoraModel, LoraModule, split_key
+from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version, dump_json,
+                        model_facts, module_facts, parse_json, schema_problems, tensor_sha256)
+from ..model import LoraModel, LoraModule, split_key
+from ..rules import module_problems
 
 Problem = tuple[str, str]
 RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
@@ -47,7 +47,7 @@ def adapter_metadata(model: LoraModel) -> dict[str, Any]:
 def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, str]:
     """All safetensors metadata of a neutral file: the manifest plus the keys other tools read."""
     metadata = {
-        MANIFEST_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
+        MANIFEST_KEY: dump_json(manifest, separators=(",", ":"), sort_keys=False),
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{model.architecture}/lora",
@@ -56,7 +56,7 @@ def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, st
     }
     peft = adapter_metadata(model)
     if peft:
-        metadata["lora_adapter_metadata"] = json.dumps(peft, separators=(",", ":"))
+        metadata["lora_adapter_metadata"] = dump_json(peft, separators=(",", ":"))
     return metadata
 
 
@@ -69,6 +69,9 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     Example:
         >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
     """
+    problems = [problem for m in model.modules.values() for problem in _rule_problems(m)]
+    if problems:  # before anything computes shapes from the factors
+        raise ValidationProblem(problems, path)
     tensors = model.tensors()
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
@@ -76,7 +79,11 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     problems = schema_problems(manifest)
     if problems:
         raise ValidationProblem(problems, path)
-    write_safetensors(path, tensors, interop_metadata(model, manifest), progress=progress, late={placeholder: digest})
+    try:
+        metadata = interop_metadata(model, manifest)
+    except ValueError as exc:  # a NaN/Inf in the training facts or unknown fields kept from a source
+        raise LoraBridgeError(f"the manifest cannot be written as JSON ({exc})", path) from None
+    write_safetensors(path, tensors, metadata, progress=progress, late={placeholder: digest})
     manifest["tensor_sha256"] = digest()
     return manifest
 
@@ -86,8 +93,8 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[P
     if raw is None:
         return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
     try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        manifest = parse_json(raw)
+    except ValueError as exc:  # json.JSONDecodeError, or a NaN/Infinity token
         return None, [(f"__metadata__.{MANIFEST_KEY}", f"manifest is not JSON ({exc})")]
     if not isinstance(manifest, dict):
         return None, [(f"__metadata__.{MANIFEST_KEY}", "manifest is not a JSON object")]
@@ -99,26 +106,20 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[P
     return (None if problems else manifest), problems
 
 
+def _rule_problems(module: LoraModule) -> list[Problem]:
+    """One module against the rules every reader applies too (shapes per kind, finite alpha), located."""
+    return [(f"$.modules['{module.name}'].alpha" if role == "alpha" else f"tensor '{module.name}.{role}'", what)
+            for role, what in module_problems(module)]
+
+
 def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
-    """Tensors of one module versus what its manifest entry declares."""
+    """Tensors of one module versus the rules (:func:`_rule_problems`) and what its manifest entry declares."""
     where = f"$.modules['{name}']"
-    required, optional = KIND_ROLES[entry["kind"]]
-    problems = [(f"tensor '{name}.{role}'", "missing") for role in required if role not in module.tensors]
-    problems += [(f"tensor '{name}.{role}'", f"role {role!r} is not part of kind {entry['kind']!r}")
-                 for role in module.tensors if role not in required + optional]
+    problems = _rule_problems(module)
     if problems:
         return problems
-    if entry["kind"] == "lora":
-        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
-        if len(a) not in (2, 4) or len(b) != len(a) or (len(b) == 4 and b[2:] != (1, 1)):
-            return [(f"tensor '{name}.lora_B.weight'", f"shapes A{list(a)} / B{list(b)} are neither linear nor conv LoRA")]
-        if a[0] != b[1]:
-            return [(f"tensor '{name}.lora_B.weight'", f"rank mismatch: lora_A has {a[0]} rows, lora_B {b[1]} columns")]
-    try:
-        declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
-                    "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
-    except (KeyError, ValueError) as exc:
-        return [(where, f"tensors do not form a {entry['kind']} module ({exc})")]
+    declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
+                "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
     for field, actual in declared.items():
         if entry.get(field) != actual:
             problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
