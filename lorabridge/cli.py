@@ -8,6 +8,7 @@ print one line ``path: problem`` and exit 1; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -38,6 +39,18 @@ class LoraBridgeGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors too.")
 def cli(debug: bool) -> None:
     """lorabridge: one LoRA file for MindSpore/MindONE and PyTorch/diffusers (SDXL)."""
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is a number: ``nan``/``inf``, which Python's float() accepts, are usage errors."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _print(data, as_json: bool, render) -> None:
@@ -108,7 +121,7 @@ _verify_hash = click.option("--verify-hash", is_flag=True,
 @click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Neutral file to write [default: IN with .safetensors, beside it].")
-@click.option("--alpha", type=float, default=None,
+@click.option("--alpha", type=FiniteFloat(), default=None,
               help="LoRA alpha for every module. MindONE files carry no alpha: the default is alpha = rank "
                    "(MindONE's default), recorded in the manifest as 'assumed'; a value given here is recorded "
                    "as 'user'. Files that store alpha (kohya port) keep theirs.")
@@ -175,7 +188,7 @@ def _neutral_reader_writer_options(command):
 @click.argument("src", metavar="IN", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Neutral file to write [default: IN's stem + _neutral.safetensors, beside it].")
-@click.option("--alpha", type=float, default=None,
+@click.option("--alpha", type=FiniteFloat(), default=None,
               help="Alpha for modules whose file stores none (recorded as 'user'); without it alpha = rank "
                    "(recorded as 'assumed'). Alphas the file stores (lora_adapter_metadata, .alpha) are kept.")
 @click.option("--from", "from_format", default=None, metavar="FORMAT",
@@ -228,7 +241,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
               help="Output format: neutral, diffusers, peft, kohya, legacy-diffusers, mindone-sgm... "
                    "(an unknown name lists all).")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
-@click.option("--alpha", type=float, default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
+@click.option("--alpha", type=FiniteFloat(), default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
 @_skip_unknown
 @_neutral_reader_writer_options
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import struct
 from functools import lru_cache
 from importlib import resources
@@ -51,6 +52,11 @@ def load_schema() -> dict:
     if checkout.is_file():
         return json.loads(checkout.read_text("utf-8"))
     return json.loads(resources.files("lorabridge.schemas").joinpath(SCHEMA_NAME).read_text("utf-8"))
+
+
+def dump_json(data: Any, **options: Any) -> str:
+    """``data`` as strict JSON text; :class:`ValueError` for NaN or Inf, which JSON cannot hold."""
+    return json.dumps(data, allow_nan=False, **options)
 
 
 def check_version(version: Any) -> None:

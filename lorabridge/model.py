@@ -47,24 +47,6 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def full_delta_problem(tensors: dict[str, Tensor]) -> str | None:
-    """What is wrong with a kind "full" module's shapes, or None.
-
-    ``diff`` must be a Linear (out, in) or Conv2d (out, in, kh, kw) weight: a 1-D delta (a norm
-    layer's scale) has no in/out features to describe it by. ``diff_b`` is (out,).
-
-    Example:
-        >>> full_delta_problem({"diff": Tensor.from_numpy(np.zeros(8, "f4"))})
-        'diff is [8]: a full delta is kept for a Linear (out, in) or Conv2d (out, in, kh, kw) weight only'
-    """
-    diff, bias = tensors["diff"].shape, tensors.get("diff_b")
-    if len(diff) not in (2, 4):
-        return f"diff is {list(diff)}: a full delta is kept for a Linear (out, in) or Conv2d (out, in, kh, kw) weight only"
-    if bias is not None and tuple(bias.shape) != (diff[0],):
-        return f"diff_b is {list(bias.shape)}, the bias of a {list(diff)} weight is [{diff[0]}]"
-    return None
-
-
 def target_type(name: str) -> str:
     """The module's leaf type, for summaries: the path after its last block index.
 

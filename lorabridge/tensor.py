@@ -102,7 +102,8 @@ class Tensor:
         """The same values in another float dtype (no-op, no copy, when already that dtype)."""
         if dtype == self.dtype:
             return self
-        return Tensor.from_numpy(self.to_float32(), dtype)
+        with np.errstate(over="ignore"):  # values beyond the target's range become Inf: formats.checks.cast_model names them
+            return Tensor.from_numpy(self.to_float32(), dtype)
 
     def reshaped(self, shape: tuple[int, ...]) -> "Tensor":
         """The same bytes seen with another shape (same element count)."""

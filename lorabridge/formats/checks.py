@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..io.streaming import release_pages
-from ..model import KIND_ROLES, LoraModel, LoraModule, full_delta_problem
+from ..model import LoraModel, LoraModule
+from ..rules import MISSING, alpha_problem, module_problems
 from ..tensor import Tensor
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
@@ -65,24 +66,10 @@ def listed(items: Sequence[str]) -> str:
 
 
 def _role_problems(module: LoraModule) -> list[str]:
-    """Missing or foreign roles, and A/B rank disagreement, of one module."""
-    required, optional = KIND_ROLES[module.kind]
-    problems = [f"{module.name} has {', '.join(sorted(module.tensors))} but no {r}"
-                for r in required if r not in module.tensors]
-    problems += [f"{module.name}: {r} is not part of a {module.kind} module"
-                 for r in module.tensors if r not in required + optional]
-    if not problems and module.kind == "lora":
-        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
-        if len(a) not in (2, 4) or len(b) != len(a) or a[0] != b[1]:
-            problems.append(f"{module.name}: rank mismatch, lora_A is {list(a)} but lora_B is {list(b)}")
-    if not problems and module.kind == "full" and (problem := full_delta_problem(module.tensors)):
-        problems.append(f"{module.name}: {problem}")
-    if not problems and "dora_scale" in module.tensors:
-        size = {"out": module.out_features, "in": module.in_features}.get(module.dora_axis)
-        if size != module.tensors["dora_scale"].numel:
-            problems.append(f"{module.name}: DoRA magnitude has {module.tensors['dora_scale'].numel} values, "
-                            f"expected {size} (axis {module.dora_axis})")
-    return problems
+    """Missing or foreign roles, disagreeing ranks and shapes of one module: the rules ``validate`` applies."""
+    problems = module_problems(module)
+    return [f"{module.name} has {', '.join(sorted(module.tensors))} but no {role}" if what == MISSING
+            else f"{module.name}: {what}" for role, what in problems]
 
 
 def _hint(model: LoraModel) -> str | None:
@@ -101,6 +88,15 @@ def _hint(model: LoraModel) -> str | None:
     return None
 
 
+def narrower(shape: Sequence[int], base: Sequence[int]) -> bool:
+    """True when a weight of ``shape`` is SDXL-base's ``base`` at smaller or equal widths, same kernel.
+
+    Only such files are taken as the SDXL layout at other widths (test pipelines): a LoRA *wider* than
+    SDXL somewhere, such as SD 1.x's ``up_blocks.1`` at 1280 channels where SDXL has 640, is another model.
+    """
+    return len(shape) == len(base) and all(d <= b for d, b in zip(shape[:2], base[:2])) and tuple(shape[2:]) == tuple(base[2:])
+
+
 def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
     """Raise "not an SDXL LoRA" with evidence; list unknown modules, or drop them with ``skip_unknown``."""
     foreign, unknown, misshapen, fitting = [], [], [], 0
@@ -110,10 +106,13 @@ def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
         elif m.path not in tree[m.component]:
             unknown.append(m.name)
         elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]):
-            misshapen.append(f"{m.name} adapts a {list(m.weight_shape)} weight, SDXL's is {list(tree[m.component][m.path])}")
+            base = tree[m.component][m.path]
+            misshapen.append((f"{m.name} adapts a {list(m.weight_shape)} weight, SDXL's is {list(base)}",
+                              narrower(m.weight_shape, base)))
         else:
             fitting += 1
-    misshapen = misshapen if fitting else []  # all different: SDXL structure at other widths
+    # All different and all narrower: SDXL structure at smaller widths. Otherwise every misfit is evidence.
+    misshapen = [why for why, narrow in misshapen if fitting or not narrow]
     hint = _hint(model)
     if foreign or misshapen or hint or len(unknown) == len(model.modules):
         evidence = foreign + misshapen + [f"{n} (no such SDXL layer)" for n in unknown]
@@ -147,7 +146,14 @@ def all_finite(tensor: Tensor) -> bool:
 
 
 def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
-    """Warn about NaN/Inf values (a diverged training run), or refuse them with ``strict``."""
+    """Refuse NaN/Inf alphas; warn about NaN/Inf tensor values (a diverged training run), or refuse them with ``strict``.
+
+    A non-finite alpha is refused whatever ``strict`` says: it turns all of a module's delta W to NaN/Inf,
+    and the neutral manifest (JSON) cannot hold it.
+    """
+    unusable = [f"{m.name} ({why})" for m in model.modules.values() if (why := alpha_problem(m.alpha))]
+    if unusable:
+        raise LoraBridgeError(f"{len(unusable)} module(s) have an alpha that is not a finite number: {listed(unusable)}", path)
     bad = []
     for m in model.modules.values():
         for role, t in m.tensors.items():
@@ -164,6 +170,19 @@ def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
     warn(f"{path}: {message}; images will turn to NaN where they apply")
 
 
+def warn_zero_alphas(model: LoraModel, path) -> None:
+    """Name the modules whose alpha is 0: they add nothing here, and tools disagree about them.
+
+    The neutral spec, PEFT, diffusers and ComfyUI scale by alpha / rank = 0; kohya sd-scripts'
+    ``LoRAModule`` reads alpha 0 as alpha = rank. The value is kept (round trips stay exact).
+    A LoKr with both factors whole has scale 1 whatever its alpha, so it is not named.
+    """
+    zero = [m.name for m in model.modules.values() if m.alpha == 0 and m.rank]
+    if zero:
+        warn(f"{path}: {len(zero)} module(s) have alpha 0, so they change nothing (scale alpha/rank = 0; kohya "
+             f"sd-scripts alone would read alpha 0 as alpha = rank): {listed(zero)}")
+
+
 def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequence[str] = (),
                 skip_unknown: bool = False, strict: bool = False, **_options) -> LoraModel:
     """Check a model a reader built from ``path`` and return it (unknown modules dropped with ``skip_unknown``).
@@ -171,7 +190,8 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
     ``unrecognized`` lists tensor keys the reader could not place in any module. Refused, with
     :class:`LoraBridgeError`: no LoRA tensors; another architecture ("not an SDXL LoRA" and the
     evidence); modules or keys matching nothing (unless ``skip_unknown``: dropped with a warning);
-    missing factors or mismatched A/B ranks; NaN/Inf with ``strict`` (else a warning).
+    missing factors, shapes that break the kind's rules (:mod:`lorabridge.rules`, what ``validate``
+    applies); a NaN/Inf alpha; NaN/Inf tensor values with ``strict`` (else a warning). Zero alphas are warned about.
 
     Example:
         >>> model = check_model(model, "lora.safetensors", skip_unknown=True)   # doctest: +SKIP
@@ -189,6 +209,7 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
     if unrecognized:
         warn(f"{path}: dropped {len(unrecognized)} tensor key(s) that are not LoRA weights: {listed(list(unrecognized))}")
     check_finite(model, path, strict=strict)
+    warn_zero_alphas(model, path)
     return model
 
 
@@ -239,13 +260,40 @@ def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dty
     if refusal:
         raise LoraBridgeError(refusal, path)
     check_finite(model, path, strict=strict)
+    return cast_model(model, dtype, path, strict=strict)
+
+
+def _overflow(source: Tensor, cast: Tensor) -> int:
+    """How many finite values of ``source`` became Inf in ``cast`` (0 when the cast changed nothing)."""
+    if cast is source or source.dtype not in CHECKED_DTYPES or all_finite(cast) or not all_finite(source):
+        return 0  # a source with NaN/Inf of its own was reported by check_finite
+    return int(cast.numel - np.count_nonzero(np.isfinite(cast.to_numpy())))
+
+
+def cast_model(model: LoraModel, dtype: str | None, path, *, strict: bool = False) -> LoraModel:
+    """``model`` with every tensor in ``dtype`` (``fp32``/``fp16``/``bf16``; None keeps the model as is).
+
+    Values beyond the target's range (fp16: 65504) become Inf: one warning names the tensors and
+    counts (instead of numpy's anonymous "overflow encountered in cast"), or ``strict`` refuses them.
+
+    Example:
+        >>> half = cast_model(model, "fp16", "out.safetensors")   # doctest: +SKIP
+    """
     if dtype is None:
         return model
     if dtype not in DTYPE_NAMES:
         raise LoraBridgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     wanted = DTYPE_NAMES[dtype]
     cast = LoraModel(architecture=model.architecture, provenance=model.provenance, training=model.training, extra=model.extra)
+    overflowed = []
     for m in model.modules.values():
-        cast.add(LoraModule(m.name, m.kind, {r: t.cast(wanted) for r, t in m.tensors.items()}, m.alpha,
-                            m.alpha_source, m.dora_axis, m.extra))
+        tensors = {role: t.cast(wanted) for role, t in m.tensors.items()}
+        overflowed += [f"{m.name}.{role} ({count} of {t.numel})" for role, t in tensors.items()
+                       if (count := _overflow(m.tensors[role], t))]
+        cast.add(LoraModule(m.name, m.kind, tensors, m.alpha, m.alpha_source, m.dora_axis, m.extra))
+    if overflowed:
+        message = f"{len(overflowed)} tensor(s) hold values beyond the {dtype} range, which become Inf: {listed(overflowed)}"
+        if strict:
+            raise LoraBridgeError(f"{message}; refused (--strict)", path)
+        warn(f"{path}: {message}; images will turn to NaN where they apply (fp32 or bf16 keeps them)")
     return cast

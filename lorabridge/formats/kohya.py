@@ -460,7 +460,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
     from .checks import warn, writable_lora
 
     model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, dora_axes=("out", "in"), strict=strict,
-                          kinds=("lora", "full"))
+                          kinds=("lora", "full"), dtype=dtype)
     write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
     per_row = [m.name for m in model.modules.values() if m.dora_axis == "out"]
     if per_row:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import replace
 from typing import Callable, Mapping
 
 import numpy as np
 
 from ..errors import LoraBridgeWarning
 from ..model import COMPONENTS, LoraModel, LoraModule
+from ..rules import MISSING, module_problems
 from ..tensor import Tensor
 from .kohya import (ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, full_module, full_tensors, lora_module,
                     read_underscored, with_dora, write_underscored)
@@ -99,18 +101,15 @@ def fold_mid(down: Tensor, mid: Tensor) -> Tensor:
 
 
 def check_factors(module: LoraModule) -> None:
-    """LoHa/LoKr factors that are missing or whose inner dimensions disagree, found before any math runs."""
-    t = {role: tensor.shape for role, tensor in module.tensors.items()}
-    pairs = {"loha": (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")),
-             "lokr": (("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b"))}[module.kind]
-    if FLATTENED[module.kind][1] not in t:
-        for left, right in pairs:
-            if left in t and right in t and (len(t[left]) < 2 or not t[right] or t[left][1] != t[right][0]):
-                raise ModuleProblem(f"rank mismatch: {left} is {list(t[left])}, {right} is {list(t[right])}")
-    try:
-        module.weight_shape
-    except (KeyError, IndexError) as exc:
-        raise ModuleProblem(f"{module.kind} module without factor {exc}") from None
+    """LoHa/LoKr factors that are missing or do not fit together (the shared shape rules), found before any math runs.
+
+    The DoRA magnitude is left to :func:`~lorabridge.formats.checks.check_model`: its axis is read after this.
+    """
+    factors = replace(module, tensors={role: t for role, t in module.tensors.items() if role != "dora_scale"})
+    problems = module_problems(factors)
+    if problems:
+        role, what = problems[0]
+        raise ModuleProblem(f"{module.kind} module without {role}" if what == MISSING else what)
 
 
 def lycoris_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None, folded: list[str]) -> LoraModule:
@@ -196,8 +195,9 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
         >>> write(model, "sdxl_lokr.safetensors")   # doctest: +SKIP
         []
     """
-    from .checks import check_finite
+    from .checks import cast_model, check_finite
 
     check_finite(model, path, strict=strict)
+    model = cast_model(model, dtype, path, strict=strict)
     write_underscored(model, path, "diffusers", lycoris_tensors, dtype=dtype, progress=progress, own_prefix=True)
     return []

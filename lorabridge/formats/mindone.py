@@ -49,8 +49,9 @@ from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_modu
 from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
 from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused_qkv_paths, merge_qkv,
                                     sgm_text_to_diffusers, split_fused_qkv)
+from ..rules import module_problems
 from ..tensor import Tensor
-from .checks import check_finite, writable_lora
+from .checks import check_finite, narrower, warn_zero_alphas, writable_lora
 from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
 from .neutral import adapter_metadata
 from .peft import config_alpha, metadata_configs
@@ -289,17 +290,18 @@ def _warn(message: str) -> None:
 
 
 def _shape_problems(model: LoraModel) -> list[str]:
-    """Modules whose weight shape is not SDXL-base's, when other modules do match it.
+    """Modules whose weight shape is not SDXL-base's, when other modules do match it or it is wider.
 
-    A file whose every module differs is an SDXL-structured model of other widths (such as
-    the tiny test pipeline) and is accepted; a mix means a mapping error or another model.
+    A file whose every module is narrower is an SDXL-structured model of other widths (such as
+    the tiny test pipeline) and is accepted; a mix, or a module wider than SDXL's, means a mapping
+    error or another model.
     """
     wrong = []
     for m in model.modules.values():
         expected = sdxl_modules(m.component).get(m.path)
         if tuple(expected) != tuple(m.weight_shape):
-            wrong.append(f"{m.name} is {list(m.weight_shape)}, SDXL-base has {list(expected)}")
-    return wrong if len(wrong) < len(model.modules) else []
+            wrong.append((f"{m.name} is {list(m.weight_shape)}, SDXL-base has {list(expected)}", narrower(m.weight_shape, expected)))
+    return [why for why, narrow in wrong if len(wrong) < len(model.modules) or not narrow]
 
 
 def _raise_problems(problems: list[str], what: str, path) -> None:
@@ -380,6 +382,7 @@ class MindoneFormat:
                                 module_alpha, source, extra=extra)
             for part in (split_fused_qkv(module, *names) if len(names) == 3 else [module]):
                 model.add(part)
+        problems += [f"{m.name}: {what}" for m in model.modules.values() for _, what in module_problems(m)]  # the shared rules
         _raise_problems(problems, "malformed LoRA module(s)", path)
         if not model.modules:
             raise LoraBridgeError(f"no LoRA modules in MindONE {self.naming.name} naming", path)
@@ -387,6 +390,7 @@ class MindoneFormat:
         if overridden:
             _warn(f"{path}: --alpha ignored for {overridden} module(s) that store their own alpha")
         check_finite(model, path, strict=strict)
+        warn_zero_alphas(model, path)
         return model
 
     # --- writing ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ tools read, so the file loads unchanged in diffusers and mindone.diffusers
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from typing import Any, Callable
@@ -18,8 +17,9 @@ from ..io.json_safe import load_json
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, SPEC_VERSION, VersionError, build_manifest, check_version,
-                        model_facts, module_facts, schema_problems, stores_peft_magnitude, tensor_sha256)
-from ..model import KIND_ROLES, LoraModel, LoraModule, full_delta_problem, split_key
+                        dump_json, model_facts, module_facts, schema_problems, stores_peft_magnitude, tensor_sha256)
+from ..model import LoraModel, LoraModule, split_key
+from ..rules import module_problems
 from ..tensor import Tensor
 from .checks import listed
 
@@ -50,7 +50,7 @@ def adapter_metadata(model: LoraModel) -> dict[str, Any]:
 def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, str]:
     """All safetensors metadata of a neutral file: the manifest plus the keys other tools read."""
     metadata = {
-        MANIFEST_KEY: json.dumps(manifest, separators=(",", ":"), sort_keys=False),
+        MANIFEST_KEY: dump_json(manifest, separators=(",", ":"), sort_keys=False),
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{model.architecture}/lora",
@@ -59,7 +59,7 @@ def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, st
     }
     peft = adapter_metadata(model)
     if peft:
-        metadata["lora_adapter_metadata"] = json.dumps(peft, separators=(",", ":"))
+        metadata["lora_adapter_metadata"] = dump_json(peft, separators=(",", ":"))
     return metadata
 
 
@@ -120,6 +120,9 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     Example:
         >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
     """
+    problems = [problem for m in model.modules.values() for problem in _rule_problems(m)]
+    if problems:  # before anything computes shapes from the factors
+        raise ValidationProblem(problems, path)
     tensors = stored_tensors(model)
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
@@ -127,7 +130,11 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     problems = schema_problems(manifest)
     if problems:
         raise ValidationProblem(problems, path)
-    write_safetensors(path, tensors, interop_metadata(model, manifest), progress=progress, late={placeholder: digest})
+    try:
+        metadata = interop_metadata(model, manifest)
+    except ValueError as exc:  # a NaN/Inf in the training facts or unknown fields kept from a source
+        raise LoraBridgeError(f"the manifest cannot be written as JSON ({exc})", path) from None
+    write_safetensors(path, tensors, metadata, progress=progress, late={placeholder: digest})
     manifest["tensor_sha256"] = digest()
     return manifest
 
@@ -137,7 +144,7 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[P
     if raw is None:
         return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
     try:
-        manifest = load_json(raw, "manifest", handle.path)
+        manifest = load_json(raw, "manifest", handle.path, strict=True)
     except LoraBridgeError as exc:
         return None, [(f"__metadata__.{MANIFEST_KEY}", exc.message)]
     if not isinstance(manifest, dict):
@@ -168,50 +175,24 @@ def _as_model_roles(name: str, module: LoraModule) -> list[Problem]:
     return [(where, f"shape {list(shape)} is neither (out,) nor (1, out, 1, 1)")]
 
 
-def _dora_problems(name: str, module: LoraModule) -> list[Problem]:
-    """A DoRA magnitude whose shape is not the one its dora_axis and the module's weight give."""
-    if "dora_scale" not in module.tensors:
-        return [(f"$.modules['{name}'].dora_axis", "set, but the module has no DoRA magnitude")] if module.dora_axis else []
-    ones = (1,) * len(module.kernel_size or ())
-    expected = {"out": (module.out_features, 1, *ones), "in": (1, module.in_features, *ones)}.get(module.dora_axis)
-    actual = module.tensors["dora_scale"].shape
-    if expected is None:
-        return [(f"$.modules['{name}'].dora_axis", "missing: a module with a DoRA magnitude must say its axis (out or in)")]
-    if actual != expected:
-        return [(f"tensor '{name}.dora_scale'", f"shape {list(actual)} does not fit dora_axis {module.dora_axis!r} "
-                                                f"(expected {list(expected)})")]
-    return []
+def _rule_problems(module: LoraModule) -> list[Problem]:
+    """One module against the rules every reader applies too (shapes per kind, finite alpha), located."""
+    return [(f"$.modules['{module.name}'].{role}" if role in ("alpha", "dora_axis") else f"tensor '{module.name}.{role}'", what)
+            for role, what in module_problems(module)]
 
 
 def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
-    """Tensors of one module versus what its manifest entry declares."""
+    """Tensors of one module versus the rules (:func:`_rule_problems`) and what its manifest entry declares."""
     where = f"$.modules['{name}']"
-    problems = _as_model_roles(name, module)
+    problems = _as_model_roles(name, module) or _rule_problems(module)
     if problems:
         return problems
-    required, optional = KIND_ROLES[entry["kind"]]
-    problems = [(f"tensor '{name}.{role}'", "missing") for role in required if role not in module.tensors]
-    problems += [(f"tensor '{name}.{role}'", f"role {role!r} is not part of kind {entry['kind']!r}")
-                 for role in module.tensors if role not in required + optional]
-    if problems:
-        return problems
-    if entry["kind"] == "lora":
-        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
-        if len(a) not in (2, 4) or len(b) != len(a) or (len(b) == 4 and b[2:] != (1, 1)):
-            return [(f"tensor '{name}.lora_B.weight'", f"shapes A{list(a)} / B{list(b)} are neither linear nor conv LoRA")]
-        if a[0] != b[1]:
-            return [(f"tensor '{name}.lora_B.weight'", f"rank mismatch: lora_A has {a[0]} rows, lora_B {b[1]} columns")]
-    if entry["kind"] == "full" and (problem := full_delta_problem(module.tensors)):
-        return [(f"tensor '{name}.diff'", problem)]
-    try:
-        declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
-                    "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
-    except (KeyError, ValueError) as exc:
-        return [(where, f"tensors do not form a {entry['kind']} module ({exc})")]
+    declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
+                "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
     for field, actual in declared.items():
         if entry.get(field) != actual:
             problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
-    return problems or _dora_problems(name, module)
+    return problems
 
 
 def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:

@@ -23,6 +23,9 @@ import json
 import math
 import os
 import re
+import re._constants as _C
+import re._parser as _parser
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -54,6 +57,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "use_rslora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
 }
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# rank_pattern/alpha_pattern keys are regexes PEFT runs with Python's backtracking re (no timeout): only
+# those whose matching is bounded are run (see _pattern_matcher). SDXL module paths have < 80 characters.
+PATTERN_MAX_CHARS = 500
+PATH_MAX_CHARS = 128
+PATTERN_MAX_WAYS = 50_000  # e.g. two unbounded repeats (129 ** 2) and a two-way branch: < 20 ms a path
+_SINGLE = (_C.LITERAL, _C.NOT_LITERAL, _C.ANY, _C.IN, _C.CATEGORY)  # one character each
 
 
 def parse_key(key: str) -> tuple[str, str, str | None] | None:
@@ -109,19 +118,75 @@ def group_keys(tensors: Mapping[str, Tensor], parse: Callable[[str], Parsed | No
     return groups, unrecognized
 
 
+def _ways(items: list, length: int) -> int:
+    """An upper bound on the ways a backtracking matcher can match parsed ``items`` at one position of a
+    ``length``-character string: each repeat picks a count, each branch an alternative, and these multiply.
+
+    Exponential patterns are those whose count is unbounded by a product: a group repeated more than once
+    (``(a+)+``, ``(a|a)*``) or a backreference. They raise :class:`ValueError`.
+    """
+    ways = 1
+    for op, arg in items:
+        if op in _SINGLE or op is _C.AT:
+            continue
+        if op is _C.SUBPATTERN:
+            ways *= _ways(arg[-1], length)
+        elif op is _C.BRANCH:
+            ways *= sum(_ways(alternative, length) for alternative in arg[1])
+        elif op in (_C.MAX_REPEAT, _C.MIN_REPEAT, _C.POSSESSIVE_REPEAT):
+            low, high, body = arg
+            if high > 1 and not (len(body) == 1 and body[0][0] in _SINGLE):
+                raise ValueError("a group is repeated")
+            ways *= (min(high, length) - low + 1) * (1 if high > 1 else _ways(body, length))
+        elif op in (_C.ASSERT, _C.ASSERT_NOT, _C.ATOMIC_GROUP):
+            ways *= _ways(arg[-1] if op is not _C.ATOMIC_GROUP else arg, length)
+        else:
+            raise ValueError(f"it uses {str(op).lower().replace('_', ' ')}")  # backreferences, conditionals
+    return ways
+
+
+@lru_cache(maxsize=4096)
+def _pattern_matcher(key: str) -> Callable[[str], bool]:
+    r"""``path -> bool``: does ``key`` match the end of a module path as PEFT matches it, ``(.*\.)?(key)$``?
+
+    The same regex PEFT runs, for the patterns real tools write (module paths, ``attn2.to_[kv]``,
+    ``down_blocks.*to_q``), which match in bounded time; others are refused with :class:`ValueError`
+    rather than run, since Python's ``re`` cannot be stopped. A key that is no regex at all (PEFT
+    would fail) is taken literally.
+    """
+    try:
+        compiled = re.compile(rf"(.*\.)?({key})$")
+        parsed = _parser.parse(key)
+    except re.error:
+        return lambda path: path == key or path.endswith("." + key)
+    try:
+        why = (f"longer than {PATTERN_MAX_CHARS} characters" if len(key) > PATTERN_MAX_CHARS else
+               "too many ways to match" if _ways(list(parsed), PATH_MAX_CHARS) > PATTERN_MAX_WAYS else None)
+    except ValueError as exc:
+        why = str(exc)
+    if why:
+        raise ValueError(f"pattern {key[:60]!r} is a regex lorabridge does not run ({why}; a backtracking match "
+                         "such as PEFT's can take exponential time); name the modules instead")
+
+    def matches(path: str) -> bool:
+        if len(path) > PATH_MAX_CHARS:
+            raise ValueError(f"a module path of {len(path)} characters is too long to match against patterns")
+        return compiled.match(path) is not None
+
+    return matches
+
+
 def pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of ``path`` as a regex.
+
+    Patterns that could take exponential time are refused (:class:`ValueError`), see :func:`_pattern_matcher`.
 
     Example:
         >>> pattern_value({"attn2.to_k": 8}, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 4)
         8
     """
     for key in pattern:
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", path)
-        except re.error:  # not a regex (PEFT would fail): take it literally
-            hit = path == key or path.endswith("." + key)
-        if hit:
+        if _pattern_matcher(str(key))(path):
             return pattern[key]
     return default
 
@@ -276,6 +341,24 @@ def _adapter_dirs(path: Path) -> dict[str | None, Path]:
     return {c: path / c for c in COMPONENTS if (path / c / CONFIG_NAME).exists()}
 
 
+def _left_out(path: Path, directories: Mapping[str | None, Path]) -> list[str]:
+    """Subdirectories of a per-component layout that hold adapter files but would not be read, and why.
+
+    Reading only ``unet/``, ``text_encoder/``, ``text_encoder_2/`` with an adapter config silently lost
+    whole components before: a ``unet/`` without its config, or an adapter under another name.
+    """
+    if (path / CONFIG_NAME).is_file():
+        return []  # a single adapter directory: its subdirectories are not components
+    left_out = []
+    for child in sorted(p for p in path.iterdir() if p.is_dir() and p not in directories.values()):
+        weights = [name for name in WEIGHT_NAMES if (child / name).is_file()]
+        if child.name in COMPONENTS and weights:
+            left_out.append(f"{child.name}/ has {weights[0]} but no {CONFIG_NAME}")
+        elif weights or (child / CONFIG_NAME).is_file():
+            left_out.append(f"{child.name}/ is no pipeline component ({', '.join(COMPONENTS)})")
+    return left_out
+
+
 def _load_config(directory: Path) -> dict[str, Any]:
     config = load_json_file(directory / CONFIG_NAME, "adapter config")
     if not isinstance(config, dict):
@@ -327,8 +410,15 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
     unrecognized: list[str] = []
     if path.is_dir():
         directories = _adapter_dirs(path)
+        left_out = _left_out(path, directories)
         if not directories:
-            raise LoraBridgeError(f"no {CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/", path)
+            why = f": {'; '.join(left_out)}" if left_out else ""
+            raise LoraBridgeError(f"no {CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/{why}", path)
+        if left_out and not options.get("skip_unknown"):
+            raise LoraBridgeError(f"{len(left_out)} adapter folder(s) would be left out: {'; '.join(left_out)} "
+                                  "(--skip-unknown converts the rest, with a warning)", path)
+        if left_out:
+            warn(f"{path}: left out {len(left_out)} adapter folder(s): {'; '.join(left_out)}")
         sources, metadatas = [], []
         for component, directory in directories.items():
             tensors, metadata = read_state_dict(_weights_file(directory))

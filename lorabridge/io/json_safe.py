@@ -14,6 +14,7 @@ number is expected is for the format checks to say.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -27,12 +28,37 @@ MAX_JSON_DEPTH = 32  # manifests nest 4 levels, adapter configs 2; deep nesting 
 MAX_JSON_INT = 2**64  # integers are shapes, offsets, ranks: anything at or beyond this is not one
 
 
-def load_json(raw: bytes | memoryview | str, what: str, path: str | os.PathLike | None) -> Any:
+class _NotStrictJson(ValueError):
+    """A number that strict JSON (RFC 8259) has no value for."""
+
+
+def _not_json(token: str) -> Any:
+    raise _NotStrictJson(f"{token} is not a JSON number")
+
+
+def _finite(text: str, parse=float) -> Any:
+    try:
+        value = parse(text)
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise _NotStrictJson(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is beyond the float64 range")
+    return value
+
+
+# json.loads hooks for strict JSON: Python accepts NaN, Infinity and -Infinity and turns 1e400 into inf;
+# no other JSON reader does, and a non-finite alpha makes delta W NaN.
+STRICT_HOOKS = {"parse_constant": _not_json, "parse_float": _finite, "parse_int": lambda text: _finite(text, int)}
+
+
+def load_json(raw: bytes | memoryview | str, what: str, path: str | os.PathLike | None, *, strict: bool = False) -> Any:
     """Parse ``raw`` (``what`` names it in messages, e.g. "header") or raise :class:`LoraBridgeError`.
 
     Refused: more than :data:`MAX_JSON_BYTES`, not UTF-8, not JSON, nested deeper than
     :data:`MAX_JSON_DEPTH`, an integer of magnitude :data:`MAX_JSON_INT` or more, or a string (key
-    or value) that is not valid Unicode (a lone surrogate).
+    or value) that is not valid Unicode (a lone surrogate). ``strict``: also NaN, Infinity and numbers
+    beyond the float64 range, which are not JSON (RFC 8259), so every language reads the same values.
 
     Example:
         >>> load_json(b'{"r": 4}', "adapter config", "adapter_config.json")
@@ -45,7 +71,9 @@ def load_json(raw: bytes | memoryview | str, what: str, path: str | os.PathLike 
     except UnicodeDecodeError as exc:
         raise LoraBridgeError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})", path) from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, **(STRICT_HOOKS if strict else {}))
+    except _NotStrictJson as exc:
+        raise LoraBridgeError(f"{what} is not JSON ({exc})", path) from None
     except json.JSONDecodeError as exc:
         raise LoraBridgeError(f"{what} is not JSON ({exc})", path) from None
     except RecursionError:
