@@ -226,10 +226,12 @@ def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, see
     """Write :func:`make_tiny_lora` for ``pipeline_dir`` at ``out``: ``.safetensors`` as a neutral file,
     ``.ckpt`` as a MindONE SDXL trainer checkpoint (SGM names, alpha folded into lora_B)."""
     from .converters.registry import get_format
-    from .io.atomic import check_output_path
+    from .io.atomic import check_output_path, replacing
 
     out = check_output_path(out, force)
-    get_format(lora_file_format(out)).load().write(make_tiny_lora(pipeline_dir, seed=seed), out)
+    lora = make_tiny_lora(pipeline_dir, seed=seed)
+    with replacing(force):  # without --force, a run racing this one gets "output exists", never replaced
+        get_format(lora_file_format(out)).load().write(lora, out)
     return out
 
 

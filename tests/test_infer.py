@@ -196,3 +196,39 @@ def test_refuses_to_overwrite_output_without_force_and_replaces_only_images(infe
     (out / "old.png").write_bytes(b"")
     assert infer("-o", out, "--force").exit_code == 0
     assert [p.name for p in out.iterdir()] == ["000-seed0.png"]
+
+
+def test_saved_latents_never_replace_a_file_a_racing_run_wrote_meanwhile(infer, tmp_path, monkeypatch):
+    """--save-latents is checked before sampling; a file that appears there during sampling (another run
+    writing the same path) is kept, and this run says "output exists" instead of replacing it."""
+    from lorabridge.adapters import infer as infer_module
+
+    noise = tmp_path / "noise.npy"
+    sample = infer_module.sample
+
+    def racing_sample(*args, **kwargs):
+        noise.write_bytes(b"the other run's file")
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(infer_module, "sample", racing_sample)
+    result = infer("-o", tmp_path / "images", "--save-latents", noise)
+    assert result.exit_code == 1 and "output exists" in result.output
+    assert noise.read_bytes() == b"the other run's file"
+
+
+def test_make_tiny_sdxl_lora_never_replaces_a_file_a_racing_run_wrote_meanwhile(tiny_sdxl_dir, tmp_path, monkeypatch):
+    from lorabridge import tiny_sdxl
+    from lorabridge.errors import LoraBridgeError
+    from lorabridge.io.atomic import replacing
+
+    out = tmp_path / "lora.ckpt"
+    make = tiny_sdxl.make_tiny_lora
+
+    def racing_make(*args, **kwargs):
+        out.write_bytes(b"the other run's file")
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_sdxl, "make_tiny_lora", racing_make)
+    with replacing(True), pytest.raises(LoraBridgeError, match="output exists"):  # the library default would replace
+        tiny_sdxl.write_tiny_lora(tiny_sdxl_dir, out)
+    assert out.read_bytes() == b"the other run's file"

@@ -23,7 +23,7 @@ from .. import __version__
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
 from ..formats.neutral import read_neutral
-from ..io.atomic import atomic_directory, check_output_path
+from ..io.atomic import atomic_directory, check_output_path, replacing
 from ..model import SDXL_ARCHITECTURE, LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, save_latents
@@ -137,7 +137,8 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
             write_png(tmp / name, pixels, png_text(options, result, lora_sha256, seed, size))
             result.images.append(out / name)
         if options.save_latents is not None:
-            result.latents = save_latents(options.save_latents, latents)
+            with replacing(options.force):  # without --force, a racing run's file is never replaced
+                result.latents = save_latents(options.save_latents, latents)
     result.seconds = time.perf_counter() - started
     for path in result.images:
         log(f"wrote {path}")
