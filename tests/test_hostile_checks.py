@@ -408,3 +408,19 @@ def test_an_fp16_overflow_is_one_warning_naming_the_tensors_and_strict_refuses_i
     assert not (tmp_path / f"strict-{target}").exists()
     assert not [w for w in quiet(convert, loud_neutral, tmp_path / f"bf16-{target}", to=target, dtype="bf16",
                                  progress=False).warnings if "range" in w]  # bf16 holds them
+
+
+@pytest.mark.parametrize("target", ["kohya", "lycoris"])
+def test_an_alpha_beyond_fp16_stays_finite_in_an_fp16_file(tmp_path, target):
+    """kohya and LyCORIS store .alpha in the module's dtype; an alpha of 1e5 in fp16 would be Inf (delta W
+    all Inf in every loader), so that one tensor is stored in F32 instead."""
+    from lorabridge.formats.kohya import read as read_kohya
+
+    model = LoraModel()
+    model.add(LoraModule("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "lora",
+                         {"lora_A.weight": array(4, 640), "lora_B.weight": array(640, 4)}, 1e5))
+    write_neutral(model, tmp_path / "big-alpha.safetensors")
+    out = tmp_path / f"out-{target}.safetensors"
+    quiet(convert, tmp_path / "big-alpha.safetensors", out, to=target, dtype="fp16", progress=False)
+    (module,) = quiet(read_kohya, out).modules.values()
+    assert module.alpha == 1e5 and module.dtype == "F16"

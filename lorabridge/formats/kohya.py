@@ -335,8 +335,11 @@ def stem(module: LoraModule, spelling: str, own_prefix: bool = False) -> str:
 
 
 def alpha_tensor(module: LoraModule) -> Tensor:
-    """The module's alpha as a 0-d tensor, in the dtype the source stored it in (else the module's)."""
-    return Tensor.from_numpy(np.array(module.alpha, np.float32), module.extra.get("alpha_dtype", module.dtype))
+    """The module's alpha as a 0-d tensor, in the dtype the source stored it in (else the module's).
+
+    An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf.
+    """
+    return fitting_cast(Tensor.from_numpy(np.array(module.alpha, np.float32)), module.extra.get("alpha_dtype", module.dtype))
 
 
 def full_tensors(module: LoraModule) -> dict[str, Tensor]:
@@ -379,14 +382,24 @@ def file_metadata(model: LoraModel, tensors: Mapping[str, Tensor]) -> dict[str, 
 
 
 def cast_to(tensor: Tensor, dtype: str | None) -> Tensor:
-    """``tensor`` in the --dtype asked for (fp32/fp16/bf16), or unchanged; alphas too, as kohya saves them."""
+    """``tensor`` in the --dtype asked for (fp32/fp16/bf16), or unchanged; alphas too, as kohya saves them.
+
+    Weights reach here already cast (and overflow reported) by ``checks.cast_model``: what is left to
+    cast is the 0-d alphas, which :func:`fitting_cast` keeps finite."""
     from .checks import DTYPE_NAMES
 
     if dtype is None:
         return tensor
     if dtype not in DTYPE_NAMES:
         raise LoraBridgeError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return tensor.cast(DTYPE_NAMES[dtype])
+    return fitting_cast(tensor, DTYPE_NAMES[dtype])
+
+
+def fitting_cast(alpha: Tensor, dtype: str) -> Tensor:
+    """A 0-d ``alpha`` in ``dtype``, or kept as it is where ``dtype`` cannot hold it (an alpha above fp16's
+    65504 would be Inf, making delta W Inf in every loader)."""
+    cast = alpha.cast(dtype)
+    return cast if np.isfinite(cast.to_float32()).all() else alpha
 
 
 def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
