@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 import struct
 from functools import lru_cache
 from importlib import resources
@@ -24,7 +25,8 @@ from .tensor import Tensor
 
 MANIFEST_KEY = "lorabridge.manifest"
 FORMAT_NAME = "lorabridge.neutral-lora"
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
+VERSION_PATTERN = re.compile(r"[0-9]+\.[0-9]+")  # spec 5.6: "MAJOR.MINOR"; anything else is a schema error
 SCHEMA_NAME = "neutral-lora-v1.schema.json"
 LAYOUT = {
     "key_grammar": "<module>.<role>",
@@ -60,7 +62,7 @@ def check_version(version: Any) -> None:
     if major > ours:
         raise VersionError(f"written for neutral LoRA spec {version}; this lorabridge {__version__} reads {ours}.x only, upgrade lorabridge")
     if major < 1:
-        raise VersionError(f"spec_version {version!r} predates 1.0")
+        raise VersionError(f"spec_version {version!r}: there is no 0.x version of the neutral LoRA spec, this lorabridge reads 1.x only")
 
 
 @lru_cache(maxsize=2)

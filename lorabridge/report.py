@@ -6,23 +6,30 @@ import os
 from typing import Any
 
 from .errors import LoraBridgeError
-from .formats.neutral import inspect_file, read_neutral
+from .formats.neutral import examine, read_neutral
+from .neutral_rules import loaders
 
 
 def validation_report(path: str | os.PathLike) -> dict[str, Any]:
-    """{"file", "valid", "problems": [{"where", "problem"}]} for one file; container errors count as problems."""
+    """{"file", "valid", "reason", "modules", "problems": [{"reason", "where", "problem"}]} for one file.
+
+    ``valid``, ``reason`` (the spec 8 reason class of the first problem, null when valid) and ``modules``
+    (the module count, null when invalid) are the conformance verdict of spec 8; container errors
+    count as problems of class ``container``.
+    """
     try:
-        _, _, problems = inspect_file(path, verify_hash=True)
+        model, _, findings = examine(path, verify_hash=True)
     except LoraBridgeError as exc:
-        problems = [("file", exc.message)]
-    return {"file": os.fspath(path), "valid": not problems,
-            "problems": [{"where": where, "problem": what} for where, what in problems]}
+        model, findings = None, [("container", "file", exc.message)]
+    return {"file": os.fspath(path), "valid": not findings, "reason": findings[0][0] if findings else None,
+            "modules": len(model.modules) if model is not None else None,
+            "problems": [{"reason": reason, "where": where, "problem": what} for reason, where, what in findings]}
 
 
 def render_validation(report: dict[str, Any]) -> str:
     if report["valid"]:
         return f"{report['file']}: valid neutral LoRA"
-    lines = [f"{report['file']}: INVALID ({len(report['problems'])} problem(s))"]
+    lines = [f"{report['file']}: INVALID, {report['reason']} ({len(report['problems'])} problem(s))"]
     lines += [f"  {p['where']}: {p['problem']}" for p in report["problems"]]
     return "\n".join(lines)
 
@@ -39,6 +46,8 @@ def inspection_report(path: str | os.PathLike) -> dict[str, Any]:
         "targets": model.targets(),
         "provenance": model.provenance,
         "training": model.training,
+        "loads_in": loaders({m.kind for m in model.modules.values()},
+                            any("dora_scale" in m.tensors for m in model.modules.values()), set(model.components)),
     }
 
 
@@ -59,6 +68,7 @@ def render_inspection(r: dict[str, Any]) -> str:
         f"provenance    {prov.get('source_format', '?')} from {prov.get('source_file') or '?'}, "
         f"by {prov.get('converter', '?')} at {prov.get('created', '?')}",
     ]
+    lines += [f"loads in      {consumer}: {verdict}" for consumer, verdict in r["loads_in"].items()]
     for component, targets in r["targets"].items():
         lines.append(f"targets       {component}: {_counts(targets)}")
     if r["training"]:

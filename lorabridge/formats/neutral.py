@@ -16,11 +16,13 @@ from typing import Any, Callable
 from ..errors import LoraBridgeError, ValidationProblem
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
-from ..manifest import (MANIFEST_KEY, SPEC_VERSION, VersionError, build_manifest, check_version,
-                        model_facts, module_facts, schema_problems, tensor_sha256)
-from ..model import KIND_ROLES, LoraModel, LoraModule, split_key
+from ..manifest import (MANIFEST_KEY, VERSION_PATTERN, VersionError, build_manifest, check_version, model_facts,
+                        module_facts, schema_problems, tensor_sha256)
+from ..model import LoraModel, LoraModule, dominant_dtype, split_key
+from ..neutral_rules import (ALLOWED_DTYPES, REASONS, RuleBroken, check_dora, check_roles, interop_problems, module_geometry)
 
 Problem = tuple[str, str]
+Finding = tuple[str, str, str]  # (reason class of spec 8, location, message)
 RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
 
 
@@ -81,83 +83,111 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     return manifest
 
 
-def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Problem]]:
+def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """Spec 8 stages not-neutral, version, schema and dtype: the manifest, or the first stage's findings."""
     raw = handle.metadata.get(MANIFEST_KEY)
     if raw is None:
-        return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
+        return None, [("not-neutral", "__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
+    where = f"__metadata__.{MANIFEST_KEY}"
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
-        return None, [(f"__metadata__.{MANIFEST_KEY}", f"manifest is not JSON ({exc})")]
+        return None, [("schema", where, f"manifest is not JSON ({exc})")]
     if not isinstance(manifest, dict):
-        return None, [(f"__metadata__.{MANIFEST_KEY}", "manifest is not a JSON object")]
-    try:
-        check_version(manifest.get("spec_version", ""))
-    except VersionError as exc:
-        return None, [("$.spec_version", str(exc))]
+        return None, [("schema", where, "manifest is not a JSON object")]
+    version = manifest.get("spec_version")
+    if isinstance(version, str) and VERSION_PATTERN.fullmatch(version):
+        try:
+            check_version(version)
+        except VersionError as exc:
+            return None, [("version", "$.spec_version", str(exc))]
     problems = schema_problems(manifest)
-    return (None if problems else manifest), problems
-
-
-def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
-    """Tensors of one module versus what its manifest entry declares."""
-    where = f"$.modules['{name}']"
-    required, optional = KIND_ROLES[entry["kind"]]
-    problems = [(f"tensor '{name}.{role}'", "missing") for role in required if role not in module.tensors]
-    problems += [(f"tensor '{name}.{role}'", f"role {role!r} is not part of kind {entry['kind']!r}")
-                 for role in module.tensors if role not in required + optional]
     if problems:
-        return problems
-    if entry["kind"] == "lora":
-        a, b = module.tensors["lora_A.weight"].shape, module.tensors["lora_B.weight"].shape
-        if len(a) not in (2, 4) or len(b) != len(a) or (len(b) == 4 and b[2:] != (1, 1)):
-            return [(f"tensor '{name}.lora_B.weight'", f"shapes A{list(a)} / B{list(b)} are neither linear nor conv LoRA")]
-        if a[0] != b[1]:
-            return [(f"tensor '{name}.lora_B.weight'", f"rank mismatch: lora_A has {a[0]} rows, lora_B {b[1]} columns")]
+        return None, [("schema", where, what) for where, what in problems]
+    foreign = [(key, handle.header_entry(key)[0]) for key in handle.keys() if handle.header_entry(key)[0] not in ALLOWED_DTYPES]
+    if foreign:
+        return None, [("dtype", f"tensor '{key}'", f"dtype {dtype} is not one of {', '.join(ALLOWED_DTYPES)}")
+                      for key, dtype in foreign]
+    return manifest, []
+
+
+def _module_findings(name: str, entry: dict[str, Any], headers: dict[str, tuple[str, tuple[int, ...]]]) -> list[Finding]:
+    """Spec 3.2-3.3 and 5.3: one module's tensors (role -> (dtype, shape)) against its manifest entry."""
+    where = f"$.modules['{name}']"
+    shapes = {role: shape for role, (_, shape) in headers.items()}
     try:
-        declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
-                    "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
-    except (KeyError, ValueError) as exc:
-        return [(where, f"tensors do not form a {entry['kind']} module ({exc})")]
-    for field, actual in declared.items():
-        if entry.get(field) != actual:
-            problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
-    return problems
+        check_roles(entry["kind"], set(shapes))
+        rank, weight = module_geometry(entry["kind"], shapes)
+        check_dora(entry.get("dora_axis"), shapes.get("dora_scale"), weight)
+    except RuleBroken as exc:
+        return [(exc.reason, where, exc.message)]
+    actual = {"rank": rank, "out_features": weight[0], "in_features": weight[1],
+              "kernel_size": list(weight[2:]) or None, "dtype": dominant_dtype({r: d for r, (d, _) in headers.items()})}
+    return [("manifest-mismatch", f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {value!r}")
+            for field, value in actual.items() if entry.get(field) != value]
 
 
-def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
-    """Read a neutral file and list every problem found: (model or None, manifest or None, problems).
-
-    Problems are (location, message); the location is a JSON path into the manifest or a tensor name.
-    Container errors (truncated file, header not JSON...) raise :class:`LoraBridgeError` instead.
-    """
-    handle = SafetensorsFile(path)
-    manifest, problems = _manifest_of(handle)
-    if manifest is None:
-        return None, None, problems
-    model = LoraModel(**model_facts(manifest))
-    tensors_by_module: dict[str, dict] = {name: {} for name in manifest["modules"]}
+def _file_findings(handle: SafetensorsFile, manifest: dict[str, Any]) -> list[Finding]:
+    """Spec 8 stage tensors: every tensor declared, every module well-formed and as declared, components, dtypes."""
+    headers: dict[str, dict] = {name: {} for name in manifest["modules"]}
+    findings: list[Finding] = []
     for key in handle.keys():
         parts = split_key(key)
-        if parts is None or parts[0] not in tensors_by_module:
-            problems.append((f"tensor '{key}'", "not described by any manifest module"))
+        if parts is None or parts[0] not in headers:
+            findings.append(("undeclared-tensor", f"tensor '{key}'", "not described by any manifest module"))
             continue
-        tensors_by_module[parts[0]][parts[1]] = handle.tensor(key)
+        headers[parts[0]][parts[1]] = handle.header_entry(key)
     for name, entry in manifest["modules"].items():
-        module = LoraModule(name=name, tensors=tensors_by_module[name], **module_facts(entry))
-        found = _module_problems(name, entry, module)
-        problems += found
-        if not found:
-            model.add(module)
+        findings += _module_findings(name, entry, headers[name])
     components = set(manifest["base_model"]["components"])
     actual = {name.split(".", 1)[0] for name in manifest["modules"]}
     if components != actual:
-        problems.append(("$.base_model.components", f"lists {sorted(components)}, modules are in {sorted(actual)}"))
-    if verify_hash and not problems:
+        findings.append(("manifest-mismatch", "$.base_model.components", f"lists {sorted(components)}, modules are in {sorted(actual)}"))
+    dtypes = {handle.header_entry(key)[0] for key in handle.keys()}
+    if set(manifest["layout"]["dtypes"]) != dtypes:
+        findings.append(("manifest-mismatch", "$.layout.dtypes", f"lists {sorted(manifest['layout']['dtypes'])}, tensors are {sorted(dtypes)}"))
+    return findings
+
+
+def examine(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Finding]]:
+    """Check a neutral file stage by stage (spec 8): (model or None, manifest or None, findings).
+
+    A finding is (reason class, location, message); the location is a JSON path into the manifest,
+    a tensor name or a metadata key. Each stage runs only when the ones before it found nothing,
+    so the first finding's class is the file's reason. Container errors (truncated file, header
+    not JSON, gaps in the data...) raise :class:`LoraBridgeError` instead.
+    """
+    handle = SafetensorsFile(path)
+    layout = handle.layout_problem()
+    if layout:
+        raise LoraBridgeError(layout, path)
+    manifest, findings = _manifest_of(handle)
+    if manifest is None:
+        return None, None, findings
+    findings = sorted(_file_findings(handle, manifest), key=lambda f: REASONS.index(f[0]))
+    if not findings:
+        findings = [("interop", "__metadata__", what) for what in interop_problems(manifest, handle.metadata)]
+    if verify_hash and not findings:
         digest = tensor_sha256(handle.tensors())
         if digest != manifest["tensor_sha256"]:
-            problems.append(("$.tensor_sha256", f"hash mismatch: manifest {manifest['tensor_sha256'][:12]}..., tensor data {digest[:12]}... (data changed or corrupt)"))
-    return (None if problems else model), manifest, problems
+            findings.append(("hash", "$.tensor_sha256", f"hash mismatch: manifest {manifest['tensor_sha256'][:12]}..., "
+                                                        f"tensor data {digest[:12]}... (data changed or corrupt)"))
+    if findings:
+        return None, manifest, findings
+    tensors: dict[str, dict] = {name: {} for name in manifest["modules"]}
+    for key in handle.keys():
+        name, role = split_key(key)
+        tensors[name][role] = handle.tensor(key)
+    model = LoraModel(**model_facts(manifest))
+    for name, entry in manifest["modules"].items():
+        model.add(LoraModule(name=name, tensors=tensors[name], **module_facts(entry)))
+    return model, manifest, []
+
+
+def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
+    """:func:`examine` with findings as (location, message) problems, for callers that need no reason class."""
+    model, manifest, findings = examine(path, verify_hash=verify_hash)
+    return model, manifest, [(where, what) for _, where, what in findings]
 
 
 def read_neutral(path: str | os.PathLike, verify_hash: bool = False) -> LoraModel:
