@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from .model import KIND_ROLES
 
 # Spec 8: the reason classes, in the order a reader checks (and reports) them.
-REASONS = ("container", "not-neutral", "version", "schema", "dtype", "undeclared-tensor", "missing-tensor", "roles",
+REASONS = ("container", "not-neutral", "version", "dtype", "schema", "undeclared-tensor", "missing-tensor", "roles",
            "shape", "rank-mismatch", "dora", "manifest-mismatch", "interop", "hash")
 # Spec 2: the tensor dtypes a neutral file may hold.
 ALLOWED_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")

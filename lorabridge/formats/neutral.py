@@ -75,6 +75,10 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
     manifest = build_manifest(model, placeholder)
+    foreign = [(key, handle.header_entry(key)[0]) for key in handle.keys() if handle.header_entry(key)[0] not in ALLOWED_DTYPES]
+    if foreign:
+        return None, [("dtype", f"tensor '{key}'", f"dtype {dtype} is not one of {', '.join(ALLOWED_DTYPES)}")
+                      for key, dtype in foreign]
     problems = schema_problems(manifest)
     if problems:
         raise ValidationProblem(problems, path)
@@ -84,7 +88,7 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
 
 
 def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Finding]]:
-    """Spec 8 stages not-neutral, version, schema and dtype: the manifest, or the first stage's findings."""
+    """Spec 8 stages not-neutral, version, dtype and schema: the manifest, or the first stage's findings."""
     raw = handle.metadata.get(MANIFEST_KEY)
     if raw is None:
         return None, [("not-neutral", "__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
@@ -101,13 +105,13 @@ def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[F
             check_version(version)
         except VersionError as exc:
             return None, [("version", "$.spec_version", str(exc))]
-    problems = schema_problems(manifest)
-    if problems:
-        return None, [("schema", where, what) for where, what in problems]
     foreign = [(key, handle.header_entry(key)[0]) for key in handle.keys() if handle.header_entry(key)[0] not in ALLOWED_DTYPES]
     if foreign:
         return None, [("dtype", f"tensor '{key}'", f"dtype {dtype} is not one of {', '.join(ALLOWED_DTYPES)}")
                       for key, dtype in foreign]
+    problems = schema_problems(manifest)
+    if problems:
+        return None, [("schema", where, what) for where, what in problems]
     return manifest, []
 
 
