@@ -75,10 +75,6 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
     manifest = build_manifest(model, placeholder)
-    foreign = [(key, handle.header_entry(key)[0]) for key in handle.keys() if handle.header_entry(key)[0] not in ALLOWED_DTYPES]
-    if foreign:
-        return None, [("dtype", f"tensor '{key}'", f"dtype {dtype} is not one of {', '.join(ALLOWED_DTYPES)}")
-                      for key, dtype in foreign]
     problems = schema_problems(manifest)
     if problems:
         raise ValidationProblem(problems, path)
