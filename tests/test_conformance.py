@@ -160,3 +160,12 @@ def test_runner_gives_one_line_per_vector_for_readers_that_hang_crash_or_babble(
 def test_runner_refuses_a_reader_command_without_file():
     proc = conformance_cli("--reader", "cat")
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "{file}" in proc.stderr
+
+
+def test_validate_json_is_a_conformance_verdict(run_cli):
+    result = run_cli("validate", "--json", VECTORS / "dora-axis-contradicts.safetensors")
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and report["valid"] is False and report["reason"] == "dora" and report["modules"] is None
+    assert "needs [1, 32] (that is the out axis' shape)" in report["problems"][0]["problem"]
+    report = json.loads(run_cli("validate", "--json", VECTORS / "kinds.safetensors").output)
+    assert (report["valid"], report["reason"], report["modules"]) == (True, None, 3)
