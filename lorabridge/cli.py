@@ -82,6 +82,26 @@ def inspect(file: str, as_json: bool) -> None:
     _print(inspection_report(file), as_json, render_inspection)
 
 
+@cli.command()
+@click.option("--reader", required=True, metavar="'CMD {file}'",
+              help="Command that reads one file and prints the spec 8 verdict JSON; {file} is replaced by each vector's path.")
+@click.option("--vectors", type=click.Path(file_okay=False), default=None,
+              help="Directory with index.json and the vectors [default: spec/vectors of this checkout].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds the reader may take per vector.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def conformance(reader: str, vectors: str | None, timeout: float, as_json: bool) -> None:
+    """Run another implementation's reader over every conformance vector and report agreement (exit 0 if all agree).
+
+    Example: lorabridge conformance --reader 'python tests/independent_reader.py {file}'
+    """
+    from .conformance import conformance_report, render_conformance, run_conformance
+
+    report = conformance_report(run_conformance(reader, vectors=vectors, timeout=timeout))
+    _print(report, as_json, render_conformance)
+    sys.exit(0 if report["agree"] == report["vectors"] else 1)
+
+
 @cli.command("make-tiny-sdxl")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")

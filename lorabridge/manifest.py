@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
+import re
 import struct
 from functools import lru_cache
 from importlib import resources
@@ -20,14 +20,15 @@ from typing import Any, Mapping
 
 from . import __version__
 from .io.streaming import release_pages
-from .model import LoraModel, LoraModule
+from .model import LoraModel, LoraModule, dominant_dtype
 from .tensor import Tensor
 
 MANIFEST_KEY = "lorabridge.manifest"
 FORMAT_NAME = "lorabridge.neutral-lora"
-SPEC_VERSION = "1.1"  # the newest version this lorabridge reads and writes
-# Spec 1.1 adds one thing: a kind-lora module's DoRA magnitude per output row is stored as PEFT spells
-# it, ``<module>.lora_magnitude_vector`` of shape (out,) or (1, out, 1, 1), so that diffusers loads it.
+SPEC_VERSION = "1.1"  # the version this lorabridge writes, and the newest it reads
+VERSION_PATTERN = re.compile(r"[0-9]+\.[0-9]+")  # spec 5.6: "MAJOR.MINOR"; anything else is a schema error
+# Since 1.1 a kind-lora module's DoRA magnitude per output row is stored as PEFT spells it,
+# ``<module>.lora_magnitude_vector`` of shape (out,) or (1, out, 1, 1), so that diffusers loads it.
 PEFT_MAGNITUDE = "lora_magnitude_vector"
 SCHEMA_NAME = "neutral-lora-v1.schema.json"
 LAYOUT = {
@@ -69,7 +70,7 @@ def check_version(version: Any) -> None:
     if major > ours:
         raise VersionError(f"written for neutral LoRA spec {version}; this lorabridge {__version__} reads {ours}.x only, upgrade lorabridge")
     if major < 1:
-        raise VersionError(f"spec_version {version!r} predates 1.0")
+        raise VersionError(f"spec_version {version!r}: there is no 0.x version of the neutral LoRA spec, this lorabridge reads 1.x only")
 
 
 @lru_cache(maxsize=2)
@@ -158,7 +159,7 @@ def module_entry(module: LoraModule) -> dict[str, Any]:
         entry["kernel_size"] = list(module.kernel_size)
     if module.dora_axis:
         entry["dora_axis"] = module.dora_axis
-    entry["dtype"] = module.dtype
+    entry["dtype"] = dominant_dtype({stored_role(module, role): t.dtype for role, t in module.tensors.items()})
     return {**module.extra, **entry}
 
 
@@ -167,10 +168,10 @@ def stores_peft_magnitude(module: LoraModule) -> bool:
     return module.kind == "lora" and module.dora_axis == "out" and "dora_scale" in module.tensors
 
 
-def spec_version(model: LoraModel) -> str:
-    """The oldest spec version that describes the file of ``model``: 1.1 only when it holds a
-    ``lora_magnitude_vector``, so that 1.0 readers keep reading every other file."""
-    return SPEC_VERSION if any(stores_peft_magnitude(m) for m in model.modules.values()) else "1.0"
+def stored_role(module: LoraModule, role: str) -> str:
+    """The role a neutral file stores ``module``'s tensor ``role`` under: :data:`PEFT_MAGNITUDE` for a
+    magnitude :func:`stores_peft_magnitude` says so of, else the model's role."""
+    return PEFT_MAGNITUDE if role == "dora_scale" and stores_peft_magnitude(module) else role
 
 
 def build_manifest(model: LoraModel, tensor_hash: str) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def build_manifest(model: LoraModel, tensor_hash: str) -> dict[str, Any]:
     return {
         **model.extra,
         "format": FORMAT_NAME,
-        "spec_version": spec_version(model),
+        "spec_version": SPEC_VERSION,
         "base_model": {"architecture": model.architecture, "components": model.components},
         "layout": {**LAYOUT, "dtypes": sorted({t.dtype for t in model.tensors().values()})},
         "modules": {name: module_entry(m) for name, m in model.modules.items()},

@@ -47,6 +47,18 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def dominant_dtype(dtypes: dict[str, str]) -> str:
+    """A module's dtype (spec 5.3): the most common of its tensors' (role -> dtype); a tie goes to the
+    dtype of the tensor whose role comes first in UTF-8 byte order, the order of the tensor hash.
+
+    Example:
+        >>> dominant_dtype({"lora_B.weight": "F32", "lora_A.weight": "F16"})
+        'F16'
+    """
+    ordered = [dtypes[role] for role in sorted(dtypes, key=lambda role: role.encode("utf-8"))]
+    return Counter(ordered).most_common(1)[0][0]
+
+
 def target_type(name: str) -> str:
     """The module's leaf type, for summaries: the path after its last block index.
 
@@ -151,7 +163,7 @@ class LoraModule:
 
     @property
     def dtype(self) -> str:
-        return Counter(t.dtype for t in self.tensors.values()).most_common(1)[0][0]
+        return dominant_dtype({role: t.dtype for role, t in self.tensors.items()})
 
     def delta_weight(self) -> np.ndarray:
         """The float32 weight update this module adds (DoRA magnitude not applied).

@@ -6,19 +6,32 @@ import os
 from typing import Any
 
 from .errors import LoraBridgeError
-from .formats.neutral import diffusers_limits, inspect_file, read_neutral
+from .model import LoraModel
+from .formats.neutral import examine, read_neutral
+from .neutral_rules import dora_limits, loaders
 
 
 def validation_report(path: str | os.PathLike) -> dict[str, Any]:
-    """{"file", "valid", "problems": [{"where", "problem"}], "warnings"} for one file; container errors
-    count as problems. Warnings say what a valid file cannot do (the tools it claims to load in that cannot)."""
+    """{"file", "valid", "reason", "modules", "problems": [{"reason", "where", "problem"}], "warnings"} for one file.
+
+    ``valid``, ``reason`` (the spec 8 reason class of the first problem, null when valid) and ``modules``
+    (the module count, null when invalid) are the conformance verdict of spec 8; container errors
+    count as problems of class ``container``. Warnings say what a valid file cannot do (the tools it
+    claims to load in that cannot).
+    """
     try:
-        model, _, problems = inspect_file(path, verify_hash=True)
+        model, _, findings = examine(path, verify_hash=True)
     except LoraBridgeError as exc:
-        model, problems = None, [("file", exc.message)]
-    return {"file": os.fspath(path), "valid": not problems,
-            "problems": [{"where": where, "problem": what} for where, what in problems],
-            "warnings": diffusers_limits(model) if model is not None else []}
+        model, findings = None, [("container", "file", exc.message)]
+    return {"file": os.fspath(path), "valid": not findings, "reason": findings[0][0] if findings else None,
+            "modules": len(model.modules) if model is not None else None,
+            "problems": [{"reason": reason, "where": where, "problem": what} for reason, where, what in findings],
+            "warnings": warnings_of(model) if model is not None else []}
+
+
+def warnings_of(model: LoraModel) -> list[str]:
+    """What a valid file's DoRA magnitudes keep diffusers or mindone.diffusers from loading (see dora_limits)."""
+    return [why for _, why in dora_limits(model)]
 
 
 def _warning_lines(report: dict[str, Any]) -> list[str]:
@@ -28,7 +41,7 @@ def _warning_lines(report: dict[str, Any]) -> list[str]:
 def render_validation(report: dict[str, Any]) -> str:
     if report["valid"]:
         return "\n".join([f"{report['file']}: valid neutral LoRA", *_warning_lines(report)])
-    lines = [f"{report['file']}: INVALID ({len(report['problems'])} problem(s))"]
+    lines = [f"{report['file']}: INVALID, {report['reason']} ({len(report['problems'])} problem(s))"]
     lines += [f"  {p['where']}: {p['problem']}" for p in report["problems"]]
     return "\n".join(lines)
 
@@ -45,7 +58,8 @@ def inspection_report(path: str | os.PathLike) -> dict[str, Any]:
         "targets": model.targets(),
         "provenance": model.provenance,
         "training": model.training,
-        "warnings": diffusers_limits(model),
+        "loads_in": loaders(model),
+        "warnings": warnings_of(model),
     }
 
 
@@ -66,6 +80,7 @@ def render_inspection(r: dict[str, Any]) -> str:
         f"provenance    {prov.get('source_format', '?')} from {prov.get('source_file') or '?'}, "
         f"by {prov.get('converter', '?')} at {prov.get('created', '?')}",
     ]
+    lines += [f"loads in      {consumer}: {verdict}" for consumer, verdict in r["loads_in"].items()]
     for component, targets in r["targets"].items():
         lines.append(f"targets       {component}: {_counts(targets)}")
     if r["training"]:

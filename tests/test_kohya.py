@@ -25,6 +25,7 @@ from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
 from lorabridge.naming.sdxl_tree import sdxl_modules  # noqa: E402
+from lorabridge.report import validation_report  # noqa: E402
 from lorabridge.tensor import Tensor  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -229,6 +230,23 @@ def test_dora_magnitudes_per_input_column_are_written_unchanged(tmp_path):
     stored = written["lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.dora_scale"]
     assert stored.same_as(model.modules["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].tensors["dora_scale"])
     assert kohya.read(tmp_path / "k.safetensors").modules["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].dora_axis == "in"
+
+
+def test_a_dora_scale_stored_as_out_is_read_per_output_row_in_the_shape_the_spec_gives_and_validates(tmp_path):
+    """kohya/LyCORIS files may hold a 1-D (out,) magnitude (A1111's network.py uses dora_scale whatever its shape,
+    ComfyUI's comfy/weight_adapter/base.py decides the axis by dora_scale.shape[0] == W.shape[0]); spec 3.3 allows
+    (out, 1[, 1, 1]) only, so the reader reshapes it (same bytes) and the neutral file validates."""
+    sd = kohya_state_dict()
+    stem = NAMES[0][0]
+    out = sd[f"{stem}.lora_up.weight"].shape[0]
+    sd[f"{stem}.dora_scale"] = torch.rand(out) + 0.5
+    model = kohya.read(save_kohya(tmp_path / "k.safetensors", sd))
+    module = model.modules[NAMES[0][2]]
+    assert module.dora_axis == "out" and module.tensors["dora_scale"].shape == (out, 1)
+    np.testing.assert_array_equal(module.tensors["dora_scale"].to_numpy().reshape(-1), sd[f"{stem}.dora_scale"].numpy())
+    write_neutral(model, tmp_path / "n.safetensors")
+    report = validation_report(tmp_path / "n.safetensors")
+    assert report["valid"], report["problems"]
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import LoraBridgeError
 from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
+from ..rules import dora_shape
 from ..tensor import Tensor
 from .training import lost_training, training_metadata
 
@@ -214,10 +215,13 @@ def dora_axis(scale: Tensor, weight_shape: tuple[int, ...]) -> str:
 
 
 def with_dora(module: LoraModule) -> LoraModule:
-    """``module`` with ``dora_axis`` set from its ``dora_scale`` shape (unchanged without one)."""
+    """``module`` with ``dora_axis`` set from its ``dora_scale`` shape (unchanged without one), and the
+    magnitude reshaped (same bytes) to the one shape the model holds for that axis: a LyCORIS or
+    kohya file may store an (out,) magnitude, which the neutral rules refuse (spec 3.3)."""
     scale = module.tensors.get("dora_scale")
     if scale is not None:
         module.dora_axis = dora_axis(scale, module.weight_shape)
+        module.tensors["dora_scale"] = scale.reshaped(dora_shape(module.dora_axis, module.weight_shape))
     return module
 
 

@@ -16,14 +16,15 @@ from ..errors import LoraBridgeError, ValidationProblem
 from ..io.json_safe import load_json
 from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
-from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, SPEC_VERSION, VersionError, build_manifest, check_version,
-                        dump_json, model_facts, module_facts, schema_problems, stores_peft_magnitude, tensor_sha256)
-from ..model import LoraModel, LoraModule, split_key
-from ..rules import module_problems
+from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, VERSION_PATTERN, VersionError, build_manifest, check_version,
+                        dump_json, model_facts, module_facts, schema_problems, stored_role, tensor_sha256)
+from ..model import LoraModel, LoraModule, dominant_dtype, split_key
+from ..neutral_rules import ALLOWED_DTYPES, REASONS, interop_problems
+from ..rules import module_findings
 from ..tensor import Tensor
-from .checks import listed
 
 Problem = tuple[str, str]
+Finding = tuple[str, str, str]  # (reason class of spec 8, location, message)
 RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
 
 
@@ -70,10 +71,8 @@ def stored_tensors(model: LoraModel) -> dict[str, Tensor]:
     out = {}
     for m in model.modules.values():
         for role, tensor in m.tensors.items():
-            if role == "dora_scale" and stores_peft_magnitude(m):
-                out[f"{m.name}.{PEFT_MAGNITUDE}"] = tensor.reshaped(m.peft_magnitude_shape)
-            else:
-                out[f"{m.name}.{role}"] = tensor
+            stored = stored_role(m, role)
+            out[f"{m.name}.{stored}"] = tensor.reshaped(m.peft_magnitude_shape) if stored != role else tensor
     return out
 
 
@@ -82,33 +81,6 @@ def split_stored_key(key: str) -> tuple[str, str] | None:
     if key.endswith("." + PEFT_MAGNITUDE):
         return key[: -len(PEFT_MAGNITUDE) - 1], PEFT_MAGNITUDE
     return split_key(key)
-
-
-def diffusers_limits(model: LoraModel) -> list[str]:
-    """Why diffusers' or mindone.diffusers' ``load_lora_weights`` cannot load this (valid) file, if they cannot.
-
-    PEFT holds one DoRA magnitude per output row and turns DoRA on for all LoRA modules of a component
-    (``use_dora`` in its LoraConfig): magnitudes per input column and components mixing DoRA and plain
-    LoRA modules have no PEFT form, and diffusers fails on them ("Cannot copy out of meta tensor").
-    """
-    notes = []
-    dora = [m.name for m in model.modules.values() if m.dora_axis]
-    if dora:
-        notes.append(f"{len(dora)} module(s) have DoRA magnitudes: mindone.diffusers (0.5.0) cannot load them, its "
-                     f"PEFT port has no DoRA (dora_init raises NotImplementedError) ({listed(dora)})")
-    per_column = [m.name for m in model.modules.values() if m.dora_axis == "in"]
-    if per_column:
-        notes.append(f"{len(per_column)} module(s) have DoRA magnitudes per input column (dora_axis in), which "
-                     f"diffusers and PEFT cannot hold: load_lora_weights cannot load this file ({listed(per_column)}); "
-                     "convert it with --to kohya or --to lycoris, which keep that axis")
-    for component in model.components:
-        lora = [m for m in model.modules.values() if m.component == component and m.kind == "lora"]
-        plain = [m.name for m in lora if not m.dora_axis]
-        if plain and len(plain) < len(lora):
-            notes.append(f"{component}: {len(lora) - len(plain)} LoRA module(s) have DoRA magnitudes and {len(plain)} "
-                         f"do not ({listed(plain)}); PEFT turns DoRA on for a whole component, so diffusers' "
-                         "load_lora_weights cannot load this file")
-    return notes
 
 
 def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -120,7 +92,7 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     Example:
         >>> manifest = write_neutral(model, "lora.safetensors")   # doctest: +SKIP
     """
-    problems = [problem for m in model.modules.values() for problem in _rule_problems(m)]
+    problems = [(where, what) for m in model.modules.values() for _, where, what in _rule_findings(m)]
     if problems:  # before anything computes shapes from the factors
         raise ValidationProblem(problems, path)
     tensors = stored_tensors(model)
@@ -139,95 +111,135 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     return manifest
 
 
-def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Problem]]:
+def _manifest_of(handle: SafetensorsFile) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """Spec 8 stages not-neutral, version, dtype and schema: the manifest, or the first stage's findings.
+
+    The manifest is strict JSON (a NaN or Infinity token makes it a ``schema`` problem), read with
+    the one bounded JSON loader every untrusted JSON goes through.
+    """
     raw = handle.metadata.get(MANIFEST_KEY)
     if raw is None:
-        return None, [("__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
+        return None, [("not-neutral", "__metadata__", f"no {MANIFEST_KEY!r} key: not a neutral LoRA file")]
+    where = f"__metadata__.{MANIFEST_KEY}"
     try:
         manifest = load_json(raw, "manifest", handle.path, strict=True)
     except LoraBridgeError as exc:
-        return None, [(f"__metadata__.{MANIFEST_KEY}", exc.message)]
+        return None, [("schema", where, exc.message)]
     if not isinstance(manifest, dict):
-        return None, [(f"__metadata__.{MANIFEST_KEY}", "manifest is not a JSON object")]
-    try:
-        check_version(manifest.get("spec_version", ""))
-    except VersionError as exc:
-        return None, [("$.spec_version", str(exc))]
+        return None, [("schema", where, "manifest is not a JSON object")]
+    version = manifest.get("spec_version")
+    if isinstance(version, str) and VERSION_PATTERN.fullmatch(version):
+        try:
+            check_version(version)
+        except VersionError as exc:
+            return None, [("version", "$.spec_version", str(exc))]
+    foreign = [(key, handle.header_entry(key)[0]) for key in handle.keys() if handle.header_entry(key)[0] not in ALLOWED_DTYPES]
+    if foreign:
+        return None, [("dtype", f"tensor '{key}'", f"dtype {dtype} is not one of {', '.join(ALLOWED_DTYPES)}")
+                      for key, dtype in foreign]
     problems = schema_problems(manifest)
-    return (None if problems else manifest), problems
+    if problems:
+        return None, [("schema", where, what) for where, what in problems]
+    return manifest, []
 
 
-def _as_model_roles(name: str, module: LoraModule) -> list[Problem]:
+def _as_model_roles(name: str, module: LoraModule) -> list[Finding]:
     """Turn a stored ``lora_magnitude_vector`` into the model's ``dora_scale`` (out, 1[, 1, 1]), in place."""
     stored = module.tensors.pop(PEFT_MAGNITUDE, None)
     if stored is None:
         return []
     where = f"tensor '{name}.{PEFT_MAGNITUDE}'"
+    if module.kind != "lora":
+        return [("roles", where, f"{PEFT_MAGNITUDE} is not part of a {module.kind} module")]
     if "dora_scale" in module.tensors:
-        return [(where, "a module has one DoRA magnitude: both lora_magnitude_vector and dora_scale are present")]
-    if module.kind != "lora" or module.dora_axis != "out":
-        return [(where, f"holds a magnitude per output row of a kind 'lora' module; the manifest says kind "
-                        f"{module.kind!r}, dora_axis {module.dora_axis!r}")]
+        return [("roles", where, "a module has one DoRA magnitude: both lora_magnitude_vector and dora_scale are present")]
+    if module.dora_axis != "out":
+        return [("dora", where, f"holds a magnitude per output row; the manifest says dora_axis {module.dora_axis!r}")]
     shape = stored.shape
     if len(shape) == 1 or (len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1)):
         module.tensors["dora_scale"] = stored.reshaped((stored.numel, 1, *(1 for _ in shape[2:])))
         return []
-    return [(where, f"shape {list(shape)} is neither (out,) nor (1, out, 1, 1)")]
+    return [("dora", where, f"shape {list(shape)} is neither (out,) nor (1, out, 1, 1)")]
 
 
-def _rule_problems(module: LoraModule) -> list[Problem]:
-    """One module against the rules every reader applies too (shapes per kind, finite alpha), located."""
-    return [(f"$.modules['{module.name}'].{role}" if role in ("alpha", "dora_axis") else f"tensor '{module.name}.{role}'", what)
-            for role, what in module_problems(module)]
+def _rule_findings(module: LoraModule) -> list[Finding]:
+    """One module against the rules every reader applies too (:mod:`lorabridge.rules`), located."""
+    return [(reason, f"$.modules['{module.name}'].{role}" if role in ("alpha", "dora_axis") else f"tensor '{module.name}.{role}'", what)
+            for reason, role, what in module_findings(module)]
 
 
-def _module_problems(name: str, entry: dict[str, Any], module: LoraModule) -> list[Problem]:
-    """Tensors of one module versus the rules (:func:`_rule_problems`) and what its manifest entry declares."""
+def _module_findings(name: str, entry: dict[str, Any], module: LoraModule) -> list[Finding]:
+    """Spec 3.2-3.3 and 5.3: one module's tensors (as stored) against the rules and its manifest entry."""
     where = f"$.modules['{name}']"
-    problems = _as_model_roles(name, module) or _rule_problems(module)
-    if problems:
-        return problems
+    dtype = dominant_dtype({role: t.dtype for role, t in module.tensors.items()})  # by stored role (spec 5.3)
+    findings = _as_model_roles(name, module) or _rule_findings(module)
+    if findings:
+        return findings
     declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
-                "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": module.dtype}
-    for field, actual in declared.items():
-        if entry.get(field) != actual:
-            problems.append((f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}"))
-    return problems
+                "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": dtype}
+    return [("manifest-mismatch", f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}")
+            for field, actual in declared.items() if entry.get(field) != actual]
 
 
-def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
-    """Read a neutral file and list every problem found: (model or None, manifest or None, problems).
-
-    Problems are (location, message); the location is a JSON path into the manifest or a tensor name.
-    Container errors (truncated file, header not JSON...) raise :class:`LoraBridgeError` instead.
-    """
-    handle = SafetensorsFile(path)
-    manifest, problems = _manifest_of(handle)
-    if manifest is None:
-        return None, None, problems
-    model = LoraModel(**model_facts(manifest))
+def _file_findings(handle: SafetensorsFile, manifest: dict[str, Any]) -> tuple[LoraModel, list[Finding]]:
+    """Spec 8 stage tensors: every tensor declared, every module well-formed and as declared, components, dtypes.
+    Returns the model of the modules that passed, too."""
     tensors_by_module: dict[str, dict] = {name: {} for name in manifest["modules"]}
+    findings: list[Finding] = []
     for key in handle.keys():
         parts = split_stored_key(key)
         if parts is None or parts[0] not in tensors_by_module:
-            problems.append((f"tensor '{key}'", "not described by any manifest module"))
+            findings.append(("undeclared-tensor", f"tensor '{key}'", "not described by any manifest module"))
             continue
         tensors_by_module[parts[0]][parts[1]] = handle.tensor(key)
+    model = LoraModel(**model_facts(manifest))
     for name, entry in manifest["modules"].items():
         module = LoraModule(name=name, tensors=tensors_by_module[name], **module_facts(entry))
-        found = _module_problems(name, entry, module)
-        problems += found
+        found = _module_findings(name, entry, module)
+        findings += found
         if not found:
             model.add(module)
     components = set(manifest["base_model"]["components"])
     actual = {name.split(".", 1)[0] for name in manifest["modules"]}
     if components != actual:
-        problems.append(("$.base_model.components", f"lists {sorted(components)}, modules are in {sorted(actual)}"))
-    if verify_hash and not problems:
+        findings.append(("manifest-mismatch", "$.base_model.components", f"lists {sorted(components)}, modules are in {sorted(actual)}"))
+    dtypes = {handle.header_entry(key)[0] for key in handle.keys()}
+    if set(manifest["layout"]["dtypes"]) != dtypes:
+        findings.append(("manifest-mismatch", "$.layout.dtypes", f"lists {sorted(manifest['layout']['dtypes'])}, tensors are {sorted(dtypes)}"))
+    return model, findings
+
+
+def examine(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Finding]]:
+    """Check a neutral file stage by stage (spec 8): (model or None, manifest or None, findings).
+
+    A finding is (reason class, location, message); the location is a JSON path into the manifest,
+    a tensor name or a metadata key. Each stage runs only when the ones before it found nothing,
+    so the first finding's class is the file's reason. Container errors (truncated file, header
+    not JSON, gaps in the data...) raise :class:`LoraBridgeError` instead.
+    """
+    handle = SafetensorsFile(path)
+    layout = handle.layout_problem()
+    if layout:
+        raise LoraBridgeError(layout, path)
+    manifest, findings = _manifest_of(handle)
+    if manifest is None:
+        return None, None, findings
+    model, findings = _file_findings(handle, manifest)
+    findings.sort(key=lambda f: REASONS.index(f[0]))
+    if not findings:
+        findings = [("interop", "__metadata__", what) for what in interop_problems(manifest, handle.metadata)]
+    if verify_hash and not findings:
         digest = tensor_sha256(handle.tensors())
         if digest != manifest["tensor_sha256"]:
-            problems.append(("$.tensor_sha256", f"hash mismatch: manifest {manifest['tensor_sha256'][:12]}..., tensor data {digest[:12]}... (data changed or corrupt)"))
-    return (None if problems else model), manifest, problems
+            findings.append(("hash", "$.tensor_sha256", f"hash mismatch: manifest {manifest['tensor_sha256'][:12]}..., "
+                                                        f"tensor data {digest[:12]}... (data changed or corrupt)"))
+    return (None if findings else model), manifest, findings
+
+
+def inspect_file(path: str | os.PathLike, verify_hash: bool = True) -> tuple[LoraModel | None, dict | None, list[Problem]]:
+    """:func:`examine` with findings as (location, message) problems, for callers that need no reason class."""
+    model, manifest, findings = examine(path, verify_hash=verify_hash)
+    return model, manifest, [(where, what) for _, where, what in findings]
 
 
 def read_neutral(path: str | os.PathLike, verify_hash: bool = False) -> LoraModel:

@@ -79,6 +79,21 @@ class SafetensorsFile:
             raise LoraBridgeError(f"{where}: data ends at byte {offsets[1]} but the file holds {self.data_size} (truncated?)", self.path)
         return dtype, tuple(shape), offsets[0], offsets[1]
 
+    def layout_problem(self) -> str | None:
+        """Gaps, overlaps or bytes after the last tensor in the data region, as the safetensors library refuses them.
+
+        Each tensor must start where the previous one (in offset order) ends and the last must end the file.
+        """
+        position = 0
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin != position:
+                what = "gap" if begin > position else "overlap"
+                return f"tensor {name!r} starts at data byte {begin}, the previous tensor ends at {position} ({what})"
+            position = end
+        if position != self.data_size:
+            return f"{self.data_size - position} byte(s) after the last tensor's data (trailing bytes)"
+        return None
+
     def keys(self) -> list[str]:
         return list(self._entries)
 
