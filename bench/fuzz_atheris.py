@@ -67,16 +67,70 @@ def peft_seeds() -> dict[str, bytes]:
     return {"adapter": json.dumps(config).encode() + PEFT_SPLIT + weights.read_bytes()}
 
 
+def _safetensors_seed(tensors: dict, metadata: dict) -> bytes:
+    from lorabridge.io.safetensors_file import write_safetensors
+
+    path = SCRATCH / "seed.safetensors"
+    write_safetensors(path, tensors, metadata)
+    return path.read_bytes()
+
+
+def _lora_pair(prefix: str, down: str, up: str) -> dict:
+    """One SDXL attention LoRA (rank 2) under ``prefix``, with the given down/up suffixes."""
+    import numpy as np
+
+    from lorabridge.tensor import Tensor
+
+    return {f"{prefix}.{down}": Tensor.from_numpy(np.ones((2, 640), np.float32)),
+            f"{prefix}.{up}": Tensor.from_numpy(np.ones((640, 2), np.float16))}
+
+
+def kohya_seeds() -> dict[str, bytes]:
+    """A kohya file (SGM name, .alpha) and a LoHa module, so mutations start inside the key grammar."""
+    import numpy as np
+
+    from lorabridge.tensor import Tensor
+
+    stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    tensors = {**_lora_pair(stem, "lora_down.weight", "lora_up.weight"),
+               f"{stem}.alpha": Tensor.from_numpy(np.array(1.0, np.float32))}
+    return {"kohya": _safetensors_seed(tensors, {"ss_network_dim": "2"})}
+
+
+def diffusers_seeds() -> dict[str, bytes]:
+    import json
+
+    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4,
+                "unet.target_modules": ["to_q"], "unet.alpha_pattern": {}, "unet.rank_pattern": {}, "unet.use_dora": False})}
+    return {"diffusers": _safetensors_seed(_lora_pair(module, "lora_A.weight", "lora_B.weight"), metadata)}
+
+
+def ms_ckpt_seeds() -> dict[str, bytes]:
+    """A MindSpore checkpoint as MindONE's SDXL trainer saves a LoRA (our writer is byte-identical to MindSpore's)."""
+    from lorabridge.io.ms_ckpt import write_ms_checkpoint
+
+    path = SCRATCH / "seed.ckpt"
+    write_ms_checkpoint(path, _lora_pair("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+                                         "lora_A.weight", "lora_B.weight"))
+    return {"ckpt": path.read_bytes()}
+
+
 # name -> (module, function taking a path, seed maker, how the fuzz input becomes that path)
 TARGETS = {
     "neutral": ("lorabridge.formats.neutral", "inspect_file", vector_seeds, "file"),
-    "ms-ckpt": ("lorabridge.io.ms_ckpt", "read_ms_checkpoint", dict, "file"),
-    "kohya": ("lorabridge.formats.kohya", "read", dict, "file"),
-    "diffusers": ("lorabridge.formats.diffusers", "read", dict, "file"),
+    "ms-ckpt": ("lorabridge.io.ms_ckpt", "read_ms_checkpoint", ms_ckpt_seeds, "file"),
+    "kohya": ("lorabridge.formats.kohya", "read", kohya_seeds, "file"),
+    "diffusers": ("lorabridge.formats.diffusers", "read", diffusers_seeds, "file"),
     "torch-pickle": ("lorabridge.io.torch_file", "read_torch_file", torch_seeds, "file"),
     "peft-dir": ("lorabridge.formats.peft", "read", peft_seeds, "peft-dir"),
 }
-PEFT_SPLIT = b"\n--adapter_model--\n"  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
+PEFT_SPLIT = b"\n--adapter_model--\n"
+# The library modules a read goes through (lorabridge imports them inside functions, to keep start-up fast).
+INSTRUMENTED = ("lorabridge.io.safetensors_file", "lorabridge.io.json_safe", "lorabridge.io.input_file",
+                "lorabridge.io.torch_file", "lorabridge.io.ms_ckpt", "lorabridge.formats.checks", "lorabridge.rules",
+                "lorabridge.manifest", "lorabridge.neutral_rules", "lorabridge.naming.sgm", "lorabridge.naming.text_encoders",
+                "lorabridge.formats.training", "lorabridge.model", "lorabridge.tensor")  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
 
 
 def write_input(data: bytes, kind: str, scratch: Path) -> Path:
@@ -99,6 +153,8 @@ def main() -> None:
     module_name, function_name, make_seeds, kind = TARGETS[name]
     with atheris.instrument_imports():
         target = getattr(importlib.import_module(module_name), function_name)
+        for module in INSTRUMENTED:  # imported lazily inside functions: uninstrumented if first imported later
+            importlib.import_module(module)
     corpus = SCRATCH / "corpus"
     corpus.mkdir()
     for seed_name, seed in make_seeds().items():
