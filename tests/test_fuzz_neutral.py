@@ -88,3 +88,23 @@ def test_arbitrary_manifest_values_give_our_error_or_parse(path, value, tmp_path
     header["__metadata__"][MANIFEST_KEY] = json.dumps(with_manifest_edit(path, value))
     head = json.dumps(header).encode()
     read_bytes_safely(struct.pack("<Q", len(head)) + head + raw[8 + n:], tmp_path)
+
+
+def test_a_declared_module_without_tensors_is_missing_tensors_not_a_crash(tmp_path):
+    """atheris finding (bench/fuzz_atheris.py neutral): a manifest module whose tensors were renamed away
+    made the module-dtype rule index an empty list (IndexError) instead of reporting missing tensors."""
+    from lorabridge.formats.neutral import examine
+
+    raw = SEEDS[0]
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    (name,) = manifest["modules"]
+    manifest["modules"]["unet.conv_in"] = dict(manifest["modules"][name])  # declared, and no tensor has its name
+    manifest["base_model"]["components"] = ["unet"]
+    header["__metadata__"][MANIFEST_KEY] = json.dumps(manifest)
+    head = json.dumps(header).encode()
+    path = tmp_path / "empty-module.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    _, _, findings = examine(path)
+    assert ("missing-tensor", "tensor 'unet.conv_in.lora_A.weight'") in [finding[:2] for finding in findings]

@@ -171,10 +171,11 @@ def _rule_findings(module: LoraModule) -> list[Finding]:
 def _module_findings(name: str, entry: dict[str, Any], module: LoraModule) -> list[Finding]:
     """Spec 3.2-3.3 and 5.3: one module's tensors (as stored) against the rules and its manifest entry."""
     where = f"$.modules['{name}']"
-    dtype = dominant_dtype({role: t.dtype for role, t in module.tensors.items()})  # by stored role (spec 5.3)
+    stored_dtypes = {role: t.dtype for role, t in module.tensors.items()}  # by stored role (spec 5.3), before renaming
     findings = _as_model_roles(name, module) or _rule_findings(module)
-    if findings:
+    if findings:  # missing tensors among them: a module without any has no dtype
         return findings
+    dtype = dominant_dtype(stored_dtypes)
     declared = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
                 "kernel_size": list(module.kernel_size) if module.kernel_size else None, "dtype": dtype}
     return [("manifest-mismatch", f"{where}.{field}", f"manifest says {entry.get(field)!r}, tensors say {actual!r}")
