@@ -114,7 +114,7 @@ def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]
     alpha is set to the rank kept (scale 1), so ``B @ A`` is delta W itself; the singular
     values are split evenly (``sqrt(s)`` on each side) to keep both factors in fp16 range.
     A DoRA magnitude is kept as is: it applies to W + delta W whatever delta W is made of.
-    The error is measured against delta W computed by :mod:`lorabridge.math`, with the
+    The error is measured against delta W computed by :mod:`lorabridge.deltas`, with the
     factors as stored (after the cast to the module's dtype).
 
     Example:

@@ -171,7 +171,7 @@ class LoraModule:
         lora: alpha/r * B @ A (conv: over the flattened in*kh*kw axis);
         loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2); full: diff (alpha unused).
         """
-        from .math import delta_weight
+        from .deltas import delta_weight
 
         return delta_weight(self)
 

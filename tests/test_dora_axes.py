@@ -31,7 +31,7 @@ from lorabridge.converters import convert  # noqa: E402
 from lorabridge.errors import LoraBridgeError  # noqa: E402
 from lorabridge.formats import kohya  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
-from lorabridge.math import dora_weight  # noqa: E402
+from lorabridge.deltas import dora_weight  # noqa: E402
 from lorabridge.report import inspection_report, render_validation, validation_report  # noqa: E402
 from tests.fixtures.lycoris import layer_input, make_lycoris_file, run_layer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The neutral LoHa/LoKr/DoRA math (lorabridge.math) is what lycoris-lora's modules compute.
+"""The neutral LoHa/LoKr/DoRA math (lorabridge.deltas) is what lycoris-lora's modules compute.
 
 Every LyCORIS variant is built by lycoris-lora 4.1.3 itself on a small Linear or Conv2d, given
 random factors, saved through its own ``state_dict`` and read by our module builder; the layer

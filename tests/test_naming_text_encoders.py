@@ -89,7 +89,7 @@ def _lora(name, out, inp, rank, alpha, rng, dtype="F32", source="stored"):
 
 
 def _delta(module: LoraModule) -> np.ndarray:
-    """alpha/r * B @ A, computed here from the raw tensors (not with lorabridge.math)."""
+    """alpha/r * B @ A, computed here from the raw tensors (not with lorabridge.deltas)."""
     a = module.tensors["lora_A.weight"].to_float32()
     b = module.tensors["lora_B.weight"].to_float32()
     return (module.alpha / a.shape[0]) * (b @ a)
