@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import LoraBridgeError
+from .errors import LoraBridgeError, listed
 from .model import LoraModel, LoraModule
 from .tensor import Tensor
 
@@ -186,12 +186,11 @@ def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | 
     if not others:
         return model, []
     if bake_rank is None:
-        shown = ", ".join(f"{m.name} ({m.kind})" for m in others[:SHOWN])
-        more = f" (+{len(others) - SHOWN} more)" if len(others) > SHOWN else ""
+        shown = listed([f"{m.name} ({m.kind})" for m in others], SHOWN, ", ")
         kinds = "/".join(sorted({m.kind for m in others}))
         holds = " and ".join(["plain LoRA", *(f"{kind} deltas" for kind in keeps if kind != "lora")])
         raise LoraBridgeError(f"the {target} format holds only {holds}, {len(others)} module(s) are {kinds}: "
-                              f"{shown}{more}; pass --bake-to-lora RANK to convert them by truncated SVD, "
+                              f"{shown}; pass --bake-to-lora RANK to convert them by truncated SVD, "
                               "or write the lycoris format", path)
     baked, report = bake_to_lora(model, int(bake_rank), keeps)
     biased = [m.name for m in others if "diff_b" in m.tensors]

@@ -8,6 +8,7 @@ and exits non-zero. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 
 class LoraBridgeError(Exception):
@@ -47,14 +48,25 @@ def single_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
 
 
+def listed(items: Sequence[str], first: int = 3, sep: str = "; ") -> str:
+    """The first ``first`` items, ``sep``-separated, and how many more there are: a message names a few
+    offenders and counts the rest, so one line stays readable however many there are.
+
+    Example:
+        >>> listed(["a", "b", "c", "d", "e"]), listed(["a", "b"], 1, ", "), listed(["a"])
+        ('a; b; c (+2 more)', 'a (+1 more)', 'a')
+    """
+    more = f" (+{len(items) - first} more)" if len(items) > first else ""
+    return sep.join(items[:first]) + more
+
+
 class ValidationProblem(LoraBridgeError):
     """A file that parses but breaks the spec; ``problems`` lists (location, message)."""
 
     def __init__(self, problems: list[tuple[str, str]], path=None):
         self.problems = problems
-        first = "; ".join(f"{where}: {what}" if where else what for where, what in problems[:3])
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        super().__init__(f"invalid neutral LoRA: {first}{more}", path)
+        messages = [f"{where}: {what}" if where else what for where, what in problems]
+        super().__init__(f"invalid neutral LoRA: {listed(messages)}", path)
 
 
 class LoraBridgeWarning(UserWarning):

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping
 
-from .errors import LoraBridgeError
-from .formats.checks import listed
+from .errors import LoraBridgeError, listed
 from .io.json_safe import load_json
 from .model import LoraModel
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import LoraBridgeError
+from ..errors import LoraBridgeError, listed
 from ..io.input_file import check_regular
 from ..io.safetensors_file import SafetensorsFile
 from ..io.torch_file import container_of
@@ -57,8 +57,7 @@ def why_undetected(path: Path, tried: Iterable[str]) -> str:
     keys = found[0]
     if not keys:
         return "holds no tensors"
-    more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
-    return f"none of its {len(keys)} tensor keys is a LoRA key of {tried}: {', '.join(keys[:SHOWN_KEYS])}{more}"
+    return f"none of its {len(keys)} tensor keys is a LoRA key of {tried}: {listed(keys, SHOWN_KEYS, ', ')}"
 
 
 def detect_input(src: Path, candidates: Iterable[str]) -> str:

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
 from ..rules import MISSING, alpha_problem, module_problems
@@ -28,7 +28,6 @@ from ..tensor import Tensor
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
 
-SHOWN = 3  # offending modules named in a message
 CHECKED_DTYPES = ("F64", "F32", "F16", "BF16")  # NaN/Inf checked (numpy cannot read FP8)
 # dtype -> (unsigned integer of its width, exponent bits): a value is NaN or Inf when all its exponent bits are set.
 EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
@@ -57,12 +56,6 @@ def sdxl_tree() -> Tree:
     from ..naming.sdxl_tree import COMPONENTS, sdxl_modules
 
     return {component: sdxl_modules(component) for component in COMPONENTS}
-
-
-def listed(items: Sequence[str]) -> str:
-    """The first few items, "; "-separated, and how many more there are."""
-    more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
-    return "; ".join(items[:SHOWN]) + more
 
 
 def _role_problems(module: LoraModule) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from ..errors import LoraBridgeError
+from ..errors import LoraBridgeError, listed
 from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
 from ..rules import dora_shape
 from ..tensor import Tensor
@@ -275,9 +275,8 @@ def drop_stray(stray: list[str], path, skip_unknown: bool) -> None:
 
     if not stray:
         return
-    listed = f"{', '.join(stray[:SHOWN])}{f' (+{len(stray) - SHOWN} more)' if len(stray) > SHOWN else ''}"
     what = (f"{len(stray)} bias or norm-layer delta(s) that the neutral format cannot hold (a bias delta is kept only "
-            f"with its layer's full weight delta, a full delta only for a Linear/Conv2d weight): {listed}")
+            f"with its layer's full weight delta, a full delta only for a Linear/Conv2d weight): {listed(stray, SHOWN, ', ')}")
     if not skip_unknown:
         raise LoraBridgeError(f"{what} (--skip-unknown drops them with a warning)", path)
     warn(f"{path}: dropped {what}")
@@ -310,8 +309,7 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
             module.extra["key_prefix"] = prefix
         model.add(module)
     if problems:
-        more = f" (+{len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
-        raise LoraBridgeError(f"broken LoRA module(s): {'; '.join(problems[:SHOWN])}{more}", path)
+        raise LoraBridgeError(f"broken LoRA module(s): {listed(problems, SHOWN)}", path)
     return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, **options)
 
 
@@ -424,8 +422,7 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
             continue
         tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(module).items()})
     if problems:
-        more = f" (+{len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
-        raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {'; '.join(problems[:SHOWN])}{more}", path)
+        raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {listed(problems, SHOWN)}", path)
     tensors = safetensors_order(tensors)
     if Path(path).suffix.lower() in TORCH_SUFFIXES:
         lost = lost_training(model, path, "a torch pickle", "write a .safetensors file to keep them")

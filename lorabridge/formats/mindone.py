@@ -38,7 +38,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, read_ms_safetensors,
                           write_ms_checkpoint, write_ms_safetensors)
 from ..io.safetensors_file import SafetensorsFile
@@ -306,8 +306,7 @@ def _shape_problems(model: LoraModel) -> list[str]:
 
 def _raise_problems(problems: list[str], what: str, path) -> None:
     if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LoraBridgeError(f"{len(problems)} {what}: {'; '.join(problems[:5])}{more}", path)
+        raise LoraBridgeError(f"{len(problems)} {what}: {listed(problems, 5)}", path)
 
 
 @dataclass(frozen=True)
@@ -482,10 +481,10 @@ class MindoneFormat:
         if not keys:
             return None
         groups = Counter(f"{component} {target_type(key)}" for key, component in keys.items())
-        listed = ", ".join(f"{group} x{n}" for group, n in sorted(groups.items()))
+        counts = ", ".join(f"{group} x{n}" for group, n in sorted(groups.items()))
         return (f"{len(keys)} module(s) have no LoRA layer in MindONE's SDXL LoRA model (examples/stable_diffusion_xl: "
                 "UNet attention to_q/k/v/out, CLIP-L self_attn q/k/v/out_proj, bigG attn.out_proj only), whose "
-                f"load_pretrained drops them without a word (load_param_into_net, strict_load=False): {listed}. "
+                f"load_pretrained drops them without a word (load_param_into_net, strict_load=False): {counts}. "
                 "They are written for ms2neutral and other readers; --naming mindone-diffusers keeps them effective "
                 "(mindone.diffusers load_lora_weights applies every module)")
 

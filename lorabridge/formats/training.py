@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Collection, Mapping
 
+from ..errors import listed
 from ..model import LoraModel
 
 SHOWN_FIELDS = 3  # training fields named in a message
@@ -54,6 +55,5 @@ def lost_training(model: LoraModel, path, container: str, keep: str, kept: Colle
     lost = [k for k in model.training if k not in kept]
     if not lost:
         return None
-    more = f" (+{len(lost) - SHOWN_FIELDS} more)" if len(lost) > SHOWN_FIELDS else ""
-    return (f"{path}: {len(lost)} training metadata field(s) ({', '.join(lost[:SHOWN_FIELDS])}{more}) not written: "
+    return (f"{path}: {len(lost)} training metadata field(s) ({listed(lost, SHOWN_FIELDS, ', ')}) not written: "
             f"{container} has no place for them; {keep}")
