@@ -30,9 +30,6 @@ KIND_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 ALL_ROLES = sorted({role for req, opt in KIND_ROLES.values() for role in req + opt}, key=len, reverse=True)
 
-# Where alpha came from: read from the file, given by the user, or assumed (= rank) because the source has none.
-ALPHA_SOURCES = ("stored", "user", "assumed")
-
 
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a neutral tensor key into (module name, role), or None if it ends in no known role.
@@ -88,7 +85,7 @@ class LoraModule:
     kind: str
     tensors: dict[str, Tensor]
     alpha: float
-    alpha_source: str = "stored"
+    alpha_source: str = "stored"  # "stored" (read from the file), "user" (given) or "assumed" (= rank: the source has none)
     dora_axis: str | None = None  # "out" (per output row, PEFT/LyCORIS default) or "in"
     extra: dict[str, Any] = field(default_factory=dict)  # unknown manifest fields, kept verbatim
 

@@ -31,8 +31,6 @@ DTYPES: dict[str, tuple[int, str | None]] = {
     "BOOL": (1, "?"),
 }
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-
 
 def _dtype_of_numpy(array: np.ndarray) -> str:
     wanted = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype

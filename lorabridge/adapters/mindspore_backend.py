@@ -20,7 +20,6 @@ import numpy as np
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
 
-NAME = "mindspore"
 EXTRA = "mindspore"
 REQUIRED = ("mindspore", "mindone")
 DEVICES = ("Ascend", "CPU")

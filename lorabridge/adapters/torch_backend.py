@@ -13,7 +13,6 @@ import numpy as np
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
 
-NAME = "torch"
 EXTRA = "torch"
 REQUIRED = ("torch", "diffusers", "transformers", "peft")
 DEVICES = ("cuda", "cpu", "mps")

@@ -219,11 +219,17 @@ def _parse_record(buf, pos: int, end: int) -> tuple[_Record, int]:
 
 
 def _human(nbytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if nbytes < 1000 or unit == "PB":
+    """A byte count for a message, in decimal units up to PB.
+
+    Example:
+        >>> _human(999), _human(1500), _human(2.5e15), _human(3e18)
+        ('999 bytes', '1.5 KB', '2.5 PB', '3000.0 PB')
+    """
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000:
             return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
-    raise AssertionError("unreachable")
+    return f"{nbytes:.1f} PB"
 
 
 def _needed_bytes(dims: tuple[int, ...], itemsize: int, limit: int) -> int | None:
