@@ -75,11 +75,15 @@ def test_diffusers_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, m
         layer = getattr(pipe, component).get_submodule(path)
         assert layer.r["default_0"] == rank and layer.scaling["default_0"] == pytest.approx(alpha / rank)
     pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
-    for name, want in expected_weights(mixed_neutral, base).items():
+    assert_fused_weights(pipe, expected_weights(mixed_neutral, base))
+
+
+def assert_fused_weights(pipe, expected: dict) -> None:
+    """Every fused layer of ``pipe`` (canonical name -> weight computed with numpy) holds the expected weight."""
+    for name, want in expected.items():
         component, path = name.split(".", 1)
         got = getattr(pipe, component).get_submodule(path).weight.detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
-
 
 @pytest.mark.mindspore
 def test_mindone_loads_the_neutral_file_with_per_module_alpha(tiny_sdxl_dir, mixed_neutral, mindspore_run):
@@ -168,10 +172,7 @@ def test_diffusers_loads_the_neutral_file_with_dora_magnitudes(tiny_sdxl_dir, do
     assert not [m for m in messages if "key" in m.lower() and "No LoRA keys associated" not in m], messages
     assert not [m for m in messages if "dora" in m.lower()], messages
     pipe.fuse_lora(components=["unet", "text_encoder"])
-    for name, want in expected_dora_weights(dora_neutral, base).items():
-        component, path = name.split(".", 1)
-        got = getattr(pipe, component).get_submodule(path).weight.detach().numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert_fused_weights(pipe, expected_dora_weights(dora_neutral, base))
 
 
 @pytest.mark.mindspore
