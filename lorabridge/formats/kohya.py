@@ -8,7 +8,7 @@ fp16; absent means alpha = rank) and, for DoRA, ``dora_scale``. Safetensors meta
 training facts, ``modelspec.*``) travels in :attr:`LoraModel.training` and is written back verbatim.
 
 Reading resolves underscored names by lookup in the SDXL module tree, in SGM and in diffusers
-spelling (:func:`~lorabridge.naming.sdxl_tree.resolve_underscored`), never by guessing where the
+spelling (:func:`~lorabridge.architectures.resolve_underscored`), never by guessing where the
 dots were. A name that resolves to nothing keeps its underscores (``unet.down_blocks_0_attentions_0_...``)
 so that :func:`~lorabridge.formats.checks.check_model` can list it, or name the architecture it
 belongs to ("not an SDXL LoRA"). Writing uses SGM spelling, what kohya and A1111 write and what
@@ -160,7 +160,7 @@ def module_name(component: str, underscored: str) -> str:
         >>> module_name("unet", "double_blocks_0_img_attn_qkv")   # no such SDXL layer: left for the checks
         'unet.double_blocks_0_img_attn_qkv'
     """
-    from ..naming.sdxl_tree import resolve_underscored
+    from ..architectures import resolve_underscored
 
     path = resolve_underscored(component, underscored) if component in COMPONENTS else None
     return f"{component}.{path or underscored}"
@@ -323,7 +323,7 @@ def stem(module: LoraModule, spelling: str, own_prefix: bool = False) -> str:
         >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "sgm")
         'lora_unet_middle_block_1_proj_in'
     """
-    from ..naming.sgm import diffusers_to_sgm
+    from ..architectures.sdxl import diffusers_to_sgm
 
     if module.component not in KOHYA_PREFIX:
         raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
