@@ -39,7 +39,8 @@ class Architecture:
     the path's spelling in the original checkpoint (SGM/LDM for SD, BFL for Flux) where it differs:
     kohya names may use either, and kohya writes it. ``fused`` lists the layers the original
     checkpoint computes as one matrix. ``tiny`` names the module that builds its tiny pipeline for
-    tests and demos; ``pipelines`` the pipeline class per framework, as ``module:Class``.
+    tests and demos; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
+    the ``modelspec.*`` metadata a kohya-style file written for it carries.
 
     Example:
         >>> toy = Architecture("toy", "Toy", ModuleTree(entries={"unet": {"blocks.0.proj": ("Linear", (8, 4))}}))
@@ -56,6 +57,7 @@ class Architecture:
     fused: tuple[FusedLayer, ...] = ()
     tiny: str | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
+    modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
 
     @property
     def a_label(self) -> str:

@@ -25,6 +25,8 @@ SDXL = Architecture(
                       tuple(f"{DIFFUSERS_LAYERS}{{n}}.self_attn.{p}_proj" for p in "qkv")),),
     tiny="lorabridge.architectures.sdxl.tiny",
     pipelines={"torch": "diffusers:StableDiffusionXLPipeline", "mindspore": "mindone.diffusers:StableDiffusionXLPipeline"},
+    modelspec={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+               "modelspec.implementation": "https://github.com/Stability-AI/generative-models"},
 )
 
 
