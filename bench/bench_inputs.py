@@ -20,7 +20,9 @@ import numpy as np
 
 from lorabridge.converters.registry import get_format
 from lorabridge.model import LoraModel, LoraModule
-from lorabridge.naming.sdxl_tree import LORA_TARGET_TYPES, sdxl_module_types, sdxl_modules
+from lorabridge.architectures.sdxl import SDXL
+from lorabridge.architectures.tree import LORA_TARGET_TYPES
+sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 from lorabridge.tensor import DTYPES, Tensor
 
 # Module selections (regular expressions over diffusers paths, per component).

@@ -159,7 +159,7 @@ def main() -> None:
         return
 
     from lorabridge.formats.neutral import write_neutral
-    from lorabridge.tiny_sdxl import build_tiny_sdxl, make_tiny_lora
+    from lorabridge.architectures.sdxl.tiny import build_tiny_sdxl, make_tiny_lora
 
     with tempfile.TemporaryDirectory() as tmp:
         base = build_tiny_sdxl(Path(tmp) / "sdxl", configs=SDXL_BASE if args.model == "sdxl" else None,

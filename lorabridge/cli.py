@@ -114,7 +114,7 @@ def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
 
     Same block names and transformer depths as SDXL-base at small widths; loads in diffusers and mindone.diffusers.
     """
-    from .tiny_sdxl import build_tiny_sdxl, lora_file_format, write_tiny_lora
+    from .architectures.sdxl.tiny import build_tiny_sdxl, lora_file_format, write_tiny_lora
 
     if lora:
         lora_file_format(lora)

@@ -272,10 +272,10 @@ PATTERNS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "attn2
 def test_patterns_match_as_peft_matches_them_on_every_sdxl_module():
     get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
     from lorabridge.formats.peft import pattern_value
-    from lorabridge.formats.checks import sdxl_tree
+    from lorabridge.architectures.sdxl import SDXL
 
     values = {key: i for i, key in enumerate(PATTERNS)}
-    paths = [path for modules in sdxl_tree().values() for path in modules]
+    paths = [path for modules in SDXL.tree.all_modules().values() for path in modules]
     hits = 0
     for path in paths:
         expected = values.get(get_pattern_key(PATTERNS, path), -1)
@@ -382,10 +382,10 @@ def test_a_mindone_lora_wider_than_sdxl_is_refused_too(tmp_path):
 @pytest.fixture
 def loud_neutral(tmp_path):
     """A neutral file whose lora_B values in 40 modules exceed fp16's range (65504), as a diverging run's can."""
-    from lorabridge.formats.checks import sdxl_tree
+    from lorabridge.architectures.sdxl import SDXL
 
     model = LoraModel()
-    for path, shape in list((p, s) for p, s in sdxl_tree()["unet"].items() if len(s) == 2)[:40]:
+    for path, shape in list((p, s) for p, s in SDXL.tree.all_modules()["unet"].items() if len(s) == 2)[:40]:
         b = np.full((shape[0], 1), 1e5, np.float32)
         model.add(LoraModule(f"unet.{path}", "lora", {"lora_A.weight": array(1, shape[1]), "lora_B.weight": Tensor.from_numpy(b)}, 1.0))
     write_neutral(model, tmp_path / "loud.safetensors")

@@ -17,7 +17,7 @@ from lorabridge.adapters.png import read_png
 from lorabridge.io.safetensors_file import write_safetensors
 from lorabridge.tensor import Tensor
 from lorabridge.formats.neutral import write_neutral
-from lorabridge.tiny_sdxl import make_tiny_lora
+from lorabridge.architectures.sdxl.tiny import make_tiny_lora
 from tests.fixtures.core import make_lora_model
 from tests.fixtures.sdxl import TINY_PROMPT
 
@@ -217,7 +217,7 @@ def test_saved_latents_never_replace_a_file_a_racing_run_wrote_meanwhile(infer, 
 
 
 def test_make_tiny_sdxl_lora_never_replaces_a_file_a_racing_run_wrote_meanwhile(tiny_sdxl_dir, tmp_path, monkeypatch):
-    from lorabridge import tiny_sdxl
+    from lorabridge.architectures.sdxl import tiny as tiny_sdxl
     from lorabridge.errors import LoraBridgeError
     from lorabridge.io.atomic import replacing
 

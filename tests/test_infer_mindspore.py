@@ -82,7 +82,7 @@ def test_cli_compare_exit_status(parity_images, run_cli):
 
 def test_fused_lora_and_bad_input_in_mindspore(tiny_sdxl_dir, tiny_lora_file, parity_images, mindspore_run, tmp_path):
     from lorabridge.formats.neutral import write_neutral
-    from lorabridge.tiny_sdxl import make_tiny_lora
+    from lorabridge.architectures.sdxl.tiny import make_tiny_lora
 
     other = make_tiny_lora(tiny_sdxl_dir, components=("unet",))
     wrong = other.modules.pop("unet.mid_block.attentions.0.transformer_blocks.9.attn2.to_k")

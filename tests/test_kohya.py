@@ -24,7 +24,8 @@ from lorabridge.formats import kohya  # noqa: E402
 from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
-from lorabridge.naming.sdxl_tree import sdxl_modules  # noqa: E402
+from lorabridge.architectures.sdxl import SDXL
+sdxl_modules = SDXL.modules
 from lorabridge.report import validation_report  # noqa: E402
 from lorabridge.tensor import Tensor  # noqa: E402
 

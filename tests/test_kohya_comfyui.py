@@ -25,7 +25,8 @@ from lorabridge.errors import LoraBridgeWarning
 from lorabridge.formats import kohya, lycoris
 from lorabridge.io.safetensors_file import read_safetensors
 from lorabridge.model import LoraModel, LoraModule
-from lorabridge.naming.sdxl_tree import sdxl_module_types, sdxl_modules
+from lorabridge.architectures.sdxl import SDXL
+sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 from lorabridge.tensor import Tensor
 
 # --- ComfyUI's rules, restated -------------------------------------------------------------------

@@ -14,10 +14,13 @@ import types
 
 import pytest
 
-from lorabridge.naming.sdxl_tree import is_lora_target, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
-from lorabridge.naming.sgm import TOP_LEVEL, diffusers_to_sgm
-from lorabridge.naming.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm, fused_qkv_name
-from tests.fixtures.naming import load_generator
+from lorabridge.architectures.sdxl import SDXL
+from lorabridge.architectures.architecture import underscored
+is_lora_target, resolve_underscored, sdxl_module_types, sdxl_modules = SDXL.is_lora_target, SDXL.resolve_underscored, SDXL.module_types, SDXL.modules
+from lorabridge.architectures.sdxl import diffusers_to_sgm
+from lorabridge.architectures.sdxl import reference
+from lorabridge.architectures.sdxl.sgm import TOP_LEVEL
+from lorabridge.architectures.sdxl.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm
 
 torch = pytest.importorskip("torch")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -41,7 +44,7 @@ def test_diffusers_single_file_converter_agrees_on_every_unet_module():
     for i, path in enumerate(paths):
         for param in ("weight", "bias"):
             checkpoint[f"model.diffusion_model.{diffusers_to_sgm(path)}.{param}"] = _tag(i)
-    converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, load_generator().UNET_CONFIG)
+    converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, reference.UNET_CONFIG)
     expected = {f"{path}.{param}": i for i, path in enumerate(paths) for param in ("weight", "bias")}
     assert {key: int(value.item()) for key, value in converted.items()} == expected
 
@@ -58,7 +61,7 @@ def test_diffusers_single_file_converter_agrees_on_openclip_bigg_and_the_qkv_row
     checkpoint, expected = {}, {}
     for i, path in enumerate(sdxl_modules("text_encoder_2")):
         sgm = diffusers_text_to_sgm("text_encoder_2", path)
-        fused = fused_qkv_name("text_encoder_2", path)
+        fused = SDXL.fused_name("text_encoder_2", path)
         if sgm is not None:
             checkpoint[f"{sgm}.weight"] = _tag(i)
             expected[f"{path}.weight"] = [i]
@@ -98,7 +101,7 @@ def test_diffusers_kohya_loader_agrees_on_every_unet_block_layer(spelling):
     paths = [p for p, t in sdxl_module_types("unet").items() if t in ("Linear", "Conv2d") and p not in TOP_LEVEL]
     names = {"lora_unet_" + underscored(diffusers_to_sgm(p) if spelling == "sgm" else p): p for p in paths}
     assert all(resolve_underscored("unet", n.removeprefix("lora_unet_")) == p for n, p in names.items())
-    config = types.SimpleNamespace(**load_generator().UNET_CONFIG)
+    config = types.SimpleNamespace(**reference.UNET_CONFIG)
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(_kohya_state_dict(list(names)), unet_config=config)
     assert _peft_modules(converted, "unet") == set(paths)
     assert len(paths) == 788

@@ -8,28 +8,24 @@ from importlib import resources
 
 import pytest
 
-from lorabridge.naming import sdxl_tree, sgm, text_encoders
-
-from lorabridge.naming.sdxl_tree import (
-    COMPONENTS,
-    is_lora_target,
-    resolve_underscored,
-    sdxl_module_types,
-    sdxl_modules,
-    underscored,
-)
-from lorabridge.naming.sgm import diffusers_to_sgm
+from lorabridge import architectures
+from lorabridge.architectures import architecture, fused, sdxl, tree
+from lorabridge.architectures.architecture import underscored
+from lorabridge.architectures.sdxl import SDXL, diffusers_to_sgm, sgm, text_encoders
 from tests.fixtures.naming import load_generator
+
+COMPONENTS, sdxl_module_types, sdxl_modules = SDXL.components, SDXL.module_types, SDXL.modules
+is_lora_target, resolve_underscored = SDXL.is_lora_target, SDXL.resolve_underscored
 
 
 @pytest.mark.torch
 def test_committed_tree_is_what_diffusers_and_transformers_build_today(built_sdxl_tree):
-    text = resources.files("lorabridge.data").joinpath("sdxl_modules.json").read_text()
+    text = resources.files("lorabridge.architectures.sdxl").joinpath("modules.json").read_text()
     assert json.loads(text) == built_sdxl_tree
     assert text == load_generator().render(built_sdxl_tree)  # byte for byte: regenerating changes nothing
 
 
-@pytest.mark.parametrize("module", [sdxl_tree, sgm, text_encoders], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [architectures, architecture, fused, tree, sdxl, sgm], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
@@ -69,7 +65,7 @@ def test_shapes_are_pytorch_weight_shapes(component, path, shape):
 
 
 def test_unknown_component_is_refused():
-    with pytest.raises(ValueError, match="unknown SDXL component"):
+    with pytest.raises(ValueError, match="unknown component .vae."):
         sdxl_modules("vae")
 
 
@@ -158,7 +154,7 @@ def test_tiny_test_pipeline_modules_are_all_in_the_tree():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lorabridge import tiny_sdxl
+    from lorabridge.architectures.sdxl import tiny as tiny_sdxl
 
     with torch.device("meta"):
         models = {

@@ -17,7 +17,8 @@ from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
 from lorabridge.io.torch_file import read_state_dict
 from lorabridge.model import LoraModel, LoraModule
-from lorabridge.naming.sdxl_tree import sdxl_module_types
+from lorabridge.architectures.sdxl import SDXL
+sdxl_module_types = SDXL.module_types
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model, make_lora_module
 

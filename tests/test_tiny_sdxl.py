@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lorabridge.formats.neutral import read_neutral
-from lorabridge.tiny_sdxl import build_tiny_sdxl, lora_shapes, make_tiny_lora
+from lorabridge.architectures.sdxl.tiny import build_tiny_sdxl, lora_shapes, make_tiny_lora
 from tests.fixtures.sdxl import TINY_PROMPT, load_diffusers_pipeline
 
 pytestmark = pytest.mark.torch

@@ -20,11 +20,12 @@ from types import ModuleType
 from typing import Callable
 
 from .. import __version__
+from ..architectures.sdxl import SDXL
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
 from ..formats.neutral import read_neutral
 from ..io.atomic import atomic_directory, check_output_path, replacing
-from ..model import SDXL_ARCHITECTURE, LoraModel
+from ..model import LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, save_latents
 from .options import BACKENDS, SCHEDULERS, InferOptions
@@ -60,8 +61,8 @@ def load_backend(name: str) -> ModuleType:
 
 def _read_lora(path: Path) -> LoraModel:
     model = read_neutral(path, verify_hash=True)
-    if model.architecture != SDXL_ARCHITECTURE:
-        raise LoraBridgeError(f"LoRA is for {model.architecture!r}, infer runs {SDXL_ARCHITECTURE!r}", path)
+    if model.architecture != SDXL.name:
+        raise LoraBridgeError(f"LoRA is for {model.architecture!r}, infer runs {SDXL.name!r}", path)
     return model
 
 

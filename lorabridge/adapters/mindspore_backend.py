@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
 
@@ -110,10 +111,10 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
         raise LoraBridgeError("the mindspore backend needs a diffusers pipeline directory, not a single file", base.path)
     setup(resolve_device(device))
     with contextlib.redirect_stdout(sys.stderr):  # mindone prints import-time notices; stdout is for results
-        from mindone.diffusers import StableDiffusionXLPipeline
+        pipeline_class = SDXL.pipeline_class("mindspore")
 
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, _DTYPES[dtype]))
+        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, _DTYPES[dtype]))
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"mindone.diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
     return pipe, MindSporeFramework()

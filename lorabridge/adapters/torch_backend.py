@@ -91,18 +91,20 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
     """diffusers' SDXL pipeline on ``device`` in ``dtype`` and its framework; a single file uses ``config``
     (a diffusers directory holding the component configs) when given, else diffusers' defaults."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
+    from ..architectures.sdxl import SDXL
+
+    pipeline_class = SDXL.pipeline_class("torch")
     base = describe_base(base) if not isinstance(base, BaseModel) else base
     device = resolve_device(device)
 
     torch_dtype = getattr(torch, _DTYPES[dtype])
     try:
         if base.single_file:
-            pipe = StableDiffusionXLPipeline.from_single_file(str(base.path), torch_dtype=torch_dtype,
-                                                              config=str(config) if config else None)
+            pipe = pipeline_class.from_single_file(str(base.path), torch_dtype=torch_dtype,
+                                                   config=str(config) if config else None)
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), torch_dtype=torch_dtype, local_files_only=True)
+            pipe = pipeline_class.from_pretrained(str(base.path), torch_dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
     return pipe.to(device), TorchFramework(device)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..architectures import architectures
+from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
@@ -51,11 +54,17 @@ def warn(message: str) -> None:
     warnings.warn(message, LoraBridgeWarning, stacklevel=3)
 
 
-def sdxl_tree() -> Tree:
-    """SDXL-base's module tree (all components) from the naming tables."""
-    from ..naming.sdxl_tree import COMPONENTS, sdxl_modules
-
-    return {component: sdxl_modules(component) for component in COMPONENTS}
+def known_modules() -> Tree:
+    """Every registered architecture's module tree merged (component -> path -> shape; the first
+    registered wins a path two have), for readers that must place a module before the architecture
+    is known."""
+    tree: dict[str, dict[str, tuple[int, ...]]] = {}
+    for architecture in architectures():
+        for component, modules in architecture.tree.all_modules().items():
+            merged = tree.setdefault(component, {})
+            for path, shape in modules.items():
+                merged.setdefault(path, shape)
+    return tree
 
 
 def _role_problems(module: LoraModule) -> list[str]:
@@ -90,33 +99,68 @@ def narrower(shape: Sequence[int], base: Sequence[int]) -> bool:
     return len(shape) == len(base) and all(d <= b for d, b in zip(shape[:2], base[:2])) and tuple(shape[2:]) == tuple(base[2:])
 
 
-def _fit(model: LoraModel, path, tree: Tree, skip_unknown: bool) -> None:
-    """Raise "not an SDXL LoRA" with evidence; list unknown modules, or drop them with ``skip_unknown``."""
+@dataclass
+class _Fit:
+    """How a LoRA's modules fit one architecture's tree."""
+
+    architecture: Architecture
+    foreign: list[str]
+    unknown: list[str]
+    misshapen: list[str]
+    fitting: int
+
+    def refusal(self, model: LoraModel, hint: str | None) -> str | None:
+        """Why the LoRA is not for this architecture (with evidence), or None when it is."""
+        label, reference = self.architecture.label, self.architecture.reference or self.architecture.label
+        if not (self.foreign or self.misshapen or hint or len(self.unknown) == len(model.modules)):
+            return None
+        evidence = self.foreign + self.misshapen + [f"{n} (no such {label} layer)" for n in self.unknown]
+        likely = f"; looks like {hint}" if hint else ""
+        return (f"not {self.architecture.a_label} LoRA: {len(evidence)} of {len(model.modules)} modules do not fit "
+                f"{reference}: {listed(evidence)}{likely}")
+
+
+def _fit_to(model: LoraModel, architecture: Architecture) -> _Fit:
+    """Compare every module with ``architecture``'s tree: foreign components, unknown paths, other shapes."""
+    label, tree = architecture.label, architecture.tree.all_modules()
     foreign, unknown, misshapen, fitting = [], [], [], 0
     for m in model.modules.values():
         if m.component not in tree:
-            foreign.append(f"{m.name} (component {m.component!r}; SDXL has {', '.join(tree)})")
+            foreign.append(f"{m.name} (component {m.component!r}; {label} has {', '.join(tree)})")
         elif m.path not in tree[m.component]:
             unknown.append(m.name)
         elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]):
             base = tree[m.component][m.path]
-            misshapen.append((f"{m.name} adapts a {list(m.weight_shape)} weight, SDXL's is {list(base)}",
+            misshapen.append((f"{m.name} adapts a {list(m.weight_shape)} weight, {label}'s is {list(base)}",
                               narrower(m.weight_shape, base)))
         else:
             fitting += 1
-    # All different and all narrower: SDXL structure at smaller widths. Otherwise every misfit is evidence.
-    misshapen = [why for why, narrow in misshapen if fitting or not narrow]
+    # All different and all narrower: the architecture's structure at smaller widths. Otherwise every misfit is evidence.
+    evidence = [why for why, narrow in misshapen if fitting or not narrow]
+    return _Fit(architecture, foreign, unknown, evidence, fitting)
+
+
+def _fit(model: LoraModel, path, skip_unknown: bool) -> None:
+    """Decide the architecture from module names and shapes, or raise "not an SDXL LoRA" with evidence;
+    list unknown modules, or drop them with ``skip_unknown``.
+
+    Registered architectures are tried in order; the first the LoRA fits is recorded in
+    ``model.architecture``. When none fits, the refusal is the one for the architecture with the
+    most fitting modules (the first registered on a tie).
+    """
     hint = _hint(model)
-    if foreign or misshapen or hint or len(unknown) == len(model.modules):
-        evidence = foreign + misshapen + [f"{n} (no such SDXL layer)" for n in unknown]
-        likely = f"; looks like {hint}" if hint else ""
-        raise LoraBridgeError(f"not an SDXL LoRA: {len(evidence)} of {len(model.modules)} modules do not fit SDXL-base: "
-                              f"{listed(evidence)}{likely}", path)
+    fits = [_fit_to(model, architecture) for architecture in architectures()]
+    fit = next((f for f in fits if f.refusal(model, hint) is None), None)
+    if fit is None:
+        best = max(fits, key=lambda f: f.fitting)  # max keeps the first of equals
+        raise LoraBridgeError(best.refusal(model, hint), path)
+    model.architecture = fit.architecture.name
+    unknown, label = fit.unknown, fit.architecture.label
     if unknown and not skip_unknown:
-        raise LoraBridgeError(f"{len(unknown)} module(s) match no SDXL layer: {listed(unknown)} "
+        raise LoraBridgeError(f"{len(unknown)} module(s) match no {label} layer: {listed(unknown)} "
                               "(--skip-unknown drops them with a warning)", path)
     if unknown:
-        warn(f"{path}: dropped {len(unknown)} module(s) that match no SDXL layer: {listed(unknown)}")
+        warn(f"{path}: dropped {len(unknown)} module(s) that match no {label} layer: {listed(unknown)}")
         for name in unknown:
             del model.modules[name]
 
@@ -195,7 +239,7 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
     problems = [p for m in model.modules.values() for p in _role_problems(m)]
     if problems:
         raise LoraBridgeError(f"{len(problems)} broken LoRA module(s): {listed(problems)}", path)
-    _fit(model, path, sdxl_tree(), skip_unknown)
+    _fit(model, path, skip_unknown)
     if unrecognized and not skip_unknown:
         raise LoraBridgeError(f"{len(unrecognized)} tensor key(s) are not LoRA weights of this format: "
                               f"{listed(list(unrecognized))} (--skip-unknown drops them with a warning)", path)

@@ -8,7 +8,7 @@ fp16; absent means alpha = rank) and, for DoRA, ``dora_scale``. Safetensors meta
 training facts, ``modelspec.*``) travels in :attr:`LoraModel.training` and is written back verbatim.
 
 Reading resolves underscored names by lookup in the SDXL module tree, in SGM and in diffusers
-spelling (:func:`~lorabridge.naming.sdxl_tree.resolve_underscored`), never by guessing where the
+spelling (:func:`~lorabridge.architectures.resolve_underscored`), never by guessing where the
 dots were. A name that resolves to nothing keeps its underscores (``unet.down_blocks_0_attentions_0_...``)
 so that :func:`~lorabridge.formats.checks.check_model` can list it, or name the architecture it
 belongs to ("not an SDXL LoRA"). Writing uses SGM spelling, what kohya and A1111 write and what
@@ -25,8 +25,10 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from ..architectures import DEFAULT, get_architecture
+from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, listed
-from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
+from ..model import COMPONENTS, LoraModel, LoraModule
 from ..rules import dora_shape
 from ..tensor import Tensor
 from .training import lost_training, training_metadata
@@ -51,11 +53,7 @@ UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 OUT_AXIS_READERS = ("A1111 and older ComfyUI read dora_scale per input column only and compute a wrong weight "
                     "from it, newer ComfyUI divides by the norm of W instead of W + delta W; LyCORIS computes it "
                     "as trained, and --format diffusers or peft keeps it for diffusers/PEFT")
-MODELSPEC_DEFAULTS = {
-    "modelspec.sai_model_spec": "1.0.0",
-    "modelspec.architecture": f"{SDXL_ARCHITECTURE}/lora",
-    "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-}
+MODELSPEC_DEFAULTS = {"modelspec.sai_model_spec": "1.0.0"}  # and the architecture's own modelspec fields
 
 
 class Key(NamedTuple):
@@ -160,7 +158,7 @@ def module_name(component: str, underscored: str) -> str:
         >>> module_name("unet", "double_blocks_0_img_attn_qkv")   # no such SDXL layer: left for the checks
         'unet.double_blocks_0_img_attn_qkv'
     """
-    from ..naming.sdxl_tree import resolve_underscored
+    from ..architectures import resolve_underscored
 
     path = resolve_underscored(component, underscored) if component in COMPONENTS else None
     return f"{component}.{path or underscored}"
@@ -313,25 +311,24 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
     return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, **options)
 
 
-def stem(module: LoraModule, spelling: str, own_prefix: bool = False) -> str:
-    """The key stem of a module: kohya prefix + its path with underscores, UNet paths in ``spelling`` ("sgm"/"diffusers").
+def stem(module: LoraModule, spelling: str, own_prefix: bool = False, architecture: Architecture = DEFAULT) -> str:
+    """The key stem of a module: kohya prefix + its path with underscores, in ``spelling``: "original"
+    (the architecture's original checkpoint, SGM for SDXL's UNet: what kohya and A1111 write) or "diffusers".
 
     ``own_prefix``: use the prefix the module was read with (``extra["key_prefix"]``, e.g. LyCORIS'
     ``lycoris``) where it has one.
 
     Example:
-        >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "sgm")
+        >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "original")
         'lora_unet_middle_block_1_proj_in'
     """
-    from ..naming.sgm import diffusers_to_sgm
-
     if module.component not in KOHYA_PREFIX:
         raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
     path = module.path
-    if module.component == "unet" and spelling == "sgm":
-        path = diffusers_to_sgm(module.path)
+    if spelling == "original":
+        path = architecture.original_path(module.component, module.path)
         if path is None:
-            raise ModuleProblem("is no SDXL-base UNet layer, so it has no SGM name")
+            raise ModuleProblem(f"is no {architecture.reference} {module.component} layer, so it has no original name")
     prefix = module.extra.get("key_prefix", KOHYA_PREFIX[module.component]) if own_prefix else KOHYA_PREFIX[module.component]
     return f"{prefix}_{path.replace('.', '_')}"
 
@@ -372,7 +369,8 @@ def file_metadata(model: LoraModel, tensors: Mapping[str, Tensor]) -> dict[str, 
     """The model's training facts as safetensors metadata, ModelSpec keys filled in, data hashes recomputed."""
     metadata = training_metadata(model, STALE_KEYS)
     title = model.provenance.get("source_file") or "lorabridge LoRA"
-    for key, value in {**MODELSPEC_DEFAULTS, "modelspec.title": str(title)}.items():
+    modelspec = {**MODELSPEC_DEFAULTS, **get_architecture(model.architecture).modelspec, "modelspec.title": str(title)}
+    for key, value in modelspec.items():
         metadata.setdefault(key, value)
     if any(key in metadata for key in DATA_HASH_KEYS):
         digest = hashlib.sha256()
@@ -413,10 +411,10 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
     from ..io.torch_file import TORCH_SUFFIXES, write_state_dict
     from .checks import warn
 
-    tensors, problems = {}, []
+    tensors, problems, architecture = {}, [], get_architecture(model.architecture)
     for module in model.modules.values():
         try:
-            key_stem = stem(module, spelling, own_prefix)
+            key_stem = stem(module, spelling, own_prefix, architecture)
         except ModuleProblem as exc:
             problems.append(f"{module.name}: {exc}")
             continue
@@ -475,7 +473,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
 
     model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, dora_axes=("out", "in"), strict=strict,
                           kinds=("lora", "full"), dtype=dtype)
-    write_underscored(model, path, "sgm", kohya_tensors, dtype=dtype, progress=progress)
+    write_underscored(model, path, "original", kohya_tensors, dtype=dtype, progress=progress)
     per_row = [m.name for m in model.modules.values() if m.dora_axis == "out"]
     if per_row:
         warn(f"{path}: {len(per_row)} module(s) have DoRA magnitudes per output row ({', '.join(per_row[:SHOWN])}"

@@ -68,10 +68,10 @@ def kind_of(roles: list[str]) -> str:
 
 def base_kernel(name: str) -> tuple[int, ...] | None:
     """The kernel size of the SDXL layer ``name`` adapts, None for a linear layer or an unknown name."""
-    from ..naming.sdxl_tree import sdxl_modules
+    from ..architectures import module_shape
 
     component, _, path = name.partition(".")
-    shape = sdxl_modules(component).get(path) if component in COMPONENTS else None
+    shape = module_shape(component, path)
     return tuple(shape[2:]) if shape is not None and len(shape) > 2 else None
 
 

@@ -45,10 +45,12 @@ from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY
 from ..model import COMPONENTS, LoraModel, LoraModule, target_type
-from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
-from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
-from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused_qkv_paths, merge_qkv,
-                                    sgm_text_to_diffusers, split_fused_qkv)
+from ..architectures import resolve_underscored
+from ..architectures.architecture import underscored
+from ..architectures.fused import merge_fused, split_fused
+from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
+from ..architectures.sdxl.text_encoders import diffusers_text_to_sgm, sgm_text_to_diffusers
+from ..architectures.tree import LORA_TARGET_TYPES
 from ..rules import module_problems
 from ..tensor import Tensor
 from .checks import check_finite, narrower, warn_zero_alphas, writable_lora
@@ -112,7 +114,7 @@ class Naming:
 
 def _targetable(component: str, path: str | None) -> str | None:
     """``component.path`` when the SDXL tree has a Linear/Conv2d there (what a LoRA can adapt), else None."""
-    if path is None or sdxl_module_types(component).get(path) not in LORA_TARGET_TYPES:
+    if path is None or SDXL.module_types(component).get(path) not in LORA_TARGET_TYPES:
         return None
     return f"{component}.{path}"
 
@@ -125,7 +127,7 @@ def _sgm_parse(key: str) -> tuple[str, ...] | None:
     if key.startswith(SGM_UNET):
         name = _targetable("unet", sgm_to_diffusers(key[len(SGM_UNET):]))
         return (name,) if name else None
-    fused = fused_qkv_paths(key)
+    fused = SDXL.fused_parts(key)
     if fused:
         component, paths = fused
         return tuple(f"{component}.{p}" for p in paths)
@@ -139,7 +141,7 @@ def _sgm_spell(name: str) -> tuple[str, int | None] | None:
     if component == "unet":
         sgm = diffusers_to_sgm(path)
         return (SGM_UNET + sgm, None) if sgm else None
-    fused = fused_qkv_name(component, path)
+    fused = SDXL.fused_name(component, path)
     if fused:
         return fused
     sgm = diffusers_text_to_sgm(component, path)
@@ -298,7 +300,7 @@ def _shape_problems(model: LoraModel) -> list[str]:
     """
     wrong = []
     for m in model.modules.values():
-        expected = sdxl_modules(m.component).get(m.path)
+        expected = SDXL.modules(m.component).get(m.path)
         if tuple(expected) != tuple(m.weight_shape):
             wrong.append((f"{m.name} is {list(m.weight_shape)}, SDXL-base has {list(expected)}", narrower(m.weight_shape, expected)))
     return [why for why, narrow in wrong if len(wrong) < len(model.modules) or not narrow]
@@ -379,7 +381,7 @@ class MindoneFormat:
             overridden += source == "stored" and alpha is not None
             module = LoraModule(names[0] if len(names) == 1 else key, "lora", {A: roles[A], B: roles[B]},
                                 module_alpha, source, extra=extra)
-            for part in (split_fused_qkv(module, *names) if len(names) == 3 else [module]):
+            for part in (split_fused(module, names) if len(names) == 3 else [module]):
                 model.add(part)
         problems += [f"{m.name}: {what}" for m in model.modules.values() for _, what in module_problems(m)]  # the shared rules
         _raise_problems(problems, "malformed LoRA module(s)", path)
@@ -529,7 +531,7 @@ def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
               B: Tensor.from_numpy(np.zeros((present.out_features, present.rank), np.float32), present.tensors[B].dtype)}
     q, k, v = (parts.get(i) or LoraModule(f"{key}[{i}]", "lora", filler, present.alpha, present.alpha_source)
                for i in range(3))
-    fused = merge_qkv(q, k, v, key)
+    fused = merge_fused((q, k, v), key)
     for tensor in (t for m in (q, k, v) for t in m.tensors.values()):
         release_pages(tensor.data)  # merging read them all (before any is written)
     return fused

@@ -37,7 +37,7 @@ from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import read_state_dict, state_dict_keys
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
-from .checks import check_model, sdxl_tree, warn, writable_lora
+from .checks import check_model, known_modules, warn, writable_lora
 from .neutral import adapter_metadata
 from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
 
@@ -110,7 +110,7 @@ def group_keys(tensors: Mapping[str, Tensor], parse: Callable[[str], Parsed | No
     if len(adapters) > 1:
         raise LoraBridgeError(f"holds {len(adapters)} adapters ({', '.join(sorted(a or '<unnamed>' for a in adapters))}); "
                               "save one adapter per file", path)
-    tree = sdxl_tree() if any(component is None for component, _ in parsed) else {}
+    tree = known_modules() if any(component is None for component, _ in parsed) else {}
     groups = {f"{component or infer_component(module_path, roles, tree)}.{module_path}": roles
               for (component, module_path), roles in parsed.items()}
     if len(groups) != len(parsed):

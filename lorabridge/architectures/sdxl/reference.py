@@ -1,25 +1,11 @@
-"""Regenerate lorabridge/data/sdxl_modules.json: every weight-bearing module of SDXL-base, with its shape.
+"""SDXL-base's real component configs, for generating ``modules.json`` (``tools/gen_module_tree.py sdxl``).
 
-Converters resolve names against the real module tree (never by regex or list
-position), and they must do it without importing torch. So this script builds
-the three SDXL-base components with diffusers/transformers on torch's ``meta``
-device (no weights, no downloads: the configs are written out below) and
-records, per component, ``path -> [layer type, weight shape]`` for every module
-that owns a ``weight`` parameter.
-
-Usage:
-    .venv/bin/python tools/gen_sdxl_tree.py            # rewrite the JSON
-    .venv/bin/python tools/gen_sdxl_tree.py --check    # exit 1 if the JSON is stale
+The configs are written out (stabilityai/stable-diffusion-xl-base-1.0, the fields that shape the module
+tree) because nothing can be downloaded; :func:`build_models` builds the components with
+diffusers/transformers on torch's ``meta`` device (no weights).
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-OUTPUT = Path(__file__).resolve().parent.parent / "lorabridge" / "data" / "sdxl_modules.json"
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (fields that shape the module tree).
 UNET_CONFIG = {
@@ -111,16 +97,6 @@ TEXT_ENCODER_2_CONFIG = {
 }
 
 
-def weight_modules(model) -> dict[str, list]:
-    """path -> [type name, weight shape] for every module that directly owns a ``weight`` parameter."""
-    out = {}
-    for path, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if path and weight is not None:
-            out[path] = [type(module).__name__, list(weight.shape)]
-    return out
-
-
 def build_models() -> dict:
     """The three SDXL-base components, built by diffusers/transformers on the meta device (no weights)."""
     import torch
@@ -133,41 +109,3 @@ def build_models() -> dict:
             "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)),
         }
-
-
-def build_tree(models: dict | None = None) -> dict[str, dict[str, list]]:
-    """component -> {path: [type, shape]} of the given (default: freshly built) SDXL-base components."""
-    return {component: weight_modules(model) for component, model in (models or build_models()).items()}
-
-
-def render(tree: dict[str, dict[str, list]]) -> str:
-    """One module per line, so diffs of the committed file stay readable."""
-    lines = ["{"]
-    for ci, (component, modules) in enumerate(tree.items()):
-        lines.append(f"  {json.dumps(component)}: {{")
-        items = list(modules.items())
-        for i, (path, entry) in enumerate(items):
-            comma = "," if i < len(items) - 1 else ""
-            lines.append(f"    {json.dumps(path)}: {json.dumps(entry)}{comma}")
-        lines.append("  }" + ("," if ci < len(tree) - 1 else ""))
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed JSON instead of writing")
-    args = parser.parse_args(argv)
-    text = render(build_tree())
-    if args.check:
-        if OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run tools/gen_sdxl_tree.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraBridgeError
-from .io.atomic import atomic_directory
+from ...errors import LoraBridgeError
+from ...io.atomic import atomic_directory
 
 # SDXL-base's UNet layout at small widths (320/640/1280 -> 32/64/64), 32-dim attention heads.
 UNET_CONFIG: dict[str, Any] = {
@@ -176,7 +176,7 @@ def lora_shapes(pipeline_dir: str | os.PathLike, components: tuple[str, ...] = (
 
     Read from the safetensors headers only, so it needs no framework and works on a real SDXL too.
     """
-    from .io.safetensors_file import SafetensorsFile
+    from ...io.safetensors_file import SafetensorsFile
 
     shapes: dict[str, tuple[int, ...]] = {}
     for component in components:
@@ -202,8 +202,8 @@ def make_tiny_lora(pipeline_dir: str | os.PathLike, rank: int = 4, alpha: float 
     """
     import numpy as np
 
-    from .model import LoraModel, LoraModule
-    from .tensor import Tensor
+    from ...model import LoraModel, LoraModule
+    from ...tensor import Tensor
 
     rng = np.random.default_rng(seed)
     model = LoraModel(provenance={"source_format": "lorabridge.tiny_sdxl"},
@@ -225,8 +225,8 @@ LORA_FILE_FORMATS = {".safetensors": "neutral", ".ckpt": "mindone-sgm"}
 def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0, force: bool = False) -> Path:
     """Write :func:`make_tiny_lora` for ``pipeline_dir`` at ``out``: ``.safetensors`` as a neutral file,
     ``.ckpt`` as a MindONE SDXL trainer checkpoint (SGM names, alpha folded into lora_B)."""
-    from .converters.registry import get_format
-    from .io.atomic import check_output_path, replacing
+    from ...converters.registry import get_format
+    from ...io.atomic import check_output_path, replacing
 
     out = check_output_path(out, force)
     lora = make_tiny_lora(pipeline_dir, seed=seed)

@@ -1,0 +1,76 @@
+"""The architecture registry: every diffusion architecture lorabridge converts, as data.
+
+An architecture is an :class:`Architecture` record (module tree with shapes, original-checkpoint
+spelling, fused layers, tiny pipeline, pipeline classes). Formats never name a model: they ask the
+registry. Which architecture a LoRA is for is decided from its module names and shapes
+(:func:`lorabridge.formats.checks.check_model`), with a "looks like X" refusal when none fits.
+
+Example:
+    >>> get_architecture("stable-diffusion-xl-v1-base").label
+    'SDXL'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..errors import LoraBridgeError
+from .architecture import Architecture
+from .sdxl import SDXL
+
+# name -> record, in detection order (the first that fits a LoRA wins).
+ARCHITECTURES: dict[str, Architecture] = {SDXL.name: SDXL}
+DEFAULT = SDXL  # what a LoRA without an architecture (old MindONE files, tiny test LoRAs) is taken for
+
+
+def register(architecture: Architecture) -> Architecture:
+    """Add an architecture to the registry (tests register toy ones; it stays for the process)."""
+    if architecture.name in ARCHITECTURES and ARCHITECTURES[architecture.name] is not architecture:
+        raise ValueError(f"architecture {architecture.name!r} is already registered")
+    ARCHITECTURES[architecture.name] = architecture
+    return architecture
+
+
+def unregister(name: str) -> None:
+    """Remove a registered architecture (for tests that register a toy one)."""
+    if ARCHITECTURES.get(name) is DEFAULT:
+        raise ValueError(f"{name!r} is the default architecture")
+    ARCHITECTURES.pop(name, None)
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise LoraBridgeError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+
+
+def architectures() -> Iterator[Architecture]:
+    """The registered architectures, in detection order."""
+    return iter(list(ARCHITECTURES.values()))
+
+
+def resolve_underscored(component: str, name: str) -> str | None:
+    """The diffusers path a kohya/LyCORIS underscored name stands for in the first architecture
+    that has the component and resolves it, or None.
+
+    Example:
+        >>> resolve_underscored("unet", "input_blocks_4_1_transformer_blocks_0_attn1_to_out_0")
+        'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0'
+    """
+    for architecture in architectures():
+        if component in architecture.components:
+            path = architecture.resolve_underscored(component, name)
+            if path is not None:
+                return path
+    return None
+
+
+def module_shape(component: str, path: str) -> tuple[int, ...] | None:
+    """The weight shape of ``component.path`` in the first architecture that has it, or None."""
+    for architecture in architectures():
+        if component in architecture.components:
+            shape = architecture.modules(component).get(path)
+            if shape is not None:
+                return shape
+    return None

@@ -1,0 +1,146 @@
+"""What lorabridge knows about one diffusion architecture, as one record of data.
+
+Formats and checks ask an :class:`Architecture` (never a model name) for module shapes, the
+original-checkpoint spelling of a path, fused layers and pipeline classes, so adding an
+architecture is adding a record (see ``docs/adding-an-architecture.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import importlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from .fused import FusedLayer
+from .tree import ModuleTree
+
+PathSpelling = Callable[[str], "str | None"]  # diffusers path -> another spelling of it (None: it has none)
+
+
+def underscored(path: str) -> str:
+    """The kohya/LyCORIS spelling of a module path: dots become underscores.
+
+    Example:
+        >>> underscored("down_blocks.1.attentions.0.proj_in")
+        'down_blocks_1_attentions_0_proj_in'
+    """
+    return path.replace(".", "_")
+
+
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """One registered architecture.
+
+    ``name`` is what the neutral manifest's ``architecture`` field says; ``label`` is how messages
+    name it ("not an SDXL LoRA", with ``article``), ``reference`` the model whose shapes ``tree`` holds. ``tree`` holds every weight-bearing module with its shape, per
+    component, in diffusers spelling (the canonical one). ``original_paths`` gives, per component,
+    the path's spelling in the original checkpoint (SGM/LDM for SD, BFL for Flux) where it differs:
+    kohya names may use either, and kohya writes it. ``fused`` lists the layers the original
+    checkpoint computes as one matrix. ``tiny`` names the module that builds its tiny pipeline for
+    tests and demos; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
+    the ``modelspec.*`` metadata a kohya-style file written for it carries.
+
+    Example:
+        >>> toy = Architecture("toy", "Toy", ModuleTree(entries={"unet": {"blocks.0.proj": ("Linear", (8, 4))}}))
+        >>> toy.components, toy.resolve_underscored("unet", "blocks_0_proj")
+        (('unet',), 'blocks.0.proj')
+    """
+
+    name: str
+    label: str
+    tree: ModuleTree
+    reference: str = ""
+    article: str = "a"
+    original_paths: Mapping[str, PathSpelling] = field(default_factory=dict)
+    fused: tuple[FusedLayer, ...] = ()
+    tiny: str | None = None
+    pipelines: Mapping[str, str] = field(default_factory=dict)
+    modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
+
+    @property
+    def a_label(self) -> str:
+        """The label with its article, for messages ("an SDXL")."""
+        return f"{self.article} {self.label}"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.tree.components
+
+    def modules(self, component: str) -> Mapping[str, tuple[int, ...]]:
+        """Weight shape by diffusers path (see :meth:`ModuleTree.modules`)."""
+        return self.tree.modules(component)
+
+    def module_types(self, component: str) -> Mapping[str, str]:
+        return self.tree.module_types(component)
+
+    def is_lora_target(self, component: str, path: str) -> bool:
+        return self.tree.is_lora_target(component, path)
+
+    def original_path(self, component: str, path: str) -> str | None:
+        """The original checkpoint's spelling of a module path (the path itself where they agree), or None."""
+        if path not in self.tree.modules(component):
+            return None
+        spell = self.original_paths.get(component)
+        return path if spell is None else spell(path)
+
+    def pipeline_class(self, framework: str) -> Any:
+        """The pipeline class ``infer`` runs in ``framework`` ("torch" or "mindspore"), imported on demand."""
+        module, _, name = self.pipelines[framework].partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @cached_property
+    def _from_original(self) -> dict[str, dict[str, str]]:
+        """component -> original path -> diffusers path: the inverse of :meth:`original_path`."""
+        out: dict[str, dict[str, str]] = {}
+        for component in self.original_paths:
+            table = out.setdefault(component, {})
+            for path in self.tree.modules(component):
+                original = self.original_path(component, path)
+                if original is not None:
+                    table[original] = path
+        return out
+
+    def from_original(self, component: str, original: str) -> str | None:
+        """The diffusers path of an original-checkpoint path, or None if it names no module of the tree."""
+        if component not in self.original_paths:
+            return original if original in self.tree.modules(component) else None
+        return self._from_original[component].get(original)
+
+    @cached_property
+    def _underscored(self) -> dict[str, dict[str, str]]:
+        """component -> underscored name -> diffusers path, in diffusers and the original spelling."""
+        tables = {}
+        for component in self.components:
+            table = {underscored(p): p for p in self.tree.modules(component)}
+            table.update({underscored(o): p for o, p in self._from_original.get(component, {}).items()})
+            tables[component] = table
+        return tables
+
+    def resolve_underscored(self, component: str, name: str) -> str | None:
+        """The diffusers module path a kohya/LyCORIS underscored name stands for, or None if none.
+
+        Names may be in diffusers spelling (LyCORIS, diffusers-style kohya) or the original one
+        (kohya sd-scripts and A1111 spell SDXL's UNet the SGM way); the answer is the diffusers path.
+        """
+        return self._underscored.get(component, {}).get(name)
+
+    def fused_parts(self, original: str) -> tuple[str, tuple[str, ...]] | None:
+        """(component, part paths) of a fused layer's original name when every part is in the tree, else None."""
+        for layer in self.fused:
+            parts = layer.parts_of(original)
+            if parts is not None:
+                modules = self.tree.modules(layer.component)
+                return (layer.component, parts) if all(p in modules for p in parts) else None
+        return None
+
+    def fused_name(self, component: str, path: str) -> tuple[str, int] | None:
+        """(fused layer's original name, row block) when ``path`` is a part of a fused layer, else None."""
+        if path not in self.tree.modules(component):
+            return None
+        for layer in self.fused:
+            found = layer.fused_of(path) if layer.component == component else None
+            if found is not None:
+                return found
+        return None

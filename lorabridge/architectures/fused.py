@@ -1,0 +1,228 @@
+"""Fused layers: one matrix in the original checkpoint, several modules in diffusers, as data plus one
+exact split and merge.
+
+OpenCLIP bigG computes q, k and v with one ``in_proj`` (rows ordered q, k, v); Flux fuses ``qkv`` and
+``linear1`` the same way. An architecture lists its fused layers as :class:`FusedLayer` data; a LoRA on
+the fused matrix is split into one LoRA per part and the parts merged back with delta W kept exactly
+(:func:`split_fused`, :func:`merge_fused`): split then merge, and merge then split, give back the
+original bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import LoraBridgeError
+from ..model import LoraModule
+from ..tensor import DTYPES, Tensor
+
+BLOCK = "{n}"  # where a fused layer's name holds its block number
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One fused layer per block: its name in the original checkpoint and the diffusers paths of its parts.
+
+    Both spell the block number as ``{n}``; ``parts`` are paths inside ``component``, in row order.
+
+    Example:
+        >>> layer = FusedLayer("text_encoder_2", "te.layers.{n}.in_proj", ("layers.{n}.q", "layers.{n}.k"))
+        >>> layer.parts_of("te.layers.3.in_proj"), layer.fused_of("layers.3.k")
+        (('layers.3.q', 'layers.3.k'), ('te.layers.3.in_proj', 1))
+    """
+
+    component: str
+    original: str
+    parts: tuple[str, ...]
+
+    def parts_of(self, name: str) -> tuple[str, ...] | None:
+        """The part paths of a fused ``name`` (original spelling), or None if it is not this layer."""
+        block = _block(self.original, name)
+        return None if block is None else tuple(p.replace(BLOCK, block) for p in self.parts)
+
+    def fused_of(self, path: str) -> tuple[str, int] | None:
+        """(fused original name, row block) of a part ``path``, or None if it is no part of this layer."""
+        for index, part in enumerate(self.parts):
+            block = _block(part, path)
+            if block is not None:
+                return self.original.replace(BLOCK, block), index
+        return None
+
+
+def _block(template: str, name: str) -> str | None:
+    """The block number ``name`` puts where ``template`` has ``{n}``, or None if it does not match."""
+    head, _, tail = template.partition(BLOCK)
+    if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+        return None
+    block = name[len(head):len(name) - len(tail)]
+    return block if block.isdigit() else None
+
+
+def _row_blocks(t: Tensor, parts: int) -> list[Tensor]:
+    """Split a tensor into ``parts`` equal row blocks, as zero-copy views of its bytes (bit-exact)."""
+    rows = t.shape[0] // parts
+    step = len(t.data) // parts
+    data = memoryview(t.data)
+    return [Tensor(t.dtype, (rows, *t.shape[1:]), data[i * step:(i + 1) * step]) for i in range(parts)]
+
+
+def _stack_rows(tensors: list[Tensor]) -> Tensor:
+    """Concatenate same-dtype tensors along rows by joining their bytes (bit-exact)."""
+    rows = sum(t.shape[0] for t in tensors)
+    return Tensor(tensors[0].dtype, (rows, *tensors[0].shape[1:]), b"".join(bytes(t.data) for t in tensors))
+
+
+def _raw(t: Tensor) -> np.ndarray:
+    """The tensor's elements as unsigned integers of its width: bit patterns, for exact slicing and zero tests."""
+    return np.frombuffer(t.data, dtype=f"<u{DTYPES[t.dtype][0]}").reshape(t.shape)
+
+
+def _used_columns(b: Tensor) -> np.ndarray:
+    """Indices of the rank columns of a lora_B block that hold a non-zero value (+0 and -0 are zero)."""
+    bits = _raw(b)
+    sign = np.array(1 << (bits.dtype.itemsize * 8 - 1), bits.dtype)
+    return np.flatnonzero(((bits & ~sign) != 0).any(axis=0))
+
+
+def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
+    """The rank columns [start, end) of q, k and v when a fused LoRA is block-diagonal, else None.
+
+    :func:`merge_fused` gives parts (q, k, v) that have their own A consecutive column blocks of B
+    (q's rows are zero outside the first block, and so on). The blocks are found again from the
+    non-zero columns of each part's rows: the rule, exactly, is that every part must use at least
+    one column, and all columns a part uses must come before all that the next part uses. Then
+    each part after the first starts at its first used column, and the first part's block is
+    everything before the second's: an all-zero column between two blocks goes to the earlier part.
+    Anything else (a part whose rows are all zero, as in a zero-initialised LoRA; parts sharing
+    columns, as a LoRA trained on the fused projection does) is not block-diagonal: None.
+
+    Example:
+        >>> b = Tensor.from_numpy(np.kron(np.eye(3, dtype="f4"), np.ones((2, 2), "f4")))  # 6 x 6, blocks of 2
+        >>> part_ranks(_row_blocks(b, 3))
+        [(0, 2), (2, 4), (4, 6)]
+    """
+    used = [_used_columns(b) for b in b_parts]
+    if any(u.size == 0 for u in used) or any(used[i][-1] >= used[i + 1][0] for i in range(len(used) - 1)):
+        return None
+    starts = [0] + [int(u[0]) for u in used[1:]]
+    return list(zip(starts, starts[1:] + [b_parts[0].shape[1]]))
+
+
+def _rank_slice(a: Tensor, b: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+    """Rows [start, end) of A and the same columns of B, as their exact bytes."""
+    step = len(a.data) // a.shape[0]
+    a_part = Tensor(a.dtype, (end - start, *a.shape[1:]), memoryview(a.data)[start * step:end * step])
+    b_part = Tensor(b.dtype, (b.shape[0], end - start), np.ascontiguousarray(_raw(b)[:, start:end]).tobytes())
+    return a_part, b_part
+
+
+def split_fused(module: LoraModule, names: tuple[str, ...]) -> list[LoraModule]:
+    """Split a LoRA on a fused projection into one LoRA per part (``names``, in row order), same delta W.
+
+    Each part takes its row block of B, so delta W of each part is bit for bit the
+    matching row block of the fused delta W. When the fused LoRA is block-diagonal
+    (:func:`part_ranks`: what :func:`merge_fused` makes of parts with their own A),
+    each part keeps only its own rank columns of B and rows of A, with alpha scaled
+    so alpha / rank stays the fused one: q, k and v merged then split come back with
+    their own ranks and bytes. Otherwise each part keeps the whole A, rank and alpha.
+    A DoRA magnitude per output row is split by rows the same way.
+
+    Example (``fused`` named after the SGM ``attn.in_proj``)::
+
+        layer = "text_encoder_2.text_model.encoder.layers.0.self_attn."
+        q, k, v = split_fused(fused, (layer + "q_proj", layer + "k_proj", layer + "v_proj"))
+    """
+    count = len(names)
+    if module.kind != "lora":
+        raise LoraBridgeError(f"{module.name}: only plain LoRA can be split into {_parts(names)}, not {module.kind}")
+    a, b = module.tensors["lora_A.weight"], module.tensors["lora_B.weight"]
+    if len(b.shape) != 2 or b.shape[0] % count:
+        raise LoraBridgeError(f"{module.name}: fused {_parts(names, '')} lora_B has shape {list(b.shape)}, "
+                              f"rows not divisible by {count}")
+    dora = module.tensors.get("dora_scale")
+    if dora is not None and module.dora_axis != "out":
+        raise LoraBridgeError(f"{module.name}: a DoRA magnitude per input column cannot be split into {_parts(names)}")
+    b_parts = _row_blocks(b, count)
+    dora_parts = _row_blocks(dora, count) if dora is not None else [None] * count
+    blocks = part_ranks(b_parts) if len(a.shape) == 2 else None
+    out = []
+    for i, (name, b_part, dora_part) in enumerate(zip(names, b_parts, dora_parts)):
+        a_part, alpha = a, module.alpha
+        if blocks:
+            start, end = blocks[i]
+            a_part, b_part = _rank_slice(a, b_part, start, end)
+            alpha = module.alpha * (end - start) / module.rank
+        tensors = {"lora_A.weight": a_part, "lora_B.weight": b_part}
+        if dora_part is not None:
+            tensors["dora_scale"] = dora_part
+        out.append(LoraModule(name, "lora", tensors, alpha, module.alpha_source, module.dora_axis, dict(module.extra)))
+    return out
+
+
+def _common_dtype(tensors: list[Tensor]) -> str:
+    """The shared dtype, or F32 (which holds F16 and BF16 values exactly) when they differ."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
+
+
+_ALPHA_SOURCE_PRIORITY = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
+
+
+def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
+    """Merge the LoRAs of a fused layer's parts (in row order) into one LoRA on the fused projection, keeping delta W.
+
+    When they share a bit-identical A and the same alpha (what :func:`split_fused`
+    produces), the result is that A with the B stacked: split then merge gives back
+    the original bytes. Otherwise A is the A stacked (rank r_q + r_k + r_v for
+    q, k, v), B is block-diagonal, and alpha is scaled so alpha / rank stays the
+    first part's scale; a part with another scale has its B multiplied by the ratio
+    (float math, rounded to B's dtype).
+
+    Example::
+
+        fused = merge_fused((q, k, v), "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj")
+    """
+    q = parts[0]
+    names = tuple(m.name.rsplit(".", 1)[-1] for m in parts)
+    for m in parts:
+        if m.kind != "lora" or len(m.tensors["lora_A.weight"].shape) != 2:
+            raise LoraBridgeError(f"{m.name}: only linear LoRA modules can be merged into a fused projection")
+    if len({m.in_features for m in parts}) != 1:
+        raise LoraBridgeError(f"{fused_name}: {_parts(names, '')} LoRAs have different input sizes {[m.in_features for m in parts]}")
+    doras = [m.tensors.get("dora_scale") for m in parts]
+    if any(d is not None for d in doras) and not all(d is not None and m.dora_axis == "out" for d, m in zip(doras, parts)):
+        raise LoraBridgeError(f"{fused_name}: {_parts(names, '')} must all carry a per-output-row DoRA magnitude, or none")
+    alpha_source = next(s for s in _ALPHA_SOURCE_PRIORITY if any(m.alpha_source == s for m in parts))
+    extra = dict(q.extra) if all(m.extra == q.extra for m in parts) else {}
+    a_list = [m.tensors["lora_A.weight"] for m in parts]
+    b_list = [m.tensors["lora_B.weight"] for m in parts]
+    shared = all(a.same_as(a_list[0]) for a in a_list) and len({m.alpha for m in parts}) == 1
+    if shared and len({b.dtype for b in b_list}) == 1:
+        tensors = {"lora_A.weight": a_list[0], "lora_B.weight": _stack_rows(b_list)}
+        alpha = q.alpha
+    else:
+        a_dtype, b_dtype = _common_dtype(a_list), _common_dtype(b_list)
+        total = sum(m.rank for m in parts)
+        a_cat = np.concatenate([a.to_float32() for a in a_list], axis=0)
+        b_diag = np.zeros((sum(m.out_features for m in parts), total), np.float32)
+        row = col = 0
+        for m, b in zip(parts, b_list):
+            block = b.to_float32()
+            if m.scale != q.scale:
+                block = block * np.float32(m.scale / q.scale)
+            b_diag[row:row + block.shape[0], col:col + block.shape[1]] = block
+            row, col = row + block.shape[0], col + block.shape[1]
+        tensors = {"lora_A.weight": Tensor.from_numpy(a_cat, a_dtype), "lora_B.weight": Tensor.from_numpy(b_diag, b_dtype)}
+        alpha = q.scale * total
+    if doras[0] is not None:
+        tensors["dora_scale"] = _stack_rows([d if d.dtype == doras[0].dtype else d.cast(doras[0].dtype) for d in doras])
+    return LoraModule(fused_name, "lora", tensors, alpha, alpha_source, q.dora_axis, extra)
+
+
+def _parts(names: tuple[str, ...], article: str = "its parts ") -> str:
+    """How messages name the parts: ``q/k/v`` for q_proj, k_proj, v_proj (or to_q...), else their names."""
+    leaves = [name.rsplit(".", 1)[-1] for name in names]
+    short = [leaf.removesuffix("_proj").removeprefix("to_") for leaf in leaves]
+    return "/".join(short) if all(len(s) == 1 for s in short) else f"{article}({', '.join(leaves)})".strip()

@@ -1,0 +1,97 @@
+"""The architecture registry: an architecture is data, and a new one converts with no other code.
+
+A toy architecture of two layers (one Linear, one Conv2d), registered from a table alone, goes
+kohya -> neutral -> diffusers -> kohya bit for bit, and each reader records which architecture the
+LoRA is for from its names and shapes. A LoRA that fits no registered architecture is refused with
+the evidence, and with "looks like X" where the names point at a known other model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lorabridge.architectures import ARCHITECTURES, get_architecture, register, unregister
+from lorabridge.architectures.architecture import Architecture
+from lorabridge.architectures.sdxl import SDXL
+from lorabridge.architectures.tree import ModuleTree
+from lorabridge.converters import convert
+from lorabridge.errors import LoraBridgeError
+from lorabridge.formats.neutral import read_neutral
+from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+from lorabridge.tensor import Tensor
+
+TOY_LAYERS = {"toy_blocks.0.proj": ("Linear", (12, 8)), "toy_blocks.1.conv": ("Conv2d", (6, 12, 3, 3))}
+TOY = Architecture("toy-two-layer", "Toy", ModuleTree(entries={"unet": TOY_LAYERS}), reference="the toy model")
+
+
+@pytest.fixture
+def toy():
+    register(TOY)
+    yield TOY
+    unregister(TOY.name)
+
+
+def kohya_toy_file(path, rank=2):
+    """A kohya file for the toy: lora_down/lora_up/alpha per layer, as sd-scripts names them (dots as ``_``)."""
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for module, (_, shape) in TOY_LAYERS.items():
+        key = "lora_unet_" + module.replace(".", "_")
+        out_features, in_features, *kernel = shape
+        tensors[f"{key}.lora_down.weight"] = rng.standard_normal((rank, in_features, *kernel)).astype("f4")
+        tensors[f"{key}.lora_up.weight"] = rng.standard_normal((out_features, rank, *([1, 1] if kernel else []))).astype("f4")
+        tensors[f"{key}.alpha"] = np.array(4.0, "f4")
+    write_safetensors(path, {k: Tensor.from_numpy(v) for k, v in tensors.items()}, {"ss_network_dim": str(rank)})
+    return tensors
+
+
+def test_sdxl_is_the_first_registered_architecture():
+    assert next(iter(ARCHITECTURES.values())) is SDXL and get_architecture(SDXL.name) is SDXL
+    assert SDXL.components == ("unet", "text_encoder", "text_encoder_2")
+    with pytest.raises(LoraBridgeError, match="unknown architecture 'flux'"):
+        get_architecture("flux")
+
+
+def test_a_toy_architecture_registered_from_data_converts_through_neutral_diffusers_and_kohya(toy, tmp_path):
+    original = kohya_toy_file(tmp_path / "toy_kohya.safetensors")
+    neutral = convert(tmp_path / "toy_kohya.safetensors", tmp_path / "toy.safetensors", "neutral", progress=False)
+    assert neutral.source_format == "kohya"
+    model = read_neutral(tmp_path / "toy.safetensors")
+    assert model.architecture == "toy-two-layer"
+    assert sorted(model.modules) == ["unet.toy_blocks.0.proj", "unet.toy_blocks.1.conv"]
+    assert {m.alpha for m in model.modules.values()} == {4.0}
+
+    convert(tmp_path / "toy.safetensors", tmp_path / "toy_diffusers.safetensors", "diffusers", progress=False)
+    back = convert(tmp_path / "toy_diffusers.safetensors", tmp_path / "toy_neutral_again.safetensors", "neutral",
+                   progress=False)
+    assert back.source_format == "diffusers" and back.model.architecture == "toy-two-layer"
+    convert(tmp_path / "toy_neutral_again.safetensors", tmp_path / "toy_kohya_again.safetensors", "kohya", progress=False)
+
+    again = SafetensorsFile(tmp_path / "toy_kohya_again.safetensors")
+    assert sorted(again.keys()) == sorted(original)
+    for key, array in original.items():
+        assert again.tensor(key).to_numpy().tobytes() == array.tobytes(), key
+
+
+def test_the_same_kohya_file_is_refused_when_the_toy_is_not_registered(tmp_path):
+    kohya_toy_file(tmp_path / "toy_kohya.safetensors")
+    with pytest.raises(LoraBridgeError, match="not an SDXL LoRA"):
+        convert(tmp_path / "toy_kohya.safetensors", tmp_path / "toy.safetensors", "neutral", progress=False)
+    assert not (tmp_path / "toy.safetensors").exists()
+
+
+def test_a_lora_with_other_shapes_is_refused_naming_the_architecture_it_misfits(toy, tmp_path):
+    kohya_toy_file(tmp_path / "toy_kohya.safetensors")
+    wrong = {k: Tensor.from_numpy(v) for k, v in kohya_toy_file(tmp_path / "x.safetensors").items()}
+    wrong["lora_unet_toy_blocks_0_proj.lora_up.weight"] = Tensor.from_numpy(np.ones((99, 2), "f4"))
+    write_safetensors(tmp_path / "wrong.safetensors", wrong, {})
+    with pytest.raises(LoraBridgeError, match=r"not a Toy LoRA: .*toy_blocks\.0\.proj adapts a \[99, 8\] weight, Toy's is \[12, 8\]"):
+        convert(tmp_path / "wrong.safetensors", tmp_path / "out.safetensors", "neutral", progress=False)
+
+
+def test_registering_twice_or_removing_the_default_is_refused(toy):
+    with pytest.raises(ValueError, match="already registered"):
+        register(Architecture(TOY.name, "Other", ModuleTree(entries={"unet": {}})))
+    with pytest.raises(ValueError, match="default architecture"):
+        unregister(SDXL.name)
