@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lorabridge.converters.registry import get_format
+from lorabridge.formats.contract import WriteOptions
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.naming.sdxl_tree import LORA_TARGET_TYPES, sdxl_module_types, sdxl_modules
 from lorabridge.tensor import DTYPES, Tensor
@@ -105,5 +106,5 @@ def generate(spec: InputSpec, directory: Path, regenerate: bool = False) -> Path
     if path.exists() and not regenerate:
         return path
     path.unlink(missing_ok=True)
-    get_format("mindone-sgm").load().write(build_model(spec), path, container="ckpt")
+    get_format("mindone-sgm").write(build_model(spec), path, WriteOptions(container="ckpt"))
     return path

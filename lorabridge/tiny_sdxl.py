@@ -231,7 +231,7 @@ def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, see
     out = check_output_path(out, force)
     lora = make_tiny_lora(pipeline_dir, seed=seed)
     with replacing(force):  # without --force, a run racing this one gets "output exists", never replaced
-        get_format(lora_file_format(out)).load().write(lora, out)
+        get_format(lora_file_format(out)).write(lora, out)
     return out
 
 
