@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..formats.contract import Format
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
-from ..formats.contract import Format
 from ..model import LoraModel
 from .registry import FORMATS, get_format, split_options
 

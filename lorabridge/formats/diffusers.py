@@ -30,7 +30,8 @@ from ..model import LoraModel
 from ..tensor import Tensor
 from . import legacy_diffusers
 from .checks import check_model, writable_lora
-from .contract import FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .neutral import adapter_metadata
 from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
 from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata

@@ -29,7 +29,8 @@ from ..errors import LoraBridgeError, listed
 from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
 from ..rules import dora_shape
 from ..tensor import Tensor
-from .contract import FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .training import lost_training, training_metadata
 
 ALPHA = "alpha"  # the suffix whose tensor is the module's alpha, not one of its tensors

@@ -24,7 +24,8 @@ from ..io.torch_file import state_dict_keys, write_state_dict
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import warn, writable_lora
-from .contract import FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .training import FILE_METADATA_KEYS, lost_training, training_metadata
 
 FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}

@@ -38,7 +38,8 @@ from ..io.torch_file import read_state_dict, state_dict_keys
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import check_model, sdxl_tree, warn, writable_lora
-from .contract import FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .neutral import adapter_metadata
 from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
 
