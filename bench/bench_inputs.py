@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lorabridge.converters.registry import get_format
+from lorabridge.formats.contract import WriteOptions
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.architectures.tree import LORA_TARGET_TYPES
@@ -107,5 +108,5 @@ def generate(spec: InputSpec, directory: Path, regenerate: bool = False) -> Path
     if path.exists() and not regenerate:
         return path
     path.unlink(missing_ok=True)
-    get_format("mindone-sgm").load().write(build_model(spec), path, container="ckpt")
+    get_format("mindone-sgm").write(build_model(spec), path, WriteOptions(container="ckpt"))
     return path

@@ -1,5 +1,5 @@
-"""Which options each format honours is data (registry ``read_options``/``write_options``): the tables
-are checked against what the readers and writers do, and a conversion refuses an option that neither
+"""Which options each format honours is data (its declared ``read_options``/``write_options``): the
+declarations are checked against what the readers and writers do, and a conversion refuses an option that neither
 its reader nor its writer honours instead of silently dropping it."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lorabridge.converters import convert
-from lorabridge.converters.registry import FORMATS, OPTION_DEFAULTS, READ_OPTIONS, WRITE_OPTIONS
+from lorabridge.converters.registry import FORMATS, all_formats, get_format
+from lorabridge.formats.contract import OPTION_DEFAULTS, READ_OPTIONS, WRITE_OPTIONS, ReadOptions, WriteOptions
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import write_neutral
 from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
@@ -75,15 +76,16 @@ def model_for(option: str):
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_write_options_table_matches_what_writers_do(name, option, tmp_path):
     """A declared write option changes the file written (or whether it is written); an undeclared one changes nothing."""
-    writer, model = FORMATS[name].load(), model_for(option)
+    writer, model = get_format(name), model_for(option)
 
-    def write(tag: str, **options):
+    def write(tag: str, options: WriteOptions):
         out = tmp_path / f"{tag}{suffix(name)}"
-        writer.write(model, out, **options)
+        writer.write(model, out, options)
         return fingerprint(out)
 
-    plain, given = outcome(lambda: write("plain")), outcome(lambda: write("given", **{option: GIVEN[option]}))
-    assert (plain != given) == (option in FORMATS[name].write_options), (plain, given)
+    plain = outcome(lambda: write("plain", WriteOptions()))
+    given = outcome(lambda: write("given", WriteOptions(**{option: GIVEN[option]})))
+    assert (plain != given) == (option in writer.write_options), (plain, given)
 
 
 def written_by(name: str, tmp_path: Path, option: str) -> Path:
@@ -99,7 +101,7 @@ def written_by(name: str, tmp_path: Path, option: str) -> Path:
     path = tmp_path / f"in{suffix(name)}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        FORMATS[name].load().write(model, path)
+        get_format(name).write(model, path)
     if option == "alpha" and name == "diffusers":  # it stores alpha in metadata: drop it
         tensors, metadata = read_safetensors(path)
         write_safetensors(path, tensors, {"format": "pt"})
@@ -122,20 +124,20 @@ def test_read_options_table_matches_what_readers_do(name, option, tmp_path):
     """A declared read option changes the model read (or whether it is read); an undeclared one changes nothing."""
     if (name, option) in UNREACHABLE:
         pytest.skip(f"a {name} file cannot hold what {option} acts on")
-    path, reader = written_by(name, tmp_path, option), FORMATS[name].load()
+    path, reader = written_by(name, tmp_path, option), get_format(name)
 
-    def read(**options) -> str:
-        model = reader.read(path, **options)
+    def read(options: ReadOptions) -> str:
+        model = reader.read(path, options)
         return repr(sorted((m.name, m.alpha, m.alpha_source, {r: (t.dtype, t.shape) for r, t in m.tensors.items()})
                            for m in model.modules.values()))
 
-    plain, given = outcome(read), outcome(lambda: read(**{option: GIVEN[option]}))
-    assert (plain != given) == (option in FORMATS[name].read_options), (plain, given)
+    plain, given = outcome(lambda: read(ReadOptions())), outcome(lambda: read(ReadOptions(**{option: GIVEN[option]})))
+    assert (plain != given) == (option in reader.read_options), (plain, given)
 
 
 def test_every_option_has_a_default_and_a_format_honouring_it():
     assert set(GIVEN) == set(OPTION_DEFAULTS) == READ_OPTIONS | WRITE_OPTIONS
-    assert all(any(o in f.read_options | f.write_options for f in FORMATS.values()) for o in OPTION_DEFAULTS)
+    assert all(any(o in f.read_options | f.write_options for f in all_formats()) for o in OPTION_DEFAULTS)
 
 
 @pytest.mark.parametrize("args, message", [

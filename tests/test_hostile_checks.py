@@ -219,7 +219,7 @@ def test_writers_never_write_a_non_finite_alpha(tmp_path):
         write_neutral(model, tmp_path / "n.safetensors")
     for target in ("diffusers", "kohya", "lycoris", "mindone-sgm"):
         with pytest.raises(LoraBridgeError, match="alpha that is not a finite number"):
-            get_format(target).load().write(model, tmp_path / f"{target}.safetensors")
+            get_format(target).write(model, tmp_path / f"{target}.safetensors")
     model.training = {"learning_rate": float("inf")}  # any other non-JSON number in the manifest
     next(iter(model.modules.values())).alpha = 8.0
     with pytest.raises(LoraBridgeError, match="cannot be written as JSON"):

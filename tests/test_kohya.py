@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 from lorabridge.converters import convert  # noqa: E402
 from lorabridge.errors import LoraBridgeError, LoraBridgeWarning  # noqa: E402
 from lorabridge.formats import kohya  # noqa: E402
+from lorabridge.formats.contract import ReadOptions, WriteOptions  # noqa: E402
 from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
@@ -152,7 +153,7 @@ def test_a_kohya_file_without_alphas_gets_alpha_rank_as_assumed_and_keeps_having
 def test_user_alpha_applies_only_where_the_file_stores_none(tmp_path):
     sd = kohya_state_dict(alpha=None)
     sd["lora_unet_input_blocks_0_0.alpha"] = torch.tensor(0.5)
-    model = kohya.read(save_kohya(tmp_path / "src.safetensors", sd), alpha=4.0)
+    model = kohya.read(save_kohya(tmp_path / "src.safetensors", sd), ReadOptions(alpha=4.0))
     assert (model.modules["unet.conv_in"].alpha, model.modules["unet.conv_in"].alpha_source) == (0.5, "stored")
     assert {m.alpha_source for n, m in model.modules.items() if n != "unet.conv_in"} == {"user"}
 
@@ -193,7 +194,7 @@ def test_bake_to_lora_writes_plain_lora_and_reports_the_error_of_each_module(tmp
     model = loha_model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kohya.write(model, tmp_path / "k.safetensors", bake_to_lora=4)  # a rank-2 LoHa has rank <= 4: exact
+        kohya.write(model, tmp_path / "k.safetensors", WriteOptions(bake_to_lora=4))  # a rank-2 LoHa has rank <= 4: exact
     messages = [str(w.message) for w in caught]
     assert any("baked 2 module(s)" in m for m in messages)
     assert sum("loha baked to LoRA rank 4, relative error" in m for m in messages) == 2
@@ -336,7 +337,7 @@ def test_an_sd15_unet_lora_in_diffusers_spelling_is_not_sdxl_even_with_skip_unkn
         sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = torch.zeros(2, width), torch.zeros(width, 2)
     src = save_kohya(tmp_path / "sd15.safetensors", sd)
     with pytest.raises(LoraBridgeError, match=r"not an SDXL LoRA: .*down_blocks_0_attentions_0.*looks like SD 1\.x/2\.x"):
-        kohya.read(src, skip_unknown=True)
+        kohya.read(src, ReadOptions(skip_unknown=True))
 
 
 def test_detect_leaves_lycoris_files_to_the_lycoris_reader(tmp_path):
@@ -389,7 +390,7 @@ def test_nan_factors_warn_and_strict_refuses_them(tmp_path):
     with pytest.warns(LoraBridgeWarning, match=r"1 tensor\(s\) hold NaN or Inf values: unet\.conv_out\.lora_B\.weight"):
         kohya.read(src)
     with pytest.raises(LoraBridgeError, match="refused"):
-        kohya.read(src, strict=True)
+        kohya.read(src, ReadOptions(strict=True))
 
 
 def test_training_facts_that_are_not_strings_become_json_metadata(tmp_path):

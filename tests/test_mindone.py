@@ -15,6 +15,7 @@ import pytest
 from lorabridge.converters import convert
 from lorabridge.converters.mindspore import ms2neutral, neutral2ms
 from lorabridge.errors import LoraBridgeError
+from lorabridge.formats.contract import ReadOptions
 from lorabridge.formats.mindone import MINDONE_DIFFUSERS, MINDONE_KOHYA, MINDONE_SGM
 from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.io.ms_ckpt import read_ms_checkpoint, read_ms_safetensors, write_ms_safetensors
@@ -67,7 +68,7 @@ def test_sgm_unet_names_map_to_the_diffusers_modules_of_mindones_pairing_list(sd
 def test_alpha_is_assumed_to_be_the_rank_unless_given(sdxl_ckpt):
     assumed = MINDONE_SGM.read(sdxl_ckpt)
     assert {(m.alpha, m.alpha_source) for m in assumed.modules.values()} == {(4.0, "assumed")}
-    given = MINDONE_SGM.read(sdxl_ckpt, alpha=8)
+    given = MINDONE_SGM.read(sdxl_ckpt, ReadOptions(alpha=8))
     assert {(m.alpha, m.alpha_source) for m in given.modules.values()} == {(8.0, "user")}
 
 
@@ -166,7 +167,7 @@ def test_kohya_port_files_keep_their_stored_alpha(tmp_path):
 
     write_ms_checkpoint(tmp_path / "kohya.ckpt", tensors)
     with pytest.warns(UserWarning, match="--alpha ignored for 1 module"):
-        model = MINDONE_KOHYA.read(tmp_path / "kohya.ckpt", alpha=8)  # a stored alpha wins over --alpha
+        model = MINDONE_KOHYA.read(tmp_path / "kohya.ckpt", ReadOptions(alpha=8))  # a stored alpha wins over --alpha
     (module,) = model.modules.values()
     assert module.name == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert (module.rank, module.alpha, module.alpha_source) == (8, 1.0, "stored")
@@ -188,7 +189,7 @@ def test_alpha_other_than_rank_is_folded_into_lora_b_keeping_delta_w(tmp_path):
     np.testing.assert_allclose(module.delta_weight(), original.delta_weight(), rtol=1e-6)
     kept = neutral2ms(neutral, tmp_path / "kept.ckpt", fold_alpha=False, progress=False)
     assert any("load them with lora_alpha" in w for w in kept.warnings)
-    (unfolded,) = MINDONE_SGM.read(kept.output, alpha=8).modules.values()
+    (unfolded,) = MINDONE_SGM.read(kept.output, ReadOptions(alpha=8)).modules.values()
     assert unfolded.tensors[B].same_as(original.tensors[B])
 
 
@@ -307,7 +308,7 @@ def test_names_that_match_no_sdxl_module_are_listed_or_skipped(tmp_path):
     with pytest.raises(LoraBridgeError, match=r"2 LoRA tensor\(s\) name no SDXL-base module.*input_blocks\.1\.1"):
         MINDONE_SGM.read(path)
     with pytest.warns(UserWarning, match="dropped 2 LoRA tensor"):
-        model = MINDONE_SGM.read(path, skip_unknown=True)
+        model = MINDONE_SGM.read(path, ReadOptions(skip_unknown=True))
     assert len(model.modules) == 560
 
 

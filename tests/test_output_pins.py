@@ -35,7 +35,8 @@ import numpy as np
 import pytest
 
 from lorabridge import manifest
-from lorabridge.converters.registry import FORMATS
+from lorabridge.converters.registry import get_format
+from lorabridge.formats.contract import WriteOptions
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model, make_lora_module
@@ -195,7 +196,7 @@ def write_case(case: str, directory: Path) -> dict[str, str]:
         patch.setattr(manifest, "now_utc", lambda: FIXED_CREATED)
         patch.setattr(manifest, "__version__", FIXED_VERSION)
         warnings.simplefilter("ignore")  # notes about folded alpha, DoRA axes...: not what is pinned here
-        FORMATS[fmt].load().write(MODELS[model](), out, **options)
+        get_format(fmt).write(MODELS[model](), out, WriteOptions(**options))
     files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else [out]
     return {(p.relative_to(out).as_posix() if out.is_dir() else "."): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in files}

@@ -13,6 +13,7 @@ import pytest
 from lorabridge.converters.torch import neutral2pt, pt2neutral
 from lorabridge.errors import LoraBridgeError, LoraBridgeWarning
 from lorabridge.formats import diffusers, legacy_diffusers, peft
+from lorabridge.formats.contract import WriteOptions
 from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
 from lorabridge.io.torch_file import read_state_dict
@@ -321,7 +322,7 @@ def test_loha_needs_baking_for_plain_lora_formats(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
-        diffusers.write(model, tmp_path / "baked.safetensors", bake_to_lora=8)
+        diffusers.write(model, tmp_path / "baked.safetensors", WriteOptions(bake_to_lora=8))
     assert any("baked 1 module(s)" in str(w.message) for w in caught)
     assert read_safetensors(tmp_path / "baked.safetensors")[0]["unet.mid_block.attentions.0.proj_in.lora_A.weight"].shape == (8, 1280)
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
+from ..formats.contract import Format
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
-from .registry import FORMATS, FormatInfo, get_format, split_options
+from .registry import FORMATS, get_format, split_options
 
 
 @dataclass
@@ -36,14 +37,14 @@ class ConversionResult:
     written: FileContents = field(default_factory=FileContents)  # what the output holds, read back from it
 
 
-def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> FormatInfo:
+def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> Format:
     """The first registered format (of ``candidates``, default all) whose detect() accepts ``path``."""
     path = check_regular(path, directory_ok=True)
     names = list(candidates) if candidates is not None else list(FORMATS)
     for name in names:
-        info = get_format(name)
-        if info.load().detect(path):
-            return info
+        candidate = get_format(name)
+        if candidate.detect(path):
+            return candidate
     raise LoraBridgeError(f"not a LoRA file in any supported format (tried: {', '.join(names)})", path)
 
 
@@ -87,13 +88,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
             force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
 
-    ``options`` are :class:`~.registry.ReadOptions` and :class:`~.registry.WriteOptions` fields
-    (``alpha``, ``skip_unknown``, ``dtype``...); each goes to the reader and/or writer that declares
-    it in the registry, and one given (not at its default) that neither honours is refused
-    before anything is read or written.
+    ``options`` are :class:`~lorabridge.formats.contract.ReadOptions` and
+    :class:`~lorabridge.formats.contract.WriteOptions` fields (``alpha``, ``skip_unknown``, ``dtype``...);
+    each goes to the reader and/or writer that declares it, and one given (not at its default) that
+    neither honours is refused before anything is read or written. What the reader and writer warn
+    about (:class:`~lorabridge.errors.LoraBridgeWarning`) is collected in ``warnings``, in order.
     The source file is hashed (provenance ``source_sha256``) in a thread beside reading, when the
-    target stores the hash (``RECORDS_SOURCE_HASH`` in its module: the neutral manifest); for other
-    targets the hash would be a pass over the input that nothing keeps, so it is skipped (None).
+    target declares ``records_source_hash`` (the neutral manifest); for other targets the hash
+    would be a pass over the input that nothing keeps, so it is skipped (None).
 
     Example:
         >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
@@ -102,12 +104,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     target = get_format(to)
     source = detect_format(src, from_formats)
     read_options, write_options = split_options(options, source, target)
-    writer = target.load()
-    out = check_output_path(dst, force, inputs=(src,), directory=getattr(writer, "WRITES_DIRECTORY", False))
-    source_hash = in_background(file_sha256, src) if getattr(writer, "RECORDS_SOURCE_HASH", False) else None
+    out = check_output_path(dst, force, inputs=(src,), directory=target.writes_directory)
+    source_hash = in_background(file_sha256, src) if target.records_source_hash else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
-        model = source.load().read(src, **read_options)
+        model = source.read(src, read_options)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None
@@ -117,11 +118,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
             bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
         try:
             with replacing(force):  # without --force, even a run racing this one cannot be replaced
-                returned = writer.write(model, out, progress=bar.update if bar else None, force=force, **write_options) or []
+                target.write(model, out, write_options, progress=bar.update if bar else None, force=force)
         finally:
             if bar is not None:
                 bar.close()
-    notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)] + list(returned)
+    notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)]
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     seconds = time.perf_counter() - started

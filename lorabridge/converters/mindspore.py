@@ -37,7 +37,7 @@ def ms2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         PosixPath('sdxl_lora.safetensors')
     """
     src = Path(src)
-    if src.is_file() and not any(get_format(name).load().detect(src) for name in MINDONE_FORMATS):
+    if src.is_file() and not any(get_format(name).detect(src) for name in MINDONE_FORMATS):
         from ..formats.mindone import why_not_mindone
 
         raise LoraBridgeError(why_not_mindone(src), src)

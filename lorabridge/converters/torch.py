@@ -18,7 +18,7 @@ from ..io.input_file import check_regular
 from ..io.safetensors_file import SafetensorsFile
 from ..io.torch_file import container_of
 from . import ConversionResult, convert, default_output
-from .registry import FORMATS, get_format
+from .registry import FORMATS, all_formats, get_format
 
 # What neutral2pt writes, the first being the default, and the default output name per format.
 WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers", "lycoris")
@@ -30,7 +30,7 @@ SHOWN_KEYS = 3
 
 def torch_formats() -> list[str]:
     """The registered PyTorch-world formats, in detection order."""
-    return [name for name, info in FORMATS.items() if info.framework == "torch"]
+    return [f.name for f in all_formats() if f.framework == "torch"]
 
 
 def why_undetected(path: Path, tried: Iterable[str]) -> str:
@@ -65,7 +65,7 @@ def detect_input(src: Path, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
     check_regular(src, directory_ok=True)
     for name in candidates:
-        if get_format(name).load().detect(src):
+        if get_format(name).detect(src):
             return name
     raise LoraBridgeError(why_undetected(src, candidates), src)
 
@@ -88,7 +88,7 @@ def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         PosixPath('pytorch_lora_weights_neutral.safetensors')
     """
     src = Path(src)
-    if get_format("neutral").load().detect(src):
+    if get_format("neutral").detect(src):
         raise LoraBridgeError("already a neutral LoRA file (use neutral2pt or convert to go on from it)", src)
     source = detect_input(src, [from_format] if from_format else torch_formats())
     out = Path(out) if out is not None else _beside(src, "neutral")
@@ -113,7 +113,7 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     if format not in WRITE_FORMATS:
         raise LoraBridgeError(f"unknown PyTorch format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
     src = check_regular(src)
-    if not get_format("neutral").load().detect(src):
+    if not get_format("neutral").detect(src):
         if container_of(src) == "safetensors":
             SafetensorsFile(src)  # a damaged safetensors file: say what is wrong with it, not only "not neutral"
         raise LoraBridgeError("not a neutral LoRA file (no lorabridge.manifest); "

@@ -28,6 +28,7 @@ from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
 from ..rules import MISSING, alpha_problem, module_problems
 from ..tensor import Tensor
+from .contract import WriteOptions
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
 
@@ -221,7 +222,7 @@ def warn_zero_alphas(model: LoraModel, path) -> None:
 
 
 def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequence[str] = (),
-                skip_unknown: bool = False, strict: bool = False, **_options) -> LoraModel:
+                skip_unknown: bool = False, strict: bool = False) -> LoraModel:
     """Check a model a reader built from ``path`` and return it (unknown modules dropped with ``skip_unknown``).
 
     ``unrecognized`` lists tensor keys the reader could not place in any module. Refused, with
@@ -274,30 +275,31 @@ def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | 
     return None
 
 
-def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dtype: str | None = None,
-                  bake_to_lora: int | None = None, dora_axes: tuple[str, ...] = ("out",), strict: bool = False,
-                  kinds: tuple[str, ...] = ("lora",), **_options) -> LoraModel:
+def writable_lora(model: LoraModel, path: str | os.PathLike, options: WriteOptions, *, target: str,
+                  kinds: tuple[str, ...], dora_axes: tuple[str, ...]) -> LoraModel:
     """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
 
     ``target`` names the format in messages; ``kinds`` are the module kinds it holds (other kinds
-    are baked or refused); ``dora_axes`` are the DoRA magnitude axes it stores
-    (PEFT's ``lora_magnitude_vector`` holds ``"out"`` only, kohya's ``dora_scale`` both, MindONE none);
-    a module on another axis is refused (see :func:`dora_refusal`). ``dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
-    NaN/Inf are checked here too, for inputs (neutral files) no foreign reader checked.
+    are baked with ``options.bake_to_lora``, or refused); ``dora_axes`` are the DoRA magnitude axes it stores
+    (PEFT's ``lora_magnitude_vector`` holds ``"out"`` only, kohya's ``dora_scale`` both, MindONE none):
+    both as the format declares them (:class:`~lorabridge.formats.contract.Format`). A module on another
+    axis is refused (see :func:`dora_refusal`). ``options.dtype``: ``fp32``/``fp16``/``bf16``, None keeps.
+    NaN/Inf are checked here too (``options.strict``), for inputs (neutral files) no foreign reader checked.
 
     Example:
-        >>> model = writable_lora(model, "out.safetensors", target="diffusers", dtype="fp16")   # doctest: +SKIP
+        >>> model = writable_lora(model, "out.safetensors", WriteOptions(dtype="fp16"), target="diffusers",
+        ...                       kinds=("lora",), dora_axes=("out",))   # doctest: +SKIP
     """
     from ..bake import lora_only
 
-    model, notes = lora_only(model, target, bake_to_lora, path, kinds)
+    model, notes = lora_only(model, target, options.bake_to_lora, path, kinds)
     for note in notes:
         warn(f"{path}: {note}")
     refusal = dora_refusal(model, target, dora_axes)
     if refusal:
         raise LoraBridgeError(refusal, path)
-    check_finite(model, path, strict=strict)
-    return cast_model(model, dtype, path, strict=strict)
+    check_finite(model, path, strict=options.strict)
+    return cast_model(model, options.dtype, path, strict=options.strict)
 
 
 def _overflow(source: Tensor, cast: Tensor) -> int:

@@ -30,6 +30,8 @@ from ..model import LoraModel
 from ..tensor import Tensor
 from . import legacy_diffusers
 from .checks import check_model, writable_lora
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .neutral import adapter_metadata
 from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
 from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
@@ -101,33 +103,41 @@ def detect(path: str | os.PathLike) -> bool:
     return False
 
 
-def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read a diffusers LoRA (safetensors, or a torch pickle read with weights_only=True), in either
     key spelling (see :func:`parse`).
 
     Alpha per module from ``lora_adapter_metadata`` (``alpha_pattern``, ``use_rslora`` honoured),
-    else ``alpha`` (recorded as given by the user), else the rank (recorded as assumed).
+    else ``options.alpha`` (recorded as given by the user), else the rank (recorded as assumed).
 
     Example:
-        >>> model = read("pytorch_lora_weights.safetensors", alpha=8)   # doctest: +SKIP
+        >>> model = read("pytorch_lora_weights.safetensors", ReadOptions(alpha=8))   # doctest: +SKIP
     """
     tensors, metadata = read_state_dict(path)
     groups, unrecognized = group_keys(tensors, parse, path)
-    model = build_model(groups, metadata_alpha(metadata, path), alpha, path)
+    model = build_model(groups, metadata_alpha(metadata, path), options.alpha, path)
     model.training = training_from_metadata(metadata, FILE_METADATA_KEYS)
-    return check_model(model, path, unrecognized=unrecognized, **options)
+    return check_model(model, path, unrecognized=unrecognized, skip_unknown=options.skip_unknown, strict=options.strict)
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options) -> None:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     """Write a diffusers LoRA safetensors file that ``load_lora_weights`` loads with every alpha right.
 
     Example:
-        >>> write(model, "pytorch_lora_weights.safetensors", dtype="fp16")   # doctest: +SKIP
+        >>> write(model, "pytorch_lora_weights.safetensors", WriteOptions(dtype="fp16"))   # doctest: +SKIP
     """
     if Path(path).suffix.lower() in TORCH_SUFFIXES:
         raise LoraBridgeError("the diffusers format keeps alpha in safetensors metadata; name the output .safetensors", path)
-    model = writable_lora(model, path, target="diffusers", **options)
+    model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
     tensors = _keyed(model)
     metadata: dict[str, Any] = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt",
                                 "lora_adapter_metadata": json.dumps(adapter_metadata(model), separators=(",", ":"))}
     write_safetensors(path, tensors, metadata, progress=progress)
+
+
+FORMAT = DeclaredFormat(
+    name="diffusers", framework="torch",
+    description="diffusers/PEFT LoRA: unet.*/text_encoder*.lora_A.weight, alpha in lora_adapter_metadata (.safetensors)",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=True, kinds=("lora",), dora_axes=("out",),
+    read_options=FOREIGN_READ, write_options=PLAIN_LORA_WRITE)

@@ -31,6 +31,8 @@ from ..errors import LoraBridgeError, listed
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..rules import dora_shape
 from ..tensor import Tensor
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .training import lost_training, training_metadata
 
 ALPHA = "alpha"  # the suffix whose tensor is the module's alpha, not one of its tensors
@@ -281,11 +283,11 @@ def drop_stray(stray: list[str], path, skip_unknown: bool) -> None:
 
 
 def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, *, alpha: float | None = None,
-                     skip_unknown: bool = False, **options) -> LoraModel:
+                     skip_unknown: bool = False, strict: bool = False) -> LoraModel:
     """Read a file in an underscored grammar into a checked :class:`LoraModel`.
 
     ``build`` turns one module's parts (file suffix -> tensor) into a :class:`LoraModule`;
-    ``skip_unknown`` and ``options`` go to :func:`~lorabridge.formats.checks.check_model` (``strict``).
+    ``skip_unknown`` and ``strict`` go to :func:`~lorabridge.formats.checks.check_model`.
     A module whose keys use a prefix other than kohya's for its component (LyCORIS' ``lycoris_``)
     keeps it in ``extra["key_prefix"]``, for writers of the same format.
     """
@@ -308,7 +310,7 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
         model.add(module)
     if problems:
         raise LoraBridgeError(f"broken LoRA module(s): {listed(problems, SHOWN)}", path)
-    return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, **options)
+    return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, strict=strict)
 
 
 def stem(module: LoraModule, spelling: str, own_prefix: bool = False, architecture: Architecture = DEFAULT) -> str:
@@ -443,7 +445,7 @@ def detect(path: str | os.PathLike) -> bool:
     return any(p is not None and p.suffix in weights for p in ours) and all(p is not None for p in ours)
 
 
-def read(path: str | os.PathLike, **options) -> LoraModel:
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read a kohya/A1111/ComfyUI LoRA (SGM or diffusers spelling, or ComfyUI's generic names) and check it against SDXL.
 
     ``diff``/``diff_b`` full-weight deltas become kind ``full`` modules; bias deltas beside LoRA
@@ -452,14 +454,15 @@ def read(path: str | os.PathLike, **options) -> LoraModel:
     Example:
         >>> model = read("sdxl_lora.safetensors")   # doctest: +SKIP
     """
-    return read_underscored(path, KOHYA, kohya_module, **options)
+    return read_underscored(path, KOHYA, kohya_module, alpha=options.alpha, skip_unknown=options.skip_unknown,
+                            strict=options.strict)
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
-          bake_to_lora: int | None = None, dtype: str | None = None, strict: bool = False, **_options) -> list[str]:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     """Write ``model`` as a kohya LoRA (SGM names, 0-d alphas, ModelSpec); full modules as ``diff``/``diff_b``.
 
-    LoHa/LoKr modules are refused with the modules listed unless ``bake_to_lora`` gives a
+    LoHa/LoKr modules are refused with the modules listed unless ``options.bake_to_lora`` gives a
     rank; then they are baked by truncated SVD and the error per module is reported as
     :class:`~lorabridge.errors.LoraBridgeWarning`. DoRA magnitudes are written as ``dora_scale`` on
     the axis they have. Per input column (OneTrainer's and LyCORIS' ``wd_on_output=False``) is what
@@ -467,13 +470,11 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
 
     Example:
         >>> write(model, "sdxl_lora_kohya.safetensors")   # doctest: +SKIP
-        []
     """
     from .checks import warn, writable_lora
 
-    model = writable_lora(model, path, target="kohya", bake_to_lora=bake_to_lora, dora_axes=("out", "in"), strict=strict,
-                          kinds=("lora", "full"), dtype=dtype)
-    write_underscored(model, path, "original", kohya_tensors, dtype=dtype, progress=progress)
+    model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
+    write_underscored(model, path, "original", kohya_tensors, dtype=options.dtype, progress=progress)
     per_row = [m.name for m in model.modules.values() if m.dora_axis == "out"]
     if per_row:
         warn(f"{path}: {len(per_row)} module(s) have DoRA magnitudes per output row ({', '.join(per_row[:SHOWN])}"
@@ -483,4 +484,11 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int]
         warn(f"{path}: {len(outside)} UNet layer(s) outside the down/mid/up blocks ({', '.join(outside[:SHOWN])}"
              f"{' ...' if len(outside) > SHOWN else ''}): ComfyUI and A1111 load them, diffusers' kohya loader "
              "cannot; for diffusers write --format diffusers")
-    return []
+
+
+FORMAT = DeclaredFormat(
+    name="kohya", framework="torch",
+    description="kohya sd-scripts/A1111/ComfyUI: lora_unet_<SGM or diffusers path>.lora_down/lora_up/.alpha, lora_te1_/lora_te2_",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=True,
+    kinds=("lora", "full"), dora_axes=("out", "in"),  # dora_scale on either axis; diff/diff_b full deltas
+    read_options=FOREIGN_READ, write_options=PLAIN_LORA_WRITE)

@@ -24,6 +24,8 @@ from ..io.torch_file import state_dict_keys, write_state_dict
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import warn, writable_lora
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .training import FILE_METADATA_KEYS, lost_training, training_metadata
 
 FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}
@@ -89,7 +91,7 @@ def detect(path: str | os.PathLike) -> bool:
     return found is not None and any(parse_key(k) for k in found[0])
 
 
-def read(path: str | os.PathLike, **options) -> LoraModel:
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read an old diffusers LoRA (safetensors, or a torch pickle such as the seed's ``*_pt.ckpt``).
 
     The diffusers reader does it: it takes both spellings, since diffusers' own files mix them.
@@ -99,7 +101,7 @@ def read(path: str | os.PathLike, **options) -> LoraModel:
     """
     from .diffusers import read as read_diffusers
 
-    return read_diffusers(path, **options)
+    return read_diffusers(path, options)
 
 
 def _scaled_up(module: LoraModule) -> Tensor:
@@ -110,7 +112,8 @@ def _scaled_up(module: LoraModule) -> Tensor:
     return Tensor.from_numpy(b.to_float32() * (module.alpha / module.rank), b.dtype)
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options) -> None:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     """Write old diffusers keys: a torch pickle for .ckpt/.bin/.pt/.pth outputs (as the seed), else safetensors.
 
     The training facts go into the safetensors metadata (the reader takes them back); a torch pickle
@@ -119,7 +122,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
     Example:
         >>> write(model, "sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
-    model = writable_lora(model, path, target="legacy-diffusers", dora_axes=(), **options)
+    model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
     folded = [m.name for m in model.modules.values() if m.alpha != m.rank]
     if folded:
         warn(f"{path}: legacy-diffusers files store no alpha; alpha/rank folded into the up factor of "
@@ -144,3 +147,10 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, **options
         if lost:
             warn(lost)
     write_state_dict(path, tensors, metadata, progress=progress)
+
+
+FORMAT = DeclaredFormat(
+    name="legacy-diffusers", framework="torch",
+    description="old diffusers attention processors (*.processor.to_q_lora.down.weight), the seed's *_pt.ckpt",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=False, kinds=("lora",), dora_axes=(),
+    read_options=FOREIGN_READ, write_options=PLAIN_LORA_WRITE)

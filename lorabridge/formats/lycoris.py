@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from dataclasses import replace
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from ..errors import LoraBridgeWarning
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..rules import MISSING, module_problems
 from ..tensor import Tensor
+from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .kohya import (ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, full_module, full_tensors, lora_module,
                     read_underscored, with_dora, write_underscored)
 
@@ -165,7 +166,7 @@ def detect(path: str | os.PathLike) -> bool:
     return any(k.startswith("lycoris_") or k.endswith(only_lycoris) for k in found[0])
 
 
-def read(path: str | os.PathLike, **options) -> LoraModel:
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read a LyCORIS file into a checked :class:`LoraModel`, kinds kept.
 
     Example:
@@ -174,7 +175,8 @@ def read(path: str | os.PathLike, **options) -> LoraModel:
         {'loha': 722}
     """
     folded: list[str] = []
-    model = read_underscored(path, LYCORIS, lambda name, parts, alpha: lycoris_module(name, parts, alpha, folded), **options)
+    model = read_underscored(path, LYCORIS, lambda name, parts, alpha: lycoris_module(name, parts, alpha, folded),
+                             alpha=options.alpha, skip_unknown=options.skip_unknown, strict=options.strict)
     if folded:
         warnings.warn(f"{path}: folded the Tucker lora_mid of {len(folded)} LoCon module(s) into lora_down "
                       f"(same delta W, float32 rounding): {', '.join(folded[:3])}{' ...' if len(folded) > 3 else ''}",
@@ -182,22 +184,28 @@ def read(path: str | os.PathLike, **options) -> LoraModel:
     return model
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None,
-          dtype: str | None = None, strict: bool = False, **_options) -> list[str]:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     """Write ``model`` as a LyCORIS file (``lora_unet_``/``lora_te1_``/``lora_te2_``, diffusers spelling).
 
     LoRA, LoHa, LoKr and full modules keep their kind, DoRA magnitudes their axis: what lycoris-lora's
     ``create_network_from_weights`` and ComfyUI load. Modules read from ``lycoris_`` keys (``create_lycoris``)
-    are written under that prefix again, which ``create_lycoris_from_weights`` needs. Returns no
-    warnings: every neutral kind fits.
+    are written under that prefix again, which ``create_lycoris_from_weights`` needs. Nothing is
+    baked: every neutral kind fits.
 
     Example:
         >>> write(model, "sdxl_lokr.safetensors")   # doctest: +SKIP
-        []
     """
     from .checks import cast_model, check_finite
 
-    check_finite(model, path, strict=strict)
-    model = cast_model(model, dtype, path, strict=strict)
-    write_underscored(model, path, "diffusers", lycoris_tensors, dtype=dtype, progress=progress, own_prefix=True)
-    return []
+    check_finite(model, path, strict=options.strict)
+    model = cast_model(model, options.dtype, path, strict=options.strict)
+    write_underscored(model, path, "diffusers", lycoris_tensors, dtype=options.dtype, progress=progress, own_prefix=True)
+
+
+FORMAT = DeclaredFormat(
+    name="lycoris", framework="torch",
+    description="LyCORIS (lycoris-lora): LoRA/LoCon, LoHa, LoKr, DoRA; lora_unet_/lora_te1_/lora_te2_/lycoris_ + diffusers path",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=True,
+    kinds=("lora", "loha", "lokr", "full"), dora_axes=("out", "in"),  # every kind fits: nothing to bake
+    read_options=FOREIGN_READ, write_options=frozenset({"dtype", "strict"}))

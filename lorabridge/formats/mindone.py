@@ -54,6 +54,7 @@ from ..architectures.tree import LORA_TARGET_TYPES
 from ..rules import module_problems
 from ..tensor import Tensor
 from .checks import check_finite, narrower, warn_zero_alphas, writable_lora
+from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
 from .neutral import adapter_metadata
 from .peft import config_alpha, metadata_configs
@@ -321,18 +322,18 @@ class MindoneFormat:
         """True for a MindSpore .ckpt or safetensors file whose first LoRA key is of this naming."""
         return naming_of(path) == self.naming.name
 
-    def read(self, path: str | os.PathLike, *, alpha: float | None = None, skip_unknown: bool = False,
-             strict: bool = False, **_options) -> LoraModel:
+    def read(self, path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
         """Read the LoRA tensors of a MindONE file into a :class:`LoraModel`, pairing A and B by name.
 
-        ``alpha``: alpha of every module without a stored one (default: its rank, MindONE's default,
-        recorded as "assumed"). ``skip_unknown``: drop LoRA tensors that name no SDXL module (with a
+        ``options.alpha``: alpha of every module without a stored one (default: its rank, MindONE's default,
+        recorded as "assumed"). ``options.skip_unknown``: drop LoRA tensors that name no SDXL module (with a
         warning) instead of failing. Non-LoRA tensors (base weights, optimizer state) are ignored, with
-        a warning saying how many. NaN/Inf values are warned about (``strict``: refused).
+        a warning saying how many. NaN/Inf values are warned about (``options.strict``: refused).
 
         Example:
-            >>> model = MINDONE_SGM.read("sdxl_lora.ckpt", alpha=8)   # doctest: +SKIP
+            >>> model = MINDONE_SGM.read("sdxl_lora.ckpt", ReadOptions(alpha=8))   # doctest: +SKIP
         """
+        alpha, skip_unknown, strict = options.alpha, options.skip_unknown, options.strict
         path = Path(path)
         container, tensors, strings = _read_container(path)
         groups: dict[tuple[str, tuple[str, ...]], dict[str, Tensor]] = {}
@@ -438,37 +439,38 @@ class MindoneFormat:
                 spelled.setdefault(spelling[0], {})[spelling[1]] = m
         return {key: m if isinstance(m, LoraModule) else _merge_fused(key, m) for key, m in spelled.items()}, unspellable
 
-    def write(self, model: LoraModel, path: str | os.PathLike, *, container: str | None = None, crc: bool = False,
-              fold_alpha: bool = True, progress: Callable[[int], None] | None = None, **options) -> list[str]:
-        """Write ``model`` as a MindONE file (atomically); return warnings for the user.
+    def write(self, model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+              progress: Progress | None = None, force: bool = False) -> None:
+        """Write ``model`` as a MindONE file (atomically); what the user should know is warned about.
 
-        ``container``: "ckpt" or "safetensors" (default: by the suffix of ``path``); ``crc``: add
+        ``options.container``: "ckpt" or "safetensors" (default: by the suffix of ``path``); ``options.crc``: add
         MindSpore's checksum (the ``crc_num`` trailer of a .ckpt, or metadata of a safetensors file);
-        ``fold_alpha``: see :meth:`file_tensors`.
+        ``options.fold_alpha``: see :meth:`file_tensors`. Tensors keep their dtype.
 
         Example:
-            >>> MINDONE_SGM.write(model, "lora_ms.ckpt", crc=True)   # doctest: +SKIP
+            >>> MINDONE_SGM.write(model, "lora_ms.ckpt", WriteOptions(crc=True))   # doctest: +SKIP
         """
-        container = container or ("safetensors" if Path(path).suffix == ".safetensors" else "ckpt")
+        container = options.container or ("safetensors" if Path(path).suffix == ".safetensors" else "ckpt")
         if container not in CONTAINERS:
             raise LoraBridgeError(f"unknown MindSpore container {container!r}; choose ckpt or safetensors", path)
         alpha_in_metadata = container == "safetensors" and self.naming.name == "diffusers"
-        model = writable_lora(model, path, target=f"MindONE {self.naming.name}", dora_axes=(),
-                              bake_to_lora=options.get("bake_to_lora"), strict=options.get("strict", False))
-        tensors, notes = self.file_tensors(model, path, fold_alpha, alpha_in_metadata)
+        model = writable_lora(model, path, WriteOptions(bake_to_lora=options.bake_to_lora, strict=options.strict),
+                              target=f"MindONE {self.naming.name}", kinds=MINDONE_KINDS, dora_axes=MINDONE_DORA_AXES)
+        tensors, notes = self.file_tensors(model, path, options.fold_alpha, alpha_in_metadata)
         notes += filter(None, [self._ineffective_in_mindone(model)])
         strings = _source_strings(model, path)
         if container == "ckpt":
             notes += filter(None, [lost_training(model, path, "a MindSpore .ckpt written by lorabridge (it keeps only the "
                                                  "source checkpoint's own text entries)", "--format safetensors keeps them",
                                                  kept=(STRINGS_KEY,))])
-            write_ms_checkpoint(path, tensors, metadata=strings, crc=crc, progress=progress)
+            write_ms_checkpoint(path, tensors, metadata=strings, crc=options.crc, progress=progress)
         else:
             metadata = {**training_metadata(model, (STRINGS_KEY, *CONTAINER_KEYS, ADAPTER_METADATA_KEY)), **strings}
             if alpha_in_metadata:
                 metadata[ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata(model), separators=(",", ":"))
-            write_ms_safetensors(path, tensors, metadata=metadata, crc=crc, progress=progress)
-        return notes
+            write_ms_safetensors(path, tensors, metadata=metadata, crc=options.crc, progress=progress)
+        for note in notes:
+            _warn(note)
 
     def _ineffective_in_mindone(self, model: LoraModel) -> str | None:
         """The warning that MindONE's SDXL LoRA model ignores some modules of an SGM file, or None.
@@ -538,7 +540,25 @@ def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
 
 
 # The registered formats (converters/registry.py points at these objects).
-MINDONE_SGM = MindoneFormat(NAMINGS["sgm"])
-MINDONE_DIFFUSERS = MindoneFormat(NAMINGS["diffusers"])
-MINDONE_KOHYA = MindoneFormat(NAMINGS["kohya"])
+MINDONE_KINDS: tuple[str, ...] = ("lora",)  # what MindONE's LoRA layers hold: other kinds are baked or refused
+MINDONE_DORA_AXES: tuple[str, ...] = ()  # MindONE's LoRA layers have no DoRA
+MINDONE_WRITE = frozenset({"container", "crc", "bake_to_lora", "strict"})  # tensors keep their dtype
+
+
+def _declared(naming: Naming, name: str, description: str) -> DeclaredFormat:
+    """The registered format of one naming: the methods of its :class:`MindoneFormat` and what they do."""
+    mindone = MindoneFormat(naming)
+    return DeclaredFormat(
+        name=name, framework="mindspore", description=description, detect=mindone.detect, read=mindone.read,
+        write=mindone.write, stores_metadata=False,  # a .ckpt, the default container, keeps only its source's text entries
+        stores_alpha=naming.stores_alpha, kinds=MINDONE_KINDS, dora_axes=MINDONE_DORA_AXES, read_options=FOREIGN_READ,
+        write_options=MINDONE_WRITE | ({"fold_alpha"} if not naming.stores_alpha else set()))  # nothing to fold where .alpha is
+
+
+MINDONE_SGM = _declared(NAMINGS["sgm"], "mindone-sgm", "MindONE SDXL trainer LoRA: SGM names (model.diffusion_model.*, "
+                        "conditioner.embedders.*), .ckpt or MindSpore safetensors")
+MINDONE_DIFFUSERS = _declared(NAMINGS["diffusers"], "mindone-diffusers", "mindone.diffusers LoRA: PEFT names "
+                              "(unet.*.lora_A.weight) in a .ckpt or MindSpore safetensors")
+MINDONE_KOHYA = _declared(NAMINGS["kohya"], "mindone-kohya", "MindONE's kohya port: lora_unet_*/lora_te1_*/lora_te2_* "
+                          "with .alpha, .ckpt or MindSpore safetensors")
 

@@ -22,10 +22,10 @@ from ..model import LoraModel, LoraModule, dominant_dtype, split_key
 from ..neutral_rules import ALLOWED_DTYPES, REASONS, interop_problems
 from ..rules import module_findings
 from ..tensor import Tensor
+from .contract import READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 
 Problem = tuple[str, str]
 Finding = tuple[str, str, str]  # (reason class of spec 8, location, message)
-RECORDS_SOURCE_HASH = True  # the manifest's provenance stores source_sha256 (see converters.convert)
 
 
 def adapter_metadata(model: LoraModel) -> dict[str, Any]:
@@ -268,14 +268,23 @@ def is_neutral(path: str | os.PathLike) -> bool:
         return False
 
 
-# The reader/writer pair as the converter registry calls it (options other formats take are ignored).
+# The reader/writer pair as the converter registry calls it.
 def detect(path: str | os.PathLike) -> bool:
     return is_neutral(path)
 
 
-def read(path: str | os.PathLike, *, verify_hash: bool = False, **_options) -> LoraModel:
-    return read_neutral(path, verify_hash=verify_hash)
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
+    return read_neutral(path, verify_hash=options.verify_hash)
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress: Callable[[int], None] | None = None, **_options) -> None:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     write_neutral(model, path, progress=progress)
+
+
+FORMAT = DeclaredFormat(
+    name="neutral", framework="neutral", description="lorabridge neutral LoRA v1 (.safetensors + manifest)",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=True,
+    records_source_hash=True,  # the manifest's provenance stores source_sha256 (see converters.convert)
+    kinds=("lora", "loha", "lokr", "full"), dora_axes=("out", "in"),
+    read_options=frozenset({"verify_hash"}), write_options=frozenset())

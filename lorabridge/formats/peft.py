@@ -38,10 +38,11 @@ from ..io.torch_file import read_state_dict, state_dict_keys
 from ..model import COMPONENTS, LoraModel, LoraModule
 from ..tensor import Tensor
 from .checks import check_model, known_modules, warn, writable_lora
+from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
+                       ReadOptions, WriteOptions)
 from .neutral import adapter_metadata
 from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
 
-WRITES_DIRECTORY = True  # the output path is a directory (one adapter per component)
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -398,7 +399,7 @@ def detect(path: str | os.PathLike) -> bool:
     return found is not None and _is_peft_state_dict(*found)
 
 
-def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> LoraModel:
+def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read a PEFT adapter directory, a per-component directory of them, or a PEFT state-dict file.
 
     Example:
@@ -414,7 +415,7 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         if not directories:
             why = f": {'; '.join(left_out)}" if left_out else ""
             raise LoraBridgeError(f"no {CONFIG_NAME} here or in unet/, text_encoder/, text_encoder_2/{why}", path)
-        if left_out and not options.get("skip_unknown"):
+        if left_out and not options.skip_unknown:
             raise LoraBridgeError(f"{len(left_out)} adapter folder(s) would be left out: {'; '.join(left_out)} "
                                   "(--skip-unknown converts the rest, with a warning)", path)
         if left_out:
@@ -442,9 +443,9 @@ def read(path: str | os.PathLike, *, alpha: float | None = None, **options) -> L
         component, module_path = name.split(".", 1)
         return config_alpha(configs.get(component, {}), module_path, rank)
 
-    model = build_model(groups, alpha_of, alpha, path)
+    model = build_model(groups, alpha_of, options.alpha, path)
     model.training = _training(metadatas, path)
-    return check_model(model, path, unrecognized=unrecognized, **options)
+    return check_model(model, path, unrecognized=unrecognized, skip_unknown=options.skip_unknown, strict=options.strict)
 
 
 def _training(metadatas: list[Mapping[str, str]], path) -> dict[str, str]:
@@ -469,7 +470,8 @@ def _safe_subdir(root: Path, component: str) -> Path:
     return target
 
 
-def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bool = False, **options) -> None:
+def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
+          progress: Progress | None = None, force: bool = False) -> None:
     """Write one PEFT adapter directory per component under ``path`` (a new directory), atomically.
 
     The directory is assembled beside ``path`` and renamed into place; an existing ``path``
@@ -479,7 +481,7 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
         >>> write(model, "lora_peft")   # doctest: +SKIP
     """
     path = Path(path)
-    model = writable_lora(model, path, target="peft", **options)
+    model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
     configs = component_configs(model)
     metadata = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt"}
     with atomic_directory(path, force) as staging:
@@ -491,3 +493,12 @@ def write(model: LoraModel, path: str | os.PathLike, *, progress=None, force: bo
             config = {**CONFIG_DEFAULTS, **configs[component]}
             (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2), "utf-8")
             write_safetensors(directory / WEIGHT_NAMES[0], tensors, metadata, progress=progress)
+
+
+FORMAT = DeclaredFormat(
+    name="peft", framework="torch",
+    description="PEFT adapter directory per component (adapter_config.json + adapter_model.safetensors), "
+                "or a base_model.model.* state dict",
+    detect=detect, read=read, write=write, stores_metadata=True, stores_alpha=True, kinds=("lora",), dora_axes=("out",),
+    writes_directory=True,  # one adapter directory per component
+    read_options=FOREIGN_READ, write_options=PLAIN_LORA_WRITE)
