@@ -17,7 +17,8 @@ from lorabridge.converters.mindspore import ms2neutral, neutral2ms
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.mindone import MINDONE_DIFFUSERS, MINDONE_KOHYA, MINDONE_SGM
 from lorabridge.formats.neutral import read_neutral, write_neutral
-from lorabridge.io.ms_ckpt import read_ms_checkpoint, read_ms_safetensors, write_ms_safetensors
+from lorabridge.io.ms_ckpt import read_ms_checkpoint
+from lorabridge.io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model
