@@ -96,7 +96,8 @@ def _parse_record(buf, pos: int, end: int) -> tuple[_Record, int]:
         raise Malformed(f"{tag!r} is a map tensor (MapParameter, a hash-table embedding), not supported", pos)
     if "tensor" not in value:
         raise Malformed(f"record {tag!r} holds no tensor", pos)
-    tensor = parse_message(buf, *value["tensor"], _TENSOR_FIELDS, "TensorProto")
+    span: tuple[int, int] = value["tensor"]
+    tensor = parse_message(buf, *span, _TENSOR_FIELDS, "TensorProto")
     for required in ("tensor_type", "tensor_content"):
         if required not in tensor:
             raise Malformed(f"record {tag!r} has no {required}", pos)
@@ -224,9 +225,10 @@ class MsCheckpointFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path, self._map, size = map_input(path)
-        if self._map is None:
+        self.path, mapped, size = map_input(path)
+        if mapped is None:
             raise LoraBridgeError("empty file (0 bytes), not a MindSpore checkpoint", self.path)
+        self._map = mapped
         _refuse_foreign(self._map, size, self.path)
         try:
             entries, trailer = _scan(self._map, size)

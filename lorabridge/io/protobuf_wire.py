@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5  # wire types
 FIXED_WIDTH = {I64: 8, I32: 4}
@@ -46,7 +46,7 @@ def varint(buf, pos: int, end: int) -> tuple[int, int]:
             raise Malformed("varint longer than 10 bytes", start)
 
 
-def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object, int]]:
+def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any, int]]:
     """Yield (field number, wire type, value, offset) for each field of the message in [start, end).
 
     The value is an int for varints and a (begin, end) byte span for everything else.
@@ -56,6 +56,7 @@ def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object, int]]:
         at = pos
         key, pos = varint(buf, pos, end)
         number, wire = key >> 3, key & 7
+        value: int | tuple[int, int]
         if number == 0:
             raise Malformed("protobuf field number 0", at)
         if wire == VARINT:
@@ -90,7 +91,7 @@ def parse_message(buf, start: int, end: int, schema: dict[int, tuple[str, str]],
     (their value is a (begin, end) span); "varints" fields are repeated integers, plain or packed.
     Unknown fields are skipped, as protobuf does.
     """
-    found: dict[str, object] = {}
+    found: dict[str, Any] = {}
     for number, wire, value, at in fields(buf, start, end):
         if number not in schema:
             continue
