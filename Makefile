@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# Lint and type-check first (configured in pyproject.toml); any failure stops make.
 test: $(STAMP)
+	$(PY) -m ruff check lorabridge tests tools bench
+	$(PY) -m mypy lorabridge
 	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: $(STAMP)

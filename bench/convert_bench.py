@@ -367,13 +367,13 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
             if not met:
                 misses.append((TARGET_INPUT, r, "time"))
     lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
-    for name, rows in all_rows.items():
+    for name in all_rows:
         for r in ours(name):
             speedup = r.seed / r.wall
             lines.append(f"- {name}, {r.contender.name}: {'met' if r.ok and speedup >= TARGET_SEED_SPEEDUP else 'MISSED'}, "
                          f"{speedup:.1f}x ({r.wall:.3f} s vs seed {r.seed:.3f} s)")
     lines.append("\n**Peak RSS <= largest tensor + 100 MB** (ru_maxrss; RssAnon in brackets):")
-    for name, rows in all_rows.items():
+    for name in all_rows:
         limit = largest[name] + TARGET_RSS_SLACK
         for r in ours(name):
             met = r.peak_rss <= limit
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     startup = median(cli_runs["python -c 'import lorabridge.cli' (our start-up)"])
     tables: dict[str, list[Row]] = {}
     for name, f in files.items():
-        by_reads = lambda reads, kind_name: median(next(runs[(name, i)] for i, c in enumerate(contenders)
+        by_reads = lambda reads, kind_name: median(next(runs[(name, i)] for i, c in enumerate(contenders)  # noqa: B023 (used in this iteration)
                                                         if c.reads == reads and c.name == kind_name))
         seed = median(next(runs[(name, i)] for i, c in enumerate(contenders) if c.name.startswith("seed")))
         tables[name] = [Row(c, runs[(name, i)], f.input(c.reads).stat().st_size, by_reads(c.reads, "cp"),

@@ -128,8 +128,9 @@ TARGETS = {
 PEFT_SPLIT = b"\n--adapter_model--\n"
 # The library modules a read goes through (lorabridge imports them inside functions, to keep start-up fast).
 INSTRUMENTED = ("lorabridge.io.safetensors_file", "lorabridge.io.json_safe", "lorabridge.io.input_file",
-                "lorabridge.io.torch_file", "lorabridge.io.ms_ckpt", "lorabridge.formats.checks", "lorabridge.rules",
-                "lorabridge.manifest", "lorabridge.neutral_rules", "lorabridge.architectures.sdxl.sgm", "lorabridge.architectures.sdxl.text_encoders",
+                "lorabridge.io.torch_file", "lorabridge.io.ms_ckpt", "lorabridge.io.protobuf_wire",
+                "lorabridge.formats.checks", "lorabridge.rules", "lorabridge.manifest", "lorabridge.neutral_rules",
+                "lorabridge.architectures.sdxl.sgm", "lorabridge.architectures.sdxl.text_encoders",
                 "lorabridge.formats.training", "lorabridge.model", "lorabridge.tensor")  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
 
 

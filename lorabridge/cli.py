@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import __version__
-from .adapters.options import SCHEDULERS
+from .adapters.options import BACKENDS, DTYPES, SCHEDULERS
 from .errors import LoraBridgeError, shown, single_line
 
 
@@ -51,6 +51,10 @@ class FiniteFloat(click.ParamType):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+# One --force for every command that writes: each refuses to replace an existing output without it.
+_force = click.option("--force", is_flag=True, help="Replace an existing output instead of refusing.")
 
 
 def _print(data, as_json: bool, render) -> None:
@@ -108,7 +112,7 @@ def conformance(reader: str, vectors: str | None, timeout: float, as_json: bool)
 @click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
               help="Also write a random non-zero LoRA for it: .ckpt as MindONE's SDXL trainer saves it, "
                    ".safetensors as a neutral file.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@_force
 def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
     """Build a tiny random-weight SDXL pipeline (diffusers layout) in OUT, offline and reproducibly.
 
@@ -146,7 +150,7 @@ _verify_hash = click.option("--verify-hash", is_flag=True,
                    "(MindONE's default), recorded in the manifest as 'assumed'; a value given here is recorded "
                    "as 'user'. Files that store alpha (kohya port) keep theirs.")
 @click.option("--skip-unknown", is_flag=True, help="Drop LoRA tensors that name no SDXL module (with a warning) instead of failing.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_force
 def ms2neutral_command(src: str, output: str | None, alpha: float | None, skip_unknown: bool, force: bool) -> None:
     """Convert a MindONE SDXL LoRA (IN: .ckpt or MindSpore safetensors) to a neutral .safetensors file.
 
@@ -173,7 +177,7 @@ def ms2neutral_command(src: str, output: str | None, alpha: float | None, skip_u
               help="Where the file cannot store alpha and a module's alpha != rank, scale lora_B by alpha/rank so "
                    "MindONE's default alpha = rank gives the same delta W.")
 @_verify_hash
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@_force
 def neutral2ms_command(src: str, output: str | None, naming: str, container: str, crc: bool, fold_alpha: bool,
                        verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a MindONE SDXL LoRA for MindSpore.
@@ -190,7 +194,6 @@ _PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers", "lycoris"
 _strict = click.option("--strict", is_flag=True, help="Refuse tensors holding NaN/Inf instead of warning.")
 _skip_unknown = click.option("--skip-unknown", is_flag=True,
                              help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
-_force = click.option("--force", is_flag=True, help="Replace an existing output.")
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                       help="Cast the tensors [default: keep the input's dtype].")
 _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None, metavar="RANK",
@@ -279,7 +282,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 
 
 @cli.command("infer")
-@click.option("--backend", required=True, help="torch (diffusers) or mindspore (mindone.diffusers).")
+@click.option("--backend", required=True, type=click.Choice(BACKENDS),
+              help="The framework: torch runs diffusers, mindspore runs mindone.diffusers.")
 @click.option("--base", required=True, type=click.Path(), help="SDXL base: a diffusers directory, or (torch) a single-file .safetensors.")
 @click.option("--lora", type=click.Path(), default=None, help="Neutral LoRA file (.safetensors); omit for the base model alone.")
 @click.option("--prompt", required=True)
@@ -292,16 +296,17 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
 @click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
-@click.option("--scheduler", default="euler", show_default=True,
-              help=f"One of: {', '.join(SCHEDULERS)}. euler on SDXL's config is the DDPM discretization that "
-                   "MindONE's SDXL LoRA consistency check (convert_lora_ms2pt.py, infer_lora.py) used.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on accelerators).")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True,
+              help="euler on SDXL's config is the DDPM discretization that MindONE's SDXL LoRA consistency check "
+                   "(convert_lora_ms2pt.py, infer_lora.py) used.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="auto: fp32 on CPU, fp16 on accelerators.")
 @click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
 @click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
 @click.option("--save-latents", type=click.Path(), default=None, help="Save the initial noise to this .npy file.")
 @click.option("--config", type=click.Path(), default=None, help="torch single-file base: diffusers directory with the component configs.")
 @click.option("-o", "--output", type=click.Path(), default=None, help="Image directory [default: <lora file>-gen-images].")
-@click.option("--force", is_flag=True, help="Replace an existing output directory of images / latents file.")
+@_force
 def infer_command(backend: str, base: str, lora: str | None, output: str | None, config: str | None,
                   init_latents: str | None, save_latents: str | None, **options) -> None:
     """Generate images from an SDXL base plus one neutral LoRA file, with diffusers or mindone.diffusers.
@@ -329,7 +334,7 @@ def infer_command(backend: str, base: str, lora: str | None, output: str | None,
               help="Side-by-side image A | B | heat map (a directory when comparing directories).")
 @click.option("--max-mae", type=float, default=5.0, show_default=True, help="Fail (exit 1) when any pair's MAE is above this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
-@click.option("--force", is_flag=True, help="Replace existing output images.")
+@_force
 def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json: bool, force: bool) -> None:
     """Compare images A and B (or two directories, pairing files by name): MAE (0..255), max error, PSNR.
 

@@ -109,7 +109,7 @@ def run_conformance(reader: str, vectors: str | os.PathLike | None = None, timeo
         argv = [word.replace("{file}", path) for word in template]
         expected = expected_verdict(vector)
         said, problem = run_reader(argv, timeout)
-        outcomes.append(Outcome(vector["file"], expected, said, problem or judge(expected, said)))
+        outcomes.append(Outcome(vector["file"], expected, said, problem if said is None else judge(expected, said)))
     return outcomes
 
 

@@ -98,7 +98,7 @@ def dora_limits(model: LoraModel) -> list[tuple[tuple[str, ...], str]]:
     (``use_dora`` in its LoraConfig): magnitudes per input column and components mixing DoRA and plain
     LoRA modules have no PEFT form, and diffusers fails on them ("Cannot copy out of meta tensor").
     """
-    notes = []
+    notes: list[tuple[tuple[str, ...], str]] = []
     dora = [m.name for m in model.modules.values() if m.dora_axis]
     if dora:
         notes.append((("mindone.diffusers",), f"{len(dora)} module(s) have DoRA magnitudes: mindone.diffusers (0.5.0) cannot "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lorabridge.adapters.options import BACKENDS, DTYPES, SCHEDULERS
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
 
@@ -87,6 +89,29 @@ def test_every_command_has_help():
     for name in cli.commands:
         result = CliRunner().invoke(cli, [name, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, name
+
+
+@pytest.mark.parametrize("option,value,choices", [("--scheduler", "lms", SCHEDULERS), ("--backend", "jax", BACKENDS),
+                                                   ("--dtype", "fp8", DTYPES)])
+def test_infer_refuses_an_unknown_choice_listing_the_choices(run_cli, tmp_path, option, value, choices):
+    """click refuses it (usage error, exit 2) before the command runs: the choices come from adapters/options.py."""
+    args = {"--backend": "torch", "--scheduler": "euler", "--dtype": "auto", option: value}
+    result = run_cli("infer", "--base", tmp_path / "base", "--prompt", "x", "-o", tmp_path / "out",
+                     *(word for pair in args.items() for word in pair))
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': '{value}' is not one of " in result.output
+    assert all(f"'{choice}'" in result.output for choice in choices), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_writing_command_shares_one_force_option():
+    from lorabridge.cli import cli
+
+    helps = {name: [p.help for p in command.params if p.name == "force"] for name, command in cli.commands.items()}
+    writers = {name for name, found in helps.items() if found}
+    assert writers == {"make-tiny-sdxl", "ms2neutral", "neutral2ms", "pt2neutral", "neutral2pt", "convert", "infer",
+                       "compare"}
+    assert len({found[0] for name, found in helps.items() if found}) == 1
 
 
 @pytest.mark.parametrize("module", ["lorabridge", "lorabridge.cli"])

@@ -169,11 +169,19 @@ def test_init_latents_of_wrong_shape_or_dtype(infer, tmp_path):
 
 
 def test_unknown_backend_device_scheduler(run_cli, infer, tiny_sdxl_dir, tmp_path):
-    result = run_cli("infer", "--backend", "jax", "--base", tiny_sdxl_dir, "--prompt", "x", "-o", tmp_path / "o")
-    assert_refused(result, "unknown backend 'jax'", "torch, mindspore")
+    """--backend, --scheduler and --dtype are click choices (test_cli_core.py); a library caller gets the same
+    refusals from InferOptions.check and load_backend; --device is checked by the backend."""
+    from lorabridge.adapters.infer import load_backend
+    from lorabridge.adapters.options import InferOptions
+    from lorabridge.errors import LoraBridgeError
+
+    with pytest.raises(LoraBridgeError, match="unknown backend 'jax'; choose one of: torch, mindspore"):
+        load_backend("jax")
+    for field, value in (("scheduler", "lms"), ("dtype", "fp8")):
+        with pytest.raises(LoraBridgeError, match=f"unknown {field} '{value}'; choose one of: .*"):
+            InferOptions(backend="torch", base=tiny_sdxl_dir, prompt="x", **{field: value}).check()
     assert_refused(run_cli("infer", "--backend", "torch", "--base", tiny_sdxl_dir, "--prompt", "x", "--device", "tpu",
                            "-o", tmp_path / "o"), "unknown torch device 'tpu'")
-    assert_refused(infer("--scheduler", "lms", "-o", tmp_path / "o"), "unknown scheduler 'lms'", "euler")
     assert not (tmp_path / "o").exists()
 
 

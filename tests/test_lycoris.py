@@ -124,7 +124,7 @@ def test_a_lycoris_full_module_reads_as_its_weight_and_bias_delta(lycoris_file, 
     original, _ = read_safetensors(case.path)
     with_bias = [m for m in model.modules.values() if "diff_b" in m.tensors]
     assert with_bias and len(with_bias) < len(model.modules)  # to_out.0 has a bias, to_q/k/v have none
-    for name, module in model.modules.items():
+    for module in model.modules.values():
         key = "lycoris_" + module.path.replace(".", "_")
         assert module.tensors["diff"].same_as(original[f"{key}.diff"])
         assert (module.rank, module.scale, module.weight_shape) == (0, 1.0, tuple(original[f"{key}.diff"].shape))

@@ -18,8 +18,8 @@ from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.contract import ReadOptions
 from lorabridge.formats.mindone import MINDONE_DIFFUSERS, MINDONE_KOHYA, MINDONE_SGM
 from lorabridge.formats.neutral import read_neutral, write_neutral
-from lorabridge.io.ms_ckpt import read_ms_checkpoint, read_ms_safetensors, write_ms_safetensors
-from lorabridge.model import LoraModel, LoraModule
+from lorabridge.io.ms_ckpt import read_ms_checkpoint
+from lorabridge.io.ms_safetensors import read_ms_safetensors
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model
 from tests.fixtures.kohya_file import KOHYA_TRAINING_METADATA, TE2_QKV_RANKS, kohya_sdxl_lora, write_kohya

@@ -22,10 +22,9 @@ from lorabridge.io.ms_ckpt import (
     is_ms_checkpoint,
     iter_ms_checkpoint,
     read_ms_checkpoint,
-    read_ms_safetensors,
     write_ms_checkpoint,
-    write_ms_safetensors,
 )
+from lorabridge.io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from lorabridge.io.ms_dtypes import MS_TO_SAFETENSORS, SAFETENSORS_TO_MS
 from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
 from lorabridge.tensor import Tensor

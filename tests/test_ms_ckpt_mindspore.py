@@ -18,7 +18,8 @@ import pytest
 
 from lorabridge.errors import LoraBridgeError
 from lorabridge.io import ms_ckpt
-from lorabridge.io.ms_ckpt import read_ms_checkpoint, read_ms_safetensors, write_ms_checkpoint, write_ms_safetensors
+from lorabridge.io.ms_ckpt import read_ms_checkpoint, write_ms_checkpoint
+from lorabridge.io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from lorabridge.io.ms_dtypes import SAFETENSORS_TO_MS
 from lorabridge.tensor import Tensor
 from tests.fixtures.mindspore import run_mindspore

@@ -28,11 +28,9 @@ from ..io.atomic import atomic_directory, check_output_path, replacing
 from ..model import LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, save_latents
-from .options import BACKENDS, SCHEDULERS, InferOptions
+from .options import BACKEND_MODULES, BACKENDS, SCHEDULERS, InferOptions
 from .pipeline import apply_lora, sample, set_scheduler
 from .png import write_png
-
-BACKEND_MODULES = {"torch": "lorabridge.adapters.torch_backend", "mindspore": "lorabridge.adapters.mindspore_backend"}
 
 
 @dataclass

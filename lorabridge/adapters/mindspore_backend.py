@@ -20,11 +20,11 @@ import numpy as np
 from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
+from .options import FRAMEWORK_DTYPES
 
 EXTRA = "mindspore"
 REQUIRED = ("mindspore", "mindone")
 DEVICES = ("Ascend", "CPU")
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class MindSporeFramework:
@@ -114,7 +114,7 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
         pipeline_class = SDXL.pipeline_class("mindspore")
 
     try:
-        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, _DTYPES[dtype]))
+        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, FRAMEWORK_DTYPES[dtype]))
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"mindone.diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
     return pipe, MindSporeFramework()

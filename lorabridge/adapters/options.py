@@ -28,8 +28,14 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "unipc": ("UniPCMultistepScheduler", {}, True),
 }
 
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-BACKENDS = ("torch", "mindspore")
+# --dtype name -> the dtype's attribute name in torch and in mindspore (both spell them alike); "auto" lets the
+# backend's resolve_dtype choose by device.
+FRAMEWORK_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("auto", *FRAMEWORK_DTYPES)
+
+# --backend name -> the module that runs it (imported only when chosen: it imports its framework).
+BACKEND_MODULES = {"torch": "lorabridge.adapters.torch_backend", "mindspore": "lorabridge.adapters.mindspore_backend"}
+BACKENDS = tuple(BACKEND_MODULES)
 
 
 @dataclass

@@ -45,11 +45,12 @@ def lora_mismatches(lora: LoraModel, pipe: Any, fw: Framework) -> list[str]:
         for m in lora.modules.values():
             if m.component != component:
                 continue
-            if m.path not in shapes or shapes[m.path] is None:
+            shape = shapes.get(m.path)
+            if shape is None:
                 problems.append(f"{m.name} (not in base)")
-            elif tuple(shapes[m.path]) != tuple(m.weight_shape):
+            elif tuple(shape) != tuple(m.weight_shape):
                 problems.append(f"{m.name} (LoRA {'x'.join(map(str, m.weight_shape))}, "
-                                f"base {'x'.join(map(str, shapes[m.path]))})")
+                                f"base {'x'.join(map(str, shape))})")
     return problems
 
 

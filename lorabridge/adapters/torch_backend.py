@@ -12,11 +12,11 @@ import numpy as np
 
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
+from .options import FRAMEWORK_DTYPES
 
 EXTRA = "torch"
 REQUIRED = ("torch", "diffusers", "transformers", "peft")
 DEVICES = ("cuda", "cpu", "mps")
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class TorchFramework:
@@ -98,7 +98,7 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
     base = describe_base(base) if not isinstance(base, BaseModel) else base
     device = resolve_device(device)
 
-    torch_dtype = getattr(torch, _DTYPES[dtype])
+    torch_dtype = getattr(torch, FRAMEWORK_DTYPES[dtype])
     try:
         if base.single_file:
             pipe = pipeline_class.from_single_file(str(base.path), torch_dtype=torch_dtype,

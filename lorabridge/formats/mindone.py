@@ -39,8 +39,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
-from ..io.ms_ckpt import (is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, read_ms_safetensors,
-                          write_ms_checkpoint, write_ms_safetensors)
+from ..io.ms_ckpt import is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, write_ms_checkpoint
+from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY

@@ -206,7 +206,11 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
         yield staging
         with _reported(path, "cannot write the output"):
-            old = _swap_in(staging, path) if force else _publish_new(staging, path)
+            old: Path | None = None  # what was replaced, to remove
+            if force:
+                old = _swap_in(staging, path)
+            else:
+                _publish_new(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -379,9 +383,11 @@ def _swap_in(staging: Path, path: Path) -> Path | None:
             return staging
         except FileNotFoundError:  # nothing at path: publish as new; if someone beats us to it, exchange
             with contextlib.suppress(FileExistsError):
-                return _publish_new(staging, path)
+                _publish_new(staging, path)
+                return None
     if not os.path.lexists(path):  # without exchange: move the old output aside, then the new one in
-        return _publish_new(staging, path)
+        _publish_new(staging, path)
+        return None
     aside = path.with_name(_temporary_prefix(path) + "replaced")  # not a name cleaned up: kept if killed here
     os.replace(path, aside)
     os.rename(staging, path)

@@ -49,7 +49,7 @@ def _finite(text: str, parse=float) -> Any:
 
 # json.loads hooks for strict JSON: Python accepts NaN, Infinity and -Infinity and turns 1e400 into inf;
 # no other JSON reader does, and a non-finite alpha makes delta W NaN.
-STRICT_HOOKS = {"parse_constant": _not_json, "parse_float": _finite, "parse_int": lambda text: _finite(text, int)}
+STRICT_HOOKS: dict[str, Any] = {"parse_constant": _not_json, "parse_float": _finite, "parse_int": lambda text: _finite(text, int)}
 
 
 def load_json(raw: bytes | memoryview | str, what: str, path: str | os.PathLike | None, *, strict: bool = False) -> Any:

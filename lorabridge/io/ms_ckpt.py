@@ -1,9 +1,9 @@
-"""Read and write MindSpore checkpoints (``.ckpt`` and MindSpore-flavoured safetensors) without MindSpore.
+"""Read and write MindSpore ``.ckpt`` checkpoints without MindSpore.
 
 Why not ``mindspore.load_checkpoint``: it needs MindSpore installed, reads the
 whole file into memory and parses it as one protobuf message (so a big file is
 held twice), and it raises generic errors. This module memory-maps the file,
-walks its records with a small bounds-checked protobuf reader and returns
+walks its records with a small bounds-checked protobuf reader (``io/protobuf_wire.py``) and returns
 zero-copy :class:`~lorabridge.tensor.Tensor` views; every problem is a
 one-line :class:`~lorabridge.errors.LoraBridgeError` naming the file.
 
@@ -19,6 +19,7 @@ with MindSpore's own output is tested in ``tests/test_ms_ckpt_mindspore.py``)::
 A tensor over 512 MiB is written as consecutive records with the same tag and
 the full dims, each holding the next slice of the bytes. Text entries
 (``append_dict`` strings) have tensor_type ``"str"`` and UTF-32 content.
+MindSpore's safetensors checkpoints are ``io/ms_safetensors.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..tensor import DTYPES, Tensor
 from .atomic import atomic_write
 from .input_file import map_input
 from .ms_dtypes import MS_STR_TYPE, MS_TO_SAFETENSORS, MS_UNSUPPORTED, SAFETENSORS_TO_MS
-from .safetensors_file import SafetensorsFile, write_safetensors
+from .protobuf_wire import Malformed, encode_varint, len_field, parse_message, text, varint
 from .streaming import release_pages
 
 CHUNK_BYTES = 512 * 1024 * 1024  # save_checkpoint splits a tensor's bytes into records of at most this size
@@ -57,126 +58,14 @@ FOREIGN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\x80\x05", "this is a PyTorch checkpoint (pickle), not a MindSpore one"),
 )
 
-# safetensors metadata that mindspore.save_checkpoint(..., format="safetensors") writes
-MS_SAFETENSORS_METADATA = {"format": "ms"}
+# ---------------------------------------------------------------- the Checkpoint messages (protobuf_wire schemas)
 
-# MindSpore writes safetensors through the safetensors library, which lays tensors out by dtype in this
-# order (then by name); following it makes our files byte-identical to MindSpore's.
-SAFETENSORS_LAYOUT_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
-                            "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
-
-# ---------------------------------------------------------------- protobuf wire format (the subset used here)
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_FIXED_WIDTH = {_I64: 8, _I32: 4}
 _RECORD_KEY = 0x0A  # Checkpoint field 1 (value), length-delimited
 
 # Message schemas: field number -> (name, kind). "bytes" fields are length-delimited and singular;
 # "varints" fields are repeated integers, plain or packed. Unknown fields are skipped, as protobuf does.
 _VALUE_FIELDS = {1: ("tag", "bytes"), 2: ("tensor", "bytes"), 3: ("maptensor", "bytes")}
 _TENSOR_FIELDS = {1: ("dims", "varints"), 2: ("tensor_type", "bytes"), 3: ("tensor_content", "bytes")}
-
-
-class _Malformed(Exception):
-    """A structural problem found at a byte offset; the caller adds the file name."""
-
-    def __init__(self, message: str, offset: int):
-        super().__init__(message)
-        self.offset = offset
-
-
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
-    """Decode one varint starting at ``pos``, never reading at or past ``end``."""
-    start, result, shift = pos, 0, 0
-    while True:
-        if pos >= end:
-            raise _Malformed("varint runs past the end of its message (truncated?)", start)
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if result >> 64:
-                raise _Malformed("varint does not fit in 64 bits", start)
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise _Malformed("varint longer than 10 bytes", start)
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, object, int]]:
-    """Yield (field number, wire type, value, offset) for each field of the message in [start, end).
-
-    The value is an int for varints and a (begin, end) byte span for everything else.
-    """
-    pos = start
-    while pos < end:
-        at = pos
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _Malformed("protobuf field number 0", at)
-        if wire == _VARINT:
-            value, pos = _varint(buf, pos, end)
-        elif wire == _LEN:
-            length, pos = _varint(buf, pos, end)
-            if length > end - pos:
-                raise _Malformed(f"field {number} claims {length} bytes but only {end - pos} remain (truncated?)", at)
-            value, pos = (pos, pos + length), pos + length
-        elif wire in _FIXED_WIDTH:
-            if _FIXED_WIDTH[wire] > end - pos:
-                raise _Malformed(f"field {number} runs past the end of its message (truncated?)", at)
-            value, pos = (pos, pos + _FIXED_WIDTH[wire]), pos + _FIXED_WIDTH[wire]
-        else:
-            raise _Malformed(f"unsupported protobuf wire type {wire}", at)
-        yield number, wire, value, at
-
-
-def _packed_varints(buf, start: int, end: int) -> list[int]:
-    values, pos = [], start
-    while pos < end:
-        value, pos = _varint(buf, pos, end)
-        values.append(value)
-    return values
-
-
-def _parse_message(buf, start: int, end: int, schema: dict[int, tuple[str, str]], what: str) -> dict:
-    found: dict[str, object] = {}
-    for number, wire, value, at in _fields(buf, start, end):
-        if number not in schema:
-            continue
-        name, kind = schema[number]
-        if kind == "varints" and wire == _VARINT:
-            found.setdefault(name, []).append(value)
-        elif kind == "varints" and wire == _LEN:
-            found.setdefault(name, []).extend(_packed_varints(buf, *value))
-        elif kind == "bytes" and wire == _LEN:
-            if name in found:
-                raise _Malformed(f"{what}.{name} appears twice", at)
-            found[name] = value
-        else:
-            raise _Malformed(f"{what}.{name} has the wrong protobuf wire type {wire}", at)
-    return found
-
-
-def _text(buf, span: tuple[int, int], what: str, at: int) -> str:
-    try:
-        return bytes(buf[span[0]:span[1]]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Malformed(f"{what} is not valid UTF-8", at) from None
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _len_field(number: int, payload_len: int) -> bytes:
-    """Key and length of a length-delimited field; the payload follows."""
-    return _encode_varint(number << 3 | _LEN) + _encode_varint(payload_len)
 
 
 # ---------------------------------------------------------------- records
@@ -194,27 +83,28 @@ class _Record:
 def _parse_record(buf, pos: int, end: int) -> tuple[_Record, int]:
     """Parse the record at ``pos``; return it and the offset just past it. Content is not touched."""
     if buf[pos] != _RECORD_KEY:
-        raise _Malformed(f"expected a checkpoint record (byte 0x0a), found 0x{buf[pos]:02x}", pos)
-    length, body = _varint(buf, pos + 1, end)
+        raise Malformed(f"expected a checkpoint record (byte 0x0a), found 0x{buf[pos]:02x}", pos)
+    length, body = varint(buf, pos + 1, end)
     if length > end - body:
-        raise _Malformed(f"record claims {length} bytes but only {end - body} remain (truncated file?)", pos)
+        raise Malformed(f"record claims {length} bytes but only {end - body} remain (truncated file?)", pos)
     stop = body + length
-    value = _parse_message(buf, body, stop, _VALUE_FIELDS, "Value")
+    value = parse_message(buf, body, stop, _VALUE_FIELDS, "Value")
     if "tag" not in value:
-        raise _Malformed("record has no tag", pos)
-    tag = _text(buf, value["tag"], "tag", pos)
+        raise Malformed("record has no tag", pos)
+    tag = text(buf, value["tag"], "tag", pos)
     if "maptensor" in value:
-        raise _Malformed(f"{tag!r} is a map tensor (MapParameter, a hash-table embedding), not supported", pos)
+        raise Malformed(f"{tag!r} is a map tensor (MapParameter, a hash-table embedding), not supported", pos)
     if "tensor" not in value:
-        raise _Malformed(f"record {tag!r} holds no tensor", pos)
-    tensor = _parse_message(buf, *value["tensor"], _TENSOR_FIELDS, "TensorProto")
+        raise Malformed(f"record {tag!r} holds no tensor", pos)
+    span: tuple[int, int] = value["tensor"]
+    tensor = parse_message(buf, *span, _TENSOR_FIELDS, "TensorProto")
     for required in ("tensor_type", "tensor_content"):
         if required not in tensor:
-            raise _Malformed(f"record {tag!r} has no {required}", pos)
+            raise Malformed(f"record {tag!r} has no {required}", pos)
     dims = tuple(d - (1 << 64) if d >> 63 else d for d in tensor.get("dims", ()))
     if any(d < 0 for d in dims):
-        raise _Malformed(f"record {tag!r} has a negative dimension in {list(dims)}", pos)
-    tensor_type = _text(buf, tensor["tensor_type"], "tensor_type", pos)
+        raise Malformed(f"record {tag!r} has a negative dimension in {list(dims)}", pos)
+    tensor_type = text(buf, tensor["tensor_type"], "tensor_type", pos)
     return _Record(pos, tag, tensor_type, dims, tensor["tensor_content"]), stop
 
 
@@ -261,7 +151,7 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
     where = f"{first.tag!r}"
     for record in group[1:]:
         if (record.tensor_type, record.dims) != (first.tensor_type, first.dims):
-            raise _Malformed(f"chunks of {where} disagree: {first.tensor_type}{list(first.dims)} then "
+            raise Malformed(f"chunks of {where} disagree: {first.tensor_type}{list(first.dims)} then "
                              f"{record.tensor_type}{list(record.dims)}", record.offset)
     spans = tuple(record.content for record in group)
     held = sum(end - begin for begin, end in spans)
@@ -269,9 +159,9 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
         return _Entry(first.tag, MS_STR_TYPE, (), spans, first.offset)
     if first.tensor_type in MS_UNSUPPORTED:
         reason = MS_UNSUPPORTED[first.tensor_type]
-        raise _Malformed(f"{where} has tensor_type {first.tensor_type}: {reason}", first.offset)
+        raise Malformed(f"{where} has tensor_type {first.tensor_type}: {reason}", first.offset)
     if first.tensor_type not in MS_TO_SAFETENSORS:
-        raise _Malformed(f"{where} has unknown tensor_type {first.tensor_type!r}", first.offset)
+        raise Malformed(f"{where} has unknown tensor_type {first.tensor_type!r}", first.offset)
     dtype = MS_TO_SAFETENSORS[first.tensor_type]
     itemsize = DTYPES[dtype][0]
     shape = first.dims
@@ -280,11 +170,11 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
     need = _needed_bytes(shape, itemsize, file_size)
     if need is None:
         wanted = _human(math.prod(float(d) for d in shape) * itemsize)
-        raise _Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {wanted}, more than the whole "
+        raise Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {wanted}, more than the whole "
                          f"file ({file_size} bytes)", first.offset)
     if need != held:
         chunks = f" in {len(group)} records" if len(group) > 1 else ""
-        raise _Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {need} bytes but the content "
+        raise Malformed(f"{where}: dims {list(shape)} ({first.tensor_type}) need {need} bytes but the content "
                          f"holds {held}{chunks}", first.offset)
     return _Entry(first.tag, dtype, shape, spans, first.offset)
 
@@ -335,13 +225,14 @@ class MsCheckpointFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path, self._map, size = map_input(path)
-        if self._map is None:
+        self.path, mapped, size = map_input(path)
+        if mapped is None:
             raise LoraBridgeError("empty file (0 bytes), not a MindSpore checkpoint", self.path)
+        self._map = mapped
         _refuse_foreign(self._map, size, self.path)
         try:
             entries, trailer = _scan(self._map, size)
-        except _Malformed as exc:
+        except Malformed as exc:
             raise LoraBridgeError(f"{exc} (at byte {exc.offset})", self.path) from None
         self.has_crc = trailer is not None
         if trailer is not None:
@@ -426,7 +317,7 @@ def iter_ms_tags(path: str | os.PathLike) -> Iterator[str]:
             return
         try:
             record, pos = _parse_record(buf, pos, size)
-        except _Malformed as exc:
+        except Malformed as exc:
             raise LoraBridgeError(f"{exc} (at byte {exc.offset})", path) from None
         yield record.tag
 
@@ -472,7 +363,7 @@ def is_ms_checkpoint(path: str | os.PathLike) -> bool:
         return True
     try:
         _parse_record(buf, 0, size)
-    except _Malformed:
+    except Malformed:
         return False
     return True
 
@@ -484,11 +375,11 @@ def _text_content(value: str) -> bytes:
 
 def _record_head(tag: bytes, dims: tuple[int, ...], tensor_type: bytes, content_len: int) -> bytes:
     """Everything of a record up to its content, which is the record's last field."""
-    tensor = b"".join(b"\x08" + _encode_varint(d) for d in dims)
-    tensor += _len_field(2, len(tensor_type)) + tensor_type + _len_field(3, content_len)
+    tensor = b"".join(b"\x08" + encode_varint(d) for d in dims)
+    tensor += len_field(2, len(tensor_type)) + tensor_type + len_field(3, content_len)
     tensor_len = len(tensor) + content_len
-    value = _len_field(1, len(tag)) + tag + _len_field(2, tensor_len)
-    return _len_field(1, len(value) + tensor_len) + value + tensor
+    value = len_field(1, len(tag)) + tag + len_field(2, tensor_len)
+    return len_field(1, len(value) + tensor_len) + value + tensor
 
 
 def _encoded_records(tensors: Mapping[str, Tensor],
@@ -557,69 +448,3 @@ def write_ms_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor],
             out.write(CRC_MAGIC + checksum.to_bytes(10, "big"))
 
 
-# ---------------------------------------------------------------- MindSpore's safetensors checkpoints
-
-
-def _safetensors_crc(tensors: Mapping[str, Tensor]) -> int:
-    """The ``crc_num`` save_checkpoint(format="safetensors", crc_check=True) stores: names and bytes, by name."""
-    checksum = 0
-    for name in sorted(tensors):
-        checksum = zlib.crc32(tensors[name].data, zlib.crc32(name.encode("utf-8"), checksum))
-        release_pages(tensors[name].data)
-    return checksum
-
-
-def _is_crc_text(text: str) -> bool:
-    """A decimal CRC-32 as MindSpore writes it: ASCII digits only (``str.isdigit`` also accepts '²' or '٣',
-    which ``int`` refuses), and few enough of them that ``int`` cannot hit its digit limit."""
-    return text.isascii() and text.isdigit() and len(text) <= 20
-
-
-def read_ms_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors checkpoint written by MindSpore, its ``crc_num`` checked.
-
-    Metadata is returned as stored (MindSpore writes ``{"format": "ms"}``, plus ``crc_num`` with crc_check).
-
-    Example:
-        >>> tensors, metadata = read_ms_safetensors("lora.safetensors")   # doctest: +SKIP
-    """
-    handle = SafetensorsFile(path)
-    metadata = handle.metadata
-    for name in handle.keys():
-        if name in metadata:  # MindSpore marks qint4x2 tensors, stored as bytes, by their name in metadata
-            raise LoraBridgeError(f"tensor {name!r} is marked {metadata[name]!r} in the metadata "
-                                  "(MindSpore's packed 4-bit integers), not supported", handle.path)
-    tensors = handle.tensors()
-    if "crc_num" in metadata:
-        if not _is_crc_text(metadata["crc_num"]):
-            raise LoraBridgeError(f"crc_num {metadata['crc_num']!r} in the metadata is not a number", handle.path)
-        actual = _safetensors_crc(tensors)
-        if int(metadata["crc_num"]) != actual:
-            raise LoraBridgeError(f"CRC mismatch: the metadata says crc_num {metadata['crc_num']} but the tensors "
-                                  f"hash to {actual}; the file is damaged", handle.path)
-    return tensors, metadata
-
-
-def write_ms_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
-                         metadata: Mapping[str, str] | None = None, crc: bool = False,
-                         progress: Callable[[int], object] | None = None) -> None:
-    """Write a safetensors checkpoint as ``save_checkpoint(..., format="safetensors")`` does, atomically.
-
-    Metadata gets ``{"format": "ms"}`` and, with ``crc=True``, MindSpore's ``crc_num``; tensors are
-    laid out in the safetensors library's order, so the bytes match MindSpore's own file.
-    A metadata key equal to a tensor name is refused: MindSpore's loader reads such a
-    key as a dtype override for that tensor.
-
-    Example:
-        >>> write_ms_safetensors("lora.safetensors", tensors, crc=True)   # doctest: +SKIP
-    """
-    merged = {**MS_SAFETENSORS_METADATA, **(metadata or {})}
-    for key in merged:
-        if key in tensors:
-            raise LoraBridgeError(f"{key!r} is both a tensor and a metadata key", path)
-    if "crc_num" in merged:
-        raise LoraBridgeError("metadata key 'crc_num' is reserved; pass crc=True to store a checksum", path)
-    if crc:
-        merged["crc_num"] = str(_safetensors_crc(tensors))
-    layout = sorted(tensors, key=lambda name: (SAFETENSORS_LAYOUT_ORDER.index(tensors[name].dtype), name))
-    write_safetensors(path, {name: tensors[name] for name in layout}, merged, progress)

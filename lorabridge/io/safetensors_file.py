@@ -39,9 +39,10 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path, self._map, size = map_input(path)
-        if size < 8:
+        self.path, mapped, size = map_input(path)
+        if mapped is None or size < 8:  # None: an empty file
             raise LoraBridgeError(f"truncated: {size} bytes, a safetensors file has at least 8", path)
+        self._map = mapped
         (header_len,) = struct.unpack("<Q", self._map[:8])
         if header_len > MAX_HEADER_BYTES:
             raise LoraBridgeError(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit", path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
@@ -56,7 +56,7 @@ def in_background(function: Callable[..., T], *args) -> Callable[[], T]:
         >>> result()
         6
     """
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
