@@ -271,7 +271,7 @@ PATTERNS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "attn2
 
 def test_patterns_match_as_peft_matches_them_on_every_sdxl_module():
     get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
-    from lorabridge.formats.peft import pattern_value
+    from lorabridge.naming.peft_config import pattern_value
     from lorabridge.formats.checks import sdxl_tree
 
     values = {key: i for i, key in enumerate(PATTERNS)}
