@@ -46,6 +46,7 @@ from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY
 from ..model import COMPONENTS, LoraModel, LoraModule, target_type
 from ..naming.peft_config import adapter_metadata, config_alpha, metadata_configs
+from ..naming.underscored import ALPHA, KOHYA as KOHYA_GRAMMAR
 from ..naming.sdxl_tree import LORA_TARGET_TYPES, resolve_underscored, sdxl_module_types, sdxl_modules, underscored
 from ..naming.sgm import diffusers_to_sgm, sgm_to_diffusers
 from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused_qkv_paths, merge_qkv,
@@ -53,7 +54,7 @@ from ..naming.text_encoders import (diffusers_text_to_sgm, fused_qkv_name, fused
 from ..rules import module_problems
 from ..tensor import Tensor
 from .checks import check_finite, narrower, warn_zero_alphas, writable_lora
-from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
+from .underscored_files import alpha_of, alpha_tensor
 from .training import lost_training, training_from_metadata, training_metadata
 
 A, B = "lora_A.weight", "lora_B.weight"
