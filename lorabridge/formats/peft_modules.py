@@ -19,7 +19,7 @@ from ..naming import diffusers_keys
 from ..naming.peft_config import metadata_alpha
 from ..naming.peft_keys import PEFT_ROLES, Parsed
 from ..tensor import Tensor
-from .checks import check_model, sdxl_tree, warn
+from .checks import check_model, sdxl_tree, warn, warn_user_alpha
 from .training import FILE_METADATA_KEYS, training_from_metadata
 
 
@@ -80,6 +80,20 @@ def _declared_rank(tensors: Mapping[str, Tensor]) -> int:
     return a.shape[0] if a is not None and a.shape else 0
 
 
+def stored_alpha(alpha_of: Callable[[str, int], float | None], name: str, rank: int, path) -> float | None:
+    """``alpha_of(name, rank)``, the alpha a LoraConfig gives module ``name`` (None without a rank or a value);
+    a config value or pattern that yields no number is refused, naming the module.
+
+    Example:
+        >>> stored_alpha(lambda name, rank: rank / 2, "unet.conv_in", 8, "lora.safetensors")
+        4.0
+    """
+    try:
+        return alpha_of(name, rank) if rank else None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise LoraBridgeError(f"unusable alpha for {name} in the LoRA config ({exc})", path) from None
+
+
 def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[str, int], float | None],
                 user_alpha: float | None, path) -> LoraModel:
     """A :class:`LoraModel` from grouped PEFT tensors (canonical module name -> role -> tensor).
@@ -99,10 +113,7 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
             tensors["dora_scale"] = magnitude.reshaped((magnitude.numel, 1, *(1 for _ in kernel)))
             module.dora_axis = "out"
         rank = _declared_rank(tensors)
-        try:
-            stored = alpha_of(name, rank) if rank else None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise LoraBridgeError(f"unusable alpha for {name} in the LoRA config ({exc})", path) from None
+        stored = stored_alpha(alpha_of, name, rank, path)
         if stored is not None:
             module.alpha, module.alpha_source = stored, "stored"
         elif user_alpha is not None:
@@ -110,9 +121,7 @@ def build_model(groups: Mapping[str, Mapping[str, Tensor]], alpha_of: Callable[[
         else:
             module.alpha, module.alpha_source = float(rank), "assumed"
         model.add(module)
-    stored = sum(m.alpha_source == "stored" for m in model.modules.values())
-    if user_alpha is not None and stored:
-        warn(f"{path}: the file stores alpha for {stored} module(s); --alpha {user_alpha:g} applies only to the others")
+    warn_user_alpha(model, user_alpha, path)
     assumed: dict[str, set[int]] = {}
     for m in model.modules.values():
         if m.alpha_source == "assumed":
