@@ -134,7 +134,7 @@ def write_name_lists(ckpt: Path, ms_list: Path, pt_list: Path) -> None:
     """The seed's two inputs: ``name#shape#dtype`` of every MindSpore tensor in file order, and the
     diffusers name of each at the same line (a fused bigG in_proj keeps its fused name: the seed
     cannot split it, and pairing by position does not care)."""
-    from lorabridge.formats.mindone import NAMINGS
+    from lorabridge.naming.mindone_keys import NAMINGS
     from lorabridge.io.ms_ckpt import MsCheckpointFile
 
     naming, handle = NAMINGS["sgm"], MsCheckpointFile(ckpt)

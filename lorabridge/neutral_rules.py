@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .errors import LoraBridgeError, listed
 from .io.json_safe import load_json
-from .model import LoraModel
+from .model import COMPONENTS, LoraModel
 
 # Spec 8: the reason classes, in the order a reader checks (and reports) them.
 REASONS = ("container", "not-neutral", "version", "dtype", "schema", "undeclared-tensor", "missing-tensor", "roles",
@@ -24,8 +24,6 @@ ALLOWED_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # Spec 6: the values a writer stores beside the manifest for diffusers, mindone.diffusers and ModelSpec readers.
 MODELSPEC = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "https://github.com/huggingface/diffusers"}
 PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora")
-# Spec 1: what the SDXL pipelines of diffusers and mindone.diffusers load LoRA weights into.
-PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 def _is_most_common(value: Any, values: list) -> bool:
     """Whether ``value`` equals one of the most common of ``values`` (any of them on a tie)."""
@@ -123,7 +121,7 @@ def loaders(model: LoraModel) -> dict[str, str]:
     kinds PEFT has no form for (diffusers refuses the whole file: "Invalid LoRA checkpoint") and
     components the SDXL pipeline has not."""
     kinds = sorted({m.kind for m in model.modules.values()} - {"lora"})
-    foreign = sorted(set(model.components) - set(PIPELINE_COMPONENTS))
+    foreign = sorted(set(model.components) - set(COMPONENTS))  # spec 1: what the SDXL pipelines load LoRA weights into
     common = ([f"{'/'.join(kinds)} modules (diffusers: 'Invalid LoRA checkpoint')"] if kinds else []) + (
         [f"component(s) {', '.join(foreign)} the SDXL pipeline has not"] if foreign else [])
     verdicts = {"lorabridge": "yes"}

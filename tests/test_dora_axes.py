@@ -31,6 +31,7 @@ from lorabridge.converters import convert  # noqa: E402
 from lorabridge.errors import LoraBridgeError  # noqa: E402
 from lorabridge.formats import kohya  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
+from lorabridge.naming import underscored  # noqa: E402
 from lorabridge.deltas import dora_weight  # noqa: E402
 from lorabridge.report import inspection_report, render_validation, validation_report  # noqa: E402
 from tests.fixtures.lycoris import layer_input, make_lycoris_file, run_layer  # noqa: E402
@@ -66,7 +67,7 @@ def kohya_modules(path):
     stored, _ = read_safetensors(path)
     out = {}
     for name, module in kohya.read(path).modules.items():
-        key = kohya.stem(module, "sgm")
+        key = underscored.stem(module, "sgm")
         down, up, scale = (torch.from_numpy(np.array(stored[f"{key}.{s}"].to_float32()))
                            for s in ("lora_down.weight", "lora_up.weight", "dora_scale"))
         out[name] = (down, up, float(stored[f"{key}.alpha"].to_float32()), scale)

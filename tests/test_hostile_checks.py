@@ -271,8 +271,8 @@ PATTERNS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "attn2
 
 def test_patterns_match_as_peft_matches_them_on_every_sdxl_module():
     get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
-    from lorabridge.formats.peft import pattern_value
     from lorabridge.architectures.sdxl import SDXL
+    from lorabridge.naming.peft_config import pattern_value
 
     values = {key: i for i, key in enumerate(PATTERNS)}
     paths = [path for modules in SDXL.tree.all_modules().values() for path in modules]
@@ -372,7 +372,8 @@ def test_a_mindone_lora_wider_than_sdxl_is_refused_too(tmp_path):
     for leaf in ("attn1.to_q", "attn1.to_k"):
         model.add(LoraModule(f"{block}.{leaf}", "lora", {"lora_A.weight": array(4, 1280), "lora_B.weight": array(1280, 4)}, 4.0))
     quiet(MINDONE_DIFFUSERS.write, model, tmp_path / "ms.ckpt")
-    with pytest.raises(LoraBridgeError, match=r"shapes other than SDXL-base's: .*attn1\.to_q is \[1280, 1280\], SDXL-base has \[640, 640\]"):
+    with pytest.raises(LoraBridgeError, match=r"not an SDXL LoRA: 2 of 2 modules .*attn1\.to_q adapts a \[1280, 1280\] weight, "
+                                              r"SDXL's is \[640, 640\]"):
         quiet(MINDONE_DIFFUSERS.read, tmp_path / "ms.ckpt")
 
 

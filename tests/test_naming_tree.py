@@ -25,7 +25,7 @@ def test_committed_tree_is_what_diffusers_and_transformers_build_today(built_sdx
     assert text == load_generator().render(built_sdxl_tree)  # byte for byte: regenerating changes nothing
 
 
-@pytest.mark.parametrize("module", [architectures, architecture, fused, tree, sdxl, sgm], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [architectures, architecture, fused, tree, sdxl, sgm, text_encoders], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

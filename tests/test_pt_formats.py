@@ -19,7 +19,7 @@ from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
 from lorabridge.io.torch_file import read_state_dict
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.architectures.sdxl import SDXL
-sdxl_module_types = SDXL.module_types
+from lorabridge.naming import diffusers_keys, legacy_diffusers_keys, peft_config, peft_keys
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model, make_lora_module
 
@@ -56,7 +56,7 @@ def state_dicts(path):
     ("lora_unet_conv_in.lora_down.weight", None),
 ])
 def test_peft_key_grammar(key, parsed):
-    assert peft.parse_key(key) == parsed
+    assert peft_keys.parse_key(key) == parsed
 
 
 def test_pattern_lookup_is_pefts_own():
@@ -66,20 +66,20 @@ def test_pattern_lookup_is_pefts_own():
                  "up_blocks.0.attentions.0.transformer_blocks.3.attn1.to_out.0", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                  "xattn2.to_k"]:
         key = get_pattern_key(list(patterns), path)
-        assert peft.pattern_value(patterns, path, 4) == patterns.get(key, 4), path
+        assert peft_config.pattern_value(patterns, path, 4) == patterns.get(key, 4), path
 
 
 def test_config_alpha_follows_alpha_pattern_and_rslora():
     config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 2}}
-    assert peft.config_alpha(config, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4) == 8
-    assert peft.config_alpha(config, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 4) == 2
+    assert peft_config.config_alpha(config, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4) == 8
+    assert peft_config.config_alpha(config, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 4) == 2
     # rsLoRA scales by alpha / sqrt(r): the neutral alpha keeps alpha_neutral / r equal to it
-    assert peft.config_alpha({**config, "use_rslora": True}, "conv_in", 16) == pytest.approx(8 * math.sqrt(16))
-    assert peft.config_alpha({"r": 4}, "conv_in", 4) is None
+    assert peft_config.config_alpha({**config, "use_rslora": True}, "conv_in", 16) == pytest.approx(8 * math.sqrt(16))
+    assert peft_config.config_alpha({"r": 4}, "conv_in", 4) is None
 
 
 def lora_layers(component: str) -> list[str]:
-    types = sdxl_module_types(component)
+    types = SDXL.module_types(component)
     return [path for path, kind in types.items() if kind in ("Linear", "Conv2d")]
 
 
@@ -88,7 +88,7 @@ def test_old_diffusers_spelling_round_trips_for_every_sdxl_layer(component):
     for path in lora_layers(component):
         module = LoraModule(f"{component}.{path}", "lora", {}, 4.0)
         for role in ("lora_A.weight", "lora_B.weight"):
-            assert legacy_diffusers.parse_key(legacy_diffusers.spell(module, role)) == (component, path, role)
+            assert legacy_diffusers_keys.parse_key(legacy_diffusers_keys.spell(module, role)) == (component, path, role)
 
 
 def test_old_diffusers_spellings_are_the_seeds_and_diffusers():
@@ -97,23 +97,23 @@ def test_old_diffusers_spellings_are_the_seeds_and_diffusers():
     te = LoraModule("text_encoder_2.text_model.encoder.layers.3.self_attn.k_proj", "lora", {}, 4.0)
     ff = LoraModule("unet.up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2", "lora", {}, 4.0)
     # first and eighth line of MindONE's pt_lora_params_ordered.txt, the seed's output names
-    assert legacy_diffusers.spell(q, "lora_A.weight") == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
-    assert legacy_diffusers.spell(out, "lora_B.weight") == "unet.mid_block.attentions.0.transformer_blocks.9.attn2.processor.to_out_lora.up.weight"
-    assert legacy_diffusers.spell(te, "lora_A.weight") == "text_encoder_2.text_model.encoder.layers.3.self_attn.k_proj.lora_linear_layer.down.weight"
-    assert legacy_diffusers.spell(ff, "lora_B.weight") == "unet.up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2.lora.up.weight"
+    assert legacy_diffusers_keys.spell(q, "lora_A.weight") == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight"
+    assert legacy_diffusers_keys.spell(out, "lora_B.weight") == "unet.mid_block.attentions.0.transformer_blocks.9.attn2.processor.to_out_lora.up.weight"
+    assert legacy_diffusers_keys.spell(te, "lora_A.weight") == "text_encoder_2.text_model.encoder.layers.3.self_attn.k_proj.lora_linear_layer.down.weight"
+    assert legacy_diffusers_keys.spell(ff, "lora_B.weight") == "unet.up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2.lora.up.weight"
     # text encoders' old attention-processor spelling, and unprefixed (very old) UNet files
-    assert legacy_diffusers.parse_key("text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight") == \
+    assert legacy_diffusers_keys.parse_key("text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight") == \
         ("text_encoder", "text_model.encoder.layers.0.self_attn.out_proj", "lora_B.weight")
-    assert legacy_diffusers.parse_key("mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight") == \
+    assert legacy_diffusers_keys.parse_key("mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight") == \
         (None, "mid_block.attentions.0.transformer_blocks.0.attn1.to_k", "lora_A.weight")
 
 
 def test_diffusers_reader_takes_both_spellings_in_one_file():
-    assert diffusers.parse("unet.conv_in.lora_A.weight") == ("unet", "conv_in", "lora_A.weight", None)
-    assert diffusers.parse("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight") == \
+    assert diffusers_keys.parse("unet.conv_in.lora_A.weight") == ("unet", "conv_in", "lora_A.weight", None)
+    assert diffusers_keys.parse("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight") == \
         ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "lora_A.weight", None)
-    assert diffusers.parse("transformer.single_transformer_blocks.0.proj_out.lora_B.weight")[0] == "transformer"
-    assert diffusers.parse("down_blocks.1.attentions.0.proj_in.lora_A.weight") is None  # no component: PEFT's
+    assert diffusers_keys.parse("transformer.single_transformer_blocks.0.proj_out.lora_B.weight")[0] == "transformer"
+    assert diffusers_keys.parse("down_blocks.1.attentions.0.proj_in.lora_A.weight") is None  # no component: PEFT's
 
 
 # ---- round trips -------------------------------------------------------------------------------
@@ -344,8 +344,8 @@ def test_broken_configs_and_magnitudes_are_one_line_errors(tmp_path):
 
 
 def test_a_pattern_that_is_no_regex_is_taken_literally():
-    assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_q(", 4) == 2
-    assert peft.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_k", 4) == 4
+    assert peft_config.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_q(", 4) == 2
+    assert peft_config.pattern_value({"attn1.to_q(": 2}, "mid_block.attn1.to_k", 4) == 4
 
 
 def test_legacy_writer_warns_when_ranks_differ_within_a_component(tmp_path):

@@ -221,6 +221,17 @@ def warn_zero_alphas(model: LoraModel, path) -> None:
              f"sd-scripts alone would read alpha 0 as alpha = rank): {listed(zero)}")
 
 
+def warn_user_alpha(model: LoraModel, user_alpha: float | None, path) -> None:
+    """Say that ``--alpha`` reached only the modules whose file stores no alpha of their own.
+
+    Example:
+        >>> warn_user_alpha(model, 8.0, "lora.safetensors")   # doctest: +SKIP
+    """
+    stored = sum(m.alpha_source == "stored" for m in model.modules.values())
+    if user_alpha is not None and stored:
+        warn(f"{path}: the file stores alpha for {stored} module(s); --alpha {user_alpha:g} applies only to the others")
+
+
 def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequence[str] = (),
                 skip_unknown: bool = False, strict: bool = False) -> LoraModel:
     """Check a model a reader built from ``path`` and return it (unknown modules dropped with ``skip_unknown``).

@@ -25,49 +25,18 @@ from typing import Any
 
 from ..errors import LoraBridgeError
 from ..io.safetensors_file import write_safetensors
-from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, state_dict_keys
+from ..io.torch_file import TORCH_SUFFIXES, state_dict_keys
 from ..model import LoraModel
+from ..naming import legacy_diffusers_keys
+from ..naming.diffusers_keys import split_component
+from ..naming.peft_config import adapter_metadata
+from ..naming.peft_keys import parse_key
 from ..tensor import Tensor
-from . import legacy_diffusers
-from .checks import check_model, writable_lora
+from .checks import writable_lora
 from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
                        ReadOptions, WriteOptions)
-from .neutral import adapter_metadata
-from .peft import Parsed, build_model, group_keys, metadata_alpha, parse_key, peft_tensors
-from .training import FILE_METADATA_KEYS, training_from_metadata, training_metadata
-
-# First key segments diffusers pipelines use for their LoRA-bearing models.
-PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
-                       "decoder", "controlnet")
-
-
-def split_component(module_key: str) -> tuple[str, str] | None:
-    """(component, module path) of a prefixed PEFT module key, or None.
-
-    Example:
-        >>> split_component("text_encoder_2.text_model.encoder.layers.0.mlp.fc1")
-        ('text_encoder_2', 'text_model.encoder.layers.0.mlp.fc1')
-    """
-    component, _, rest = module_key.partition(".")
-    return (component, rest) if component in PIPELINE_COMPONENTS and rest else None
-
-
-def parse(key: str) -> Parsed | None:
-    """(component, module path, role, adapter) of a key in PEFT spelling behind a component prefix,
-    or else in an old diffusers spelling: diffusers' training scripts save the attention layers the
-    old way and every other layer the PEFT way, in one file.
-
-    Example:
-        >>> parse("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight")
-        ('text_encoder_2', 'text_model.encoder.layers.0.mlp.fc1', 'lora_A.weight', None)
-    """
-    found = parse_key(key)
-    placed = split_component(found[0]) if found else None
-    if placed:
-        return (*placed, found[1], found[2])
-    old = legacy_diffusers.parse_key(key)
-    return (*old, None) if old else None
-
+from .peft_modules import peft_tensors, read_diffusers_file
+from .training import FILE_METADATA_KEYS, training_metadata
 
 # diffusers (0.35) round-trips a text encoder's keys through its old spelling on load and cannot tell
 # the spelling of a state dict that has none of these layers: such components are written the old way.
@@ -86,8 +55,8 @@ def _keyed(model: LoraModel) -> dict[str, Tensor]:
     tensors = {}
     for m in model.modules.values():
         for role, tensor in peft_tensors(m).items():
-            spelled_old = m.component in old and role in legacy_diffusers.FACTOR_SUFFIXES
-            tensors[legacy_diffusers.spell(m, role) if spelled_old else f"{m.name}.{role}"] = tensor
+            spelled_old = m.component in old and role in legacy_diffusers_keys.FACTOR_SUFFIXES
+            tensors[legacy_diffusers_keys.spell(m, role) if spelled_old else f"{m.name}.{role}"] = tensor
     return tensors
 
 
@@ -105,7 +74,7 @@ def detect(path: str | os.PathLike) -> bool:
 
 def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
     """Read a diffusers LoRA (safetensors, or a torch pickle read with weights_only=True), in either
-    key spelling (see :func:`parse`).
+    key spelling (see :func:`~lorabridge.naming.diffusers_keys.parse`).
 
     Alpha per module from ``lora_adapter_metadata`` (``alpha_pattern``, ``use_rslora`` honoured),
     else ``options.alpha`` (recorded as given by the user), else the rank (recorded as assumed).
@@ -113,11 +82,7 @@ def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraM
     Example:
         >>> model = read("pytorch_lora_weights.safetensors", ReadOptions(alpha=8))   # doctest: +SKIP
     """
-    tensors, metadata = read_state_dict(path)
-    groups, unrecognized = group_keys(tensors, parse, path)
-    model = build_model(groups, metadata_alpha(metadata, path), options.alpha, path)
-    model.training = training_from_metadata(metadata, FILE_METADATA_KEYS)
-    return check_model(model, path, unrecognized=unrecognized, skip_unknown=options.skip_unknown, strict=options.strict)
+    return read_diffusers_file(path, options)
 
 
 def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,

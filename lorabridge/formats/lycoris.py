@@ -1,6 +1,6 @@
 """LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr, full and their DoRA variants, for SDXL.
 
-Keys follow the kohya grammar (:mod:`lorabridge.formats.kohya`): ``lora_unet_`` / ``lora_te1_`` /
+Keys follow the kohya grammar (:mod:`lorabridge.naming.underscored`): ``lora_unet_`` / ``lora_te1_`` /
 ``lora_te2_`` from LyCORIS' kohya network, ``lycoris_`` (UNet) from ``create_lycoris``, each
 followed by the diffusers module path with dots as underscores (SGM spelling is accepted too).
 Every module has a 0-d ``alpha``. The kinds stay what they are in the neutral model:
@@ -33,12 +33,13 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import LoraBridgeWarning
-from ..model import COMPONENTS, LoraModel, LoraModule
+from ..model import LoraModel, LoraModule
+from ..naming.underscored import ALPHA, KOHYA, Grammar, ModuleProblem
 from ..rules import MISSING, module_problems
 from ..tensor import Tensor
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
-from .kohya import (ALPHA, KOHYA, Grammar, ModuleProblem, alpha_of, alpha_tensor, full_module, full_tensors, lora_module,
-                    read_underscored, with_dora, write_underscored)
+from .underscored_files import (alpha_of, alpha_tensor, full_module, full_tensors, lora_module, read_underscored, with_dora,
+                                write_underscored)
 
 # LyCORIS tensor suffixes of the kinds lorabridge keeps (same names as the neutral roles).
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")

@@ -9,11 +9,12 @@ MindONE spells the same LoRA three ways, depending on which of its tools wrote i
 - ``mindone-kohya``: MindONE's port of kohya sd-scripts (``lora_unet_<SGM path, dots as _>.lora_down.weight``
   with a 0-d ``.alpha``).
 
-Each is a :class:`Naming` (data plus the name tables of :mod:`lorabridge.naming`) and a
+Each is a :class:`~lorabridge.naming.mindone_keys.Naming` (:mod:`lorabridge.naming.mindone_keys`) and a
 :class:`MindoneFormat` pairs it with a container: the protobuf ``.ckpt`` or MindSpore's
 safetensors (metadata ``format`` = ``ms``), detected on read and picked by ``container`` or the
-output suffix on write. Tensors are grouped into modules by name, never by position, A/B
-ranks are checked, and full-size files are checked against the SDXL-base module shapes.
+output suffix on write. Tensors are grouped into modules by name, never by position; the modules
+then pass the checks every reader applies (:func:`~lorabridge.formats.checks.check_model`: A/B
+pairing and ranks, fit to the SDXL-base module shapes, NaN/Inf, zero alphas).
 
 MindONE files (other than kohya ones) carry no alpha; MindONE uses alpha = rank unless told
 otherwise, so that is what reading assumes (``alpha`` overrides it) and what writing
@@ -29,38 +30,33 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from ..errors import LoraBridgeError, LoraBridgeWarning, listed
+from ..architectures.fused import merge_fused, split_fused
+from ..errors import LoraBridgeError, listed
 from ..io.ms_ckpt import is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, write_ms_checkpoint
 from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
 from ..manifest import MANIFEST_KEY
-from ..model import COMPONENTS, LoraModel, LoraModule, target_type
-from ..architectures import resolve_underscored
-from ..architectures.architecture import underscored
-from ..architectures.fused import merge_fused, split_fused
-from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
-from ..architectures.sdxl.text_encoders import diffusers_text_to_sgm, sgm_text_to_diffusers
-from ..architectures.tree import LORA_TARGET_TYPES
+from ..model import LoraModel, LoraModule, target_type
+from ..naming.mindone_keys import LORA_SUFFIXES, NAMINGS, A, B, Naming
+from ..naming.peft_config import adapter_metadata, metadata_alpha
+from ..naming.underscored import ALPHA, ModuleProblem
 from ..rules import module_problems
 from ..tensor import Tensor
-from .checks import check_finite, narrower, warn_zero_alphas, writable_lora
+from .checks import check_model, warn, warn_user_alpha, writable_lora
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
-from .kohya import ALPHA, KOHYA as KOHYA_GRAMMAR, alpha_of, alpha_tensor
-from .neutral import adapter_metadata
-from .peft import config_alpha, metadata_configs
+from .peft_modules import stored_alpha
 from .training import lost_training, training_from_metadata, training_metadata
+from .underscored_files import alpha_of, alpha_tensor
 
-A, B = "lora_A.weight", "lora_B.weight"
 
 # Where MindSpore str entries / safetensors metadata of the source file travel, so a round trip keeps them.
 STRINGS_KEY = "mindspore_strings"
@@ -77,115 +73,6 @@ MINDONE_SDXL_LORA_LAYERS = {
     "text_encoder": tuple(f".self_attn.{proj}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")),
     "text_encoder_2": (".self_attn.out_proj",),
 }
-# Key endings of LoRA factors in any naming: a key ending so that our naming cannot place is "unknown", not "ignored".
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight")
-
-
-@dataclass(frozen=True)
-class Naming:
-    """How one MindONE tool spells LoRA tensor keys: ``<module key>.<role suffix>``.
-
-    ``parse`` maps a module key to the canonical module names it holds (three for a fused
-    q/k/v projection) or None; ``spell`` maps a canonical name to (module key, row block of a
-    fused projection or None), or None when this naming cannot express the module.
-    """
-
-    name: str
-    prefixes: tuple[str, ...]  # every module key of this naming starts with one of these
-    roles: Mapping[str, str]  # key suffix in the file -> neutral role (or ALPHA)
-    parse: Callable[[str], tuple[str, ...] | None]
-    spell: Callable[[str], tuple[str, int | None] | None]
-
-    @property
-    def stores_alpha(self) -> bool:
-        return ALPHA in self.roles.values()
-
-    def suffix(self, role: str) -> str:
-        return next(s for s, r in self.roles.items() if r == role)
-
-    def split_key(self, key: str) -> tuple[str, str] | None:
-        """(module key, neutral role) of a tensor key of this naming, or None (not a LoRA tensor of ours)."""
-        if not key.startswith(self.prefixes):
-            return None
-        for suffix, role in self.roles.items():
-            if key.endswith("." + suffix):
-                return key[: -len(suffix) - 1], role
-        return None
-
-
-def _targetable(component: str, path: str | None) -> str | None:
-    """``component.path`` when the SDXL tree has a Linear/Conv2d there (what a LoRA can adapt), else None."""
-    if path is None or SDXL.module_types(component).get(path) not in LORA_TARGET_TYPES:
-        return None
-    return f"{component}.{path}"
-
-
-# --- SGM (MindONE SDXL trainer) ---------------------------------------------------------------
-SGM_UNET = "model.diffusion_model."
-
-
-def _sgm_parse(key: str) -> tuple[str, ...] | None:
-    if key.startswith(SGM_UNET):
-        name = _targetable("unet", sgm_to_diffusers(key[len(SGM_UNET):]))
-        return (name,) if name else None
-    fused = SDXL.fused_parts(key)
-    if fused:
-        component, paths = fused
-        return tuple(f"{component}.{p}" for p in paths)
-    text = sgm_text_to_diffusers(key)
-    name = _targetable(*text) if text else None
-    return (name,) if name else None
-
-
-def _sgm_spell(name: str) -> tuple[str, int | None] | None:
-    component, path = name.split(".", 1)
-    if component == "unet":
-        sgm = diffusers_to_sgm(path)
-        return (SGM_UNET + sgm, None) if sgm else None
-    fused = SDXL.fused_name(component, path)
-    if fused:
-        return fused
-    sgm = diffusers_text_to_sgm(component, path)
-    return (sgm, None) if sgm else None
-
-
-# --- mindone.diffusers / PEFT -------------------------------------------------------------------
-def _diffusers_parse(key: str) -> tuple[str, ...] | None:
-    component, _, path = key.partition(".")
-    name = _targetable(component, path) if component in COMPONENTS else None
-    return (name,) if name else None
-
-
-def _diffusers_spell(name: str) -> tuple[str, int | None] | None:
-    return name, None
-
-
-# --- MindONE's kohya sd-scripts port: kohya's grammar (lorabridge.formats.kohya) in a MindSpore file ------
-KOHYA_PREFIXES = {component: f"{prefix}_" for prefix, component in KOHYA_GRAMMAR.prefixes.items()}
-
-
-def _kohya_parse(key: str) -> tuple[str, ...] | None:
-    for component, prefix in KOHYA_PREFIXES.items():
-        if key.startswith(prefix):
-            name = _targetable(component, resolve_underscored(component, key[len(prefix):]))
-            return (name,) if name else None
-    return None
-
-
-def _kohya_spell(name: str) -> tuple[str, int | None] | None:
-    component, path = name.split(".", 1)
-    if component == "unet":  # kohya spells SDXL's UNet the SGM way
-        path = diffusers_to_sgm(path)
-    return (KOHYA_PREFIXES[component] + underscored(path), None) if path and component in KOHYA_PREFIXES else None
-
-
-LORA_ROLES = {A: A, B: B}
-NAMINGS: dict[str, Naming] = {n.name: n for n in [
-    Naming("sgm", (SGM_UNET, "conditioner.embedders."), LORA_ROLES, _sgm_parse, _sgm_spell),
-    Naming("diffusers", tuple(f"{c}." for c in COMPONENTS), LORA_ROLES, _diffusers_parse, _diffusers_spell),
-    Naming("kohya", tuple(KOHYA_PREFIXES.values()),  # MindONE's port has no DoRA
-           {suffix: role for suffix, role in KOHYA_GRAMMAR.suffixes.items() if role in (A, B, ALPHA)}, _kohya_parse, _kohya_spell),
-]}
 
 
 # --- containers ---------------------------------------------------------------------------------
@@ -272,41 +159,6 @@ def why_not_mindone(path: str | os.PathLike) -> str:
 
 
 # --- reading ------------------------------------------------------------------------------------
-def _lora_pair_problem(a: Tensor, b: Tensor) -> str | None:
-    """Why A and B do not form a linear or conv LoRA, or None."""
-    if len(a.shape) not in (2, 4) or len(b.shape) != len(a.shape) or (len(b.shape) == 4 and b.shape[2:] != (1, 1)):
-        return f"shapes A{list(a.shape)} / B{list(b.shape)} are neither a linear nor a conv LoRA"
-    if a.shape[0] != b.shape[1]:
-        return f"rank mismatch: A has {a.shape[0]} rows, B has {b.shape[1]} columns"
-    return None
-
-
-def _config_alpha(configs: dict, name: str, rank: int) -> float | None:
-    """alpha of a module from a PEFT LoraConfig per component (mindone.diffusers safetensors), if any."""
-    component, path = name.split(".", 1)
-    config = configs.get(component) or configs.get("")
-    return config_alpha(config, path, rank) if config else None
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, LoraBridgeWarning, stacklevel=3)
-
-
-def _shape_problems(model: LoraModel) -> list[str]:
-    """Modules whose weight shape is not SDXL-base's, when other modules do match it or it is wider.
-
-    A file whose every module is narrower is an SDXL-structured model of other widths (such as
-    the tiny test pipeline) and is accepted; a mix, or a module wider than SDXL's, means a mapping
-    error or another model.
-    """
-    wrong = []
-    for m in model.modules.values():
-        expected = SDXL.modules(m.component).get(m.path)
-        if tuple(expected) != tuple(m.weight_shape):
-            wrong.append((f"{m.name} is {list(m.weight_shape)}, SDXL-base has {list(expected)}", narrower(m.weight_shape, expected)))
-    return [why for why, narrow in wrong if len(wrong) < len(model.modules) or not narrow]
-
-
 def _raise_problems(problems: list[str], what: str, path) -> None:
     if problems:
         raise LoraBridgeError(f"{len(problems)} {what}: {listed(problems, 5)}", path)
@@ -353,47 +205,40 @@ class MindoneFormat:
             _raise_problems(unknown, f"LoRA tensor(s) name no SDXL-base module in MindONE {self.naming.name} naming"
                                      " (--skip-unknown drops them)", path)
         if unknown:
-            _warn(f"{path}: dropped {len(unknown)} LoRA tensor(s) naming no SDXL module: "
-                  f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+            warn(f"{path}: dropped {len(unknown)} LoRA tensor(s) naming no SDXL module: "
+                 f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         if ignored:
-            _warn(f"{path}: ignored {ignored} non-LoRA tensor(s) (base weights or training state); "
-                  f"kept {sum(len(g) for g in groups.values())} LoRA tensors")
-        configs = metadata_configs({ADAPTER_METADATA_KEY: strings.pop(ADAPTER_METADATA_KEY, "")}, path)
+            warn(f"{path}: ignored {ignored} non-LoRA tensor(s) (base weights or training state); "
+                 f"kept {sum(len(g) for g in groups.values())} LoRA tensors")
+        config_alpha_of = metadata_alpha({ADAPTER_METADATA_KEY: strings.pop(ADAPTER_METADATA_KEY, "")}, path)
         model = LoraModel(training=_training_of(container, strings))
         _raise_problems(_named_twice(groups), "module(s) named twice (two spellings of one module)", path)
         problems: list[str] = []
-        overridden = 0
         for (key, names), roles in groups.items():
-            missing = [self.naming.suffix(r) for r in (A, B) if r not in roles]
-            problem = f"no {' or '.join(missing)}" if missing else _lora_pair_problem(roles[A], roles[B])
-            if problem is None and ALPHA in roles and roles[ALPHA].numel != 1:
-                problem = f".alpha must hold one number, has shape {list(roles[ALPHA].shape)}"
-            if problem is None and len(names) == 3 and roles[B].shape[0] % 3:
-                problem = f"fused q/k/v lora_B has {roles[B].shape[0]} rows, not a multiple of 3"
-            if problem:
-                problems.append(f"{key}: {problem}")
+            module = LoraModule(names[0] if len(names) == 1 else key, "lora", {r: t for r, t in roles.items() if r != ALPHA}, 0.0)
+            if module_problems(module):  # missing or misfitting factors: check_model names them (the shared rules)
+                model.add(module)
                 continue
-            rank = roles[A].shape[0]
-            stored = _config_alpha(configs, names[0], rank)
-            if stored is not None:
-                module_alpha, source, extra = stored, "stored", {}
-            else:  # kohya's rule: the stored .alpha, else the user's, else the rank
-                module_alpha, source, extra = alpha_of({r: t for r, t in roles.items() if r == ALPHA}, rank, alpha)
-            overridden += source == "stored" and alpha is not None
-            module = LoraModule(names[0] if len(names) == 1 else key, "lora", {A: roles[A], B: roles[B]},
-                                module_alpha, source, extra=extra)
+            rank = module.rank
+            try:
+                stored = stored_alpha(config_alpha_of, names[0], rank, path)
+                if stored is not None:
+                    module.alpha, module.alpha_source = stored, "stored"
+                else:  # kohya's rule: the stored .alpha, else the user's, else the rank
+                    module.alpha, module.alpha_source, module.extra = alpha_of(roles, rank, alpha)
+            except ModuleProblem as exc:
+                problems.append(f"{key}: {exc}")
+                continue
+            if len(names) == 3 and roles[B].shape[0] % 3:
+                problems.append(f"{key}: fused q/k/v lora_B has {roles[B].shape[0]} rows, not a multiple of 3")
+                continue
             for part in (split_fused(module, names) if len(names) == 3 else [module]):
                 model.add(part)
-        problems += [f"{m.name}: {what}" for m in model.modules.values() for _, what in module_problems(m)]  # the shared rules
-        _raise_problems(problems, "malformed LoRA module(s)", path)
+        _raise_problems(problems, "broken LoRA module(s)", path)
         if not model.modules:
             raise LoraBridgeError(f"no LoRA modules in MindONE {self.naming.name} naming", path)
-        _raise_problems(_shape_problems(model), "module(s) with shapes other than SDXL-base's", path)
-        if overridden:
-            _warn(f"{path}: --alpha ignored for {overridden} module(s) that store their own alpha")
-        check_finite(model, path, strict=strict)
-        warn_zero_alphas(model, path)
-        return model
+        warn_user_alpha(model, alpha, path)
+        return check_model(model, path, skip_unknown=skip_unknown, strict=strict)
 
     # --- writing ------------------------------------------------------------------------------
     def file_tensors(self, model: LoraModel, path, fold_alpha: bool = True, alpha_in_metadata: bool = False
@@ -470,7 +315,7 @@ class MindoneFormat:
                 metadata[ADAPTER_METADATA_KEY] = json.dumps(adapter_metadata(model), separators=(",", ":"))
             write_ms_safetensors(path, tensors, metadata=metadata, crc=options.crc, progress=progress)
         for note in notes:
-            _warn(note)
+            warn(note)
 
     def _ineffective_in_mindone(self, model: LoraModel) -> str | None:
         """The warning that MindONE's SDXL LoRA model ignores some modules of an SGM file, or None.

@@ -9,7 +9,6 @@ tools read, so the file loads unchanged in diffusers and mindone.diffusers
 from __future__ import annotations
 
 import os
-from collections import Counter
 from typing import Any, Callable
 
 from ..errors import LoraBridgeError, ValidationProblem
@@ -19,6 +18,7 @@ from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, VERSION_PATTERN, VersionError, build_manifest, check_version,
                         dump_json, model_facts, module_facts, schema_problems, stored_role, tensor_sha256)
 from ..model import LoraModel, LoraModule, dominant_dtype, split_key
+from ..naming.peft_config import adapter_metadata
 from ..neutral_rules import ALLOWED_DTYPES, REASONS, interop_problems
 from ..rules import module_findings
 from ..tensor import Tensor
@@ -26,26 +26,6 @@ from .contract import READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, R
 
 Problem = tuple[str, str]
 Finding = tuple[str, str, str]  # (reason class of spec 8, location, message)
-
-
-def adapter_metadata(model: LoraModel) -> dict[str, Any]:
-    """diffusers' prefixed LoraConfig per component: the most common rank/alpha plus patterns for the rest."""
-    out: dict[str, Any] = {}
-    for component in model.components:
-        modules = [m for m in model.modules.values() if m.component == component and m.kind == "lora"]
-        if not modules:
-            continue
-        rank = Counter(m.rank for m in modules).most_common(1)[0][0]
-        alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
-        out.update({
-            f"{component}.r": rank,
-            f"{component}.lora_alpha": alpha,
-            f"{component}.target_modules": [m.path for m in modules],
-            f"{component}.rank_pattern": {m.path: m.rank for m in modules if m.rank != rank},
-            f"{component}.alpha_pattern": {m.path: m.alpha for m in modules if m.alpha != alpha},
-            f"{component}.use_dora": any(m.dora_axis for m in modules),
-        })
-    return out
 
 
 def interop_metadata(model: LoraModel, manifest: dict[str, Any]) -> dict[str, str]:
