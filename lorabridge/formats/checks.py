@@ -22,8 +22,9 @@ import numpy as np
 
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io.streaming import release_pages
+from ..kinds import MISSING, DoraAxis, KindName
 from ..model import LoraModel, LoraModule
-from ..rules import MISSING, alpha_problem, module_problems
+from ..rules import alpha_problem, module_problems
 from ..tensor import Tensor
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
@@ -210,7 +211,7 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
 DORA_FORMATS = {"out": "--format diffusers, peft, kohya or lycoris", "in": "--format kohya or lycoris"}
 
 
-def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | None:
+def dora_refusal(model: LoraModel, target: str, axes: tuple[DoraAxis, ...]) -> str | None:
     """Why ``target``, storing DoRA magnitudes on ``axes`` only, cannot hold the model's, or None.
 
     No axis is converted into the other: per output row, ``m_i / ||(W + dW)_i||`` scales row i; per
@@ -231,8 +232,8 @@ def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | 
 
 
 def writable_lora(model: LoraModel, path: str | os.PathLike, *, target: str, dtype: str | None = None,
-                  bake_to_lora: int | None = None, dora_axes: tuple[str, ...] = ("out",), strict: bool = False,
-                  kinds: tuple[str, ...] = ("lora",), **_options) -> LoraModel:
+                  bake_to_lora: int | None = None, dora_axes: tuple[DoraAxis, ...] = ("out",), strict: bool = False,
+                  kinds: tuple[KindName, ...] = ("lora",), **_options) -> LoraModel:
     """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
 
     ``target`` names the format in messages; ``kinds`` are the module kinds it holds (other kinds
