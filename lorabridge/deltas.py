@@ -28,7 +28,7 @@ def factor_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def loha_delta(w1a: np.ndarray, w1b: np.ndarray, w2a: np.ndarray, w2b: np.ndarray, scale: float,
                t1: np.ndarray | None = None, t2: np.ndarray | None = None) -> np.ndarray:
     """scale * (w1a @ w1b) * (w2a @ w2b); Tucker (``t1``, ``t2`` given): w_a (r, out), w_b (r, in) around t (r, r, kh, kw)."""
-    if t1 is not None:
+    if t1 is not None and t2 is not None:
         w1 = np.einsum("ijkl,jr,ip->prkl", t1, w1b, w1a)
         w2 = np.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
     else:

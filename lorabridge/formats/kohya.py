@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 import numpy as np
 
 from ..errors import LoraBridgeError, listed
-from ..kinds import dora_axis_of, dora_shape
+from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import COMPONENTS, SDXL_ARCHITECTURE, LoraModel, LoraModule
 from ..tensor import Tensor
 from .training import lost_training, training_metadata
@@ -184,7 +184,7 @@ def group_keys(keys: Iterable[str], grammar: Grammar) -> tuple[dict[str, dict[st
     return groups, unrecognized, problems
 
 
-def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -> tuple[float, str, dict]:
+def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -> tuple[float, AlphaSource, dict]:
     """(alpha, alpha_source, extra) of a module: its stored alpha, else the user's, else rank.
 
     The stored alpha's dtype is kept in ``extra["alpha_dtype"]`` so that a writer can store it

@@ -39,8 +39,9 @@ class LoHa(Kind):
 
     @staticmethod
     def delta(t: Tensors, scale: float) -> np.ndarray:
-        tucker = [t[r].to_float32() if r in t else None for r in ("hada_t1", "hada_t2")]
-        return loha_delta(*(t[r].to_float32() for r in FACTORS), scale, *tucker)
+        w1a, w1b, w2a, w2b = (t[r].to_float32() for r in FACTORS)
+        t1, t2 = (t[r].to_float32() if r in t else None for r in ("hada_t1", "hada_t2"))
+        return loha_delta(w1a, w1b, w2a, w2b, scale, t1, t2)
 
     @staticmethod
     def shape_findings(t: Shapes) -> list[Finding]:
@@ -52,8 +53,8 @@ class LoHa(Kind):
             rank_axes = [("hada_w1_b", 0, "hada_w1_a", 0), ("hada_w1_b", 0, "hada_t1", 0), ("hada_w1_b", 0, "hada_t1", 1),
                          ("hada_w1_b", 0, "hada_w2_a", 0), ("hada_w1_b", 0, "hada_w2_b", 0), ("hada_w1_b", 0, "hada_t2", 0),
                          ("hada_w1_b", 0, "hada_t2", 1)]
-            w1 = (t["hada_w1_a"][1:], t["hada_w1_b"][1:], t["hada_t1"][2:])
-            w2 = (t["hada_w2_a"][1:], t["hada_w2_b"][1:], t["hada_t2"][2:])
+            w1: tuple[tuple[int, ...], ...] = (t["hada_w1_a"][1:], t["hada_w1_b"][1:], t["hada_t1"][2:])
+            w2: tuple[tuple[int, ...], ...] = (t["hada_w2_a"][1:], t["hada_w2_b"][1:], t["hada_t2"][2:])
         else:
             problems = wrong_ndim(t, {"hada_w1_a": (2,), "hada_w2_a": (2,), "hada_w1_b": (2, 4), "hada_w2_b": (2, 4)})
             rank_axes = [("hada_w1_a", 1, "hada_w1_b", 0), ("hada_w2_a", 1, "hada_w2_b", 0), ("hada_w1_b", 0, "hada_w2_b", 0)]

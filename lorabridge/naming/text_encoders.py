@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LoraBridgeError
+from ..kinds import AlphaSource
 from ..model import LoraModule
 from ..tensor import DTYPES, Tensor
 from .sdxl_tree import sdxl_modules
@@ -250,7 +251,7 @@ def _common_dtype(tensors: list[Tensor]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
-_ALPHA_SOURCE_PRIORITY = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
+_ALPHA_SOURCE_PRIORITY: tuple[AlphaSource, ...] = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
 
 
 def merge_qkv(q: LoraModule, k: LoraModule, v: LoraModule, fused_name: str) -> LoraModule:
