@@ -23,8 +23,9 @@ from lorabridge.formats.contract import WriteOptions
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.architectures.tree import LORA_TARGET_TYPES
-sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 from lorabridge.tensor import DTYPES, Tensor
+
+sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 
 # Module selections (regular expressions over diffusers paths, per component).
 UNET_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"

@@ -15,20 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .kinds import ALL_ROLES, KINDS, AlphaSource, DoraAxis, KindName
 from .tensor import Tensor
 
+# The registry's default architecture (lorabridge.architectures.DEFAULT) and its components, in the order
+# summaries list them. Spelled out here because the registry imports this module; tests/test_architectures.py
+# checks that they agree.
+DEFAULT_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
-
-# kind -> (required tensor roles, optional tensor roles). A role is the key suffix after the module name.
-KIND_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "lora": (("lora_A.weight", "lora_B.weight"), ("dora_scale",)),
-    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ("hada_t1", "hada_t2", "dora_scale")),
-    "lokr": ((), ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale")),
-    # A full-weight delta (ComfyUI LoraSave, A1111 and LyCORIS "full"): diff has the weight's shape, diff_b the bias's.
-    "full": (("diff",), ("diff_b",)),
-}
-ALL_ROLES = sorted({role for req, opt in KIND_ROLES.values() for role in req + opt}, key=len, reverse=True)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -82,11 +76,11 @@ class LoraModule:
     """
 
     name: str
-    kind: str
+    kind: KindName  # its entry in lorabridge.kinds.KINDS says what its tensors are and mean
     tensors: dict[str, Tensor]
     alpha: float
-    alpha_source: str = "stored"  # "stored" (read from the file), "user" (given) or "assumed" (= rank: the source has none)
-    dora_axis: str | None = None  # "out" (per output row, PEFT/LyCORIS default) or "in"
+    alpha_source: AlphaSource = "stored"  # "stored" (read from the file), "user" (given) or "assumed" (= rank: the source has none)
+    dora_axis: DoraAxis | None = None  # "out" (per output row, PEFT/LyCORIS default) or "in"
     extra: dict[str, Any] = field(default_factory=dict)  # unknown manifest fields, kept verbatim
 
     @property
@@ -100,18 +94,7 @@ class LoraModule:
 
     @property
     def rank(self) -> int:
-        t = self.tensors
-        if self.kind == "lora":
-            return t["lora_A.weight"].shape[0]
-        if self.kind == "loha":
-            return t["hada_w1_b"].shape[0]
-        if self.kind == "full":
-            return 0  # no factors: no rank, scale 1
-        if "lokr_w2_b" in t:
-            return t["lokr_w2_b"].shape[0]
-        if "lokr_w1_b" in t:
-            return t["lokr_w1_b"].shape[0]
-        return 0  # both Kronecker factors full: no rank, scale 1 by LyCORIS' convention
+        return KINDS[self.kind].rank(self.tensors)
 
     @property
     def scale(self) -> float:
@@ -121,24 +104,7 @@ class LoraModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the adapted weight: (out, in) for a linear, (out, in, kh, kw) for a conv."""
-        t = self.tensors
-        if self.kind == "lora":
-            a, b = t["lora_A.weight"].shape, t["lora_B.weight"].shape
-            return (b[0], a[1], *a[2:])
-        if self.kind == "loha":
-            if "hada_t1" in t:  # Tucker: w_a (r, out), w_b (r, in), kernel in t (r, r, kh, kw)
-                return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
-            return (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1], *t["hada_w1_b"].shape[2:])
-        if self.kind == "full":
-            return t["diff"].shape
-        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"].shape
-        elif "lokr_t2" in t:  # Tucker: w2_a (r, out2), w2_b (r, in2), kernel in t2 (r, r, kh, kw)
-            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
-        else:
-            w2 = (t["lokr_w2_a"].shape[0], *t["lokr_w2_b"].shape[1:])
-        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])  # kron(w1, w2), computed from shapes only
+        return KINDS[self.kind].weight_shape(self.tensors)
 
     @property
     def out_features(self) -> int:
@@ -168,9 +134,7 @@ class LoraModule:
         lora: alpha/r * B @ A (conv: over the flattened in*kh*kw axis);
         loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2); full: diff (alpha unused).
         """
-        from .deltas import delta_weight
-
-        return delta_weight(self)
+        return KINDS[self.kind].delta(self.tensors, self.scale)
 
 
 @dataclass
@@ -182,7 +146,7 @@ class LoraModel:
     """
 
     modules: dict[str, LoraModule] = field(default_factory=dict)
-    architecture: str = SDXL_ARCHITECTURE
+    architecture: str = DEFAULT_ARCHITECTURE
     provenance: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -90,6 +90,23 @@ def test_a_lora_with_other_shapes_is_refused_naming_the_architecture_it_misfits(
         convert(tmp_path / "wrong.safetensors", tmp_path / "out.safetensors", "neutral", progress=False)
 
 
+def test_the_model_default_is_the_registry_default():
+    """model.py spells the default out (the registry imports it); they must agree."""
+    from lorabridge.architectures import DEFAULT
+    from lorabridge.model import COMPONENTS, DEFAULT_ARCHITECTURE, LoraModel
+
+    assert DEFAULT is SDXL and LoraModel().architecture == DEFAULT_ARCHITECTURE == SDXL.name
+    assert COMPONENTS == SDXL.components
+
+
+def test_a_format_whose_naming_is_sdxl_only_refuses_the_toy(toy, tmp_path):
+    kohya_toy_file(tmp_path / "toy_kohya.safetensors")
+    with pytest.raises(LoraBridgeError, match="--to mindone-sgm names only stable-diffusion-xl-v1-base layers; "
+                                              "this LoRA is for toy-two-layer"):
+        convert(tmp_path / "toy_kohya.safetensors", tmp_path / "toy.ckpt", "mindone-sgm", progress=False)
+    assert not (tmp_path / "toy.ckpt").exists()
+
+
 def test_registering_twice_or_removing_the_default_is_refused(toy):
     with pytest.raises(ValueError, match="already registered"):
         register(Architecture(TOY.name, "Other", ModuleTree(entries={"unet": {}})))

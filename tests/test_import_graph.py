@@ -13,7 +13,6 @@ import ast
 from pathlib import Path
 from typing import Collection, Iterator
 
-import pytest
 
 import lorabridge
 
@@ -131,7 +130,6 @@ def test_the_graph_sees_every_kind_of_import():
     assert format_modules() <= set(graph) and "lorabridge.formats.neutral" in format_modules()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: removed by the refactor in progress")
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(f"{' -> '.join(cycle)}  (mutually reachable: {', '.join(sorted(members))})"

@@ -25,10 +25,11 @@ from lorabridge.formats.contract import ReadOptions, WriteOptions  # noqa: E402
 from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
-from lorabridge.architectures.sdxl import SDXL
-sdxl_modules = SDXL.modules
+from lorabridge.architectures.sdxl import SDXL  # noqa: E402
 from lorabridge.report import validation_report  # noqa: E402
 from lorabridge.tensor import Tensor  # noqa: E402
+
+sdxl_modules = SDXL.modules
 
 pytestmark = pytest.mark.torch
 

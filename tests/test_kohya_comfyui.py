@@ -26,8 +26,9 @@ from lorabridge.formats import kohya, lycoris
 from lorabridge.io.safetensors_file import read_safetensors
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.architectures.sdxl import SDXL
-sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 from lorabridge.tensor import Tensor
+
+sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 
 # --- ComfyUI's rules, restated -------------------------------------------------------------------
 # unet_to_diffusers tables: SGM layer -> diffusers layer inside a resnet, an attention, a transformer block.

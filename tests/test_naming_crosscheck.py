@@ -16,7 +16,6 @@ import pytest
 
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.architectures.architecture import underscored
-is_lora_target, resolve_underscored, sdxl_module_types, sdxl_modules = SDXL.is_lora_target, SDXL.resolve_underscored, SDXL.module_types, SDXL.modules
 from lorabridge.architectures.sdxl import diffusers_to_sgm
 from lorabridge.architectures.sdxl import reference
 from lorabridge.architectures.sdxl.sgm import TOP_LEVEL
@@ -30,6 +29,8 @@ from diffusers.utils import (  # noqa: E402
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
+
+is_lora_target, resolve_underscored, sdxl_module_types, sdxl_modules = SDXL.is_lora_target, SDXL.resolve_underscored, SDXL.module_types, SDXL.modules
 
 pytestmark = pytest.mark.torch
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lorabridge.architectures.sdxl import SDXL
-sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 from lorabridge.architectures.sdxl import diffusers_to_sgm, sgm_to_diffusers
+
+sdxl_module_types, sdxl_modules = SDXL.module_types, SDXL.modules
 
 # FORMATS.md section 3, one row per rule: SGM path -> diffusers path.
 KNOWN_PAIRS = {

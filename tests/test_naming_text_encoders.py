@@ -14,6 +14,7 @@ from lorabridge.tensor import Tensor
 
 sdxl_modules = SDXL.modules
 
+
 BIGG = "conditioner.embedders.1.model."
 CLIPL = "conditioner.embedders.0.transformer."
 LAYER = "text_encoder_2.text_model.encoder.layers.3.self_attn."

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoraBridgeError
+from ..kinds import AlphaSource
 from ..model import LoraModule
 from ..tensor import DTYPES, Tensor
 
@@ -167,7 +168,7 @@ def _common_dtype(tensors: list[Tensor]) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
-_ALPHA_SOURCE_PRIORITY = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
+_ALPHA_SOURCE_PRIORITY: tuple[AlphaSource, ...] = ("assumed", "user", "stored")  # a merge is only as certain as its least certain part
 
 
 def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:

@@ -84,6 +84,13 @@ def default_output(src: Path, suffix: str) -> Path:
 
 
 @held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
+def _check_architecture(model: LoraModel, target: Format, src: Path) -> None:
+    """Refuse a LoRA for an architecture the target's naming has no tables for (MindONE's are SDXL's)."""
+    if target.architectures is not None and model.architecture not in target.architectures:
+        raise LoraBridgeError(f"--to {target.name} names only {', '.join(target.architectures)} layers; "
+                              f"this LoRA is for {model.architecture}", src)
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
             force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
@@ -109,6 +116,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
+        _check_architecture(model, target, src)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None

@@ -25,8 +25,9 @@ from ..architectures import architectures
 from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io.streaming import release_pages
+from ..kinds import MISSING, DoraAxis, KindName
 from ..model import LoraModel, LoraModule
-from ..rules import MISSING, alpha_problem, module_problems
+from ..rules import alpha_problem, module_problems
 from ..tensor import Tensor
 from .contract import WriteOptions
 
@@ -266,7 +267,7 @@ def check_model(model: LoraModel, path: str | os.PathLike, *, unrecognized: Sequ
 DORA_FORMATS = {"out": "--format diffusers, peft, kohya or lycoris", "in": "--format kohya or lycoris"}
 
 
-def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | None:
+def dora_refusal(model: LoraModel, target: str, axes: tuple[DoraAxis, ...]) -> str | None:
     """Why ``target``, storing DoRA magnitudes on ``axes`` only, cannot hold the model's, or None.
 
     No axis is converted into the other: per output row, ``m_i / ||(W + dW)_i||`` scales row i; per
@@ -287,7 +288,7 @@ def dora_refusal(model: LoraModel, target: str, axes: tuple[str, ...]) -> str | 
 
 
 def writable_lora(model: LoraModel, path: str | os.PathLike, options: WriteOptions, *, target: str,
-                  kinds: tuple[str, ...], dora_axes: tuple[str, ...]) -> LoraModel:
+                  kinds: tuple[KindName, ...], dora_axes: tuple[DoraAxis, ...]) -> LoraModel:
     """The model as a plain-LoRA writer needs it: LoHa/LoKr baked (or refused), DoRA checked, dtype cast.
 
     ``target`` names the format in messages; ``kinds`` are the module kinds it holds (other kinds

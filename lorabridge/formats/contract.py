@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Protocol
 
-from ..model import SDXL_ARCHITECTURE, LoraModel
+from ..model import LoraModel
 
 Progress = Callable[[int], None]  # called with the bytes written since the last call
 
@@ -100,7 +100,7 @@ class Format(Protocol):
     @property
     def dora_axes(self) -> tuple[str, ...]: ...  # DoRA magnitude axes it stores ("out": per row, "in": per column)
     @property
-    def architectures(self) -> tuple[str, ...]: ...  # base models it names layers of
+    def architectures(self) -> tuple[str, ...] | None: ...  # base models it names layers of; None: every registered one
     @property
     def read_options(self) -> frozenset[str]: ...  # the ReadOptions fields its read() honours
     @property
@@ -136,7 +136,7 @@ class DeclaredFormat:
     write_options: frozenset[str]
     writes_directory: bool = False
     records_source_hash: bool = False
-    architectures: tuple[str, ...] = (SDXL_ARCHITECTURE,)
+    architectures: tuple[str, ...] | None = None  # None: keys are diffusers paths, so every registered architecture
 
     def __post_init__(self) -> None:
         unknown = (self.read_options - READ_OPTIONS) | (self.write_options - WRITE_OPTIONS)

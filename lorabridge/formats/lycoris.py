@@ -33,9 +33,10 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import LoraBridgeWarning
+from ..kinds import MISSING, KindName, kinds_of
 from ..model import LoraModel, LoraModule
 from ..naming.underscored import ALPHA, KOHYA, Grammar, ModuleProblem
-from ..rules import MISSING, module_problems
+from ..rules import module_problems
 from ..tensor import Tensor
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .underscored_files import (alpha_of, alpha_tensor, full_module, full_tensors, lora_module, read_underscored, with_dora,
@@ -57,12 +58,11 @@ LYCORIS = Grammar(
 )
 # kind -> (the neutral roles of it LyCORIS stores flattened for a non-Tucker conv, the role marking Tucker)
 FLATTENED = {"loha": (("hada_w1_b", "hada_w2_b"), "hada_t1"), "lokr": (("lokr_w2_b",), "lokr_t2")}
-KIND_PREFIXES = {"lora_": "lora", "hada_": "loha", "lokr_": "lokr", "diff": "full"}
 
 
-def kind_of(roles: list[str]) -> str:
+def kind_of(roles: list[str]) -> KindName:
     """The kind a module's roles belong to (dora_scale belongs to all); mixed kinds are a problem."""
-    kinds = {kind for role in roles for prefix, kind in KIND_PREFIXES.items() if role.startswith(prefix)}
+    kinds = kinds_of(roles)
     if len(kinds) != 1:
         raise ModuleProblem(f"tensors {', '.join(sorted(roles))} mix LyCORIS kinds" if kinds else "has no LoRA factors")
     return kinds.pop()

@@ -39,6 +39,7 @@ from typing import Mapping
 import numpy as np
 
 from ..architectures.fused import merge_fused, split_fused
+from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError, listed
 from ..io.ms_ckpt import is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, write_ms_checkpoint
 from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
@@ -397,7 +398,8 @@ def _declared(naming: Naming, name: str, description: str) -> DeclaredFormat:
         name=name, framework="mindspore", description=description, detect=mindone.detect, read=mindone.read,
         write=mindone.write, stores_metadata=False,  # a .ckpt, the default container, keeps only its source's text entries
         stores_alpha=naming.stores_alpha, kinds=MINDONE_KINDS, dora_axes=MINDONE_DORA_AXES, read_options=FOREIGN_READ,
-        write_options=MINDONE_WRITE | ({"fold_alpha"} if not naming.stores_alpha else set()))  # nothing to fold where .alpha is
+        write_options=MINDONE_WRITE | ({"fold_alpha"} if not naming.stores_alpha else set()),  # nothing to fold where .alpha is
+        architectures=(SDXL.name,))  # the namings are SDXL's tables
 
 
 MINDONE_SGM = _declared(NAMINGS["sgm"], "mindone-sgm", "MindONE SDXL trainer LoRA: SGM names (model.diffusion_model.*, "

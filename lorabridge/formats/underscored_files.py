@@ -19,9 +19,9 @@ import numpy as np
 from ..architectures import get_architecture
 from ..errors import LoraBridgeError, listed
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, write_state_dict
+from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
 from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, KOHYA_PREFIX, Grammar, ModuleProblem, group_keys, stem
-from ..rules import dora_shape
 from ..tensor import Tensor
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
@@ -40,7 +40,7 @@ STALE_KEYS = ("sshs_legacy_hash",)
 MODELSPEC_DEFAULTS = {"modelspec.sai_model_spec": "1.0.0"}  # and the architecture's own modelspec fields
 
 
-def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -> tuple[float, str, dict]:
+def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -> tuple[float, AlphaSource, dict]:
     """(alpha, alpha_source, extra) of a module: its stored alpha, else the user's, else rank.
 
     The stored alpha's dtype is kept in ``extra["alpha_dtype"]`` so that a writer can store it
@@ -54,30 +54,18 @@ def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -
     return float(tensor.to_float32().reshape(-1)[0]), "stored", {"alpha_dtype": tensor.dtype}
 
 
-def dora_axis(scale: Tensor, weight_shape: tuple[int, ...]) -> str:
-    """Which norms a DoRA magnitude holds, from its shape: ``"out"`` for (out, 1, ...), ``"in"`` for (1, in, ...).
-
-    Example:
-        >>> dora_axis(Tensor.from_numpy(np.ones((1, 8), "f4")), (16, 8))
-        'in'
-    """
-    shape, (out, inp) = scale.shape, weight_shape[:2]
-    if shape and shape[0] == out and all(d == 1 for d in shape[1:]):
-        return "out"
-    if len(shape) >= 2 and shape[0] == 1 and shape[1] == inp and all(d == 1 for d in shape[2:]):
-        return "in"
-    raise ModuleProblem(f"dora_scale {list(shape)} fits neither the output axis ({out}, 1) "
-                        f"nor the input axis (1, {inp}) of a {list(weight_shape)} weight")
-
-
 def with_dora(module: LoraModule) -> LoraModule:
     """``module`` with ``dora_axis`` set from its ``dora_scale`` shape (unchanged without one), and the
     magnitude reshaped (same bytes) to the one shape the model holds for that axis: a LyCORIS or
     kohya file may store an (out,) magnitude, which the neutral rules refuse (spec 3.3)."""
     scale = module.tensors.get("dora_scale")
     if scale is not None:
-        module.dora_axis = dora_axis(scale, module.weight_shape)
-        module.tensors["dora_scale"] = scale.reshaped(dora_shape(module.dora_axis, module.weight_shape))
+        shape, weight = scale.shape, module.weight_shape
+        axis = dora_axis_of(shape, weight)
+        if axis is None:
+            raise ModuleProblem(f"dora_scale {list(shape)} fits neither the output axis ({weight[0]}, 1) "
+                                f"nor the input axis (1, {weight[1]}) of a {list(weight)} weight")
+        module.dora_axis, module.tensors["dora_scale"] = axis, scale.reshaped(dora_shape(axis, weight))
     return module
 
 

@@ -34,12 +34,11 @@ def parse_key(key: str) -> tuple[str | None, str, str] | None:
         >>> parse_key("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight")
         ('unet', 'mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0', 'lora_B.weight')
     """
-    for suffix, role in FACTORS.items():
-        if key.endswith("." + suffix):
-            stem = key[: -len(suffix) - 1]
-            break
-    else:
+    found = next(((suffix, role) for suffix, role in FACTORS.items() if key.endswith("." + suffix)), None)
+    if found is None:
         return None
+    suffix, role = found
+    stem = key[: -len(suffix) - 1]
     first, _, rest = stem.partition(".")
     component, stem = (first, rest) if first in COMPONENTS else (None, stem)
     head, _, last = stem.rpartition(".")
