@@ -217,8 +217,10 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
             row, col = row + block.shape[0], col + block.shape[1]
         tensors = {"lora_A.weight": Tensor.from_numpy(a_cat, a_dtype), "lora_B.weight": Tensor.from_numpy(b_diag, b_dtype)}
         alpha = q.scale * total
-    if doras[0] is not None:
-        tensors["dora_scale"] = _stack_rows([d if d.dtype == doras[0].dtype else d.cast(doras[0].dtype) for d in doras])
+    present = [d for d in doras if d is not None]  # all of them or none (checked above)
+    if present:
+        dtype = present[0].dtype
+        tensors["dora_scale"] = _stack_rows([d if d.dtype == dtype else d.cast(dtype) for d in present])
     return LoraModule(fused_name, "lora", tensors, alpha, alpha_source, q.dora_axis, extra)
 
 

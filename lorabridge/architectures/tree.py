@@ -34,18 +34,19 @@ class ModuleTree:
 
     def __init__(self, package: str | None = None, resource: str | None = None, *,
                  entries: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]] | None = None) -> None:
-        if (entries is None) == (package is None or resource is None):
+        source = (package, resource) if package is not None and resource is not None else None
+        if (entries is None) == (source is None):
             raise ValueError("give a JSON resource (package and resource) or the entries, not both")
-        self._source = (package, resource)
+        self._source = source
         self._entries = entries
 
     @cached_property
     def _tree(self) -> Entries:
-        if self._entries is not None:
-            raw = self._entries
-        else:
+        if self._source is not None:
             package, resource = self._source
             raw = json.loads(resources.files(package).joinpath(resource).read_text())
+        else:
+            raw = self._entries or {}
         return {c: {p: (t, tuple(s)) for p, (t, s) in mods.items()} for c, mods in raw.items()}
 
     @property

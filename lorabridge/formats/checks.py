@@ -111,11 +111,11 @@ class _Fit:
     misshapen: list[str]
     fitting: int
 
-    def refusal(self, model: LoraModel, hint: str | None) -> str | None:
-        """Why the LoRA is not for this architecture (with evidence), or None when it is."""
+    def refusal(self, model: LoraModel, hint: str | None) -> str:
+        """Why the LoRA is not for this architecture (with evidence), or "" when it is."""
         label, reference = self.architecture.label, self.architecture.reference or self.architecture.label
         if not (self.foreign or self.misshapen or hint or len(self.unknown) == len(model.modules)):
-            return None
+            return ""
         evidence = self.foreign + self.misshapen + [f"{n} (no such {label} layer)" for n in self.unknown]
         likely = f"; looks like {hint}" if hint else ""
         return (f"not {self.architecture.a_label} LoRA: {len(evidence)} of {len(model.modules)} modules do not fit "
@@ -152,7 +152,7 @@ def _fit(model: LoraModel, path, skip_unknown: bool) -> None:
     """
     hint = _hint(model)
     fits = [_fit_to(model, architecture) for architecture in architectures()]
-    fit = next((f for f in fits if f.refusal(model, hint) is None), None)
+    fit = next((f for f in fits if not f.refusal(model, hint)), None)
     if fit is None:
         best = max(fits, key=lambda f: f.fitting)  # max keeps the first of equals
         raise LoraBridgeError(best.refusal(model, hint), path)

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Protocol
 
+from ..kinds import DoraAxis, KindName
 from ..model import LoraModel
 
 Progress = Callable[[int], None]  # called with the bytes written since the last call
@@ -96,9 +97,9 @@ class Format(Protocol):
     @property
     def records_source_hash(self) -> bool: ...  # provenance keeps the source file's sha256
     @property
-    def kinds(self) -> tuple[str, ...]: ...  # module kinds written as they are (others baked or refused)
+    def kinds(self) -> tuple[KindName, ...]: ...  # module kinds written as they are (others baked or refused)
     @property
-    def dora_axes(self) -> tuple[str, ...]: ...  # DoRA magnitude axes it stores ("out": per row, "in": per column)
+    def dora_axes(self) -> tuple[DoraAxis, ...]: ...  # DoRA magnitude axes it stores ("out": per row, "in": per column)
     @property
     def architectures(self) -> tuple[str, ...] | None: ...  # base models it names layers of; None: every registered one
     @property
@@ -130,8 +131,8 @@ class DeclaredFormat:
     write: Writer
     stores_metadata: bool
     stores_alpha: bool
-    kinds: tuple[str, ...]
-    dora_axes: tuple[str, ...]
+    kinds: tuple[KindName, ...]
+    dora_axes: tuple[DoraAxis, ...]
     read_options: frozenset[str]
     write_options: frozenset[str]
     writes_directory: bool = False

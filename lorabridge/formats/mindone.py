@@ -45,6 +45,7 @@ from ..io.ms_ckpt import is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, wri
 from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
+from ..kinds import DoraAxis, KindName
 from ..manifest import MANIFEST_KEY
 from ..model import LoraModel, LoraModule, target_type
 from ..naming.mindone_keys import LORA_SUFFIXES, NAMINGS, A, B, Naming
@@ -198,7 +199,7 @@ class MindoneFormat:
                 ignored += 1
                 continue
             names = self.naming.parse(parts[0]) if parts else None
-            if names is None:
+            if parts is None or names is None:
                 unknown.append(key)
                 continue
             groups.setdefault((parts[0], names), {})[parts[1]] = tensor
@@ -273,17 +274,22 @@ class MindoneFormat:
 
     def _spelled_modules(self, model: LoraModel) -> tuple[dict[str, LoraModule], list[str]]:
         """Modules under their file module keys (fused q/k/v merged), and the names with no key."""
-        spelled: dict[str, LoraModule | dict[int, LoraModule]] = {}
+        order: dict[str, None] = {}  # module keys in the order of their first module
+        whole: dict[str, LoraModule] = {}
+        fused: dict[str, dict[int, LoraModule]] = {}
         unspellable = []
         for m in model.modules.values():
             spelling = self.naming.spell(m.name)
             if spelling is None:
                 unspellable.append(m.name)
-            elif spelling[1] is None:
-                spelled[spelling[0]] = m
+                continue
+            key, block = spelling
+            order.setdefault(key)
+            if block is None:
+                whole[key] = m
             else:
-                spelled.setdefault(spelling[0], {})[spelling[1]] = m
-        return {key: m if isinstance(m, LoraModule) else _merge_fused(key, m) for key, m in spelled.items()}, unspellable
+                fused.setdefault(key, {})[block] = m
+        return {key: whole[key] if key in whole else _merge_fused(key, fused[key]) for key in order}, unspellable
 
     def write(self, model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
               progress: Progress | None = None, force: bool = False) -> None:
@@ -326,8 +332,9 @@ class MindoneFormat:
         """
         if self.naming.name != "sgm":
             return None
-        keys = {self.naming.spell(m.name)[0]: m.component for m in model.modules.values()
-                if not m.path.endswith(MINDONE_SDXL_LORA_LAYERS.get(m.component, ()))}
+        spellings = {m.name: self.naming.spell(m.name) for m in model.modules.values()
+                     if not m.path.endswith(MINDONE_SDXL_LORA_LAYERS.get(m.component, ()))}
+        keys = {spelling[0]: model.modules[name].component for name, spelling in spellings.items() if spelling}
         if not keys:
             return None
         groups = Counter(f"{component} {target_type(key)}" for key, component in keys.items())
@@ -386,8 +393,8 @@ def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
 
 
 # The registered formats (converters/registry.py points at these objects).
-MINDONE_KINDS: tuple[str, ...] = ("lora",)  # what MindONE's LoRA layers hold: other kinds are baked or refused
-MINDONE_DORA_AXES: tuple[str, ...] = ()  # MindONE's LoRA layers have no DoRA
+MINDONE_KINDS: tuple[KindName, ...] = ("lora",)  # what MindONE's LoRA layers hold: other kinds are baked or refused
+MINDONE_DORA_AXES: tuple[DoraAxis, ...] = ()  # MindONE's LoRA layers have no DoRA
 MINDONE_WRITE = frozenset({"container", "crc", "bake_to_lora", "strict"})  # tensors keep their dtype
 
 

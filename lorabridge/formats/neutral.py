@@ -235,7 +235,7 @@ def read_neutral(path: str | os.PathLike, verify_hash: bool = False) -> LoraMode
         576
     """
     model, _, problems = inspect_file(path, verify_hash=verify_hash)
-    if problems:
+    if problems or model is None:  # no model comes only with problems
         raise ValidationProblem(problems, path)
     return model
 

@@ -24,7 +24,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import LoraBridgeError
 from ..io.atomic import atomic_directory
@@ -175,7 +175,7 @@ def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraM
     return check_model(model, path, unrecognized=unrecognized, skip_unknown=options.skip_unknown, strict=options.strict)
 
 
-def _training(metadatas: list[Mapping[str, str]], path) -> dict[str, str]:
+def _training(metadatas: Sequence[Mapping[str, str]], path) -> dict[str, str]:
     """The training facts of all adapter files (the writer puts the same in each); the first file wins a conflict."""
     training: dict[str, str] = {}
     conflicting = set()

@@ -138,7 +138,8 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
         except ModuleProblem as exc:
             problems.append(f"{name}: {exc}")
             continue
-        prefix = grammar.parse(next(iter(keys.values()))).prefix
+        parsed = grammar.parse(next(iter(keys.values())))  # every grouped key parsed
+        prefix = parsed.prefix if parsed else ""
         if prefix in grammar.prefixes and KOHYA_PREFIX.get(module.component) != prefix:
             module.extra["key_prefix"] = prefix
         model.add(module)

@@ -38,7 +38,7 @@ def parse(key: str) -> Parsed | None:
     """
     found = parse_key(key)
     placed = split_component(found[0]) if found else None
-    if placed:
+    if found and placed:
         return (*placed, found[1], found[2])
     old = legacy_diffusers_keys.parse_key(key)
     return (*old, None) if old else None

@@ -122,9 +122,8 @@ def _kohya_parse(key: str) -> tuple[str, ...] | None:
 
 def _kohya_spell(name: str) -> tuple[str, int | None] | None:
     component, path = name.split(".", 1)
-    if component == "unet":  # kohya spells SDXL's UNet the SGM way
-        path = diffusers_to_sgm(path)
-    return (KOHYA_PREFIXES[component] + underscored(path), None) if path and component in KOHYA_PREFIXES else None
+    spelled = diffusers_to_sgm(path) if component == "unet" else path  # kohya spells SDXL's UNet the SGM way
+    return (KOHYA_PREFIXES[component] + underscored(spelled), None) if spelled and component in KOHYA_PREFIXES else None
 
 
 LORA_ROLES = {A: A, B: B}

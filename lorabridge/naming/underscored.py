@@ -158,8 +158,9 @@ def stem(module: LoraModule, spelling: str, own_prefix: bool = False, architectu
         raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
     path = module.path
     if spelling == "original":
-        path = architecture.original_path(module.component, module.path)
-        if path is None:
+        original = architecture.original_path(module.component, module.path)
+        if original is None:
             raise ModuleProblem(f"is no {architecture.reference} {module.component} layer, so it has no original name")
+        path = original
     prefix = module.extra.get("key_prefix", KOHYA_PREFIX[module.component]) if own_prefix else KOHYA_PREFIX[module.component]
     return f"{prefix}_{path.replace('.', '_')}"

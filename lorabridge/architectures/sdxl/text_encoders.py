@@ -77,13 +77,14 @@ def sgm_text_to_diffusers(name: str) -> tuple[str, str] | None:
         >>> sgm_text_to_diffusers("conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj")
         ('text_encoder', 'text_model.encoder.layers.0.self_attn.q_proj')
     """
+    path: str | None
     if name.startswith(CLIP_L_PREFIX):
         component, path = "text_encoder", name[len(CLIP_L_PREFIX):]
     elif name.startswith(OPENCLIP_PREFIX):
         component, path = "text_encoder_2", _openclip_to_diffusers(name[len(OPENCLIP_PREFIX):])
     else:
         return None
-    return (component, path) if path in TREE.modules(component) else None
+    return (component, path) if path is not None and path in TREE.modules(component) else None
 
 
 def diffusers_text_to_sgm(component: str, path: str) -> str | None:
