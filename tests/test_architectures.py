@@ -13,12 +13,14 @@ import pytest
 
 from lorabridge.architectures import ARCHITECTURES, get_architecture, register, unregister
 from lorabridge.architectures.architecture import Architecture
+from lorabridge.architectures.fused import merge_fused, split_fused
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.architectures.tree import ModuleTree
 from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+from lorabridge.model import LoraModule
 from lorabridge.tensor import Tensor
 
 TOY_LAYERS = {"toy_blocks.0.proj": ("Linear", (12, 8)), "toy_blocks.1.conv": ("Conv2d", (6, 12, 3, 3))}
@@ -112,3 +114,43 @@ def test_registering_twice_or_removing_the_default_is_refused(toy):
         register(Architecture(TOY.name, "Other", ModuleTree(entries={"unet": {}})))
     with pytest.raises(ValueError, match="default architecture"):
         unregister(SDXL.name)
+
+
+# ---- fused layers of unequal parts (Flux's linear1: q, k, v and the MLP) ---------------------------
+
+LINEAR1_SIZES = (3072, 3072, 3072, 12288)  # the parts' output sizes in Flux.1
+
+
+def _fused(rows: int, rank: int = 4, width: int = 8) -> LoraModule:
+    rng = np.random.default_rng(11)
+    tensors = {"lora_A.weight": Tensor.from_numpy(rng.standard_normal((rank, width)).astype("f4")),
+               "lora_B.weight": Tensor.from_numpy(rng.standard_normal((rows, rank)).astype("f4"))}
+    return LoraModule("transformer.single_blocks.0.linear1", "lora", tensors, alpha=8.0)
+
+
+def test_a_fused_layer_of_unequal_parts_splits_in_their_ratio_and_merges_back_bit_exactly():
+    fused = _fused(rows=42)  # 6 + 6 + 6 + 24: the ratio of 3072:3072:3072:12288
+    names = tuple(f"transformer.single_transformer_blocks.0.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+    parts = split_fused(fused, names, LINEAR1_SIZES)
+    assert [p.out_features for p in parts] == [6, 6, 6, 24]
+    assert np.array_equal(np.concatenate([p.delta_weight() for p in parts]), fused.delta_weight())
+    again = merge_fused(tuple(parts), fused.name)
+    for role, tensor in fused.tensors.items():
+        assert again.tensors[role].same_as(tensor), role
+    assert again.alpha == fused.alpha
+
+
+def test_rows_that_do_not_split_in_the_ratio_are_refused():
+    names = ("t.q", "t.k", "t.v", "t.mlp")
+    with pytest.raises(LoraBridgeError, match=r"rows not divisible in the ratio 3072:3072:3072:12288"):
+        split_fused(_fused(rows=43), names, LINEAR1_SIZES)
+
+
+def test_the_fused_layer_table_names_parts_and_blocks_both_ways():
+    layer = SDXL.fused[0]
+    fused = "conditioner.embedders.1.model.transformer.resblocks.7.attn.in_proj"
+    assert SDXL.fused_parts(fused) == ("text_encoder_2", tuple(
+        f"text_model.encoder.layers.7.self_attn.{p}_proj" for p in "qkv"))
+    assert SDXL.fused_name("text_encoder_2", "text_model.encoder.layers.7.self_attn.v_proj") == (fused, 2)
+    assert layer.parts_of(fused.replace("resblocks.7", "resblocks.x")) is None
+    assert SDXL.fused_parts(fused.replace("resblocks.7", "resblocks.99")) is None  # bigG has 32 layers

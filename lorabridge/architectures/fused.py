@@ -10,6 +10,7 @@ original bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +62,27 @@ def _block(template: str, name: str) -> str | None:
     return block if block.isdigit() else None
 
 
-def _row_blocks(t: Tensor, parts: int) -> list[Tensor]:
-    """Split a tensor into ``parts`` equal row blocks, as zero-copy views of its bytes (bit-exact)."""
-    rows = t.shape[0] // parts
-    step = len(t.data) // parts
-    data = memoryview(t.data)
-    return [Tensor(t.dtype, (rows, *t.shape[1:]), data[i * step:(i + 1) * step]) for i in range(parts)]
+def _row_blocks(t: Tensor, rows: Sequence[int]) -> list[Tensor]:
+    """Split a tensor into row blocks of ``rows`` rows each, as zero-copy views of its bytes (bit-exact)."""
+    row_bytes = len(t.data) // t.shape[0]
+    data, start, out = memoryview(t.data), 0, []
+    for count in rows:
+        out.append(Tensor(t.dtype, (count, *t.shape[1:]), data[start:start + count * row_bytes]))
+        start += count * row_bytes
+    return out
+
+
+def part_rows(total: int, sizes: Sequence[int]) -> list[int] | None:
+    """The rows of each part when ``total`` rows split in the ratio of ``sizes`` (the parts' output sizes
+    in the full-size model), or None when they do not divide exactly.
+
+    Example:
+        >>> part_rows(30, (10, 10, 10)), part_rows(42, (3072, 3072, 3072, 12288)), part_rows(10, (1, 2))
+        ([10, 10, 10], [6, 6, 6, 24], None)
+    """
+    whole = sum(sizes)
+    rows = [total * size // whole for size in sizes]
+    return rows if all(r * whole == total * size for r, size in zip(rows, sizes)) else None
 
 
 def _stack_rows(tensors: list[Tensor]) -> Tensor:
@@ -101,7 +117,7 @@ def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
 
     Example:
         >>> b = Tensor.from_numpy(np.kron(np.eye(3, dtype="f4"), np.ones((2, 2), "f4")))  # 6 x 6, blocks of 2
-        >>> part_ranks(_row_blocks(b, 3))
+        >>> part_ranks(_row_blocks(b, [2, 2, 2]))
         [(0, 2), (2, 4), (4, 6)]
     """
     used = [_used_columns(b) for b in b_parts]
@@ -119,8 +135,12 @@ def _rank_slice(a: Tensor, b: Tensor, start: int, end: int) -> tuple[Tensor, Ten
     return a_part, b_part
 
 
-def split_fused(module: LoraModule, names: tuple[str, ...]) -> list[LoraModule]:
+def split_fused(module: LoraModule, names: tuple[str, ...], sizes: Sequence[int] | None = None) -> list[LoraModule]:
     """Split a LoRA on a fused projection into one LoRA per part (``names``, in row order), same delta W.
+
+    ``sizes`` are the parts' output sizes in the full-size model (Flux's ``linear1``: q, k, v and the
+    MLP, 3072/3072/3072/12288); B's rows split in their ratio, so a narrower test model splits alike.
+    Without them the parts are equal (q, k and v of a fused ``in_proj``).
 
     Each part takes its row block of B, so delta W of each part is bit for bit the
     matching row block of the fused delta W. When the fused LoRA is block-diagonal
@@ -139,14 +159,16 @@ def split_fused(module: LoraModule, names: tuple[str, ...]) -> list[LoraModule]:
     if module.kind != "lora":
         raise LoraBridgeError(f"{module.name}: only plain LoRA can be split into {_parts(names)}, not {module.kind}")
     a, b = module.tensors["lora_A.weight"], module.tensors["lora_B.weight"]
-    if len(b.shape) != 2 or b.shape[0] % count:
+    rows = part_rows(b.shape[0], sizes or [1] * count) if len(b.shape) == 2 else None
+    if rows is None:
+        ratio = f"in the ratio {':'.join(map(str, sizes))}" if sizes else f"by {count}"
         raise LoraBridgeError(f"{module.name}: fused {_parts(names, '')} lora_B has shape {list(b.shape)}, "
-                              f"rows not divisible by {count}")
+                              f"rows not divisible {ratio}")
     dora = module.tensors.get("dora_scale")
     if dora is not None and module.dora_axis != "out":
         raise LoraBridgeError(f"{module.name}: a DoRA magnitude per input column cannot be split into {_parts(names)}")
-    b_parts = _row_blocks(b, count)
-    dora_parts = _row_blocks(dora, count) if dora is not None else [None] * count
+    b_parts = _row_blocks(b, rows)
+    dora_parts: list[Tensor | None] = list(_row_blocks(dora, rows)) if dora is not None else [None] * count
     blocks = part_ranks(b_parts) if len(a.shape) == 2 else None
     out = []
     for i, (name, b_part, dora_part) in enumerate(zip(names, b_parts, dora_parts)):
