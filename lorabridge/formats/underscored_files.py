@@ -21,7 +21,7 @@ from ..errors import LoraBridgeError, listed
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, write_state_dict
 from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
-from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, KOHYA_PREFIX, Grammar, ModuleProblem, group_keys, stem
+from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, KOHYA_PREFIX, Grammar, ModuleProblem, Spelling, group_keys, stem
 from ..tensor import Tensor
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
@@ -202,7 +202,7 @@ def fitting_cast(alpha: Tensor, dtype: str) -> Tensor:
     return cast if np.isfinite(cast.to_float32()).all() else alpha
 
 
-def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: str,
+def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spelling,
                       tensors_of: Callable[[LoraModule], Mapping[str, Tensor]], *, dtype: str | None = None,
                       progress: Callable[[int], None] | None = None, own_prefix: bool = False) -> None:
     """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata.

@@ -12,7 +12,7 @@ A :class:`Grammar` is one family's prefixes and suffixes; :data:`KOHYA` is kohya
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Literal, Mapping, NamedTuple
 
 from ..architectures import DEFAULT, resolve_underscored
 from ..architectures.architecture import Architecture
@@ -143,7 +143,10 @@ def group_keys(keys: Iterable[str], grammar: Grammar) -> tuple[dict[str, dict[st
     return groups, unrecognized, problems
 
 
-def stem(module: LoraModule, spelling: str, own_prefix: bool = False, architecture: Architecture = DEFAULT) -> str:
+Spelling = Literal["original", "diffusers"]  # how a key stem spells the module path
+
+
+def stem(module: LoraModule, spelling: Spelling, own_prefix: bool = False, architecture: Architecture = DEFAULT) -> str:
     """The key stem of a module: kohya prefix + its path with underscores, in ``spelling``: "original"
     (the architecture's original checkpoint, SGM for SDXL's UNet: what kohya and A1111 write) or "diffusers".
 
@@ -154,6 +157,8 @@ def stem(module: LoraModule, spelling: str, own_prefix: bool = False, architectu
         >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "original")
         'lora_unet_middle_block_1_proj_in'
     """
+    if spelling not in ("original", "diffusers"):
+        raise ValueError(f"unknown spelling {spelling!r}: 'original' or 'diffusers'")
     if module.component not in KOHYA_PREFIX:
         raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
     path = module.path
