@@ -1,7 +1,7 @@
 """The architecture registry: an architecture is data, and a new one converts with no other code.
 
 A toy architecture of two layers (one Linear, one Conv2d), registered from a table alone, goes
-kohya -> neutral -> diffusers -> kohya bit for bit, and each reader records which architecture the
+kohya -> neutral -> diffusers -> neutral -> PEFT -> neutral -> kohya bit for bit, and each reader records which architecture the
 LoRA is for from its names and shapes. A LoRA that fits no registered architecture is refused with
 the evidence, and with "looks like X" where the names point at a known other model.
 """
@@ -55,7 +55,7 @@ def test_sdxl_is_the_first_registered_architecture():
         get_architecture("flux")
 
 
-def test_a_toy_architecture_registered_from_data_converts_through_neutral_diffusers_and_kohya(toy, tmp_path):
+def test_a_toy_architecture_registered_from_data_converts_through_neutral_diffusers_peft_and_kohya(toy, tmp_path):
     original = kohya_toy_file(tmp_path / "toy_kohya.safetensors")
     neutral = convert(tmp_path / "toy_kohya.safetensors", tmp_path / "toy.safetensors", "neutral", progress=False)
     assert neutral.source_format == "kohya"
@@ -68,7 +68,11 @@ def test_a_toy_architecture_registered_from_data_converts_through_neutral_diffus
     back = convert(tmp_path / "toy_diffusers.safetensors", tmp_path / "toy_neutral_again.safetensors", "neutral",
                    progress=False)
     assert back.source_format == "diffusers" and back.model.architecture == "toy-two-layer"
-    convert(tmp_path / "toy_neutral_again.safetensors", tmp_path / "toy_kohya_again.safetensors", "kohya", progress=False)
+    convert(tmp_path / "toy_neutral_again.safetensors", tmp_path / "toy_peft", "peft", progress=False)
+    assert (tmp_path / "toy_peft" / "unet" / "adapter_config.json").is_file()
+    from_peft = convert(tmp_path / "toy_peft", tmp_path / "toy_from_peft.safetensors", "neutral", progress=False)
+    assert from_peft.source_format == "peft" and from_peft.model.architecture == "toy-two-layer"
+    convert(tmp_path / "toy_from_peft.safetensors", tmp_path / "toy_kohya_again.safetensors", "kohya", progress=False)
 
     again = SafetensorsFile(tmp_path / "toy_kohya_again.safetensors")
     assert sorted(again.keys()) == sorted(original)

@@ -50,6 +50,16 @@ def architectures() -> Iterator[Architecture]:
     return iter(list(ARCHITECTURES.values()))
 
 
+def registered_components() -> tuple[str, ...]:
+    """Every registered architecture's components, each once, in registration order.
+
+    Example:
+        >>> registered_components()
+        ('unet', 'text_encoder', 'text_encoder_2')
+    """
+    return tuple(dict.fromkeys(c for architecture in architectures() for c in architecture.components))
+
+
 def resolve_underscored(component: str, name: str) -> str | None:
     """The diffusers path a kohya/LyCORIS underscored name stands for in the first architecture
     that has the component and resolves it, or None.

@@ -26,13 +26,14 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..architectures import registered_components
 from ..errors import LoraBridgeError
 from ..io.atomic import atomic_directory
 from ..io.input_file import check_regular
 from ..io.json_safe import load_json_file
 from ..io.safetensors_file import write_safetensors
 from ..io.torch_file import read_state_dict, state_dict_keys
-from ..model import COMPONENTS, LoraModel
+from ..model import LoraModel
 from ..naming.diffusers_keys import PIPELINE_COMPONENTS
 from ..naming.peft_config import component_configs, config_alpha, metadata_configs
 from ..naming.peft_keys import PEFT_PREFIX, Parsed, parse_key
@@ -67,8 +68,8 @@ def _peft_parser(component: str | None) -> Callable[[str], Parsed | None]:
 def _adapter_dirs(path: Path) -> dict[str | None, Path]:
     """component (None = infer) -> adapter directory, for a single adapter or a per-component layout."""
     if (path / CONFIG_NAME).exists():  # not is_file(): a FIFO or directory by that name gets refused, not skipped
-        return {path.name if path.name in COMPONENTS else None: path}
-    return {c: path / c for c in COMPONENTS if (path / c / CONFIG_NAME).exists()}
+        return {path.name if path.name in registered_components() else None: path}
+    return {c: path / c for c in registered_components() if (path / c / CONFIG_NAME).exists()}
 
 
 def _left_out(path: Path, directories: Mapping[str | None, Path]) -> list[str]:
@@ -79,13 +80,13 @@ def _left_out(path: Path, directories: Mapping[str | None, Path]) -> list[str]:
     """
     if (path / CONFIG_NAME).is_file():
         return []  # a single adapter directory: its subdirectories are not components
-    left_out = []
+    left_out, components = [], registered_components()
     for child in sorted(p for p in path.iterdir() if p.is_dir() and p not in directories.values()):
         weights = [name for name in WEIGHT_NAMES if (child / name).is_file()]
-        if child.name in COMPONENTS and weights:
+        if child.name in components and weights:
             left_out.append(f"{child.name}/ has {weights[0]} but no {CONFIG_NAME}")
         elif weights or (child / CONFIG_NAME).is_file():
-            left_out.append(f"{child.name}/ is no pipeline component ({', '.join(COMPONENTS)})")
+            left_out.append(f"{child.name}/ is no pipeline component ({', '.join(components)})")
     return left_out
 
 

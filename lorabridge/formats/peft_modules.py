@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
 from ..io.torch_file import read_state_dict
-from ..model import COMPONENTS, LoraModel, LoraModule
+from ..model import LoraModel, LoraModule
 from ..naming import diffusers_keys
 from ..naming.peft_config import metadata_alpha
 from ..naming.peft_keys import PEFT_ROLES, Parsed
@@ -60,12 +60,13 @@ def group_keys(tensors: Mapping[str, Tensor], parse: Callable[[str], Parsed | No
 
 
 def infer_component(module_path: str, tensors: Mapping[str, Tensor], tree) -> str:
-    """The SDXL component whose tree holds ``module_path`` with the shapes the tensors imply.
+    """The component whose tree (:func:`~lorabridge.formats.checks.known_modules`, registration order) holds
+    ``module_path`` with the shapes the tensors imply.
 
     CLIP-L and bigG share module names, so shapes decide; when they cannot (a model whose two
     text encoders have equal widths) the first candidate is taken and the checks report any misfit.
     """
-    candidates = [c for c in COMPONENTS if module_path in tree.get(c, {})]
+    candidates = [c for c, modules in tree.items() if module_path in modules]
     a, b = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
     if a is not None and b is not None:
         fitting = [c for c in candidates if tuple(tree[c][module_path][:2]) == (b.shape[0], a.shape[1])]

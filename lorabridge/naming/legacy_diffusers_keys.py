@@ -9,7 +9,8 @@ format writes it; the diffusers format reads it too and writes it for some text 
 
 from __future__ import annotations
 
-from ..model import COMPONENTS, LoraModule
+from ..architectures import registered_components
+from ..model import LoraModule
 
 FACTORS = {"down.weight": "lora_A.weight", "up.weight": "lora_B.weight"}
 FACTOR_SUFFIXES = {role: suffix for suffix, role in FACTORS.items()}
@@ -40,7 +41,7 @@ def parse_key(key: str) -> tuple[str | None, str, str] | None:
     suffix, role = found
     stem = key[: -len(suffix) - 1]
     first, _, rest = stem.partition(".")
-    component, stem = (first, rest) if first in COMPONENTS else (None, stem)
+    component, stem = (first, rest) if first in registered_components() else (None, stem)
     head, _, last = stem.rpartition(".")
     tower = _tower(component or ("text_encoder" if stem.startswith("text_model.") else "unet"))
     if last in WRAPPERS.values() and head:

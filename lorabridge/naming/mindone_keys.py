@@ -21,7 +21,6 @@ from ..architectures.architecture import underscored
 from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
 from ..architectures.sdxl.text_encoders import diffusers_text_to_sgm, sgm_text_to_diffusers
 from ..architectures.tree import LORA_TARGET_TYPES
-from ..model import COMPONENTS
 from .underscored import ALPHA, KOHYA as KOHYA_GRAMMAR
 
 A, B = "lora_A.weight", "lora_B.weight"
@@ -100,7 +99,7 @@ def _sgm_spell(name: str) -> tuple[str, int | None] | None:
 # --- mindone.diffusers / PEFT -------------------------------------------------------------------
 def _diffusers_parse(key: str) -> tuple[str, ...] | None:
     component, _, path = key.partition(".")
-    name = _targetable(component, path) if component in COMPONENTS else None
+    name = _targetable(component, path) if component in SDXL.components else None
     return (name,) if name else None
 
 
@@ -129,7 +128,7 @@ def _kohya_spell(name: str) -> tuple[str, int | None] | None:
 LORA_ROLES = {A: A, B: B}
 NAMINGS: dict[str, Naming] = {n.name: n for n in [
     Naming("sgm", (SGM_UNET, "conditioner.embedders."), LORA_ROLES, _sgm_parse, _sgm_spell),
-    Naming("diffusers", tuple(f"{c}." for c in COMPONENTS), LORA_ROLES, _diffusers_parse, _diffusers_spell),
+    Naming("diffusers", tuple(f"{c}." for c in SDXL.components), LORA_ROLES, _diffusers_parse, _diffusers_spell),
     Naming("kohya", tuple(KOHYA_PREFIXES.values()),  # MindONE's port has no DoRA
            {suffix: role for suffix, role in KOHYA_GRAMMAR.suffixes.items() if role in (A, B, ALPHA)}, _kohya_parse, _kohya_spell),
 ]}
