@@ -67,7 +67,7 @@ def kohya_modules(path):
     stored, _ = read_safetensors(path)
     out = {}
     for name, module in kohya.read(path).modules.items():
-        key = underscored.stem(module, "original")
+        key, _ = underscored.stem(module, "original")
         down, up, scale = (torch.from_numpy(np.array(stored[f"{key}.{s}"].to_float32()))
                            for s in ("lora_down.weight", "lora_up.weight", "dora_scale"))
         out[name] = (down, up, float(stored[f"{key}.alpha"].to_float32()), scale)

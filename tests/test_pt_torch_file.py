@@ -127,3 +127,16 @@ def test_safetensors_is_told_from_torch_by_content_not_suffix(tmp_path):
     write_safetensors(path, {"w": Tensor.from_numpy(np.ones(2, np.float32))})
     assert container_of(path) == "safetensors"
     assert list(read_state_dict(path)[0]) == ["w"]
+
+
+def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header of 0x0280 bytes starts the file with b"\\x80\\x02", a pickle's protocol-2 marker: it was read
+    as a torch pickle (whose loader dropped the metadata, and with it diffusers' alphas)."""
+    path = tmp_path / "x.safetensors"
+    for pad in range(700):
+        write_safetensors(path, {"w": Tensor.from_numpy(np.ones(2, np.float32))}, {"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert container_of(path) == "safetensors"
+    assert read_state_dict(path)[1]["pad"] == "x" * pad

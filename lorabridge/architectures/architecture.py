@@ -40,7 +40,10 @@ class Architecture:
     kohya names may use either, and kohya writes it. ``fused`` lists the layers the original
     checkpoint computes as one matrix. ``tiny`` names the module that builds its tiny pipeline for
     tests and demos; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
-    the ``modelspec.*`` metadata a kohya-style file written for it carries.
+    the ``modelspec.*`` metadata a kohya-style file written for it carries. ``kohya_prefixes`` gives,
+    per component, the prefix of its kohya/LyCORIS underscored keys (``lora_unet`` is SDXL's UNet but
+    Flux's transformer); ``comfyui_prefixes`` the prefix of ComfyUI's generic dotted names
+    (``diffusion_model``, ``text_encoders.clip_l.transformer``).
 
     Example:
         >>> toy = Architecture("toy", "Toy", ModuleTree(entries={"unet": {"blocks.0.proj": ("Linear", (8, 4))}}))
@@ -58,6 +61,8 @@ class Architecture:
     tiny: str | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
     modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
+    kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya key prefix
+    comfyui_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> ComfyUI generic dotted prefix
 
     @property
     def a_label(self) -> str:
@@ -125,6 +130,54 @@ class Architecture:
         (kohya sd-scripts and A1111 spell SDXL's UNet the SGM way); the answer is the diffusers path.
         """
         return self._underscored.get(component, {}).get(name)
+
+    @cached_property
+    def _fused_underscored(self) -> dict[str, dict[str, tuple[str, tuple[str, ...]]]]:
+        """component -> underscored fused name -> (original fused name, part paths), for the fused layers
+        spelled in the component's original spelling: those whose parts have no original name of their own
+        (Flux's ``qkv``; not bigG's ``in_proj``, whose parts kohya names one by one)."""
+        tables: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {}
+        for layer in self.fused:
+            modules = self.tree.modules(layer.component)
+            for path in modules:
+                found = layer.fused_of(path)
+                if found is None or found[1] != 0 or self.original_path(layer.component, path) is not None:
+                    continue
+                parts = self.fused_parts(found[0])
+                if parts is not None:
+                    tables.setdefault(layer.component, {})[underscored(found[0])] = (found[0], parts[1])
+        return tables
+
+    def resolve_fused_underscored(self, component: str, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """(original fused name, part paths) when a kohya underscored name stands for a fused layer of the
+        original spelling (its parts have no original name of their own), else None.
+
+        Example:
+            >>> toy = Architecture("toy", "Toy", ModuleTree(entries={"t": {f"b.0.{p}": ("Linear", (4, 4)) for p in "qkv"}}),
+            ...                    original_paths={"t": {}.get}, fused=(FusedLayer("t", "b.{n}.qkv", ("b.{n}.q", "b.{n}.k", "b.{n}.v")),))
+            >>> toy.resolve_fused_underscored("t", "b_0_qkv")
+            ('b.0.qkv', ('b.0.q', 'b.0.k', 'b.0.v'))
+        """
+        return self._fused_underscored.get(component, {}).get(name)
+
+    def original_spelling(self, component: str, path: str) -> tuple[str, int | None] | None:
+        """(original name, None) of a module, or (fused layer's original name, row block) when the original
+        spelling has no name for the module but computes it as a part of a fused layer; None if neither."""
+        original = self.original_path(component, path)
+        if original is not None:
+            return original, None
+        fused = self.fused_name(component, path)
+        return fused if fused is not None and self.fused_parts(fused[0]) is not None else None
+
+    def fused_sizes(self, original: str) -> tuple[int, ...]:
+        """The output sizes of a fused layer's parts in the full-size model (the ratio its rows split in),
+        () when ``original`` names no fused layer whose parts are all in the tree."""
+        found = self.fused_parts(original)
+        if found is None:
+            return ()
+        component, parts = found
+        modules = self.tree.modules(component)
+        return tuple(modules[p][0] for p in parts)
 
     def fused_parts(self, original: str) -> tuple[str, tuple[str, ...]] | None:
         """(component, part paths) of a fused layer's original name when every part is in the tree, else None."""

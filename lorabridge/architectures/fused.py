@@ -10,12 +10,13 @@ original bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import LoraBridgeError
+from ..io.streaming import release_pages
 from ..kinds import AlphaSource
 from ..model import LoraModule
 from ..tensor import DTYPES, Tensor
@@ -244,6 +245,31 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
         dtype = present[0].dtype
         tensors["dora_scale"] = _stack_rows([d if d.dtype == dtype else d.cast(dtype) for d in present])
     return LoraModule(fused_name, "lora", tensors, alpha, alpha_source, q.dora_axis, extra)
+
+
+def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Sequence[int]) -> LoraModule:
+    """One fused LoRA from the parts present (row block -> LoRA) of a layer with ``len(sizes)`` parts; a
+    missing part gets the first present part's A and B = 0 (so its delta W is 0), its rows in the ratio of
+    ``sizes`` (the parts' full-size output sizes). What a format that only has the fused name writes.
+
+    Example::
+
+        fused = merge_present({0: q, 2: v}, "double_blocks.0.img_attn.qkv", (3072, 3072, 3072))  # k's delta W is 0
+    """
+    first, present = next(iter(parts.items()))
+    a, b = present.tensors["lora_A.weight"], present.tensors["lora_B.weight"]
+
+    def filler(i: int) -> LoraModule:
+        rows = present.out_features * sizes[i] // sizes[first]
+        zeros = Tensor.from_numpy(np.zeros((rows, present.rank), np.float32), b.dtype)
+        return LoraModule(f"{fused_name}[{i}]", "lora", {"lora_A.weight": a, "lora_B.weight": zeros},
+                          present.alpha, present.alpha_source)
+
+    every = tuple(parts.get(i) or filler(i) for i in range(len(sizes)))
+    fused = merge_fused(every, fused_name)
+    for tensor in (t for m in every for t in m.tensors.values()):
+        release_pages(tensor.data)  # merging read them all (before any is written)
+    return fused
 
 
 def _parts(names: tuple[str, ...], article: str = "its parts ") -> str:

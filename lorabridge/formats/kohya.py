@@ -1,19 +1,22 @@
-"""kohya sd-scripts / A1111 / ComfyUI LoRA files for SDXL.
+"""kohya sd-scripts / A1111 / ComfyUI LoRA files, for every registered architecture.
 
 Keys are ``<prefix>_<module path, dots as underscores>.<suffix>``:
-``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`` (UNet, SGM path),
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`` (SDXL's UNet, SGM path),
 ``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight`` (CLIP-L; ``lora_te2_`` for
-bigG). Suffixes: ``lora_down.weight`` is lora_A, ``lora_up.weight`` lora_B, a 0-d ``alpha`` (often
-fp16; absent means alpha = rank) and, for DoRA, ``dora_scale``. Safetensors metadata (``ss_*``
-training facts, ``modelspec.*``) travels in :attr:`LoraModel.training` and is written back verbatim.
+bigG); the prefixes are each architecture's (``Architecture.kohya_prefixes``). Suffixes: ``lora_down.weight``
+is lora_A, ``lora_up.weight`` lora_B, a 0-d ``alpha`` (often fp16; absent means alpha = rank) and, for DoRA,
+``dora_scale``. Safetensors metadata (``ss_*`` training facts, ``modelspec.*``) travels in
+:attr:`LoraModel.training` and is written back verbatim.
 
 The key grammar is :mod:`lorabridge.naming.underscored` (shared with LyCORIS and MindONE's kohya
-port), reading and writing :mod:`.underscored_files`. Reading resolves underscored names by lookup in
-the SDXL module tree, in SGM and in diffusers spelling
-(:meth:`~lorabridge.architectures.architecture.Architecture.resolve_underscored`), never by guessing where the dots were. A name that resolves to nothing keeps its underscores (``unet.down_blocks_0_attentions_0_...``)
+port), reading and writing :mod:`.underscored_files`. Reading takes the registered architecture whose
+names place the most keys and resolves underscored names by lookup in its module tree, in the original
+and in diffusers spelling (:meth:`~lorabridge.architectures.architecture.Architecture.resolve_underscored`),
+never by guessing where the dots were; a LoRA on a fused layer of the original spelling (Flux's ``qkv``)
+is split into its parts exactly. A name that resolves to nothing keeps its underscores (``unet.down_blocks_0_attentions_0_...``)
 so that :func:`~lorabridge.formats.checks.check_model` can list it, or name the architecture it
-belongs to ("not an SDXL LoRA"). Writing uses SGM spelling, what kohya and A1111 write and what
-ComfyUI and diffusers' kohya converter load.
+belongs to ("not an SDXL LoRA"). Writing uses the original spelling (SGM for SDXL's UNet), fused
+layers merged back, what kohya and A1111 write and what ComfyUI and diffusers' kohya converter load.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from ..architectures import architectures
 from ..model import LoraModel, LoraModule
 from ..naming.underscored import ALPHA, DIFF, KOHYA
 from ..tensor import Tensor
@@ -36,8 +40,6 @@ UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 OUT_AXIS_READERS = ("A1111 and older ComfyUI read dora_scale per input column only and compute a wrong weight "
                     "from it, newer ComfyUI divides by the norm of W instead of W + delta W; LyCORIS computes it "
                     "as trained, and --format diffusers or peft keeps it for diffusers/PEFT")
-# How the keys of a kohya-grammar file begin (detection): kohya's prefixes and ComfyUI's generic ones.
-KEY_STARTS = ("lora_", *(f"{prefix}." for prefix in KOHYA.dotted), "text_encoders.")
 
 
 def kohya_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None = None) -> LoraModule:
@@ -67,13 +69,17 @@ def detect(path: str | os.PathLike) -> bool:
     found = state_dict_keys(path)
     if not found:
         return False
-    ours = [KOHYA.parse(k) for k in found[0] if k.startswith(KEY_STARTS)]
+    # How the keys of a kohya-grammar file begin: kohya's prefixes and ComfyUI's generic ones, of every architecture.
+    comfyui = {f"{prefix}." for architecture in architectures() for prefix in architecture.comfyui_prefixes.values()}
+    starts = ("lora_", *sorted(comfyui), "text_encoders.")
+    ours = [KOHYA.parse(k) for k in found[0] if k.startswith(starts)]
     weights = ("lora_down.weight", "lora_up.weight", DIFF)
     return any(p is not None and p.suffix in weights for p in ours) and all(p is not None for p in ours)
 
 
 def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
-    """Read a kohya/A1111/ComfyUI LoRA (SGM or diffusers spelling, or ComfyUI's generic names) and check it against SDXL.
+    """Read a kohya/A1111/ComfyUI LoRA (original or diffusers spelling, or ComfyUI's generic names) and check it
+    against the registered architectures.
 
     ``diff``/``diff_b`` full-weight deltas become kind ``full`` modules; bias deltas beside LoRA
     pairs and deltas of norm layers are refused, or dropped with ``skip_unknown`` (see :func:`stray_deltas`).
@@ -87,7 +93,8 @@ def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraM
 
 def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
           progress: Progress | None = None, force: bool = False) -> None:
-    """Write ``model`` as a kohya LoRA (SGM names, 0-d alphas, ModelSpec); full modules as ``diff``/``diff_b``.
+    """Write ``model`` as a kohya LoRA (original names, fused layers merged, 0-d alphas, ModelSpec); full modules as
+    ``diff``/``diff_b``.
 
     LoHa/LoKr modules are refused with the modules listed unless ``options.bake_to_lora`` gives a
     rank; then they are baked by truncated SVD and the error per module is reported as

@@ -1,8 +1,9 @@
-"""LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr, full and their DoRA variants, for SDXL.
+"""LyCORIS files (lycoris-lora): LoRA/LoCon, LoHa, LoKr, full and their DoRA variants.
 
-Keys follow the kohya grammar (:mod:`lorabridge.naming.underscored`): ``lora_unet_`` / ``lora_te1_`` /
-``lora_te2_`` from LyCORIS' kohya network, ``lycoris_`` (UNet) from ``create_lycoris``, each
-followed by the diffusers module path with dots as underscores (SGM spelling is accepted too).
+Keys follow the kohya grammar (:mod:`lorabridge.naming.underscored`): the architecture's kohya prefixes
+(SDXL: ``lora_unet_`` / ``lora_te1_`` / ``lora_te2_``) from LyCORIS' kohya network, ``lycoris_`` (the
+denoiser: SDXL's UNet) from ``create_lycoris``, each followed by the diffusers module path with dots
+as underscores (the original spelling, SGM for SDXL's UNet, is accepted too).
 Every module has a 0-d ``alpha``. The kinds stay what they are in the neutral model:
 
 - LoRA/LoCon ``lora_down.weight`` / ``lora_up.weight`` -> kind ``lora``. A Tucker LoCon's
@@ -52,7 +53,7 @@ UNSUPPORTED = {"oft_blocks": "OFT/BOFT", "oft_diag": "OFT", "rescale": "BOFT", "
                "w_norm": "norm", "b_norm": "norm"}
 
 LYCORIS = Grammar(
-    prefixes={**KOHYA.prefixes, "lycoris": "unet"},
+    aliases={"lycoris": "lora_unet"},  # create_lycoris' prefix for the denoiser (SDXL's UNet, Flux's transformer)
     suffixes={**KOHYA.suffixes, LORA_MID: LORA_MID, **{s: s for s in LOHA_SUFFIXES + LOKR_SUFFIXES},
               **{s: s for s in UNSUPPORTED}},
 )

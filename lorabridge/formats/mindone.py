@@ -38,13 +38,12 @@ from typing import Mapping
 
 import numpy as np
 
-from ..architectures.fused import merge_fused, split_fused
+from ..architectures.fused import merge_present, split_fused
 from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError, listed
 from ..io.ms_ckpt import is_ms_checkpoint, iter_ms_tags, read_ms_checkpoint, write_ms_checkpoint
 from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from ..io.safetensors_file import SafetensorsFile
-from ..io.streaming import release_pages
 from ..kinds import DoraAxis, KindName
 from ..manifest import MANIFEST_KEY
 from ..model import LoraModel, LoraModule, target_type
@@ -289,7 +288,8 @@ class MindoneFormat:
                 whole[key] = m
             else:
                 fused.setdefault(key, {})[block] = m
-        return {key: whole[key] if key in whole else _merge_fused(key, fused[key]) for key in order}, unspellable
+        equal = (1, 1, 1)  # bigG's q, k and v have the same output size
+        return {key: whole[key] if key in whole else merge_present(fused[key], key, equal) for key in order}, unspellable
 
     def write(self, model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
               progress: Progress | None = None, force: bool = False) -> None:
@@ -377,19 +377,6 @@ def _named_twice(groups: Mapping[tuple[str, tuple[str, ...]], object]) -> list[s
                 problems.append(f"{name}: both {seen[name]!r} and {key!r}")
             seen.setdefault(name, key)
     return problems
-
-
-def _merge_fused(key: str, parts: dict[int, LoraModule]) -> LoraModule:
-    """One fused q/k/v LoRA from the parts present; a missing part gets B = 0 (so its delta W is 0)."""
-    present = next(iter(parts.values()))
-    filler = {A: present.tensors[A],
-              B: Tensor.from_numpy(np.zeros((present.out_features, present.rank), np.float32), present.tensors[B].dtype)}
-    q, k, v = (parts.get(i) or LoraModule(f"{key}[{i}]", "lora", filler, present.alpha, present.alpha_source)
-               for i in range(3))
-    fused = merge_fused((q, k, v), key)
-    for tensor in (t for m in (q, k, v) for t in m.tensors.values()):
-        release_pages(tensor.data)  # merging read them all (before any is written)
-    return fused
 
 
 # The registered formats (converters/registry.py points at these objects).

@@ -17,11 +17,13 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..architectures import get_architecture
+from ..architectures.fused import merge_present, split_fused
 from ..errors import LoraBridgeError, listed
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, write_state_dict
 from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
-from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, KOHYA_PREFIX, Grammar, ModuleProblem, Spelling, group_keys, stem
+from ..rules import module_problems
+from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, Grammar, ModuleProblem, Spelling, group_keys, stem
 from ..tensor import Tensor
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
@@ -125,12 +127,16 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
 
     ``build`` turns one module's parts (file suffix -> tensor) into a :class:`LoraModule`;
     ``skip_unknown`` and ``strict`` go to :func:`~lorabridge.formats.checks.check_model`.
+    Names are those of the architecture that places most keys (:func:`~lorabridge.naming.underscored.group_keys`);
+    a LoRA on a fused layer of its original spelling (Flux's ``qkv``) is split exactly into its parts
+    (:func:`~lorabridge.architectures.fused.split_fused`, rows in the ratio of the parts' output sizes).
     A module whose keys use a prefix other than kohya's for its component (LyCORIS' ``lycoris_``)
     keeps it in ``extra["key_prefix"]``, for writers of the same format.
     """
     tensors, metadata = read_state_dict(path)
-    groups, unrecognized, problems = group_keys(tensors, grammar)
+    architecture, groups, fused, unrecognized, problems = group_keys(tensors, grammar)
     drop_stray(stray_deltas(groups, tensors), path, skip_unknown)
+    prefixes = grammar.prefixes(architecture)
     model = LoraModel(training=dict(metadata))
     for name, keys in groups.items():
         try:
@@ -138,11 +144,24 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
         except ModuleProblem as exc:
             problems.append(f"{name}: {exc}")
             continue
-        parsed = grammar.parse(next(iter(keys.values())))  # every grouped key parsed
+        parsed = grammar.parse(next(iter(keys.values())), architecture)  # every grouped key parsed
         prefix = parsed.prefix if parsed else ""
-        if prefix in grammar.prefixes and KOHYA_PREFIX.get(module.component) != prefix:
+        if prefix in prefixes and architecture.kohya_prefixes.get(module.component) != prefix:
             module.extra["key_prefix"] = prefix
-        model.add(module)
+        parts = fused.get(name)
+        if parts and not module_problems(module):  # a broken one is left whole for the checks to name
+            try:
+                split = split_fused(module, parts, architecture.fused_sizes(module.path))
+            except LoraBridgeError as exc:
+                problems.append(exc.message)
+                continue
+        else:
+            split = [module]
+        for part in split:
+            if part.name in model.modules:
+                problems.append(f"{part.name}: named twice, as a fused layer and on its own")
+            else:
+                model.add(part)
     if problems:
         raise LoraBridgeError(f"broken LoRA module(s): {listed(problems, SHOWN)}", path)
     return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, strict=strict)
@@ -207,15 +226,28 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spell
                       progress: Callable[[int], None] | None = None, own_prefix: bool = False) -> None:
     """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata.
 
-    ``own_prefix``: stems keep the prefix each module was read with (see :func:`stem`)."""
+    ``own_prefix``: stems keep the prefix each module was read with (see :func:`stem`). In the original
+    spelling the parts of a fused layer (Flux's q, k, v) are merged into one LoRA on it
+    (:func:`~lorabridge.architectures.fused.merge_present`: exact; a missing part's delta W is 0)."""
     tensors, problems, architecture = {}, [], get_architecture(model.architecture)
+    fused: dict[tuple[str, str], dict[int, LoraModule]] = {}  # (stem, fused module name) -> row block -> part
     for module in model.modules.values():
         try:
-            key_stem = stem(module, spelling, own_prefix, architecture)
+            key_stem, fused_at = stem(module, spelling, own_prefix, architecture)
         except ModuleProblem as exc:
             problems.append(f"{module.name}: {exc}")
             continue
-        tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(module).items()})
+        if fused_at is None:
+            tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(module).items()})
+        else:
+            fused.setdefault((key_stem, f"{module.component}.{fused_at[0]}"), {})[fused_at[1]] = module
+    for (key_stem, name), parts in fused.items():
+        try:
+            merged = merge_present(parts, name, architecture.fused_sizes(name.partition(".")[2]))
+        except LoraBridgeError as exc:
+            problems.append(exc.message)
+            continue
+        tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(merged).items()})
     if problems:
         raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {listed(problems, SHOWN)}", path)
     tensors = safetensors_order(tensors)

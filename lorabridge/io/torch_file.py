@@ -53,16 +53,21 @@ def container_of(path: str | os.PathLike) -> str | None:
         return None
     try:
         head = os.pread(fd, 9, 0) if hasattr(os, "pread") else os.read(fd, 9)
+        size = os.fstat(fd).st_size
     except OSError:
         return None
     finally:
         os.close(fd)
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "torch-legacy"  # a pickle: torch.save(..., _use_new_zipfile_serialization=False)
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    header = struct.unpack("<Q", head[:8])[0] if len(head) == 9 and head[8:9] == b"{" else 0
+    # A safetensors header of 0x0280 bytes (and the like) begins with a pickle's protocol marker; its
+    # length fits the file, which a pickle's first 8 bytes read as a length never do.
+    if header > 0 and not (pickled and header > size - 8):
         return "safetensors"
+    if pickled:
+        return "torch-legacy"  # a pickle: torch.save(..., _use_new_zipfile_serialization=False)
     return None
 
 

@@ -108,7 +108,7 @@ def _diffusers_spell(name: str) -> tuple[str, int | None] | None:
 
 
 # --- MindONE's kohya sd-scripts port: kohya's grammar (lorabridge.naming.underscored) in a MindSpore file
-KOHYA_PREFIXES = {component: f"{prefix}_" for prefix, component in KOHYA_GRAMMAR.prefixes.items()}
+KOHYA_PREFIXES = {component: f"{prefix}_" for component, prefix in SDXL.kohya_prefixes.items()}
 
 
 def _kohya_parse(key: str) -> tuple[str, ...] | None:

@@ -1,20 +1,26 @@
 """The underscored key grammar of kohya sd-scripts, A1111, ComfyUI, LyCORIS and MindONE's kohya port.
 
 Keys are ``<prefix>_<module path, dots as underscores>.<suffix>``:
-``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`` (UNet, SGM path),
+``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`` (SDXL's UNet, SGM path),
 ``lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight`` (CLIP-L; ``lora_te2_`` for
-bigG), ComfyUI's generic ``diffusion_model.<dotted path>.<suffix>`` too. Underscored names are resolved
-by lookup in the SDXL module tree, in SGM and in diffusers spelling
-(:func:`~lorabridge.architectures.resolve_underscored`), never by guessing where the dots were.
-A :class:`Grammar` is one family's prefixes and suffixes; :data:`KOHYA` is kohya's, which LyCORIS extends.
+bigG), ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` (Flux's transformer, BFL path),
+ComfyUI's generic ``diffusion_model.<dotted path>.<suffix>`` too. The prefixes are each architecture's
+(``Architecture.kohya_prefixes``, ``comfyui_prefixes``): ``lora_unet`` is SDXL's UNet but Flux's
+transformer, so a file's architecture is the registered one whose names resolve the most of its keys
+(:func:`architecture_of`). Underscored names are resolved by lookup in that architecture's module tree, in
+its original and in diffusers spelling (:meth:`~lorabridge.architectures.architecture.Architecture.resolve_underscored`),
+never by guessing where the dots were; a name of a fused layer (Flux's ``qkv``, one matrix in the
+original checkpoint) stands for its parts. A :class:`Grammar` is one family's suffixes; :data:`KOHYA`
+is kohya's, which LyCORIS extends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, NamedTuple
+from functools import lru_cache
+from typing import Iterable, Literal, Mapping, NamedTuple, Sequence
 
-from ..architectures import DEFAULT, resolve_underscored
+from ..architectures import DEFAULT, architectures
 from ..architectures.architecture import Architecture
 from ..model import LoraModule
 
@@ -30,26 +36,36 @@ class Key(NamedTuple):
     suffix: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grammar:
     """How a family of files spells tensor keys: ``<prefix>_<path with _>.<suffix>``.
 
-    ``prefixes`` maps a file prefix to the component it adapts; ``suffixes`` maps a file
-    suffix to the neutral role of its tensor (:data:`ALPHA` for the module's alpha).
-    ``dotted`` maps prefixes of ComfyUI's generic names, ``<prefix>.<path with dots>.<suffix>``
-    (what its LoraSave node writes), to components. ``glued`` maps suffixes that follow the stem
-    with ``_`` instead of ``.`` to the suffix they stand for: diffusers' ``convert_state_dict_to_kohya``
-    keeps only the last two dots, so an old-spelled ``to_k.lora.down.weight`` becomes
-    ``..._to_k_lora.down.weight``.
+    The prefixes are the architecture's kohya prefixes (:meth:`prefixes`); ``aliases`` maps another
+    file prefix to the kohya prefix whose component it stands for (LyCORIS' ``lycoris`` for
+    ``lora_unet``). ``suffixes`` maps a file suffix to the neutral role of its tensor (:data:`ALPHA`
+    for the module's alpha). ``comfyui``: ComfyUI's generic names, ``<prefix>.<path with dots>.<suffix>``
+    (what its LoraSave node writes; the architecture's ``comfyui_prefixes``), are read too. ``glued`` maps
+    suffixes that follow the stem with ``_`` instead of ``.`` to the suffix they stand for: diffusers'
+    ``convert_state_dict_to_kohya`` keeps only the last two dots, so an old-spelled ``to_k.lora.down.weight``
+    becomes ``..._to_k_lora.down.weight``.
     """
 
-    prefixes: Mapping[str, str]
     suffixes: Mapping[str, str]
-    dotted: Mapping[str, str] = field(default_factory=dict)
     glued: Mapping[str, str] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    comfyui: bool = False
 
-    def parse(self, key: str) -> Key | None:
-        """The parts of a key, or None when no suffix is known.
+    def prefixes(self, architecture: Architecture = DEFAULT) -> dict[str, str]:
+        """File prefix -> component, in ``architecture``: its kohya prefixes and this grammar's aliases of them.
+
+        Example:
+            >>> KOHYA.prefixes()
+            {'lora_unet': 'unet', 'lora_te1': 'text_encoder', 'lora_te2': 'text_encoder_2'}
+        """
+        return dict(_prefix_tables(self, architecture)[1])
+
+    def parse(self, key: str, architecture: Architecture = DEFAULT) -> Key | None:
+        """The parts of a key as ``architecture`` spells them, or None when no suffix is known.
 
         A prefix this grammar does not know becomes the component as is (``lora_te``, ``lora_te3``,
         ``lora_transformer``, ``text_encoders``...), so the checks can say which model such a file is for.
@@ -57,17 +73,20 @@ class Grammar:
         Example:
             >>> KOHYA.parse("diffusion_model.input_blocks.4.1.proj_in.lora_up.weight")
             Key(prefix='diffusion_model', component='unet', path='input_blocks_4_1_proj_in', suffix='lora_up.weight')
+            >>> KOHYA.parse("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha")[1:]
+            ('text_encoder_2', 'text_model_encoder_layers_0_mlp_fc1', 'alpha')
         """
         stem, suffix = self._cut_suffix(key)
         if suffix is None:
             return None
-        for prefix in sorted(self.dotted, key=len, reverse=True):
+        dotted, prefixes = _prefix_tables(self, architecture)
+        for prefix, component in dotted:
             if stem.startswith(prefix + "."):
-                return Key(prefix, self.dotted[prefix], stem[len(prefix) + 1:].replace(".", "_"), suffix)
-        for prefix in sorted(self.prefixes, key=len, reverse=True):
+                return Key(prefix, component, stem[len(prefix) + 1:].replace(".", "_"), suffix)
+        for prefix, component in prefixes:
             if stem.startswith(prefix + "_"):
-                return Key(prefix, self.prefixes[prefix], stem[len(prefix) + 1:], suffix)
-        if "." in stem:  # generic names of a model that is not SDXL (text_encoders.t5xxl...)
+                return Key(prefix, component, stem[len(prefix) + 1:], suffix)
+        if "." in stem:  # generic names of a model that is not registered (text_encoders.t5xxl...)
             first, _, rest = stem.partition(".")
             return Key(first, first, rest.replace(".", "_"), suffix)
         words = stem.split("_")
@@ -82,90 +101,136 @@ class Grammar:
         suffix = next((s for s in sorted(self.suffixes, key=len, reverse=True) if key.endswith("." + s)), None)
         return (key, None) if suffix is None else (key[: -len(suffix) - 1], suffix)
 
-    def split(self, key: str) -> tuple[str, str, str] | None:
-        """(component, underscored path, file suffix) of a key, or None when no suffix is known.
 
-        Example:
-            >>> KOHYA.split("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha")
-            ('text_encoder_2', 'text_model_encoder_layers_0_mlp_fc1', 'alpha')
-        """
-        parts = self.parse(key)
-        return None if parts is None else parts[1:]
+Prefixes = list[tuple[str, str]]  # (file prefix, component), longest prefix first
+
+
+@lru_cache(maxsize=32)
+def _prefix_tables(grammar: Grammar, architecture: Architecture) -> tuple[Prefixes, Prefixes]:
+    """(ComfyUI dotted prefixes, underscored prefixes) of ``grammar`` in ``architecture``, longest first."""
+    underscored = {prefix: component for component, prefix in architecture.kohya_prefixes.items()}
+    underscored.update({alias: underscored[target] for alias, target in grammar.aliases.items() if target in underscored})
+    dotted = {prefix: component for component, prefix in architecture.comfyui_prefixes.items()} if grammar.comfyui else {}
+    return ([(p, dotted[p]) for p in sorted(dotted, key=len, reverse=True)],
+            [(p, underscored[p]) for p in sorted(underscored, key=len, reverse=True)])
 
 
 # Full-weight deltas (kind "full"): ComfyUI's LoraSave and LyCORIS' full algorithm, read by ComfyUI and A1111.
 DIFF, DIFF_B = "diff", "diff_b"
 KOHYA = Grammar(
-    prefixes={"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
     suffixes={"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "dora_scale": "dora_scale",
               "alpha": ALPHA, DIFF: DIFF, DIFF_B: DIFF_B},
-    # ComfyUI's generic names (comfy/lora.py model_lora_keys_unet/_clip; comfy_extras/nodes_lora_extract.py).
-    dotted={"diffusion_model": "unet", "text_encoders.clip_l.transformer": "text_encoder",
-            "text_encoders.clip_g.transformer": "text_encoder_2"},
     glued={"lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"},
+    comfyui=True,  # comfy/lora.py model_lora_keys_unet/_clip; comfy_extras/nodes_lora_extract.py
 )
-# component -> kohya prefix, for writing
-KOHYA_PREFIX = {component: prefix for prefix, component in KOHYA.prefixes.items()}
 
 
 class ModuleProblem(ValueError):
     """One module's tensors do not form a module of its kind (collected, then raised as one error)."""
 
 
-def module_name(component: str, underscored: str) -> str:
-    """The canonical name of an underscored key stem, or the stem kept visibly unresolved.
+class Placed(NamedTuple):
+    """Where an underscored key stem goes: its canonical module name, and the canonical names of the
+    parts when the stem names a fused layer (``transformer.double_blocks.0.img_attn.qkv``), in row order."""
+
+    name: str
+    parts: tuple[str, ...] = ()
+
+
+def place(component: str, underscored: str, architecture: Architecture = DEFAULT) -> Placed:
+    """The module an underscored key stem names in ``architecture``, or the stem kept visibly unresolved.
 
     Example:
-        >>> module_name("unet", "input_blocks_4_1_proj_in")
-        'unet.down_blocks.1.attentions.0.proj_in'
-        >>> module_name("unet", "double_blocks_0_img_attn_qkv")   # no such SDXL layer: left for the checks
-        'unet.double_blocks_0_img_attn_qkv'
+        >>> place("unet", "input_blocks_4_1_proj_in")
+        Placed(name='unet.down_blocks.1.attentions.0.proj_in', parts=())
+        >>> place("unet", "double_blocks_0_img_attn_qkv")   # no such SDXL layer: left for the checks
+        Placed(name='unet.double_blocks_0_img_attn_qkv', parts=())
     """
-    path = resolve_underscored(component, underscored)
-    return f"{component}.{path or underscored}"
+    path = architecture.resolve_underscored(component, underscored)
+    if path is not None:
+        return Placed(f"{component}.{path}")
+    fused = architecture.resolve_fused_underscored(component, underscored)
+    if fused is not None:
+        original, parts = fused
+        return Placed(f"{component}.{original}", tuple(f"{component}.{p}" for p in parts))
+    return Placed(f"{component}.{underscored}")
 
 
-def group_keys(keys: Iterable[str], grammar: Grammar) -> tuple[dict[str, dict[str, str]], list[str], list[str]]:
-    """Keys grouped by module: ({module name: {file suffix: key}}, keys of no module, problems)."""
+def architecture_of(keys: Sequence[str], grammar: Grammar) -> Architecture:
+    """The registered architecture whose prefixes and module tree place the most ``keys`` (the first
+    registered of equals): ``lora_unet_`` names SDXL's UNet in one file and Flux's transformer in another."""
+    candidates = list(architectures())
+    if len(candidates) == 1:
+        return candidates[0]
+
+    def placed(architecture: Architecture) -> int:
+        parsed = (grammar.parse(key, architecture) for key in keys)
+        return sum(1 for p in parsed if p is not None and (architecture.resolve_underscored(p.component, p.path) is not None
+                                                           or architecture.resolve_fused_underscored(p.component, p.path) is not None))
+
+    return max(candidates, key=placed)  # max keeps the first of equals
+
+
+class Grouped(NamedTuple):
+    """A file's keys grouped by module, in the architecture that places them."""
+
+    architecture: Architecture
+    modules: dict[str, dict[str, str]]  # module name -> file suffix -> key
+    fused: dict[str, tuple[str, ...]]  # module name of a fused layer -> its parts' names
+    unrecognized: list[str]  # keys of no module
+    problems: list[str]
+
+
+def group_keys(keys: Iterable[str], grammar: Grammar) -> Grouped:
+    """Keys grouped by module, in the architecture that places most of them (:func:`architecture_of`)."""
+    keys = list(keys)
+    architecture = architecture_of(keys, grammar)
     groups: dict[str, dict[str, str]] = {}
+    fused: dict[str, tuple[str, ...]] = {}
     unrecognized, problems = [], []
     for key in keys:
-        parts = grammar.split(key)
-        if parts is None:
+        parsed = grammar.parse(key, architecture)
+        if parsed is None:
             unrecognized.append(key)
             continue
-        component, underscored, suffix = parts
-        name = module_name(component, underscored)
+        name, parts = place(parsed.component, parsed.path, architecture)
+        if parts:
+            fused[name] = parts
         seen = groups.setdefault(name, {})
-        if suffix in seen:
-            problems.append(f"{name}: both {seen[suffix]!r} and {key!r} name its {suffix}")
-        seen[suffix] = key
-    return groups, unrecognized, problems
+        if parsed.suffix in seen:
+            problems.append(f"{name}: both {seen[parsed.suffix]!r} and {key!r} name its {parsed.suffix}")
+        seen[parsed.suffix] = key
+    return Grouped(architecture, groups, fused, unrecognized, problems)
 
 
 Spelling = Literal["original", "diffusers"]  # how a key stem spells the module path
 
 
-def stem(module: LoraModule, spelling: Spelling, own_prefix: bool = False, architecture: Architecture = DEFAULT) -> str:
+def stem(module: LoraModule, spelling: Spelling, own_prefix: bool = False,
+         architecture: Architecture = DEFAULT) -> tuple[str, tuple[str, int] | None]:
     """The key stem of a module: kohya prefix + its path with underscores, in ``spelling``: "original"
-    (the architecture's original checkpoint, SGM for SDXL's UNet: what kohya and A1111 write) or "diffusers".
+    (the architecture's original checkpoint, SGM for SDXL's UNet, BFL for Flux: what kohya and A1111
+    write) or "diffusers"; and, for a part of a fused layer (which the original spelling names only as
+    a whole: Flux's ``qkv``), that layer's original name and the part's row block, else None.
 
     ``own_prefix``: use the prefix the module was read with (``extra["key_prefix"]``, e.g. LyCORIS'
     ``lycoris``) where it has one.
 
     Example:
         >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "original")
-        'lora_unet_middle_block_1_proj_in'
+        ('lora_unet_middle_block_1_proj_in', None)
     """
     if spelling not in ("original", "diffusers"):
         raise ValueError(f"unknown spelling {spelling!r}: 'original' or 'diffusers'")
-    if module.component not in KOHYA_PREFIX:
+    kohya_prefix = architecture.kohya_prefixes.get(module.component)
+    if kohya_prefix is None:
         raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
-    path = module.path
+    path, fused = module.path, None
     if spelling == "original":
-        original = architecture.original_path(module.component, module.path)
+        original = architecture.original_spelling(module.component, module.path)
         if original is None:
             raise ModuleProblem(f"is no {architecture.reference} {module.component} layer, so it has no original name")
-        path = original
-    prefix = module.extra.get("key_prefix", KOHYA_PREFIX[module.component]) if own_prefix else KOHYA_PREFIX[module.component]
-    return f"{prefix}_{path.replace('.', '_')}"
+        path, block = original
+        fused = None if block is None else (path, block)
+    prefix = module.extra.get("key_prefix", kohya_prefix) if own_prefix else kohya_prefix
+    return f"{prefix}_{path.replace('.', '_')}", fused

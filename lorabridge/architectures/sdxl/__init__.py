@@ -27,6 +27,11 @@ SDXL = Architecture(
     pipelines={"torch": "diffusers:StableDiffusionXLPipeline", "mindspore": "mindone.diffusers:StableDiffusionXLPipeline"},
     modelspec={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                "modelspec.implementation": "https://github.com/Stability-AI/generative-models"},
+    # kohya sd-scripts networks/lora.py (LORA_PREFIX_UNET, LORA_PREFIX_TEXT_ENCODER1/2); ComfyUI's generic
+    # names (comfy/lora.py model_lora_keys_unet/_clip; comfy_extras/nodes_lora_extract.py).
+    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    comfyui_prefixes={"unet": "diffusion_model", "text_encoder": "text_encoders.clip_l.transformer",
+                      "text_encoder_2": "text_encoders.clip_g.transformer"},
 )
 
 
