@@ -80,19 +80,19 @@ def _role_problems(module: LoraModule) -> list[str]:
             else f"{module.name}: {what}" for role, what in problems]
 
 
-def _hint(modules: Sequence[LoraModule]) -> str | None:
-    """Which other model the names or the cross-attention width of ``modules`` point to, if any.
+def _hint(named: Sequence[LoraModule], shaped: Sequence[LoraModule]) -> str | None:
+    """Which other model the names of ``named`` or the cross-attention width of ``shaped`` point to, if any.
 
-    Only the modules that do not fit an architecture are asked (see :func:`_fit_to`), so names that fit
+    Only modules that do not fit an architecture are asked (see :func:`_fit_to`), so names that fit
     a registered architecture never point away from it (Flux.1's ``context_embedder``, ``attn.add_q_proj``).
     Names are compared with dots as underscores too: a kohya name that resolves to no layer
     keeps its underscores (``unet.down_blocks_0_attentions_0_...``).
     """
-    names = [m.name.replace(".", "_") for m in modules]
+    names = [m.name.replace(".", "_") for m in named]
     for label, fragments in ARCHITECTURE_HINTS:
         if any(fragment.replace(".", "_") in name for name in names for fragment in fragments):
             return label
-    for m in modules:
+    for m in shaped:
         if m.name.endswith(("attn2.to_k", "attn2.to_v")) and m.in_features in CROSS_ATTENTION_WIDTHS:
             return CROSS_ATTENTION_WIDTHS[m.in_features]
     return None
@@ -134,24 +134,27 @@ def _fit_to(model: LoraModel, architecture: Architecture) -> _Fit:
     """Compare every module with ``architecture``'s tree: foreign components, unknown paths, other shapes
     (a shape one of the architecture's variants has fits)."""
     label, tree = architecture.label, architecture.tree.all_modules()
-    foreign, unknown, misshapen, fitting, misfits = [], [], [], 0, []
+    foreign, unknown, misshapen, fitting, misnamed, other_shapes = [], [], [], 0, [], []
     for m in model.modules.values():
         if m.component not in tree:
             foreign.append(f"{m.name} (component {m.component!r}; {label} has {', '.join(tree)})")
+            misnamed.append(m)
         elif m.path not in tree[m.component]:
             unknown.append(m.name)
+            misnamed.append(m)
         elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]) and \
                 tuple(m.weight_shape) not in architecture.variant_shapes(m.component, m.path):
             base = tree[m.component][m.path]
             misshapen.append((f"{m.name} adapts a {list(m.weight_shape)} weight, {label}'s is {list(base)}",
                               narrower(m.weight_shape, base)))
+            other_shapes.append(m)
         else:
             fitting += 1
-            continue
-        misfits.append(m)
     # All different and all narrower: the architecture's structure at smaller widths. Otherwise every misfit is evidence.
     evidence = [why for why, narrow in misshapen if fitting or not narrow]
-    hint = _hint(misfits)
+    # Names are asked of the modules the architecture has not, and of all when none fits exactly: the
+    # narrow rule must not take another model's LoRA (SD3's at its 1536 width) for this one at smaller widths.
+    hint = _hint(misnamed if fitting else misnamed + other_shapes, other_shapes)
     return _Fit(architecture, foreign, unknown, evidence, fitting, None if hint == label else hint)
 
 

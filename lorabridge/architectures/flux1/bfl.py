@@ -74,7 +74,7 @@ SINGLE_FUSED = {
 }
 
 # diffusers block list -> (BFL block list, layer table, fused layers).
-BLOCKS = {
+BLOCKS: dict[str, tuple[str, dict[str, str], dict[str, tuple[str, ...]]]] = {
     "transformer_blocks": ("double_blocks", DOUBLE_BLOCK, DOUBLE_FUSED),
     "single_transformer_blocks": ("single_blocks", SINGLE_BLOCK, SINGLE_FUSED),
 }
