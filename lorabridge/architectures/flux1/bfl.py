@@ -65,11 +65,11 @@ SINGLE_BLOCK = {
 }
 
 # Fused layers: BFL name in a block -> the diffusers layers it computes, in row order.
-DOUBLE_FUSED = {
+DOUBLE_FUSED: dict[str, tuple[str, ...]] = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-SINGLE_FUSED = {
+SINGLE_FUSED: dict[str, tuple[str, ...]] = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),  # 3072, 3072, 3072, 12288 rows in Flux.1
 }
 
