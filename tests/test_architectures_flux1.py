@@ -28,6 +28,7 @@ from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.model import LoraModule
+from lorabridge.neutral_rules import loaders
 from lorabridge.tensor import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,7 @@ def test_a_flux1_dev_lora_converts_neutral_diffusers_peft_bit_exactly(tmp_path):
     assert first.model.architecture == "flux-1-dev"
     model = read_neutral(tmp_path / "n.safetensors")
     assert model.architecture == "flux-1-dev" and sorted(model.modules) == sorted(REAL_MODULES)
+    assert loaders(model)["diffusers"] == "yes"  # its components are Flux.1's, not "components SDXL has not"
     convert(tmp_path / "n.safetensors", tmp_path / "d.safetensors", "diffusers", progress=False)
     convert(tmp_path / "d.safetensors", tmp_path / "n2.safetensors", "neutral", progress=False)
     convert(tmp_path / "n2.safetensors", tmp_path / "peft", "peft", progress=False)
