@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from .errors import LoraBridgeError, listed
 from .io.json_safe import load_json
-from .model import COMPONENTS, LoraModel
+from .architectures import ARCHITECTURES, DEFAULT
+from .model import LoraModel
 
 # Spec 8: the reason classes, in the order a reader checks (and reports) them.
 REASONS = ("container", "not-neutral", "version", "dtype", "schema", "undeclared-tensor", "missing-tensor", "roles",
@@ -119,11 +120,12 @@ def dora_limits(model: LoraModel) -> list[tuple[tuple[str, ...], str]]:
 def loaders(model: LoraModel) -> dict[str, str]:
     """Spec 1: which consumers load the file as it is ("yes", or "no: why"): :func:`dora_limits`, plus
     kinds PEFT has no form for (diffusers refuses the whole file: "Invalid LoRA checkpoint") and
-    components the SDXL pipeline has not."""
+    components the architecture's pipeline has not."""
     kinds = sorted({m.kind for m in model.modules.values()} - {"lora"})
-    foreign = sorted(set(model.components) - set(COMPONENTS))  # spec 1: what the SDXL pipelines load LoRA weights into
+    architecture = ARCHITECTURES.get(model.architecture, DEFAULT)
+    foreign = sorted(set(model.components) - set(architecture.components))  # spec 1: what its pipelines load LoRA weights into
     common = ([f"{'/'.join(kinds)} modules (diffusers: 'Invalid LoRA checkpoint')"] if kinds else []) + (
-        [f"component(s) {', '.join(foreign)} the SDXL pipeline has not"] if foreign else [])
+        [f"component(s) {', '.join(foreign)} the {architecture.label} pipeline has not"] if foreign else [])
     verdicts = {"lorabridge": "yes"}
     for consumer in ("diffusers", "mindone.diffusers"):
         why = common + [what for who, what in dora_limits(model) if consumer in who]

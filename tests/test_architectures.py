@@ -153,7 +153,7 @@ def test_rows_that_do_not_split_in_the_ratio_are_refused():
 
 def test_the_fused_layer_table_names_parts_and_blocks_both_ways():
     layer = SDXL.fused[0]
-    fused = "conditioner.embedders.1.model.transformer.resblocks.7.attn.in_proj"
+    fused = "transformer.resblocks.7.attn.in_proj"  # inside the OpenCLIP model (conditioner.embedders.1.model.)
     assert SDXL.fused_parts(fused) == ("text_encoder_2", tuple(
         f"text_model.encoder.layers.7.self_attn.{p}_proj" for p in "qkv"))
     assert SDXL.fused_name("text_encoder_2", "text_model.encoder.layers.7.self_attn.v_proj") == (fused, 2)

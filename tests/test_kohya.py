@@ -308,23 +308,23 @@ FOREIGN = {
                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (640, 768)},
     "SD3": {"lora_unet_joint_blocks_0_x_block_attn_qkv": (4608, 1536), "lora_unet_joint_blocks_0_context_block_mlp_fc1": (6144, 1536),
             "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (4096, 4096)},
-    "Flux": {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_0_linear1": (21504, 3072)},
 }
-
+# The registered architecture a refusal names: SD3's lora_unet_/lora_te3_ keys place best in Flux.1's record
+# (same prefixes), which refuses them with the evidence and the hint.
+REFUSED_AS = {"SD 1.x": "an SDXL", "SD3": "a Flux.1"}
 EVIDENCE = {"SD 1.x": "lora_te.text_model_encoder_layers_0_self_attn_q_proj (component 'lora_te';",
-            "SD3": "unet.joint_blocks_0_x_block_attn_qkv (no such SDXL layer)",
-            "Flux": "unet.double_blocks_0_img_attn_qkv (no such SDXL layer)"}
+            "SD3": "transformer.joint_blocks_0_x_block_attn_qkv (no such Flux.1 layer)"}
 
 
 @pytest.mark.parametrize("architecture", FOREIGN)
-def test_loras_for_other_architectures_are_not_sdxl_loras_with_evidence(tmp_path, architecture):
+def test_loras_for_unregistered_architectures_are_refused_with_evidence(tmp_path, architecture):
     sd = {}
     for stem, (out, inp) in FOREIGN[architecture].items():
         sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = torch.zeros(2, inp), torch.zeros(out, 2)
         sd[f"{stem}.alpha"] = torch.tensor(2.0)
     src = save_kohya(tmp_path / "foreign.safetensors", sd)
     assert kohya.detect(src)
-    with pytest.raises(LoraBridgeError, match=rf"not an SDXL LoRA: .*looks like {architecture}") as error:
+    with pytest.raises(LoraBridgeError, match=rf"not {REFUSED_AS[architecture]} LoRA: .*looks like {architecture}") as error:
         convert(src, tmp_path / "n.safetensors", to="neutral", progress=False)
     assert EVIDENCE[architecture] in str(error.value)
     assert not (tmp_path / "n.safetensors").exists()

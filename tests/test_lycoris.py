@@ -207,9 +207,9 @@ def test_unsupported_lycoris_algorithms_are_refused_by_name(lycoris_file, tmp_pa
     assert not (tmp_path / "n.safetensors").exists()
 
 
-def test_a_lycoris_file_for_flux_is_not_an_sdxl_lora(tmp_path):
-    """SimpleTuner writes LyCORIS for Flux with lycoris_ + diffusers Flux paths."""
-    from safetensors.torch import save_file
+def test_a_lycoris_file_for_flux_reads_as_a_flux_lora_and_round_trips(tmp_path):
+    """SimpleTuner writes LyCORIS for Flux with lycoris_ + diffusers Flux paths (LoHa here, at Flux.1-dev shapes)."""
+    from safetensors.torch import load_file, save_file
 
     sd = {}
     for stem, (out, inp) in {"lycoris_transformer_blocks_0_attn_to_q": (3072, 3072),
@@ -218,5 +218,10 @@ def test_a_lycoris_file_for_flux_is_not_an_sdxl_lora(tmp_path):
                    f"{stem}.hada_w2_a": torch.zeros(out, 2), f"{stem}.hada_w2_b": torch.zeros(2, inp),
                    f"{stem}.alpha": torch.tensor(1.0)})
     save_file(sd, str(tmp_path / "flux.safetensors"))
-    with pytest.raises(LoraBridgeError, match=r"not an SDXL LoRA: 2 of 2 modules .*unet\.single_transformer_blocks_0_proj_mlp.*looks like Flux"):
-        convert(tmp_path / "flux.safetensors", tmp_path / "n.safetensors", to="neutral", progress=False)
+    result = convert(tmp_path / "flux.safetensors", tmp_path / "n.safetensors", to="neutral", progress=False)
+    assert result.model.architecture == "flux-1-dev"
+    assert sorted(result.model.modules) == ["transformer.single_transformer_blocks.0.proj_mlp",
+                                            "transformer.transformer_blocks.0.attn.to_q"]
+    convert(tmp_path / "n.safetensors", tmp_path / "back.safetensors", to="lycoris", progress=False)
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

@@ -68,7 +68,7 @@ def test_diffusers_single_file_converter_agrees_on_openclip_bigg_and_the_qkv_row
             expected[f"{path}.weight"] = [i]
         elif fused is not None:
             name, block = fused
-            rows = checkpoint.setdefault(f"{name}_weight", torch.zeros((3 * width, 1)))
+            rows = checkpoint.setdefault(f"{OPENCLIP_PREFIX}{name}_weight", torch.zeros((3 * width, 1)))
             rows[block * width:(block + 1) * width] = i
             expected[f"{path}.weight"] = [i] * width
     text_model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))

@@ -19,7 +19,8 @@ BIGG = "conditioner.embedders.1.model."
 CLIPL = "conditioner.embedders.0.transformer."
 LAYER = "text_encoder_2.text_model.encoder.layers.3.self_attn."
 QKV = (LAYER + "q_proj", LAYER + "k_proj", LAYER + "v_proj")
-FUSED = BIGG + "transformer.resblocks.3.attn.in_proj"
+IN_PROJ = "transformer.resblocks.3.attn.in_proj"  # the fused layer's path inside the OpenCLIP model
+FUSED = BIGG + IN_PROJ
 
 
 @pytest.mark.parametrize(("sgm", "component", "path"), [
@@ -58,10 +59,11 @@ def test_every_mappable_text_encoder_module_round_trips(component):
 
 
 def test_fused_in_proj_stands_for_q_k_v_in_row_order():
-    component, paths = SDXL.fused_parts(FUSED)
+    component, paths = SDXL.fused_parts(IN_PROJ)
     assert component == "text_encoder_2"
     assert paths == tuple(q.removeprefix("text_encoder_2.") for q in QKV)
-    assert [SDXL.fused_name(component, p) for p in paths] == [(FUSED, 0), (FUSED, 1), (FUSED, 2)]
+    assert [SDXL.fused_name(component, p) for p in paths] == [(IN_PROJ, 0), (IN_PROJ, 1), (IN_PROJ, 2)]
+    assert SDXL.fused_parts(FUSED) is None  # names are paths inside the component
     assert sgm_text_to_diffusers(FUSED) is None
 
 

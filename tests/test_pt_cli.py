@@ -118,10 +118,7 @@ def assert_nothing_written(tmp_path, *inputs):
     pytest.param({**lora("transformer.transformer_blocks.0.attn.to_q", 1536, 1536),
                   **lora("transformer.transformer_blocks.0.attn.add_q_proj", 1536, 1536)},
                  "component 'transformer'", "SD3", id="sd3"),
-    pytest.param({**lora("transformer.single_transformer_blocks.0.proj_out", 15360, 3072),
-                  **lora("transformer.transformer_blocks.0.attn.to_q", 3072, 3072)},
-                 "component 'transformer'", "Flux", id="flux"),
-])
+])  # a Flux.1 LoRA is registered now: tests/test_architectures_flux1.py
 def test_lora_for_another_architecture_is_not_an_sdxl_lora(run_cli, tmp_path, tensors, evidence, likely):
     src = write(tmp_path / "other.safetensors", tensors)
     line = refused(run_cli("pt2neutral", src), "other.safetensors", "not an SDXL LoRA", evidence, f"looks like {likely}")

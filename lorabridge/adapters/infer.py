@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Callable
 
 from .. import __version__
+from ..architectures import ARCHITECTURES
 from ..architectures.sdxl import SDXL
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
@@ -60,7 +61,9 @@ def load_backend(name: str) -> ModuleType:
 def _read_lora(path: Path) -> LoraModel:
     model = read_neutral(path, verify_hash=True)
     if model.architecture != SDXL.name:
-        raise LoraBridgeError(f"LoRA is for {model.architecture!r}, infer runs {SDXL.name!r}", path)
+        known = ARCHITECTURES.get(model.architecture)
+        what = f"{known.a_label} LoRA ({known.name})" if known else f"a LoRA for {model.architecture!r}"
+        raise LoraBridgeError(f"this is {what}; infer runs {SDXL.a_label} pipeline only ({SDXL.name})", path)
     return model
 
 

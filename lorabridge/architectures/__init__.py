@@ -16,10 +16,11 @@ from collections.abc import Iterator
 
 from ..errors import LoraBridgeError
 from .architecture import Architecture
+from .flux1 import FLUX1
 from .sdxl import SDXL
 
 # name -> record, in detection order (the first that fits a LoRA wins).
-ARCHITECTURES: dict[str, Architecture] = {SDXL.name: SDXL}
+ARCHITECTURES: dict[str, Architecture] = {SDXL.name: SDXL, FLUX1.name: FLUX1}
 DEFAULT = SDXL  # what a LoRA without an architecture (old MindONE files, tiny test LoRAs) is taken for
 
 
@@ -55,7 +56,7 @@ def registered_components() -> tuple[str, ...]:
 
     Example:
         >>> registered_components()
-        ('unet', 'text_encoder', 'text_encoder_2')
+        ('unet', 'text_encoder', 'text_encoder_2', 'transformer')
     """
     return tuple(dict.fromkeys(c for architecture in architectures() for c in architecture.components))
 

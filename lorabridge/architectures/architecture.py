@@ -63,6 +63,7 @@ class Architecture:
     modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya key prefix
     comfyui_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> ComfyUI generic dotted prefix
+    variants: Mapping[str, Mapping[str, tuple[tuple[int, ...], ...]]] = field(default_factory=dict)
 
     @property
     def a_label(self) -> str:
@@ -82,6 +83,10 @@ class Architecture:
 
     def is_lora_target(self, component: str, path: str) -> bool:
         return self.tree.is_lora_target(component, path)
+
+    def variant_shapes(self, component: str, path: str) -> tuple[tuple[int, ...], ...]:
+        """The module's weight shapes in variants of the reference model, besides the tree's (usually none)."""
+        return self.variants.get(component, {}).get(path, ())
 
     def original_path(self, component: str, path: str) -> str | None:
         """The original checkpoint's spelling of a module path (the path itself where they agree), or None."""
@@ -173,11 +178,7 @@ class Architecture:
         """The output sizes of a fused layer's parts in the full-size model (the ratio its rows split in),
         () when ``original`` names no fused layer whose parts are all in the tree."""
         found = self.fused_parts(original)
-        if found is None:
-            return ()
-        component, parts = found
-        modules = self.tree.modules(component)
-        return tuple(modules[p][0] for p in parts)
+        return () if found is None else self.part_sizes(*found)
 
     def fused_parts(self, original: str) -> tuple[str, tuple[str, ...]] | None:
         """(component, part paths) of a fused layer's original name when every part is in the tree, else None."""
@@ -187,6 +188,12 @@ class Architecture:
                 modules = self.tree.modules(layer.component)
                 return (layer.component, parts) if all(p in modules for p in parts) else None
         return None
+
+    def part_sizes(self, component: str, parts: tuple[str, ...]) -> tuple[int, ...]:
+        """The output sizes of a fused layer's parts in the reference model, for :func:`~.fused.split_fused`
+        (Flux.1's ``linear1``: 3072, 3072, 3072 and 12288)."""
+        modules = self.tree.modules(component)
+        return tuple(modules[part][0] for part in parts)
 
     def fused_name(self, component: str, path: str) -> tuple[str, int] | None:
         """(fused layer's original name, row block) when ``path`` is a part of a fused layer, else None."""

@@ -28,7 +28,9 @@ BLOCK = "{n}"  # where a fused layer's name holds its block number
 class FusedLayer:
     """One fused layer per block: its name in the original checkpoint and the diffusers paths of its parts.
 
-    Both spell the block number as ``{n}``; ``parts`` are paths inside ``component``, in row order.
+    Both are paths inside ``component`` (the original name without the checkpoint's prefix for the
+    component, as :meth:`Architecture.original_path` spells paths: Flux.1's ``double_blocks.{n}.img_attn.qkv``),
+    spell the block number as ``{n}``, and ``parts`` are in row order.
 
     Example:
         >>> layer = FusedLayer("text_encoder_2", "te.layers.{n}.in_proj", ("layers.{n}.q", "layers.{n}.k"))

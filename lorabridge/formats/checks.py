@@ -1,15 +1,16 @@
 """Checks shared by the PyTorch-world formats: on what a reader read, and before a writer writes.
 
-A LoRA file from the PyTorch world can be for another model (SD 1.x, SD3, Flux),
-name layers no SDXL has, pair factors of different ranks, or hold NaN/Inf.
-:func:`check_model` finds all of that by comparing the modules with SDXL-base's
-real module tree and says why in one line, with the first offending modules as
+A LoRA file from the PyTorch world can be for a model lorabridge does not know (SD 1.x, SD3),
+name layers the model has not, pair factors of different ranks, or hold NaN/Inf.
+:func:`check_model` finds all of that by comparing the modules with each registered
+architecture's real module tree and says why in one line, with the first offending modules as
 evidence. :func:`writable_lora` is the writer's side: plain-LoRA targets get
 LoHa/LoKr baked or refused, DoRA checked, the dtype cast.
 
-Shapes: a file whose modules *all* differ from SDXL-base is an SDXL-structured model
-of other widths (such as the tiny test pipeline) and is accepted, as the MindONE
-reader does; a mix of fitting and misfitting shapes means another model.
+Shapes: a file whose modules *all* differ from the reference model, and are all narrower, is that
+architecture at other widths (such as the tiny test pipelines) and is accepted, as the MindONE
+reader does; a mix of fitting and misfitting shapes means another model. A shape a variant of the
+reference has (:attr:`Architecture.variants`: Flux.1 Fill's ``x_embedder``) fits.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000),
 FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
-# Module-name fragments only other architectures have; the first that matches names the likely model.
+# Module-name fragments that point to a model; the first that matches names the likely model. A hint is
+# asked about the modules that do not fit an architecture, and one naming that architecture's label is
+# no evidence against it: Flux.1's entry speaks against SDXL only, and a narrow (tiny) Flux.1 LoRA with a
+# single-block module is not taken for SD3 (whose diffusers names Flux.1's double blocks share).
 ARCHITECTURE_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Flux", ("single_transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "txt_in")),
+    ("Flux.1", ("single_transformer_blocks", "double_blocks", "single_blocks", "x_embedder", "txt_in")),
     ("SD3", ("joint_blocks", "context_block", "context_embedder", "attn.add_q_proj")),
     ("a DiT such as SD3 or Flux", ("transformer.transformer_blocks",)),
     ("SD 1.x/2.x", ("down_blocks.0.attentions", "up_blocks.3.attentions", "up_blocks.2.attentions")),
@@ -76,17 +80,19 @@ def _role_problems(module: LoraModule) -> list[str]:
             else f"{module.name}: {what}" for role, what in problems]
 
 
-def _hint(model: LoraModel) -> str | None:
-    """Which other model the names or the cross-attention width point to, if any.
+def _hint(named: Sequence[LoraModule], shaped: Sequence[LoraModule]) -> str | None:
+    """Which other model the names of ``named`` or the cross-attention width of ``shaped`` point to, if any.
 
-    Names are compared with dots as underscores too: a kohya name that resolves to no SDXL layer
+    Only modules that do not fit an architecture are asked (see :func:`_fit_to`), so names that fit
+    a registered architecture never point away from it (Flux.1's ``context_embedder``, ``attn.add_q_proj``).
+    Names are compared with dots as underscores too: a kohya name that resolves to no layer
     keeps its underscores (``unet.down_blocks_0_attentions_0_...``).
     """
-    names = [name.replace(".", "_") for name in model.modules]
+    names = [m.name.replace(".", "_") for m in named]
     for label, fragments in ARCHITECTURE_HINTS:
         if any(fragment.replace(".", "_") in name for name in names for fragment in fragments):
             return label
-    for m in model.modules.values():
+    for m in shaped:
         if m.name.endswith(("attn2.to_k", "attn2.to_v")) and m.in_features in CROSS_ATTENTION_WIDTHS:
             return CROSS_ATTENTION_WIDTHS[m.in_features]
     return None
@@ -110,10 +116,12 @@ class _Fit:
     unknown: list[str]
     misshapen: list[str]
     fitting: int
+    hint: str | None  # the other model the modules that do not fit point to
 
-    def refusal(self, model: LoraModel, hint: str | None) -> str:
+    def refusal(self, model: LoraModel) -> str:
         """Why the LoRA is not for this architecture (with evidence), or "" when it is."""
         label, reference = self.architecture.label, self.architecture.reference or self.architecture.label
+        hint = self.hint
         if not (self.foreign or self.misshapen or hint or len(self.unknown) == len(model.modules)):
             return ""
         evidence = self.foreign + self.misshapen + [f"{n} (no such {label} layer)" for n in self.unknown]
@@ -123,23 +131,31 @@ class _Fit:
 
 
 def _fit_to(model: LoraModel, architecture: Architecture) -> _Fit:
-    """Compare every module with ``architecture``'s tree: foreign components, unknown paths, other shapes."""
+    """Compare every module with ``architecture``'s tree: foreign components, unknown paths, other shapes
+    (a shape one of the architecture's variants has fits)."""
     label, tree = architecture.label, architecture.tree.all_modules()
-    foreign, unknown, misshapen, fitting = [], [], [], 0
+    foreign, unknown, misshapen, fitting, misnamed, other_shapes = [], [], [], 0, [], []
     for m in model.modules.values():
         if m.component not in tree:
             foreign.append(f"{m.name} (component {m.component!r}; {label} has {', '.join(tree)})")
+            misnamed.append(m)
         elif m.path not in tree[m.component]:
             unknown.append(m.name)
-        elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]):
+            misnamed.append(m)
+        elif tuple(m.weight_shape) != tuple(tree[m.component][m.path]) and \
+                tuple(m.weight_shape) not in architecture.variant_shapes(m.component, m.path):
             base = tree[m.component][m.path]
             misshapen.append((f"{m.name} adapts a {list(m.weight_shape)} weight, {label}'s is {list(base)}",
                               narrower(m.weight_shape, base)))
+            other_shapes.append(m)
         else:
             fitting += 1
     # All different and all narrower: the architecture's structure at smaller widths. Otherwise every misfit is evidence.
     evidence = [why for why, narrow in misshapen if fitting or not narrow]
-    return _Fit(architecture, foreign, unknown, evidence, fitting)
+    # Names are asked of the modules the architecture has not, and of all when none fits exactly: the
+    # narrow rule must not take another model's LoRA (SD3's at its 1536 width) for this one at smaller widths.
+    hint = _hint(misnamed if fitting else misnamed + other_shapes, other_shapes)
+    return _Fit(architecture, foreign, unknown, evidence, fitting, None if hint == label else hint)
 
 
 def _fit(model: LoraModel, path, skip_unknown: bool) -> None:
@@ -150,12 +166,11 @@ def _fit(model: LoraModel, path, skip_unknown: bool) -> None:
     ``model.architecture``. When none fits, the refusal is the one for the architecture with the
     most fitting modules (the first registered on a tie).
     """
-    hint = _hint(model)
     fits = [_fit_to(model, architecture) for architecture in architectures()]
-    fit = next((f for f in fits if not f.refusal(model, hint)), None)
+    fit = next((f for f in fits if not f.refusal(model)), None)
     if fit is None:
         best = max(fits, key=lambda f: f.fitting)  # max keeps the first of equals
-        raise LoraBridgeError(best.refusal(model, hint), path)
+        raise LoraBridgeError(best.refusal(model), path)
     model.architecture = fit.architecture.name
     unknown, label = fit.unknown, fit.architecture.label
     if unknown and not skip_unknown:

@@ -40,7 +40,9 @@ from .training import FILE_METADATA_KEYS, training_metadata
 
 # diffusers (0.35) round-trips a text encoder's keys through its old spelling on load and cannot tell
 # the spelling of a state dict that has none of these layers: such components are written the old way.
-TEXT_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+# T5's (Flux.1's text_encoder_2, which FluxPipeline loads no LoRA into) are counted too: with them it keeps PEFT spelling.
+TEXT_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj",
+                  ".SelfAttention.q", ".SelfAttention.k", ".SelfAttention.v", ".SelfAttention.o")
 
 
 def _old_spelling_components(model: LoraModel) -> set[str]:

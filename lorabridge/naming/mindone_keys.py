@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 from ..architectures import resolve_underscored
 from ..architectures.architecture import underscored
 from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
-from ..architectures.sdxl.text_encoders import diffusers_text_to_sgm, sgm_text_to_diffusers
+from ..architectures.sdxl.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm, sgm_text_to_diffusers
 from ..architectures.tree import LORA_TARGET_TYPES
 from .underscored import ALPHA, KOHYA as KOHYA_GRAMMAR
 
@@ -75,7 +75,7 @@ def _sgm_parse(key: str) -> tuple[str, ...] | None:
     if key.startswith(SGM_UNET):
         name = _targetable("unet", sgm_to_diffusers(key[len(SGM_UNET):]))
         return (name,) if name else None
-    fused = SDXL.fused_parts(key)
+    fused = SDXL.fused_parts(key[len(OPENCLIP_PREFIX):]) if key.startswith(OPENCLIP_PREFIX) else None
     if fused:
         component, paths = fused
         return tuple(f"{component}.{p}" for p in paths)
@@ -91,7 +91,7 @@ def _sgm_spell(name: str) -> tuple[str, int | None] | None:
         return (SGM_UNET + sgm, None) if sgm else None
     fused = SDXL.fused_name(component, path)
     if fused:
-        return fused
+        return OPENCLIP_PREFIX + fused[0], fused[1]
     sgm = diffusers_text_to_sgm(component, path)
     return (sgm, None) if sgm else None
 

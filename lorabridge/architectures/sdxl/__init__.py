@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..architecture import Architecture
 from ..fused import FusedLayer
 from .sgm import unet_path_to_sgm
-from .text_encoders import DIFFUSERS_LAYERS, OPENCLIP_LAYERS, OPENCLIP_PREFIX
+from .text_encoders import DIFFUSERS_LAYERS, OPENCLIP_LAYERS
 from .tree import TREE
 
 SDXL = Architecture(
@@ -21,7 +21,8 @@ SDXL = Architecture(
     article="an",
     original_paths={"unet": unet_path_to_sgm},
     # OpenCLIP bigG computes q, k and v with one in_proj (rows q, k, v); diffusers has three Linear layers.
-    fused=(FusedLayer("text_encoder_2", f"{OPENCLIP_PREFIX}{OPENCLIP_LAYERS}{{n}}.attn.in_proj",
+    # The name is the path inside the OpenCLIP model (SGM puts it under OPENCLIP_PREFIX).
+    fused=(FusedLayer("text_encoder_2", f"{OPENCLIP_LAYERS}{{n}}.attn.in_proj",
                       tuple(f"{DIFFUSERS_LAYERS}{{n}}.self_attn.{p}_proj" for p in "qkv")),),
     tiny="lorabridge.architectures.sdxl.tiny",
     pipelines={"torch": "diffusers:StableDiffusionXLPipeline", "mindspore": "mindone.diffusers:StableDiffusionXLPipeline"},
