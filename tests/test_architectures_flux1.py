@@ -281,3 +281,65 @@ def test_a_peft_lora_on_a_tiny_flux_transformer_goes_through_lorabridge_and_load
     config = fresh.peft_config[next(iter(fresh.peft_config))]
     assert {config.alpha_pattern.get(k, config.lora_alpha) / config.rank_pattern.get(k, config.r)
             for k in {k.rsplit(".lora_", 1)[0] for k in layers}} == {2.0}  # alpha 8 / rank 4 kept
+
+
+# ---- kohya sd-scripts' Flux layout (networks/lora_flux.py @450630c6: lora_unet_ BFL names, fused qkv/linear1) ----
+
+KOHYA_FLUX = {  # key stem -> (out, in) of the BFL / transformers weight it adapts, at Flux.1-dev size
+    "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072),
+    "lora_unet_double_blocks_0_txt_attn_qkv": (9216, 3072),
+    "lora_unet_double_blocks_0_img_attn_proj": (3072, 3072),
+    "lora_unet_double_blocks_0_img_mod_lin": (18432, 3072),
+    "lora_unet_single_blocks_0_linear1": (21504, 3072),
+    "lora_unet_single_blocks_0_linear2": (3072, 15360),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+    "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (4096, 4096),
+}
+
+
+def _kohya_flux_file(path: Path, rank: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for stem, (out, inp) in KOHYA_FLUX.items():
+        arrays[f"{stem}.lora_down.weight"] = rng.standard_normal((rank, inp)).astype("f2")
+        arrays[f"{stem}.lora_up.weight"] = rng.standard_normal((out, rank)).astype("f2")
+        arrays[f"{stem}.alpha"] = np.array(rank / 2, "f2")
+    write_safetensors(path, {k: Tensor.from_numpy(v) for k, v in arrays.items()}, {"ss_network_module": "networks.lora_flux"})
+    return arrays
+
+
+def test_a_kohya_flux_file_reads_as_flux_with_its_fused_layers_split_and_writes_back_byte_identical(tmp_path):
+    arrays = _kohya_flux_file(tmp_path / "kohya_flux.safetensors")
+    result = convert(tmp_path / "kohya_flux.safetensors", tmp_path / "n.safetensors", "neutral", progress=False)
+    model = result.model
+    assert result.source_format == "kohya" and model.architecture == "flux-1-dev"
+    assert {"transformer.single_transformer_blocks.0.proj_mlp", "transformer.transformer_blocks.0.attn.add_v_proj",
+            "transformer.transformer_blocks.0.norm1.linear", "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"} <= set(model.modules)
+    assert len(model.modules) == 3 + 3 + 1 + 1 + 4 + 1 + 1 + 1  # qkv, qkv, proj, mod, linear1 (q,k,v,mlp), linear2, te1, te3
+    assert model.modules["transformer.single_transformer_blocks.0.proj_mlp"].out_features == 12288
+    # every part's delta W is its row block of the fused one
+    fused = arrays["lora_unet_single_blocks_0_linear1.lora_up.weight"].astype("f4") @ \
+        arrays["lora_unet_single_blocks_0_linear1.lora_down.weight"].astype("f4") * 0.5
+    parts = [model.modules[f"transformer.single_transformer_blocks.0.{p}"].delta_weight()
+             for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    assert np.allclose(np.concatenate(parts), fused, rtol=1e-6, atol=1e-6)
+
+    for via in ("neutral", "diffusers"):
+        src = tmp_path / "n.safetensors"
+        if via == "diffusers":
+            convert(src, tmp_path / "d.safetensors", "diffusers", progress=False)
+            src = convert(tmp_path / "d.safetensors", tmp_path / "n2.safetensors", "neutral", progress=False).output
+        convert(src, tmp_path / f"back_{via}.safetensors", "kohya", progress=False)
+        back = SafetensorsFile(tmp_path / f"back_{via}.safetensors")
+        assert sorted(back.keys()) == sorted(arrays), via
+        for key, array in arrays.items():
+            assert back.tensor(key).to_numpy().tobytes() == array.tobytes(), (via, key)
+        assert back.metadata["modelspec.architecture"] == "flux-1-dev/lora"
+
+
+def test_a_kohya_flux_lora_is_refused_by_an_sdxl_only_target_with_one_line(tmp_path):
+    _kohya_flux_file(tmp_path / "kohya_flux.safetensors")
+    with pytest.raises(LoraBridgeError, match="--to mindone-kohya names only stable-diffusion-xl-v1-base layers; "
+                                              "this LoRA is for flux-1-dev"):
+        convert(tmp_path / "kohya_flux.safetensors", tmp_path / "x.ckpt", "mindone-kohya", progress=False)
