@@ -343,3 +343,34 @@ def test_a_kohya_flux_lora_is_refused_by_an_sdxl_only_target_with_one_line(tmp_p
     with pytest.raises(LoraBridgeError, match="--to mindone-kohya names only stable-diffusion-xl-v1-base layers; "
                                               "this LoRA is for flux-1-dev"):
         convert(tmp_path / "kohya_flux.safetensors", tmp_path / "x.ckpt", "mindone-kohya", progress=False)
+
+
+def test_comfyui_generic_flux_names_read_as_the_same_flux_lora(tmp_path):
+    """ComfyUI's LoraSave / OneTrainer COMFY_LORA: ``diffusion_model.<BFL path>``, ``text_encoders.t5xxl.transformer.``
+    (comfy/lora.py model_lora_keys_unet and model_lora_keys_clip)."""
+    arrays = _kohya_flux_file(tmp_path / "kohya_flux.safetensors")
+    comfy = {}
+    for key, array in arrays.items():
+        stem, _, suffix = key.partition(".")
+        for prefix, dotted in (("lora_unet_", "diffusion_model."), ("lora_te1_", "text_encoders.clip_l.transformer."),
+                               ("lora_te3_", "text_encoders.t5xxl.transformer.")):
+            if stem.startswith(prefix):
+                comfy[f"{dotted}{COMFY_PATHS[stem]}.{suffix}"] = array
+    write_safetensors(tmp_path / "comfy.safetensors", {k: Tensor.from_numpy(v) for k, v in comfy.items()}, {})
+    from_comfy = convert(tmp_path / "comfy.safetensors", tmp_path / "c.safetensors", "neutral", progress=False).model
+    from_kohya = convert(tmp_path / "kohya_flux.safetensors", tmp_path / "k.safetensors", "neutral", progress=False).model
+    assert from_comfy.architecture == "flux-1-dev" and sorted(from_comfy.modules) == sorted(from_kohya.modules)
+    for name, module in from_kohya.modules.items():
+        assert all(module.tensors[r].same_as(from_comfy.modules[name].tensors[r]) for r in module.tensors), name
+
+
+COMFY_PATHS = {  # the dotted BFL / transformers paths of KOHYA_FLUX's stems
+    "lora_unet_double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv",
+    "lora_unet_double_blocks_0_txt_attn_qkv": "double_blocks.0.txt_attn.qkv",
+    "lora_unet_double_blocks_0_img_attn_proj": "double_blocks.0.img_attn.proj",
+    "lora_unet_double_blocks_0_img_mod_lin": "double_blocks.0.img_mod.lin",
+    "lora_unet_single_blocks_0_linear1": "single_blocks.0.linear1",
+    "lora_unet_single_blocks_0_linear2": "single_blocks.0.linear2",
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj",
+    "lora_te3_encoder_block_0_layer_0_SelfAttention_q": "encoder.block.0.layer.0.SelfAttention.q",
+}

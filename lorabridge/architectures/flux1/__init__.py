@@ -32,6 +32,9 @@ FLUX1 = Architecture(
     variants={COMPONENT: {"x_embedder": ((HIDDEN, 384), (HIDDEN, 128))}},  # Fill; Depth and Canny
     # kohya sd-scripts networks/lora_flux.py (@450630c6): LORA_PREFIX_FLUX, _TEXT_ENCODER_CLIP, _TEXT_ENCODER_T5.
     kohya_prefixes={COMPONENT: "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    # ComfyUI's generic names (comfy/lora.py model_lora_keys_unet/_clip; what OneTrainer's COMFY_LORA writes).
+    comfyui_prefixes={COMPONENT: "diffusion_model", "text_encoder": "text_encoders.clip_l.transformer",
+                      "text_encoder_2": "text_encoders.t5xxl.transformer"},
 )
 
 
