@@ -374,3 +374,28 @@ COMFY_PATHS = {  # the dotted BFL / transformers paths of KOHYA_FLUX's stems
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "text_model.encoder.layers.0.self_attn.q_proj",
     "lora_te3_encoder_block_0_layer_0_SelfAttention_q": "encoder.block.0.layer.0.SelfAttention.q",
 }
+
+
+def test_a_kohya_split_qkv_flux_file_splits_back_to_each_parts_own_rank_and_writes_back_byte_identical(tmp_path):
+    """sd-scripts' ``split_qkv=True`` trains q, k and v with their own A but saves them under the fused name:
+    ``lora_down`` stacked to 3r rows, ``lora_up`` block-diagonal (9216, 3r), ``.alpha`` not rescaled
+    (networks/lora_flux.py @450630c6, LoRAModule.state_dict), so its loaders scale by alpha / 3r."""
+    rank, alpha, rng = 4, 8.0, np.random.default_rng(9)
+    down = rng.standard_normal((3 * rank, 3072)).astype("f2")
+    up = np.zeros((9216, 3 * rank), "f2")
+    for part in range(3):
+        up[part * 3072:(part + 1) * 3072, part * rank:(part + 1) * rank] = rng.standard_normal((3072, rank)).astype("f2")
+    stem = "lora_unet_double_blocks_3_img_attn_qkv"
+    arrays = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": np.array(alpha, "f2")}
+    write_safetensors(tmp_path / "split_qkv.safetensors", {k: Tensor.from_numpy(v) for k, v in arrays.items()}, {})
+    model = convert(tmp_path / "split_qkv.safetensors", tmp_path / "n.safetensors", "neutral", progress=False).model
+    parts = [model.modules[f"transformer.transformer_blocks.3.attn.{p}"] for p in ("to_q", "to_k", "to_v")]
+    assert [p.rank for p in parts] == [rank] * 3
+    assert all(p.scale == alpha / (3 * rank) for p in parts)  # what the file's loaders apply: alpha / 3r
+    fused = up.astype("f4") @ down.astype("f4") * (alpha / (3 * rank))
+    assert np.allclose(np.concatenate([p.delta_weight() for p in parts]), fused, rtol=1e-6, atol=1e-6)
+    convert(tmp_path / "n.safetensors", tmp_path / "back.safetensors", "kohya", progress=False)
+    back = SafetensorsFile(tmp_path / "back.safetensors")
+    assert sorted(back.keys()) == sorted(arrays)
+    for key, array in arrays.items():
+        assert back.tensor(key).to_numpy().tobytes() == array.tobytes(), key
