@@ -399,3 +399,33 @@ def test_a_kohya_split_qkv_flux_file_splits_back_to_each_parts_own_rank_and_writ
     assert sorted(back.keys()) == sorted(arrays)
     for key, array in arrays.items():
         assert back.tensor(key).to_numpy().tobytes() == array.tobytes(), key
+
+
+# ---- MindONE's Flux LoRA (mindone examples/diffusers/dreambooth/train_dreambooth_lora_flux.py) -----------------
+
+def test_a_mindone_flux_lora_reads_as_flux_and_round_trips_through_both_mindspore_containers(tmp_path):
+    """MindONE's Flux trainer saves through mindone.diffusers' ``FluxPipeline.save_lora_weights``: diffusers keys,
+    MindSpore safetensors (metadata ``format`` = ``np``), no alpha (MindONE trains with alpha = rank);
+    docs/flux-lora-layouts.md section 1 cites the source."""
+    rng, rank = np.random.default_rng(13), 4
+    shapes = {"transformer.transformer_blocks.0.attn.to_q": (3072, 3072),
+              "transformer.single_transformer_blocks.0.attn.to_k": (3072, 3072),
+              "transformer.transformer_blocks.0.ff.net.0.proj": (12288, 3072)}
+    arrays = {}
+    for name, (out, inp) in shapes.items():
+        arrays[f"{name}.lora_A.weight"] = rng.standard_normal((rank, inp)).astype("f4")
+        arrays[f"{name}.lora_B.weight"] = rng.standard_normal((out, rank)).astype("f4")
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    write_safetensors(src, {k: Tensor.from_numpy(v) for k, v in arrays.items()}, {"format": "np"})
+    result = convert(src, tmp_path / "n.safetensors", "neutral", progress=False)
+    assert result.source_format == "mindone-diffusers" and result.model.architecture == "flux-1-dev"
+    assert {m.alpha_source for m in result.model.modules.values()} == {"assumed"}
+    assert {m.alpha for m in result.model.modules.values()} == {float(rank)}
+    for container in ("safetensors", "ckpt"):
+        out = tmp_path / f"back.{container}"
+        convert(tmp_path / "n.safetensors", out, "mindone-diffusers", progress=False)
+        again = convert(out, tmp_path / f"again_{container}.safetensors", "neutral", progress=False).model
+        assert again.architecture == "flux-1-dev"
+        for key, array in arrays.items():
+            name, _, role = key.rpartition(".lora_")
+            assert again.modules[name].tensors[f"lora_{role}"].to_numpy().tobytes() == array.tobytes(), (container, key)

@@ -74,8 +74,8 @@ def one_module(kind: str, dora_axis: str | None = None) -> LoraModel:
 def test_the_registry_finds_each_format_under_its_declared_name(name):
     fmt = get_format(name)
     assert fmt.name == name and fmt.framework in ("neutral", "mindspore", "torch") and fmt.description
-    # MindONE's namings are SDXL tables; the others' keys are diffusers paths, good for any registered architecture.
-    assert fmt.architectures == ((SDXL.name,) if name.startswith("mindone-") else None)
+    # MindONE's SGM and kohya namings are SDXL tables; the others' keys are diffusers paths, good for any registered architecture.
+    assert fmt.architectures == ((SDXL.name,) if name in ("mindone-sgm", "mindone-kohya") else None)
     assert set(fmt.kinds) <= set(KINDS) and "lora" in fmt.kinds and set(fmt.dora_axes) <= {"out", "in"}
 
 

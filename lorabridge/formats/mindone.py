@@ -385,7 +385,7 @@ MINDONE_DORA_AXES: tuple[DoraAxis, ...] = ()  # MindONE's LoRA layers have no Do
 MINDONE_WRITE = frozenset({"container", "crc", "bake_to_lora", "strict"})  # tensors keep their dtype
 
 
-def _declared(naming: Naming, name: str, description: str) -> DeclaredFormat:
+def _declared(naming: Naming, name: str, description: str, architectures: tuple[str, ...] | None = (SDXL.name,)) -> DeclaredFormat:
     """The registered format of one naming: the methods of its :class:`MindoneFormat` and what they do."""
     mindone = MindoneFormat(naming)
     return DeclaredFormat(
@@ -393,13 +393,14 @@ def _declared(naming: Naming, name: str, description: str) -> DeclaredFormat:
         write=mindone.write, stores_metadata=False,  # a .ckpt, the default container, keeps only its source's text entries
         stores_alpha=naming.stores_alpha, kinds=MINDONE_KINDS, dora_axes=MINDONE_DORA_AXES, read_options=FOREIGN_READ,
         write_options=MINDONE_WRITE | ({"fold_alpha"} if not naming.stores_alpha else set()),  # nothing to fold where .alpha is
-        architectures=(SDXL.name,))  # the namings are SDXL's tables
+        architectures=architectures)  # SGM and MindONE's kohya port are SDXL's tables; diffusers paths fit any
 
 
 MINDONE_SGM = _declared(NAMINGS["sgm"], "mindone-sgm", "MindONE SDXL trainer LoRA: SGM names (model.diffusion_model.*, "
                         "conditioner.embedders.*), .ckpt or MindSpore safetensors")
 MINDONE_DIFFUSERS = _declared(NAMINGS["diffusers"], "mindone-diffusers", "mindone.diffusers LoRA: PEFT names "
-                              "(unet.*.lora_A.weight) in a .ckpt or MindSpore safetensors")
+                              "(unet.*.lora_A.weight; transformer.* for Flux.1) in a .ckpt or MindSpore safetensors",
+                              architectures=None)
 MINDONE_KOHYA = _declared(NAMINGS["kohya"], "mindone-kohya", "MindONE's kohya port: lora_unet_*/lora_te1_*/lora_te2_* "
                           "with .alpha, .ckpt or MindSpore safetensors")
 

@@ -7,7 +7,7 @@
 - ``kohya``: MindONE's port of kohya sd-scripts (``lora_unet_<SGM path, dots as _>.lora_down.weight``
   with a 0-d ``.alpha``), the underscored grammar of :mod:`.underscored`.
 
-A naming maps module keys to canonical module names (only layers the SDXL tree has as Linear/Conv2d)
+A naming maps module keys to canonical module names (only Linear/Conv2d layers of a tree: SDXL's for SGM and kohya, any registered one for diffusers)
 and back; the MindONE formats (:mod:`lorabridge.formats.mindone`) put it in a MindSpore container.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..architectures import resolve_underscored
+from ..architectures import architectures, registered_components, resolve_underscored
 from ..architectures.architecture import underscored
 from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
 from ..architectures.sdxl.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm, sgm_text_to_diffusers
@@ -96,11 +96,12 @@ def _sgm_spell(name: str) -> tuple[str, int | None] | None:
     return (sgm, None) if sgm else None
 
 
-# --- mindone.diffusers / PEFT -------------------------------------------------------------------
+# --- mindone.diffusers / PEFT: diffusers paths, so any registered architecture (SDXL; Flux.1, as MindONE's
+# examples/diffusers/dreambooth/train_dreambooth_lora_flux.py saves it) ---------------------------------
 def _diffusers_parse(key: str) -> tuple[str, ...] | None:
     component, _, path = key.partition(".")
-    name = _targetable(component, path) if component in SDXL.components else None
-    return (name,) if name else None
+    targetable = any(component in a.components and a.is_lora_target(component, path) for a in architectures())
+    return (f"{component}.{path}",) if targetable else None
 
 
 def _diffusers_spell(name: str) -> tuple[str, int | None] | None:
@@ -128,7 +129,7 @@ def _kohya_spell(name: str) -> tuple[str, int | None] | None:
 LORA_ROLES = {A: A, B: B}
 NAMINGS: dict[str, Naming] = {n.name: n for n in [
     Naming("sgm", (SGM_UNET, "conditioner.embedders."), LORA_ROLES, _sgm_parse, _sgm_spell),
-    Naming("diffusers", tuple(f"{c}." for c in SDXL.components), LORA_ROLES, _diffusers_parse, _diffusers_spell),
+    Naming("diffusers", tuple(f"{c}." for c in registered_components()), LORA_ROLES, _diffusers_parse, _diffusers_spell),
     Naming("kohya", tuple(KOHYA_PREFIXES.values()),  # MindONE's port has no DoRA
            {suffix: role for suffix, role in KOHYA_GRAMMAR.suffixes.items() if role in (A, B, ALPHA)}, _kohya_parse, _kohya_spell),
 ]}
