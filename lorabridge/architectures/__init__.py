@@ -61,22 +61,6 @@ def registered_components() -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for architecture in architectures() for c in architecture.components))
 
 
-def resolve_underscored(component: str, name: str) -> str | None:
-    """The diffusers path a kohya/LyCORIS underscored name stands for in the first architecture
-    that has the component and resolves it, or None.
-
-    Example:
-        >>> resolve_underscored("unet", "input_blocks_4_1_transformer_blocks_0_attn1_to_out_0")
-        'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0'
-    """
-    for architecture in architectures():
-        if component in architecture.components:
-            path = architecture.resolve_underscored(component, name)
-            if path is not None:
-                return path
-    return None
-
-
 def module_shape(component: str, path: str) -> tuple[int, ...] | None:
     """The weight shape of ``component.path`` in the first architecture that has it, or None."""
     for architecture in architectures():

@@ -166,11 +166,15 @@ def _fit(model: LoraModel, path, skip_unknown: bool) -> None:
     ``model.architecture``. When none fits, the refusal is the one for the architecture with the
     most fitting modules (the first registered on a tie).
     """
-    fits = [_fit_to(model, architecture) for architecture in architectures()]
-    fit = next((f for f in fits if not f.refusal(model)), None)
-    if fit is None:
+    fits: list[_Fit] = []
+    for architecture in architectures():  # stop at the first fit: later records' trees are not even loaded
+        fits.append(_fit_to(model, architecture))
+        if not fits[-1].refusal(model):
+            break
+    else:
         best = max(fits, key=lambda f: f.fitting)  # max keeps the first of equals
         raise LoraBridgeError(best.refusal(model), path)
+    fit = fits[-1]
     model.architecture = fit.architecture.name
     unknown, label = fit.unknown, fit.architecture.label
     if unknown and not skip_unknown:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..architectures import architectures, registered_components, resolve_underscored
+from ..architectures import architectures, registered_components
 from ..architectures.architecture import underscored
 from ..architectures.sdxl import SDXL, diffusers_to_sgm, sgm_to_diffusers
 from ..architectures.sdxl.text_encoders import OPENCLIP_PREFIX, diffusers_text_to_sgm, sgm_text_to_diffusers
@@ -115,7 +115,7 @@ KOHYA_PREFIXES = {component: f"{prefix}_" for component, prefix in SDXL.kohya_pr
 def _kohya_parse(key: str) -> tuple[str, ...] | None:
     for component, prefix in KOHYA_PREFIXES.items():
         if key.startswith(prefix):
-            name = _targetable(component, resolve_underscored(component, key[len(prefix):]))
+            name = _targetable(component, SDXL.resolve_underscored(component, key[len(prefix):]))
             return (name,) if name else None
     return None
 

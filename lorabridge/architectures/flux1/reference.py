@@ -8,6 +8,8 @@ there).
 
 from __future__ import annotations
 
+from ..clip import CLIP_L_TEXT_CONFIG  # text_encoder, as in BFL's load_clip (src/flux/util.py)
+
 # black-forest-labs/FLUX.1-dev, transformer/config.json. The same numbers are BFL's own
 # ``configs["flux-dev"]`` in black-forest-labs/flux, src/flux/util.py (depth 19, depth_single_blocks 38,
 # hidden_size 3072 = 24 heads x 128, in_channels 64, context_in_dim 4096, vec_in_dim 768,
@@ -26,26 +28,6 @@ TRANSFORMER_CONFIG = {
     "pooled_projection_dim": 768,
 }
 
-# text_encoder/config.json: CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14, BFL's ``load_clip``
-# in src/flux/util.py), the same config as SDXL's text_encoder.
-TEXT_ENCODER_CONFIG = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
 
 # text_encoder_2/config.json: T5 v1.1 XXL's encoder (google/t5-v1_1-xxl, BFL's ``load_t5`` in
 # src/flux/util.py; transformers' T5EncoderModel): gated-GELU feed-forward, untied embeddings.
@@ -77,6 +59,6 @@ def build_models() -> dict:
     with torch.device("meta"):
         return {
             "transformer": FluxTransformer2DModel(**TRANSFORMER_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
             "text_encoder_2": T5EncoderModel(T5Config(**TEXT_ENCODER_2_CONFIG)),
         }

@@ -7,6 +7,8 @@ diffusers/transformers on torch's ``meta`` device (no weights).
 
 from __future__ import annotations
 
+from ..clip import CLIP_L_TEXT_CONFIG  # text_encoder
+
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (fields that shape the module tree).
 UNET_CONFIG = {
     "act_fn": "silu",
@@ -56,25 +58,6 @@ UNET_CONFIG = {
     "use_linear_projection": True,
 }
 
-# text_encoder/config.json (CLIP ViT-L/14 text tower).
-TEXT_ENCODER_CONFIG = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
 
 # text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text tower in transformers' spelling).
 TEXT_ENCODER_2_CONFIG = {
@@ -106,6 +89,6 @@ def build_models() -> dict:
     with torch.device("meta"):
         return {
             "unet": UNet2DConditionModel(**UNET_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)),
         }
