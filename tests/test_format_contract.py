@@ -24,6 +24,10 @@ from lorabridge.model import LoraModel, LoraModule
 from lorabridge.tensor import Tensor
 from tests.fixtures.core import make_lora_model, make_lora_module
 
+# Formats lorabridge writes: the write-side declarations are checked on these; read-only formats (XLabs,
+# OneTrainer) declare no writer and are checked by test_read_only_formats_declare_no_writing and their own tests.
+WRITABLE = [name for name in FORMATS if get_format(name).writable]
+READ_ONLY = [name for name in FORMATS if not get_format(name).writable]
 LAYER = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # 640 -> 640
 FACT = ("ss_learning_rate", "0.0001")
 
@@ -79,21 +83,21 @@ def test_the_registry_finds_each_format_under_its_declared_name(name):
     assert set(fmt.kinds) <= set(KINDS) and "lora" in fmt.kinds and set(fmt.dora_axes) <= {"out", "in"}
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_writes_directory_matches_what_the_writer_writes(name, tmp_path):
     path = output(name, tmp_path)
     quietly(get_format(name).write, make_lora_model(), path)
     assert path.is_dir() == get_format(name).writes_directory
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_stores_alpha_matches_whether_a_non_default_alpha_is_read_back(name, tmp_path):
     back = written_and_read(name, make_lora_model(rank=4, alpha=8.0), tmp_path)
     assert all(m.alpha == 8.0 for m in back.modules.values()) == get_format(name).stores_alpha
     assert len({m.alpha for m in back.modules.values()}) == 1  # else: folded into B, alpha = rank
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_stores_metadata_matches_whether_training_facts_are_read_back(name, tmp_path):
     model = make_lora_model()
     model.training = dict([FACT])
@@ -101,7 +105,7 @@ def test_stores_metadata_matches_whether_training_facts_are_read_back(name, tmp_
     assert (back.training.get(FACT[0]) == FACT[1]) == get_format(name).stores_metadata
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_records_source_hash_matches_whether_the_converter_hashes_the_source(name, tmp_path, monkeypatch):
     source = tmp_path / "src_kohya.safetensors"
     quietly(get_format("kohya").write, make_lora_model(), source)
@@ -115,7 +119,7 @@ def test_records_source_hash_matches_whether_the_converter_hashes_the_source(nam
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_declared_kinds_are_written_as_is_and_others_baked_or_refused(name, kind, tmp_path):
     fmt = get_format(name)
     if kind in fmt.kinds:
@@ -128,13 +132,27 @@ def test_declared_kinds_are_written_as_is_and_others_baked_or_refused(name, kind
     assert [m.kind for m in baked.modules.values()] == ["lora"]
 
 
+@pytest.mark.parametrize("name", READ_ONLY)
+def test_read_only_formats_declare_no_writing(name, tmp_path):
+    """A read-only format has no writer and declares nothing about writing; a conversion to it is refused
+    with one line before anything is read or written."""
+    fmt = get_format(name)
+    assert fmt.write is None and fmt.write_options == frozenset() and not fmt.writes_directory
+    assert not fmt.records_source_hash and fmt.framework == "torch"
+    source = tmp_path / "src_kohya.safetensors"
+    quietly(get_format("kohya").write, make_lora_model(), source)
+    with pytest.raises(LoraBridgeError, match=f"^{name} is read-only: .* write diffusers, peft, legacy-diffusers, kohya or lycoris instead$"):
+        convert(source, tmp_path / "out.safetensors", to=name, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src_kohya.safetensors"]
+
+
 def test_only_formats_that_hold_every_kind_take_no_bake_rank():
-    for fmt in all_formats():
+    for fmt in (f for f in all_formats() if f.writable):
         assert ("bake_to_lora" in fmt.write_options) == (set(fmt.kinds) != set(KINDS)), fmt.name
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", WRITABLE)
 def test_declared_dora_axes_are_written_as_they_are_and_others_refused(name, axis, tmp_path):
     fmt = get_format(name)
     if axis in fmt.dora_axes:
@@ -149,5 +167,5 @@ def test_declared_dora_axes_are_written_as_they_are_and_others_refused(name, axi
 def test_the_dora_refusal_names_the_formats_that_declare_the_axis(axis):
     """checks.DORA_FORMATS is text the writers put in refusals (formats cannot import the registry): it must
     name exactly the PyTorch-world formats whose declarations keep ``axis``, in registry order."""
-    names = [f.name for f in all_formats() if f.framework == "torch" and axis in f.dora_axes]
+    names = [f.name for f in all_formats() if f.framework == "torch" and f.writable and axis in f.dora_axes]
     assert DORA_FORMATS[axis] == f"--format {', '.join(names[:-1])} or {names[-1]}"

@@ -23,7 +23,7 @@ from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
-from .registry import FORMATS, get_format, split_options
+from .registry import FORMATS, get_format, get_writer, split_options
 
 
 @dataclass
@@ -108,7 +108,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
     """
     src, started = Path(src), time.perf_counter()
-    target = get_format(to)
+    target = get_writer(to)
     source = detect_format(src, from_formats)
     read_options, write_options = split_options(options, source, target)
     out = check_output_path(dst, force, inputs=(src,), directory=target.writes_directory)

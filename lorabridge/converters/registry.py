@@ -1,5 +1,8 @@
 """The formats lorabridge reads and writes, as data: name -> where its :class:`Format` object lives.
 
+Some are read-only (``Format.writable`` False: XLabs' and OneTrainer's Flux layouts, which other tools
+load from the formats lorabridge writes); :func:`get_writer` refuses them as a target with one line.
+
 Each format module declares its object (:class:`~lorabridge.formats.contract.Format`: ``detect``,
 ``read``, ``write`` and what it declares about itself); modules are imported only when a
 conversion needs them, so the CLI stays fast. Which options a format honours is part of its
@@ -24,6 +27,10 @@ FORMATS: dict[str, str] = {
     "mindone-kohya": "lorabridge.formats.mindone:MINDONE_KOHYA",
     "diffusers": "lorabridge.formats.diffusers:FORMAT",
     "peft": "lorabridge.formats.peft:FORMAT",
+    # Read-only; before legacy-diffusers (XLabs' ``processor.qkv_lora.down.weight`` ends like its old spelling)
+    # and kohya (whose detector takes any ``lora_`` underscored keys, OneTrainer's ``lora_transformer_`` too).
+    "xlabs": "lorabridge.formats.xlabs:FORMAT",
+    "onetrainer": "lorabridge.formats.onetrainer:FORMAT",
     "legacy-diffusers": "lorabridge.formats.legacy_diffusers:FORMAT",
     "kohya": "lorabridge.formats.kohya:FORMAT",
     "lycoris": "lorabridge.formats.lycoris:FORMAT",
@@ -42,6 +49,25 @@ def get_format(name: str) -> Format:
     except KeyError:
         raise LoraBridgeError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
     return getattr(importlib.import_module(module), attribute)
+
+
+def get_writer(name: str) -> Format:
+    """The registered format ``name`` as a conversion target: a read-only one is refused with one line
+    naming the formats of its world that lorabridge writes.
+
+    Example:
+        >>> get_writer("kohya").name
+        'kohya'
+        >>> get_writer("xlabs")
+        Traceback (most recent call last):
+        lorabridge.errors.LoraBridgeError: xlabs is read-only: lorabridge reads xlabs files but does not write them; write diffusers, peft, legacy-diffusers, kohya or lycoris instead
+    """
+    target = get_format(name)
+    if not target.writable:
+        others = [f.name for f in all_formats() if f.writable and f.framework == target.framework]
+        raise LoraBridgeError(f"{name} is read-only: lorabridge reads {name} files but does not write them; "
+                              f"write {', '.join(others[:-1])} or {others[-1]} instead")
+    return target
 
 
 def all_formats() -> list[Format]:

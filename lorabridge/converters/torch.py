@@ -18,7 +18,7 @@ from ..io.input_file import check_regular
 from ..io.safetensors_file import SafetensorsFile
 from ..io.torch_file import container_of
 from . import ConversionResult, convert, default_output
-from .registry import FORMATS, all_formats, get_format
+from .registry import FORMATS, all_formats, get_format, get_writer
 
 # What neutral2pt writes, the first being the default, and the default output name per format.
 WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers", "lycoris")
@@ -110,6 +110,8 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         >>> neutral2pt("lora.safetensors", format="peft").output   # doctest: +SKIP
         PosixPath('lora_peft')
     """
+    if format in FORMATS and format not in WRITE_FORMATS:
+        get_writer(format)  # a read-only format: say so
     if format not in WRITE_FORMATS:
         raise LoraBridgeError(f"unknown PyTorch format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
     src = check_regular(src)
@@ -133,7 +135,7 @@ def convert_any(src: str | os.PathLike, out: str | os.PathLike, *, to: str, from
     Example:
         >>> convert_any("lora_kohya.safetensors", "lora_peft", to="peft")   # doctest: +SKIP
     """
-    get_format(to)
+    get_writer(to)
     src = Path(src)
     source = detect_input(src, [from_format] if from_format else list(FORMATS))
     return convert(src, out, to, from_formats=[source], force=force, progress=progress, **options)

@@ -1,7 +1,8 @@
 """The contract every format keeps: the facts it declares about itself, and the typed options it takes.
 
 A format is an object satisfying :class:`Format` (as :class:`~lorabridge.adapters.pipeline.Framework`
-is for the inference backends): ``detect``, ``read`` and ``write``, plus declarations that the
+is for the inference backends): ``detect``, ``read`` and ``write`` (None for a read-only format: a layout
+lorabridge reads from a tool but does not write, such as XLabs' or OneTrainer's Flux files), plus declarations that the
 converters, the refusals and the tests read instead of probing modules (``getattr(module,
 "WRITES_DIRECTORY", False)``) or repeating facts by hand. Every format module builds its object
 as a :class:`DeclaredFormat` from its functions (MindONE's from the bound methods of one object
@@ -73,10 +74,12 @@ class Writer(Protocol):
 
 
 class Format(Protocol):
-    """A LoRA file layout lorabridge reads and writes, and what it declares about itself.
+    """A LoRA file layout lorabridge reads (and, unless read-only, writes), and what it declares about itself.
 
     ``detect(path)`` is cheap (header or key names only). ``read`` returns a checked model and
-    ``write`` writes one, atomically; both report what the user should know as
+    ``write`` writes one, atomically (``write`` is None and ``writable`` False for a read-only format,
+    which the converter refuses as a target with one line; its ``write_options`` are empty and its
+    ``stores_*``/``kinds``/``dora_axes`` describe the files it reads); both report what the user should know as
     :class:`~lorabridge.errors.LoraBridgeWarning` (the converter collects them) and return nothing else.
     ``force`` lets ``write`` replace an existing output: a directory writer needs it, file
     writers publish by :func:`lorabridge.io.atomic.replacing`, which the converter sets from it.
@@ -88,6 +91,8 @@ class Format(Protocol):
     def framework(self) -> str: ...  # "neutral", "mindspore" or "torch": which world uses it
     @property
     def description(self) -> str: ...
+    @property
+    def writable(self) -> bool: ...  # False: read-only, ``write`` is None
     @property
     def writes_directory(self) -> bool: ...  # the output path is a directory, not a file
     @property
@@ -109,18 +114,20 @@ class Format(Protocol):
 
     def detect(self, path: str | os.PathLike) -> bool: ...
     def read(self, path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel: ...
-    def write(self, model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
-              progress: Progress | None = None, force: bool = False) -> None: ...
+    @property
+    def write(self) -> Writer | None: ...  # None: a read-only format
 
 
 @dataclass(frozen=True, kw_only=True)
 class DeclaredFormat:
-    """A :class:`Format` built from its declarations and its three functions: how each format module states it.
+    """A :class:`Format` built from its declarations and its functions: how each format module states it.
+
+    A read-only format gives no ``write`` (and so no ``write_options``): ``writable`` is then False.
 
     Example:
         >>> from lorabridge.formats.kohya import FORMAT
-        >>> FORMAT.name, FORMAT.kinds, FORMAT.dora_axes, FORMAT.writes_directory
-        ('kohya', ('lora', 'full'), ('out', 'in'), False)
+        >>> FORMAT.name, FORMAT.kinds, FORMAT.dora_axes, FORMAT.writes_directory, FORMAT.writable
+        ('kohya', ('lora', 'full'), ('out', 'in'), False, True)
     """
 
     name: str
@@ -128,7 +135,7 @@ class DeclaredFormat:
     description: str
     detect: Detector
     read: Reader
-    write: Writer
+    write: Writer | None
     stores_metadata: bool
     stores_alpha: bool
     kinds: tuple[KindName, ...]
@@ -139,7 +146,14 @@ class DeclaredFormat:
     records_source_hash: bool = False
     architectures: tuple[str, ...] | None = None  # None: keys are diffusers paths, so every registered architecture
 
+    @property
+    def writable(self) -> bool:
+        """Whether lorabridge writes this format (False: read-only)."""
+        return self.write is not None
+
     def __post_init__(self) -> None:
         unknown = (self.read_options - READ_OPTIONS) | (self.write_options - WRITE_OPTIONS)
         if unknown:
             raise ValueError(f"format {self.name!r} declares unknown option(s): {', '.join(sorted(unknown))}")
+        if self.write is None and (self.write_options or self.writes_directory or self.records_source_hash):
+            raise ValueError(f"read-only format {self.name!r} declares facts about writing")
