@@ -25,7 +25,6 @@ import pytest
 
 from lorabridge.converters import convert
 from lorabridge.converters.registry import get_format
-from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.contract import ReadOptions
 from lorabridge.formats.neutral import read_neutral
 from lorabridge.io.safetensors_file import write_safetensors

@@ -14,10 +14,11 @@ dropping it silently, and hands each side only the options it declares.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, cast
 
 from ..errors import LoraBridgeError
-from ..formats.contract import OPTION_DEFAULTS, READ_OPTIONS, WRITE_OPTIONS, Format, ReadOptions, WriteOptions
+from ..formats.contract import (OPTION_DEFAULTS, READ_OPTIONS, WRITE_OPTIONS, Format, ReadOptions, WritableFormat,
+                                WriteOptions)
 
 # Detection tries formats in this order; the first whose detect() says yes wins.
 FORMATS: dict[str, str] = {
@@ -51,7 +52,7 @@ def get_format(name: str) -> Format:
     return getattr(importlib.import_module(module), attribute)
 
 
-def get_writer(name: str) -> Format:
+def get_writer(name: str) -> WritableFormat:
     """The registered format ``name`` as a conversion target: a read-only one is refused with one line
     naming the formats of its world that lorabridge writes.
 
@@ -67,7 +68,7 @@ def get_writer(name: str) -> Format:
         others = [f.name for f in all_formats() if f.writable and f.framework == target.framework]
         raise LoraBridgeError(f"{name} is read-only: lorabridge reads {name} files but does not write them; "
                               f"write {', '.join(others[:-1])} or {others[-1]} instead")
-    return target
+    return cast(WritableFormat, target)
 
 
 def all_formats() -> list[Format]:

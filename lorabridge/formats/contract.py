@@ -118,6 +118,13 @@ class Format(Protocol):
     def write(self) -> Writer | None: ...  # None: a read-only format
 
 
+class WritableFormat(Format, Protocol):
+    """A :class:`Format` that writes (``writable``): what :func:`~lorabridge.converters.registry.get_writer` returns."""
+
+    @property
+    def write(self) -> Writer: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeclaredFormat:
     """A :class:`Format` built from its declarations and its functions: how each format module states it.

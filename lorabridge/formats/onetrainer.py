@@ -42,7 +42,7 @@ def _layout(keys: list[str]) -> str | None:
 def detect(path: str | os.PathLike) -> bool:
     """A state-dict file holding OneTrainer's legacy ``lora_transformer_`` or OMI ``transformer.<BFL name>`` LoRA keys."""
     found = state_dict_keys(path)
-    return bool(found) and _layout(found[0]) is not None
+    return found is not None and _layout(found[0]) is not None
 
 
 def _swap_halves(b: Tensor) -> Tensor:

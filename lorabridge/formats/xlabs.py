@@ -33,15 +33,18 @@ SHOWN = 3  # modules named in a message
 def detect(path: str | os.PathLike) -> bool:
     """A state-dict file with an x-flux processor LoRA key and no key of another layout beside them."""
     found = state_dict_keys(path)
-    return bool(found and found[0]) and all(parse(key) is not None for key in found[0])
+    if found is None or not found[0]:
+        return False
+    return all(parse(key) is not None for key in found[0])
 
 
 def _module(name: str, parts: dict[str, Tensor], user_alpha: float | None) -> LoraModule:
     """One x-flux processor LoRA: alpha = rank (x-flux scales by nothing) unless the user gives one."""
     a = parts.get("lora_A.weight")
     rank = a.shape[0] if a is not None and a.shape else 0
-    alpha, source = (float(user_alpha), "user") if user_alpha is not None else (float(rank), "assumed")
-    return LoraModule(name, "lora", parts, alpha, source)
+    if user_alpha is not None:
+        return LoraModule(name, "lora", parts, float(user_alpha), "user")
+    return LoraModule(name, "lora", parts, float(rank), "assumed")
 
 
 def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:

@@ -227,7 +227,7 @@ def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, see
     ``.ckpt`` as a MindONE SDXL trainer checkpoint (SGM names, alpha folded into lora_B)."""
     import warnings
 
-    from ...converters.registry import get_format
+    from ...converters.registry import get_writer
     from ...errors import LoraBridgeWarning
     from ...io.atomic import check_output_path, replacing
 
@@ -237,7 +237,7 @@ def write_tiny_lora(pipeline_dir: str | os.PathLike, out: str | os.PathLike, see
     # made-up LoRA that is the design (see the docstring), not news to print.
     with replacing(force), warnings.catch_warnings():  # without --force, a racing run gets "output exists"
         warnings.simplefilter("ignore", LoraBridgeWarning)
-        get_format(lora_file_format(out)).write(lora, out)
+        get_writer(lora_file_format(out)).write(lora, out)
     return out
 
 
