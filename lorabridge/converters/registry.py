@@ -26,6 +26,7 @@ FORMATS: dict[str, str] = {
     "peft": "lorabridge.formats.peft:FORMAT",
     "legacy-diffusers": "lorabridge.formats.legacy_diffusers:FORMAT",
     "kohya": "lorabridge.formats.kohya:FORMAT",
+    "comfyui": "lorabridge.formats.comfyui:FORMAT",  # after kohya, whose reader takes its lora_up spelling too
     "lycoris": "lorabridge.formats.lycoris:FORMAT",
 }
 
@@ -67,7 +68,7 @@ def split_options(options: dict[str, Any], source: Format, target: Format) -> tu
         (8.0, True)
         >>> split_options({"dtype": "fp16"}, get_format("kohya"), get_format("neutral"))
         Traceback (most recent call last):
-        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing diffusers, peft, legacy-diffusers, kohya, lycoris)
+        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing diffusers, peft, legacy-diffusers, kohya, comfyui, lycoris)
     """
     unknown = sorted(set(options) - OPTION_DEFAULTS.keys())
     if unknown:
