@@ -314,3 +314,65 @@ def test_comfyui_applies_our_diffusers_output_through_flux_to_diffusers_slices(t
     assert sorted(theirs) == sorted(ours)
     for key, delta in ours.items():
         np.testing.assert_allclose(theirs[key], delta, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# --- the comfyui format: both spellings, bit-exact round trips ----------------------------------------------------
+@pytest.mark.parametrize("names", ["lora_up", "lora_A"])
+@pytest.mark.parametrize("arch", ["flux", "flux-split_qkv", "sdxl"])
+def test_neutral_to_comfyui_to_neutral_is_bit_exact(tmp_path, arch, names):
+    """Bit-exact both ways; q/k/v with their own A, rank and alpha merge into one block-diagonal LoRA at one alpha,
+    so they come back with the same delta W (and the file itself back byte for byte)."""
+    from lorabridge.formats.neutral import read_neutral, write_neutral
+    from tests.fixtures.core import make_lora_model
+
+    split = arch == "flux-split_qkv"
+    model = flux_lora(TINY, TINY_CLIP, TINY_T5, rank=2, split_qkv=split) if arch.startswith("flux") else make_lora_model()
+    write_neutral(model, tmp_path / "n.safetensors")
+    first = convert(tmp_path / "n.safetensors", tmp_path / "c.safetensors", "comfyui", progress=False, factor_names=names)
+    keys = list(read_safetensors(first.output)[0])
+    assert all(k.startswith(("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
+                             "text_encoders.t5xxl.transformer.")) for k in keys)
+    assert any(k.endswith(f".{names}.weight") for k in keys)
+    back = convert(first.output, tmp_path / "back.safetensors", "neutral", progress=False)
+    assert back.source_format == ("comfyui" if names == "lora_A" else "kohya")  # kohya's reader takes lora_up names too
+    again = convert(back.output, tmp_path / "again.safetensors", "comfyui", progress=False, factor_names=names)
+    assert read_safetensors(again.output)[0].keys() == read_safetensors(first.output)[0].keys()
+    assert all(a.same_as(b) for a, b in zip(read_safetensors(again.output)[0].values(), read_safetensors(first.output)[0].values()))
+    read = read_neutral(back.output)
+    for name, module in model.modules.items():
+        if split:
+            np.testing.assert_allclose(read.modules[name].delta_weight(), module.delta_weight(), rtol=1e-6, atol=1e-6)
+            continue
+        assert all(module.tensors[r].same_as(read.modules[name].tensors[r]) for r in module.tensors), name
+        assert (read.modules[name].alpha, read.modules[name].rank) == (module.alpha, module.rank), name
+
+
+def test_both_spellings_read_as_the_same_lora_and_one_module_with_both_is_refused(tmp_path):
+    from lorabridge.errors import LoraBridgeError
+    from lorabridge.io.safetensors_file import write_safetensors
+
+    model = flux_lora(TINY, TINY_CLIP, TINY_T5)
+    up = written(model, tmp_path / "up.safetensors", "comfyui")
+    a_b = written(model, tmp_path / "ab.safetensors", "comfyui", WriteOptions(factor_names="lora_A"))
+    from_up, from_ab = comfyui.read(tmp_path / "up.safetensors"), comfyui.read(tmp_path / "ab.safetensors")
+    assert sorted(from_up.modules) == sorted(from_ab.modules) == sorted(model.modules)
+    for name, module in from_up.modules.items():
+        assert all(module.tensors[r].same_as(from_ab.modules[name].tensors[r]) for r in module.tensors), name
+    key = next(k for k in a_b if k.endswith(".lora_A.weight"))
+    both = {**a_b, key.replace(".lora_A.", ".lora_down."): a_b[key]}
+    write_safetensors(tmp_path / "both.safetensors", {k: Tensor.from_numpy(v) for k, v in both.items()}, {})
+    with pytest.raises(LoraBridgeError, match="has both lora_A.weight and lora_down.weight"):
+        comfyui.read(tmp_path / "both.safetensors")
+    assert up.keys() != a_b.keys()
+
+
+def test_factor_names_is_a_cli_option_of_comfyui_only(run_cli, tmp_path):
+    from lorabridge.formats.neutral import write_neutral
+
+    write_neutral(flux_lora(TINY, TINY_CLIP, TINY_T5), tmp_path / "n.safetensors")
+    ok = run_cli("neutral2pt", tmp_path / "n.safetensors", "--format", "comfyui", "--factor-names", "lora_A",
+                 "-o", tmp_path / "c.safetensors")
+    assert ok.exit_code == 0, ok.stderr
+    assert any(k.endswith(".lora_B.weight") for k in read_safetensors(tmp_path / "c.safetensors")[0])
+    refused = run_cli("convert", tmp_path / "n.safetensors", "--to", "kohya", "--factor-names", "lora_A", "-o", tmp_path / "k.safetensors")
+    assert refused.exit_code == 1 and "--factor-names is not supported when writing kohya (it is when writing comfyui)" in refused.stderr

@@ -22,11 +22,11 @@ FORMATS: dict[str, str] = {
     "mindone-sgm": "lorabridge.formats.mindone:MINDONE_SGM",
     "mindone-diffusers": "lorabridge.formats.mindone:MINDONE_DIFFUSERS",
     "mindone-kohya": "lorabridge.formats.mindone:MINDONE_KOHYA",
+    "comfyui": "lorabridge.formats.comfyui:FORMAT",  # its lora_A spelling, before PEFT's bare lora_A keys
     "diffusers": "lorabridge.formats.diffusers:FORMAT",
     "peft": "lorabridge.formats.peft:FORMAT",
     "legacy-diffusers": "lorabridge.formats.legacy_diffusers:FORMAT",
     "kohya": "lorabridge.formats.kohya:FORMAT",
-    "comfyui": "lorabridge.formats.comfyui:FORMAT",  # after kohya, whose reader takes its lora_up spelling too
     "lycoris": "lorabridge.formats.lycoris:FORMAT",
 }
 
@@ -68,7 +68,7 @@ def split_options(options: dict[str, Any], source: Format, target: Format) -> tu
         (8.0, True)
         >>> split_options({"dtype": "fp16"}, get_format("kohya"), get_format("neutral"))
         Traceback (most recent call last):
-        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing diffusers, peft, legacy-diffusers, kohya, comfyui, lycoris)
+        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing comfyui, diffusers, peft, legacy-diffusers, kohya, lycoris)
     """
     unknown = sorted(set(options) - OPTION_DEFAULTS.keys())
     if unknown:

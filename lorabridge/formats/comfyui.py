@@ -12,8 +12,9 @@ COMFY_LORA write these names. The pair is spelled ``lora_up``/``lora_down`` (koh
 ``LoRAAdapter.load``) and the ``.alpha`` beside either (comfy/lora.py ``load_lora``), so the writer keeps
 alpha in both. ``tests/test_comfyui_flux.py`` applies ComfyUI's rules, restated as data, to what this writes.
 
-Reading takes both spellings. A file in the ``lora_up`` spelling is also a kohya file to the kohya reader (which
-reads ComfyUI's generic names too and is tried first), so detection gives this format the ``lora_A`` spelling.
+Reading takes both spellings. Detection claims the ``lora_A`` spelling (tried before PEFT, whose bare ``lora_A``
+keys it would otherwise look like); a file in the ``lora_up`` spelling is detected as kohya, whose reader reads
+ComfyUI's generic names too, to the same model.
 """
 
 from __future__ import annotations
