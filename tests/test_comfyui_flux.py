@@ -38,7 +38,7 @@ import pytest
 
 from lorabridge.converters import convert
 from lorabridge.formats import comfyui, diffusers, kohya
-from lorabridge.formats.contract import WriteOptions
+from lorabridge.formats.contract import WRITE_DEFAULTS, WriteOptions
 from lorabridge.io.safetensors_file import read_safetensors
 from lorabridge.model import LoraModel, LoraModule
 from lorabridge.tensor import Tensor
@@ -225,7 +225,7 @@ def flux_lora(c: dict = DEV, clip: dict = CLIP_L, t5: dict = T5XXL, *, rank: int
     return model
 
 
-def written(model: LoraModel, path, fmt: str, options: WriteOptions = WriteOptions()) -> dict[str, np.ndarray]:
+def written(model: LoraModel, path, fmt: str, options: WriteOptions = WRITE_DEFAULTS) -> dict[str, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         {"kohya": kohya, "comfyui": comfyui, "diffusers": diffusers}[fmt].write(model, path, options)
@@ -255,7 +255,7 @@ def test_every_key_of_our_flux1_dev_output_is_loaded_by_comfyui_onto_a_weight_of
     key_map, weights = comfyui_key_map(), flux_weights(DEV) | text_encoder_weights()
     patches, not_loaded = load_lora(lora, key_map)
     assert not_loaded == []
-    for target, (up, down, alpha) in patches.items():
+    for target, (up, down, _) in patches.items():
         key, offset = (target, None) if isinstance(target, str) else target[:2]
         rows = weights[key][0] if offset is None else offset[2]
         assert (up.shape[0], down.shape[1]) == (rows, weights[key][1]), target
