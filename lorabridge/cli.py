@@ -190,7 +190,7 @@ def neutral2ms_command(src: str, output: str | None, naming: str, container: str
                        verify_hash=verify_hash, force=force))
 
 
-_PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "legacy-diffusers", "lycoris"]
+_PT_WRITE_FORMATS = ["diffusers", "peft", "kohya", "comfyui", "legacy-diffusers", "lycoris"]
 _strict = click.option("--strict", is_flag=True, help="Refuse tensors holding NaN/Inf instead of warning.")
 _skip_unknown = click.option("--skip-unknown", is_flag=True,
                              help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
@@ -198,11 +198,13 @@ _dtype = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), de
                       help="Cast the tensors [default: keep the input's dtype].")
 _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None, metavar="RANK",
                      help="Turn LoHa/LoKr modules into plain LoRA of this rank (truncated SVD; the error is reported).")
+_factor_names = click.option("--factor-names", type=click.Choice(["lora_up", "lora_A"]), default=None,
+                             help="comfyui: spell the pair lora_up/lora_down [default] or lora_A/lora_B (both load in ComfyUI).")
 
 
 def _neutral_reader_writer_options(command):
     """The options shared by commands that read any input and write a PyTorch-world file (neutral2pt, convert)."""
-    for option in (_force, _verify_hash, _strict, _bake, _dtype):  # applied bottom-up
+    for option in (_force, _verify_hash, _strict, _factor_names, _bake, _dtype):  # applied bottom-up
         command = option(command)
     return command
 
@@ -242,11 +244,12 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
               help="File (directory for peft) to write [default: IN's stem + _<format>, beside it].")
 @click.option("--format", "format_name", type=click.Choice(_PT_WRITE_FORMATS), default="diffusers", show_default=True,
               help="diffusers: load_lora_weights; peft: PeftModel adapter directories; kohya: ComfyUI/A1111; "
+                   "comfyui: ComfyUI's generic diffusion_model./text_encoders. names; "
                    "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as MindONE's convert_lora_ms2pt.py writes); "
                    "lycoris: lycoris-lora (LoHa/LoKr/full kept, lycoris_ prefix kept).")
 @_neutral_reader_writer_options
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       strict: bool, verify_hash: bool, force: bool) -> None:
+                       factor_names: str | None, strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
@@ -254,22 +257,22 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     from .converters.torch import neutral2pt
 
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       strict=strict, verify_hash=verify_hash, force=force))
+                       factor_names=factor_names, strict=strict, verify_hash=verify_hash, force=force))
 
 
 @cli.command("convert")
 @click.argument("src", metavar="IN", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), required=True, help="File (directory for peft) to write.")
 @click.option("--to", "to_format", required=True, metavar="FORMAT",
-              help="Output format: neutral, diffusers, peft, kohya, legacy-diffusers, mindone-sgm... "
+              help="Output format: neutral, diffusers, peft, kohya, comfyui, legacy-diffusers, mindone-sgm... "
                    "(an unknown name lists all).")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
 @click.option("--alpha", type=FiniteFloat(), default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
 @_skip_unknown
 @_neutral_reader_writer_options
 def convert_command(src: str, output: str, to_format: str, from_format: str | None, alpha: float | None,
-                    dtype: str | None, bake_to_lora: int | None, skip_unknown: bool, strict: bool, verify_hash: bool,
-                    force: bool) -> None:
+                    dtype: str | None, bake_to_lora: int | None, factor_names: str | None, skip_unknown: bool,
+                    strict: bool, verify_hash: bool, force: bool) -> None:
     """Convert IN from any supported format to any other, through the neutral model.
 
     Example: lorabridge convert lora_kohya.safetensors --to peft -o lora_peft
@@ -277,8 +280,8 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
     from .converters.torch import convert_any
 
     _report(convert_any(src, output, to=to_format, from_format=from_format, alpha=alpha, dtype=dtype,
-                        bake_to_lora=bake_to_lora, skip_unknown=skip_unknown, strict=strict, verify_hash=verify_hash,
-                        force=force))
+                        bake_to_lora=bake_to_lora, factor_names=factor_names, skip_unknown=skip_unknown, strict=strict,
+                        verify_hash=verify_hash, force=force))
 
 
 @cli.command("infer")

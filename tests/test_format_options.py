@@ -26,7 +26,8 @@ from tests.fixtures.core import make_lora_model, make_lora_module
 WRITABLE = [name for name in FORMATS if get_format(name).writable]
 # A non-default value of every option, as a user would give it.
 GIVEN = {"alpha": 2.0, "skip_unknown": True, "strict": True, "verify_hash": True,
-         "dtype": "fp16", "bake_to_lora": 2, "container": "safetensors", "crc": True, "fold_alpha": False}
+         "dtype": "fp16", "bake_to_lora": 2, "container": "safetensors", "crc": True, "fold_alpha": False,
+         "factor_names": "lora_A"}
 ATTN = "unet.down_blocks.1.attentions.0.transformer_blocks.0"
 UNKNOWN = f"{ATTN}.attn1.to_qq"  # no such SDXL layer
 
@@ -118,6 +119,7 @@ def written_by(name: str, tmp_path: Path, option: str) -> Path:
 # (format, option) pairs whose files never hold what the option acts on: kohya-style writers cannot
 # name an unknown module; PEFT and LyCORIS files always store alpha.
 UNREACHABLE = {("mindone-sgm", "skip_unknown"), ("mindone-kohya", "skip_unknown"), ("kohya", "skip_unknown"),
+               ("comfyui", "skip_unknown"),
                ("peft", "alpha"), ("lycoris", "alpha")}
 
 

@@ -26,6 +26,7 @@ FORMATS: dict[str, str] = {
     "mindone-sgm": "lorabridge.formats.mindone:MINDONE_SGM",
     "mindone-diffusers": "lorabridge.formats.mindone:MINDONE_DIFFUSERS",
     "mindone-kohya": "lorabridge.formats.mindone:MINDONE_KOHYA",
+    "comfyui": "lorabridge.formats.comfyui:FORMAT",  # its lora_A spelling, before PEFT's bare lora_A keys
     "diffusers": "lorabridge.formats.diffusers:FORMAT",
     "peft": "lorabridge.formats.peft:FORMAT",
     # Read-only; before legacy-diffusers (XLabs' ``processor.qkv_lora.down.weight`` ends like its old spelling)
@@ -94,7 +95,7 @@ def split_options(options: dict[str, Any], source: Format, target: Format) -> tu
         (8.0, True)
         >>> split_options({"dtype": "fp16"}, get_format("kohya"), get_format("neutral"))
         Traceback (most recent call last):
-        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing diffusers, peft, legacy-diffusers, kohya, lycoris)
+        lorabridge.errors.LoraBridgeError: --dtype is not supported when writing neutral (it is when writing comfyui, diffusers, peft, legacy-diffusers, kohya, lycoris)
     """
     unknown = sorted(set(options) - OPTION_DEFAULTS.keys())
     if unknown:

@@ -21,8 +21,8 @@ from . import ConversionResult, convert, default_output
 from .registry import FORMATS, all_formats, get_format, get_writer
 
 # What neutral2pt writes, the first being the default, and the default output name per format.
-WRITE_FORMATS = ("diffusers", "peft", "kohya", "legacy-diffusers", "lycoris")
-OUTPUT_SUFFIXES = {"diffusers": "_diffusers.safetensors", "peft": "_peft", "kohya": "_kohya.safetensors",
+WRITE_FORMATS = ("diffusers", "peft", "kohya", "comfyui", "legacy-diffusers", "lycoris")
+OUTPUT_SUFFIXES = {"diffusers": "_diffusers.safetensors", "peft": "_peft", "kohya": "_kohya.safetensors", "comfyui": "_comfyui.safetensors",
                    "legacy-diffusers": "_legacy.safetensors", "lycoris": "_lycoris.safetensors",
                   "neutral": "_neutral.safetensors"}
 SHOWN_KEYS = 3
@@ -98,11 +98,13 @@ def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
 def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = WRITE_FORMATS[0],
                dtype: str | None = None, bake_to_lora: int | None = None, strict: bool = False,
-               force: bool = False, progress: bool = True, verify_hash: bool = False) -> ConversionResult:
-    """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, legacy-diffusers, lycoris).
+               force: bool = False, progress: bool = True, verify_hash: bool = False,
+               factor_names: str | None = None) -> ConversionResult:
+    """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, comfyui, legacy-diffusers, lycoris).
 
     ``dtype`` (fp32/fp16/bf16) casts the tensors; ``bake_to_lora`` turns LoHa/LoKr modules into
     plain LoRA of that rank for formats that hold only LoRA; ``strict`` refuses NaN/Inf;
+    ``factor_names`` spells comfyui's pair ``lora_up``/``lora_down`` (default) or ``lora_A``/``lora_B``;
     ``verify_hash`` checks the input's tensor hash first (one extra pass over the data). ``out`` defaults to
     ``<input stem>_<format>.safetensors`` (a directory ``<input stem>_peft`` for peft).
 
@@ -122,7 +124,8 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
                               f"`convert --to {format}` takes any supported format", src)
     out = Path(out) if out is not None else _beside(src, format)
     return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress,
-                   dtype=dtype, bake_to_lora=bake_to_lora, strict=strict, verify_hash=verify_hash)
+                   dtype=dtype, bake_to_lora=bake_to_lora, strict=strict, verify_hash=verify_hash,
+                   factor_names=factor_names)
 
 
 def convert_any(src: str | os.PathLike, out: str | os.PathLike, *, to: str, from_format: str | None = None,

@@ -47,6 +47,7 @@ class WriteOptions:
     container: str | None = None  # MindSpore container: ckpt or safetensors
     crc: bool = False  # MindSpore's checksum
     fold_alpha: bool = True  # fold alpha/rank into lora_B where the file cannot store alpha
+    factor_names: str | None = None  # ComfyUI's spelling of the pair: "lora_up" (lora_up/lora_down) or "lora_A" (lora_A/lora_B)
 
 
 READ_DEFAULTS = ReadOptions()

@@ -22,15 +22,13 @@ layers merged back, what kohya and A1111 write and what ComfyUI and diffusers' k
 from __future__ import annotations
 
 import os
-from typing import Mapping
 
 from ..architectures import architectures
-from ..model import LoraModel, LoraModule
-from ..naming.underscored import ALPHA, DIFF, KOHYA
-from ..tensor import Tensor
+from ..model import LoraModel
+from ..naming.underscored import DIFF, KOHYA
 from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
                        ReadOptions, WriteOptions)
-from .underscored_files import SHOWN, alpha_tensor, full_module, full_tensors, lora_module, read_underscored, write_underscored
+from .underscored_files import SHOWN, kohya_module, kohya_tensors, read_underscored, write_underscored
 
 # Where diffusers' kohya loader can place UNet layers: it maps only SGM input_blocks 1+, middle_block and
 # output_blocks, so conv_in (input_blocks.0), time/label embeddings and conv_out make it fail.
@@ -40,24 +38,6 @@ UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 OUT_AXIS_READERS = ("A1111 and older ComfyUI read dora_scale per input column only and compute a wrong weight "
                     "from it, newer ComfyUI divides by the norm of W instead of W + delta W; LyCORIS computes it "
                     "as trained, and --format diffusers or peft keeps it for diffusers/PEFT")
-
-
-def kohya_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None = None) -> LoraModule:
-    """A module from kohya/A1111/ComfyUI parts: a full delta when it has ``diff``, else a LoRA."""
-    return (full_module if DIFF in parts else lora_module)(name, parts, user_alpha)
-
-
-def kohya_tensors(module: LoraModule) -> dict[str, Tensor]:
-    """A LoRA module's tensors under kohya suffixes; alpha omitted when it was only assumed (= rank)."""
-    if module.kind == "full":
-        return full_tensors(module)
-    t = module.tensors
-    out = {"lora_down.weight": t["lora_A.weight"], "lora_up.weight": t["lora_B.weight"]}
-    if module.alpha_source != "assumed":
-        out[ALPHA] = alpha_tensor(module)
-    if "dora_scale" in t:
-        out["dora_scale"] = t["dora_scale"]
-    return out
 
 
 # The reader/writer pair as the converter registry calls it.

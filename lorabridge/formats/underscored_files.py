@@ -88,6 +88,11 @@ def full_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None
     return LoraModule(name, "full", tensors, alpha, source, extra=extra)
 
 
+def kohya_module(name: str, parts: Mapping[str, Tensor], user_alpha: float | None = None) -> LoraModule:
+    """A module from kohya/A1111/ComfyUI parts: a full delta when it has ``diff``, else a LoRA."""
+    return (full_module if DIFF in parts else lora_module)(name, parts, user_alpha)
+
+
 Builder = Callable[[str, Mapping[str, Tensor], float | None], LoraModule]
 
 
@@ -180,6 +185,23 @@ def full_tensors(module: LoraModule) -> dict[str, Tensor]:
     return dict(module.tensors)
 
 
+KOHYA_FACTORS = ("lora_down.weight", "lora_up.weight")  # the file suffixes of lora_A and lora_B
+
+
+def kohya_tensors(module: LoraModule, factors: tuple[str, str] = KOHYA_FACTORS) -> dict[str, Tensor]:
+    """A LoRA module's tensors under kohya suffixes (``factors``: those of lora_A and lora_B); alpha omitted when
+    it was only assumed (= rank)."""
+    if module.kind == "full":
+        return full_tensors(module)
+    t = module.tensors
+    out = {factors[0]: t["lora_A.weight"], factors[1]: t["lora_B.weight"]}
+    if module.alpha_source != "assumed":
+        out[ALPHA] = alpha_tensor(module)
+    if "dora_scale" in t:
+        out["dora_scale"] = t["dora_scale"]
+    return out
+
+
 def safetensors_order(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` in the order safetensors' writer uses (dtype, then name)."""
     rank = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPE_ORDER)}
@@ -223,17 +245,19 @@ def fitting_cast(alpha: Tensor, dtype: str) -> Tensor:
 
 def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spelling,
                       tensors_of: Callable[[LoraModule], Mapping[str, Tensor]], *, dtype: str | None = None,
-                      progress: Callable[[int], None] | None = None, own_prefix: bool = False) -> None:
+                      progress: Callable[[int], None] | None = None, own_prefix: bool = False,
+                      dotted: bool = False) -> None:
     """Write every module's ``tensors_of`` under ``<stem>.<suffix>`` keys, safetensors-ordered, with metadata.
 
-    ``own_prefix``: stems keep the prefix each module was read with (see :func:`stem`). In the original
+    ``own_prefix``: stems keep the prefix each module was read with; ``dotted``: stems are ComfyUI's generic
+    dotted names (see :func:`stem`). In the original
     spelling the parts of a fused layer (Flux's q, k, v) are merged into one LoRA on it
     (:func:`~lorabridge.architectures.fused.merge_present`: exact; a missing part's delta W is 0)."""
     tensors, problems, architecture = {}, [], get_architecture(model.architecture)
     fused: dict[tuple[str, str], dict[int, LoraModule]] = {}  # (stem, fused module name) -> row block -> part
     for module in model.modules.values():
         try:
-            key_stem, fused_at = stem(module, spelling, own_prefix, architecture)
+            key_stem, fused_at = stem(module, spelling, own_prefix, architecture, dotted=dotted)
         except ModuleProblem as exc:
             problems.append(f"{module.name}: {exc}")
             continue

@@ -11,7 +11,8 @@ transformer, so a file's architecture is the registered one whose names resolve 
 its original and in diffusers spelling (:meth:`~lorabridge.architectures.architecture.Architecture.resolve_underscored`),
 never by guessing where the dots were; a name of a fused layer (Flux's ``qkv``, one matrix in the
 original checkpoint) stands for its parts. A :class:`Grammar` is one family's suffixes; :data:`KOHYA`
-is kohya's, which LyCORIS extends.
+is kohya's, which LyCORIS extends, and :data:`COMFYUI` with ComfyUI's second spelling of the pair
+(``lora_A``/``lora_B``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ KOHYA = Grammar(
     glued={"lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight"},
     comfyui=True,  # comfy/lora.py model_lora_keys_unet/_clip; comfy_extras/nodes_lora_extract.py
 )
+# ComfyUI's own loader (comfy/weight_adapter/lora.py LoRAAdapter.load) takes the pair as lora_up/lora_down or as
+# lora_A/lora_B (diffusers' spelling, what OneTrainer's COMFY_LORA writes), with the same ``.alpha`` beside either.
+A_B = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # lora_A/B spelling -> kohya's
+COMFYUI = Grammar(suffixes={**KOHYA.suffixes, **{s: KOHYA.suffixes[k] for s, k in A_B.items()}}, comfyui=True)
 
 
 class ModuleProblem(ValueError):
@@ -207,24 +212,28 @@ Spelling = Literal["original", "diffusers"]  # how a key stem spells the module 
 
 
 def stem(module: LoraModule, spelling: Spelling, own_prefix: bool = False,
-         architecture: Architecture = DEFAULT) -> tuple[str, tuple[str, int] | None]:
+         architecture: Architecture = DEFAULT, *, dotted: bool = False) -> tuple[str, tuple[str, int] | None]:
     """The key stem of a module: kohya prefix + its path with underscores, in ``spelling``: "original"
     (the architecture's original checkpoint, SGM for SDXL's UNet, BFL for Flux: what kohya and A1111
     write) or "diffusers"; and, for a part of a fused layer (which the original spelling names only as
     a whole: Flux's ``qkv``), that layer's original name and the part's row block, else None.
 
     ``own_prefix``: use the prefix the module was read with (``extra["key_prefix"]``, e.g. LyCORIS'
-    ``lycoris``) where it has one.
+    ``lycoris``) where it has one. ``dotted``: ComfyUI's generic name instead, the architecture's ComfyUI
+    prefix + the path with its dots (``comfyui_prefixes``; what ComfyUI's LoraSave writes).
 
     Example:
         >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "original")
         ('lora_unet_middle_block_1_proj_in', None)
+        >>> stem(LoraModule("unet.mid_block.attentions.0.proj_in", "lora", {}, 1.0), "original", dotted=True)
+        ('diffusion_model.middle_block.1.proj_in', None)
     """
     if spelling not in ("original", "diffusers"):
         raise ValueError(f"unknown spelling {spelling!r}: 'original' or 'diffusers'")
-    kohya_prefix = architecture.kohya_prefixes.get(module.component)
+    prefixes, family = (architecture.comfyui_prefixes, "ComfyUI") if dotted else (architecture.kohya_prefixes, "kohya")
+    kohya_prefix = prefixes.get(module.component)
     if kohya_prefix is None:
-        raise ModuleProblem(f"component {module.component!r} has no kohya prefix")
+        raise ModuleProblem(f"component {module.component!r} has no {family} prefix")
     path, fused = module.path, None
     if spelling == "original":
         original = architecture.original_spelling(module.component, module.path)
@@ -232,5 +241,7 @@ def stem(module: LoraModule, spelling: Spelling, own_prefix: bool = False,
             raise ModuleProblem(f"is no {architecture.reference} {module.component} layer, so it has no original name")
         path, block = original
         fused = None if block is None else (path, block)
+    if dotted:
+        return f"{kohya_prefix}.{path}", fused
     prefix = module.extra.get("key_prefix", kohya_prefix) if own_prefix else kohya_prefix
     return f"{prefix}_{path.replace('.', '_')}", fused
