@@ -58,7 +58,8 @@ def detect(path: str | os.PathLike) -> bool:
         return False
     starts = comfyui_prefixes()
     parsed = [COMFYUI.parse(k) if k.startswith(starts) else None for k in found[0]]
-    return all(p is not None for p in parsed) and any(p.suffix in A_B for p in parsed)
+    keys = [p for p in parsed if p is not None]
+    return len(keys) == len(parsed) and any(p.suffix in A_B for p in keys)
 
 
 def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraModel:
