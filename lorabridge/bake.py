@@ -54,21 +54,21 @@ def delta_svd(module: LoraModule, keep: int) -> Svd:
     return (u[:, :keep] if scale >= 0 else -u[:, :keep]), s[:keep] * abs(scale), vt[:keep]
 
 
-def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]:
-    """The best rank-``rank`` LoRA for one module's delta W, and how far from it that is.
+def lora_from_svd(module: LoraModule, svd: Svd) -> LoraModule:
+    """``module`` as a plain LoRA holding the singular triplets ``svd`` of its delta W (flattened to (out, in*kh*kw)).
 
-    alpha is set to the rank kept (scale 1), so ``B @ A`` is delta W itself; the singular
-    values are split evenly (``sqrt(s)`` on each side) to keep both factors in fp16 range.
-    A DoRA magnitude is kept as is: it applies to W + delta W whatever delta W is made of.
-    The error is measured against delta W computed by :mod:`lorabridge.deltas`, with the
-    factors as stored (after the cast to the module's dtype).
+    alpha is set to the rank kept (scale 1), so ``B @ A`` is U diag(s) Vt itself; the singular
+    values are split evenly (``sqrt(s)`` on each side) to keep both factors in fp16 range. The
+    factors are stored in the module's dtype; a DoRA magnitude is kept as is.
 
     Example:
-        >>> lora, report = bake_module(loha_module, 8)   # doctest: +SKIP
-        >>> report.relative_error   # doctest: +SKIP
+        >>> m = LoraModule("unet.x.proj", "full", {"diff": Tensor.from_numpy(np.diag([4.0, 1.0]).astype("f4"))}, 1.0)
+        >>> lora = lora_from_svd(m, delta_svd(m, 1))
+        >>> lora.kind, lora.rank, lora.alpha, lora.delta_weight().tolist()
+        ('lora', 1, 1.0, [[4.0, 0.0], [0.0, 0.0]])
     """
     out, rest = module.weight_shape[0], module.weight_shape[1:]
-    u, s, vt = delta_svd(module, max(1, rank))
+    u, s, vt = svd
     kept = len(s)
     root = np.sqrt(s)
     dtype = module.dtype
@@ -77,7 +77,24 @@ def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]
     tensors = {"lora_A.weight": a, "lora_B.weight": b}
     if DORA_ROLE in module.tensors:
         tensors[DORA_ROLE] = module.tensors[DORA_ROLE]
-    baked = replace(module, kind="lora", tensors=tensors, alpha=float(kept), alpha_source="stored")
+    return replace(module, kind="lora", tensors=tensors, alpha=float(kept), alpha_source="stored")
+
+
+def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]:
+    """The best rank-``rank`` LoRA for one module's delta W, and how far from it that is.
+
+    The LoRA is :func:`lora_from_svd` of the leading ``rank`` triplets (alpha = rank kept, scale 1).
+    A DoRA magnitude is kept as is: it applies to W + delta W whatever delta W is made of.
+    The error is measured against delta W computed by :mod:`lorabridge.deltas`, with the
+    factors as stored (after the cast to the module's dtype).
+
+    Example:
+        >>> lora, report = bake_module(loha_module, 8)   # doctest: +SKIP
+        >>> report.relative_error   # doctest: +SKIP
+    """
+    out = module.weight_shape[0]
+    baked = lora_from_svd(module, delta_svd(module, max(1, rank)))
+    a, b, kept = baked.tensors["lora_A.weight"], baked.tensors["lora_B.weight"], baked.rank
     delta = module.delta_weight().reshape(out, -1)
     norm = float(np.linalg.norm(delta))
     residual = delta - b.to_float32().reshape(out, kept) @ a.to_float32().reshape(kept, -1)

@@ -350,6 +350,74 @@ def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json:
     sys.exit(0 if report["passed"] else 1)
 
 
+_to = click.option("--to", "to_format", default="neutral", show_default=True, metavar="FORMAT",
+                   help="Output format, as for convert: neutral, diffusers, peft, kohya, lycoris, mindone-sgm...")
+_report_json = click.option("--json", "as_json", is_flag=True, help="Print the report (every module's error) as JSON.")
+
+
+def _tool_report(report, as_json: bool) -> None:
+    """Print a toolbox command's report (a table, or JSON), then its warnings on stderr."""
+    _print(report.to_dict(), as_json, lambda _: report.render())
+    for warning in report.warnings:
+        click.echo(f"warning: {single_line(warning)}", err=True)
+
+
+@cli.command("resize")
+@click.argument("src", metavar="IN", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="File (directory for peft) to write.")
+@click.option("--rank", type=int, default=None, help="Keep this rank per module (never more than a module holds).")
+@click.option("--max-error", type=FiniteFloat(), default=None,
+              help="Keep the lowest rank per module whose relative Frobenius error is at most this (0..1).")
+@click.option("--energy", type=FiniteFloat(), default=None,
+              help="Keep the lowest rank per module holding this share (0..1] of the squared singular values.")
+@_to
+@_report_json
+@_force
+def resize_command(src: str, output: str, rank: int | None, max_error: float | None, energy: float | None,
+                   to_format: str, as_json: bool, force: bool) -> None:
+    """Resize a LoRA (IN, any supported format): per-module truncated SVD, error reported, alpha = new rank.
+
+    Example: lorabridge resize lora_r128.safetensors --rank 32 -o lora_r32.safetensors
+    """
+    from .toolbox.resize import resize_file
+    from .toolbox.svd import RankTarget
+
+    _tool_report(resize_file(src, output, RankTarget(rank, max_error, energy), to=to_format, force=force), as_json)
+
+
+def _weights(ctx, param, value: str) -> list[float]:
+    try:
+        weights = [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise click.BadParameter(f"{value!r}: every weight must be a finite number")
+    return weights
+
+
+@cli.command("merge")
+@click.argument("srcs", metavar="A B [C ...]", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", required=True, callback=_weights, metavar="WA,WB,...",
+              help="One weight per input, comma-separated; negative weights subtract.")
+@click.option("--rank", type=int, default=None,
+              help="Resize every merged module to this rank (truncated SVD, error reported) [default: exact, ranks add up].")
+@click.option("-o", "--output", type=click.Path(), required=True, help="File (directory for peft) to write.")
+@_to
+@_report_json
+@_force
+def merge_command(srcs: tuple[str, ...], weights: list[float], rank: int | None, output: str, to_format: str,
+                  as_json: bool, force: bool) -> None:
+    """Merge LoRAs (A B ..., any supported formats) into one whose delta W is the weighted sum of theirs.
+
+    Example: lorabridge merge style.safetensors subject.safetensors --weights 0.8,1 -o both.safetensors
+    """
+    from .toolbox.merge import merge_files
+
+    if len(srcs) < 2:
+        raise LoraBridgeError("merge needs at least two inputs")
+    _tool_report(merge_files(list(srcs), output, weights, rank=rank, to=to_format, force=force), as_json)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")

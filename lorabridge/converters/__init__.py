@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
-from ..formats.contract import Format
+from ..formats.contract import Format, WriteOptions
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
@@ -84,11 +84,32 @@ def default_output(src: Path, suffix: str) -> Path:
 
 
 @held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
-def _check_architecture(model: LoraModel, target: Format, src: Path) -> None:
+def check_architecture(model: LoraModel, target: Format, src: Path) -> None:
     """Refuse a LoRA for an architecture the target's naming has no tables for (MindONE's are SDXL's)."""
     if target.architectures is not None and model.architecture not in target.architectures:
         raise LoraBridgeError(f"--to {target.name} names only {', '.join(target.architectures)} layers; "
                               f"this LoRA is for {model.architecture}", src)
+
+
+def write_model(model: LoraModel, out: Path, target: Format, write_options: WriteOptions, *, force: bool = False,
+                progress: bool = True) -> None:
+    """Write ``model`` to ``out`` (already checked by :func:`~lorabridge.io.atomic.check_output_path`) in
+    ``target``'s layout, atomically, with a progress bar when stderr is a terminal.
+
+    Example:
+        >>> write_model(model, Path("lora.safetensors"), get_format("neutral"), WriteOptions())   # doctest: +SKIP
+    """
+    bar = None
+    if progress and sys.stderr is not None and sys.stderr.isatty():  # tqdm(disable=None) shows nothing otherwise
+        from tqdm import tqdm
+
+        bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
+    try:
+        with replacing(force):  # without --force, even a run racing this one cannot be replaced
+            target.write(model, out, write_options, progress=bar.update if bar else None, force=force)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
@@ -116,20 +137,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
-        _check_architecture(model, target, src)
+        check_architecture(model, target, src)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
-        bar = None
-        if progress and sys.stderr is not None and sys.stderr.isatty():  # tqdm(disable=None) shows nothing otherwise
-            from tqdm import tqdm
-
-            bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
-        try:
-            with replacing(force):  # without --force, even a run racing this one cannot be replaced
-                target.write(model, out, write_options, progress=bar.update if bar else None, force=force)
-        finally:
-            if bar is not None:
-                bar.close()
+        write_model(model, out, target, write_options, force=force, progress=progress)
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)]
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
