@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
-from ..formats.contract import Format, WriteOptions
+from ..formats.contract import Format, WritableFormat, WriteOptions
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.input_file import check_regular, check_unchanged, held_inputs
@@ -91,7 +91,7 @@ def check_architecture(model: LoraModel, target: Format, src: Path) -> None:
                               f"this LoRA is for {model.architecture}", src)
 
 
-def write_model(model: LoraModel, out: Path, target: Format, write_options: WriteOptions, *, force: bool = False,
+def write_model(model: LoraModel, out: Path, target: WritableFormat, write_options: WriteOptions, *, force: bool = False,
                 progress: bool = True) -> None:
     """Write ``model`` to ``out`` (already checked by :func:`~lorabridge.io.atomic.check_output_path`) in
     ``target``'s layout, atomically, with a progress bar when stderr is a terminal.

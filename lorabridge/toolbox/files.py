@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..converters import check_architecture, file_sha256, record_source, write_model
-from ..converters.registry import FORMATS, get_format
+from ..converters.registry import FORMATS, get_format, get_writer
 from ..converters.torch import detect_input
 from ..errors import LoraBridgeWarning
 from ..formats.contract import READ_DEFAULTS, WRITE_DEFAULTS
@@ -40,7 +40,7 @@ def read_lora(path: str | os.PathLike) -> tuple[LoraModel, list[str]]:
 
 def check_output(out: str | os.PathLike, to: str, inputs: tuple[Path, ...], force: bool) -> Path:
     """``out`` checked as the output in format ``to`` (not an input, not existing unless ``force``), before any work."""
-    return check_output_path(out, force, inputs=inputs, directory=get_format(to).writes_directory)
+    return check_output_path(out, force, inputs=inputs, directory=get_writer(to).writes_directory)
 
 
 def write_lora(model: LoraModel, out: Path, to: str, source: Path, force: bool) -> list[str]:
@@ -51,7 +51,7 @@ def write_lora(model: LoraModel, out: Path, to: str, source: Path, force: bool) 
     Example:
         >>> write_lora(model, Path("small.safetensors"), "neutral", Path("big.safetensors"), force=False)   # doctest: +SKIP
     """
-    target = get_format(to)
+    target = get_writer(to)
     check_architecture(model, target, source)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
