@@ -1,9 +1,12 @@
 """The off-Ascend op adapter: the mint ops it reroutes really lack CPU kernels, and the reroutes compute the same.
 
-Each rerouted op runs in MindSpore (subprocess) on fixed inputs; torch computes the reference.
+Each rerouted op runs in MindSpore (subprocess) on fixed inputs; torch computes the reference. Convolution,
+the bulk of SDXL's and Flux.1's UNet/VAE compute, is also checked at their shapes and for its routing.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -80,3 +83,104 @@ def test_reroutes_compute_what_the_mint_ops_mean(ms_ops):
     }
     for name, reference in expected.items():
         np.testing.assert_allclose(np.array(ms_ops["values"][name]), reference.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# Convolution at SDXL's (and Flux.1's VAE's) shapes, through the adapter as mindone's layers call it.
+# (batch, in channels, out channels, side, kernel, stride, padding, dtype): reduced sides, plus one real
+# shape (VAE decoder 512ch 3x3 at 64x64, the latent of a 512px image upsampled once).
+CONV_SHAPES = [
+    (2, 320, 320, 16, 3, 1, 1, "float32"),  # UNet resnet conv
+    (1, 512, 512, 12, 3, 1, 1, "float32"),  # VAE decoder resnet conv
+    (2, 320, 640, 16, 1, 1, 0, "float32"),  # resnet 1x1 conv_shortcut
+    (2, 320, 320, 16, 3, 2, 1, "float32"),  # UNet Downsample2D
+    (2, 4, 320, 16, 3, 1, 1, "float32"),  # UNet conv_in
+    (1, 128, 3, 16, 3, 1, 1, "float32"),  # VAE conv_out
+    (1, 512, 512, 64, 3, 1, 1, "float32"),  # real size
+    (2, 320, 320, 16, 3, 1, 1, "float16"),
+]
+
+CONV_CODE = """
+import json, sys
+import numpy as np
+import mindspore as ms
+from mindspore import mint
+from lorabridge.adapters.mindspore_backend import setup
+setup("CPU")
+out_dir = sys.argv[1]
+for index, (n, c, o, side, k, stride, padding, dtype) in enumerate(json.loads(sys.argv[2])):
+    rng = np.random.default_rng(index)
+    x = rng.standard_normal((n, c, side, side), dtype=np.float32)
+    w = rng.standard_normal((o, c, k, k), dtype=np.float32) / np.sqrt(c * k * k)
+    b = rng.standard_normal(o, dtype=np.float32)
+    layer = mint.nn.Conv2d(c, o, k, stride=stride, padding=padding, dtype=getattr(ms, dtype))
+    layer.weight.set_data(ms.Tensor(w).astype(getattr(ms, dtype)))
+    layer.bias.set_data(ms.Tensor(b).astype(getattr(ms, dtype)))
+    np.save(f"{out_dir}/{index}.npy", layer(ms.Tensor(x).astype(getattr(ms, dtype))).asnumpy().astype(np.float32))
+print(json.dumps({}))
+"""
+
+
+def test_conv_matches_torch_at_sdxl_shapes(tmp_path):
+    """The adapter's conv (MindSpore's Conv2D) agrees with torch to fp32 accumulation error (fp16: fp16 rounding)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.fixtures.mindspore import run_mindspore
+
+    run_mindspore(CONV_CODE, tmp_path, json.dumps(CONV_SHAPES))
+    for index, (n, c, o, side, k, stride, padding, dtype) in enumerate(CONV_SHAPES):
+        rng = np.random.default_rng(index)
+        x = rng.standard_normal((n, c, side, side), dtype=np.float32)
+        w = rng.standard_normal((o, c, k, k), dtype=np.float32) / np.sqrt(c * k * k)
+        b = rng.standard_normal(o, dtype=np.float32)
+        if dtype == "float16":  # the reference sees the same rounded inputs, in float64
+            x, w, b = (a.astype(np.float16) for a in (x, w, b))
+        reference = F.conv2d(*(torch.from_numpy(a.astype(np.float64)) for a in (x, w, b)), stride=stride,
+                             padding=padding).numpy()
+        result = np.load(tmp_path / f"{index}.npy")
+        # fp32 sums of c*k*k products of unit-scale terms: error ~ sqrt(c*k*k) * 2^-24 * |terms|; 1e-4
+        # of the output's magnitude leaves a wide margin (seen: 1e-6 relative). fp16 rounds to 2^-11.
+        tolerance = (1e-4 if dtype == "float32" else 4e-3) * np.abs(reference).max()
+        diff = np.abs(result - reference).max()
+        print(f"conv {(n, c, o, side, k, stride, padding, dtype)}: max |diff| {diff:.2e} (tolerance {tolerance:.2e})")
+        assert result.shape == reference.shape
+        assert diff <= tolerance, (index, diff, tolerance)
+
+
+ROUTING_CODE = """
+import json
+import mindspore as ms
+from mindspore import mint, nn
+from lorabridge.adapters import ms_cpu_ops
+from lorabridge.adapters.mindspore_backend import setup
+from lorabridge.architectures.sdxl.tiny import UNET_CONFIG, VAE_CONFIG
+setup("CPU")
+from mindone.diffusers import AutoencoderKL, UNet2DConditionModel
+models = {
+    "sdxl unet": UNet2DConditionModel(**UNET_CONFIG),
+    "sdxl vae": AutoencoderKL(**VAE_CONFIG),
+    "flux vae": AutoencoderKL(**{**VAE_CONFIG, "latent_channels": 16, "use_quant_conv": False,
+                                 "use_post_quant_conv": False}),
+}
+report = {}
+for name, model in models.items():
+    convs = [(path, cell) for path, cell in model.cells_and_names() if "conv" in type(cell).__name__.lower()]
+    report[name] = {
+        "count": len(convs),
+        "types": sorted({f"{type(cell).__module__}.{type(cell).__name__}" for _, cell in convs}),
+        "not_rerouted": [path for path, cell in convs if getattr(cell, "conv2d", None) is not ms_cpu_ops._conv2d],
+    }
+print(json.dumps(report))
+"""
+
+
+def test_every_conv_of_the_sdxl_and_flux_models_goes_through_the_adapter():
+    """mindone's UNet and VAE build every convolution as ``mint.nn.Conv2d`` (no ``nn.Conv2d``/``ops.conv2d``),
+    and each of those calls the adapter's conv: one place decides how CPU convolution runs."""
+    from tests.fixtures.mindspore import run_mindspore
+
+    report = run_mindspore(ROUTING_CODE)
+    for name, model in report.items():
+        assert model["count"] > 0, name
+        assert model["types"] == ["mindspore.mint.nn.layer.conv.Conv2d"], (name, model["types"])
+        assert model["not_rerouted"] == [], (name, model["not_rerouted"])

@@ -26,6 +26,11 @@ def _gelu(input, approximate: str = "none"):
 
 
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """MindSpore's CPU Conv2D: fp32 and fp16, no bf16 kernel.
+
+    At SDXL's real shapes it runs on par with torch's CPU conv, and im2col + matmul in MindSpore
+    ops was 2-19x slower (bench/ms_conv_bench.py, bench/RESULTS-infer.md), so it stays.
+    """
     from mindspore import ops
 
     if isinstance(padding, str):
