@@ -106,26 +106,55 @@ def conformance(reader: str, vectors: str | None, timeout: float, as_json: bool)
     sys.exit(0 if report["agree"] == report["vectors"] else 1)
 
 
-@cli.command("make-tiny-sdxl")
+def _tiny_architectures() -> dict:
+    """--arch name -> architecture record, for the records that have a tiny pipeline builder."""
+    from .architectures import architectures
+
+    return {a.short: a for a in architectures() if a.tiny is not None}
+
+
+class RegistryChoice(click.Choice):
+    """A choice among names the architecture registry gives, asked only when the option is used or shown
+    (importing the registry would slow every command's start)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return tuple(sorted(self._names()))
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry decides
+        pass
+
+
+@cli.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", "arch", type=RegistryChoice(_tiny_architectures), default="sdxl", show_default=True,
+              help="Architecture: sdxl (SDXL-base's names) or flux (Flux.1-dev's).")
 @click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")
 @click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
-              help="Also write a random non-zero LoRA for it: .ckpt as MindONE's SDXL trainer saves it, "
-                   ".safetensors as a neutral file.")
+              help="Also write a random non-zero LoRA for it: .safetensors as a neutral file; for sdxl also .ckpt, "
+                   "as MindONE's SDXL trainer saves it.")
 @_force
-def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
-    """Build a tiny random-weight SDXL pipeline (diffusers layout) in OUT, offline and reproducibly.
+def make_tiny(out: str, arch: str, seed: int, lora: str | None, force: bool) -> None:
+    """Build a tiny random-weight pipeline (diffusers layout) in OUT, offline and reproducibly.
 
-    Same block names and transformer depths as SDXL-base at small widths; loads in diffusers and mindone.diffusers.
+    The architecture's block names and depths at small widths, so its LoRAs' module names fit;
+    loads in diffusers and mindone.diffusers.
+
+    Example: lorabridge make-tiny --arch flux tiny-flux --make-lora tiny-flux-lora.safetensors
     """
-    from .architectures.sdxl.tiny import build_tiny_sdxl, lora_file_format, write_tiny_lora
-
+    architecture = _tiny_architectures()[arch]
+    builder = architecture.tiny_builder()
     if lora:
-        lora_file_format(lora)
-    path = build_tiny_sdxl(out, seed=seed, force=force)
-    click.echo(f"tiny SDXL pipeline: {shown(path)}")
+        builder.lora_file_format(lora)
+    path = builder.build_tiny(out, seed=seed, force=force)
+    click.echo(f"tiny {architecture.label} pipeline: {shown(path)}")
     if lora:
-        click.echo(f"LoRA: {shown(write_tiny_lora(path, lora, seed=seed, force=force))}")
+        click.echo(f"LoRA: {shown(builder.write_tiny_lora(path, lora, seed=seed, force=force))}")
 
 
 def _report(result) -> None:
