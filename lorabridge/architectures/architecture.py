@@ -22,7 +22,8 @@ class Inference:
     """How ``infer`` runs an architecture's pipeline: data the adapters read (they name no architecture).
 
     ``pipeline_classes`` are the ``model_index.json`` ``_class_name`` values of a base directory of this
-    architecture; ``denoiser`` the pipeline component that denoises (its dtype is the latents'); ``required``
+    architecture; ``denoiser`` the pipeline component that denoises (its dtype is the latents'); ``lora_components`` those
+    its ``load_lora_weights`` loads (diffusers' and mindone's FluxPipeline: no T5 LoRA); ``required``
     config values of the denoiser that tell the architecture apart (SDXL's ``text_time`` conditioning);
     ``schedulers`` the key of the scheduler table it samples with (``adapters.options.SCHEDULER_TABLES``:
     denoising diffusion or flow matching); ``guidance_scale`` the ``--guidance-scale`` default;
@@ -33,6 +34,7 @@ class Inference:
 
     pipeline_classes: tuple[str, ...]
     denoiser: str
+    lora_components: tuple[str, ...]  # the components the pipeline's load_lora_weights loads
     schedulers: str
     guidance_scale: float
     negative_prompt: bool = True

@@ -30,7 +30,8 @@ FLUX1 = Architecture(
     tiny="lorabridge.architectures.flux1.tiny",
     # FluxPipeline: flow matching, guidance distilled into an embedding (FLUX.1-dev's default 3.5), no negative
     # prompt, 16 latent channels read as 2x2 patches, 1024 px by default (default_sample_size 128 x VAE scale 8).
-    inference=Inference(pipeline_classes=("FluxPipeline",), denoiser="transformer", schedulers="flow",
+    inference=Inference(pipeline_classes=("FluxPipeline",), denoiser="transformer",
+                        lora_components=("transformer", "text_encoder"), schedulers="flow",
                         guidance_scale=3.5, negative_prompt=False, patch=2, native_size=1024),
     pipelines={"torch": "diffusers:FluxPipeline", "mindspore": "mindone.diffusers:FluxPipeline"},
     modelspec={"modelspec.architecture": "flux-1-dev/lora",
