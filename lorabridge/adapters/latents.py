@@ -38,7 +38,7 @@ def pack_latents(latents: np.ndarray, patch: int) -> np.ndarray:
 
     Example:
         >>> pack_latents(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), 2)[0, 1]
-        array([ 2.,  3.,  6.,  7.], dtype=float32)
+        array([2., 3., 6., 7.], dtype=float32)
     """
     if patch == 1:
         return latents
