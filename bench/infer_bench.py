@@ -159,10 +159,10 @@ def main() -> None:
         return
 
     from lorabridge.formats.neutral import write_neutral
-    from lorabridge.architectures.sdxl.tiny import build_tiny_sdxl, make_tiny_lora
+    from lorabridge.architectures.sdxl.tiny import build_tiny, make_tiny_lora
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_tiny_sdxl(Path(tmp) / "sdxl", configs=SDXL_BASE if args.model == "sdxl" else None,
+        base = build_tiny(Path(tmp) / "sdxl", configs=SDXL_BASE if args.model == "sdxl" else None,
                                half=args.model == "sdxl")
         lora = make_tiny_lora(base)
         write_neutral(lora, Path(tmp) / "lora.safetensors")

@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import __version__
-from .adapters.options import BACKENDS, DTYPES, SCHEDULERS
+from .adapters.options import BACKENDS, DTYPES, SCHEDULER_NAMES
 from .errors import LoraBridgeError, shown, single_line
 
 
@@ -106,26 +106,55 @@ def conformance(reader: str, vectors: str | None, timeout: float, as_json: bool)
     sys.exit(0 if report["agree"] == report["vectors"] else 1)
 
 
-@cli.command("make-tiny-sdxl")
+def _tiny_architectures() -> dict:
+    """--arch name -> architecture record, for the records that have a tiny pipeline builder."""
+    from .architectures import architectures
+
+    return {a.short: a for a in architectures() if a.tiny is not None}
+
+
+class RegistryChoice(click.Choice):
+    """A choice among names the architecture registry gives, asked only when the option is used or shown
+    (importing the registry would slow every command's start)."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return tuple(sorted(self._names()))
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry decides
+        pass
+
+
+@cli.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", "arch", type=RegistryChoice(_tiny_architectures), default="sdxl", show_default=True,
+              help="Architecture: sdxl (SDXL-base's names) or flux (Flux.1-dev's).")
 @click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")
 @click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
-              help="Also write a random non-zero LoRA for it: .ckpt as MindONE's SDXL trainer saves it, "
-                   ".safetensors as a neutral file.")
+              help="Also write a random non-zero LoRA for it: .safetensors as a neutral file; for sdxl also .ckpt, "
+                   "as MindONE's SDXL trainer saves it.")
 @_force
-def make_tiny_sdxl(out: str, seed: int, lora: str | None, force: bool) -> None:
-    """Build a tiny random-weight SDXL pipeline (diffusers layout) in OUT, offline and reproducibly.
+def make_tiny(out: str, arch: str, seed: int, lora: str | None, force: bool) -> None:
+    """Build a tiny random-weight pipeline (diffusers layout) in OUT, offline and reproducibly.
 
-    Same block names and transformer depths as SDXL-base at small widths; loads in diffusers and mindone.diffusers.
+    The architecture's block names and depths at small widths, so its LoRAs' module names fit;
+    loads in diffusers and mindone.diffusers.
+
+    Example: lorabridge make-tiny --arch flux tiny-flux --make-lora tiny-flux-lora.safetensors
     """
-    from .architectures.sdxl.tiny import build_tiny_sdxl, lora_file_format, write_tiny_lora
-
+    architecture = _tiny_architectures()[arch]
+    builder = architecture.tiny_builder()
     if lora:
-        lora_file_format(lora)
-    path = build_tiny_sdxl(out, seed=seed, force=force)
-    click.echo(f"tiny SDXL pipeline: {shown(path)}")
+        builder.lora_file_format(lora)
+    path = builder.build_tiny(out, seed=seed, force=force)
+    click.echo(f"tiny {architecture.label} pipeline: {shown(path)}")
     if lora:
-        click.echo(f"LoRA: {shown(write_tiny_lora(path, lora, seed=seed, force=force))}")
+        click.echo(f"LoRA: {shown(builder.write_tiny_lora(path, lora, seed=seed, force=force))}")
 
 
 def _report(result) -> None:
@@ -287,32 +316,37 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @cli.command("infer")
 @click.option("--backend", required=True, type=click.Choice(BACKENDS),
               help="The framework: torch runs diffusers, mindspore runs mindone.diffusers.")
-@click.option("--base", required=True, type=click.Path(), help="SDXL base: a diffusers directory, or (torch) a single-file .safetensors.")
+@click.option("--base", required=True, type=click.Path(),
+              help="SDXL or Flux.1 base: a diffusers directory (its model_index.json names the architecture), "
+                   "or (torch, SDXL) a single-file .safetensors.")
 @click.option("--lora", type=click.Path(), default=None, help="Neutral LoRA file (.safetensors); omit for the base model alone.")
 @click.option("--prompt", required=True)
-@click.option("--negative-prompt", default=None)
+@click.option("--negative-prompt", default=None, help="SDXL only: Flux.1 takes none (its guidance is distilled).")
 @click.option("--steps", type=int, default=30, show_default=True)
-@click.option("--guidance-scale", type=float, default=5.0, show_default=True)
+@click.option("--guidance-scale", type=float, default=None,
+              help="Classifier-free guidance (SDXL, default 5); Flux.1: the distilled guidance its transformer embeds "
+                   "(default 3.5).")
 @click.option("--width", type=int, default=None, help="Image width [default: the base's native size].")
 @click.option("--height", type=int, default=None, help="Image height [default: the base's native size].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial noise (numpy, same on both backends); image i uses seed+i.")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplier on the LoRA's alpha/rank.")
 @click.option("--fuse/--no-fuse", default=False, show_default=True, help="Merge the LoRA into the base weights before sampling.")
-@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="euler", show_default=True,
+@click.option("--scheduler", type=click.Choice(list(SCHEDULER_NAMES)), default="euler", show_default=True,
               help="euler on SDXL's config is the DDPM discretization that MindONE's SDXL LoRA consistency check "
-                   "(convert_lora_ms2pt.py, infer_lora.py) used.")
+                   "(convert_lora_ms2pt.py, infer_lora.py) used; on Flux.1 it is flow-matching Euler "
+                   "(FlowMatchEulerDiscreteScheduler), the only one Flux.1 takes.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: fp32 on CPU, fp16 on accelerators.")
 @click.option("--device", default=None, help="torch: cuda, cpu, mps; mindspore: Ascend, CPU [default: the best present].")
-@click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, 4, H/8, W/8).")
+@click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, latent channels: SDXL 4, Flux.1 16, H/8, W/8).")
 @click.option("--save-latents", type=click.Path(), default=None, help="Save the initial noise to this .npy file.")
 @click.option("--config", type=click.Path(), default=None, help="torch single-file base: diffusers directory with the component configs.")
 @click.option("-o", "--output", type=click.Path(), default=None, help="Image directory [default: <lora file>-gen-images].")
 @_force
 def infer_command(backend: str, base: str, lora: str | None, output: str | None, config: str | None,
                   init_latents: str | None, save_latents: str | None, **options) -> None:
-    """Generate images from an SDXL base plus one neutral LoRA file, with diffusers or mindone.diffusers.
+    """Generate images from an SDXL or Flux.1 base plus one neutral LoRA file, with diffusers or mindone.diffusers.
 
     Example: lorabridge infer --backend mindspore --base sdxl --lora lora.safetensors --prompt "a cat"
     """

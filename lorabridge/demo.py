@@ -2,7 +2,7 @@
 
     python -m lorabridge.demo OUTDIR
 
-1. ``make-tiny-sdxl`` builds a tiny random SDXL and a MindONE-style LoRA checkpoint for it
+1. ``make-tiny --arch sdxl`` builds a tiny random SDXL and a MindONE-style LoRA checkpoint for it
    (SGM names, as MindONE's SDXL trainer saves them);
 2. ``ms2neutral`` converts the checkpoint to one neutral ``.safetensors`` file;
 3. ``infer --backend torch`` (diffusers) and ``infer --backend mindspore`` (mindone.diffusers,
@@ -41,7 +41,7 @@ def run(outdir: Path) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     base, ckpt, neutral = outdir / "tiny-sdxl", outdir / "tiny_lora_mindone.ckpt", outdir / "tiny_lora.safetensors"
     noise = outdir / "init_latents.npy"
-    lorabridge("make-tiny-sdxl", base, "--make-lora", ckpt, "--force")
+    lorabridge("make-tiny", base, "--arch", "sdxl", "--make-lora", ckpt, "--force")
     lorabridge("ms2neutral", ckpt, "-o", neutral, "--force")
     common = ("--base", base, "--lora", neutral, "--prompt", PROMPT, "--steps", STEPS, "--scheduler", "euler",
               "--dtype", "fp32", "--force")

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.mindspore",
     "tests.fixtures.sdxl",
+    "tests.fixtures.flux",
     "tests.fixtures.naming",
     "tests.fixtures.ms_ckpt",
     "tests.fixtures.mindone",

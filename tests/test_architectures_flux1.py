@@ -238,7 +238,7 @@ def test_a_flux1_lora_is_refused_by_sdxl_only_formats_and_by_infer(tmp_path):
                          "unet/config.json": {"addition_embed_type": "text_time"}, "vae/config.json": {}}.items():
         (base / name).parent.mkdir(parents=True, exist_ok=True)
         (base / name).write_text(json.dumps(config))
-    with pytest.raises(LoraBridgeError, match=r"n\.safetensors: this is a Flux\.1 LoRA \(flux-1-dev\); infer runs an SDXL pipeline only"):
+    with pytest.raises(LoraBridgeError, match=r"n\.safetensors: this is a Flux\.1 LoRA \(flux-1-dev\); the base model is an SDXL pipeline"):
         infer(InferOptions("torch", base, "a cat", lora=tmp_path / "n.safetensors", output=tmp_path / "images"))
     assert not (tmp_path / "images").exists()
 

@@ -18,7 +18,7 @@ def test_demo_runs_and_reports_parity(tmp_path):
                           text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     commands = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("$ lorabridge")]
-    assert commands == ["make-tiny-sdxl", "ms2neutral", "infer", "infer", "infer", "compare", "compare"]
+    assert commands == ["make-tiny", "ms2neutral", "infer", "infer", "infer", "compare", "compare"]
     assert "torch vs mindspore: MAE 0.0" in proc.stdout
     for name in ("torch-images", "mindspore-images", "diff-images"):
         assert (tmp_path / "demo" / name / "000-seed0.png").is_file()

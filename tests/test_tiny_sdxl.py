@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lorabridge.formats.neutral import read_neutral
-from lorabridge.architectures.sdxl.tiny import build_tiny_sdxl, lora_shapes, make_tiny_lora
+from lorabridge.architectures.sdxl.tiny import build_tiny, lora_shapes, make_tiny_lora
 from tests.fixtures.sdxl import TINY_PROMPT, load_diffusers_pipeline
 
 pytestmark = pytest.mark.torch
@@ -21,7 +21,7 @@ def tree_digest(path) -> dict[str, str]:
 
 
 def test_same_seed_gives_identical_files(tiny_sdxl_dir, tmp_path):
-    again = build_tiny_sdxl(tmp_path / "again", seed=0)
+    again = build_tiny(tmp_path / "again", seed=0)
     assert tree_digest(again) == tree_digest(tiny_sdxl_dir)
 
 
@@ -87,17 +87,17 @@ def test_loads_in_mindone_with_the_same_weights(tiny_sdxl_dir, mindspore_run):
 
 def test_cli_builds_refuses_to_overwrite_and_writes_a_lora(run_cli, tmp_path):
     out, lora = tmp_path / "tiny", tmp_path / "tiny-lora.safetensors"
-    result = run_cli("make-tiny-sdxl", out, "--make-lora", lora)
+    result = run_cli("make-tiny", out, "--make-lora", lora)
     assert result.exit_code == 0, result.output
     assert (out / "model_index.json").is_file() and read_neutral(lora).summary()["modules"] == 576
-    again = run_cli("make-tiny-sdxl", out)
+    again = run_cli("make-tiny", out)
     assert again.exit_code == 1 and "pass --force" in again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny-lora.safetensors"]  # no partial dirs left
 
 
 def test_cli_writes_a_mindone_checkpoint_lora_that_ms2neutral_reads_back(run_cli, tiny_sdxl_dir, tmp_path):
     ckpt = tmp_path / "lora.ckpt"
-    result = run_cli("make-tiny-sdxl", tmp_path / "tiny", "--make-lora", ckpt)
+    result = run_cli("make-tiny", tmp_path / "tiny", "--make-lora", ckpt)
     assert result.exit_code == 0, result.output
     assert run_cli("ms2neutral", ckpt, "-o", tmp_path / "lora.safetensors").exit_code == 0
     back, original = read_neutral(tmp_path / "lora.safetensors"), make_tiny_lora(tiny_sdxl_dir)
@@ -107,6 +107,6 @@ def test_cli_writes_a_mindone_checkpoint_lora_that_ms2neutral_reads_back(run_cli
 
 
 def test_cli_refuses_an_unknown_lora_suffix_before_building(run_cli, tmp_path):
-    result = run_cli("make-tiny-sdxl", tmp_path / "tiny", "--make-lora", tmp_path / "lora.bin")
+    result = run_cli("make-tiny", tmp_path / "tiny", "--make-lora", tmp_path / "lora.bin")
     assert result.exit_code == 1 and "must end in .safetensors or .ckpt" in result.output
     assert list(tmp_path.iterdir()) == []

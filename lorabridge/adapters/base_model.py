@@ -1,8 +1,9 @@
-"""Recognise an SDXL base model from its files alone, before any framework is loaded.
+"""Recognise a base model and its architecture from its files alone, before any framework is loaded.
 
 A wrong ``--base`` should fail in a second with one line, not after minutes of loading
-weights: a diffusers directory is checked through ``model_index.json`` and the UNet
-config, a single-file checkpoint through its safetensors header.
+weights: a diffusers directory is checked through ``model_index.json`` (its ``_class_name`` names
+the architecture: :attr:`Architecture.inference`) and the denoiser's config, a single-file (SDXL)
+checkpoint through its safetensors header.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..architectures import architectures
+from ..architectures.architecture import Architecture, Inference
+from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError
 
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # A tensor only SDXL-base single-file checkpoints (SGM naming) hold: the OpenCLIP bigG text encoder.
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.positional_embedding"
 SDXL_NATIVE = (128, 8)  # latent sample size, VAE scale factor of SDXL-base (1024 px)
@@ -26,15 +29,45 @@ class BaseModel:
 
     path: Path
     single_file: bool
-    sample_size: int  # the UNet's native latent size
+    sample_size: int  # the denoiser's native latent size
     vae_scale_factor: int
+    architecture: Architecture = SDXL
+    latent_channels: int = 4
+
+    @property
+    def inference(self) -> Inference:
+        assert self.architecture.inference is not None  # describe_base finds only architectures that have one
+        return self.architecture.inference
 
     @property
     def native_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
 
     def latent_shape(self, num_images: int, width: int, height: int) -> tuple[int, int, int, int]:
-        return (num_images, 4, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        """The initial noise's shape, unpacked: (images, latent channels, height / VAE scale, width / VAE scale)."""
+        return (num_images, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse an image side the latents cannot tile: a multiple of the VAE scale times the patch side."""
+        step = self.vae_scale_factor * self.inference.patch
+        for name, value in (("width", width), ("height", height)):
+            if value % step:
+                raise LoraBridgeError(f"--{name} must be a multiple of {step} for {self.architecture.a_label} base "
+                                      f"(VAE scale {self.vae_scale_factor} x {self.inference.patch}x{self.inference.patch} "
+                                      f"patches), got {value}")
+
+
+def pipeline_architecture(class_name: str) -> Architecture | None:
+    """The architecture whose ``infer`` pipeline is ``class_name`` (``model_index.json``'s ``_class_name``), or None.
+
+    Example:
+        >>> pipeline_architecture("FluxPipeline").label
+        'Flux.1'
+    """
+    for architecture in architectures():
+        if architecture.inference is not None and class_name in architecture.inference.pipeline_classes:
+            return architecture
+    return None
 
 
 def _json(path: Path) -> dict:
@@ -65,14 +98,21 @@ def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = No
         if not index.is_file():
             raise LoraBridgeError("not a diffusers pipeline directory (no model_index.json)", path)
         kind = _json(index).get("_class_name")
-        if kind not in SDXL_PIPELINES:
-            raise LoraBridgeError(f"not an SDXL base model: model_index.json says {kind!r}", path)
-        unet = _json(path / "unet" / "config.json")
-        if unet.get("addition_embed_type") != "text_time":
-            raise LoraBridgeError("not an SDXL base model: its UNet has no text_time conditioning", path)
+        architecture = pipeline_architecture(str(kind))
+        if architecture is None or architecture.inference is None:
+            labels = [a.a_label for a in architectures() if a.inference is not None]
+            raise LoraBridgeError(f"not {labels[0]} base model{''.join(f' nor {x} one' for x in labels[1:])}: "
+                                  f"model_index.json says {kind!r}", path)
+        inference = architecture.inference
+        denoiser = _json(path / inference.denoiser / "config.json")
+        for key, value in inference.required.items():
+            if denoiser.get(key) != value:
+                raise LoraBridgeError(f"not {architecture.a_label} base model: its {inference.denoiser} config has "
+                                      f"{key} {denoiser.get(key)!r}, not {value!r}", path)
         vae = _json(path / "vae" / "config.json")
-        return BaseModel(path, False, int(unet.get("sample_size", SDXL_NATIVE[0])),
-                         2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1))
+        scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        sample_size = inference.native_size // scale if inference.native_size else int(denoiser.get("sample_size", SDXL_NATIVE[0]))
+        return BaseModel(path, False, sample_size, scale, architecture, int(vae.get("latent_channels", 4)))
     if path.suffix != ".safetensors":
         raise LoraBridgeError("a single-file base must be .safetensors (pickled checkpoints are never loaded)", path)
     from ..io.safetensors_file import SafetensorsFile

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import time
@@ -21,15 +22,14 @@ from typing import Callable
 
 from .. import __version__
 from ..architectures import ARCHITECTURES
-from ..architectures.sdxl import SDXL
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
 from ..formats.neutral import read_neutral
 from ..io.atomic import atomic_directory, check_output_path, replacing
 from ..model import LoraModel
 from .base_model import BaseModel, describe_base
-from .latents import draw_latents, load_latents, save_latents
-from .options import BACKEND_MODULES, BACKENDS, SCHEDULERS, InferOptions
+from .latents import draw_latents, load_latents, pack_latents, save_latents
+from .options import BACKEND_MODULES, BACKENDS, SCHEDULER_TABLES, InferOptions
 from .pipeline import apply_lora, sample, set_scheduler
 from .png import write_png
 
@@ -58,13 +58,33 @@ def load_backend(name: str) -> ModuleType:
     return module
 
 
-def _read_lora(path: Path) -> LoraModel:
+def _read_lora(path: Path, base: BaseModel) -> LoraModel:
+    """The neutral file, refused in one line when it is for another architecture than the base."""
     model = read_neutral(path, verify_hash=True)
-    if model.architecture != SDXL.name:
+    architecture = base.architecture
+    if model.architecture != architecture.name:
         known = ARCHITECTURES.get(model.architecture)
         what = f"{known.a_label} LoRA ({known.name})" if known else f"a LoRA for {model.architecture!r}"
-        raise LoraBridgeError(f"this is {what}; infer runs {SDXL.a_label} pipeline only ({SDXL.name})", path)
+        raise LoraBridgeError(f"this is {what}; the base model is {architecture.a_label} pipeline ({architecture.name})", path)
+    unloadable = [c for c in model.components if c not in base.inference.lora_components]
+    if unloadable:
+        raise LoraBridgeError(f"this LoRA adapts {', '.join(unloadable)}, which {architecture.a_label} pipeline's "
+                              f"load_lora_weights does not load (it loads {', '.join(base.inference.lora_components)})", path)
     return model
+
+
+def for_base(options: InferOptions, base: BaseModel) -> InferOptions:
+    """``options`` with the base architecture's defaults filled in, after refusing what it cannot run."""
+    inference, label = base.inference, base.architecture.a_label
+    schedulers = SCHEDULER_TABLES[inference.schedulers]
+    if options.scheduler not in schedulers:
+        raise LoraBridgeError(f"--scheduler {options.scheduler} does not sample {label} base ({inference.schedulers} "
+                              f"model); choose one of: {', '.join(schedulers)}")
+    if options.negative_prompt is not None and not inference.negative_prompt:
+        raise LoraBridgeError(f"{label} pipeline takes no negative prompt (its guidance is distilled into the model: "
+                              "--guidance-scale); drop --negative-prompt")
+    guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale
+    return dataclasses.replace(options, guidance_scale=guidance)
 
 
 def _check_output_dir(out: Path, force: bool) -> None:
@@ -109,19 +129,21 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     options.check()
     backend = load_backend(options.backend)
     base: BaseModel = describe_base(options.base, options.config)
-    lora = _read_lora(options.lora) if options.lora is not None else None
+    options = for_base(options, base)
+    lora = _read_lora(options.lora, base) if options.lora is not None else None
     out = options.output_dir
     _check_output_dir(out, options.force)
     if options.save_latents is not None:
         check_output_path(options.save_latents, options.force, inputs=(options.init_latents, options.lora))
     size = (options.width or base.native_size, options.height or base.native_size)
+    base.check_size(*size)
     shape = base.latent_shape(options.num_images, *size)
     latents = load_latents(options.init_latents, shape) if options.init_latents else draw_latents(options.seed, shape)
     device = backend.resolve_device(options.device)
     dtype = backend.resolve_dtype(options.dtype, device)
     result = InferResult([], out, options.backend, device, dtype)
     log(f"{options.backend} on {device} ({dtype}): {base.path} {'(single file)' if base.single_file else ''}".rstrip())
-    if not SCHEDULERS[options.scheduler][2]:
+    if not SCHEDULER_TABLES[base.inference.schedulers][options.scheduler][2]:
         log(f"note: {options.scheduler} adds fresh noise at every step from {options.backend}'s own generator, "
             "so the same seed gives different images on the two backends")
 
@@ -129,7 +151,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     if lora is not None:
         result.applied = apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log)
     set_scheduler(pipe, fw, options.scheduler)
-    images = sample(pipe, fw, options, latents, size)
+    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size)
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
     with atomic_directory(out, force=True) as tmp:  # _check_output_dir checked --force before sampling

@@ -30,6 +30,23 @@ def draw_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
                      for i in range(shape[0])])
 
 
+def pack_latents(latents: np.ndarray, patch: int) -> np.ndarray:
+    """(N, C, H, W) noise as the (N, H/p * W/p, C * p * p) tokens of p x p patches a Flux.1 transformer reads
+    (diffusers' and mindone's ``FluxPipeline._pack_latents``); ``patch`` 1 returns the array as it is.
+
+    Both backends get this one array, so they start from the same noise whatever their own packing code.
+
+    Example:
+        >>> pack_latents(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), 2)[0, 1]
+        array([2., 3., 6., 7.], dtype=float32)
+    """
+    if patch == 1:
+        return latents
+    n, c, h, w = latents.shape
+    patches = latents.reshape(n, c, h // patch, patch, w // patch, patch).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(patches.reshape(n, (h // patch) * (w // patch), c * patch * patch))
+
+
 def load_latents(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
     """Read a ``.npy`` latent array (never pickles) and check it has ``shape`` and a float dtype."""
     path = Path(path)
@@ -43,7 +60,7 @@ def load_latents(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
         raise LoraBridgeError(f"init latents are {array.dtype.name}, expected one of {', '.join(LATENT_DTYPES)}", path)
     if tuple(array.shape) != tuple(shape):
         raise LoraBridgeError(f"init latents have shape {list(array.shape)}, expected {list(shape)} "
-                              "(num images, 4, height/8, width/8)", path)
+                              "(num images, latent channels, height/8, width/8)", path)
     if not np.isfinite(array).all():
         raise LoraBridgeError("init latents contain NaN or infinity", path)
     return array.astype(np.float32)

@@ -1,4 +1,5 @@
-"""The MindSpore backend: mindone.diffusers' StableDiffusionXLPipeline, the same neutral file, no conversion.
+"""The MindSpore backend: mindone.diffusers' pipeline of the base's architecture (StableDiffusionXLPipeline,
+FluxPipeline), the same neutral file, no conversion.
 
 The neutral file carries PEFT keys and a prefixed ``lora_adapter_metadata``, which
 mindone.diffusers' ``load_lora_weights`` reads exactly as diffusers does. On Ascend
@@ -17,10 +18,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
 from .options import FRAMEWORK_DTYPES
+from .pipeline import denoiser
 
 EXTRA = "mindspore"
 REQUIRED = ("mindspore", "mindone")
@@ -51,7 +52,7 @@ class MindSporeFramework:
     def latents(self, array: np.ndarray, pipe: Any) -> Any:
         import mindspore as ms
 
-        return ms.Tensor(np.ascontiguousarray(array)).to(pipe.unet.dtype)
+        return ms.Tensor(np.ascontiguousarray(array)).to(denoiser(pipe).dtype)
 
     def generator(self, seed: int) -> Any:
         return np.random.Generator(np.random.PCG64(seed))
@@ -100,7 +101,7 @@ def setup(device: str) -> list[str]:
 
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
                   config: str | None = None) -> tuple[Any, MindSporeFramework]:
-    """mindone.diffusers' SDXL pipeline from a diffusers directory (after :func:`setup`) and its framework.
+    """mindone.diffusers' pipeline of the base's architecture from a diffusers directory (after :func:`setup`) and its framework.
 
     ``config`` exists for the torch backend's single-file loading and is not used here.
     """
@@ -111,7 +112,7 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
         raise LoraBridgeError("the mindspore backend needs a diffusers pipeline directory, not a single file", base.path)
     setup(resolve_device(device))
     with contextlib.redirect_stdout(sys.stderr):  # mindone prints import-time notices; stdout is for results
-        pipeline_class = SDXL.pipeline_class("mindspore")
+        pipeline_class = base.architecture.pipeline_class("mindspore")
 
     try:
         pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, FRAMEWORK_DTYPES[dtype]))

@@ -75,6 +75,53 @@ def _stack(tensors, dim: int = 0):
     return ops.stack(tensors, dim)
 
 
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False):
+    """``mint.nn.Embedding`` (T5's token embedding): a row lookup; ``padding_idx`` and ``scale_grad_by_freq``
+    only shape gradients, and ``max_norm`` (renormalising rows in place) is used by no pipeline here."""
+    from mindspore import ops
+
+    if max_norm is not None:
+        raise NotImplementedError("the CPU Embedding reroute does not renormalise rows (max_norm)")
+    return ops.gather(weight, input, 0)
+
+
+def _full(size, fill_value, *, dtype=None):
+    """``mint.full``; without ``dtype``, the fill value's type decides (a Python float is float32), as in mint."""
+    import mindspore as ms
+    from mindspore import ops
+
+    if dtype is None:
+        dtype = fill_value.dtype if isinstance(fill_value, ms.Tensor) else \
+            ms.bool_ if isinstance(fill_value, bool) else ms.int64 if isinstance(fill_value, int) else ms.float32
+    return ops.full(tuple(size), fill_value, dtype=dtype)
+
+
+def _outer(input, vec2):
+    """``mint.outer`` (Flux's rotary position embedding): a broadcast product."""
+    return input.reshape(-1, 1) * vec2.reshape(1, -1)
+
+
+def _repeat_interleave(input, repeats, dim=None, output_size=None):
+    """``Tensor.repeat_interleave`` by an int (Flux's rotary embedding): each element ``repeats`` times along ``dim``."""
+    from mindspore import ops
+
+    if dim is None:
+        input, dim = input.reshape(-1), 0
+    dim %= input.ndim
+    shape = tuple(input.shape)
+    spread = ops.broadcast_to(input.expand_dims(dim + 1), (*shape[:dim + 1], repeats, *shape[dim + 1:]))
+    return spread.reshape(*shape[:dim], shape[dim] * repeats, *shape[dim + 1:])
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+               backend="flash"):
+    """mindone's ``scaled_dot_product_attention`` (Flux's attention) by its own math path, in the inputs' dtype:
+    its flash path (Ascend's FlashAttentionScore) would also round fp32 inputs to fp16."""
+    from mindone.diffusers.models.layers_compat import math_attention_op
+
+    return math_attention_op(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
 # (MindSpore kernel without a CPU implementation, module holding a Python entry point to it, attribute, CPU replacement)
 REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("GeluExt", "mindspore.ops.functional_overload", "gelu", _gelu),
@@ -85,6 +132,11 @@ REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("ZerosLikeExt", "mindspore.ops.function.array_func", "zeros_like_ext", _zeros_like),
     ("NonZeroExt", "mindspore.ops.function.array_func", "non_zero_ext_", _nonzero_tuple),  # Tensor.nonzero(as_tuple=True)
     ("StackExt", "mindspore.ops.auto_generate.gen_ops_def", "stack_ext", _stack),  # mint.stack
+    ("Embedding", "mindspore.ops.auto_generate.gen_ops_prim", "embedding_op", _embedding),  # mint.nn.Embedding (T5)
+    ("FillScalar", "mindspore.ops.function.array_func", "full_ext", _full),  # mint.full (T5's attention bias)
+    ("Outer", "mindspore.ops.auto_generate.gen_ops_prim", "outer_op", _outer),  # mint.outer (Flux's rotary embedding)
+    ("RepeatInterleaveInt", "mindspore.ops.function.array_func", "repeat_interleave_int_", _repeat_interleave),
+    ("FlashAttentionScore", "mindone.diffusers.models.layers_compat", "scaled_dot_product_attention", _attention),
 )
 
 _applied: dict[tuple[str, str], Any] = {}  # (module, attribute) -> the original, once rebound

@@ -28,6 +28,15 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "unipc": ("UniPCMultistepScheduler", {}, True),
 }
 
+# Flow-matching models (Flux.1) sample with the Euler step of their own scheduler class, configured as the base's:
+# "euler" names it too, so the default --scheduler suits both kinds of models.
+FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, True),
+}
+# Inference.schedulers -> its table; --scheduler accepts any name of any table (infer checks it against the base's).
+SCHEDULER_TABLES = {"diffusion": SCHEDULERS, "flow": FLOW_SCHEDULERS}
+SCHEDULER_NAMES = tuple(dict.fromkeys(name for table in SCHEDULER_TABLES.values() for name in table))
+
 # --dtype name -> the dtype's attribute name in torch and in mindspore (both spell them alike); "auto" lets the
 # backend's resolve_dtype choose by device.
 FRAMEWORK_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -53,7 +62,7 @@ class InferOptions:
     lora: Path | None = None
     negative_prompt: str | None = None
     steps: int = 30
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the architecture's default (Inference.guidance_scale)
     width: int | None = None
     height: int | None = None
     seed: int = 0
@@ -80,8 +89,8 @@ class InferOptions:
 
     def check(self) -> None:
         """Refuse values no backend can run, before anything heavy is loaded (the backend: :func:`.infer.load_backend`)."""
-        if self.scheduler not in SCHEDULERS:
-            raise LoraBridgeError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise LoraBridgeError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
         if self.dtype not in DTYPES:
             raise LoraBridgeError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         for name in ("steps", "num_images"):

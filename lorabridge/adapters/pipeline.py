@@ -1,9 +1,10 @@
-"""Drive an SDXL pipeline the same way in diffusers and mindone.diffusers: LoRA, scheduler, sampling.
+"""Drive a pipeline (SDXL, Flux.1) the same way in diffusers and mindone.diffusers: LoRA, scheduler, sampling.
 
 mindone.diffusers mirrors diffusers' API (``load_lora_weights``, ``set_adapters``,
 ``fuse_lora``, scheduler classes, the pipeline call), so this logic is written once; a
 :class:`Framework` supplies the few framework-specific pieces (module walking, tensors,
-random generators, the scheduler classes).
+random generators, the scheduler classes). What differs between architectures (scheduler table,
+guidance default, negative prompt, the denoiser) is read from the pipeline's architecture record.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from ..errors import LoraBridgeError
-from ..model import COMPONENTS, LoraModel
-from .options import SCHEDULERS, InferOptions
+from ..model import LoraModel
+from .base_model import pipeline_architecture
+from .options import SCHEDULER_TABLES, InferOptions
 
 ADAPTER_NAME = "lorabridge"
 Log = Callable[[str], None]
@@ -29,15 +31,17 @@ class Framework(Protocol):
 
     def modules(self, model: Any) -> Iterator[tuple[str, Any]]: ...
     def weight_shape(self, module: Any) -> tuple[int, ...] | None: ...
-    def latents(self, array: np.ndarray, pipe: Any) -> Any: ...
+    def latents(self, array: np.ndarray, pipe: Any) -> Any: ...  # in the dtype of the pipeline's denoiser
     def generator(self, seed: int) -> Any: ...
 
 
 def lora_mismatches(lora: LoraModel, pipe: Any, fw: Framework) -> list[str]:
     """Every LoRA module the base lacks, or whose weight shape differs from the LoRA's: one string each."""
     problems = []
+    architecture = pipeline_architecture(type(pipe).__name__)
+    components = architecture.components if architecture is not None else ()
     for component in lora.components:
-        model = getattr(pipe, component, None) if component in COMPONENTS else None
+        model = getattr(pipe, component, None) if component in components else None
         if model is None:
             problems += [f"{m.name} (no component {component!r})" for m in lora.modules.values() if m.component == component]
             continue
@@ -97,9 +101,26 @@ def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fu
     return applied
 
 
+def inference_of(pipe: Any) -> Any:
+    """The :class:`~lorabridge.architectures.architecture.Inference` record of a loaded pipeline, by its class."""
+    architecture = pipeline_architecture(type(pipe).__name__)
+    if architecture is None or architecture.inference is None:
+        raise LoraBridgeError(f"infer runs no {type(pipe).__name__}")
+    return architecture.inference
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising model (SDXL's ``unet``, Flux.1's ``transformer``)."""
+    return getattr(pipe, inference_of(pipe).denoiser)
+
+
 def set_scheduler(pipe: Any, fw: Framework, name: str) -> None:
-    """Replace the pipeline's scheduler by ``name`` (see :data:`SCHEDULERS`), keeping the base's config."""
-    class_name, overrides, _ = SCHEDULERS[name]
+    """Replace the pipeline's scheduler by ``name`` in its architecture's table (see :data:`SCHEDULER_TABLES`),
+    keeping the base's config."""
+    table = SCHEDULER_TABLES[inference_of(pipe).schedulers]
+    if name not in table:
+        raise LoraBridgeError(f"--scheduler {name} does not sample {type(pipe).__name__}; choose one of: {', '.join(table)}")
+    class_name, overrides, _ = table[name]
     scheduler_class = getattr(fw.schedulers, class_name)
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
 
@@ -111,10 +132,13 @@ def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray,
     ``on_step`` is the pipelines' ``callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs``.
     """
     width, height = size
+    inference = inference_of(pipe)
     pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
-    extra = {"callback_on_step_end": on_step} if on_step is not None else {}
-    images = pipe(prompt=options.prompt, negative_prompt=options.negative_prompt, num_inference_steps=options.steps,
-                  guidance_scale=options.guidance_scale, width=width, height=height,
+    extra: dict[str, Any] = {"callback_on_step_end": on_step} if on_step is not None else {}
+    if options.negative_prompt is not None:  # infer refuses one where the pipeline takes none
+        extra["negative_prompt"] = options.negative_prompt
+    guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale
+    images = pipe(prompt=options.prompt, num_inference_steps=options.steps, guidance_scale=guidance, width=width, height=height,
                   num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
                   generator=fw.generator(options.seed), output_type="np", return_dict=False, **extra)[0]
     return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)

@@ -1,4 +1,5 @@
-"""The PyTorch backend: diffusers' StableDiffusionXLPipeline from a directory or a single file.
+"""The PyTorch backend: diffusers' pipeline of the base's architecture (StableDiffusionXLPipeline, FluxPipeline)
+from a directory, or SDXL's from a single file.
 
 Example:
     >>> pipe, fw = load_pipeline(describe_base("tiny-sdxl"), "fp32", "cpu")   # doctest: +SKIP
@@ -13,6 +14,7 @@ import numpy as np
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
 from .options import FRAMEWORK_DTYPES
+from .pipeline import denoiser
 
 EXTRA = "torch"
 REQUIRED = ("torch", "diffusers", "transformers", "peft")
@@ -44,7 +46,7 @@ class TorchFramework:
     def latents(self, array: np.ndarray, pipe: Any) -> Any:
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, pipe.unet.dtype)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, denoiser(pipe).dtype)
 
     def generator(self, seed: int) -> Any:
         import torch
@@ -88,14 +90,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
                   config: str | None = None) -> tuple[Any, TorchFramework]:
-    """diffusers' SDXL pipeline on ``device`` in ``dtype`` and its framework; a single file uses ``config``
+    """diffusers' pipeline of the base's architecture on ``device`` in ``dtype`` and its framework; a single file uses ``config``
     (a diffusers directory holding the component configs) when given, else diffusers' defaults."""
     import torch
 
-    from ..architectures.sdxl import SDXL
-
-    pipeline_class = SDXL.pipeline_class("torch")
     base = describe_base(base) if not isinstance(base, BaseModel) else base
+    pipeline_class = base.architecture.pipeline_class("torch")
     device = resolve_device(device)
 
     torch_dtype = getattr(torch, FRAMEWORK_DTYPES[dtype])

@@ -13,8 +13,35 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from ..errors import LoraBridgeError
 from .fused import FusedLayer
 from .tree import ModuleTree
+
+@dataclass(frozen=True)
+class Inference:
+    """How ``infer`` runs an architecture's pipeline: data the adapters read (they name no architecture).
+
+    ``pipeline_classes`` are the ``model_index.json`` ``_class_name`` values of a base directory of this
+    architecture; ``denoiser`` the pipeline component that denoises (its dtype is the latents'); ``lora_components`` those
+    its ``load_lora_weights`` loads (diffusers' and mindone's FluxPipeline: no T5 LoRA); ``required``
+    config values of the denoiser that tell the architecture apart (SDXL's ``text_time`` conditioning);
+    ``schedulers`` the key of the scheduler table it samples with (``adapters.options.SCHEDULER_TABLES``:
+    denoising diffusion or flow matching); ``guidance_scale`` the ``--guidance-scale`` default;
+    ``negative_prompt`` whether the pipeline takes one; ``patch`` the side of the latent patches the
+    denoiser reads as one token (Flux.1 packs 2x2); ``native_size`` the default image side, None when the
+    denoiser's ``sample_size`` times the VAE's scale gives it.
+    """
+
+    pipeline_classes: tuple[str, ...]
+    denoiser: str
+    lora_components: tuple[str, ...]  # the components the pipeline's load_lora_weights loads
+    schedulers: str
+    guidance_scale: float
+    negative_prompt: bool = True
+    required: Mapping[str, Any] = field(default_factory=dict)
+    patch: int = 1
+    native_size: int | None = None
+
 
 PathSpelling = Callable[[str], "str | None"]  # diffusers path -> another spelling of it (None: it has none)
 
@@ -38,8 +65,9 @@ class Architecture:
     component, in diffusers spelling (the canonical one). ``original_paths`` gives, per component,
     the path's spelling in the original checkpoint (SGM/LDM for SD, BFL for Flux) where it differs:
     kohya names may use either, and kohya writes it. ``fused`` lists the layers the original
-    checkpoint computes as one matrix. ``tiny`` names the module that builds its tiny pipeline for
-    tests and demos; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
+    checkpoint computes as one matrix. ``short`` is the name commands take (``make-tiny --arch sdxl``).
+    ``tiny`` names the module that builds its tiny pipeline for tests and demos (each such module has
+    ``build_tiny``, ``write_tiny_lora`` and ``lora_file_format``); ``inference`` says how ``infer`` runs it; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
     the ``modelspec.*`` metadata a kohya-style file written for it carries. ``kohya_prefixes`` gives,
     per component, the prefix of its kohya/LyCORIS underscored keys (``lora_unet`` is SDXL's UNet but
     Flux's transformer); ``comfyui_prefixes`` the prefix of ComfyUI's generic dotted names
@@ -58,7 +86,9 @@ class Architecture:
     article: str = "a"
     original_paths: Mapping[str, PathSpelling] = field(default_factory=dict)
     fused: tuple[FusedLayer, ...] = ()
+    short: str = ""
     tiny: str | None = None
+    inference: Inference | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
     modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
     kohya_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya key prefix
@@ -99,6 +129,12 @@ class Architecture:
         """The pipeline class ``infer`` runs in ``framework`` ("torch" or "mindspore"), imported on demand."""
         module, _, name = self.pipelines[framework].partition(":")
         return getattr(importlib.import_module(module), name)
+
+    def tiny_builder(self) -> Any:
+        """The module that builds this architecture's tiny pipeline (see ``tiny``), imported on demand."""
+        if self.tiny is None:
+            raise LoraBridgeError(f"lorabridge has no tiny {self.label} pipeline")
+        return importlib.import_module(self.tiny)
 
     @cached_property
     def _from_original(self) -> dict[str, dict[str, str]]:

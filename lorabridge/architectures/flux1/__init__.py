@@ -2,7 +2,7 @@
 
 Data only: the module tree (``modules.json``: the transformer, CLIP-L and T5-XXL), BFL's spelling of the
 transformer (``bfl.py``, the spelling of BFL checkpoints, ComfyUI and kohya sd-scripts) with its fused
-``qkv`` and ``linear1`` layers, and the shapes the variants differ in.
+``qkv`` and ``linear1`` layers, and the shapes the variants differ in, how ``infer`` runs it and the tiny pipeline (``tiny.py``).
 
 Variants: FLUX.1-schnell has no guidance embedder (its LoRAs are a subset of dev's modules); FLUX.1-Fill-dev
 reads 384 input channels in ``x_embedder`` (BFL ``img_in``), FLUX.1-Depth-dev and FLUX.1-Canny-dev 128
@@ -12,7 +12,7 @@ recognised as Flux.1 LoRAs (:attr:`Architecture.variants`).
 
 from __future__ import annotations
 
-from ..architecture import Architecture
+from ..architecture import Architecture, Inference
 from .bfl import COMPONENT, FUSED_LAYERS, transformer_path_to_bfl
 from .tree import TREE
 
@@ -26,6 +26,13 @@ FLUX1 = Architecture(
     article="a",
     original_paths={COMPONENT: transformer_path_to_bfl},
     fused=FUSED_LAYERS,
+    short="flux",
+    tiny="lorabridge.architectures.flux1.tiny",
+    # FluxPipeline: flow matching, guidance distilled into an embedding (FLUX.1-dev's default 3.5), no negative
+    # prompt, 16 latent channels read as 2x2 patches, 1024 px by default (default_sample_size 128 x VAE scale 8).
+    inference=Inference(pipeline_classes=("FluxPipeline",), denoiser="transformer",
+                        lora_components=("transformer", "text_encoder"), schedulers="flow",
+                        guidance_scale=3.5, negative_prompt=False, patch=2, native_size=1024),
     pipelines={"torch": "diffusers:FluxPipeline", "mindspore": "mindone.diffusers:FluxPipeline"},
     modelspec={"modelspec.architecture": "flux-1-dev/lora",
                "modelspec.implementation": "https://github.com/black-forest-labs/flux"},

@@ -7,7 +7,7 @@ fused ``attn.in_proj`` and the tiny pipeline (``tiny.py``).
 
 from __future__ import annotations
 
-from ..architecture import Architecture
+from ..architecture import Architecture, Inference
 from ..fused import FusedLayer
 from .sgm import unet_path_to_sgm
 from .text_encoders import DIFFUSERS_LAYERS, OPENCLIP_LAYERS
@@ -24,7 +24,12 @@ SDXL = Architecture(
     # The name is the path inside the OpenCLIP model (SGM puts it under OPENCLIP_PREFIX).
     fused=(FusedLayer("text_encoder_2", f"{OPENCLIP_LAYERS}{{n}}.attn.in_proj",
                       tuple(f"{DIFFUSERS_LAYERS}{{n}}.self_attn.{p}_proj" for p in "qkv")),),
+    short="sdxl",
     tiny="lorabridge.architectures.sdxl.tiny",
+    inference=Inference(pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+                        denoiser="unet",
+                        lora_components=("unet", "text_encoder", "text_encoder_2"), required={"addition_embed_type": "text_time"}, schedulers="diffusion",
+                        guidance_scale=5.0),
     pipelines={"torch": "diffusers:StableDiffusionXLPipeline", "mindspore": "mindone.diffusers:StableDiffusionXLPipeline"},
     modelspec={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                "modelspec.implementation": "https://github.com/Stability-AI/generative-models"},

@@ -8,20 +8,19 @@ conditioning) and shrinks only the widths, so every SDXL LoRA module name exists
 (560 UNet attention modules, as in the real model) and a 64x64 image takes seconds on CPU.
 
 Example:
-    >>> build_tiny_sdxl("tiny-sdxl")   # doctest: +SKIP
+    >>> build_tiny("tiny-sdxl")   # doctest: +SKIP
     PosixPath('tiny-sdxl')
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ...errors import LoraBridgeError
 from ...io.atomic import atomic_directory
+from ..tiny_parts import clip_text_config, clip_tokenizer, random_lora, weight_shapes
 
 # SDXL-base's UNet layout at small widths (320/640/1280 -> 32/64/64), 32-dim attention heads.
 UNET_CONFIG: dict[str, Any] = {
@@ -68,50 +67,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
 }
 
-# A byte-level BPE vocabulary in CLIP's layout: 256 byte symbols, the same with "</w>", merges, specials.
-TOKENIZER_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "a r", "e n", "o r", "a </w>",
-                    "s </w>", "e </w>", "t </w>", "d </w>", "o f</w>", "p h", "ph o", "pho t", "phot o</w>",
-                    "c a", "ca t</w>", "d o", "do g</w>", "b l", "bl u", "blu e</w>", "r e", "re d</w>"]
-VOCAB_SIZE = 1000
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's printable stand-ins for the 256 byte values, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-def tokenizer_vocab() -> list[str]:
-    """The tokens by id; the last two are ``<|startoftext|>`` and ``<|endoftext|>``, as in CLIP."""
-    symbols = _bytes_to_unicode()
-    return [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in TOKENIZER_MERGES),
-            "<|startoftext|>", "<|endoftext|>"]
-
-
-def write_tokenizer_files(directory: Path) -> None:
-    """Write ``vocab.json`` and ``merges.txt`` of a tiny CLIP BPE tokenizer (every byte is covered)."""
-    vocab = tokenizer_vocab()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), "utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TOKENIZER_MERGES) + "\n", "utf-8")
-
-
 def _components(seed: int, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The seeded torch modules and tokenizers of the pipeline (random init); ``configs`` override the tiny sizes."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    bos, eos = len(tokenizer_vocab()) - 2, len(tokenizer_vocab()) - 1
-
-    def text_config(config: dict[str, Any]) -> CLIPTextConfig:
-        # The pooled output is read at eos_token_id, so it must be the tokenizer's real id.
-        return CLIPTextConfig(vocab_size=VOCAB_SIZE, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **config)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sizes = {name: {**default, **configs.get(name, {})} for name, default in (
         ("unet", UNET_CONFIG), ("vae", VAE_CONFIG), ("text_encoder", TEXT_ENCODER_CONFIG), ("text_encoder_2", TEXT_ENCODER_2_CONFIG))}
@@ -119,19 +79,17 @@ def _components(seed: int, configs: dict[str, dict[str, Any]]) -> dict[str, Any]
     parts: dict[str, Any] = {
         "unet": UNet2DConditionModel(**sizes["unet"]),
         "vae": AutoencoderKL(**sizes["vae"]),
-        "text_encoder": CLIPTextModel(text_config(sizes["text_encoder"])),
-        "text_encoder_2": CLIPTextModelWithProjection(text_config(sizes["text_encoder_2"])),
+        "text_encoder": CLIPTextModel(clip_text_config(sizes["text_encoder"])),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_text_config(sizes["text_encoder_2"])),
         "scheduler": EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    tokenizer = clip_tokenizer()
     parts["tokenizer"] = tokenizer
     parts["tokenizer_2"] = tokenizer
     return parts
 
 
-def build_tiny_sdxl(out: str | os.PathLike, seed: int = 0, force: bool = False,
+def build_tiny(out: str | os.PathLike, seed: int = 0, force: bool = False,
                     configs: dict[str, dict[str, Any]] | None = None, half: bool = False) -> Path:
     """Write a tiny random SDXL pipeline (diffusers layout, safetensors) to ``out`` and return its path.
 
@@ -176,46 +134,22 @@ def lora_shapes(pipeline_dir: str | os.PathLike, components: tuple[str, ...] = (
 
     Read from the safetensors headers only, so it needs no framework and works on a real SDXL too.
     """
-    from ...io.safetensors_file import SafetensorsFile
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for component in components:
-        weights = SafetensorsFile(Path(pipeline_dir) / WEIGHT_FILES[component])
-        for key in weights.keys():
-            path = key[: -len(".weight")] if key.endswith(".weight") else None
-            if path and any(path == t or path.endswith("." + t) for t in targets[component]):
-                shapes[f"{component}.{path}"] = weights.header_entry(key)[1]
-    return shapes
+    return weight_shapes(pipeline_dir, WEIGHT_FILES, targets, components)
 
 
 def make_tiny_lora(pipeline_dir: str | os.PathLike, rank: int = 4, alpha: float = 8.0, seed: int = 0,
                    components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"), strength: float = 0.5):
-    """A seeded LoRA (:class:`LoraModel`) for every attention projection of ``pipeline_dir``, with non-zero A and B.
-
-    Both factors are random (a freshly initialised LoRA has B = 0 and changes nothing), scaled so
-    the update is about ``strength`` times the typical weight: strong enough to change images visibly.
+    """A seeded LoRA (:class:`LoraModel`) for every attention projection of ``pipeline_dir``, with non-zero A and B
+    (see :func:`~..tiny_parts.random_lora`).
 
     Example:
         >>> model = make_tiny_lora("tiny-sdxl")   # doctest: +SKIP
         >>> len(model.modules)   # doctest: +SKIP
         576
     """
-    import numpy as np
-
-    from ...model import LoraModel, LoraModule
-    from ...tensor import Tensor
-
-    rng = np.random.default_rng(seed)
-    model = LoraModel(provenance={"source_format": "lorabridge.tiny_sdxl"},
-                      training={"note": f"random LoRA for a tiny SDXL, seed {seed}", "ss_network_dim": str(rank)})
-    for name, (out_features, in_features, *kernel) in lora_shapes(pipeline_dir, components).items():
-        # B @ A has entries of std sqrt(rank) * sa * sb; aim at strength / sqrt(in_features) (the init scale).
-        sa = sb = (strength / (np.sqrt(rank) * np.sqrt(in_features)) * rank / alpha) ** 0.5
-        a = rng.normal(0.0, sa, (rank, in_features, *kernel)).astype(np.float32)
-        b = rng.normal(0.0, sb, (out_features, rank, *([1, 1] if kernel else []))).astype(np.float32)
-        model.add(LoraModule(name, "lora", {"lora_A.weight": Tensor.from_numpy(a), "lora_B.weight": Tensor.from_numpy(b)},
-                             alpha=alpha))
-    return model
+    return random_lora(lora_shapes(pipeline_dir, components), rank, alpha, seed, strength,
+                       provenance={"source_format": "lorabridge.tiny_sdxl"},
+                       training={"note": f"random LoRA for a tiny SDXL, seed {seed}", "ss_network_dim": str(rank)})
 
 
 # --make-lora output suffix -> registry format written: a neutral file, or what MindONE's SDXL trainer saves.
