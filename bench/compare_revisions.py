@@ -66,7 +66,8 @@ def compare(base: Path, work: Path, stem: str, repeat: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD~1", help="the revision to compare with [HEAD~1]")
-    parser.add_argument("--input", choices=list(INPUTS), default="rank128-attn-ff-proj-te")
+    parser.add_argument("--input", choices=[n for n, s in INPUTS.items() if s.writer == "mindone-sgm"],  # COMMANDS' ckpt
+                        default="rank128-attn-ff-proj-te")
     parser.add_argument("--repeat", type=int, default=6, help="runs per revision and command [6]")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lorabridge-bench")
     args = parser.parse_args(argv)

@@ -2,16 +2,21 @@
 
 One command runs everything and writes ``bench/RESULTS.md``::
 
-    .venv/bin/python bench/convert_bench.py            # three inputs (the last about 2 GiB), 3 repeats
-    .venv/bin/python bench/convert_bench.py --quick    # the two smaller inputs, 1 repeat
+    .venv/bin/python bench/convert_bench.py            # every input (SDXL's last about 2 GiB), 3 repeats
+    .venv/bin/python bench/convert_bench.py --quick    # the two smaller SDXL inputs, 1 repeat
+    .venv/bin/python bench/convert_bench.py --inputs flux-rank32-kohya   # Flux.1-dev, rank 32, alone
     make bench
 
-Inputs are MindONE SGM ``.ckpt`` files at SDXL-base shapes (``bench_inputs.py``), plus the neutral
-file ``ms2neutral`` makes of each (made once, untimed). Every contender is a separate process,
-measured by ``measure.py`` (wall time, ``ru_maxrss``, sampled ``RssAnon``/``RssFile``); all contenders
-of a repeat run one after the other, after ``sync``, on inputs in the page cache. Figures are medians
-over repeats (peaks: the highest). Ratios are against ``cp`` of the same input file. Hand-written
-notes after the ``NOTES_MARKER`` line of RESULTS.md are kept when it is rewritten.
+Inputs (``bench_inputs.py``) are files a trainer writes at an architecture's real shapes: MindONE SGM
+``.ckpt`` at SDXL-base shapes, kohya sd-scripts' Flux.1-dev LoRA; plus the files made of each once,
+untimed (:data:`BENCHES`: the neutral file, and for Flux.1 its diffusers and MindONE files). Each
+architecture has its contenders (:data:`BENCHES`). Every contender is a separate process, measured
+by ``measure.py`` (wall time, ``ru_maxrss``, sampled ``RssAnon``/``RssFile``); all contenders of a
+repeat run one after the other, after ``sync``, on inputs in the page cache. Figures are medians over
+repeats (peaks: the highest). Ratios are against ``cp`` of the same input file and against the
+architecture's baseline (the seed's script for SDXL, diffusers for Flux.1). RESULTS.md has one
+section per architecture; a run rewrites the sections of the architectures it ran and keeps the
+others, and hand-written notes after the ``NOTES_MARKER`` line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,12 +42,16 @@ from typing import Callable
 from bench_inputs import INPUTS, InputSpec, generate
 from measure import Launcher, Run
 
+from lorabridge.architectures import architectures
+from lorabridge.architectures.flux1 import FLUX1
+from lorabridge.architectures.sdxl import SDXL
 from lorabridge.io.safetensors_file import SafetensorsFile
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 RESULTS = REPO / "bench" / "RESULTS.md"
 NOTES_MARKER = "<!-- notes: everything below this line is hand-written and kept when the script rewrites the file -->"
+SECTION_MARKER = "<!-- section: {} -->"  # starts the generated section of one architecture
 # Commands run as a user's would: offline, and with Python's bytecode cache (an environment that
 # sets PYTHONDONTWRITEBYTECODE would have every run compile lorabridge's modules from source).
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
@@ -57,25 +67,26 @@ PROFILE_LINES = 14
 
 @dataclass
 class Files:
-    """The files of one input: the MindONE checkpoint, its neutral file, the seed's name lists, outputs."""
+    """The files of one input: the generated one and those made of it (label -> path), the seed's name
+    lists (SDXL), outputs."""
 
-    ckpt: Path
-    neutral: Path
-    ms_names: Path
-    pt_names: Path
+    inputs: dict[str, Path]
     out: Path
+    ms_names: Path | None = None
+    pt_names: Path | None = None
 
     def input(self, reads: str) -> Path:
-        return self.ckpt if reads == "ckpt" else self.neutral
+        return self.inputs[reads]
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
     kind: str  # "floor" (cp), "baseline" (seed, diffusers) or "ours"
-    reads: str  # "ckpt" or "neutral"
+    reads: str  # label of the input file it reads (Files.inputs)
     output: str  # output file (or directory) name under Files.out
     argv: Callable[[Files, Path], list[str]]  # (files, output path) -> command line
+    versus: str = "ckpt"  # the baseline compared with: the one reading this input label
 
 
 def _cli(*args: str) -> Callable[[Files, Path], list[str]]:
@@ -86,23 +97,36 @@ def _cli(*args: str) -> Callable[[Files, Path], list[str]]:
     return argv
 
 
-def _contenders() -> list[Contender]:
-    cp = lambda reads: lambda f, out: ["cp", os.fspath(f.input(reads)), os.fspath(out)]
-    cp_sync = lambda reads: lambda f, out: ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", os.fspath(f.input(reads)),
-                                            os.fspath(out)]
-    ours = lambda reads, *args: (lambda f, out: _cli(*args)(f, out, reads))
+def _cp(reads: str) -> Callable[[Files, Path], list[str]]:
+    return lambda f, out: ["cp", os.fspath(f.input(reads)), os.fspath(out)]
+
+
+def _cp_sync(reads: str) -> Callable[[Files, Path], list[str]]:
+    return lambda f, out: ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", os.fspath(f.input(reads)), os.fspath(out)]
+
+
+def _ours(reads: str, *args: str) -> Callable[[Files, Path], list[str]]:
+    return lambda f, out: _cli(*args)(f, out, reads)
+
+
+def _diffusers(pipeline: str, reads: str) -> Callable[[Files, Path], list[str]]:
+    return lambda f, out: [PY, "bench/contenders/diffusers_resave.py", pipeline, os.fspath(f.input(reads)), os.fspath(out)]
+
+
+def _sdxl_contenders() -> list[Contender]:
+    cp, cp_sync, ours = _cp, _cp_sync, _ours
     return [
         Contender("cp", "floor", "ckpt", "cp.ckpt", cp("ckpt")),
         Contender("cp + fsync", "floor", "ckpt", "cp_sync.ckpt", cp_sync("ckpt")),
         Contender("seed: load_checkpoint, pair by position, torch.save", "baseline", "ckpt", "seed_pt.ckpt",
-                  lambda f, out: [PY, "bench/contenders/seed_ms2pt.py", os.fspath(f.ckpt), os.fspath(f.ms_names),
+                  lambda f, out: [PY, "bench/contenders/seed_ms2pt.py", os.fspath(f.input("ckpt")), os.fspath(f.ms_names),
                                   os.fspath(f.pt_names), os.fspath(out)]),
         Contender("ours: ms2neutral", "ours", "ckpt", "ms2neutral.safetensors",
                   ours("ckpt", "ms2neutral", "IN", "-o", "OUT")),
         Contender("cp", "floor", "neutral", "cp.safetensors", cp("neutral")),
         Contender("cp + fsync", "floor", "neutral", "cp_sync.safetensors", cp_sync("neutral")),
         Contender("diffusers: lora_state_dict + save_lora_weights", "baseline", "neutral", "diffusers_out",
-                  lambda f, out: [PY, "bench/contenders/diffusers_resave.py", os.fspath(f.neutral), os.fspath(out)]),
+                  _diffusers("StableDiffusionXLPipeline", "neutral")),
         Contender("ours: neutral2pt (diffusers)", "ours", "neutral", "neutral2pt.safetensors",
                   ours("neutral", "neutral2pt", "IN", "-o", "OUT")),
         Contender("ours: neutral2ms (mindone-sgm .ckpt)", "ours", "neutral", "neutral2ms.ckpt",
@@ -112,20 +136,103 @@ def _contenders() -> list[Contender]:
     ]
 
 
+def _flux_contenders() -> list[Contender]:
+    """kohya -> neutral and -> diffusers against diffusers' kohya conversion; neutral -> diffusers, kohya and
+    MindONE, diffusers -> neutral and MindONE -> neutral against diffusers' load-and-save of the neutral file."""
+    flux = lambda name, kind, reads, output, argv, versus="neutral": Contender(name, kind, reads, output, argv, versus)  # noqa: E731
+    return [
+        flux("cp", "floor", "kohya", "cp.safetensors", _cp("kohya"), "kohya"),
+        flux("cp + fsync", "floor", "kohya", "cp_sync.safetensors", _cp_sync("kohya"), "kohya"),
+        flux("diffusers: FluxPipeline.lora_state_dict (kohya -> diffusers) + save_lora_weights", "baseline", "kohya",
+             "diffusers_from_kohya", _diffusers("FluxPipeline", "kohya"), "kohya"),
+        flux("ours: pt2neutral (kohya -> neutral)", "ours", "kohya", "pt2neutral.safetensors",
+             _ours("kohya", "pt2neutral", "IN", "-o", "OUT"), "kohya"),
+        flux("ours: convert --to diffusers (kohya -> diffusers)", "ours", "kohya", "kohya2diffusers.safetensors",
+             _ours("kohya", "convert", "IN", "--to", "diffusers", "-o", "OUT"), "kohya"),
+        flux("cp", "floor", "neutral", "cp.safetensors", _cp("neutral")),
+        flux("cp + fsync", "floor", "neutral", "cp_sync.safetensors", _cp_sync("neutral")),
+        flux("diffusers: FluxPipeline.lora_state_dict + save_lora_weights", "baseline", "neutral", "diffusers_out",
+             _diffusers("FluxPipeline", "neutral")),
+        flux("ours: neutral2pt (diffusers)", "ours", "neutral", "neutral2pt.safetensors",
+             _ours("neutral", "neutral2pt", "IN", "-o", "OUT")),
+        flux("ours: convert --to kohya (fused qkv/linear1)", "ours", "neutral", "kohya.safetensors",
+             _ours("neutral", "convert", "IN", "--to", "kohya", "-o", "OUT")),
+        flux("ours: neutral2ms --naming mindone-diffusers --format safetensors", "ours", "neutral", "neutral2ms.safetensors",
+             _ours("neutral", "neutral2ms", "IN", "--naming", "mindone-diffusers", "--format", "safetensors", "-o", "OUT")),
+        flux("cp", "floor", "diffusers", "cp.safetensors", _cp("diffusers")),
+        flux("ours: pt2neutral (diffusers -> neutral)", "ours", "diffusers", "diffusers2neutral.safetensors",
+             _ours("diffusers", "pt2neutral", "IN", "-o", "OUT")),
+        flux("cp", "floor", "mindone", "cp.safetensors", _cp("mindone")),
+        flux("ours: ms2neutral (MindONE Flux trainer's safetensors -> neutral)", "ours", "mindone",
+             "ms2neutral.safetensors", _ours("mindone", "ms2neutral", "IN", "-o", "OUT")),
+    ]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One architecture's benchmark: the label of the generated input, the files made of it once (untimed:
+    label, made from label, format, write options), the contenders, and how the table and notes name them."""
+
+    source: str
+    derived: tuple[tuple[str, str, str, dict], ...]
+    contenders: Callable[[], list[Contender]]
+    baseline: str  # column header: "<baseline> time / this"
+    described: tuple[str, ...]  # "Contenders, exactly" (Markdown list items)
+
+
+DIFFUSERS_NOTE = ("`python bench/contenders/diffusers_resave.py PIPELINE IN OUTDIR`: `PIPELINE.lora_state_dict(dir, "
+                  "weight_name=file)`, split by component prefix, `PIPELINE.save_lora_weights(OUTDIR, "
+                  "<component>_lora_layers=..., weight_name='pytorch_lora_weights.safetensors')` (no model instance)")
+BENCHES = {
+    SDXL.name: Bench("ckpt", (("neutral", "ckpt", "neutral", {}),), _sdxl_contenders, "seed", (
+        "`cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
+        "seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
+        "(the seed's `convert_lora_ms2pt.py` steps: `mindspore.load_checkpoint`, names paired by line position "
+        "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper, and with MindSpore "
+        "2.10's guard that refuses a .ckpt larger than *free* memory switched off: with a full page cache it "
+        "refuses even the 727 MB input, which the seed's MindSpore did not)",
+        f"diffusers: {DIFFUSERS_NOTE.replace('PIPELINE', 'StableDiffusionXLPipeline')} on the neutral file",
+        "ours: `python cli.py ms2neutral IN.ckpt -o OUT`, `python cli.py neutral2pt NEUTRAL -o OUT` (diffusers format), "
+        "`python cli.py neutral2ms NEUTRAL -o OUT.ckpt` (mindone-sgm), `python cli.py convert NEUTRAL --to kohya -o OUT`",
+    )),
+    FLUX1.name: Bench("kohya", (("neutral", "kohya", "neutral", {}), ("diffusers", "neutral", "diffusers", {}),
+                                ("mindone", "neutral", "mindone-diffusers", {"container": "safetensors"})),
+                      _flux_contenders, "diffusers", (
+        "`cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
+        f"diffusers: {DIFFUSERS_NOTE.replace('PIPELINE', 'FluxPipeline')}, on the kohya file (what a diffusers "
+        "user runs to turn a kohya Flux LoRA into diffusers': `lora_state_dict` converts it, folding alpha into the "
+        "weights, and gives q/k/v one shared `lora_A`, which the script clones, as `save_lora_weights` refuses shared "
+        "tensors) and on the neutral file (load and save, no conversion). Rows reading the kohya file are "
+        "compared with the first, the others with the second",
+        "ours: `python cli.py pt2neutral KOHYA -o OUT`, `python cli.py convert KOHYA --to diffusers -o OUT`, "
+        "`python cli.py neutral2pt NEUTRAL -o OUT`, `python cli.py convert NEUTRAL --to kohya -o OUT` (q/k/v and "
+        "linear1 merged back), `python cli.py neutral2ms NEUTRAL --naming mindone-diffusers --format safetensors -o OUT` "
+        "(what MindONE's Flux trainer saves), `python cli.py pt2neutral DIFFUSERS -o OUT`, "
+        "`python cli.py ms2neutral MINDONE -o OUT`",
+    )),
+}
+
+
 # ------------------------------------------------------------------------------------------- setup
 
 
 def prepare(spec: InputSpec, work: Path, regenerate: bool) -> Files:
-    """Generate the input, its neutral file and the seed's name lists (all untimed)."""
-    from lorabridge.converters.mindspore import ms2neutral
+    """Generate the input, the files made of it and (SDXL) the seed's name lists (all untimed)."""
+    from lorabridge.converters import convert
 
-    ckpt = generate(spec, work, regenerate)
-    files = Files(ckpt, work / f"{spec.name}.safetensors", work / f"{spec.name}.ms_lora_params.txt",
-                  work / f"{spec.name}.pt_lora_params_ordered.txt", work / "out" / spec.name)
-    if regenerate or not files.neutral.exists() or files.neutral.stat().st_mtime < ckpt.stat().st_mtime:
-        ms2neutral(ckpt, files.neutral, force=True, progress=False)
-    if regenerate or not files.pt_names.exists() or files.pt_names.stat().st_mtime < ckpt.stat().st_mtime:
-        write_name_lists(ckpt, files.ms_names, files.pt_names)
+    bench = BENCHES[spec.architecture]
+    source = generate(spec, work, regenerate)
+    files = Files({bench.source: source}, work / "out" / spec.name)
+    for label, made_from, fmt, options in bench.derived:
+        plain = label == "neutral" and spec.suffix != ".safetensors"  # SDXL's: name.ckpt -> name.safetensors
+        path = work / (f"{spec.name}.safetensors" if plain else f"{spec.name}.{label}.safetensors")
+        files.inputs[label] = path
+        if regenerate or not path.exists() or path.stat().st_mtime < files.inputs[made_from].stat().st_mtime:
+            convert(files.inputs[made_from], path, fmt, force=True, progress=False, **options)
+    if bench.baseline == "seed":
+        files.ms_names, files.pt_names = work / f"{spec.name}.ms_lora_params.txt", work / f"{spec.name}.pt_lora_params_ordered.txt"
+        if regenerate or not files.pt_names.exists() or files.pt_names.stat().st_mtime < source.stat().st_mtime:
+            write_name_lists(source, files.ms_names, files.pt_names)
     files.out.mkdir(parents=True, exist_ok=True)
     return files
 
@@ -151,11 +258,13 @@ def write_name_lists(ckpt: Path, ms_list: Path, pt_list: Path) -> None:
 
 
 def largest_tensor(files: Files) -> int:
-    """Bytes of the largest tensor in the input checkpoint or its neutral file."""
+    """Bytes of the largest tensor in any of the input files."""
     from lorabridge.io.ms_ckpt import MsCheckpointFile
 
-    sizes = [t.nbytes for _, t in MsCheckpointFile(files.ckpt).items()]
-    sizes += [t.nbytes for t in SafetensorsFile(files.neutral).tensors().values()]
+    sizes = []
+    for path in files.inputs.values():
+        tensors = MsCheckpointFile(path).items() if path.suffix == ".ckpt" else SafetensorsFile(path).tensors().items()
+        sizes += [t.nbytes for _, t in tensors]
     return max(sizes)
 
 
@@ -214,7 +323,7 @@ def warm(path: Path) -> None:
 def make_room(files: Files) -> None:
     """Copy the inputs once and delete the copies, untimed, so that the page cache has that much memory
     free: otherwise the first contender of an input pays for reclaiming what the runs before left cached."""
-    for path in (files.ckpt, files.neutral):
+    for path in files.inputs.values():
         shutil.copyfile(path, files.out / "room")
         (files.out / "room").unlink()
 
@@ -237,7 +346,7 @@ def startup_commands(files: dict[str, Files]) -> list[tuple[str, list[str]]]:
     commands = [("python -c pass (interpreter alone)", [PY, "-c", "pass"]),
                 ("python -c 'import lorabridge.cli' (our start-up)", [PY, "-c", "import lorabridge.cli"]),
                 ("python cli.py --help", [PY, "cli.py", "--help"])]
-    commands += [(f"python cli.py inspect {f.neutral.name}", [PY, "cli.py", "inspect", os.fspath(f.neutral)])
+    commands += [(f"python cli.py inspect {f.input('neutral').name}", [PY, "cli.py", "inspect", os.fspath(f.input("neutral"))])
                  for f in files.values()]
     return commands
 
@@ -296,8 +405,8 @@ class Row:
     runs: list[Run]
     input_bytes: int
     cp: float  # median wall of cp of the same input file
-    cp_sync: float
-    seed: float
+    cp_sync: float | None
+    baseline: float | None  # median wall of the baseline this row is compared with (Contender.versus)
     startup: float
 
     @property
@@ -325,8 +434,9 @@ class Row:
         return max(r.peak_file_bytes for r in self.runs)
 
 
-def input_table(rows: list[Row]) -> list[str]:
-    head = ("| contender | reads | wall s (median, min-max) | CPU s | MB/s | x cp | x cp+fsync | seed time / this | "
+def input_table(rows: list[Row], baseline: str) -> list[str]:
+    head = ("| contender | reads | wall s (median, min-max) | CPU s | MB/s | x cp | x cp+fsync | "
+            f"{baseline} time / this | "
             "wall - start-up s | x cp, start-up excluded | peak RSS MiB | RSS / input | peak RssAnon MiB | "
             "peak RssFile MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -343,7 +453,7 @@ def input_table(rows: list[Row]) -> list[str]:
         lines.append(
             f"| {c.name} | {c.reads} | {spread(r.runs)} | {r.cpu:.2f} | {r.input_bytes / r.wall / 1e6:,.0f} | "
             f"{r.cp / r.wall:.2f} | "
-            f"{r.cp_sync / r.wall:.2f} | {r.seed / r.wall:.1f} | "
+            f"{f'{r.cp_sync / r.wall:.2f}' if r.cp_sync else ''} | {f'{r.baseline / r.wall:.1f}' if r.baseline else ''} | "
             f"{f'{net:.3f}' if net is not None else ''} | {f'{r.cp / net:.2f}' if net else ''} | "
             f"{mib(r.peak_rss)} | {r.peak_rss / r.input_bytes:.2f} | {mib(r.peak_anon) if python else ''} | "
             f"{mib(r.peak_file) if python else ''} |")
@@ -366,13 +476,15 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
                          f"start-up excluded {r.cp / (r.wall - r.startup):.2f}x cp)")
             if not met:
                 misses.append((TARGET_INPUT, r, "time"))
-    lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
-    for name in all_rows:
+    seeded = [name for name in all_rows if any(r.contender.name.startswith("seed") for r in all_rows[name])]
+    if seeded:
+        lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
+    for name in seeded:
         for r in ours(name):
-            speedup = r.seed / r.wall
+            speedup = r.baseline / r.wall
             lines.append(f"- {name}, {r.contender.name}: {'met' if r.ok and speedup >= TARGET_SEED_SPEEDUP else 'MISSED'}, "
-                         f"{speedup:.1f}x ({r.wall:.3f} s vs seed {r.seed:.3f} s)")
-    lines.append("\n**Peak RSS <= largest tensor + 100 MB** (ru_maxrss; RssAnon in brackets):")
+                         f"{speedup:.1f}x ({r.wall:.3f} s vs seed {r.baseline:.3f} s)")
+    lines.append(f"{chr(10) if lines else ''}**Peak RSS <= largest tensor + 100 MB** (ru_maxrss; RssAnon in brackets):")
     for name in all_rows:
         limit = largest[name] + TARGET_RSS_SLACK
         for r in ours(name):
@@ -393,13 +505,34 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
     return lines, misses
 
 
+def sections(text: str) -> tuple[dict[str, str], str]:
+    """The generated sections of RESULTS.md (architecture name -> text) and the hand-written notes."""
+    head, _, notes = text.partition(NOTES_MARKER)
+    parts = re.split(r"<!-- section: (\S+) -->\n", head)
+    return dict(zip(parts[1::2], parts[2::2])), notes or "\n"
+
+
 def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[str, InputSpec], sizes: dict,
                   largest: dict, cli_rows, profiles: dict[str, str]) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    """Rewrite the sections of the architectures this run measured; keep the others and the notes."""
+    found, notes = sections(RESULTS.read_text() if RESULTS.exists() else "")
+    for architecture in dict.fromkeys(spec.architecture for spec in specs.values()):
+        mine = [name for name, spec in specs.items() if spec.architecture == architecture]
+        found[architecture] = "\n".join(render_section(
+            architecture, args, info, {n: tables[n] for n in mine}, {n: specs[n] for n in mine}, sizes, largest,
+            cli_rows, {label: text for label, text in profiles.items() if any(f"({n}," in label for n in mine)
+                       or "cli.py" in label})) + "\n\n"
+    order = [a.name for a in architectures() if a.name in found]
+    RESULTS.write_text("".join(SECTION_MARKER.format(a) + "\n" + found[a] for a in order) + NOTES_MARKER + notes)
+
+
+def render_section(architecture: str, args, info: dict, tables: dict[str, list[Row]], specs: dict[str, InputSpec],
+                   sizes: dict, largest: dict, cli_rows, profiles: dict[str, str]) -> list[str]:
+    """The Markdown of one architecture's section: machine, method, contenders, inputs, tables, targets, profiles."""
+    bench, label = BENCHES[architecture], next(a.label for a in architectures() if a.name == architecture)
     target_lines, _ = targets(tables, largest, cli_rows)
     out = [
-        "# Conversion benchmarks",
+        f"# Conversion benchmarks: {label}",
         "",
         f"Written by `{info['command']}` on {info['date']} (git {info['git']}).",
         "",
@@ -433,30 +566,18 @@ def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[st
         "",
         "Contenders, exactly:",
         "",
-        "- `cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
-        "- seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
-        "(the seed's `convert_lora_ms2pt.py` steps: `mindspore.load_checkpoint`, names paired by line position "
-        "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper, and with MindSpore "
-        "2.10's guard that refuses a .ckpt larger than *free* memory switched off: with a full page cache it "
-        "refuses even the 727 MB input, which the seed's MindSpore did not)",
-        "- diffusers: `python bench/contenders/diffusers_resave.py NEUTRAL OUTDIR`: "
-        "`StableDiffusionXLPipeline.lora_state_dict(dir, weight_name=file)`, split by `unet.`/`text_encoder.`/"
-        "`text_encoder_2.`, `StableDiffusionXLPipeline.save_lora_weights(OUTDIR, unet_lora_layers=..., "
-        "text_encoder_lora_layers=..., text_encoder_2_lora_layers=..., weight_name='pytorch_lora_weights.safetensors')` "
-        "(no model instance)",
-        "- ours: `python cli.py ms2neutral IN.ckpt -o OUT`, `python cli.py neutral2pt NEUTRAL -o OUT` (diffusers format), "
-        "`python cli.py neutral2ms NEUTRAL -o OUT.ckpt` (mindone-sgm), `python cli.py convert NEUTRAL --to kohya -o OUT`",
+        *(f"- {line}" for line in bench.described),
         "",
         "## Inputs",
         "",
-        "| input | what | tensors | .ckpt bytes | neutral bytes | largest tensor |",
-        "|---|---|---|---|---|---|",
+        "| input | what | tensors (neutral file) | files, bytes | largest tensor |",
+        "|---|---|---|---|---|",
     ]
     for name, spec in specs.items():
-        out.append(f"| `{name}` | {spec.description} | {sizes[name]['tensors']} | {sizes[name]['ckpt']:,} | "
-                   f"{sizes[name]['neutral']:,} | {mib(largest[name])} MiB |")
+        files = ", ".join(f"{label} {size:,}" for label, size in sizes[name]["files"].items())
+        out.append(f"| `{name}` | {spec.description} | {sizes[name]['tensors']} | {files} | {mib(largest[name])} MiB |")
     for name, rows in tables.items():
-        out += ["", f"## `{name}`", ""] + input_table(rows)
+        out += ["", f"## `{name}`", ""] + input_table(rows, bench.baseline)
     out += ["", "## Start-up, `--help`, `inspect`", "",
             "| command | wall s (median, min-max) | CPU s | peak RSS MiB | imports |", "|---|---|---|---|---|"]
     for label, runs, heavy in cli_rows:
@@ -471,10 +592,9 @@ def write_results(args, info: dict, tables: dict[str, list[Row]], specs: dict[st
                 "counts as the own time of the Python function that made them; threads other than the main one "
                 "show as waits in `acquire`). Memory: `bench/memprofile.py`, tracemalloc at the peak (mapped file "
                 "pages are not allocations: see RssFile in the tables)."]
-        for label, text in profiles.items():
-            out += ["", f"### {label}", "", "```", text, "```"]
-    out += ["", NOTES_MARKER]
-    RESULTS.write_text("\n".join(out) + notes)
+        for title, text in profiles.items():
+            out += ["", f"### {title}", "", "```", text, "```"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -498,12 +618,12 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(), "disk": disk(args.work), "versions": versions(), "work": os.fspath(args.work)}
     print(f"preparing inputs in {args.work} ...", flush=True)
     files = {n: prepare(s, args.work, args.regenerate) for n, s in specs.items()}
-    sizes = {n: {"ckpt": f.ckpt.stat().st_size, "neutral": f.neutral.stat().st_size,
-                 "tensors": len(SafetensorsFile(f.neutral))} for n, f in files.items()}
+    sizes = {n: {"files": {label: path.stat().st_size for label, path in f.inputs.items()},
+                 "tensors": len(SafetensorsFile(f.input("neutral")))} for n, f in files.items()}
     largest = {n: largest_tensor(f) for n, f in files.items()}
     subprocess.run([PY, "-m", "compileall", "-q", "lorabridge", "bench/contenders"], cwd=REPO, env=ENV, check=True)
     info["load_before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    contenders = _contenders()
+    contenders = {n: BENCHES[spec.architecture].contenders() for n, spec in specs.items()}
     runs: dict[tuple[str, int], list[Run]] = {}
     cli = startup_commands(files)
     cli_runs: dict[str, list[Run]] = {label: [] for label, _ in cli}
@@ -514,11 +634,11 @@ def main(argv: list[str] | None = None) -> None:
             cli_runs[label].append(run_one(launcher, command, None, logs / "cli.out"))
         for name, f in files.items():
             make_room(f)
-            for i, c in enumerate(contenders):
+            for i, c in enumerate(contenders[name]):
                 out = f.out / c.output
                 run = run_one(launcher, c.argv(f, out), out, logs / f"{name}.{i}.out", f.input(c.reads))
                 runs.setdefault((name, i), []).append(run)
-                print(f"[{repeat + 1}/{args.repeat}] {name:28s} {c.name:55s} {run.wall_s:8.3f} s "
+                print(f"[{repeat + 1}/{args.repeat}] {name:24s} {c.name[:60]:60s} {run.wall_s:8.3f} s "
                       f"{mib(run.peak_rss_bytes):>9s} MiB rss{'' if run.returncode == 0 else '  FAILED'}", flush=True)
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["launcher_rss"] = launcher.own_rss()
@@ -526,11 +646,15 @@ def main(argv: list[str] | None = None) -> None:
     startup = median(cli_runs["python -c 'import lorabridge.cli' (our start-up)"])
     tables: dict[str, list[Row]] = {}
     for name, f in files.items():
-        by_reads = lambda reads, kind_name: median(next(runs[(name, i)] for i, c in enumerate(contenders)  # noqa: B023 (used in this iteration)
-                                                        if c.reads == reads and c.name == kind_name))
-        seed = median(next(runs[(name, i)] for i, c in enumerate(contenders) if c.name.startswith("seed")))
-        tables[name] = [Row(c, runs[(name, i)], f.input(c.reads).stat().st_size, by_reads(c.reads, "cp"),
-                            by_reads(c.reads, "cp + fsync"), seed, startup) for i, c in enumerate(contenders)]
+        walls: dict[tuple[str, str], float] = {}  # (contender name, reads) -> median wall; the first of a name
+        baselines: dict[str, float] = {}  # reads -> median wall of the baseline reading it
+        for i, c in enumerate(contenders[name]):
+            walls.setdefault((c.name, c.reads), median(runs[(name, i)]))
+            if c.kind == "baseline":
+                baselines.setdefault(c.reads, median(runs[(name, i)]))
+        tables[name] = [Row(c, runs[(name, i)], f.input(c.reads).stat().st_size, walls[("cp", c.reads)],
+                            walls.get(("cp + fsync", c.reads)), baselines.get(c.versus), startup)
+                        for i, c in enumerate(contenders[name])]
     cli_rows = [(label, cli_runs[label], heavy_imports(command)) for label, command in cli]
     profiles = {}
     if not args.no_profile:
@@ -545,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
                 profiles[label] = profile(command, args.work / "none", args.work)
     write_results(args, info, tables, specs, sizes, largest, cli_rows, profiles)
     (args.work / "results.json").write_text(json.dumps(
-        {"info": info, "runs": {f"{n}/{contenders[i].name}/{contenders[i].reads}": [asdict(r) for r in rs]
+        {"info": info, "runs": {f"{n}/{contenders[n][i].name}/{contenders[n][i].reads}": [asdict(r) for r in rs]
                                 for (n, i), rs in runs.items()},
          "cli": {label: [asdict(r) for r in rs] for label, rs in cli_runs.items()}}, indent=1))
     print(f"wrote {RESULTS.relative_to(REPO)} (raw numbers: {args.work / 'results.json'})")

@@ -1,7 +1,7 @@
 """Long fuzzing run of lorabridge's parsers under atheris (coverage-guided).
 
 Usage: python bench/fuzz_atheris.py TARGET [-atheris_runs=N] [-max_total_time=SECONDS]
-TARGET is one of the names in TARGETS (neutral, ms-ckpt, kohya, diffusers, torch-pickle, peft-dir). A run passes when every input either parses or raises
+TARGET is one of the names in TARGETS (neutral, ms-ckpt, kohya, flux-kohya, diffusers, torch-pickle, peft-dir). A run passes when every input either parses or raises
 LoraBridgeError; anything else (another exception, a hang, a huge allocation) is a finding.
 The bounded, always-on version of these runs is tests/test_fuzz_*.py (hypothesis).
 """
@@ -97,6 +97,26 @@ def kohya_seeds() -> dict[str, bytes]:
     return {"kohya": _safetensors_seed(tensors, {"ss_network_dim": "2"})}
 
 
+def flux_kohya_seeds() -> dict[str, bytes]:
+    """kohya sd-scripts' Flux.1 layout at Flux.1-dev widths, rank 1: fused qkv (also as split_qkv: A stacked,
+    B block-diagonal) and linear1, modulation, ``.alpha``; so mutations start inside the fused-layer split."""
+    import numpy as np
+
+    from lorabridge.tensor import Tensor
+
+    shapes = {"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072, 1), "lora_unet_double_blocks_1_txt_attn_qkv": (9216, 3072, 3),
+              "lora_unet_single_blocks_0_linear1": (21504, 3072, 1), "lora_unet_double_blocks_0_img_mod_lin": (18432, 3072, 1)}
+    tensors = {}
+    for stem, (out, inp, rank) in shapes.items():
+        up = np.zeros((out, rank), np.float16)
+        for part in range(rank):  # rank 3: one column per q, k, v block (split_qkv)
+            up[part * out // rank:(part + 1) * out // rank, part] = 1
+        tensors.update({f"{stem}.lora_down.weight": Tensor.from_numpy(np.ones((rank, inp), np.float16)),
+                        f"{stem}.lora_up.weight": Tensor.from_numpy(up),
+                        f"{stem}.alpha": Tensor.from_numpy(np.array(rank, np.float16))})
+    return {"flux-kohya": _safetensors_seed(tensors, {"ss_network_module": "networks.lora_flux"})}
+
+
 def diffusers_seeds() -> dict[str, bytes]:
     import json
 
@@ -121,6 +141,7 @@ TARGETS = {
     "neutral": ("lorabridge.formats.neutral", "inspect_file", vector_seeds, "file"),
     "ms-ckpt": ("lorabridge.io.ms_ckpt", "read_ms_checkpoint", ms_ckpt_seeds, "file"),
     "kohya": ("lorabridge.formats.kohya", "read", kohya_seeds, "file"),
+    "flux-kohya": ("lorabridge.formats.kohya", "read", flux_kohya_seeds, "file"),
     "diffusers": ("lorabridge.formats.diffusers", "read", diffusers_seeds, "file"),
     "torch-pickle": ("lorabridge.io.torch_file", "read_torch_file", torch_seeds, "file"),
     "peft-dir": ("lorabridge.formats.peft", "read", peft_seeds, "peft-dir"),
@@ -131,7 +152,9 @@ INSTRUMENTED = ("lorabridge.io.safetensors_file", "lorabridge.io.json_safe", "lo
                 "lorabridge.io.torch_file", "lorabridge.io.ms_ckpt", "lorabridge.io.protobuf_wire",
                 "lorabridge.formats.checks", "lorabridge.rules", "lorabridge.manifest", "lorabridge.neutral_rules",
                 "lorabridge.architectures.sdxl.sgm", "lorabridge.architectures.sdxl.text_encoders",
-                "lorabridge.formats.training", "lorabridge.model", "lorabridge.tensor")  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
+                "lorabridge.formats.training", "lorabridge.model", "lorabridge.tensor",
+                "lorabridge.naming.underscored", "lorabridge.formats.underscored_files", "lorabridge.architectures.fused",
+                "lorabridge.architectures.architecture", "lorabridge.architectures.flux1.bfl")  # a peft-dir input is adapter_config.json, this, adapter_model.safetensors
 
 
 def write_input(data: bytes, kind: str, scratch: Path) -> Path:

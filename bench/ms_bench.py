@@ -119,7 +119,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", default=",".join(DEFAULT_INPUTS), help="comma-separated names from bench_inputs.INPUTS")
+    parser.add_argument("--inputs", default=",".join(DEFAULT_INPUTS), help="comma-separated names from bench_inputs.INPUTS (MindONE SGM .ckpt ones)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "lorabridge-bench",
                         help="where inputs are generated (and kept for the next run)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per command; the best time is reported")
