@@ -141,7 +141,7 @@ def test_read_only_formats_declare_no_writing(name, tmp_path):
     assert not fmt.records_source_hash and fmt.framework == "torch"
     source = tmp_path / "src_kohya.safetensors"
     quietly(get_format("kohya").write, make_lora_model(), source)
-    with pytest.raises(LoraBridgeError, match=f"^{name} is read-only: .* write diffusers, peft, legacy-diffusers, kohya or lycoris instead$"):
+    with pytest.raises(LoraBridgeError, match=f"^{name} is read-only: .* write comfyui, diffusers, peft, legacy-diffusers, kohya or lycoris instead$"):
         convert(source, tmp_path / "out.safetensors", to=name, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src_kohya.safetensors"]
 

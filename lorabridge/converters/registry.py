@@ -62,7 +62,7 @@ def get_writer(name: str) -> WritableFormat:
         'kohya'
         >>> get_writer("xlabs")
         Traceback (most recent call last):
-        lorabridge.errors.LoraBridgeError: xlabs is read-only: lorabridge reads xlabs files but does not write them; write diffusers, peft, legacy-diffusers, kohya or lycoris instead
+        lorabridge.errors.LoraBridgeError: xlabs is read-only: lorabridge reads xlabs files but does not write them; write comfyui, diffusers, peft, legacy-diffusers, kohya or lycoris instead
     """
     target = get_format(name)
     if not target.writable:
