@@ -30,6 +30,7 @@ from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.model import LoraModule
 from lorabridge.neutral_rules import loaders
 from lorabridge.tensor import Tensor
+from tests.fixtures.flux import TINY_FLUX
 
 ROOT = Path(__file__).resolve().parent.parent
 T = "transformer"
@@ -245,8 +246,6 @@ def test_a_flux1_lora_is_refused_by_sdxl_only_formats_and_by_infer(tmp_path):
 
 # ---- diffusers' own Flux loader on a tiny real transformer --------------------------------------
 
-TINY = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
-        "joint_attention_dim": 32, "pooled_projection_dim": 32, "in_channels": 16, "axes_dims_rope": (4, 6, 6)}
 # PEFT targets: both block kinds (a single-block module tells a narrow Flux.1 LoRA from SD3's names).
 TINY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "proj_mlp", "x_embedder"]
 
@@ -258,7 +257,7 @@ def test_a_peft_lora_on_a_tiny_flux_transformer_goes_through_lorabridge_and_load
     from peft import LoraConfig, get_peft_model_state_dict
 
     torch.manual_seed(0)
-    trained = FluxTransformer2DModel(**TINY)
+    trained = FluxTransformer2DModel(**TINY_FLUX)
     trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TINY_TARGETS, init_lora_weights=False))
     layers = get_peft_model_state_dict(trained)
     FluxPipeline.save_lora_weights(tmp_path / "theirs", transformer_lora_layers=layers,
@@ -270,7 +269,7 @@ def test_a_peft_lora_on_a_tiny_flux_transformer_goes_through_lorabridge_and_load
     convert(tmp_path / "n.safetensors", tmp_path / "ours.safetensors", "diffusers", progress=False)
 
     # What FluxPipeline.load_lora_weights does with a file: read it with lora_state_dict, load it into the transformer.
-    fresh = FluxTransformer2DModel(**TINY)
+    fresh = FluxTransformer2DModel(**TINY_FLUX)
     state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
         str(tmp_path), weight_name="ours.safetensors", return_alphas=True, return_lora_metadata=True)
     FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=fresh, metadata=metadata)

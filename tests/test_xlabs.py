@@ -137,7 +137,7 @@ def test_xlabs_is_read_only_everywhere_it_could_be_a_target(tmp_path, run_cli):
     assert not fmt.writable and fmt.write is None and fmt.write_options == frozenset()
     xlabs_file(tmp_path / "lora.safetensors")
     convert(tmp_path / "lora.safetensors", tmp_path / "n.safetensors", "neutral", progress=False)
-    message = "xlabs is read-only: lorabridge reads xlabs files but does not write them; write diffusers, "
+    message = "xlabs is read-only: lorabridge reads xlabs files but does not write them; write comfyui, diffusers, "
     result = run_cli("convert", tmp_path / "n.safetensors", "--to", "xlabs", "-o", tmp_path / "x.safetensors")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 from ..architectures import architectures
+from ..architectures.flux1 import FLUX1
 from ..model import LoraModel
 from ..naming.underscored import DIFF, KOHYA
 from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
@@ -33,6 +34,13 @@ from .underscored_files import SHOWN, kohya_module, kohya_tensors, read_undersco
 # Where diffusers' kohya loader can place UNet layers: it maps only SGM input_blocks 1+, middle_block and
 # output_blocks, so conv_in (input_blocks.0), time/label embeddings and conv_out make it fail.
 UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+# Where diffusers' kohya Flux loader (0.35.2, _convert_kohya_flux_lora_to_diffusers) can place Flux.1 layers: the
+# double and single blocks. It fails on an embedder's or the final layer's .alpha ("TODO: alphas.") and, without
+# one, names them without "transformer.", so load_lora_into_transformer drops them; it keeps only lora_unet_/lora_te_
+# keys, so kohya's lora_te1_ (CLIP-L) and lora_te3_ (T5) are dropped without a word. It returns no network alphas
+# (alpha / rank folded into the factors), so diffusers' get_peft_kwargs takes the first module's rank as lora_alpha
+# for all: modules of another rank are mis-scaled. tests/test_flux_diffusers_kohya.py
+FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 # What the tools that read kohya files make of a dora_scale per output row (out, 1[, 1, 1]); per input
 # column both compute DoRA as trained. Rules restated in tests/test_dora_axes.py, with their sources.
 OUT_AXIS_READERS = ("A1111 and older ComfyUI read dora_scale per input column only and compute a wrong weight "
@@ -80,7 +88,8 @@ def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRI
     rank; then they are baked by truncated SVD and the error per module is reported as
     :class:`~lorabridge.errors.LoraBridgeWarning`. DoRA magnitudes are written as ``dora_scale`` on
     the axis they have. Per input column (OneTrainer's and LyCORIS' ``wd_on_output=False``) is what
-    A1111 and ComfyUI compute right; per output row is warned about (see :data:`OUT_AXIS_READERS`).
+    A1111 and ComfyUI compute right; per output row is warned about (see :data:`OUT_AXIS_READERS`). For Flux.1,
+    what diffusers' kohya loader drops, fails on or mis-scales is warned about (:func:`warn_flux_for_diffusers`).
 
     Example:
         >>> write(model, "sdxl_lora_kohya.safetensors")   # doctest: +SKIP
@@ -98,6 +107,31 @@ def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRI
         warn(f"{path}: {len(outside)} UNet layer(s) outside the down/mid/up blocks ({', '.join(outside[:SHOWN])}"
              f"{' ...' if len(outside) > SHOWN else ''}): ComfyUI and A1111 load them, diffusers' kohya loader "
              "cannot; for diffusers write --format diffusers")
+    if model.architecture == FLUX1.name:
+        warn_flux_for_diffusers(model, path)
+
+
+def warn_flux_for_diffusers(model: LoraModel, path: str | os.PathLike) -> None:
+    """Warn about the Flux.1 modules diffusers' kohya loader drops, fails on or mis-scales (see :data:`FLUX_BLOCKS`);
+    ComfyUI applies them all as written."""
+    from .checks import warn
+
+    text = [m.name for m in model.modules.values() if m.component != "transformer"]
+    if text:
+        warn(f"{path}: {len(text)} text-encoder module(s) ({', '.join(text[:SHOWN])}{' ...' if len(text) > SHOWN else ''}): "
+             "ComfyUI loads them, diffusers' kohya loader drops lora_te1_/lora_te3_ keys without a word; "
+             "for diffusers write --format diffusers")
+    ranks = sorted({m.rank for m in model.modules.values()
+                    if m.kind == "lora" and m.component == "transformer" and m.path.startswith(FLUX_BLOCKS)})
+    if len(ranks) > 1:
+        warn(f"{path}: {len(ranks)} distinct ranks ({', '.join(map(str, ranks))}) in the Flux.1 blocks: ComfyUI applies "
+             "them as written, diffusers' kohya loader scales each module by (the rank of the first module it reads) / "
+             "(its own rank); for diffusers write --format diffusers")
+    outside = [m.name for m in model.modules.values() if m.component == "transformer" and not m.path.startswith(FLUX_BLOCKS)]
+    if outside:
+        warn(f"{path}: {len(outside)} Flux.1 layer(s) outside the double/single blocks ({', '.join(outside[:SHOWN])}"
+             f"{' ...' if len(outside) > SHOWN else ''}): ComfyUI loads them, diffusers' kohya loader cannot (their alpha "
+             "fails the load, without one they are dropped); for diffusers write --format diffusers")
 
 
 FORMAT = DeclaredFormat(
