@@ -196,6 +196,8 @@ _skip_unknown = click.option("--skip-unknown", is_flag=True,
                              help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                       help="Cast the tensors [default: keep the input's dtype].")
+_base = click.option("--base", type=click.Path(), default=None,
+                     help="Refuse a LoRA that does not fit this base model (as `check --base` checks it) before writing.")
 _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None, metavar="RANK",
                      help="Turn LoHa/LoKr modules into plain LoRA of this rank (truncated SVD; the error is reported).")
 
@@ -218,9 +220,10 @@ def _neutral_reader_writer_options(command):
               help="Input format instead of auto-detection: diffusers, peft, legacy-diffusers, kohya...")
 @_skip_unknown
 @_strict
+@_base
 @_force
 def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_format: str | None,
-                       skip_unknown: bool, strict: bool, force: bool) -> None:
+                       skip_unknown: bool, strict: bool, base: str | None, force: bool) -> None:
     """Convert a PyTorch-world SDXL LoRA (IN) to a neutral .safetensors file.
 
     IN may be a diffusers/PEFT .safetensors, a PEFT adapter directory (or one with unet/,
@@ -233,7 +236,7 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
     from .converters.torch import pt2neutral
 
     _report(pt2neutral(src, output, from_format=from_format, alpha=alpha, skip_unknown=skip_unknown,
-                       strict=strict, force=force))
+                       strict=strict, force=force, base=base))
 
 
 @cli.command("neutral2pt")
@@ -245,8 +248,9 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
                    "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as MindONE's convert_lora_ms2pt.py writes); "
                    "lycoris: lycoris-lora (LoHa/LoKr/full kept, lycoris_ prefix kept).")
 @_neutral_reader_writer_options
+@_base
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       strict: bool, verify_hash: bool, force: bool) -> None:
+                       strict: bool, verify_hash: bool, force: bool, base: str | None) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
@@ -254,7 +258,7 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     from .converters.torch import neutral2pt
 
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       strict=strict, verify_hash=verify_hash, force=force))
+                       strict=strict, verify_hash=verify_hash, force=force, base=base))
 
 
 @cli.command("convert")
@@ -345,6 +349,27 @@ def compare_command(a: str, b: str, output: str | None, max_mae: float, as_json:
     report = compare_paths(a, b, output=output, max_mae=max_mae, force=force)
     _print(report, as_json, render_comparison)
     sys.exit(0 if report["passed"] else 1)
+
+
+@cli.command("check")
+@click.argument("lora", type=click.Path())
+@click.option("--base", type=click.Path(), default=None,
+              help="Base model (diffusers directory, single-file checkpoint or MindONE .ckpt): every module is checked "
+                   "against its layer names and shapes, read from its headers only.")
+@click.option("--target", "targets", default=None, metavar="T1,T2",
+              help="Loaders to check for [default: all]: diffusers, peft, comfyui, a1111, kohya, mindone-sgm, mindone-diffusers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_command(lora: str, base: str | None, targets: str | None, as_json: bool) -> None:
+    """Will LORA load in each target, and do what it says? Exit 1 when it will not load (or does not fit --base).
+
+    Example: lorabridge check lora.safetensors --base sdxl-base --target diffusers,comfyui
+    """
+    from .toolbox.check import TARGETS, check_lora, render_check
+
+    chosen = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else tuple(TARGETS)
+    report = check_lora(lora, base=base, targets=chosen)
+    _print(report, as_json, render_check)
+    sys.exit(0 if report["loads"] else 1)
 
 
 def main() -> None:

@@ -92,8 +92,11 @@ def _check_architecture(model: LoraModel, target: Format, src: Path) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
-            force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
+            force: bool = False, progress: bool = True, base: str | os.PathLike | None = None,
+            **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
+
+    ``base``: a base model the LoRA must fit (``lorabridge check --base``), checked before anything is written.
 
     ``options`` are :class:`~lorabridge.formats.contract.ReadOptions` and
     :class:`~lorabridge.formats.contract.WriteOptions` fields (``alpha``, ``skip_unknown``, ``dtype``...);
@@ -117,6 +120,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
         _check_architecture(model, target, src)
+        if base is not None:
+            from ..toolbox.check import refuse_misfit
+
+            refuse_misfit(model, base, src)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         bar = None
