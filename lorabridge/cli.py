@@ -372,6 +372,24 @@ def check_command(lora: str, base: str | None, targets: str | None, as_json: boo
     sys.exit(0 if report["loads"] else 1)
 
 
+@cli.command("fuse")
+@click.argument("lora", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="Base model: diffusers directory, single-file checkpoint or MindONE .ckpt.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The fused model, in the base's layout.")
+@click.option("--scale", type=FiniteFloat(), default=1.0, show_default=True, help="Multiplier on the LoRA's delta W.")
+@_force
+def fuse_command(lora: str, base: str, output: str, scale: float, force: bool) -> None:
+    """Write the base with LORA merged into its weights (W + scale * delta W), streamed tensor by tensor, dtype kept.
+
+    Example: lorabridge fuse lora.safetensors --base sdxl-base -o sdxl-fused
+    """
+    from .toolbox.fuse import fuse
+
+    result = fuse(lora, base, output, scale=scale, force=force)
+    click.echo(f"fused {result.fused_modules} module(s) into {result.fused_tensors} tensor(s) "
+               f"({result.copied_files} file(s) copied as they were): {shown(result.output)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")
