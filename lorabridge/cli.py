@@ -390,6 +390,30 @@ def fuse_command(lora: str, base: str, output: str, scale: float, force: bool) -
                f"({result.copied_files} file(s) copied as they were): {shown(result.output)}")
 
 
+@cli.command("extract")
+@click.option("--base", required=True, type=click.Path(), help="The model before tuning (diffusers directory, single file or MindONE .ckpt).")
+@click.option("--tuned", required=True, type=click.Path(), help="The tuned model, in any of the same layouts.")
+@click.option("--rank", required=True, type=click.IntRange(min=1), help="Rank of each module (at most what the difference has).")
+@click.option("--min-diff", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Skip layers whose difference is at most this everywhere (0: only unchanged layers).")
+@click.option("--conv", is_flag=True, help="Extract Conv2d layers too (default: Linear layers only).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Neutral LoRA file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_force
+def extract_command(base: str, tuned: str, rank: int, min_diff: float, conv: bool, output: str, as_json: bool,
+                    force: bool) -> None:
+    """Extract a LoRA approximating TUNED - BASE (truncated SVD per layer, streamed), reporting each module's error.
+
+    Example: lorabridge extract --base sdxl-base --tuned sdxl-tuned --rank 32 -o extracted.safetensors
+    """
+    from .toolbox.extract import extract
+
+    summary = extract(base, tuned, output, rank=rank, min_diff=min_diff, conv=conv, force=force).summary()
+    _print(summary, as_json, lambda s: (
+        f"{s['modules']} module(s) extracted, {s['skipped_unchanged']} unchanged layer(s) skipped; relative error "
+        f"mean {s['mean_relative_error']:.3g}, max {s['max_relative_error']:.3g}: {shown(s['output'])}"))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="lorabridge")
