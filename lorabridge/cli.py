@@ -235,8 +235,10 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
     """
     from .converters.torch import pt2neutral
 
+    from .toolbox.check import base_fit
+
     _report(pt2neutral(src, output, from_format=from_format, alpha=alpha, skip_unknown=skip_unknown,
-                       strict=strict, force=force, base=base))
+                       strict=strict, force=force, check=base_fit(base)))
 
 
 @cli.command("neutral2pt")
@@ -257,8 +259,10 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     """
     from .converters.torch import neutral2pt
 
+    from .toolbox.check import base_fit
+
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       strict=strict, verify_hash=verify_hash, force=force, base=base))
+                       strict=strict, verify_hash=verify_hash, force=force, check=base_fit(base)))
 
 
 @cli.command("convert")

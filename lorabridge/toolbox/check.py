@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from ..architectures import get_architecture
 from ..errors import LoraBridgeError, listed
@@ -180,6 +181,22 @@ def refuse_misfit(model: LoraModel, base: str | os.PathLike, path: str | os.Path
         raise LoraBridgeError(f"does not fit the base {os.fspath(base)}{made_for}: {report['misfits']} module(s) do not: "
                               f"{listed(report['problems'])}", path)
     return index
+
+
+def base_fit(base: str | os.PathLike | None) -> Callable[[LoraModel, Path], None] | None:
+    """The check a conversion runs on the model it read when ``--base`` is given (None without one).
+
+    Example:
+        >>> base_fit(None) is None
+        True
+    """
+    if base is None:
+        return None
+    index = index_base(base)  # once, before anything is read: a bad --base fails first
+
+    def check(model: LoraModel, src: Path) -> None:
+        refuse_misfit(model, base, src, index)
+    return check
 
 
 def read_lora(path: str | os.PathLike) -> tuple[LoraModel, str]:

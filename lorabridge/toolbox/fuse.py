@@ -24,6 +24,7 @@ from ..errors import LoraBridgeError
 from ..io.atomic import atomic_directory, check_output_path, replacing
 from ..io.ms_ckpt import MsCheckpointFile, write_ms_checkpoint
 from ..io.safetensors_file import write_safetensors
+from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
 from ..tensor import Tensor
 from .base_index import BaseIndex, WeightFile, module_of, open_weights, single_file_modules
@@ -68,7 +69,8 @@ class _LazyTensor:
 
     @cached_property
     def data(self) -> bytes:
-        weight = np.array(self._base.to_float32())
+        weight = np.array(self._base.to_float32())  # a copy: the base's mapped pages can go
+        release_pages(self._base.data)
         for module, rows in self._modules:
             if rows is None:
                 weight = fused_weight(weight, module, self._scale)
