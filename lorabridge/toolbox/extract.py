@@ -41,21 +41,42 @@ class ExtractResult:
                 "max_relative_error": max(errors, default=0.0), "worst": dict(worst)}
 
 
+GRAM_ROWS = 1024  # rows of the difference turned into float64 at a time
+
+
 def truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(B, A, relative error) with ``B @ A`` the best rank-``rank`` approximation of ``matrix`` (Eckart-Young),
     the singular values split evenly between the factors; the rank never exceeds what the matrix has.
+
+    Computed from the Gram matrix of the smaller side (n x n, float64, accumulated a block of rows at a
+    time): the top singular vectors come from its eigenvectors, ``U_r = M V_r / s_r``. Memory is the matrix
+    plus n x n, not the three float64 matrices a dense SVD holds; singular values below ~1e-8 of the largest
+    are lost to rounding, far below what a LoRA of that rank keeps. The error is
+    ``sqrt(||M||^2 - sum of kept s_i^2) / ||M||``.
 
     Example:
         >>> b, a, error = truncated_svd(np.diag([3.0, 4.0]), 1)
         >>> (b @ a).round(6).tolist(), round(error, 6)
         ([[0.0, 0.0], [0.0, 4.0]], 0.6)
     """
-    u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
-    keep = min(rank, s.size)
-    root = np.sqrt(s[:keep])
-    total = float(np.sqrt(np.sum(s * s)))
-    error = float(np.sqrt(np.sum(s[keep:] ** 2)) / total) if total else 0.0
-    return u[:, :keep] * root, root[:, None] * vt[:keep], error
+    if matrix.shape[0] < matrix.shape[1]:
+        b, a, error = truncated_svd(matrix.T, rank)
+        return a.T, b.T, error
+    gram = np.zeros((matrix.shape[1], matrix.shape[1]))
+    for start in range(0, matrix.shape[0], GRAM_ROWS):
+        block = np.asarray(matrix[start:start + GRAM_ROWS], np.float64)
+        gram += block.T @ block
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    total = float(max(np.trace(gram), 0.0))
+    keep = [i for i in order[:rank] if values[i] > total * 1e-30]  # zero directions add nothing
+    s = np.sqrt(values[keep])
+    v = vectors[:, keep]
+    u = np.concatenate([np.asarray(matrix[i:i + GRAM_ROWS], np.float64) @ v
+                        for i in range(0, matrix.shape[0], GRAM_ROWS)]) / s if keep else np.zeros((matrix.shape[0], 0))
+    root = np.sqrt(s)
+    error = float(np.sqrt(max(total - float(np.sum(s * s)), 0.0) / total)) if total else 0.0
+    return u * root, root[:, None] * v.T, error
 
 
 def _weight(layer: Layer, files: dict[Path, WeightFile]) -> np.ndarray:
@@ -106,7 +127,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                       provenance={"source_format": "lorabridge.extract", "base": Path(base).name, "tuned": Path(tuned).name})
     result, files = ExtractResult(model, out), {}
     for component, path, layer, other in _candidates(base_index, tuned_index, conv):
-        diff = _weight(other, files) - _weight(layer, files)
+        diff = _weight(other, files)
+        diff -= _weight(layer, files)  # in place: two layers in memory, not three
         if not diff.size or float(np.abs(diff).max()) <= min_diff:
             result.skipped += 1
             continue
