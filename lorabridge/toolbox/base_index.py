@@ -16,7 +16,6 @@ Module paths are diffusers' (the canonical spelling), so a LoRA's modules are lo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -53,6 +52,7 @@ class WeightFile(Protocol):
     """What :class:`SafetensorsFile` and :class:`MsCheckpointFile` both offer."""
 
     path: Path
+    metadata: dict[str, str]
 
     def keys(self) -> list[str]: ...
     def header_entry(self, name: str) -> tuple[str, tuple[int, ...]]: ...
@@ -232,15 +232,19 @@ def describe_variant(index: BaseIndex, architecture: Architecture) -> str:
     reference's shapes, else the layers missing and the shapes that differ (a variant's, or other widths)."""
     tree = architecture.tree.all_modules()
     missing = [f"{c}.{p}" for c in index.modules if c in tree for p in tree[c] if p not in index.modules[c]]
-    reshaped, variant_shapes = [], []
+    reshaped: list[str] = []
+    variant_shapes: list[tuple[str, tuple[int, ...]]] = []
     for c, mods in index.modules.items():
         for p, layer in mods.items():
             reference = tree.get(c, {}).get(p)
             if reference is not None and tuple(layer.shape) != tuple(reference):
-                (variant_shapes if layer.shape in architecture.variant_shapes(c, p) else reshaped).append(f"{c}.{p}")
+                if layer.shape in architecture.variant_shapes(c, p):
+                    variant_shapes.append((f"{c}.{p}", layer.shape))
+                else:
+                    reshaped.append(f"{c}.{p}")
     parts = []
     if variant_shapes:
-        parts.append(f"a variant of {architecture.reference} ({', '.join(f'{n} {list(index.layer(*n.split(chr(46), 1)).shape)}' for n in variant_shapes[:3])})")
+        parts.append(f"a variant of {architecture.reference} ({', '.join(f'{n} {list(shape)}' for n, shape in variant_shapes[:3])})")
     if reshaped:
         parts.append(f"other widths than {architecture.reference} ({len(reshaped)} layer(s) differ, e.g. {reshaped[0]})")
     if missing:

@@ -125,7 +125,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                               f"{tuned_index.architecture})", tuned)
     model = LoraModel(architecture=base_index.architecture,
                       provenance={"source_format": "lorabridge.extract", "base": Path(base).name, "tuned": Path(tuned).name})
-    result, files = ExtractResult(model, out), {}
+    result, files = ExtractResult(model, out), dict[Path, WeightFile]()
     for component, path, layer, other in _candidates(base_index, tuned_index, conv):
         diff = _weight(other, files)
         diff -= _weight(layer, files)  # in place: two layers in memory, not three

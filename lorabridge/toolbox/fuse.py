@@ -76,7 +76,7 @@ class _LazyTensor:
                 weight = fused_weight(weight, module, self._scale)
             else:
                 weight[rows[0]:rows[1]] = fused_weight(weight[rows[0]:rows[1]], module, self._scale)
-        return Tensor.from_numpy(weight, self.dtype).data
+        return bytes(Tensor.from_numpy(weight, self.dtype).data)
 
 
 class FusedTensors(Mapping):
@@ -107,6 +107,7 @@ def _targets(weights: WeightFile, model: LoraModel, index: BaseIndex, component:
         module = module_of(key)
         if module is None:
             continue
+        placed: list[tuple[str, str, tuple[int, int] | None]]
         if component is not None:
             placed = [(component, module, None)]
         else:
