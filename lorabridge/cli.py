@@ -225,6 +225,8 @@ _skip_unknown = click.option("--skip-unknown", is_flag=True,
                              help="Drop modules/keys that match no SDXL layer (with a warning) instead of failing.")
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
                       help="Cast the tensors [default: keep the input's dtype].")
+_base = click.option("--base", type=click.Path(), default=None,
+                     help="Refuse a LoRA that does not fit this base model (as `check --base` checks it) before writing.")
 _bake = click.option("--bake-to-lora", type=click.IntRange(min=1), default=None, metavar="RANK",
                      help="Turn LoHa/LoKr modules into plain LoRA of this rank (truncated SVD; the error is reported).")
 _factor_names = click.option("--factor-names", type=click.Choice(["lora_up", "lora_A"]), default=None,
@@ -249,9 +251,10 @@ def _neutral_reader_writer_options(command):
               help="Input format instead of auto-detection: diffusers, peft, legacy-diffusers, kohya...")
 @_skip_unknown
 @_strict
+@_base
 @_force
 def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_format: str | None,
-                       skip_unknown: bool, strict: bool, force: bool) -> None:
+                       skip_unknown: bool, strict: bool, base: str | None, force: bool) -> None:
     """Convert a PyTorch-world SDXL LoRA (IN) to a neutral .safetensors file.
 
     IN may be a diffusers/PEFT .safetensors, a PEFT adapter directory (or one with unet/,
@@ -263,8 +266,10 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
     """
     from .converters.torch import pt2neutral
 
+    from .toolbox.check import base_fit
+
     _report(pt2neutral(src, output, from_format=from_format, alpha=alpha, skip_unknown=skip_unknown,
-                       strict=strict, force=force))
+                       strict=strict, force=force, check=base_fit(base)))
 
 
 @cli.command("neutral2pt")
@@ -277,16 +282,20 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
                    "legacy-diffusers: old attention processors (.ckpt/.bin output = torch pickle, as MindONE's convert_lora_ms2pt.py writes); "
                    "lycoris: lycoris-lora (LoHa/LoKr/full kept, lycoris_ prefix kept).")
 @_neutral_reader_writer_options
+@_base
 def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: str | None, bake_to_lora: int | None,
-                       factor_names: str | None, strict: bool, verify_hash: bool, force: bool) -> None:
+                       factor_names: str | None, strict: bool, verify_hash: bool, force: bool, base: str | None) -> None:
     """Convert a neutral LoRA file (IN) to a PyTorch-world format.
 
     Example: lorabridge neutral2pt lora.safetensors --format kohya -o lora_comfyui.safetensors
     """
     from .converters.torch import neutral2pt
 
+    from .toolbox.check import base_fit
+
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
-                       factor_names=factor_names, strict=strict, verify_hash=verify_hash, force=force))
+                       factor_names=factor_names, strict=strict, verify_hash=verify_hash, force=force,
+                       check=base_fit(base)))
 
 
 @cli.command("convert")
@@ -450,6 +459,69 @@ def merge_command(srcs: tuple[str, ...], weights: list[float], rank: int | None,
     if len(srcs) < 2:
         raise LoraBridgeError("merge needs at least two inputs")
     _tool_report(merge_files(list(srcs), output, weights, rank=rank, to=to_format, force=force), as_json)
+
+
+@cli.command("check")
+@click.argument("lora", type=click.Path())
+@click.option("--base", type=click.Path(), default=None,
+              help="Base model (diffusers directory, single-file checkpoint or MindONE .ckpt): every module is checked "
+                   "against its layer names and shapes, read from its headers only.")
+@click.option("--target", "targets", default=None, metavar="T1,T2",
+              help="Loaders to check for [default: all]: diffusers, peft, comfyui, a1111, kohya, mindone-sgm, mindone-diffusers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_command(lora: str, base: str | None, targets: str | None, as_json: bool) -> None:
+    """Will LORA load in each target, and do what it says? Exit 1 when it will not load (or does not fit --base).
+
+    Example: lorabridge check lora.safetensors --base sdxl-base --target diffusers,comfyui
+    """
+    from .toolbox.check import TARGETS, check_lora, render_check
+
+    chosen = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else tuple(TARGETS)
+    report = check_lora(lora, base=base, targets=chosen)
+    _print(report, as_json, render_check)
+    sys.exit(0 if report["loads"] else 1)
+
+
+@cli.command("fuse")
+@click.argument("lora", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="Base model: diffusers directory, single-file checkpoint or MindONE .ckpt.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The fused model, in the base's layout.")
+@click.option("--scale", type=FiniteFloat(), default=1.0, show_default=True, help="Multiplier on the LoRA's delta W.")
+@_force
+def fuse_command(lora: str, base: str, output: str, scale: float, force: bool) -> None:
+    """Write the base with LORA merged into its weights (W + scale * delta W), streamed tensor by tensor, dtype kept.
+
+    Example: lorabridge fuse lora.safetensors --base sdxl-base -o sdxl-fused
+    """
+    from .toolbox.fuse import fuse
+
+    result = fuse(lora, base, output, scale=scale, force=force)
+    click.echo(f"fused {result.fused_modules} module(s) into {result.fused_tensors} tensor(s) "
+               f"({result.copied_files} file(s) copied as they were): {shown(result.output)}")
+
+
+@cli.command("extract")
+@click.option("--base", required=True, type=click.Path(), help="The model before tuning (diffusers directory, single file or MindONE .ckpt).")
+@click.option("--tuned", required=True, type=click.Path(), help="The tuned model, in any of the same layouts.")
+@click.option("--rank", required=True, type=click.IntRange(min=1), help="Rank of each module (at most what the difference has).")
+@click.option("--min-diff", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Skip layers whose difference is at most this everywhere (0: only unchanged layers).")
+@click.option("--conv", is_flag=True, help="Extract Conv2d layers too (default: Linear layers only).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Neutral LoRA file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_force
+def extract_command(base: str, tuned: str, rank: int, min_diff: float, conv: bool, output: str, as_json: bool,
+                    force: bool) -> None:
+    """Extract a LoRA approximating TUNED - BASE (truncated SVD per layer, streamed), reporting each module's error.
+
+    Example: lorabridge extract --base sdxl-base --tuned sdxl-tuned --rank 32 -o extracted.safetensors
+    """
+    from .toolbox.extract import extract
+
+    summary = extract(base, tuned, output, rank=rank, min_diff=min_diff, conv=conv, force=force).summary()
+    _print(summary, as_json, lambda s: (
+        f"{s['modules']} module(s) extracted, {s['skipped_unchanged']} unchanged layer(s) skipped; relative error "
+        f"mean {s['mean_relative_error']:.3g}, max {s['max_relative_error']:.3g}: {shown(s['output'])}"))
 
 
 def main() -> None:

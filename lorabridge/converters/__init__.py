@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..formats.contract import Format, WritableFormat, WriteOptions
@@ -113,8 +113,12 @@ def write_model(model: LoraModel, out: Path, target: WritableFormat, write_optio
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
-            force: bool = False, progress: bool = True, **options: Any) -> ConversionResult:
+            force: bool = False, progress: bool = True, check: Callable[[LoraModel, Path], None] | None = None,
+            **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
+
+    ``check(model, src)``, if given, may refuse the model read before anything is written (``--base``: the fit
+    to a base model, :func:`lorabridge.toolbox.check.base_fit`).
 
     ``options`` are :class:`~lorabridge.formats.contract.ReadOptions` and
     :class:`~lorabridge.formats.contract.WriteOptions` fields (``alpha``, ``skip_unknown``, ``dtype``...);
@@ -138,6 +142,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
         check_architecture(model, target, src)
+        if check is not None:
+            check(model, src)
         check_unchanged()
         record_source(model, src, source.name, source_hash() if source_hash else None)
         write_model(model, out, target, write_options, force=force, progress=progress)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..errors import LoraBridgeError, listed
 from ..io.input_file import check_regular
 from ..io.safetensors_file import SafetensorsFile
 from ..io.torch_file import container_of
+from ..model import LoraModel
 from . import ConversionResult, convert, default_output
 from .registry import FORMATS, all_formats, get_format, get_writer
 
@@ -77,7 +78,8 @@ def _beside(src: Path, format_name: str) -> Path:
 
 def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, from_format: str | None = None,
                alpha: float | None = None, skip_unknown: bool = False, strict: bool = False,
-               force: bool = False, progress: bool = True) -> ConversionResult:
+               force: bool = False, progress: bool = True,
+               check: Callable[[LoraModel, Path], None] | None = None) -> ConversionResult:
     """Convert a PyTorch-world LoRA (file or PEFT directory, format auto-detected) to a neutral file.
 
     ``alpha`` applies to modules whose file stores none (recorded as "user"); without it they get
@@ -92,14 +94,14 @@ def pt2neutral(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         raise LoraBridgeError("already a neutral LoRA file (use neutral2pt or convert to go on from it)", src)
     source = detect_input(src, [from_format] if from_format else torch_formats())
     out = Path(out) if out is not None else _beside(src, "neutral")
-    return convert(src, out, "neutral", from_formats=[source], force=force, progress=progress,
+    return convert(src, out, "neutral", from_formats=[source], force=force, progress=progress, check=check,
                    alpha=alpha, skip_unknown=skip_unknown, strict=strict)
 
 
 def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, format: str = WRITE_FORMATS[0],
                dtype: str | None = None, bake_to_lora: int | None = None, strict: bool = False,
                force: bool = False, progress: bool = True, verify_hash: bool = False,
-               factor_names: str | None = None) -> ConversionResult:
+               factor_names: str | None = None, check: Callable[[LoraModel, Path], None] | None = None) -> ConversionResult:
     """Convert a neutral file to a PyTorch-world ``format`` (diffusers, peft, kohya, comfyui, legacy-diffusers, lycoris).
 
     ``dtype`` (fp32/fp16/bf16) casts the tensors; ``bake_to_lora`` turns LoHa/LoKr modules into
@@ -123,7 +125,7 @@ def neutral2pt(src: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         raise LoraBridgeError("not a neutral LoRA file (no lorabridge.manifest); "
                               f"`convert --to {format}` takes any supported format", src)
     out = Path(out) if out is not None else _beside(src, format)
-    return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress,
+    return convert(src, out, format, from_formats=["neutral"], force=force, progress=progress, check=check,
                    dtype=dtype, bake_to_lora=bake_to_lora, strict=strict, verify_hash=verify_hash,
                    factor_names=factor_names)
 
