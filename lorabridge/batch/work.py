@@ -72,9 +72,12 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
         raise LoraBridgeError(job.error, job.source)
     check_regular(job.source, directory_ok=True)
     entry.format = detect_input(job.source, [settings.from_format] if settings.from_format else list(FORMATS))
-    entry.sha256 = source_digest(job.source)
-    wanted, out_dir = settings.recorded(), settings.out_dir
-    trust_manifest = get_writer(settings.to).records_source_hash and not wanted["options"] and not settings.from_format
+    target, wanted, out_dir = get_writer(settings.to), settings.recorded(), settings.out_dir
+    # A new output whose target records the source's sha256 (neutral): convert hashes the file beside reading
+    # it, so it is taken from there instead of a pass of its own. Otherwise hashed first: the resume decision needs it.
+    hashed_by_convert = target.records_source_hash and job.source.is_file() and not os.path.lexists(job.output)
+    entry.sha256 = None if hashed_by_convert else source_digest(job.source)
+    trust_manifest = target.records_source_hash and not wanted["options"] and not settings.from_format
     action, record = decide(out_dir, job.output, entry.sha256, wanted, trust_manifest)
     if action == UP_TO_DATE and not settings.force:
         entry.status, entry.architecture = SKIPPED, record.architecture if record else None
@@ -87,7 +90,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     with held_inputs():
         result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
                          force=settings.force or action == REDO, **dict(settings.options))
-    entry.architecture = result.model.architecture
+    entry.architecture, entry.sha256 = result.model.architecture, entry.sha256 or result.model.provenance["source_sha256"]
     entry.warnings = [single_line(warning) for warning in result.warnings]
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
                                              entry.architecture))
