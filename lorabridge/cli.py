@@ -300,9 +300,7 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--keep-going/--fail-fast", default=True, show_default=True,
               help="After a file fails, go on with the others, or start no new file (those not started are "
                    "reported as not converted). Either way the exit code is 1 if any file failed.")
-@click.option("--force", is_flag=True,
-              help="Convert every file again, replacing existing outputs [default: skip outputs that are up to "
-                   "date, redo those whose source or settings changed, refuse files the batch did not write].")
+@_force
 @_skip_unknown
 @_strict
 @_verify_hash
@@ -316,8 +314,8 @@ def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_f
 
     Each file converts as `convert` would convert it, in parallel worker processes, with one progress
     bar, a summary and a per-file JSON Lines report. A rerun resumes: outputs whose recorded source
-    sha256 and settings match are skipped, failed and changed files are redone. Exit 0 only if every
-    file converted or was up to date. A command of its own, not `convert` with several inputs: a
+    sha256 and settings match are skipped, failed and changed files are redone; --force converts every
+    file again, replacing outputs. Exit 0 only if every file converted or was up to date. A command of its own, not `convert` with several inputs: a
     directory is both one input (a PEFT adapter) and a library, and -o names a file there, a tree here.
 
     Example: lorabridge batch loras/ --to neutral -o converted --jobs 4

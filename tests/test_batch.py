@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from lorabridge.batch import REPORT_NAME, run_batch
-from lorabridge.batch.discover import discover
+from lorabridge.batch.discover import find_inputs
 from lorabridge.batch.state import STATE_DIR, read_record
-from lorabridge.cli import cli
 from lorabridge.converters import convert
 from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.io.safetensors_file import write_safetensors
@@ -177,7 +176,7 @@ def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is
     out = root / "converted"  # inside the source tree
     (out / "sdxl").mkdir(parents=True)
     (out / "sdxl" / "style.safetensors").write_bytes(b"old")
-    found = discover([root, root / "sdxl" / "style.safetensors", str(root / "**" / "*.ckpt"), root / "notes.txt",
+    found = find_inputs([root, root / "sdxl" / "style.safetensors", str(root / "**" / "*.ckpt"), root / "notes.txt",
                       str(root / "*.nothing")], exclude=[out])
     assert [str(f.path.relative_to(root)) for f in found if f.error is None] == [
         "flux/f.safetensors", "sdxl/deep/k.safetensors", "sdxl/deep/m.ckpt", "sdxl/p", "sdxl/style.safetensors",
@@ -198,10 +197,12 @@ def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
                                              f"output {tmp_path / 'out' / 'x.safetensors'}")
 
 
-def test_an_unknown_or_read_only_target_fails_once_before_any_file(tmp_path, run_cli):
+def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_file(tmp_path, run_cli):
     result = run_cli("batch", tmp_path, "--to", "xlabs", "-o", tmp_path / "out")
     assert result.exit_code == 1 and result.output.startswith("error: xlabs is read-only")
-    assert not (tmp_path / "out" / REPORT_NAME).exists()
+    both = run_cli("batch", tmp_path, "--to", "neutral", "-o", tmp_path / "out", "--jobs", "2", "--dask", "tcp://x:1")
+    assert both.exit_code == 1 and both.output.startswith("error: --jobs sets this machine's worker processes")
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_state(tmp_path):

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..converters.registry import get_writer
+from ..errors import LoraBridgeError
 from ..formats.contract import OPTION_DEFAULTS
-from .discover import discover
-from .plan import plan
+from .discover import find_inputs
+from .plan import plan_jobs
 from .report import FAILED, BatchResult, ReportWriter
 from .work import Settings
 
@@ -49,11 +50,14 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         (True, 300)
     """
     started = time.perf_counter()
+    if dask and jobs:
+        raise LoraBridgeError("--jobs sets this machine's worker processes; with --dask the cluster's workers run "
+                              "the files (start them with --nworkers N --nthreads 1)")
     target = get_writer(to)  # an unknown or read-only target fails once, before any file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report_path = Path(report) if report is not None else out / REPORT_NAME
-    jobs_ = plan(discover(sources, exclude=[out]), out, target)
+    jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force)
     failed = False

@@ -45,7 +45,7 @@ def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callab
     except (OSError, TimeoutError) as exc:
         raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
     with client:
-        live: dict[str, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
+        live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
         finished = as_completed()
 
         def submit(job: Job, attempt: int) -> None:

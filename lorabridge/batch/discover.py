@@ -48,13 +48,13 @@ def is_adapter_directory(path: Path) -> bool:
     return get_format("peft").detect(path)
 
 
-def discover(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
+def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
     """The inputs named by ``sources`` (files, directories, globs), each once, in a stable order.
 
     ``exclude``: directories never walked (the output directory).
 
     Example:
-        >>> discover(["/no/such/*.safetensors"])[0].error
+        >>> find_inputs(["/no/such/*.safetensors"])[0].error
         'no file matches this pattern'
     """
     skipped = {os.path.realpath(p) for p in exclude}

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..converters import default_output
 from ..formats.contract import Format
 from .discover import Found
 
@@ -54,20 +53,21 @@ def input_bytes(path: Path) -> int:
         return 0
 
 
-def plan(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job]:
+def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job]:
     """A :class:`Job` per input, its output mirrored under ``out_dir`` with ``target``'s suffix; paths are
     absolute (workers, a Dask cluster's too, need not share this process's working directory).
 
     Example:
         >>> from lorabridge.converters.registry import get_format
-        >>> [job.output for job in plan([Found(Path("/in/a/x.ckpt"), Path("a/x.ckpt"))], Path("/out"), get_format("neutral"))]
+        >>> [job.output for job in plan_jobs([Found(Path("/in/a/x.ckpt"), Path("a/x.ckpt"))], Path("/out"), get_format("neutral"))]
         [PosixPath('/out/a/x.safetensors')]
     """
     suffix = target_suffix(target)
     claimed: dict[Path, Path] = {}
     jobs = []
     for item in found:
-        output = Path(os.path.abspath(out_dir / item.relative.parent / default_output(item.path, suffix).name))
+        stem = item.relative.name if item.path.is_dir() else item.relative.stem
+        output = Path(os.path.abspath(out_dir / item.relative.parent / (stem + suffix)))
         error = item.error
         if error is None and output in claimed:
             error = f"{os.fspath(claimed[output])} is converted to the same output {os.fspath(output)}"
