@@ -13,12 +13,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
-from lorabridge.batch import REPORT_NAME, run_batch
+from lorabridge.batch import REPORT_NAME, local, run_batch
 from lorabridge.batch.discover import find_inputs
 from lorabridge.batch.state import STATE_DIR, read_record
 from lorabridge.converters import convert
@@ -205,6 +208,7 @@ def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_state(tmp_path):
     root, out = tmp_path / "lib", tmp_path / "out"
     good_library(root)
@@ -225,3 +229,55 @@ def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_s
         assert validation_report(output)["valid"], output
     third = run_batch([root], out, "neutral", jobs=1, progress=False)
     assert third.count("skipped") == 11 and third.ok
+
+
+def write_big_flux(path: Path, modules: int = 24, rank: int = 128) -> None:
+    """A Flux.1 LoRA of about 75 MB (rank 128 on the q/k/v of the first double blocks): seconds to convert here."""
+    tensors = {}
+    for i in range(modules):
+        name = f"transformer.transformer_blocks.{i // 3}.attn.to_{'qkv'[i % 3]}"
+        tensors[f"{name}.lora_A.weight"] = Tensor.from_numpy(np.full((rank, 3072), 0.01, "f4"))
+        tensors[f"{name}.lora_B.weight"] = Tensor.from_numpy(np.full((3072, rank), 0.02, "f4"))
+    write_safetensors(path, tensors, {})
+
+
+def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
+    """Wait until the batch's state record says ``source`` is being converted (the worker is mid-file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in (out / STATE_DIR).glob("*.json") if (out / STATE_DIR).is_dir() else ():
+            try:
+                data = json.loads(record.read_text())
+            except (OSError, ValueError):
+                continue
+            if data["source"] == str(source) and data["status"] == "converting":
+                return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow
+def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
+    pools = []
+    monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_big_flux(root / "big.safetensors")
+    for i in range(3):
+        write_flux(root / f"small{i}.safetensors", seed=i)
+    results = []
+    batch = threading.Thread(target=lambda: results.append(run_batch([root], out, "neutral", jobs=2, progress=False)))
+    batch.start()
+    assert converting(out, root / "big.safetensors")
+    server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    workers = [worker for process in server for worker in process.children()]
+    for worker in workers:
+        worker.kill()
+    batch.join(timeout=180)
+    [result] = results
+    assert workers and result.ok, [e.error for e in result.entries]
+    assert pools == [2, 2]  # the broken pool was replaced once
+    assert sorted(Path(e.input).name for e in result.entries) == sorted(p.name for p in root.iterdir())
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
+    for output in out.glob("*.safetensors"):
+        assert validation_report(output)["valid"], output

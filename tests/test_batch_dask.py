@@ -11,18 +11,13 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lorabridge.batch import REPORT_NAME, run_batch
-from lorabridge.batch.state import STATE_DIR
-from lorabridge.io.safetensors_file import write_safetensors
 from lorabridge.report import validation_report
-from lorabridge.tensor import Tensor
-from tests.test_batch import good_library, write_flux
+from tests.test_batch import converting, good_library, write_big_flux, write_flux
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -55,16 +50,6 @@ def test_a_library_on_dask_reports_like_a_local_batch_and_resumes(cluster, tmp_p
     assert again.count("skipped") == 5 and again.count("failed") == 1
 
 
-def write_big_flux(path: Path, modules: int = 24, rank: int = 128) -> None:
-    """A Flux.1 LoRA of about 75 MB (rank 128 on the q/k/v of the first double blocks): seconds to convert here."""
-    tensors = {}
-    for i in range(modules):
-        name = f"transformer.transformer_blocks.{i // 3}.attn.to_{'qkv'[i % 3]}"
-        tensors[f"{name}.lora_A.weight"] = Tensor.from_numpy(np.full((rank, 3072), 0.01, "f4"))
-        tensors[f"{name}.lora_B.weight"] = Tensor.from_numpy(np.full((3072, rank), 0.02, "f4"))
-    write_safetensors(path, tensors, {})
-
-
 def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_reported_once(cluster, tmp_path):
     local, client = cluster
     root, out = tmp_path / "lib", tmp_path / "out"
@@ -88,20 +73,12 @@ def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_rep
         assert validation_report(output)["valid"], output
 
 
-def kill_the_worker_converting(client, out: Path, source: Path, timeout: float = 60.0) -> bool:
-    """SIGKILL the worker process(es) busy while ``source``'s state record says "converting"; True if done."""
+def kill_the_worker_converting(client, out: Path, source: Path) -> bool:
+    """SIGKILL the Dask worker process(es) busy while ``source`` is being converted; True if any was."""
     pids = client.run(os.getpid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for record in (out / STATE_DIR).glob("*.json") if (out / STATE_DIR).is_dir() else ():
-            try:
-                data = json.loads(record.read_text())
-            except (OSError, ValueError):
-                continue
-            if data["source"] == str(source) and data["status"] == "converting":
-                busy = [address for address, keys in client.processing().items() if keys]
-                for address in busy:
-                    os.kill(pids[address], signal.SIGKILL)
-                return bool(busy)
-        time.sleep(0.005)
-    return False
+    if not converting(out, source):
+        return False
+    busy = [address for address, keys in client.processing().items() if keys]
+    for address in busy:
+        os.kill(pids[address], signal.SIGKILL)
+    return bool(busy)
