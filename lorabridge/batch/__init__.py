@@ -80,6 +80,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
                 bar.update(entry.bytes)
                 bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
     finally:
+        entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
         writer.close()
         if bar is not None:
             bar.close()

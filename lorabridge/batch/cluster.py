@@ -17,7 +17,7 @@ reruns the tasks a lost worker held.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
 from ..errors import LoraBridgeError
 from .plan import Job
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 CONNECT_SECONDS = 30
 
 
-def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callable[[], bool]) -> Iterator[Entry]:
+def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
     """Convert ``jobs`` on the Dask scheduler at ``address``, yielding each file's entry as it finishes.
 
     ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, unfinished tasks are

@@ -17,7 +17,7 @@ import multiprocessing
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generator, Sequence
 
 from .plan import Job
 from .report import Entry
@@ -34,7 +34,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
-def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Iterator[Entry]:
+def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
     """Convert ``jobs`` in ``workers`` processes, yielding each file's entry as it finishes.
 
     ``stop()`` is asked before each new file is started; once it says True (``--fail-fast`` after a
