@@ -322,6 +322,50 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
                         verify_hash=verify_hash, force=force))
 
 
+@cli.command("batch")
+@click.argument("sources", metavar="SRC...", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory to write into; the source tree is mirrored under it.")
+@click.option("--to", "to_format", required=True, metavar="FORMAT", help="Output format, as for convert.")
+@click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
+@click.option("--alpha", type=FiniteFloat(), default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Worker processes [default: the CPU count].")
+@click.option("--dask", "dask_address", default=None, metavar="tcp://HOST:PORT",
+              help="Run each file as a task on this Dask scheduler (pip install 'lorabridge[cluster]'); "
+                   "every worker must see SRC and OUT_DIR at the same paths.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="JSON Lines report, one line per file [default: OUT_DIR/lorabridge-report.jsonl].")
+@click.option("--keep-going/--fail-fast", default=True, show_default=True,
+              help="After a file fails, go on with the others, or start no new file (those not started are "
+                   "reported as not converted). Either way the exit code is 1 if any file failed.")
+@_force
+@_skip_unknown
+@_strict
+@_verify_hash
+@_factor_names
+@_bake
+@_dtype
+def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_format: str | None,
+                  alpha: float | None, jobs: int | None, dask_address: str | None, report: str | None,
+                  keep_going: bool, force: bool, **options) -> None:
+    """Convert every LoRA in SRC... (files, directories walked recursively, globs) to FORMAT under OUT_DIR.
+
+    Each file converts as `convert` would convert it, in parallel worker processes, with one progress
+    bar, a summary and a per-file JSON Lines report. A rerun resumes: outputs whose recorded source
+    sha256 and settings match are skipped, failed and changed files are redone; --force converts every
+    file again, replacing outputs. Exit 0 only if every file converted or was up to date. A command of its own, not `convert` with several inputs: a
+    directory is both one input (a PEFT adapter) and a library, and -o names a file there, a tree here.
+
+    Example: lorabridge batch loras/ --to neutral -o converted --jobs 4
+    """
+    from .batch import run_batch
+
+    result = run_batch(sources, out_dir, to_format, from_format=from_format, jobs=jobs, dask=dask_address,
+                       report=report, fail_fast=not keep_going, force=force, alpha=alpha, **options)
+    click.echo(result.render())
+    sys.exit(0 if result.ok else 1)
+
+
 @cli.command("infer")
 @click.option("--backend", required=True, type=click.Choice(BACKENDS),
               help="The framework: torch runs diffusers, mindspore runs mindone.diffusers.")

@@ -1,0 +1,96 @@
+"""Converting a LoRA library: many files in one run, in parallel, resumable, with a per-file report.
+
+The pieces, each a small module:
+
+* :mod:`~lorabridge.batch.discover`: which files the sources name (files, directories, globs);
+* :mod:`~lorabridge.batch.plan`: where each output goes (the source tree mirrored under ``OUT_DIR``);
+* :mod:`~lorabridge.batch.work`: one file, exactly as ``lorabridge convert`` converts it, plus the
+  resume rule of :mod:`~lorabridge.batch.state` (skip what is up to date, redo what changed);
+* :mod:`~lorabridge.batch.local` / :mod:`~lorabridge.batch.cluster`: worker processes on this
+  machine, or tasks on a Dask cluster;
+* :mod:`~lorabridge.batch.report`: the JSON Lines report and the summary.
+
+Failures never stop a batch unless asked (``fail_fast``): a bad file is a failed line in the
+report, and the batch succeeds (:attr:`BatchResult.ok`) only if every file converted or was up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..converters.registry import get_writer
+from ..errors import LoraBridgeError
+from ..formats.contract import OPTION_DEFAULTS
+from .discover import find_inputs
+from .plan import plan_jobs
+from .report import FAILED, BatchResult, ReportWriter
+from .work import Settings
+
+REPORT_NAME = "lorabridge-report.jsonl"
+
+
+def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to: str, *,
+              from_format: str | None = None, jobs: int | None = None, dask: str | None = None,
+              report: str | os.PathLike | None = None, fail_fast: bool = False, force: bool = False,
+              progress: bool = True, **options: Any) -> BatchResult:
+    """Convert every LoRA that ``sources`` name to format ``to``, mirrored under ``out_dir``.
+
+    ``jobs``: worker processes (default: the CPU count); ``dask``: a scheduler address to run on
+    instead; ``report``: the JSON Lines report (default ``out_dir/lorabridge-report.jsonl``);
+    ``fail_fast``: start no new file after a failure; ``force``: convert every file again, replacing
+    existing outputs; ``options``: conversion options as :func:`lorabridge.converters.convert` takes them.
+
+    Example:
+        >>> result = run_batch(["loras/"], "converted", to="neutral")   # doctest: +SKIP
+        >>> result.ok, result.count("converted")   # doctest: +SKIP
+        (True, 300)
+    """
+    started = time.perf_counter()
+    if dask and jobs:
+        raise LoraBridgeError("--jobs sets this machine's worker processes; with --dask the cluster's workers run "
+                              "the files (start them with --nworkers N --nthreads 1)")
+    target = get_writer(to)  # an unknown or read-only target fails once, before any file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = Path(report) if report is not None else out / REPORT_NAME
+    jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
+    given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
+    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force)
+    failed = False
+    if dask:
+        from .cluster import run_dask
+
+        entries = run_dask(jobs_, settings, dask, lambda: fail_fast and failed)
+    else:
+        from .local import run_local
+
+        entries = run_local(jobs_, settings, jobs or os.cpu_count() or 1, lambda: fail_fast and failed)
+    bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
+    writer, done = ReportWriter(report_path), []
+    try:
+        for entry in entries:
+            writer.add(entry)
+            done.append(entry)
+            failed = failed or entry.status == FAILED
+            if bar is not None:
+                bar.update(entry.bytes)
+                bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
+    finally:
+        entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return BatchResult(done, time.perf_counter() - started, report_path)
+
+
+def _bar(files: int, nbytes: int):
+    """One progress bar (bytes, with files done as its postfix) on a terminal; None elsewhere."""
+    if sys.stderr is None or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"converting {files} files", leave=False)

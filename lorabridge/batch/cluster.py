@@ -1,0 +1,71 @@
+"""Running a batch on a Dask cluster (``--dask tcp://scheduler:8786``): one task per file.
+
+Needs ``dask.distributed`` (``pip install 'lorabridge[cluster]'``) here and lorabridge, at the same
+version, on every worker. Every worker must see the inputs and ``OUT_DIR`` at the same paths as this
+machine (a shared file system: NFS, Lustre, a mounted bucket): tasks carry paths, not bytes, so a
+file is read once, by the worker converting it, and its output is written beside the others with
+the same atomic publish and the same resume records as a local batch. Start workers with one
+thread each (``dask worker tcp://scheduler:8786 --nworkers N --nthreads 1``): a worker process
+converts one file at a time (see :mod:`~lorabridge.batch.work`).
+
+Results stream back as tasks finish (``as_completed``) into the one report. A task that fails for a
+reason other than the file (its worker died and the scheduler gave up on it: ``KilledWorker``, a
+lost connection, a bug) is submitted once more; its second failure is reported. A worker that dies
+mid-file leaves no partial output (outputs are published by a rename), and the scheduler itself
+reruns the tasks a lost worker held.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Generator, Sequence
+
+from ..errors import LoraBridgeError
+from .plan import Job
+from .report import Entry
+from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
+
+if TYPE_CHECKING:
+    from distributed import Future
+
+CONNECT_SECONDS = 30
+
+
+def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
+    """Convert ``jobs`` on the Dask scheduler at ``address``, yielding each file's entry as it finishes.
+
+    ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, unfinished tasks are
+    cancelled and their files reported as not converted.
+    """
+    try:
+        from distributed import Client, KilledWorker, as_completed
+    except ImportError:
+        raise LoraBridgeError("--dask needs dask.distributed: pip install 'lorabridge[cluster]'") from None
+    try:
+        client = Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
+    with client:
+        live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
+        finished = as_completed()
+
+        def submit(job: Job, attempt: int) -> None:
+            future = client.submit(convert_job, job, settings, pure=False)
+            live[future.key] = (job, attempt, future)
+            finished.add(future)
+
+        for job in jobs:
+            submit(job, 0)
+        for future in finished:
+            job, attempt, _ = live.pop(future.key)
+            if future.status == "finished":
+                yield future.result()
+            elif attempt == 0:
+                submit(job, 1)
+            elif isinstance(future.exception(), KilledWorker):
+                yield unrun(job, DIED_TWICE)
+            else:
+                yield crashed(job, future.exception())
+            if stop() and live:
+                client.cancel([future for _, _, future in live.values()])
+                yield from (unrun(job, NOT_RUN) for job, _, _ in live.values())
+                return

@@ -1,0 +1,77 @@
+"""Running a batch on this machine: a pool of worker processes, one file per task.
+
+Workers are started fresh (``forkserver``, else ``spawn``), never forked from the command: the
+command's own state (its held inputs, its open files) must not leak into them, and each file runs
+in a clean :func:`~lorabridge.io.input_file.held_inputs` block of its worker. At most two files per
+worker are queued at a time, so a library of 100,000 files costs no more memory than one of ten.
+
+A worker that dies (killed, out of memory) breaks the whole pool: the files it and the others were
+running are queued again on a fresh pool, each at most once more; a file whose second attempt dies
+too is reported as failed. A file never runs twice at once, and outputs are atomic, so a retried
+file leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Generator, Sequence
+
+from .plan import Job
+from .report import Entry
+from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
+
+QUEUED_PER_WORKER = 2
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["lorabridge.batch.work"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
+    """Convert ``jobs`` in ``workers`` processes, yielding each file's entry as it finishes.
+
+    ``stop()`` is asked before each new file is started; once it says True (``--fail-fast`` after a
+    failure) the files not started yet are yielded as failed, "not converted".
+    """
+    pending = deque((job, 0) for job in jobs)  # (job, attempts so far)
+    running: dict[Future, tuple[Job, int]] = {}
+    pool = _pool(workers)
+    try:
+        while pending or running:
+            while pending and len(running) < workers * QUEUED_PER_WORKER and not stop():
+                job, attempt = pending.popleft()
+                running[pool.submit(convert_job, job, settings)] = (job, attempt)
+            if stop():
+                yield from (unrun(job, NOT_RUN) for job, _ in pending)
+                pending.clear()
+                if not running:
+                    break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            if any(isinstance(future.exception(), BrokenProcessPool) for future in done):
+                done = set(running)  # every file the pool held is lost with it
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = _pool(workers)
+            for future in done:  # each done or (the pool shut down before it started) cancelled
+                job, attempt = running.pop(future)
+                if future.cancelled():
+                    pending.appendleft((job, attempt))
+                    continue
+                error = future.exception()
+                if error is None:
+                    yield future.result()
+                elif not isinstance(error, BrokenProcessPool):
+                    yield crashed(job, error)
+                elif attempt == 0:
+                    pending.appendleft((job, 1))
+                else:
+                    yield unrun(job, DIED_TWICE)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+

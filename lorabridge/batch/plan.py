@@ -1,0 +1,76 @@
+"""Planning a batch: where each input's output goes under ``OUT_DIR``.
+
+The source tree is mirrored: ``SRC/a/b/style.ckpt`` converted ``--to kohya`` into ``OUT`` becomes
+``OUT/a/b/style.safetensors``. The name is the input's stem plus the target's usual suffix, derived
+from what the target declares (no table to keep in step with the registry): a directory target
+(PEFT) gets a folder named after the stem, MindSpore targets a ``.ckpt`` (MindONE's trainer's
+container), every other format a ``.safetensors``. Two inputs that would land on one output
+(``x.ckpt`` and ``x.safetensors`` side by side) are not both converted: the first (in discovery
+order) is, the others fail with a line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ..formats.contract import Format
+from .discover import Found
+
+
+@dataclass(frozen=True)
+class Job:
+    """One file's conversion: ``source`` to ``output``; ``error`` set when it must not run (and why)."""
+
+    source: Path
+    output: Path
+    nbytes: int
+    error: str | None = None
+
+
+def target_suffix(target: Format) -> str:
+    """The suffix of an output in ``target``'s layout ('' for a directory).
+
+    Example:
+        >>> from lorabridge.converters.registry import get_format
+        >>> target_suffix(get_format("peft")), target_suffix(get_format("mindone-sgm")), target_suffix(get_format("kohya"))
+        ('', '.ckpt', '.safetensors')
+    """
+    if target.writes_directory:
+        return ""
+    return ".ckpt" if target.framework == "mindspore" else ".safetensors"
+
+
+def input_bytes(path: Path) -> int:
+    """Size of an input: a file's, or everything under an adapter directory (0 when it cannot be read)."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job]:
+    """A :class:`Job` per input, its output mirrored under ``out_dir`` with ``target``'s suffix; paths are
+    absolute (workers, a Dask cluster's too, need not share this process's working directory).
+
+    Example:
+        >>> from lorabridge.converters.registry import get_format
+        >>> [job.output for job in plan_jobs([Found(Path("/in/a/x.ckpt"), Path("a/x.ckpt"))], Path("/out"), get_format("neutral"))]
+        [PosixPath('/out/a/x.safetensors')]
+    """
+    suffix = target_suffix(target)
+    claimed: dict[Path, Path] = {}
+    jobs = []
+    for item in found:
+        stem = item.relative.name if item.path.is_dir() else item.relative.stem
+        output = Path(os.path.abspath(out_dir / item.relative.parent / (stem + suffix)))
+        error = item.error
+        if error is None and output in claimed:
+            error = f"{os.fspath(claimed[output])} is converted to the same output {os.fspath(output)}"
+        claimed.setdefault(output, item.path)
+        jobs.append(Job(Path(os.path.abspath(item.path)), output, input_bytes(item.path), error))
+    return jobs

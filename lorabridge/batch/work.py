@@ -1,0 +1,113 @@
+"""One file of a batch, as a worker process runs it: detect, hash, decide (resume), convert, record.
+
+The conversion is :func:`lorabridge.converters.convert`, the call behind ``lorabridge convert``, so
+each file behaves exactly as that command would (same detection, same errors, atomic output, the
+same refusal to replace a file that is not the batch's own without ``--force``). What the batch adds
+is the resume rule of :mod:`~lorabridge.batch.state` and an :class:`~lorabridge.batch.report.Entry`
+instead of an exception: a bad file is one failed line, and the batch goes on.
+
+Workers run one conversion at a time per process (a lock): lorabridge holds its inputs still with
+per-process file leases (:mod:`lorabridge.io.input_file`), which threads of one process would share.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..converters import convert
+from ..converters.registry import FORMATS, get_writer
+from ..converters.torch import detect_input
+from ..errors import LoraBridgeError, single_line
+from ..io.atomic import EXISTS
+from ..io.input_file import check_regular, held_inputs
+from .plan import Job
+from .report import CONVERTED, FAILED, SKIPPED, Entry
+from .state import FOREIGN, REDO, UP_TO_DATE, Record, decide, source_digest, stamp, write_record
+
+_one_at_a_time = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every file of a batch is converted with (picklable: it travels to worker processes)."""
+
+    out_dir: Path
+    to: str
+    from_format: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # conversion options given (not at their defaults), as convert() takes them
+    force: bool = False
+
+    def recorded(self) -> dict[str, Any]:
+        """What a record keeps of these settings: an output made with other ones is not up to date."""
+        return {"to": self.to, "from": self.from_format, "options": dict(self.options)}
+
+
+def convert_job(job: Job, settings: Settings) -> Entry:
+    """Convert one file of a batch (or skip it, up to date); a :class:`LoraBridgeError` becomes a failed entry.
+
+    Example:
+        >>> job = Job(Path("/no/such.ckpt"), Path("/tmp/out/such.safetensors"), 0)
+        >>> entry = convert_job(job, Settings(Path("/tmp/out"), "neutral"))
+        >>> entry.status, entry.error
+        ('failed', '/no/such.ckpt: no such file or directory')
+    """
+    started = time.perf_counter()
+    entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
+    with _one_at_a_time:
+        try:
+            _convert(job, settings, entry)
+        except LoraBridgeError as exc:
+            entry.status, entry.error = FAILED, exc.one_line()
+    entry.seconds = round(time.perf_counter() - started, 4)
+    return entry
+
+
+def _convert(job: Job, settings: Settings, entry: Entry) -> None:
+    if job.error:
+        raise LoraBridgeError(job.error, job.source)
+    check_regular(job.source, directory_ok=True)
+    entry.format = detect_input(job.source, [settings.from_format] if settings.from_format else list(FORMATS))
+    target, wanted, out_dir = get_writer(settings.to), settings.recorded(), settings.out_dir
+    # A new output whose target records the source's sha256 (neutral): convert hashes the file beside reading
+    # it, so it is taken from there instead of a pass of its own. Otherwise hashed first: the resume decision needs it.
+    hashed_by_convert = target.records_source_hash and job.source.is_file() and not os.path.lexists(job.output)
+    entry.sha256 = None if hashed_by_convert else source_digest(job.source)
+    trust_manifest = target.records_source_hash and not wanted["options"] and not settings.from_format
+    action, record = decide(out_dir, job.output, entry.sha256, wanted, trust_manifest)
+    if action == UP_TO_DATE and not settings.force:
+        entry.status, entry.architecture = SKIPPED, record.architecture if record else None
+        return
+    if action == FOREIGN and not settings.force:
+        raise LoraBridgeError(EXISTS, job.output)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    source = os.fspath(job.source)
+    write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "converting"))
+    with held_inputs():
+        result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
+                         force=settings.force or action == REDO, **dict(settings.options))
+    entry.architecture, entry.sha256 = result.model.architecture, entry.sha256 or result.model.provenance["source_sha256"]
+    entry.warnings = [single_line(warning) for warning in result.warnings]
+    write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
+                                             entry.architecture))
+    entry.status = CONVERTED
+
+
+NOT_RUN = "not converted: the batch stopped at an earlier failure (--fail-fast)"
+DIED_TWICE = "its worker process died twice (killed, or out of memory)"
+
+
+def unrun(job: Job, why: str) -> Entry:
+    """The entry of a file no worker converted: ``why`` (its worker died twice, a bug's exception...)."""
+    return Entry(os.fspath(job.source), os.fspath(job.output), FAILED, LoraBridgeError(why, job.source).one_line(),
+                 bytes=job.nbytes)
+
+
+def crashed(job: Job, exc: BaseException) -> Entry:
+    """The entry of a file whose conversion raised something other than a LoraBridgeError: a bug, reported, not fatal."""
+    return unrun(job, f"unexpected {type(exc).__name__} (a lorabridge bug; `lorabridge --debug convert` on this file "
+                      f"shows the traceback): {exc}")

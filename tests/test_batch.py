@@ -1,0 +1,283 @@
+"""``lorabridge batch``: a whole library in one run (issue 14 item 2).
+
+A mixed library: SDXL LoRAs in several formats (neutral, kohya, PEFT directory, MindONE .ckpt), a
+Flux.1 LoRA, a corrupt file, a .safetensors that is not a LoRA, a README, nested folders. Checked:
+the report (one line per input, its fields), exit codes, the mirrored tree, resume (a rerun skips,
+a changed source or changed settings are redone, a foreign output is refused), --jobs 1 and 2 write
+the same bytes, --fail-fast, and two batches at once on one OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from lorabridge.batch import REPORT_NAME, local, run_batch
+from lorabridge.batch.discover import find_inputs
+from lorabridge.batch.state import STATE_DIR, read_record
+from lorabridge.converters import convert
+from lorabridge.formats.neutral import read_neutral, write_neutral
+from lorabridge.io.safetensors_file import write_safetensors
+from lorabridge.report import validation_report
+from lorabridge.tensor import Tensor
+from tests.fixtures.core import make_lora_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SDXL = "stable-diffusion-xl-v1-base"
+FLUX_MODULES = {"transformer.transformer_blocks.0.attn.to_q": (3072, 3072),
+                "transformer.single_transformer_blocks.0.proj_out": (3072, 15360)}
+
+
+def write_flux(path: Path, seed: int = 0) -> None:
+    """A diffusers-layout Flux.1 LoRA (two real modules, rank 4)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, (out, inp) in FLUX_MODULES.items():
+        tensors[f"{name}.lora_A.weight"] = Tensor.from_numpy(rng.standard_normal((4, inp)).astype("f4"))
+        tensors[f"{name}.lora_B.weight"] = Tensor.from_numpy(rng.standard_normal((out, 4)).astype("f4"))
+    write_safetensors(path, tensors, {})
+
+
+def good_library(root: Path) -> dict[str, tuple[str, str]]:
+    """SDXL in four formats and a Flux LoRA, nested; relative path -> (detected format, architecture)."""
+    (root / "sdxl" / "deep").mkdir(parents=True)
+    (root / "flux").mkdir()
+    write_neutral(make_lora_model(seed=1), root / "sdxl" / "style.safetensors")
+    for fmt, name in [("kohya", "sdxl/deep/k.safetensors"), ("peft", "sdxl/p"), ("mindone-sgm", "sdxl/deep/m.ckpt")]:
+        convert(root / "sdxl" / "style.safetensors", root / name, fmt, progress=False)
+    write_flux(root / "flux" / "f.safetensors")
+    return {"sdxl/style.safetensors": ("neutral", SDXL), "sdxl/deep/k.safetensors": ("kohya", SDXL),
+            "sdxl/p": ("peft", SDXL), "sdxl/deep/m.ckpt": ("mindone-sgm", SDXL),
+            "flux/f.safetensors": ("diffusers", "flux-1-dev")}
+
+
+@pytest.fixture
+def library(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The good library plus a corrupt file, a non-LoRA .safetensors and files that are no LoRA candidates."""
+    root = tmp_path / "lib"
+    good = good_library(root)
+    (root / "sdxl" / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    write_safetensors(root / "vae.safetensors", {"decoder.weight": Tensor.from_numpy(np.ones((2, 2), "f4"))}, {})
+    (root / "README.md").write_text("my loras")
+    (root / "sdxl" / "preview.png").write_bytes(b"\x89PNG")
+    return root, good
+
+
+def report_of(out: Path) -> dict[str, dict]:
+    lines = (out / REPORT_NAME).read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert len({e["input"] for e in entries}) == len(entries), "an input reported twice"
+    return {e["input"]: e for e in entries}
+
+
+def test_a_mixed_library_converts_every_lora_reports_every_candidate_and_fails_the_bad_ones(library, tmp_path):
+    root, good = library
+    out = tmp_path / "out"
+    result = run_batch([root], out, "neutral", jobs=2, progress=False)
+    assert not result.ok and result.count("converted") == 5 and result.count("failed") == 2
+    report = report_of(out)
+    assert sorted(report) == sorted(str(root / p) for p in [*good, "sdxl/bad.safetensors", "vae.safetensors"])
+    for relative, (fmt, architecture) in good.items():
+        entry = report[str(root / relative)]
+        output = out / Path(relative).with_suffix(".safetensors")
+        assert entry["status"] == "converted" and entry["error"] is None, entry
+        assert (entry["format"], entry["architecture"], entry["output"]) == (fmt, architecture, str(output))
+        assert entry["bytes"] > 0 and entry["seconds"] > 0 and len(entry["sha256"]) == 64
+        assert validation_report(output)["valid"]
+        assert read_neutral(output).provenance["source_sha256"] == (entry["sha256"] if fmt != "peft" else None)
+    bad = report[str(root / "sdxl" / "bad.safetensors")]
+    assert bad["status"] == "failed" and bad["error"].startswith(f"{root / 'sdxl' / 'bad.safetensors'}: truncated")
+    vae = report[str(root / "vae.safetensors")]
+    assert "none of its 1 tensor keys is a LoRA key" in vae["error"] and "\n" not in vae["error"]
+    assert not (out / "sdxl" / "bad.safetensors").exists() and not (out / "vae.safetensors").exists()
+    assert "7 files: 5 converted, 0 skipped (up to date), 2 failed" in result.render()
+
+
+def test_the_command_exits_0_only_when_every_file_converted_and_a_rerun_skips_them(tmp_path, run_cli):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    first = run_cli("batch", root, "--to", "kohya", "-o", out, "--jobs", "2")
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("5 files: 5 converted, 0 skipped (up to date), 0 failed")
+    assert (out / "sdxl" / "deep" / "m.safetensors").is_file() and (out / "sdxl" / "p.safetensors").is_file()
+    again = run_cli("batch", root, "--to", "kohya", "-o", out, "--jobs", "2")
+    assert again.exit_code == 0 and again.output.startswith("5 files: 0 converted, 5 skipped (up to date), 0 failed")
+    assert {e["status"] for e in report_of(out).values()} == {"skipped"}
+    (root / "junk.ckpt").write_bytes(b"not a checkpoint")
+    failing = run_cli("batch", root, "--to", "kohya", "-o", out)
+    assert failing.exit_code == 1 and "1 failed" in failing.output and "junk.ckpt" in failing.output
+
+
+def test_a_changed_source_and_changed_settings_are_redone_and_foreign_outputs_are_refused(tmp_path):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    run_batch([root], out, "kohya", jobs=1, progress=False)
+    write_flux(root / "flux" / "f.safetensors", seed=7)  # changed source
+    result = run_batch([root], out, "kohya", jobs=1, progress=False)
+    assert {Path(e.input).name: e.status for e in result.entries}["f.safetensors"] == "converted"
+    assert result.count("skipped") == 4 and result.ok
+    record = read_record(out.resolve(), (out / "flux" / "f.safetensors").resolve())
+    assert record.status == "done" and record.settings == {"to": "kohya", "from": None, "options": {}}
+    changed = run_batch([root], out, "kohya", jobs=1, progress=False, dtype="fp16")  # changed settings
+    assert changed.count("converted") == 5 and changed.ok
+    foreign = out / "sdxl" / "style.safetensors"
+    foreign.write_bytes(foreign.read_bytes())  # touched since the batch wrote it: no longer known as its own
+    refused = run_batch([root], out, "kohya", jobs=1, progress=False, dtype="fp16")
+    entry = next(e for e in refused.entries if e.output == str(foreign))
+    assert entry.status == "failed" and entry.error == f"{foreign}: output exists; pass --force to replace it"
+    forced = run_batch([root], out, "kohya", jobs=1, progress=False, dtype="fp16", force=True)
+    assert forced.count("converted") == 5
+
+
+def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date_without_a_record(tmp_path):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    out.mkdir()
+    convert(root / "flux" / "f.safetensors", out / "f.safetensors", "neutral", progress=False)  # `lorabridge convert`
+    result = run_batch([root / "flux"], out, "neutral", jobs=1, progress=False)
+    assert [e.status for e in result.entries] == ["skipped"]
+    assert result.entries[0].architecture == "flux-1-dev"
+
+
+def test_jobs_1_and_jobs_2_write_the_same_bytes(tmp_path):
+    root = tmp_path / "lib"
+    good_library(root)
+    run_batch([root], tmp_path / "one", "kohya", jobs=1, progress=False)
+    run_batch([root], tmp_path / "two", "kohya", jobs=2, progress=False)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.safetensors"))
+    assert len(files) == 5
+    for relative in files:
+        assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
+
+
+def test_fail_fast_starts_no_new_file_after_a_failure_and_still_reports_every_file(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "a_bad.safetensors").write_bytes(b"garbage")
+    for i in range(5):
+        write_flux(root / f"f{i}.safetensors", seed=i)
+    result = run_batch([root], tmp_path / "out", "neutral", jobs=1, fail_fast=True, progress=False)
+    statuses = [e.status for e in result.entries]
+    assert len(result.entries) == 6 and statuses.count("converted") <= 2 and not result.ok
+    assert sum("stopped at an earlier failure (--fail-fast)" in (e.error or "") for e in result.entries) >= 3
+
+
+def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is_never_read(tmp_path):
+    root = tmp_path / "lib"
+    good_library(root)
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden.safetensors").write_bytes(b"x")
+    out = root / "converted"  # inside the source tree
+    (out / "sdxl").mkdir(parents=True)
+    (out / "sdxl" / "style.safetensors").write_bytes(b"old")
+    found = find_inputs([root, root / "sdxl" / "style.safetensors", str(root / "**" / "*.ckpt"), root / "notes.txt",
+                      str(root / "*.nothing")], exclude=[out])
+    assert [str(f.path.relative_to(root)) for f in found if f.error is None] == [
+        "flux/f.safetensors", "sdxl/deep/k.safetensors", "sdxl/deep/m.ckpt", "sdxl/p", "sdxl/style.safetensors",
+        "notes.txt"]  # named explicitly: an input (it fails as not a LoRA file)
+    assert [f.error for f in found if f.error] == ["no file matches this pattern"]
+    assert found[2].relative == Path("sdxl/deep/m.ckpt")
+
+
+def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    convert(root / "x.safetensors", root / "x.ckpt", "mindone-sgm", progress=False)
+    result = run_batch([root], tmp_path / "out", "kohya", jobs=1, progress=False)
+    by_name = {Path(e.input).name: e for e in result.entries}
+    assert by_name["x.ckpt"].status == "converted"
+    assert by_name["x.safetensors"].error == (f"{root / 'x.safetensors'}: {root / 'x.ckpt'} is converted to the same "
+                                             f"output {tmp_path / 'out' / 'x.safetensors'}")
+
+
+def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_file(tmp_path, run_cli):
+    result = run_cli("batch", tmp_path, "--to", "xlabs", "-o", tmp_path / "out")
+    assert result.exit_code == 1 and result.output.startswith("error: xlabs is read-only")
+    both = run_cli("batch", tmp_path, "--to", "neutral", "-o", tmp_path / "out", "--jobs", "2", "--dask", "tcp://x:1")
+    assert both.exit_code == 1 and both.output.startswith("error: --jobs sets this machine's worker processes")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_state(tmp_path):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    (root / "many").mkdir()
+    for i in range(6):
+        write_flux(root / "many" / f"f{i}.safetensors", seed=i)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lorabridge", "batch", str(root), "--to", "neutral", "-o", str(out), "--jobs", "1"]
+    runs = [subprocess.Popen([*command, "--report", str(tmp_path / f"r{i}.jsonl")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for run in runs:
+        output, _ = run.communicate(timeout=120)
+        assert "11 files" in output, output
+    for records in (out / STATE_DIR).iterdir():
+        assert json.loads(records.read_text())["status"] == "done"  # every record whole, every conversion done
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
+    for output in out.rglob("*.safetensors"):
+        assert validation_report(output)["valid"], output
+    third = run_batch([root], out, "neutral", jobs=1, progress=False)
+    assert third.count("skipped") == 11 and third.ok
+
+
+def write_big_flux(path: Path, modules: int = 24, rank: int = 128) -> None:
+    """A Flux.1 LoRA of about 75 MB (rank 128 on the q/k/v of the first double blocks): seconds to convert here."""
+    tensors = {}
+    for i in range(modules):
+        name = f"transformer.transformer_blocks.{i // 3}.attn.to_{'qkv'[i % 3]}"
+        tensors[f"{name}.lora_A.weight"] = Tensor.from_numpy(np.full((rank, 3072), 0.01, "f4"))
+        tensors[f"{name}.lora_B.weight"] = Tensor.from_numpy(np.full((3072, rank), 0.02, "f4"))
+    write_safetensors(path, tensors, {})
+
+
+def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
+    """Wait until the batch's state record says ``source`` is being converted (the worker is mid-file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in (out / STATE_DIR).glob("*.json") if (out / STATE_DIR).is_dir() else ():
+            try:
+                data = json.loads(record.read_text())
+            except (OSError, ValueError):
+                continue
+            if data["source"] == str(source) and data["status"] == "converting":
+                return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow
+def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
+    pools = []
+    monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_big_flux(root / "big.safetensors")
+    for i in range(3):
+        write_flux(root / f"small{i}.safetensors", seed=i)
+    results = []
+    batch = threading.Thread(target=lambda: results.append(run_batch([root], out, "neutral", jobs=2, progress=False)))
+    batch.start()
+    assert converting(out, root / "big.safetensors")
+    server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    workers = [worker for process in server for worker in process.children()]
+    for worker in workers:
+        worker.kill()
+    batch.join(timeout=180)
+    [result] = results
+    assert workers and result.ok, [e.error for e in result.entries]
+    assert pools == [2, 2]  # the broken pool was replaced once
+    assert sorted(Path(e.input).name for e in result.entries) == sorted(p.name for p in root.iterdir())
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
+    for output in out.glob("*.safetensors"):
+        assert validation_report(output)["valid"], output

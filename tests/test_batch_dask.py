@@ -1,0 +1,84 @@
+"""``lorabridge batch --dask``: files as tasks on a Dask cluster (issue 14 item 3).
+
+A ``LocalCluster`` of two worker processes, one thread each, on localhost only. Checked: the same
+library gives the same report as a local batch and resumes alike; a worker killed while it converts
+a file does not stop the batch, leaves no partial output, and every file is reported once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from lorabridge.batch import REPORT_NAME, run_batch
+from lorabridge.report import validation_report
+from tests.test_batch import converting, good_library, write_big_flux, write_flux
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                                  dashboard_address=None) as local, distributed.Client(local) as client:
+        yield local, client
+
+
+def test_a_library_on_dask_reports_like_a_local_batch_and_resumes(cluster, tmp_path):
+    local, _ = cluster
+    root = tmp_path / "lib"
+    good_library(root)
+    (root / "bad.ckpt").write_bytes(b"broken")
+    on_dask = run_batch([root], tmp_path / "dask", "kohya", dask=local.scheduler_address, progress=False)
+    on_cpu = run_batch([root], tmp_path / "local", "kohya", jobs=1, progress=False)
+    assert not on_dask.ok and on_dask.count("converted") == 5 and on_dask.count("failed") == 1
+
+    def lines(result, out):
+        return sorted((Path(e.input).name, e.status, e.format, e.architecture, e.sha256,
+                       e.output and os.path.relpath(e.output, out)) for e in result.entries)
+
+    assert lines(on_dask, tmp_path / "dask") == lines(on_cpu, tmp_path / "local")
+    for output in (tmp_path / "local").rglob("*.safetensors"):
+        assert output.read_bytes() == (tmp_path / "dask" / output.relative_to(tmp_path / "local")).read_bytes()
+    again = run_batch([root], tmp_path / "dask", "kohya", dask=local.scheduler_address, progress=False)
+    assert again.count("skipped") == 5 and again.count("failed") == 1
+
+
+def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_reported_once(cluster, tmp_path):
+    local, client = cluster
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_big_flux(root / "big.safetensors")
+    for i in range(4):
+        write_flux(root / f"small{i}.safetensors", seed=i)
+    results = []
+    batch = threading.Thread(target=lambda: results.append(
+        run_batch([root], out, "neutral", dask=local.scheduler_address, progress=False)))
+    batch.start()
+    killed = kill_the_worker_converting(client, out, root / "big.safetensors")
+    batch.join(timeout=180)
+    assert killed, "no worker was caught converting the big file"
+    [result] = results
+    assert result.ok and sorted(Path(e.input).name for e in result.entries) == sorted(p.name for p in root.iterdir())
+    reported = [json.loads(line)["input"] for line in (out / REPORT_NAME).read_text().splitlines()]
+    assert sorted(reported) == sorted(str(p) for p in root.iterdir())
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]  # the killed worker's temporary was removed
+    for output in out.glob("*.safetensors"):
+        assert validation_report(output)["valid"], output
+
+
+def kill_the_worker_converting(client, out: Path, source: Path) -> bool:
+    """SIGKILL the Dask worker process(es) busy while ``source`` is being converted; True if any was."""
+    pids = client.run(os.getpid)
+    if not converting(out, source):
+        return False
+    busy = [address for address, keys in client.processing().items() if keys]
+    for address in busy:
+        os.kill(pids[address], signal.SIGKILL)
+    return bool(busy)
