@@ -395,6 +395,10 @@ def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_f
 @click.option("--init-latents", type=click.Path(), default=None, help="Start from this .npy noise (num images, latent channels: SDXL 4, Flux.1 16, H/8, W/8).")
 @click.option("--save-latents", type=click.Path(), default=None, help="Save the initial noise to this .npy file.")
 @click.option("--config", type=click.Path(), default=None, help="torch single-file base: diffusers directory with the component configs.")
+@click.option("--variant", default=None, help="Load the base's weight files of this variant (fp16: *.fp16.safetensors) "
+                                          "[default: the one the file names show].")
+@click.option("--allow-pickle", is_flag=True, help="torch: load base weights only a pickle (.bin) holds, with "
+                                                   "torch.load(weights_only=True); mindone.diffusers reads safetensors only.")
 @click.option("-o", "--output", type=click.Path(), default=None, help="Image directory [default: <lora file>-gen-images].")
 @_force
 def infer_command(backend: str, base: str, lora: str | None, output: str | None, config: str | None,

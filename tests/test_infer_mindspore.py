@@ -126,7 +126,9 @@ def test_mindspore_needs_a_pipeline_directory(run_cli, tmp_path):
     write_neutral(make_lora_model(), tmp_path / "lora.safetensors")
     result = cli_subprocess("infer", "--backend", "mindspore", "--base", single, "--lora", tmp_path / "lora.safetensors",
                             "--prompt", "x", "-o", tmp_path / "o")
-    assert result.returncode == 1 and "needs a diffusers pipeline directory" in result.stderr.splitlines()[-1]
+    last = result.stderr.splitlines()[-1]
+    assert result.returncode == 1 and "needs a diffusers pipeline directory" in last
+    assert f"StableDiffusionXLPipeline.from_single_file('{single}').save_pretrained('{tmp_path / 'sdxl'}')" in last
     assert not (tmp_path / "o").exists()
 
 

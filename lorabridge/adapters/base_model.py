@@ -3,13 +3,16 @@
 A wrong ``--base`` should fail in a second with one line, not after minutes of loading
 weights: a diffusers directory is checked through ``model_index.json`` (its ``_class_name`` names
 the architecture: :attr:`Architecture.inference`) and the denoiser's config, a single-file (SDXL)
-checkpoint through its safetensors header.
+checkpoint through its safetensors header. The weight files' names tell which variant (``fp16``, ``bf16``:
+diffusers' ``save_pretrained(variant=...)``, what ``variant="fp16"`` downloads give) to load, and which
+components would be unpickled (``.bin``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,18 @@ from ..errors import LoraBridgeError
 # A tensor only SDXL-base single-file checkpoints (SGM naming) hold: the OpenCLIP bigG text encoder.
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.positional_embedding"
 SDXL_NATIVE = (128, 8)  # latent sample size, VAE scale factor of SDXL-base (1024 px)
+# A tensor of every Flux.1 single-file checkpoint (BFL naming, alone or under ComfyUI's model.diffusion_model.).
+FLUX_SINGLE_FILE_KEY = "double_blocks.0.img_attn.qkv.weight"
+FLUX_SINGLE_FILE_ERROR = ("a Flux.1 single-file checkpoint (the transformer alone, BFL names) is not a base infer loads; "
+                          "make a diffusers FluxPipeline directory: copy one and replace its transformer with diffusers' "
+                          "FluxTransformer2DModel.from_single_file(FILE, config=FLUX_DIR, subfolder='transformer')"
+                          ".save_pretrained(COPY + '/transformer')")
+
+# A component's weight file as diffusers and transformers name it: stem, variant ("model.fp16.safetensors"),
+# shard ("...fp16-00001-of-00002.safetensors", or the legacy "...-00001-of-00002.fp16.safetensors"), format.
+WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?"
+                         r"(?:\.(?P<legacy>\w+))?\.(?P<format>safetensors|bin)")
+PICKLE_FORMATS = {"bin"}  # torch.load files; safetensors are plain data
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,8 @@ class BaseModel:
     vae_scale_factor: int
     architecture: Architecture = SDXL
     latent_channels: int = 4
+    variant: str | None = None  # the weight files' variant to load (None: the plain ones)
+    pickled: tuple[Path, ...] = ()  # weight files only a pickle holds (loaded only when the user allows it)
 
     @property
     def inference(self) -> Inference:
@@ -80,11 +97,79 @@ def _json(path: Path) -> dict:
     return data
 
 
-def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = None) -> BaseModel:
+Weights = dict[str, dict[str | None, list[Path]]]  # component -> variant (None: plain) -> its weight files
+
+
+def weight_files(path: Path, index: dict) -> Weights:
+    """The weight files of each component of a pipeline directory that has any, by variant.
+
+    Example:
+        >>> WEIGHT_FILE.fullmatch("diffusion_pytorch_model.fp16-00001-of-00002.safetensors")["variant"]
+        'fp16'
+    """
+    weights: Weights = {}
+    for component in sorted(index):
+        folder = path / component
+        if component.startswith("_") or not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir()):
+            match = WEIGHT_FILE.fullmatch(file.name)
+            if match:
+                weights.setdefault(component, {}).setdefault(match["variant"] or match["legacy"], []).append(file)
+    return weights
+
+
+def _variants(by_variant: dict) -> str:
+    return ", ".join(v or "plain" for v in sorted(by_variant, key=lambda v: v or ""))
+
+
+def choose_variant(weights: Weights, requested: str | None, path: Path) -> str | None:
+    """The variant to load: ``requested`` if every component has it or plain files, else the one variant the
+    components without plain files share (diffusers loads one variant per pipeline, plain files where it is absent).
+
+    Refuses, in one line, a variant no component has, and components whose variants are ambiguous or mixed.
+
+    Example:
+        >>> choose_variant({"unet": {"fp16": []}, "vae": {None: [], "fp16": []}}, None, Path("sdxl"))
+        'fp16'
+    """
+    if requested is not None:
+        if not any(requested in by for by in weights.values()):
+            raise LoraBridgeError(f"no component has {requested} weights (found: "
+                                  f"{'; '.join(f'{c} {_variants(by)}' for c, by in weights.items())})", path)
+        for component, by in weights.items():
+            if requested not in by and None not in by:
+                raise LoraBridgeError(f"{component} has no {requested} weights nor plain ones (it has {_variants(by)})", path)
+        return requested
+    needy = {c: sorted(by) for c, by in weights.items() if None not in by}
+    for component, variants in needy.items():
+        if len(variants) > 1:
+            raise LoraBridgeError(f"{component} holds {' and '.join(variants)} weights and no plain ones: "
+                                  "choose one with --variant", path)
+    found = sorted({variants[0] for variants in needy.values()})
+    if len(found) > 1:
+        raise LoraBridgeError("components hold different variants (" + ", ".join(f"{c} {v[0]}" for c, v in needy.items())
+                              + "); diffusers loads one variant per pipeline", path)
+    return found[0] if found else None
+
+
+def pickled_files(weights: Weights, variant: str | None) -> tuple[Path, ...]:
+    """The files the loaders would unpickle: a component's files of ``variant`` (else plain) with no safetensors."""
+    pickled: list[Path] = []
+    for by in weights.values():
+        files = by[variant] if variant in by else by.get(None, [])
+        if files and all(WEIGHT_FILE.fullmatch(f.name)["format"] in PICKLE_FORMATS for f in files):
+            pickled += files
+    return tuple(pickled)
+
+
+def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = None, variant: str | None = None,
+                  allow_pickle: bool = False) -> BaseModel:
     """Check that ``path`` is an SDXL diffusers directory or single-file ``.safetensors`` and describe it.
 
     A single file's sizes are SDXL-base's, or those of ``config`` (the diffusers directory whose
-    component configs it is loaded with).
+    component configs it is loaded with). In a directory, the weights' variant is ``variant`` or the one
+    their names show (:func:`choose_variant`); weights only a pickle holds are refused unless ``allow_pickle``.
 
     Example:
         >>> describe_base("tiny-sdxl").native_size   # doctest: +SKIP
@@ -97,7 +182,8 @@ def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = No
         index = path / "model_index.json"
         if not index.is_file():
             raise LoraBridgeError("not a diffusers pipeline directory (no model_index.json)", path)
-        kind = _json(index).get("_class_name")
+        model_index = _json(index)
+        kind = model_index.get("_class_name")
         architecture = pipeline_architecture(str(kind))
         if architecture is None or architecture.inference is None:
             labels = [a.a_label for a in architectures() if a.inference is not None]
@@ -112,12 +198,24 @@ def describe_base(path: str | os.PathLike, config: str | os.PathLike | None = No
         vae = _json(path / "vae" / "config.json")
         scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         sample_size = inference.native_size // scale if inference.native_size else int(denoiser.get("sample_size", SDXL_NATIVE[0]))
-        return BaseModel(path, False, sample_size, scale, architecture, int(vae.get("latent_channels", 4)))
+        weights = weight_files(path, model_index)
+        chosen = choose_variant(weights, variant, path)
+        pickled = pickled_files(weights, chosen)
+        if pickled and not allow_pickle:
+            raise LoraBridgeError(f"{pickled[0].relative_to(path)} is a pickle (.bin){f' (and {len(pickled) - 1} more)' if len(pickled) > 1 else ''}"
+                                  "; lorabridge loads base weights from safetensors only unless you pass --allow-pickle "
+                                  "(torch then reads it with torch.load(weights_only=True))", pickled[0])
+        return BaseModel(path, False, sample_size, scale, architecture, int(vae.get("latent_channels", 4)), chosen, pickled)
+    if variant is not None:
+        raise LoraBridgeError("--variant selects weight files in a diffusers directory; this base is a single file", path)
     if path.suffix != ".safetensors":
         raise LoraBridgeError("a single-file base must be .safetensors (pickled checkpoints are never loaded)", path)
     from ..io.safetensors_file import SafetensorsFile
 
-    if SDXL_SINGLE_FILE_KEY not in SafetensorsFile(path):
+    checkpoint = SafetensorsFile(path)
+    if any(key.endswith(FLUX_SINGLE_FILE_KEY) for key in checkpoint.keys()):
+        raise LoraBridgeError(FLUX_SINGLE_FILE_ERROR, path)
+    if SDXL_SINGLE_FILE_KEY not in checkpoint:
         raise LoraBridgeError(f"not an SDXL base checkpoint (no {SDXL_SINGLE_FILE_KEY})", path)
     if config is None:
         return BaseModel(path, True, *SDXL_NATIVE)

@@ -128,7 +128,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     started = time.perf_counter()
     options.check()
     backend = load_backend(options.backend)
-    base: BaseModel = describe_base(options.base, options.config)
+    base: BaseModel = describe_base(options.base, options.config, options.variant, options.allow_pickle)
     options = for_base(options, base)
     lora = _read_lora(options.lora, base) if options.lora is not None else None
     out = options.output_dir
@@ -143,6 +143,8 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     dtype = backend.resolve_dtype(options.dtype, device)
     result = InferResult([], out, options.backend, device, dtype)
     log(f"{options.backend} on {device} ({dtype}): {base.path} {'(single file)' if base.single_file else ''}".rstrip())
+    if base.variant is not None:
+        log(f"loading the {base.variant} variant weights (the plain ones where a component has no {base.variant} files)")
     if not SCHEDULER_TABLES[base.inference.schedulers][options.scheduler][2]:
         log(f"note: {options.scheduler} adds fresh noise at every step from {options.backend}'s own generator, "
             "so the same seed gives different images on the two backends")
@@ -151,7 +153,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     if lora is not None:
         result.applied = apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log)
     set_scheduler(pipe, fw, options.scheduler)
-    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size)
+    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size, log=log)
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
     with atomic_directory(out, force=True) as tmp:  # _check_output_dir checked --force before sampling

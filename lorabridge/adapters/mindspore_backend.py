@@ -12,14 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import sys
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ..errors import LoraBridgeError
 from .base_model import BaseModel, describe_base
+from .noise import printed_to_stderr
 from .options import FRAMEWORK_DTYPES
 from .pipeline import denoiser
 
@@ -99,23 +99,46 @@ def setup(device: str) -> list[str]:
     return ms_cpu_ops.apply()
 
 
+# A one-line conversion with diffusers (torch) to a safetensors pipeline directory mindone.diffusers loads.
+_CONVERT = "python -c \"from diffusers import {cls}; {cls}.{load}('{src}').save_pretrained('{dst}')\""
+
+
+def single_file_refusal(path: Path) -> str:
+    """Why a single-file checkpoint does not load here, and the command that converts it to a directory that does.
+
+    mindone.diffusers 0.5's ``from_single_file`` fails on SDXL's text encoders (it reads
+    ``position_embedding.weight``, which MindSpore's ``Embedding`` calls ``embedding_table``).
+    """
+    convert = _CONVERT.format(cls="StableDiffusionXLPipeline", load="from_single_file", src=path,
+                              dst=path.with_suffix(""))
+    return (f"the mindspore backend needs a diffusers pipeline directory, not a single file (mindone.diffusers' "
+            f"from_single_file cannot load SDXL's text encoders); convert it once with diffusers: {convert}")
+
+
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
                   config: str | None = None) -> tuple[Any, MindSporeFramework]:
     """mindone.diffusers' pipeline of the base's architecture from a diffusers directory (after :func:`setup`) and its framework.
 
     ``config`` exists for the torch backend's single-file loading and is not used here.
     """
-    import mindspore as ms
-
     base = describe_base(base) if not isinstance(base, BaseModel) else base
     if base.single_file:
-        raise LoraBridgeError("the mindspore backend needs a diffusers pipeline directory, not a single file", base.path)
+        raise LoraBridgeError(single_file_refusal(base.path), base.path)
+    if base.pickled:
+        raise LoraBridgeError(f"mindone.diffusers reads safetensors only and {base.pickled[0].relative_to(base.path)} is a "
+                              "torch pickle; convert the base once with diffusers: "
+                              f"{_CONVERT.format(cls='DiffusionPipeline', load='from_pretrained', src=base.path, dst=f'{base.path}-safetensors')}",
+                              base.pickled[0])
+    import mindspore as ms
+
     setup(resolve_device(device))
-    with contextlib.redirect_stdout(sys.stderr):  # mindone prints import-time notices; stdout is for results
+    with printed_to_stderr():  # mindone prints import-time notices; stdout is for results
         pipeline_class = base.architecture.pipeline_class("mindspore")
 
     try:
-        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, FRAMEWORK_DTYPES[dtype]))
+        # use_safetensors: never mindone's "Defaulting to unsafe serialization" look for a pickle
+        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, FRAMEWORK_DTYPES[dtype]),
+                                              variant=base.variant, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"mindone.diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
     return pipe, MindSporeFramework()

@@ -76,6 +76,8 @@ class InferOptions:
     save_latents: Path | None = None
     output: Path | None = None
     config: Path | None = None  # diffusers config directory for a single-file base (torch)
+    variant: str | None = None  # weight files' variant ("fp16"); None: the one their names show
+    allow_pickle: bool = False  # load base weights only a pickle (.bin) holds (torch.load(weights_only=True))
     force: bool = False
 
     @property

@@ -17,7 +17,9 @@ import numpy as np
 from ..errors import LoraBridgeError
 from ..model import LoraModel
 from .base_model import pipeline_architecture
+from .noise import quiet_logs
 from .options import SCHEDULER_TABLES, InferOptions
+from .progress import step_log
 
 ADAPTER_NAME = "lorabridge"
 Log = Callable[[str], None]
@@ -79,7 +81,8 @@ def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fu
     unsupported = Counter(m.kind for m in lora.modules.values() if m.kind != "lora")
     if unsupported:
         raise LoraBridgeError(f"infer loads kind 'lora' only; this file has {dict(unsupported)} modules", path)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER_NAME)
+    with quiet_logs(fw.schedulers.__name__):  # diffusers or mindone.diffusers
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER_NAME)
     applied = {}
     for component in lora.components:
         layers = _adapted(pipe, fw, component)
@@ -126,15 +129,17 @@ def set_scheduler(pipe: Any, fw: Framework, name: str) -> None:
 
 
 def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int],
-           on_step: Callable[..., dict] | None = None) -> np.ndarray:
-    """Run the denoising loop from ``latents`` (a progress bar per step); (N, H, W, 3) uint8 images.
+           on_step: Callable[..., dict] | None = None, log: Log | None = None) -> np.ndarray:
+    """Run the denoising loop from ``latents`` (a progress bar per step, or a ``log`` line per step where stderr is
+    no terminal: :mod:`.progress`); (N, H, W, 3) uint8 images.
 
     ``on_step`` is the pipelines' ``callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs``.
     """
     width, height = size
     inference = inference_of(pipe)
     pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
-    extra: dict[str, Any] = {"callback_on_step_end": on_step} if on_step is not None else {}
+    callback = step_log(options.steps, log, then=on_step) or on_step
+    extra: dict[str, Any] = {"callback_on_step_end": callback} if callback is not None else {}
     if options.negative_prompt is not None:  # infer refuses one where the pipeline takes none
         extra["negative_prompt"] = options.negative_prompt
     guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale

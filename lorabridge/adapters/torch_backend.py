@@ -104,7 +104,9 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
             pipe = pipeline_class.from_single_file(str(base.path), torch_dtype=torch_dtype,
                                                    config=str(config) if config else None)
         else:
-            pipe = pipeline_class.from_pretrained(str(base.path), torch_dtype=torch_dtype, local_files_only=True)
+            # use_safetensors: never fall back to a pickle describe_base did not list (and the user allow)
+            pipe = pipeline_class.from_pretrained(str(base.path), torch_dtype=torch_dtype, local_files_only=True,
+                                                  variant=base.variant, use_safetensors=not base.pickled)
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
     return pipe.to(device), TorchFramework(device)
