@@ -141,7 +141,7 @@ def choose_variant(weights: Weights, requested: str | None, path: Path) -> str |
             if requested not in by and None not in by:
                 raise LoraBridgeError(f"{component} has no {requested} weights nor plain ones (it has {_variants(by)})", path)
         return requested
-    needy = {c: sorted(by) for c, by in weights.items() if None not in by}
+    needy = {c: sorted(v for v in by if v is not None) for c, by in weights.items() if None not in by}
     for component, variants in needy.items():
         if len(variants) > 1:
             raise LoraBridgeError(f"{component} holds {' and '.join(variants)} weights and no plain ones: "
@@ -158,7 +158,8 @@ def pickled_files(weights: Weights, variant: str | None) -> tuple[Path, ...]:
     pickled: list[Path] = []
     for by in weights.values():
         files = by[variant] if variant in by else by.get(None, [])
-        if files and all(WEIGHT_FILE.fullmatch(f.name)["format"] in PICKLE_FORMATS for f in files):
+        formats = [match["format"] if (match := WEIGHT_FILE.fullmatch(f.name)) else None for f in files]
+        if files and all(fmt in PICKLE_FORMATS for fmt in formats):
             pickled += files
     return tuple(pickled)
 
