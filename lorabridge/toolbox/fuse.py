@@ -5,7 +5,10 @@ the deltas of the modules on it added in float32, cast back to the base's dtype)
 tensors no module targets are copied as the base's bytes, never decoded. A diffusers directory keeps every
 file (all weight variants fused, untouched files copied); a single-file checkpoint or MindONE ``.ckpt`` is
 written as one file of the same container. A LoRA that does not fit the base is refused first
-(:func:`lorabridge.toolbox.check.refuse_misfit`, what ``check --base`` checks).
+(:func:`lorabridge.toolbox.check.refuse_misfit`, what ``check --base`` checks), and so is a directory with
+weights fuse cannot rewrite (pickled ``.bin`` beside the safetensors: a copy would hold the base unfused).
+A part of a fused layer (Flux.1's ``qkv``/``linear1`` in a BFL file, bigG's ``in_proj``) is fused into its
+own rows, exactly as into diffusers' separate layer; a DoRA part is normalised on those rows alone.
 """
 
 from __future__ import annotations
