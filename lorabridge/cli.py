@@ -500,6 +500,9 @@ def merge_command(srcs: tuple[str, ...], weights: list[float], rank: int | None,
                   as_json: bool, force: bool) -> None:
     """Merge LoRAs (A B ..., any supported formats) into one whose delta W is the weighted sum of theirs.
 
+    Memory: the inputs and the whole merged LoRA are held until it is written, about twice the inputs'
+    total size for an exact merge.
+
     Example: lorabridge merge style.safetensors subject.safetensors --weights 0.8,1 -o both.safetensors
     """
     from .toolbox.merge import merge_files

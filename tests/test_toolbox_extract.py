@@ -59,3 +59,27 @@ def test_min_diff_unchanged_models_and_outputs_refused(run_cli, tiny_sdxl_dir, t
     assert result.exit_code == 1 and "output exists" in result.output and out.read_bytes() == b"keep"
     result = run_cli("extract", "--base", tiny_sdxl_dir, "--tuned", tuned, "--rank", "4", "-o", out, "--force", "--json")
     assert result.exit_code == 0 and '"skipped_unchanged"' in result.output
+
+
+def test_conv_extracts_resnet_conv_loras_only_when_asked(tiny_sdxl_dir, tmp_path):
+    from lorabridge.formats.neutral import write_neutral
+    from lorabridge.toolbox.base_index import index_base
+    from tests.fixtures.core import make_lora_model
+
+    index = index_base(tiny_sdxl_dir)  # the first resnet of each UNet block, as (in, out, kh, kw)
+    convs = {f"unet.{p}": (layer.shape[1], layer.shape[0], *layer.shape[2:]) for p, layer in index.modules["unet"].items()
+             if ".resnets.0.conv" in p and len(layer.shape) == 4}
+    assert {s[2:] for s in convs.values()} == {(3, 3), (1, 1)}  # conv1/conv2 and the 1x1 conv_shortcut
+    lora = make_lora_model(convs, rank=2, alpha=4.0)
+    lora.architecture = index.architecture
+    write_neutral(lora, tmp_path / "conv.safetensors")
+    tuned = fuse(tmp_path / "conv.safetensors", tiny_sdxl_dir, tmp_path / "tuned").output
+    with pytest.raises(LoraBridgeError, match="nothing to extract"):  # Linear layers only: none changed
+        extract(tiny_sdxl_dir, tuned, tmp_path / "linear.safetensors", rank=2)
+    result = extract(tiny_sdxl_dir, tuned, tmp_path / "conv-r2.safetensors", rank=2, conv=True)
+    got = read_neutral(result.output)
+    assert set(got.modules) == set(lora.modules) and max(result.errors.values()) < 1e-5
+    for name, module in lora.modules.items():
+        assert got.modules[name].tensors["lora_B.weight"].shape[2:] == (1, 1)
+        want = module.delta_weight()
+        np.testing.assert_allclose(got.modules[name].delta_weight(), want, atol=1e-5 * float(np.abs(want).max()), err_msg=name)

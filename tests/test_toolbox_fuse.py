@@ -111,3 +111,15 @@ def test_refuses_a_lora_that_does_not_fit_and_an_existing_output(run_cli, tiny_s
     assert result.exit_code == 1 and "output exists" in result.output and not any((tmp_path / "taken").iterdir())
     with pytest.raises(LoraBridgeError, match="base model not found"):
         fuse(tiny_lora_file, tmp_path / "missing", tmp_path / "x")
+
+
+def test_pickled_weights_beside_the_safetensors_are_refused_in_one_line(run_cli, tiny_sdxl_dir, tiny_lora_file, tmp_path):
+    import shutil
+
+    base = tmp_path / "with-bin"
+    shutil.copytree(tiny_sdxl_dir, base)
+    (base / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"stale")  # fuse would copy it unfused
+    result = run_cli("fuse", tiny_lora_file, "--base", base, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "unet/diffusion_pytorch_model.bin" in result.output and "copied unfused" in result.output
+    assert not (tmp_path / "out").exists()

@@ -35,8 +35,8 @@ from ..io.safetensors_file import SafetensorsFile
 from ..tensor import Tensor
 
 # Parameter name endings that hold a module's weight: PyTorch's, OpenCLIP's bare fused parameter
-# (``attn.in_proj_weight``), and MindSpore's names for norm and embedding weights.
-WEIGHT_SUFFIXES = (".weight", "_weight", ".gamma", ".embedding_table")
+# (``attn.in_proj_weight``), MindSpore's names for norm and embedding weights, and BFL's RMSNorm ``.scale``.
+WEIGHT_SUFFIXES = (".weight", "_weight", ".gamma", ".embedding_table", ".scale")
 # Per architecture, where the single-file layouts (SGM/BFL/ComfyUI) put each component: key prefix -> component.
 # Paths after the prefix are in the original spelling (Architecture.from_original); ComfyUI's generic text
 # encoder prefixes come from the record (comfyui_prefixes) and hold diffusers (transformers) paths.
@@ -46,6 +46,9 @@ SINGLE_FILE_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "flux-1-dev": (("model.diffusion_model.", "transformer"), ("", "transformer")),
 }
 SHARD = re.compile(r"-\d{5}-of-\d{5}$")  # shard suffix of a weights file stem (diffusers/transformers)
+# Weights files of a diffusers component folder that are never read (pickled PyTorch, Flax, Keras): listed so that
+# fuse can refuse a directory it would otherwise copy with these weights unfused beside the fused safetensors.
+UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
 class WeightFile(Protocol):
@@ -80,7 +83,7 @@ class BaseIndex:
     """A base model's weight-bearing modules per component (diffusers paths), from headers only.
 
     ``files`` lists every weights file a fuse rewrites (all variants of a diffusers directory; the index
-    itself holds one variant's). ``architecture`` is the registered architecture whose names place the
+    itself holds one variant's), ``unread`` a directory's weights files in other formats (pickled ``.bin``...). ``architecture`` is the registered architecture whose names place the
     most modules (None when none places any), ``variant`` how the base differs from its reference.
     """
 
@@ -90,6 +93,7 @@ class BaseIndex:
     files: list[Path] = field(default_factory=list)
     architecture: str | None = None
     variant: str = ""
+    unread: list[Path] = field(default_factory=list)
 
     def layer(self, component: str, path: str) -> Layer | None:
         return self.modules.get(component, {}).get(path)
@@ -145,6 +149,7 @@ def _components(root: Path) -> list[str]:
 def _index_directory(root: Path, variant: str | None) -> BaseIndex:
     index = BaseIndex(root, "diffusers")
     for component in _components(root):
+        index.unread += sorted(f for f in (root / component).iterdir() if f.suffix in UNREAD_WEIGHTS and f.is_file())
         groups = _component_files(root / component)
         if not groups:
             continue
@@ -228,8 +233,8 @@ def _placed(index: BaseIndex, architecture: Architecture) -> int:
 
 
 def describe_variant(index: BaseIndex, architecture: Architecture) -> str:
-    """How the base differs from the architecture's reference model: its name when it has every layer at the
-    reference's shapes, else the layers missing and the shapes that differ (a variant's, or other widths)."""
+    """How the base differs from the architecture's reference model, in a short phrase: its name when it has every
+    layer at the reference's shapes, else the shapes that differ (a variant's, or other widths) and the layers missing."""
     tree = architecture.tree.all_modules()
     missing = [f"{c}.{p}" for c in index.modules if c in tree for p in tree[c] if p not in index.modules[c]]
     reshaped: list[str] = []
@@ -245,10 +250,11 @@ def describe_variant(index: BaseIndex, architecture: Architecture) -> str:
     parts = []
     if variant_shapes:
         parts.append(f"a variant of {architecture.reference} ({', '.join(f'{n} {list(shape)}' for n, shape in variant_shapes[:3])})")
-    if reshaped:
-        parts.append(f"other widths than {architecture.reference} ({len(reshaped)} layer(s) differ, e.g. {reshaped[0]})")
-    if missing:
-        parts.append(f"without {len(missing)} of {architecture.reference}'s layers (e.g. {missing[0]})")
+    if reshaped:  # a test pipeline or a pruned model: one phrase, counts only (check --json lists no layers either)
+        counts = [f"{len(reshaped)} layers differ"] + ([f"{len(missing)} missing"] if missing else [])
+        parts.append(f"other widths than {architecture.reference} ({', '.join(counts)})")
+    elif missing:
+        parts.append(f"{architecture.reference} without {len(missing)} of its layers")
     absent = [c for c in architecture.components if c not in index.modules]
     if absent:
         parts.append(f"no {', '.join(absent)}")

@@ -5,7 +5,10 @@ the deltas of the modules on it added in float32, cast back to the base's dtype)
 tensors no module targets are copied as the base's bytes, never decoded. A diffusers directory keeps every
 file (all weight variants fused, untouched files copied); a single-file checkpoint or MindONE ``.ckpt`` is
 written as one file of the same container. A LoRA that does not fit the base is refused first
-(:func:`lorabridge.toolbox.check.refuse_misfit`, what ``check --base`` checks).
+(:func:`lorabridge.toolbox.check.refuse_misfit`, what ``check --base`` checks), and so is a directory with
+weights fuse cannot rewrite (pickled ``.bin`` beside the safetensors: a copy would hold the base unfused).
+A part of a fused layer (Flux.1's ``qkv``/``linear1`` in a BFL file, bigG's ``in_proj``) is fused into its
+own rows, exactly as into diffusers' separate layer; a DoRA part is normalised on those rows alone.
 """
 
 from __future__ import annotations
@@ -125,6 +128,21 @@ def _targets(weights: WeightFile, model: LoraModel, index: BaseIndex, component:
     return targets
 
 
+def refuse_unread(index: BaseIndex) -> None:
+    """Refuse a diffusers directory holding weights fuse cannot rewrite (pickled ``.bin``...): copied, they would
+    sit unfused beside the fused safetensors, and a loader preferring them would load the stale base.
+
+    Example:
+        >>> refuse_unread(BaseIndex(Path("base"), "diffusers", unread=[Path("base/unet/diffusion_pytorch_model.bin")]))
+        Traceback (most recent call last):
+        lorabridge.errors.LoraBridgeError: base/unet/diffusion_pytorch_model.bin: fuse rewrites *.safetensors weights only; these would be copied unfused (stale): remove them from (a copy of) the base, or convert them to safetensors
+    """
+    if index.unread:
+        more = f" (and {len(index.unread) - 1} more such file(s))" if len(index.unread) > 1 else ""
+        raise LoraBridgeError(f"fuse rewrites *.safetensors weights only; these would be copied unfused (stale){more}: "
+                              "remove them from (a copy of) the base, or convert them to safetensors", index.unread[0])
+
+
 def _write(weights: WeightFile, out: Path, targets: Targets, scale: float) -> None:
     tensors = FusedTensors(weights, targets, scale)
     if isinstance(weights, MsCheckpointFile):
@@ -144,6 +162,7 @@ def fuse(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLik
     base, lora = Path(base), Path(lora)
     model, _ = read_lora(lora)
     index = refuse_misfit(model, base, lora)
+    refuse_unread(index)
     directory = index.layout == "diffusers"
     out = check_output_path(out, force, inputs=(base, lora), directory=directory)
     fused_keys, files = 0, 0
