@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
+from .zero_copy import SourceFile, copy_range
 
 EXISTS = "output exists; pass --force to replace it"
 
@@ -116,12 +117,28 @@ class _EarlyWriteback(io.BufferedWriter):
     def write(self, data) -> int:
         with _reported(self.target, "cannot write the output"):
             written = super().write(data)
-            position = self.tell()
-            if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-                self.flush()
-                os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
-                self._started = position
+            self._write_back()
         return written
+
+    def copy_from(self, source: SourceFile, offset: int, count: int) -> bool:
+        """Append ``count`` bytes at ``offset`` of ``source``, copied in the kernel (see :mod:`.zero_copy`);
+        False, with nothing written, where these two files allow no kernel copy."""
+        with _reported(self.target, "cannot write the output"):
+            self.flush()
+            position = self.tell()
+            if not copy_range(source, offset, self.fileno(), position, count):
+                self.seek(position)
+                return False
+            self.seek(position + count)
+            self._write_back()
+        return True
+
+    def _write_back(self) -> None:
+        position = self.tell()
+        if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            self.flush()
+            os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
+            self._started = position
 
 
 @contextlib.contextmanager
