@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
+from .input_file import check_unchanged
 from .zero_copy import SourceFile, copy_range
 
 EXISTS = "output exists; pass --force to replace it"
@@ -163,7 +164,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file in the target directory; on success fsync and publish it at ``path``
     (replacing an existing file only as :func:`replacing` allows).
 
-    Large outputs are handed to the disk while they are written, so the final fsync is short.
+    Large outputs are handed to the disk while they are written, so the final fsync is short. Nothing is
+    published when an input held by :func:`~lorabridge.io.input_file.held_inputs` changed meanwhile.
 
     Example:
         >>> with atomic_write("out.bin") as f:   # doctest: +SKIP
@@ -181,6 +183,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         yield handle
+        check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
         with _reported(path, "cannot write the output"):
             handle.flush()
             os.fsync(handle.fileno())
