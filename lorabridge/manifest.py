@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
-from .io.streaming import release_pages
+from .io.zero_copy import READ_CHUNK_BYTES, chunks
 from .model import LoraModel, LoraModule, dominant_dtype
 from .tensor import Tensor
 
@@ -125,20 +125,21 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
     ``key NUL dtype NUL dims-comma-separated NUL u64le(nbytes) data``.
 
     Binding names, dtypes and shapes means a renamed or reshaped tensor changes the hash,
-    not only a flipped data byte. Memory-mapped pages are let go once hashed, so hashing a
-    large file does not leave it all resident.
+    not only a flipped data byte. Bytes lying in an input file are read from it into one small
+    buffer (:func:`~lorabridge.io.zero_copy.chunks`), others' mapped pages let go once hashed, so
+    hashing a large file does not leave it all resident.
 
     Example:
         >>> tensor_sha256({})
         'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
     """
-    digest = hashlib.sha256()
+    digest, buffer = hashlib.sha256(), bytearray(READ_CHUNK_BYTES)
     for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
         t = tensors[key]
         digest.update(f"{key}\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8"))
         digest.update(struct.pack("<Q", t.nbytes))
-        digest.update(t.data)
-        release_pages(t.data)
+        for piece in chunks(t, buffer):
+            digest.update(piece)
     return digest.hexdigest()
 
 

@@ -8,7 +8,9 @@ memory-mapped file) and are turned into numpy arrays only when math is needed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +42,27 @@ def _dtype_of_numpy(array: np.ndarray) -> str:
     raise TypeError(f"numpy dtype {array.dtype} has no safetensors name")
 
 
+class FileHandle(Protocol):
+    """What a :class:`FileSpan` needs of the file it points into: its name (for messages) and a readable descriptor."""
+
+    path: os.PathLike
+
+    def fileno(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Where a tensor's bytes lie, unchanged, in an input file: the open file and the byte offset.
+
+    A writer given a tensor with a span can have the kernel copy the bytes from file to file
+    (``lorabridge/io/zero_copy.py``) instead of passing them through this process. Only readers set
+    it, on views of a memory-mapped input; every transform (a cast, a merge) makes a tensor without one.
+    """
+
+    file: FileHandle
+    offset: int
+
+
 @dataclass(frozen=True)
 class Tensor:
     """A tensor as stored on disk: ``dtype`` (safetensors name), ``shape`` and ``data`` bytes.
@@ -53,6 +76,7 @@ class Tensor:
     dtype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
+    source: FileSpan | None = field(default=None, compare=False, repr=False)  # where ``data`` lies in a file
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -104,8 +128,8 @@ class Tensor:
             return Tensor.from_numpy(self.to_float32(), dtype)
 
     def reshaped(self, shape: tuple[int, ...]) -> "Tensor":
-        """The same bytes seen with another shape (same element count)."""
-        return Tensor(self.dtype, tuple(shape), self.data)
+        """The same bytes seen with another shape (same element count), from the same place in a file."""
+        return Tensor(self.dtype, tuple(shape), self.data, self.source)
 
     def same_as(self, other: "Tensor") -> bool:
         """Bit-exact equality: dtype, shape and bytes."""

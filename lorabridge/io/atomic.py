@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
+from .input_file import check_unchanged
+from .zero_copy import SourceFile, copy_range
 
 EXISTS = "output exists; pass --force to replace it"
 
@@ -116,12 +118,28 @@ class _EarlyWriteback(io.BufferedWriter):
     def write(self, data) -> int:
         with _reported(self.target, "cannot write the output"):
             written = super().write(data)
-            position = self.tell()
-            if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-                self.flush()
-                os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
-                self._started = position
+            self._write_back()
         return written
+
+    def copy_from(self, source: SourceFile, offset: int, count: int) -> bool:
+        """Append ``count`` bytes at ``offset`` of ``source``, copied in the kernel (see :mod:`.zero_copy`);
+        False, with nothing written, where these two files allow no kernel copy."""
+        with _reported(self.target, "cannot write the output"):
+            self.flush()
+            position = self.tell()
+            if not copy_range(source, offset, self.fileno(), position, count):
+                self.seek(position)
+                return False
+            self.seek(position + count)
+            self._write_back()
+        return True
+
+    def _write_back(self) -> None:
+        position = self.tell()
+        if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            self.flush()
+            os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
+            self._started = position
 
 
 @contextlib.contextmanager
@@ -146,7 +164,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file in the target directory; on success fsync and publish it at ``path``
     (replacing an existing file only as :func:`replacing` allows).
 
-    Large outputs are handed to the disk while they are written, so the final fsync is short.
+    Large outputs are handed to the disk while they are written, so the final fsync is short. Nothing is
+    published when an input held by :func:`~lorabridge.io.input_file.held_inputs` changed meanwhile.
 
     Example:
         >>> with atomic_write("out.bin") as f:   # doctest: +SKIP
@@ -164,6 +183,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         yield handle
+        check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
         with _reported(path, "cannot write the output"):
             handle.flush()
             os.fsync(handle.fileno())

@@ -31,11 +31,13 @@ import mmap
 import os
 import signal
 import stat
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import LoraBridgeError
+from .zero_copy import SourceFile
 
 try:
     import fcntl
@@ -209,6 +211,27 @@ def read_exactly(fd: int, size: int, path: Path) -> memoryview:
     return view.toreadonly()
 
 
+_sources: weakref.WeakKeyDictionary[mmap.mmap, SourceFile] = weakref.WeakKeyDictionary()
+
+
+def _mapped(fd: int, size: int, path: Path) -> mmap.mmap:
+    """A read-only map of the file at ``fd``, remembered with a descriptor of its own for :func:`source_of`."""
+    mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    _sources[mapped] = SourceFile(os.dup(fd), path)
+    return mapped
+
+
+def source_of(data) -> SourceFile | None:
+    """The open input file :func:`map_input` mapped ``data`` from, for copying its bytes in the kernel
+    (:mod:`.zero_copy`); None for bytes read into memory (an input not leased), whose file may differ.
+
+    Example:
+        >>> source_of(b"read, not mapped") is None
+        True
+    """
+    return _sources.get(data) if isinstance(data, mmap.mmap) else None
+
+
 def map_input(path: str | os.PathLike) -> tuple[Path, mmap.mmap | memoryview | None, int]:
     """(path, the file's bytes, size) of a regular file: a read-only map, or (inside :func:`held_inputs`
     where no lease could be taken) the bytes read into memory; None for an empty file.
@@ -226,12 +249,11 @@ def map_input(path: str | os.PathLike) -> tuple[Path, mmap.mmap | memoryview | N
         if not info.st_size:
             return path, None, 0
         if _active is None:
-            return path, mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ), info.st_size
+            return path, _mapped(fd, info.st_size, path), info.st_size
         key = (info.st_dev, info.st_ino)
         if key not in _active.buffers:
             leased = hold(fd, path)
-            _active.buffers[key] = (mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ) if leased
-                                    else read_exactly(fd, info.st_size, path))
+            _active.buffers[key] = _mapped(fd, info.st_size, path) if leased else read_exactly(fd, info.st_size, path)
         data = _active.buffers[key]
         return path, data, len(data)
     except OSError as exc:

@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from ..errors import LoraBridgeError
-from ..tensor import DTYPES, Tensor
+from ..tensor import DTYPES, FileSpan, Tensor
 from .atomic import atomic_write
-from .input_file import map_input
+from .input_file import map_input, source_of
 from .ms_dtypes import MS_STR_TYPE, MS_TO_SAFETENSORS, MS_UNSUPPORTED, SAFETENSORS_TO_MS
 from .protobuf_wire import Malformed, encode_varint, len_field, parse_message, text, varint
 from .streaming import release_pages
+from .zero_copy import READ_CHUNK_BYTES, chunks, write_tensor
 
 CHUNK_BYTES = 512 * 1024 * 1024  # save_checkpoint splits a tensor's bytes into records of at most this size
 CRC_MAGIC = b"crc_num"
@@ -229,6 +230,7 @@ class MsCheckpointFile:
         if mapped is None:
             raise LoraBridgeError("empty file (0 bytes), not a MindSpore checkpoint", self.path)
         self._map = mapped
+        self._source = source_of(mapped)
         _refuse_foreign(self._map, size, self.path)
         try:
             entries, trailer = _scan(self._map, size)
@@ -288,9 +290,9 @@ class MsCheckpointFile:
         """A zero-copy view of one tensor (a chunked tensor is joined, its only copy)."""
         entry = self._entries[tag]
         view = memoryview(self._map)
-        if len(entry.spans) == 1:
+        if len(entry.spans) == 1:  # with where it lies in the file, for a copy in the kernel (:mod:`.zero_copy`)
             begin, end = entry.spans[0]
-            return Tensor(entry.tensor_type, entry.shape, view[begin:end])
+            return Tensor(entry.tensor_type, entry.shape, view[begin:end], FileSpan(self._source, begin) if self._source else None)
         return Tensor(entry.tensor_type, entry.shape, b"".join(view[begin:end] for begin, end in entry.spans))
 
     def items(self) -> Iterator[tuple[str, Tensor]]:
@@ -382,18 +384,19 @@ def _record_head(tag: bytes, dims: tuple[int, ...], tensor_type: bytes, content_
     return len_field(1, len(value) + tensor_len) + value + tensor
 
 
-def _encoded_records(tensors: Mapping[str, Tensor],
-                     metadata: Mapping[str, str]) -> Iterator[tuple[bytes, memoryview | bytes]]:
-    """(record head, content) pairs in file order: tensors in chunks of CHUNK_BYTES, then text entries."""
+def _encoded_records(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Iterator[tuple[bytes, Tensor]]:
+    """(record head, content as U8 bytes) pairs in file order: tensors in chunks of CHUNK_BYTES, then text
+    entries. A chunk of a tensor lying unchanged in an input file keeps its place there (:mod:`.zero_copy`)."""
     for name, tensor in tensors.items():
         data = memoryview(tensor.data).cast("B")
         tensor_type = SAFETENSORS_TO_MS[tensor.dtype].encode("ascii")
         for start in range(0, max(len(data), 1), CHUNK_BYTES):
             chunk = data[start:start + CHUNK_BYTES]
-            yield _record_head(name.encode("utf-8"), tensor.shape, tensor_type, len(chunk)), chunk
+            span = FileSpan(tensor.source.file, tensor.source.offset + start) if tensor.source else None
+            yield _record_head(name.encode("utf-8"), tensor.shape, tensor_type, len(chunk)), Tensor("U8", (len(chunk),), chunk, span)
     for key, value in metadata.items():
         content = _text_content(value)
-        yield _record_head(key.encode("utf-8"), (0,), MS_STR_TYPE.encode("ascii"), len(content)), content
+        yield _record_head(key.encode("utf-8"), (0,), MS_STR_TYPE.encode("ascii"), len(content)), Tensor("U8", (len(content),), content)
 
 
 def _check_writable(path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
@@ -434,16 +437,17 @@ def write_ms_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     """
     metadata = dict(metadata or {})
     _check_writable(path, tensors, metadata)
-    checksum = 0
+    checksum, buffer = 0, bytearray(READ_CHUNK_BYTES if crc else 0)
     with atomic_write(path) as out:
         for head, content in _encoded_records(tensors, metadata):
             out.write(head)
-            out.write(content)
             if crc:
-                checksum = zlib.crc32(content, zlib.crc32(head, checksum))
-            release_pages(content)
+                checksum = zlib.crc32(head, checksum)
+                for piece in chunks(content, buffer):
+                    checksum = zlib.crc32(piece, checksum)
+            write_tensor(out, content)
             if progress is not None:
-                progress(len(content))
+                progress(content.nbytes)
         if crc:
             out.write(CRC_MAGIC + checksum.to_bytes(10, "big"))
 

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 from ..errors import LoraBridgeError
 from ..tensor import Tensor
 from .safetensors_file import SafetensorsFile, write_safetensors
-from .streaming import release_pages
+from .zero_copy import READ_CHUNK_BYTES, chunks
 
 # safetensors metadata that mindspore.save_checkpoint(..., format="safetensors") writes
 MS_SAFETENSORS_METADATA = {"format": "ms"}
@@ -29,10 +29,11 @@ SAFETENSORS_LAYOUT_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F
 
 def _safetensors_crc(tensors: Mapping[str, Tensor]) -> int:
     """The ``crc_num`` save_checkpoint(format="safetensors", crc_check=True) stores: names and bytes, by name."""
-    checksum = 0
+    checksum, buffer = 0, bytearray(READ_CHUNK_BYTES)
     for name in sorted(tensors):
-        checksum = zlib.crc32(tensors[name].data, zlib.crc32(name.encode("utf-8"), checksum))
-        release_pages(tensors[name].data)
+        checksum = zlib.crc32(name.encode("utf-8"), checksum)
+        for piece in chunks(tensors[name], buffer):
+            checksum = zlib.crc32(piece, checksum)
     return checksum
 
 

@@ -15,11 +15,11 @@ import struct
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
-from ..tensor import DTYPES, Tensor
+from ..tensor import DTYPES, FileSpan, Tensor
 from .atomic import atomic_write
-from .input_file import map_input
+from .input_file import map_input, source_of
 from .json_safe import load_json
-from .streaming import release_pages
+from .zero_copy import write_tensor
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
 
@@ -43,6 +43,7 @@ class SafetensorsFile:
         if mapped is None or size < 8:  # None: an empty file
             raise LoraBridgeError(f"truncated: {size} bytes, a safetensors file has at least 8", path)
         self._map = mapped
+        self._source = source_of(mapped)
         (header_len,) = struct.unpack("<Q", self._map[:8])
         if header_len > MAX_HEADER_BYTES:
             raise LoraBridgeError(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit", path)
@@ -110,10 +111,11 @@ class SafetensorsFile:
         return dtype, shape
 
     def tensor(self, name: str) -> Tensor:
-        """A zero-copy view of one tensor's bytes."""
+        """A zero-copy view of one tensor's bytes, with where they lie in the file when it is mapped
+        (writers then copy them in the kernel: :mod:`.zero_copy`)."""
         dtype, shape, begin, end = self._entries[name]
         view = memoryview(self._map)[self.data_start + begin:self.data_start + end]
-        return Tensor(dtype, shape, view)
+        return Tensor(dtype, shape, view, FileSpan(self._source, self.data_start + begin) if self._source else None)
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: self.tensor(name) for name in self._entries}
@@ -138,7 +140,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     placeholder text in ``metadata`` values to a callable giving the final text (of the same length),
     called once the tensor data is written: a value computed from the data while it is being written,
     such as a hash, costs no second pass over it. Each placeholder must occur exactly once in the header.
-    Memory-mapped pages of the tensors are let go as they are written (see :func:`release_pages`).
+    Tensors that lie unchanged in an input file are copied from it in the kernel, the others written
+    from memory (:func:`~lorabridge.io.zero_copy.write_tensor`).
 
     Example:
         >>> write_safetensors("out.safetensors", {"w": Tensor.from_numpy(np.zeros(3, "f4"))})   # doctest: +SKIP
@@ -162,8 +165,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for tensor in tensors.values():
-            out.write(tensor.data)
-            release_pages(tensor.data)
+            write_tensor(out, tensor)
             if progress is not None:
                 progress(tensor.nbytes)
         for position, (needle, final) in patches.items():

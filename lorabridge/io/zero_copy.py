@@ -1,0 +1,133 @@
+"""Bytes that pass unchanged from an input to an output go file to file in the kernel.
+
+Most conversions only rename keys: a tensor's bytes in the output are its bytes in the input.
+Readers of memory-mapped inputs give such tensors a :class:`~lorabridge.tensor.FileSpan` (the
+input's :class:`SourceFile` and the offset); writers hand them to :func:`write_tensor`, which has
+the kernel copy them (``copy_file_range``: no pass through this process, and on file systems with
+reflinks no copy at all), falling back to ``sendfile`` where the file systems cannot (``EXDEV``
+between two of them, ``ENOSYS``/``EOPNOTSUPP``/``EINVAL`` where unsupported), then to writing the
+mapped view as before. What must still be computed over the bytes (the neutral manifest's
+``tensor_sha256``, a CRC) reads them through :func:`chunks`: ``pread`` into one small reused buffer
+from the page cache, cheaper than faulting the map's pages in and out.
+
+Safety is the reader's: a span is only given for a file that is mapped, which inside
+:func:`~lorabridge.io.input_file.held_inputs` means leased (no one can truncate or write it until
+the command ends), so what the kernel copies is what the reader checked. A file that still comes
+up short is a one-line error, never a short output.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import weakref
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from ..errors import LoraBridgeError
+from ..tensor import Tensor
+from .streaming import release_pages
+
+# A copy method a file system or kernel does not offer fails with one of these: try the next method.
+UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
+READ_CHUNK_BYTES = 1 << 20  # pread into one reused buffer that stays in the CPU cache while it is hashed
+_COPY_STEP = 1 << 30  # at most this much per system call (sendfile's count is capped near 2 GiB anyway)
+
+
+class SourceFile:
+    """An input file held open for copying from: its own descriptor, closed when no span refers to it.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     source = SourceFile(os.open(f.name, os.O_RDONLY), f.name)
+        ...     source.fileno() >= 0
+        True
+    """
+
+    def __init__(self, fd: int, path: str | os.PathLike):
+        self._fd, self.path = fd, Path(path)
+        weakref.finalize(self, os.close, fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def _changed(path: os.PathLike) -> LoraBridgeError:
+    return LoraBridgeError("this input changed while it was being read (it is shorter now); nothing was written", path)
+
+
+def _copy_file_range(src: int, offset: int, dst: int, position: int, count: int) -> int:
+    return os.copy_file_range(src, dst, min(count, _COPY_STEP), offset, position)
+
+
+def _sendfile(src: int, offset: int, dst: int, position: int, count: int) -> int:
+    os.lseek(dst, position, os.SEEK_SET)  # sendfile writes at the output's file position
+    return os.sendfile(dst, src, offset, min(count, _COPY_STEP))
+
+
+_METHODS = (_copy_file_range, _sendfile) if hasattr(os, "copy_file_range") else (_sendfile,)
+
+
+def copy_range(source: SourceFile, offset: int, dst: int, position: int, count: int) -> bool:
+    """Copy ``count`` bytes at ``offset`` of ``source`` to ``position`` of the file open at ``dst``, in the
+    kernel: True when done, False when neither ``copy_file_range`` nor ``sendfile`` works between these
+    files (the caller writes the bytes itself). The output's file position is left undefined.
+
+    A source that ends early (changed under us) raises :class:`LoraBridgeError`.
+    """
+    methods = list(_METHODS)
+    while count:
+        if not methods:
+            return False
+        try:
+            done = methods[0](source.fileno(), offset, dst, position, count)
+        except OSError as exc:
+            if exc.errno not in UNSUPPORTED:
+                raise
+            methods.pop(0)  # the next method takes over where this one stopped
+            continue
+        if done == 0:
+            raise _changed(source.path)
+        offset, position, count = offset + done, position + done, count - done
+    return True
+
+
+def write_tensor(out: BinaryIO, tensor: Tensor) -> None:
+    """Write ``tensor``'s bytes at ``out``'s position: copied in the kernel when the tensor lies unchanged
+    in an input file and ``out`` can take a copy (``copy_from``, as :func:`~lorabridge.io.atomic.atomic_write`'s
+    file has), else written from memory (mapped pages are let go as they are used).
+
+    Example:
+        >>> import io
+        >>> out = io.BytesIO()
+        >>> write_tensor(out, Tensor("U8", (2,), b"ab")); out.getvalue()
+        b'ab'
+    """
+    span = tensor.source
+    if span is not None and tensor.nbytes and hasattr(out, "copy_from") and out.copy_from(span.file, span.offset, tensor.nbytes):
+        return
+    out.write(tensor.data)
+    release_pages(tensor.data)
+
+
+def chunks(tensor: Tensor, buffer: bytearray) -> Iterator[memoryview]:
+    """``tensor``'s bytes in order, for a hash or a checksum: from its input file by ``pread`` into ``buffer``
+    (reused; each piece is valid until the next is produced) when it has a span, else its data in one piece.
+
+    Example:
+        >>> [bytes(piece) for piece in chunks(Tensor("U8", (3,), b"abc"), bytearray(2))]
+        [b'abc']
+    """
+    span = tensor.source
+    if span is None:
+        yield memoryview(tensor.data).cast("B")
+        release_pages(tensor.data)
+        return
+    view, offset, left = memoryview(buffer), span.offset, tensor.nbytes
+    while left:
+        got = os.preadv(span.file.fileno(), [view[:min(left, len(view))]], offset)
+        if got == 0:
+            raise _changed(span.file.path)
+        yield view[:got]
+        offset, left = offset + got, left - got
