@@ -45,7 +45,8 @@ def _dtype_of_numpy(array: np.ndarray) -> str:
 class FileHandle(Protocol):
     """What a :class:`FileSpan` needs of the file it points into: its name (for messages) and a readable descriptor."""
 
-    path: os.PathLike
+    @property
+    def path(self) -> os.PathLike: ...
 
     def fileno(self) -> int: ...
 

@@ -168,3 +168,24 @@ def test_a_killed_runs_temporary_is_removed_by_the_next_run_into_that_directory(
     os.kill(live.pid, signal.SIGCONT)
     assert live.wait(timeout=120) == 0
     assert (tmp_path / "live").exists() and not live_temporary.exists()
+
+
+def test_library_convert_holds_its_inputs_while_it_reads(tmp_path, monkeypatch):
+    """``converters.convert`` called from Python (not only the CLI) leases its inputs, so a file truncated
+    under it is noticed: what it does after reading runs while inputs are held."""
+    import warnings
+
+    from lorabridge import converters
+    from lorabridge.converters.registry import get_format
+    from lorabridge.io.input_file import holding_inputs
+    from tests.fixtures.core import make_lora_model
+
+    src = tmp_path / "src_kohya.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_format("kohya").write(make_lora_model(), src)
+    seen = []
+    checking = converters.check_architecture
+    monkeypatch.setattr(converters, "check_architecture", lambda *args: (seen.append(holding_inputs()), checking(*args)))
+    converters.convert(src, tmp_path / "out.safetensors", to="neutral", from_formats=["kohya"], progress=False)
+    assert seen == [True]

@@ -83,7 +83,6 @@ def default_output(src: Path, suffix: str) -> Path:
     return src.with_name(name + suffix)
 
 
-@held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
 def check_architecture(model: LoraModel, target: Format, src: Path) -> None:
     """Refuse a LoRA for an architecture the target's naming has no tables for (MindONE's are SDXL's)."""
     if target.architectures is not None and model.architecture not in target.architectures:
@@ -112,6 +111,7 @@ def write_model(model: LoraModel, out: Path, target: WritableFormat, write_optio
             bar.close()
 
 
+@held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
             force: bool = False, progress: bool = True, check: Callable[[LoraModel, Path], None] | None = None,
             **options: Any) -> ConversionResult:
