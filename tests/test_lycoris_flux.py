@@ -15,7 +15,8 @@ Which names lycoris-lora (installed: the ``lycoris`` package of lycoris_lora 4.1
   preset naming diffusers' block classes (:data:`KOHYA_PRESET`) it writes ``lora_unet_<diffusers path>``.
 
 On BFL's tree (:func:`bfl_flux`) lycoris' own presets apply and the names are kohya's BFL ones, fused layers
-included: a LoRA there splits exactly, a LoHa/LoKr on a fused layer is refused (not yet supported).
+included: a LoRA, LoHa or LoKr there splits exactly into parts of its kind (a LoKr whose Kronecker rows cut through
+a part becomes full deltas per part, with a warning).
 
 Each file is saved with lycoris' ``save_weights`` after its factors are randomised (one side of each starts at
 zero); every module lycoris made must come out under the diffusers name of the layer it adapts (taken from the
@@ -34,7 +35,6 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.torch
 
 from lorabridge.converters import convert  # noqa: E402
-from lorabridge.errors import LoraBridgeError  # noqa: E402
 from lorabridge.formats.neutral import read_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from tests.fixtures.flux import tiny_flux_transformer  # noqa: E402
