@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -145,3 +145,18 @@ def float32_to_bf16_bytes(array: np.ndarray) -> bytes:
     nan = np.isnan(array)
     out[nan] = 0x7FC0
     return out.tobytes()
+
+
+def row_blocks(t: Tensor, rows: Sequence[int]) -> list[Tensor]:
+    """Split a tensor into row blocks of ``rows`` rows each, as zero-copy views of its bytes (bit-exact).
+
+    Example:
+        >>> [b.to_numpy().tolist() for b in row_blocks(Tensor.from_numpy(np.arange(3, dtype="f4")), [1, 2])]
+        [[0.0], [1.0, 2.0]]
+    """
+    row_bytes = len(t.data) // t.shape[0]
+    data, start, out = memoryview(t.data), 0, []
+    for count in rows:
+        out.append(Tensor(t.dtype, (count, *t.shape[1:]), data[start:start + count * row_bytes]))
+        start += count * row_bytes
+    return out

@@ -15,7 +15,8 @@ Which names lycoris-lora (installed: the ``lycoris`` package of lycoris_lora 4.1
   preset naming diffusers' block classes (:data:`KOHYA_PRESET`) it writes ``lora_unet_<diffusers path>``.
 
 On BFL's tree (:func:`bfl_flux`) lycoris' own presets apply and the names are kohya's BFL ones, fused layers
-included: a LoRA there splits exactly, a LoHa/LoKr on a fused layer is refused (not yet supported).
+included: a LoRA, LoHa or LoKr there splits exactly into parts of its kind (a LoKr whose Kronecker rows cut through
+a part becomes full deltas per part, with a warning).
 
 Each file is saved with lycoris' ``save_weights`` after its factors are randomised (one side of each starts at
 zero); every module lycoris made must come out under the diffusers name of the layer it adapts (taken from the
@@ -34,7 +35,6 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.torch
 
 from lorabridge.converters import convert  # noqa: E402
-from lorabridge.errors import LoraBridgeError  # noqa: E402
 from lorabridge.formats.neutral import read_neutral  # noqa: E402
 from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
 from tests.fixtures.flux import tiny_flux_transformer  # noqa: E402
@@ -178,14 +178,14 @@ def bfl_flux():
     return root
 
 
-def make_bfl_lycoris(tmp_path, algo: str, **options):
+def make_bfl_lycoris(tmp_path, algo: str, dim: int = 4, **options):
     """lycoris.kohya.create_network with its built-in ``full`` preset on :func:`bfl_flux`, saved by lycoris."""
     from lycoris.kohya import create_network
 
     torch.manual_seed(0)
     flux = bfl_flux()
     with torch.no_grad():
-        network = create_network(1.0, 4, 2.0, None, [], flux, algo=algo, preset="full", **options)
+        network = create_network(1.0, dim, 2.0, None, [], flux, algo=algo, preset="full", **options)
         network.apply_to([], flux, False, True)
         randomize(network, seed=5)
     path = tmp_path / f"bfl-{algo}.safetensors"
@@ -219,13 +219,98 @@ def test_a_lycoris_lora_on_bfl_flux_names_reads_with_its_fused_layers_split_exac
     assert covered == set(model.modules) and worst < 1e-5, worst
 
 
-@pytest.mark.parametrize(("algo", "options"), [("loha", {}), ("lokr", {"factor": 4})])
-def test_a_lycoris_loha_or_lokr_on_bfl_fused_layers_is_refused_with_the_layers_named(tmp_path, algo, options):
-    """Not yet supported (lorabridge/architectures/fused.py splits plain LoRA only): a LoHa on ``qkv`` splits exactly
-    (rows of hada_w1_a and hada_w2_a), a LoKr only where the parts' rows align with its Kronecker factor. Today the
-    file is refused naming every fused layer, nothing written."""
-    path, _ = make_bfl_lycoris(tmp_path, algo, **options)
-    with pytest.raises(LoraBridgeError, match=rf"double_blocks\.0\.img_attn\.qkv: only plain LoRA can be split into q/k/v, "
-                                              rf"not {algo};.*single_blocks\.0\.linear1: only plain LoRA"):
-        convert(path, tmp_path / "n.safetensors", "neutral", progress=False)
-    assert not (tmp_path / "n.safetensors").exists()
+def lycoris_delta(lyco) -> np.ndarray:
+    """The delta W lycoris' forward pass adds to its layer: its output on the identity minus the layer's (transposed).
+    (lycoris' ``get_diff_weight`` applies the LoHa/LoKr scale twice; the forward pass is what training optimised.)"""
+    layer = lyco.org_module[0]
+    eye = torch.eye(layer.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        lyco.double(), layer.double()
+        delta = (lyco(eye) - torch.nn.functional.linear(eye, layer.weight, layer.bias)).T.numpy()
+        lyco.float(), layer.float()
+    return delta
+
+
+def parts_of(bfl: str) -> list[str]:
+    """The diffusers module names a BFL layer's module becomes (the parts of a fused layer, in row order)."""
+    from lorabridge.architectures.flux1 import FLUX1, bfl_to_diffusers
+
+    fused = FLUX1.fused_parts(bfl)
+    return [f"transformer.{p}" for p in fused[1]] if fused else [f"transformer.{bfl_to_diffusers(bfl)}"]
+
+
+FUSED = ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1")
+BFL_CASES = {  # id -> (algo, create_network options): the LoKr factor 7 makes w2's rows (16 in qkv, 32 in linear1) divide
+    # every part's rows (32 in both; 128 for linear1's MLP); with rank 2 both Kronecker factors are decomposed
+    "loha": ("loha", {}),
+    "lokr": ("lokr", {"factor": 7}),
+    "lokr-decompose-both": ("lokr", {"factor": 7, "decompose_both": True, "dim": 2}),
+}
+
+
+@pytest.mark.parametrize("case_id", BFL_CASES)
+def test_a_lycoris_loha_or_lokr_on_bfl_fused_layers_splits_into_parts_of_its_kind_computing_lycoris_delta(case_id, tmp_path):
+    """kohya sd-scripts' ``--network_module lycoris.kohya`` on Flux: LoHa/LoKr on the fused ``qkv``/``linear1``. A LoHa
+    splits by rows of ``hada_w1_a``/``hada_w2_a``, a LoKr by rows of w1 (of ``lokr_w1_a``) where w2's rows divide the
+    parts': each part is a module of the same kind, rank and alpha whose delta W is its rows of lycoris' fused delta W.
+    neutral -> LyCORIS (diffusers names, parts apart) -> neutral gives the parts back bit for bit."""
+    algo, options = BFL_CASES[case_id]
+    path, modules = make_bfl_lycoris(tmp_path, algo, **options)
+    stored, _ = read_safetensors(path)
+    if case_id == "lokr-decompose-both":
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1_a" in stored
+    result = convert(path, tmp_path / "n.safetensors", "neutral", progress=False)
+    model = result.model
+    assert not [w for w in result.warnings if "became full" in w]
+    assert model.architecture == "flux-1-dev" and set(model.summary()["kinds"]) == {algo}
+    worst, covered = 0.0, set()
+    for bfl, lyco in modules.items():
+        names = parts_of(bfl)
+        covered |= set(names)
+        expected = lycoris_delta(lyco)
+        got = np.concatenate([model.modules[n].delta_weight() for n in names])
+        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+        if bfl in FUSED:
+            fused_alpha = float(stored[f"lora_unet_{bfl.replace('.', '_')}.alpha"].to_float32())
+            assert all(model.modules[n].alpha == fused_alpha and model.modules[n].rank == lyco.lora_dim for n in names)
+    assert covered == set(model.modules) and {p for f in FUSED for p in parts_of(f)} <= covered
+    assert worst < 1e-5, worst
+
+    back = convert(tmp_path / "n.safetensors", tmp_path / "l.safetensors", "lycoris", progress=False).output
+    assert "lora_unet_transformer_blocks_0_attn_to_q.alpha" in read_safetensors(back)[0]
+    again = convert(back, tmp_path / "again.safetensors", "neutral", progress=False).model
+    assert sorted(again.modules) == sorted(model.modules)
+    for name, module in model.modules.items():
+        other = again.modules[name]
+        assert (other.kind, other.alpha, sorted(other.tensors)) == (module.kind, module.alpha, sorted(module.tensors))
+        assert all(other.tensors[r].same_as(t) for r, t in module.tensors.items()), name
+
+
+def test_a_lycoris_lokr_whose_kronecker_rows_cut_through_the_parts_becomes_full_deltas_with_a_warning(tmp_path):
+    """LyCORIS' factor 3 gives w2 32 rows on ``qkv`` (96 rows: parts of 32, a LoKr each) but 112 on ``linear1`` (224
+    rows: parts of 32, 32, 32, 128): a part cutting through a row of w1 is no Kronecker product. Those parts become
+    full deltas, their rows of the delta W rounded once (float32 here: exact to lycoris'), with one warning naming
+    the layer; the output is much larger than the input. Written as kohya, they are one full delta on ``linear1``."""
+    import re
+
+    path, modules = make_bfl_lycoris(tmp_path, "lokr", factor=3)
+    result = convert(path, tmp_path / "n.safetensors", "neutral", progress=False)
+    model = result.model
+    densified = [w for w in result.warnings if "became full" in w]
+    assert len(densified) == 1 and re.search(r": 1 fused layer\(s\) whose factors do not divide at their parts' rows became "
+                                             r"full delta W per part .*: transformer\.single_blocks\.0\.linear1 \(lokr\)$",
+                                             densified[0]), densified
+    kinds = {n: model.modules[n].kind for f in FUSED for n in parts_of(f)}
+    assert {n: k for n, k in kinds.items() if k == "full"} == {n: "full" for n in parts_of("single_blocks.0.linear1")}
+    assert kinds["transformer.transformer_blocks.0.attn.to_q"] == "lokr"
+    for bfl in FUSED:
+        expected = lycoris_delta(modules[bfl])
+        got = np.concatenate([model.modules[n].delta_weight() for n in parts_of(bfl)])
+        assert float(np.abs(got - expected).max() / np.abs(expected).max()) < 1e-5, bfl
+
+    # kohya holds full deltas: the parts merge into one on the fused layer again (rows stacked), and split back bit for bit
+    kohya = convert(tmp_path / "n.safetensors", tmp_path / "k.safetensors", "kohya", progress=False, bake_to_lora=4).output
+    assert "lora_unet_single_blocks_0_linear1.diff" in read_safetensors(kohya)[0]
+    again = convert(kohya, tmp_path / "k-n.safetensors", "neutral", progress=False).model
+    for name in parts_of("single_blocks.0.linear1"):
+        assert again.modules[name].kind == "full" and again.modules[name].tensors["diff"].same_as(model.modules[name].tensors["diff"])

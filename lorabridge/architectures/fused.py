@@ -5,7 +5,8 @@ OpenCLIP bigG computes q, k and v with one ``in_proj`` (rows ordered q, k, v); F
 ``linear1`` the same way. An architecture lists its fused layers as :class:`FusedLayer` data; a LoRA on
 the fused matrix is split into one LoRA per part and the parts merged back with delta W kept exactly
 (:func:`split_fused`, :func:`merge_fused`): split then merge, and merge then split, give back the
-original bytes.
+original bytes. LoHa, LoKr and full modules split by rows too, each kind's way
+(:meth:`~lorabridge.kinds.base.Kind.split_rows`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import numpy as np
 
 from ..errors import LoraBridgeError
 from ..io.streaming import release_pages
-from ..kinds import AlphaSource
+from ..kinds import KINDS, AlphaSource
 from ..model import LoraModule
-from ..tensor import DTYPES, Tensor
+from ..tensor import DTYPES, Tensor, row_blocks
 
 BLOCK = "{n}"  # where a fused layer's name holds its block number
 
@@ -63,16 +64,6 @@ def _block(template: str, name: str) -> str | None:
         return None
     block = name[len(head):len(name) - len(tail)]
     return block if block.isdigit() else None
-
-
-def _row_blocks(t: Tensor, rows: Sequence[int]) -> list[Tensor]:
-    """Split a tensor into row blocks of ``rows`` rows each, as zero-copy views of its bytes (bit-exact)."""
-    row_bytes = len(t.data) // t.shape[0]
-    data, start, out = memoryview(t.data), 0, []
-    for count in rows:
-        out.append(Tensor(t.dtype, (count, *t.shape[1:]), data[start:start + count * row_bytes]))
-        start += count * row_bytes
-    return out
 
 
 def part_rows(total: int, sizes: Sequence[int]) -> list[int] | None:
@@ -120,7 +111,7 @@ def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
 
     Example:
         >>> b = Tensor.from_numpy(np.kron(np.eye(3, dtype="f4"), np.ones((2, 2), "f4")))  # 6 x 6, blocks of 2
-        >>> part_ranks(_row_blocks(b, [2, 2, 2]))
+        >>> part_ranks(row_blocks(b, [2, 2, 2]))
         [(0, 2), (2, 4), (4, 6)]
     """
     used = [_used_columns(b) for b in b_parts]
@@ -139,51 +130,73 @@ def _rank_slice(a: Tensor, b: Tensor, start: int, end: int) -> tuple[Tensor, Ten
 
 
 def split_fused(module: LoraModule, names: tuple[str, ...], sizes: Sequence[int] | None = None) -> list[LoraModule]:
-    """Split a LoRA on a fused projection into one LoRA per part (``names``, in row order), same delta W.
+    """Split a module on a fused projection into one module per part (``names``, in row order), same delta W.
 
     ``sizes`` are the parts' output sizes in the full-size model (Flux's ``linear1``: q, k, v and the
-    MLP, 3072/3072/3072/12288); B's rows split in their ratio, so a narrower test model splits alike.
-    Without them the parts are equal (q, k and v of a fused ``in_proj``).
+    MLP, 3072/3072/3072/12288); delta W's rows split in their ratio, so a narrower test model splits
+    alike. Without them the parts are equal (q, k and v of a fused ``in_proj``).
 
-    Each part takes its row block of B, so delta W of each part is bit for bit the
-    matching row block of the fused delta W. When the fused LoRA is block-diagonal
-    (:func:`part_ranks`: what :func:`merge_fused` makes of parts with their own A),
-    each part keeps only its own rank columns of B and rows of A, with alpha scaled
-    so alpha / rank stays the fused one: q, k and v merged then split come back with
-    their own ranks and bytes. Otherwise each part keeps the whole A, rank and alpha.
-    A DoRA magnitude per output row is split by rows the same way.
+    Each part is a module of the same kind, rank and alpha whose factors are the fused one's, the
+    factor that carries the rows cut to the part's rows (:meth:`~lorabridge.kinds.base.Kind.split_rows`:
+    B of a LoRA, ``hada_w1_a``/``hada_w2_a`` of a LoHa, w1 of a LoKr, ``diff`` of a full delta), so
+    delta W of each part is bit for bit the matching row block of the fused delta W. When a LoRA is
+    block-diagonal (:func:`part_ranks`: what :func:`merge_fused` makes of parts with their own A),
+    each part keeps only its own rank columns of B and rows of A, with alpha scaled so alpha / rank
+    stays the fused one: q, k and v merged then split come back with their own ranks and bytes.
+    A LoKr whose Kronecker factor w2 has a row count that does not divide every part's rows has no
+    part that is a LoKr: each part is then kind ``full``, its rows of the float32 delta W rounded once
+    to the module's dtype (a much larger file: readers warn, naming such layers). A DoRA magnitude per
+    output row is split by rows the same way (a ``full`` part cannot hold one: refused).
 
     Example (``fused`` named after the SGM ``attn.in_proj``)::
 
         layer = "text_encoder_2.text_model.encoder.layers.0.self_attn."
         q, k, v = split_fused(fused, (layer + "q_proj", layer + "k_proj", layer + "v_proj"))
     """
-    count = len(names)
-    if module.kind != "lora":
-        raise LoraBridgeError(f"{module.name}: only plain LoRA can be split into {_parts(names)}, not {module.kind}")
-    a, b = module.tensors["lora_A.weight"], module.tensors["lora_B.weight"]
-    rows = part_rows(b.shape[0], sizes or [1] * count) if len(b.shape) == 2 else None
+    count, shape = len(names), module.weight_shape
+    if len(shape) != 2:
+        raise LoraBridgeError(f"{module.name}: fused {_parts(names, '')} is a Linear layer, this {module.kind} "
+                              f"adapts a {list(shape)} weight")
+    rows = part_rows(shape[0], sizes or [1] * count)
     if rows is None:
         ratio = f"in the ratio {':'.join(map(str, sizes))}" if sizes else f"by {count}"
-        raise LoraBridgeError(f"{module.name}: fused {_parts(names, '')} lora_B has shape {list(b.shape)}, "
-                              f"rows not divisible {ratio}")
+        held = (f"lora_B has shape {list(module.tensors['lora_B.weight'].shape)}" if module.kind == "lora"
+                else f"{module.kind} delta W has shape {list(shape)}")
+        raise LoraBridgeError(f"{module.name}: fused {_parts(names, '')} {held}, rows not divisible {ratio}")
     dora = module.tensors.get("dora_scale")
     if dora is not None and module.dora_axis != "out":
         raise LoraBridgeError(f"{module.name}: a DoRA magnitude per input column cannot be split into {_parts(names)}")
-    b_parts = _row_blocks(b, rows)
-    dora_parts: list[Tensor | None] = list(_row_blocks(dora, rows)) if dora is not None else [None] * count
-    blocks = part_ranks(b_parts) if len(a.shape) == 2 else None
+    factors = {role: t for role, t in module.tensors.items() if role != "dora_scale"}
+    split = KINDS[module.kind].split_rows(factors, rows)
+    if split is None:
+        return _dense_parts(module, names, rows)
+    dora_parts: list[Tensor | None] = list(row_blocks(dora, rows)) if dora is not None else [None] * count
+    blocks = part_ranks([p["lora_B.weight"] for p in split]) if module.kind == "lora" else None
     out = []
-    for i, (name, b_part, dora_part) in enumerate(zip(names, b_parts, dora_parts)):
-        a_part, alpha = a, module.alpha
+    for i, (name, tensors, dora_part) in enumerate(zip(names, split, dora_parts)):
+        alpha = module.alpha
         if blocks:
             start, end = blocks[i]
-            a_part, b_part = _rank_slice(a, b_part, start, end)
+            a_part, b_part = _rank_slice(tensors["lora_A.weight"], tensors["lora_B.weight"], start, end)
+            tensors = {"lora_A.weight": a_part, "lora_B.weight": b_part}
             alpha = module.alpha * (end - start) / module.rank
-        tensors = {"lora_A.weight": a_part, "lora_B.weight": b_part}
         if dora_part is not None:
             tensors["dora_scale"] = dora_part
-        out.append(LoraModule(name, "lora", tensors, alpha, module.alpha_source, module.dora_axis, dict(module.extra)))
+        out.append(LoraModule(name, module.kind, tensors, alpha, module.alpha_source, module.dora_axis, dict(module.extra)))
+    return out
+
+
+def _dense_parts(module: LoraModule, names: tuple[str, ...], rows: list[int]) -> list[LoraModule]:
+    """One kind ``full`` module per part: its rows of the float32 delta W, rounded once to the module's dtype."""
+    if "dora_scale" in module.tensors:
+        raise LoraBridgeError(f"{module.name}: this {module.kind} with a DoRA magnitude does not split into "
+                              f"{_parts(names)} (its factors do not divide at their rows, and a full delta holds no DoRA)")
+    delta, start, out = module.delta_weight(), 0, []
+    extra = {key: value for key, value in module.extra.items() if key != "alpha_dtype"}  # a full delta stores no alpha
+    for name, count in zip(names, rows):
+        diff = Tensor.from_numpy(delta[start:start + count], module.dtype)
+        out.append(LoraModule(name, "full", {"diff": diff}, 0.0, "assumed", extra=dict(extra)))
+        start += count
     return out
 
 
@@ -253,11 +266,18 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
     """One fused LoRA from the parts present (row block -> LoRA) of a layer with ``len(sizes)`` parts; a
     missing part gets the first present part's A and B = 0 (so its delta W is 0), its rows in the ratio of
     ``sizes`` (the parts' full-size output sizes). What a format that only has the fused name writes.
+    Parts that are all full deltas merge into one full delta, their rows stacked (a missing part's are 0).
 
     Example::
 
         fused = merge_present({0: q, 2: v}, "double_blocks.0.img_attn.qkv", (3072, 3072, 3072))  # k's delta W is 0
     """
+    kinds = {m.kind for m in parts.values()}
+    if kinds == {"full"}:
+        return _merge_full(parts, fused_name, sizes)
+    if kinds != {"lora"}:
+        raise LoraBridgeError(f"{fused_name}: its parts are {'/'.join(sorted(kinds))} modules; one module on a fused "
+                              "layer is made of LoRA parts or of full deltas only")
     first, present = next(iter(parts.items()))
     a, b = present.tensors["lora_A.weight"], present.tensors["lora_B.weight"]
 
@@ -272,6 +292,26 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
     for tensor in (t for m in every for t in m.tensors.values()):
         release_pages(tensor.data)  # merging read them all (before any is written)
     return fused
+
+
+def _merge_full(parts: Mapping[int, LoraModule], fused_name: str, sizes: Sequence[int]) -> LoraModule:
+    """One full delta from the full deltas of a fused layer's parts present: ``diff`` (and ``diff_b`` where any
+    part has one) stacked by rows, zeros for a missing part; the bytes of each part kept where dtypes agree."""
+    first, present = next(iter(parts.items()))
+    roles = ("diff", "diff_b") if any("diff_b" in m.tensors for m in parts.values()) else ("diff",)
+    dtype = _common_dtype([t for m in parts.values() for t in m.tensors.values()])
+
+    def rows(i: int, role: str) -> Tensor:
+        module = parts.get(i)
+        if module is not None and role in module.tensors:
+            return module.tensors[role].cast(dtype)
+        count = present.out_features * sizes[i] // sizes[first]
+        shape = (count, *present.tensors["diff"].shape[1:]) if role == "diff" else (count,)
+        return Tensor.from_numpy(np.zeros(shape, np.float32), dtype)
+
+    tensors = {role: _stack_rows([rows(i, role) for i in range(len(sizes))]) for role in roles}
+    extra = dict(present.extra) if all(m.extra == present.extra for m in parts.values()) else {}
+    return LoraModule(fused_name, "full", tensors, present.alpha, present.alpha_source, extra=extra)
 
 
 def _parts(names: tuple[str, ...], article: str = "its parts ") -> str:

@@ -133,8 +133,9 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
     ``build`` turns one module's parts (file suffix -> tensor) into a :class:`LoraModule`;
     ``skip_unknown`` and ``strict`` go to :func:`~lorabridge.formats.checks.check_model`.
     Names are those of the architecture that places most keys (:func:`~lorabridge.naming.underscored.group_keys`);
-    a LoRA on a fused layer of its original spelling (Flux's ``qkv``) is split exactly into its parts
-    (:func:`~lorabridge.architectures.fused.split_fused`, rows in the ratio of the parts' output sizes).
+    a module on a fused layer of its original spelling (Flux's ``qkv``) is split exactly into its parts
+    (:func:`~lorabridge.architectures.fused.split_fused`, rows in the ratio of the parts' output sizes);
+    a LoKr whose Kronecker factor does not divide at the parts' rows becomes full deltas, with a warning.
     A module whose keys use a prefix other than kohya's for its component (LyCORIS' ``lycoris_``)
     keeps it in ``extra["key_prefix"]``, for writers of the same format.
     """
@@ -142,7 +143,7 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
     architecture, groups, fused, unrecognized, problems = group_keys(tensors, grammar)
     drop_stray(stray_deltas(groups, tensors), path, skip_unknown)
     prefixes = grammar.prefixes(architecture)
-    model = LoraModel(training=dict(metadata))
+    model, densified = LoraModel(training=dict(metadata)), []
     for name, keys in groups.items():
         try:
             module = build(name, {suffix: tensors[key] for suffix, key in keys.items()}, alpha)
@@ -160,6 +161,8 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
             except LoraBridgeError as exc:
                 problems.append(exc.message)
                 continue
+            if split[0].kind != module.kind:
+                densified.append(f"{module.name} ({module.kind})")
         else:
             split = [module]
         for part in split:
@@ -169,6 +172,9 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
                 model.add(part)
     if problems:
         raise LoraBridgeError(f"broken LoRA module(s): {listed(problems, SHOWN)}", path)
+    if densified:
+        warn(f"{path}: {len(densified)} fused layer(s) whose factors do not divide at their parts' rows became full "
+             f"delta W per part (rounded once to the module's dtype; a much larger file): {listed(densified, SHOWN, ', ')}")
     return check_model(model, path, unrecognized=unrecognized, skip_unknown=skip_unknown, strict=strict)
 
 

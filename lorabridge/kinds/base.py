@@ -11,7 +11,7 @@ and every format can look kinds up without importing one another.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -67,6 +67,15 @@ class Kind(ABC):
     def svd(t: Tensors, keep: int) -> Svd | None:
         """At least the ``keep`` leading singular triplets of the unscaled delta W, flattened to
         (out, in*kh*kw), computed from the factors; None where only a dense SVD of :meth:`delta` will do."""
+
+    @staticmethod
+    @abstractmethod
+    def split_rows(t: Tensors, rows: Sequence[int]) -> list[dict[str, Tensor]] | None:
+        """The tensors of one module per block of ``rows`` output rows of a linear layer (a fused layer's
+        parts, :func:`lorabridge.architectures.fused.split_fused`), each of this kind with the same rank,
+        so that at the same scale its delta W is exactly those rows of delta W: views of the same bytes,
+        no arithmetic. None where this kind's structure does not split at those rows. ``t`` holds the
+        factors only (a DoRA magnitude, one value per row, is split by the caller)."""
 
 
 def matrix64(tensor: Tensor) -> np.ndarray:

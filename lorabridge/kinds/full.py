@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..deltas import Svd
+from ..tensor import Tensor, row_blocks
 from .base import Finding, Kind, Shapes, Tensors
 
 
@@ -49,3 +52,9 @@ class Full(Kind):
     @staticmethod
     def svd(t: Tensors, keep: int) -> Svd | None:
         return None  # delta W is dense
+
+    @staticmethod
+    def split_rows(t: Tensors, rows: Sequence[int]) -> list[dict[str, Tensor]] | None:
+        """Rows of ``diff`` (delta W itself) and of ``diff_b`` (one value per row)."""
+        parts = {role: row_blocks(t[role], rows) for role in ("diff", "diff_b") if role in t}
+        return [{role: blocks[i] for role, blocks in parts.items()} for i in range(len(rows))]

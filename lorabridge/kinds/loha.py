@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..deltas import Svd, loha_delta, svd_of_product
+from ..tensor import Tensor, row_blocks
 from .base import Finding, Kind, Shapes, Tensors, matrix64, same_rank, wrong_ndim
 from .dora import DORA_ROLE
 
@@ -75,3 +78,12 @@ class LoHa(Kind):
         p = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
         q = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
         return svd_of_product(p, q.T)
+
+    @staticmethod
+    def split_rows(t: Tensors, rows: Sequence[int]) -> list[dict[str, Tensor]] | None:
+        """Rows of ``hada_w1_a`` and ``hada_w2_a``, the ``_b`` factors shared: row i of (w1a w1b) * (w2a w2b) is
+        (w1a[i] w1b) * (w2a[i] w2b). A Tucker LoHa (a conv's: its ``_a`` factors are (rank, out)) is not split."""
+        if "hada_t1" in t:
+            return None
+        halves = zip(row_blocks(t["hada_w1_a"], rows), row_blocks(t["hada_w2_a"], rows))
+        return [{**t, "hada_w1_a": w1a, "hada_w2_a": w2a} for w1a, w2a in halves]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..deltas import Svd, dense_svd, factor_product, lokr_delta, lokr_tucker, svd_of_kron, svd_of_product
+from ..tensor import Tensor, row_blocks
 from .base import MISSING, Finding, Kind, Shapes, Tensors, matrix64, same_rank, wrong_ndim
 from .dora import DORA_ROLE
 
@@ -101,3 +104,17 @@ class LoKr(Kind):
         if "lokr_t2" in t:
             return None
         return svd_of_kron(_factor_svd(t, "lokr_w1"), _factor_svd(t, "lokr_w2"), keep)
+
+    @staticmethod
+    def split_rows(t: Tensors, rows: Sequence[int]) -> list[dict[str, Tensor]] | None:
+        """Rows of w1 (of ``lokr_w1_a`` when w1 is decomposed), w2 shared, where every block is whole rows of w1.
+
+        Row ``i * o2 + j`` of kron(w1, w2) (w2 has o2 rows) is kron(w1[i], w2[j]), so rows [s, s + n)
+        are kron(w1[s / o2 : (s + n) / o2], w2) when o2 divides every block. Otherwise a block cuts
+        through a row of w1 and is no Kronecker product: None. So is a Tucker LoKr (a conv's).
+        """
+        w1 = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
+        per_row = LoKr.weight_shape(t)[0] // t[w1].shape[0]  # o2: delta W's rows per row of w1
+        if "lokr_t2" in t or any(n % per_row for n in rows):
+            return None
+        return [{**t, w1: block} for block in row_blocks(t[w1], [n // per_row for n in rows])]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..deltas import Svd, lora_delta, svd_of_product
+from ..tensor import Tensor, row_blocks
 from .base import Finding, Kind, Shapes, Tensors, matrix64, same_rank
 from .dora import DORA_ROLE
 
@@ -48,3 +51,8 @@ class Lora(Kind):
     @staticmethod
     def svd(t: Tensors, keep: int) -> Svd | None:
         return svd_of_product(matrix64(t["lora_B.weight"]), matrix64(t["lora_A.weight"]).T)
+
+    @staticmethod
+    def split_rows(t: Tensors, rows: Sequence[int]) -> list[dict[str, Tensor]] | None:
+        """Rows of B, the whole A (shared): B's rows are delta W's."""
+        return [{"lora_A.weight": t["lora_A.weight"], "lora_B.weight": b} for b in row_blocks(t["lora_B.weight"], rows)]
