@@ -24,6 +24,10 @@ x = ms.Tensor(np.linspace(-3, 3, 2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 
 w = ms.Tensor(np.cos(np.arange(4 * 3 * 3 * 3, dtype=np.float32)).reshape(4, 3, 3, 3))
 b = ms.Tensor(np.array([0.1, -0.2, 0.3, 0.0], np.float32))
 g = ms.Tensor(np.array([1.0, 0.5, 2.0, -1.0, 0.0, 3.0], np.float32))
+ids = ms.Tensor(np.array([[0, 3, 1], [2, 2, 0]], np.int32))
+table = ms.Tensor(np.sin(np.arange(4 * 5, dtype=np.float32)).reshape(4, 5))
+q = ms.Tensor(np.cos(np.arange(2 * 2 * 3 * 4, dtype=np.float32)).reshape(2, 2, 3, 4))  # (batch, heads, tokens, dim)
+from mindone.diffusers.models import layers_compat
 ops = {
     "GeluExt": lambda: mint.nn.functional.gelu(x),
     "Conv2DExt": lambda: mint.nn.functional.conv2d(x, w, b, stride=2, padding=1),
@@ -32,6 +36,11 @@ ops = {
     "ZerosLikeExt": lambda: mint.zeros_like(x),
     "NonZeroExt": lambda: ms.ops.stack((x > 0).nonzero(as_tuple=True)),  # DDPMScheduler.previous_timestep
     "StackExt": lambda: mint.stack([x, -x], 1),  # UniPCMultistepScheduler
+    "Embedding": lambda: mint.nn.functional.embedding(ids, table),  # T5's token embedding
+    "FillScalar": lambda: mint.full((2, 3), 1.5),  # T5's attention bias
+    "Outer": lambda: mint.outer(g, b),  # Flux.1's rotary embedding
+    "RepeatInterleaveInt": lambda: mint.repeat_interleave(g, 2),
+    "FlashAttentionScore": lambda: layers_compat.scaled_dot_product_attention(q, q * 0.5, q - 1.0),
 }
 missing = {}
 for kernel, op in ops.items():
@@ -71,14 +80,23 @@ def test_reroutes_compute_what_the_mint_ops_mean(ms_ops):
     x = torch.from_numpy(np.linspace(-3, 3, 2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 6, 6))
     w = torch.from_numpy(np.cos(np.arange(4 * 3 * 3 * 3, dtype=np.float32)).reshape(4, 3, 3, 3))
     b = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    g = torch.tensor([1.0, 0.5, 2.0, -1.0, 0.0, 3.0])
+    ids = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    table = torch.from_numpy(np.sin(np.arange(4 * 5, dtype=np.float32)).reshape(4, 5))
+    q = torch.from_numpy(np.cos(np.arange(2 * 2 * 3 * 4, dtype=np.float32)).reshape(2, 2, 3, 4))
     expected = {
         "GeluExt": F.gelu(x),
         "Conv2DExt": F.conv2d(x, w, b, stride=2, padding=1),
-        "LayerNormExt": F.layer_norm(x, (6,), torch.tensor([1.0, 0.5, 2.0, -1.0, 0.0, 3.0]), None, 1e-5),
+        "LayerNormExt": F.layer_norm(x, (6,), g, None, 1e-5),
         "Arange": torch.arange(0, 10, 3),
         "ZerosLikeExt": torch.zeros_like(x),
         "NonZeroExt": torch.stack((x > 0).nonzero(as_tuple=True)),
         "StackExt": torch.stack([x, -x], 1),
+        "Embedding": F.embedding(ids, table),
+        "FillScalar": torch.full((2, 3), 1.5),
+        "Outer": torch.outer(g, b),
+        "RepeatInterleaveInt": torch.repeat_interleave(g, 2),
+        "FlashAttentionScore": F.scaled_dot_product_attention(q, q * 0.5, q - 1.0),
         "Conv2d layer": F.conv2d(x, w, b, padding=1),
     }
     for name, reference in expected.items():
