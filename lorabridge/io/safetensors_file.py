@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from ..errors import LoraBridgeError
 from ..tensor import DTYPES, Tensor
@@ -129,7 +129,21 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return handle.tensors(), handle.metadata
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+class Storable(Protocol):
+    """What :func:`write_safetensors` reads of a tensor: a :class:`Tensor`, or one whose ``data`` is made when
+    written (read once per tensor, so a tensor generated on demand is never held twice)."""
+
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Storable],
                       metadata: Mapping[str, str] | None = None, progress=None,
                       late: Mapping[str, Callable[[], str]] | None = None) -> None:
     """Write tensors (in the given order) and metadata atomically, streaming tensor by tensor.
@@ -162,8 +176,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for tensor in tensors.values():
-            out.write(tensor.data)
-            release_pages(tensor.data)
+            data = tensor.data
+            out.write(data)
+            release_pages(data)
             if progress is not None:
                 progress(tensor.nbytes)
         for position, (needle, final) in patches.items():
