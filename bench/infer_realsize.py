@@ -107,9 +107,16 @@ def render(report: dict) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work (load average "
         f"{report['load'][0]:.1f} at the start, {report['load'][1]:.1f} at the end); phases timed from `infer`'s log lines. "
-        "Peak memory is the process's `ru_maxrss` (what `infer` logs as \"peak memory\"); it counts the mapped pages of "
-        "the weight files the loaders read, which the kernel may drop from it under memory pressure, so it varies with "
-        "what else runs.",
+        "Peak memory is the process's `ru_maxrss` (what `infer` logs as \"peak memory\"). It is the loaders' transient: "
+        "loading alone on a quiet machine (ad hoc, `/proc/self/status`) peaked at 18.3 GB on torch with 14.0 GB resident "
+        "once loaded, and at 18.6 GB on MindSpore with 15.4 GB once loaded and garbage-collected (mindone.diffusers "
+        "leaves 2.8 GB to the cycle collector, which `infer`'s freeing runs): a component's fp16 weights (UNet 5.1 GB) are "
+        "read while its fp32 parameters are filled. The weight file's pages count while mapped and the kernel drops them "
+        "under memory pressure, so the peak varies with what else runs (16.0 GB on torch in the run above).",
+        "",
+        "1024x1024 (ad hoc: `infer --backend torch --device cpu --steps 1` on the same base and LoRA, fp32): runs; peak "
+        "18.6 GB (the same loading transient; UNet and text encoders are freed before the larger activations), "
+        "16 minutes wall for loading, one step and the decode, with a test run sharing the 2 cores.",
         "",
         "Before (issue 16's run of the same setup, without freeing and before MindSpore's CPU routing was settled): peak "
         "18.8 GB torch, 19.7 GB MindSpore; 2 steps took 30 s on torch and 15 minutes on MindSpore, 8 of them the VAE "
