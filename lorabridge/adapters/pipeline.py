@@ -143,7 +143,7 @@ def freeing_text_encoders(pipe: Any, log: Log) -> Iterator[None]:
     ``__call__`` in both frameworks handle absent encoders after encoding. Wrapping ``encode_prompt``
     rather than calling it ahead keeps each pipeline's own encoding arguments out of lorabridge.
     """
-    encoders = tuple(name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, name, None) is not None)
+    encoders = tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None)
     encode = pipe.encode_prompt
 
     def encode_then_free(*args, **kwargs):

@@ -86,8 +86,7 @@ def random_state(module: Any, seed: int) -> dict[str, RandomTensor]:
     for index, (name, tensor) in enumerate(module.state_dict(keep_vars=True).items()):
         if id(tensor) not in parameters:
             raise LoraBridgeError(f"{type(module).__name__} has a persistent buffer {name!r}; make-base writes parameters only")
-        made = first.setdefault(id(tensor), RandomTensor(name, tuple(tensor.shape), (seed, index)))
-        tensors[name] = RandomTensor(name, made.shape, made.seed)
+        tensors[name] = first.setdefault(id(tensor), RandomTensor(name, tuple(tensor.shape), (seed, index)))
     return tensors
 
 
