@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo venv bench realsize clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/convert_bench.py
+
+# Real-size SDXL parity, time and peak memory on both backends (CPU, ~20 GB of memory, tens of minutes); writes
+# bench/RESULTS-infer-realsize.md. REALSIZE_BASE=DIR keeps the 7 GB random base there between runs.
+realsize: $(STAMP)
+	$(PY) -m pytest -m realsize -p no:cacheprovider tests/test_infer_realsize.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -8,7 +8,8 @@ Everything goes through lorabridge's own adapters (``load_pipeline`` + ``apply_l
 ``--repeats`` runs, per-step times the median over every step but the first of a run, best of the
 runs (variants interleaved, so background load hits all alike); they are reported
 as ratios to the base model measured in the same run, and written to bench/RESULTS-infer.md.
-``--model sdxl`` builds SDXL-base's real sizes with random weights (no download; fp16 on a GPU).
+``--model sdxl`` builds SDXL-base at real size with random weights (``make-base --arch sdxl``: no download,
+fp16 on disk).
 """
 
 from __future__ import annotations
@@ -27,16 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# SDXL-base 1.0's component sizes (its config.json files), for --model sdxl with random weights.
-SDXL_BASE = {
-    "unet": {"sample_size": 128, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-             "cross_attention_dim": 2048, "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
-    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-                     "projection_dim": 768},
-    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
-                       "projection_dim": 1280},
-    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024},
-}
 VARIANTS = ("base", "lora unfused", "lora fused")
 
 
@@ -158,12 +149,13 @@ def main() -> None:
         print(json.dumps(run_worker(args)))
         return
 
-    from lorabridge.formats.neutral import write_neutral
+    from lorabridge.architectures.real_base import build_base
+    from lorabridge.architectures.sdxl import SDXL
     from lorabridge.architectures.sdxl.tiny import build_tiny, make_tiny_lora
+    from lorabridge.formats.neutral import write_neutral
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_tiny(Path(tmp) / "sdxl", configs=SDXL_BASE if args.model == "sdxl" else None,
-                               half=args.model == "sdxl")
+        base = build_base(SDXL, Path(tmp) / "sdxl", log=print) if args.model == "sdxl" else build_tiny(Path(tmp) / "sdxl")
         lora = make_tiny_lora(base)
         write_neutral(lora, Path(tmp) / "lora.safetensors")
         summary = lora.summary()

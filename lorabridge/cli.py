@@ -157,6 +157,41 @@ def make_tiny(out: str, arch: str, seed: int, lora: str | None, force: bool) -> 
         click.echo(f"LoRA: {shown(builder.write_tiny_lora(path, lora, seed=seed, force=force))}")
 
 
+def _real_architectures() -> dict:
+    """--arch name -> architecture record, for the records that know their reference model's real sizes."""
+    from .architectures import architectures
+
+    return {a.short: a for a in architectures() if a.real is not None}
+
+
+@cli.command("make-base")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", "arch", type=RegistryChoice(_real_architectures), default="sdxl", show_default=True,
+              help="Architecture: sdxl (SDXL-base 1.0, 7 GB) or flux (Flux.1-dev, 34 GB).")
+@click.option("--seed", default=0, show_default=True, help="Weights are a pure function of the seed.")
+@click.option("--make-lora", "lora", type=click.Path(dir_okay=False), default=None,
+              help="Also write a random non-zero LoRA for it, as make-tiny does.")
+@_force
+def make_base(out: str, arch: str, seed: int, lora: str | None, force: bool) -> None:
+    """Build a real-size random-weight pipeline (every dimension of the reference model; diffusers layout, fp16) in OUT.
+
+    For benchmarks and memory checks without a download: written tensor by tensor (memory holds one
+    tensor, not the model), offline and reproducibly; loads in diffusers and mindone.diffusers.
+
+    Example: lorabridge make-base --arch sdxl sdxl-base --make-lora sdxl-lora.safetensors
+    """
+    from .architectures.real_base import build_base
+
+    architecture = _real_architectures()[arch]
+    builder = architecture.tiny_builder()
+    if lora:
+        builder.lora_file_format(lora)
+    path = build_base(architecture, out, seed=seed, force=force, log=lambda line: click.echo(line, err=True))
+    click.echo(f"real-size {architecture.label} pipeline (random weights): {shown(path)}")
+    if lora:
+        click.echo(f"LoRA: {shown(builder.write_tiny_lora(path, lora, seed=seed, force=force))}")
+
+
 def _report(result) -> None:
     """Print a conversion's summary, then its warnings on stderr."""
     from .converters.mindspore import render_summary

@@ -160,3 +160,19 @@ def row_blocks(t: Tensor, rows: Sequence[int]) -> list[Tensor]:
         out.append(Tensor(t.dtype, (count, *t.shape[1:]), data[start:start + count * row_bytes]))
         start += count * row_bytes
     return out
+
+
+class Storable(Protocol):
+    """What :func:`~lorabridge.io.safetensors_file.write_safetensors` reads of a tensor: a :class:`Tensor`, or one whose ``data`` is made when
+    written (read once per tensor, so a tensor generated on demand is never held twice)."""
+
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+    @property
+    def source(self) -> FileSpan | None: ...  # where its bytes lie unchanged in an input file, if they do

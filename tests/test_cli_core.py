@@ -109,8 +109,8 @@ def test_every_writing_command_shares_one_force_option():
 
     helps = {name: [p.help for p in command.params if p.name == "force"] for name, command in cli.commands.items()}
     writers = {name for name, found in helps.items() if found}
-    assert writers == {"make-tiny", "ms2neutral", "neutral2ms", "pt2neutral", "neutral2pt", "convert", "infer",
-                       "compare", "resize", "merge", "fuse", "extract", "batch"}
+    assert writers == {"make-tiny", "make-base", "ms2neutral", "neutral2ms", "pt2neutral", "neutral2pt", "convert",
+                       "infer", "compare", "resize", "merge", "fuse", "extract", "batch"}
     assert len({found[0] for name, found in helps.items() if found}) == 1
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,9 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     log(f"{options.backend} on {device} ({dtype}): {base.path} {'(single file)' if base.single_file else ''}".rstrip())
     if base.variant is not None:
         log(f"loading the {base.variant} variant weights (the plain ones where a component has no {base.variant} files)")
+    note = backend.dtype_note(dtype, device)
+    if note:
+        log(note)
     if not SCHEDULER_TABLES[base.inference.schedulers][options.scheduler][2]:
         log(f"note: {options.scheduler} adds fresh noise at every step from {options.backend}'s own generator, "
             "so the same seed gives different images on the two backends")
@@ -153,7 +158,8 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     if lora is not None:
         result.applied = apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log)
     set_scheduler(pipe, fw, options.scheduler)
-    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size, log=log)
+    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size, free_memory=True, log=log)
+    del pipe  # the VAE: all that is left of it
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
     with atomic_directory(out, force=True) as tmp:  # _check_output_dir checked --force before sampling
@@ -168,4 +174,16 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
     result.seconds = time.perf_counter() - started
     for path in result.images:
         log(f"wrote {path}")
+    log(f"peak memory {peak_memory_gb():.1f} GB (resident, this process)")
     return result
+
+
+def peak_memory_gb() -> float:
+    """The most resident memory this process has held so far (``ru_maxrss``), in GB (10^9 bytes).
+
+    Example:
+        >>> peak_memory_gb() > 0
+        True
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux

@@ -78,10 +78,19 @@ def resolve_device(name: str | None) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` is fp16 on Ascend, fp32 on CPU."""
+    """``auto`` is fp16 on Ascend, fp32 on CPU; bf16 is refused on CPU, where MindSpore has no bf16 Conv2D kernel
+    (bench/RESULTS-ms-conv.md)."""
     if dtype == "auto":
         return "fp16" if device == "Ascend" else "fp32"
+    if dtype == "bf16" and device == "CPU":
+        raise LoraBridgeError("--dtype bf16 does not run on MindSpore's CPU backend (it has no bf16 Conv2D kernel); "
+                              "use --dtype fp16 or fp32")
     return dtype
+
+
+def dtype_note(dtype: str, device: str) -> str | None:
+    """Nothing to note: what MindSpore cannot run, :func:`resolve_dtype` refuses (the torch backend notes slow dtypes)."""
+    return None
 
 
 def setup(device: str) -> list[str]:

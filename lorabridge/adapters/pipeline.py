@@ -9,7 +9,9 @@ guidance default, negative prompt, the denoiser) is read from the pipeline's arc
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -128,22 +130,73 @@ def set_scheduler(pipe: Any, fw: Framework, name: str) -> None:
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
 
 
+def free(pipe: Any, names: tuple[str, ...]) -> None:
+    """Drop the pipeline's components ``names`` (diffusers and mindone.diffusers record them as absent) and their memory."""
+    for name in names:
+        setattr(pipe, name, None)
+    gc.collect()
+
+
+@contextmanager
+def freeing_text_encoders(pipe: Any, log: Log) -> Iterator[None]:
+    """Within: the text encoders are freed as soon as the pipeline's own ``encode_prompt`` has returned.
+
+    The pipeline call encodes the prompt exactly as it always does (positive, negative, pooled: whatever
+    its architecture needs, in either framework) and needs the encoders no more: SDXL's and Flux.1's
+    ``__call__`` in both frameworks handle absent encoders after encoding. Wrapping ``encode_prompt``
+    rather than calling it ahead keeps each pipeline's own encoding arguments out of lorabridge.
+    """
+    encoders = tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None)
+    encode = pipe.encode_prompt
+
+    def encode_then_free(*args, **kwargs):
+        embeddings = encode(*args, **kwargs)
+        free(pipe, encoders)
+        log(f"prompt encoded; {', '.join(encoders)} freed")
+        return embeddings
+
+    pipe.encode_prompt = encode_then_free
+    try:
+        yield
+    finally:
+        del pipe.encode_prompt  # the class's method again
+
+
 def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int],
-           on_step: Callable[..., dict] | None = None, log: Log | None = None) -> np.ndarray:
+           on_step: Callable[..., dict] | None = None, free_memory: bool = False, log: Log | None = None) -> np.ndarray:
     """Run the denoising loop from ``latents`` (a progress bar per step, or a ``log`` line per step where stderr is
     no terminal: :mod:`.progress`); (N, H, W, 3) uint8 images.
 
     ``on_step`` is the pipelines' ``callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs``.
+    ``free_memory`` frees what the rest of the call no longer needs, for a one-shot run: the text encoders
+    once the prompt is encoded, the denoiser after the last step (before the VAE decodes); the images are
+    the same.
     """
     width, height = size
     inference = inference_of(pipe)
     pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
+    say: Log = log if log is not None else (lambda line: None)
     callback = step_log(options.steps, log, then=on_step) or on_step
+    if free_memory:
+        callback = _freeing_denoiser(inference.denoiser, callback, say)
     extra: dict[str, Any] = {"callback_on_step_end": callback} if callback is not None else {}
     if options.negative_prompt is not None:  # infer refuses one where the pipeline takes none
         extra["negative_prompt"] = options.negative_prompt
     guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale
-    images = pipe(prompt=options.prompt, num_inference_steps=options.steps, guidance_scale=guidance, width=width, height=height,
-                  num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
-                  generator=fw.generator(options.seed), output_type="np", return_dict=False, **extra)[0]
+    with freeing_text_encoders(pipe, say) if free_memory else nullcontext():
+        images = pipe(prompt=options.prompt, num_inference_steps=options.steps, guidance_scale=guidance, width=width,
+                      height=height, num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
+                      generator=fw.generator(options.seed), output_type="np", return_dict=False, **extra)[0]
     return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _freeing_denoiser(denoiser_name: str, on_step: Callable[..., dict] | None, log: Log) -> Callable[..., dict]:
+    """A step-end callback that runs ``on_step`` and, after the last step, frees the denoiser: the pipelines
+    (SDXL, Flux.1; both frameworks) use only the VAE after the loop."""
+    def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        kwargs = on_step(pipe, step, timestep, kwargs) if on_step is not None else kwargs
+        if step == pipe.num_timesteps - 1:
+            free(pipe, (denoiser_name,))
+            log(f"denoising done; {denoiser_name} freed before the VAE decodes")
+        return kwargs
+    return step_end

@@ -81,11 +81,22 @@ def resolve_device(name: str | None) -> str:
     return name.lower()
 
 
+# Why half precision is not the CPU default: torch's CPU kernels run it far slower than fp32 on CPUs without
+# native fp16/bf16 arithmetic (measured one thread, 320-channel 3x3 conv and 1024x1280x1280 matmul: fp16
+# 22x, bf16 55x slower; bench/RESULTS-infer-realsize.md). It halves the weights' memory.
+CPU_HALF_NOTE = "note: torch on CPU runs {dtype} far slower than fp32 (20-55x measured where the CPU has no native {dtype})"
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` is fp16 on an accelerator, fp32 on CPU (half precision on CPU is slow or unsupported)."""
+    """``auto`` is fp16 on an accelerator, fp32 on CPU (half precision on CPU is slow: :data:`CPU_HALF_NOTE`)."""
     if dtype == "auto":
         return "fp32" if device == "cpu" else "fp16"
     return dtype
+
+
+def dtype_note(dtype: str, device: str) -> str | None:
+    """One line to log when ``dtype`` on ``device`` runs but slowly, else None."""
+    return CPU_HALF_NOTE.format(dtype=dtype) if device == "cpu" and dtype in ("fp16", "bf16") else None
 
 
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,

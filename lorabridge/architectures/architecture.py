@@ -67,7 +67,8 @@ class Architecture:
     kohya names may use either, and kohya writes it. ``fused`` lists the layers the original
     checkpoint computes as one matrix. ``short`` is the name commands take (``make-tiny --arch sdxl``).
     ``tiny`` names the module that builds its tiny pipeline for tests and demos (each such module has
-    ``build_tiny``, ``write_tiny_lora`` and ``lora_file_format``); ``inference`` says how ``infer`` runs it; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
+    ``build_tiny``, ``write_tiny_lora`` and ``lora_file_format``); ``real`` the module whose ``base_parts()`` gives
+    the reference model's pipeline components at real size on the meta device (``make-base``); ``inference`` says how ``infer`` runs it; ``pipelines`` the pipeline class per framework, as ``module:Class``; ``modelspec``
     the ``modelspec.*`` metadata a kohya-style file written for it carries. ``kohya_prefixes`` gives,
     per component, the prefix of its kohya/LyCORIS underscored keys (``lora_unet`` is SDXL's UNet but
     Flux's transformer); ``comfyui_prefixes`` the prefix of ComfyUI's generic dotted names
@@ -88,6 +89,7 @@ class Architecture:
     fused: tuple[FusedLayer, ...] = ()
     short: str = ""
     tiny: str | None = None
+    real: str | None = None
     inference: Inference | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
     modelspec: Mapping[str, str] = field(default_factory=dict)  # Stability's modelspec fields kohya-style files carry
@@ -135,6 +137,12 @@ class Architecture:
         if self.tiny is None:
             raise LoraBridgeError(f"lorabridge has no tiny {self.label} pipeline")
         return importlib.import_module(self.tiny)
+
+    def real_parts(self) -> dict[str, Any]:
+        """The reference model's pipeline components at real size (weight-bearing ones on the meta device; see ``real``)."""
+        if self.real is None:
+            raise LoraBridgeError(f"lorabridge has no real-size {self.label} base")
+        return importlib.import_module(self.real).base_parts()
 
     @cached_property
     def _from_original(self) -> dict[str, dict[str, str]]:

@@ -28,6 +28,7 @@ FLUX1 = Architecture(
     fused=FUSED_LAYERS,
     short="flux",
     tiny="lorabridge.architectures.flux1.tiny",
+    real="lorabridge.architectures.flux1.reference",
     # FluxPipeline: flow matching, guidance distilled into an embedding (FLUX.1-dev's default 3.5), no negative
     # prompt, 16 latent channels read as 2x2 patches, 1024 px by default (default_sample_size 128 x VAE scale 8).
     inference=Inference(pipeline_classes=("FluxPipeline",), denoiser="transformer",

@@ -1,4 +1,5 @@
-"""Flux.1-dev's real component configs, for generating ``modules.json`` (``tools/gen_module_tree.py flux1``).
+"""Flux.1-dev's real component configs, for generating ``modules.json`` (``tools/gen_module_tree.py flux1``)
+and a real-size random base (``make-base --arch flux``).
 
 The configs are written out (black-forest-labs/FLUX.1-dev, the fields that shape the module tree)
 because nothing can be downloaded; :func:`build_models` builds the components with
@@ -50,6 +51,27 @@ TEXT_ENCODER_2_CONFIG = {
 }
 
 
+# vae/config.json: 16 latent channels, no quant convs, FLUX.1-dev's scaling and shift.
+VAE_CONFIG = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+
+
 def build_models() -> dict:
     """The three Flux.1-dev components, built by diffusers/transformers on the meta device (no weights)."""
     import torch
@@ -62,3 +84,19 @@ def build_models() -> dict:
             "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
             "text_encoder_2": T5EncoderModel(T5Config(**TEXT_ENCODER_2_CONFIG)),
         }
+
+
+def base_parts() -> dict:
+    """Every component of a Flux.1-dev pipeline: the weight-bearing ones on the meta device (:func:`build_models`
+    plus the VAE), the scheduler with FLUX.1-dev's config and the tiny tokenizers (real ones cannot be
+    downloaded; their ids fit the real embeddings)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from ..tiny_parts import clip_tokenizer, t5_tokenizer
+    from .tiny import SCHEDULER_CONFIG
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE_CONFIG)
+    return {**build_models(), "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+            "tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}

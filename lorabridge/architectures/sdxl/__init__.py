@@ -26,6 +26,7 @@ SDXL = Architecture(
                       tuple(f"{DIFFUSERS_LAYERS}{{n}}.self_attn.{p}_proj" for p in "qkv")),),
     short="sdxl",
     tiny="lorabridge.architectures.sdxl.tiny",
+    real="lorabridge.architectures.sdxl.reference",
     inference=Inference(pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
                         denoiser="unet",
                         lora_components=("unet", "text_encoder", "text_encoder_2"), required={"addition_embed_type": "text_time"}, schedulers="diffusion",

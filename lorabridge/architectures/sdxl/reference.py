@@ -1,8 +1,9 @@
-"""SDXL-base's real component configs, for generating ``modules.json`` (``tools/gen_module_tree.py sdxl``).
+"""SDXL-base's real component configs, for generating ``modules.json`` (``tools/gen_module_tree.py sdxl``)
+and a real-size random base (``make-base --arch sdxl``).
 
 The configs are written out (stabilityai/stable-diffusion-xl-base-1.0, the fields that shape the module
 tree) because nothing can be downloaded; :func:`build_models` builds the components with
-diffusers/transformers on torch's ``meta`` device (no weights).
+diffusers/transformers on torch's ``meta`` device (no weights), :func:`base_parts` the whole pipeline's.
 """
 
 from __future__ import annotations
@@ -80,6 +81,23 @@ TEXT_ENCODER_2_CONFIG = {
 }
 
 
+# vae/config.json (the fields that shape it, and the ones sampling reads).
+VAE_CONFIG = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
 def build_models() -> dict:
     """The three SDXL-base components, built by diffusers/transformers on the meta device (no weights)."""
     import torch
@@ -92,3 +110,20 @@ def build_models() -> dict:
             "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG)),
         }
+
+
+def base_parts() -> dict:
+    """Every component of an SDXL-base pipeline: the weight-bearing ones on the meta device (:func:`build_models`
+    plus the VAE), the scheduler with SDXL-base's config and the tiny CLIP tokenizer (real ones cannot be
+    downloaded; its ids fit the real 49408-row embeddings)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    from ..tiny_parts import clip_tokenizer
+    from .tiny import SCHEDULER_CONFIG
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE_CONFIG)
+    tokenizer = clip_tokenizer()
+    return {**build_models(), "vae": vae, "scheduler": EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer}
