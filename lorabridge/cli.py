@@ -38,7 +38,7 @@ class LoraBridgeGroup(click.Group):
 @click.version_option(__version__, prog_name="lorabridge")
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors too.")
 def cli(debug: bool) -> None:
-    """lorabridge: one LoRA file for MindSpore/MindONE and PyTorch/diffusers (SDXL)."""
+    """lorabridge: one LoRA file for MindSpore/MindONE and PyTorch/diffusers (SDXL, Flux.1)."""
 
 
 class FiniteFloat(click.ParamType):
