@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Mapping, MutableMapping, Protocol
 
 import numpy as np
@@ -140,11 +141,13 @@ class Tensor:
 class _LateTensor(Tensor):
     """A :class:`Tensor` whose dtype and shape are known and whose bytes are made when read (see :func:`made_late`)."""
 
+    _data_of: Callable[[], bytes | memoryview]
+
     def __init__(self, dtype: str, shape: tuple[int, ...], data_of: Callable[[], bytes | memoryview]):
         for name, value in (("dtype", dtype), ("shape", shape), ("source", None), ("_data_of", data_of)):
             object.__setattr__(self, name, value)
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> bytes | memoryview:
         return self._data_of()
 
@@ -179,7 +182,7 @@ def made_late(make: Callable[[], Mapping[str, Tensor]], made: MutableMapping) ->
             made["tensors"], made["make"] = make(), make
         return made["tensors"][key].data
 
-    return {key: _LateTensor(dtype, shape, lambda key=key: data_of(key)) for key, (dtype, shape) in specs.items()}
+    return {key: _LateTensor(dtype, shape, partial(data_of, key)) for key, (dtype, shape) in specs.items()}
 
 
 def float32_to_bf16_bytes(array: np.ndarray) -> bytes:

@@ -270,12 +270,15 @@ class MindoneFormat:
                 out[f"{key}.{self.naming.suffix(ALPHA)}"] = alpha_tensor(m)
             return out
 
+        def made_tensors(key: str, make: Callable[[], LoraModule]) -> dict[str, Tensor]:
+            return module_tensors(key, make())
+
         made: dict = {}  # merged q/k/v are made again as they are written, one at a time (made_late)
         for key, make in makers.items():
             if isinstance(make, LoraModule):
                 tensors.update(module_tensors(key, make))
             else:
-                tensors.update(made_late(lambda key=key, make=make: module_tensors(key, make()), made))
+                tensors.update(made_late(partial(made_tensors, key, make), made))
         notes = []
         if unscaled and not (self.naming.stores_alpha or alpha_in_metadata):
             ratios = ", ".join(f"{r:g}" for r in sorted(set(unscaled)))
