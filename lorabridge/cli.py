@@ -192,6 +192,16 @@ def make_base(out: str, arch: str, seed: int, lora: str | None, force: bool) -> 
         click.echo(f"LoRA: {shown(builder.write_tiny_lora(path, lora, seed=seed, force=force))}")
 
 
+def _base_check(base: str | None):
+    """``--base``'s check (:func:`lorabridge.toolbox.check.base_fit`), or None without one: the toolbox
+    (its base index, every format's layer tables) is imported only then, not on every conversion's path."""
+    if base is None:
+        return None
+    from .toolbox.check import base_fit
+
+    return base_fit(base)
+
+
 def _report(result) -> None:
     """Print a conversion's summary, then its warnings on stderr."""
     from .converters.mindspore import render_summary
@@ -301,10 +311,8 @@ def pt2neutral_command(src: str, output: str | None, alpha: float | None, from_f
     """
     from .converters.torch import pt2neutral
 
-    from .toolbox.check import base_fit
-
     _report(pt2neutral(src, output, from_format=from_format, alpha=alpha, skip_unknown=skip_unknown,
-                       strict=strict, force=force, check=base_fit(base)))
+                       strict=strict, force=force, check=_base_check(base)))
 
 
 @cli.command("neutral2pt")
@@ -326,11 +334,9 @@ def neutral2pt_command(src: str, output: str | None, format_name: str, dtype: st
     """
     from .converters.torch import neutral2pt
 
-    from .toolbox.check import base_fit
-
     _report(neutral2pt(src, output, format=format_name, dtype=dtype, bake_to_lora=bake_to_lora,
                        factor_names=factor_names, strict=strict, verify_hash=verify_hash, force=force,
-                       check=base_fit(base)))
+                       check=_base_check(base)))
 
 
 @cli.command("convert")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from functools import partial
+from typing import Callable, Mapping, MutableMapping, Protocol, Sequence
 
 import numpy as np
 
@@ -135,6 +136,53 @@ class Tensor:
     def same_as(self, other: "Tensor") -> bool:
         """Bit-exact equality: dtype, shape and bytes."""
         return self.dtype == other.dtype and self.shape == other.shape and bytes(self.data) == bytes(other.data)
+
+
+class _LateTensor(Tensor):
+    """A :class:`Tensor` whose dtype and shape are known and whose bytes are made when read (see :func:`made_late`)."""
+
+    _data_of: Callable[[], bytes | memoryview]
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], data_of: Callable[[], bytes | memoryview]):
+        for name, value in (("dtype", dtype), ("shape", shape), ("source", None), ("_data_of", data_of)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def data(self) -> bytes | memoryview:
+        return self._data_of()
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
+
+
+def made_late(make: Callable[[], Mapping[str, Tensor]], made: MutableMapping) -> dict[str, Tensor]:
+    """``make()``'s tensors (the factors of one merged LoRA, say) with their dtypes and shapes now and their bytes
+    made again when a writer reads them, so a file's merged tensors are not all in memory before its first write.
+
+    ``made``, one dict shared by a writer's groups, keeps the group made last: the tensors of a group, written
+    one after another, are made once, and at most one group is held. ``make`` must give the same tensors each time.
+
+    Example:
+        >>> calls = []
+        >>> def make():
+        ...     calls.append(1)
+        ...     return {"a": Tensor("U8", (2,), b"ab"), "b": Tensor("U8", (1,), b"c")}
+        >>> late = made_late(make, {})
+        >>> late["a"].shape, late["b"].nbytes, len(calls)
+        ((2,), 1, 1)
+        >>> bytes(late["a"].data), bytes(late["b"].data), len(calls)
+        (b'ab', b'c', 2)
+    """
+    specs = {key: (t.dtype, t.shape) for key, t in make().items()}
+
+    def data_of(key: str) -> bytes | memoryview:
+        if made.get("make") is not make:
+            made.clear()  # the previous group's tensors go before this one's are made
+            made["tensors"], made["make"] = make(), make
+        return made["tensors"][key].data
+
+    return {key: _LateTensor(dtype, shape, partial(data_of, key)) for key, (dtype, shape) in specs.items()}
 
 
 def float32_to_bf16_bytes(array: np.ndarray) -> bytes:

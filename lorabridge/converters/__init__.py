@@ -20,6 +20,7 @@ from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..formats.contract import Format, WritableFormat, WriteOptions
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
+from ..io.deferred import beside_writing
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
 from ..model import LoraModel
@@ -104,7 +105,7 @@ def write_model(model: LoraModel, out: Path, target: WritableFormat, write_optio
 
         bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=None, leave=False)
     try:
-        with replacing(force):  # without --force, even a run racing this one cannot be replaced
+        with replacing(force), beside_writing():  # no replacing without --force; NaN/Inf scan beside the copy
             target.write(model, out, write_options, progress=bar.update if bar else None, force=force)
     finally:
         if bar is not None:

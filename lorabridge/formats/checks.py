@@ -25,6 +25,7 @@ import numpy as np
 from ..architectures import architectures
 from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
+from ..io import deferred
 from ..io.streaming import release_pages
 from ..kinds import MISSING, DoraAxis, KindName
 from ..model import LoraModel, LoraModule
@@ -56,7 +57,9 @@ CROSS_ATTENTION_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 4096: "a T5-conditioned
 
 
 def warn(message: str) -> None:
-    """Tell the user something that does not stop the conversion (commands print it as ``warning:``)."""
+    """Tell the user something that does not stop the conversion (commands print it as ``warning:``),
+    after the verdicts of checks still running beside the write (:mod:`lorabridge.io.deferred`): warnings keep their order."""
+    deferred.settle()
     warnings.warn(message, LoraBridgeWarning, stacklevel=3)
 
 
@@ -212,20 +215,29 @@ def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
     unusable = [f"{m.name} ({why})" for m in model.modules.values() if (why := alpha_problem(m.alpha))]
     if unusable:
         raise LoraBridgeError(f"{len(unusable)} module(s) have an alpha that is not a finite number: {listed(unusable)}", path)
+    tensors = [(f"{m.name}.{role}", t) for m in model.modules.values() for role, t in m.tensors.items()]
+
+    def verdict(bad: list[str]) -> None:
+        if not bad:
+            return
+        message = f"{len(bad)} tensor(s) hold NaN or Inf values: {listed(bad)}"
+        if strict:
+            raise LoraBridgeError(f"{message}; refused (--strict)", path)
+        warn(f"{path}: {message}; images will turn to NaN where they apply")
+
+    deferred.check(lambda: _non_finite(tensors), verdict)  # in a thread beside the write where the command allows
+
+
+def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
+    """``name (count of numel)`` for each of ``tensors`` holding NaN or Inf values."""
     bad = []
-    for m in model.modules.values():
-        for role, t in m.tensors.items():
-            if t.dtype in CHECKED_DTYPES and t.numel and not all_finite(t):
-                values = t.to_numpy()
-                count = int(values.size - np.count_nonzero(np.isfinite(values)))
-                bad.append(f"{m.name}.{role} ({count} of {values.size})")
-            release_pages(t.data)
-    if not bad:
-        return
-    message = f"{len(bad)} tensor(s) hold NaN or Inf values: {listed(bad)}"
-    if strict:
-        raise LoraBridgeError(f"{message}; refused (--strict)", path)
-    warn(f"{path}: {message}; images will turn to NaN where they apply")
+    for name, t in tensors:
+        if t.dtype in CHECKED_DTYPES and t.numel and not all_finite(t):
+            values = t.to_numpy()
+            count = int(values.size - np.count_nonzero(np.isfinite(values)))
+            bad.append(f"{name} ({count} of {values.size})")
+        release_pages(t.data)
+    return bad
 
 
 def warn_zero_alphas(model: LoraModel, path) -> None:

@@ -32,9 +32,9 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -51,7 +51,7 @@ from ..naming.mindone_keys import LORA_SUFFIXES, NAMINGS, A, B, Naming
 from ..naming.peft_config import adapter_metadata, metadata_alpha
 from ..naming.underscored import ALPHA, ModuleProblem
 from ..rules import module_problems
-from ..tensor import Tensor
+from ..tensor import Tensor, made_late
 from .checks import check_model, warn, warn_user_alpha, writable_lora
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .peft_modules import stored_alpha
@@ -165,6 +165,11 @@ def _raise_problems(problems: list[str], what: str, path) -> None:
         raise LoraBridgeError(f"{len(problems)} {what}: {listed(problems, 5)}", path)
 
 
+def _made(module: LoraModule | Callable[[], LoraModule]) -> LoraModule:
+    """A module as :meth:`MindoneFormat._spelled_modules` gives it: as it is, or merged now."""
+    return module if isinstance(module, LoraModule) else module()
+
+
 @dataclass(frozen=True)
 class MindoneFormat:
     """A MindONE naming in a MindSpore container, with the registry's ``detect``/``read``/``write``."""
@@ -250,29 +255,41 @@ class MindoneFormat:
         a place for alpha (no ``.alpha`` role, no adapter metadata), a module with alpha != rank gets
         alpha / rank folded into lora_B when ``fold_alpha`` (delta W kept at MindONE's alpha = rank).
         """
-        modules, unspellable = self._spelled_modules(model)
+        makers, unspellable = self._spelled_modules(model)
         _raise_problems(unspellable, f"module(s) with no name in MindONE {self.naming.name} naming", path)
         tensors: dict[str, Tensor] = {}
-        unscaled = [m for m in modules.values() if m.alpha != m.rank]
+        unscaled = [m.scale for m in map(_made, makers.values()) if m.alpha != m.rank]  # a merge's made, then let go
         fold = fold_alpha and unscaled and not (self.naming.stores_alpha or alpha_in_metadata)
-        for key, m in modules.items():
-            b = m.tensors[B]
+
+        def module_tensors(key: str, m: LoraModule) -> dict[str, Tensor]:
+            b, out = m.tensors[B], {f"{key}.{self.naming.suffix(A)}": m.tensors[A]}
             if fold and m.alpha != m.rank:
                 b = Tensor.from_numpy(b.to_float32() * np.float32(m.scale), b.dtype)
-            tensors[f"{key}.{self.naming.suffix(A)}"] = m.tensors[A]
-            tensors[f"{key}.{self.naming.suffix(B)}"] = b
+            out[f"{key}.{self.naming.suffix(B)}"] = b
             if self.naming.stores_alpha and m.alpha_source != "assumed":
-                tensors[f"{key}.{self.naming.suffix(ALPHA)}"] = alpha_tensor(m)
+                out[f"{key}.{self.naming.suffix(ALPHA)}"] = alpha_tensor(m)
+            return out
+
+        def made_tensors(key: str, make: Callable[[], LoraModule]) -> dict[str, Tensor]:
+            return module_tensors(key, make())
+
+        made: dict = {}  # merged q/k/v are made again as they are written, one at a time (made_late)
+        for key, make in makers.items():
+            if isinstance(make, LoraModule):
+                tensors.update(module_tensors(key, make))
+            else:
+                tensors.update(made_late(partial(made_tensors, key, make), made))
         notes = []
         if unscaled and not (self.naming.stores_alpha or alpha_in_metadata):
-            ratios = ", ".join(f"{r:g}" for r in sorted({m.scale for m in unscaled}))
+            ratios = ", ".join(f"{r:g}" for r in sorted(set(unscaled)))
             notes.append(f"{len(unscaled)} module(s) have alpha != rank (alpha/rank {ratios}) and MindONE files carry no "
                          + ("alpha: folded alpha/rank into lora_B, so MindONE's default alpha = rank gives the same delta W"
                             if fold else "alpha: load them with lora_alpha set to match, or drop --no-fold-alpha"))
         return tensors, notes
 
-    def _spelled_modules(self, model: LoraModel) -> tuple[dict[str, LoraModule], list[str]]:
-        """Modules under their file module keys (fused q/k/v merged), and the names with no key."""
+    def _spelled_modules(self, model: LoraModel) -> tuple[dict[str, LoraModule | Callable[[], LoraModule]], list[str]]:
+        """Modules under their file module keys, and the names with no key; fused q/k/v as a call that merges
+        them (made when needed, so merged layers are not all held at once)."""
         order: dict[str, None] = {}  # module keys in the order of their first module
         whole: dict[str, LoraModule] = {}
         fused: dict[str, dict[int, LoraModule]] = {}
@@ -289,7 +306,7 @@ class MindoneFormat:
             else:
                 fused.setdefault(key, {})[block] = m
         equal = (1, 1, 1)  # bigG's q, k and v have the same output size
-        return {key: whole[key] if key in whole else merge_present(fused[key], key, equal) for key in order}, unspellable
+        return {key: whole[key] if key in whole else partial(merge_present, fused[key], key, equal) for key in order}, unspellable
 
     def write(self, model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
               progress: Progress | None = None, force: bool = False) -> None:

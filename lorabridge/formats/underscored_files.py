@@ -24,7 +24,7 @@ from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
 from ..rules import module_problems
 from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, Grammar, ModuleProblem, Spelling, group_keys, stem
-from ..tensor import Tensor
+from ..tensor import Tensor, made_late
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
 
@@ -271,13 +271,15 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spell
             tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(module).items()})
         else:
             fused.setdefault((key_stem, f"{module.component}.{fused_at[0]}"), {})[fused_at[1]] = module
+    made: dict = {}  # merged layers are made again as they are written, one at a time (made_late)
     for (key_stem, name), parts in fused.items():
+        def merged(key_stem=key_stem, name=name, parts=parts) -> dict[str, Tensor]:
+            module = merge_present(parts, name, architecture.fused_sizes(name.partition(".")[2]))
+            return {f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(module).items()}
         try:
-            merged = merge_present(parts, name, architecture.fused_sizes(name.partition(".")[2]))
+            tensors.update(made_late(merged, made))
         except LoraBridgeError as exc:
             problems.append(exc.message)
-            continue
-        tensors.update({f"{key_stem}.{suffix}": cast_to(t, dtype) for suffix, t in tensors_of(merged).items()})
     if problems:
         raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {listed(problems, SHOWN)}", path)
     tensors = safetensors_order(tensors)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
+from . import deferred
 from .input_file import check_unchanged
 from .zero_copy import SourceFile, copy_range
 
@@ -183,6 +184,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         yield handle
+        deferred.settle()  # checks that ran beside the write (NaN/Inf scan) may still refuse it (--strict)
         check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
         with _reported(path, "cannot write the output"):
             handle.flush()
@@ -225,6 +227,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
         yield staging
+        deferred.settle()
         with _reported(path, "cannot write the output"):
             old: Path | None = None  # what was replaced, to remove
             if force:

@@ -66,6 +66,8 @@ class _LazyTensor:
     """A fused output tensor as the writers see one (``dtype``, ``shape``, ``nbytes``, ``data``); ``data`` is
     computed on first use, so the header pass of a writer costs nothing and only the tensor being written is held."""
 
+    source = None  # computed here, in no input file: writers write ``data`` (lorabridge/io/zero_copy.py)
+
     def __init__(self, base: Tensor, modules: list[tuple[LoraModule, tuple[int, int] | None]], scale: float):
         self.dtype, self.shape, self.nbytes = base.dtype, base.shape, base.nbytes
         self._base, self._modules, self._scale = base, modules, scale

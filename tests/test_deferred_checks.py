@@ -1,0 +1,119 @@
+"""The NaN/Inf scan runs in a thread beside the write (lorabridge/io/deferred.py): same warnings, in the
+same order, the same --strict refusal with nothing published, the same output bytes as a scan run in place."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+
+import lorabridge.converters as converters
+from lorabridge.converters import convert
+from lorabridge.errors import LoraBridgeError, LoraBridgeWarning
+from lorabridge.formats.checks import warn
+from lorabridge.formats.neutral import write_neutral
+from lorabridge.io import deferred
+from lorabridge.model import LoraModel, LoraModule
+from lorabridge.tensor import Tensor
+
+RNG = np.random.default_rng(14)
+
+
+@pytest.fixture(scope="module")
+def nan_neutral(tmp_path_factory):
+    """A neutral file with NaN in two tensors and fp16-overflowing values in a third (a diverged run)."""
+    from lorabridge.architectures.sdxl import SDXL
+
+    model = LoraModel()
+    linears = [(p, s) for p, s in SDXL.tree.all_modules()["unet"].items() if len(s) == 2][:6]
+    for i, (path, shape) in enumerate(linears):
+        a, b = RNG.standard_normal((4, shape[1])).astype(np.float32), RNG.standard_normal((shape[0], 4)).astype(np.float32)
+        if i in (1, 4):
+            b[0, :2] = np.nan
+        if i == 2:
+            a[0, 0] = 1e6
+        model.add(LoraModule(f"unet.{path}", "lora", {"lora_A.weight": Tensor.from_numpy(a), "lora_B.weight": Tensor.from_numpy(b)}, 4.0))
+    path = tmp_path_factory.mktemp("deferred") / "nan.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraBridgeWarning)
+        write_neutral(model, path)
+    return path
+
+
+def run(src, out, in_place: bool, monkeypatch, **options):
+    """``convert`` with the scan beside the write (as commands run it) or in place (as before)."""
+    with monkeypatch.context() as patch:
+        if in_place:
+            patch.setattr(converters, "beside_writing", contextlib.nullcontext)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning other than the collected LoraBridgeWarnings
+            return convert(src, out, progress=False, **options)
+
+
+@pytest.mark.parametrize("target", ["diffusers", "kohya", "peft", "lycoris", "comfyui", "mindone-sgm"])
+@pytest.mark.parametrize("dtype", [None, "fp16"])
+def test_scan_beside_the_write_warns_and_writes_as_in_place(nan_neutral, tmp_path, monkeypatch, target, dtype):
+    options = {"dtype": dtype} if dtype else {}
+    if target == "mindone-sgm" and dtype:
+        pytest.skip("MindONE keeps the dtype")
+    here = run(nan_neutral, tmp_path / "here", False, monkeypatch, to=target, **options)
+    before = run(nan_neutral, tmp_path / "before", True, monkeypatch, to=target, **options)
+    strip = lambda notes, out: [n.replace(str(out), "OUT") for n in notes]  # noqa: E731
+    assert strip(here.warnings, tmp_path / "here") == strip(before.warnings, tmp_path / "before")
+    nan_notes = [i for i, n in enumerate(here.warnings) if "hold NaN or Inf values" in n]
+    assert len(nan_notes) == 1 and "2 tensor(s)" in here.warnings[nan_notes[0]], here.warnings
+    if dtype:  # the overflow warning of the cast, given after the scan's
+        assert [i for i, n in enumerate(here.warnings) if "fp16 range" in n] == [nan_notes[0] + 1]
+    assert contents(tmp_path / "here") == contents(tmp_path / "before")
+
+
+def contents(out):
+    """An output's bytes: the file's, or each file's of a directory output."""
+    if out.is_dir():
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return {".": out.read_bytes()}
+
+
+@pytest.mark.parametrize("target", ["diffusers", "kohya", "peft", "mindone-sgm"])
+def test_strict_refuses_before_anything_is_published(nan_neutral, tmp_path, monkeypatch, target):
+    for in_place in (False, True):
+        out = tmp_path / f"out-{in_place}"
+        with pytest.raises(LoraBridgeError, match=r"2 tensor\(s\) hold NaN or Inf values: .*refused \(--strict\)"):
+            run(nan_neutral, out, in_place, monkeypatch, to=target, strict=True)
+        assert list(tmp_path.iterdir()) == [], "nothing published, no temporary left"
+
+
+def test_a_check_in_the_block_gives_its_verdict_at_the_next_warning():
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LoraBridgeWarning)
+        with deferred.beside_writing():
+            deferred.check(lambda: "scanned", seen.append)
+            seen.append("writing")
+            warn("a later warning")
+            seen.append("after the warning")
+    assert seen == ["writing", "scanned", "after the warning"]
+    assert [str(w.message) for w in caught] == ["a later warning"]
+
+
+def test_a_refusal_started_first_wins_over_a_later_error():
+    def refuse(_):
+        raise LoraBridgeError("refused by the scan")
+
+    with pytest.raises(LoraBridgeError, match="refused by the scan"):
+        with deferred.beside_writing():
+            deferred.check(lambda: None, refuse)
+            raise LoraBridgeError("a later error")
+    with pytest.raises(LoraBridgeError, match="a later error"):  # a scan that finds nothing changes nothing
+        with deferred.beside_writing():
+            deferred.check(lambda: None, lambda _: None)
+            raise LoraBridgeError("a later error")
+    deferred.settle()  # outside any block: nothing pending
+
+
+def test_outside_the_block_a_check_runs_in_place():
+    seen = []
+    deferred.check(lambda: "scanned", seen.append)
+    assert seen == ["scanned"]
