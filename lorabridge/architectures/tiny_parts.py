@@ -17,7 +17,10 @@ import os
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ..errors import LoraBridgeError
+from ..io.atomic import atomic_directory
 
 # A byte-level BPE vocabulary in CLIP's layout: 256 byte symbols, the same with "</w>", merges, specials.
 TOKENIZER_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "a r", "e n", "o r", "a </w>",
@@ -146,3 +149,21 @@ def random_lora(shapes: dict[str, tuple[int, ...]], rank: int, alpha: float, see
         model.add(LoraModule(name, "lora", {"lora_A.weight": Tensor.from_numpy(a), "lora_B.weight": Tensor.from_numpy(b)},
                              alpha=alpha))
     return model
+
+
+def save_pipeline(make_pipeline: Callable[[], Any], out: str | os.PathLike, force: bool, half: bool) -> Path:
+    """Build a diffusers pipeline with ``make_pipeline()`` and save it to ``out`` whole or not at all
+    (safetensors; fp16 weights when ``half``), refusing an existing ``out`` without ``force`` before building."""
+    import torch
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise LoraBridgeError("output exists; pass --force to replace it", out)
+    if not out.parent.exists():
+        raise LoraBridgeError("output directory does not exist", out.parent)
+    pipe = make_pipeline()
+    if half:
+        pipe.to(torch.float16)
+    with atomic_directory(out, force) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out

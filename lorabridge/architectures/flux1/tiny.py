@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LoraBridgeError
-from ...io.atomic import atomic_directory
 from . import FLUX1
-from ..tiny_parts import T5_VOCAB_SIZE, clip_text_config, clip_tokenizer, random_lora, t5_tokenizer, weight_shapes
+from ..tiny_parts import (T5_VOCAB_SIZE, clip_text_config, clip_tokenizer, random_lora, save_pipeline, t5_tokenizer,
+                          weight_shapes)
 
 # Flux.1-dev's transformer (reference.TRANSFORMER_CONFIG) at 2 heads of 16 (rope axes 4 + 6 + 6 = 16), same depths.
 TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -96,20 +96,9 @@ def build_tiny(out: str | os.PathLike, seed: int = 0, force: bool = False,
     ``configs`` overrides component configs (``transformer``, ``vae``, ``text_encoder``, ``text_encoder_2``);
     ``half`` saves fp16 weights.
     """
-    import torch
     from diffusers import FluxPipeline
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise LoraBridgeError("output exists; pass --force to replace it", out)
-    if not out.parent.exists():
-        raise LoraBridgeError("output directory does not exist", out.parent)
-    pipe = FluxPipeline(**_components(seed, configs or {}))
-    if half:
-        pipe.to(torch.float16)
-    with atomic_directory(out, force) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    return out
+    return save_pipeline(lambda: FluxPipeline(**_components(seed, configs or {})), out, force, half)
 
 
 # Layers a LoRA adapts by default, per component: what diffusers' Flux DreamBooth LoRA script targets in the

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LoraBridgeError
-from ...io.atomic import atomic_directory
-from ..tiny_parts import clip_text_config, clip_tokenizer, random_lora, weight_shapes
+from ..tiny_parts import clip_text_config, clip_tokenizer, random_lora, save_pipeline, weight_shapes
 
 # SDXL-base's UNet layout at small widths (320/640/1280 -> 32/64/64), 32-dim attention heads.
 UNET_CONFIG: dict[str, Any] = {
@@ -98,20 +97,9 @@ def build_tiny(out: str | os.PathLike, seed: int = 0, force: bool = False,
     overrides component configs (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``), e.g. with
     SDXL-base's real widths for a benchmark; ``half`` saves fp16 weights.
     """
-    import torch
     from diffusers import StableDiffusionXLPipeline
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise LoraBridgeError("output exists; pass --force to replace it", out)
-    if not out.parent.exists():
-        raise LoraBridgeError("output directory does not exist", out.parent)
-    pipe = StableDiffusionXLPipeline(**_components(seed, configs or {}))
-    if half:
-        pipe.to(torch.float16)
-    with atomic_directory(out, force) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    return out
+    return save_pipeline(lambda: StableDiffusionXLPipeline(**_components(seed, configs or {})), out, force, half)
 
 
 # Layers a LoRA adapts by default, per component: the leaf names PEFT's target_modules match.
