@@ -138,8 +138,16 @@ class Tensor:
         return self.dtype == other.dtype and self.shape == other.shape and bytes(self.data) == bytes(other.data)
 
 
-class _LateTensor(Tensor):
-    """A :class:`Tensor` whose dtype and shape are known and whose bytes are made when read (see :func:`made_late`)."""
+class LateTensor(Tensor):
+    """A :class:`Tensor` whose dtype and shape are known now and whose bytes ``data_of()`` makes each time they
+    are read: merged layers (:func:`made_late`), fused base weights, random real-size weights, so a writer holds
+    only the tensor it is writing (:func:`~lorabridge.io.zero_copy.write_tensor` reads ``data`` once).
+
+    Example:
+        >>> t = LateTensor("U8", (2,), lambda: b"ab")
+        >>> t.nbytes, bytes(t.data), t.source is None
+        (2, b'ab', True)
+    """
 
     _data_of: Callable[[], bytes | memoryview]
 
@@ -182,7 +190,7 @@ def made_late(make: Callable[[], Mapping[str, Tensor]], made: MutableMapping) ->
             made["tensors"], made["make"] = make(), make
         return made["tensors"][key].data
 
-    return {key: _LateTensor(dtype, shape, partial(data_of, key)) for key, (dtype, shape) in specs.items()}
+    return {key: LateTensor(dtype, shape, partial(data_of, key)) for key, (dtype, shape) in specs.items()}
 
 
 def float32_to_bf16_bytes(array: np.ndarray) -> bytes:
@@ -208,19 +216,3 @@ def row_blocks(t: Tensor, rows: Sequence[int]) -> list[Tensor]:
         out.append(Tensor(t.dtype, (count, *t.shape[1:]), data[start:start + count * row_bytes]))
         start += count * row_bytes
     return out
-
-
-class Storable(Protocol):
-    """What :func:`~lorabridge.io.safetensors_file.write_safetensors` reads of a tensor: a :class:`Tensor`, or one whose ``data`` is made when
-    written (read once per tensor, so a tensor generated on demand is never held twice)."""
-
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def data(self) -> bytes | memoryview: ...
-    @property
-    def source(self) -> FileSpan | None: ...  # where its bytes lie unchanged in an input file, if they do

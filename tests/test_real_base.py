@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lorabridge.architectures.architecture import Architecture
-from lorabridge.architectures.real_base import RandomTensor, build_base, random_state
+from lorabridge.architectures.real_base import build_base, random_state, random_tensor
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.errors import LoraBridgeError
 from lorabridge.io.safetensors_file import SafetensorsFile
@@ -47,7 +47,7 @@ def test_random_state_shares_tied_values_and_refuses_persistent_buffers():
         tied.b = torch.nn.Linear(4, 8)
         tied.b.weight = tied.a.weight
     state = random_state(tied, seed=3)
-    assert state["a.weight"].data == state["b.weight"].data != RandomTensor("a.weight", (8, 4), (4, 0)).data
+    assert state["a.weight"].data == state["b.weight"].data != random_tensor("a.weight", (8, 4), (4, 0)).data
     assert set(np.frombuffer(state["norm.weight"].data, np.float16)) == {1.0}
     assert set(np.frombuffer(state["a.bias"].data, np.float16)) == {0.0}
     assert np.abs(np.frombuffer(state["a.weight"].data, np.float16)).max() <= 0.5  # 1/sqrt(fan in 4)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,35 +28,26 @@ import numpy as np
 from ..errors import LoraBridgeError
 from ..io.atomic import atomic_directory
 from ..io.safetensors_file import write_safetensors
+from ..tensor import LateTensor
 from .architecture import Architecture
 
 # The weights file of a component, by the library that loads it (diffusers ModelMixin or transformers).
 WEIGHTS_FILES = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
 
 
-@dataclass(frozen=True)
-class RandomTensor:
-    """An fp16 tensor whose values are made when written (see :class:`~lorabridge.tensor.Storable`).
+def random_tensor(name: str, shape: tuple[int, ...], seed: tuple[int, int]) -> LateTensor:
+    """An fp16 tensor whose values (:func:`random_values`) are made when written.
 
     Example:
-        >>> t = RandomTensor("w", (2, 3), seed=(0, 1))
+        >>> t = random_tensor("w", (2, 3), seed=(0, 1))
         >>> t.nbytes, len(t.data), t.data == t.data
         (12, 12, True)
     """
+    return LateTensor("F16", shape, partial(_random_bytes, name, shape, seed))
 
-    name: str
-    shape: tuple[int, ...]
-    seed: tuple[int, int]
-    dtype: str = "F16"
-    source: None = None  # made here, never in an input file
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * 2
-
-    @property
-    def data(self) -> bytes:
-        return random_values(self.name, self.shape, self.seed).tobytes()
+def _random_bytes(name: str, shape: tuple[int, ...], seed: tuple[int, int]) -> bytes:
+    return random_values(name, shape, seed).tobytes()
 
 
 def random_values(name: str, shape: tuple[int, ...], seed: tuple[int, int]) -> np.ndarray:
@@ -76,18 +67,18 @@ def random_values(name: str, shape: tuple[int, ...], seed: tuple[int, int]) -> n
     return values.astype(np.float16)
 
 
-def random_state(module: Any, seed: int) -> dict[str, RandomTensor]:
-    """The state dict of a meta-device torch module, as :class:`RandomTensor` s (tied parameters share values).
+def random_state(module: Any, seed: int) -> dict[str, LateTensor]:
+    """The state dict of a meta-device torch module, as :func:`random_tensor` s (tied parameters share values).
 
     Refuses a module with persistent buffers: their values come from code, not from a random draw.
     """
     parameters = {id(p) for p in module.parameters()}
-    tensors: dict[str, RandomTensor] = {}
-    first: dict[int, RandomTensor] = {}
+    tensors: dict[str, LateTensor] = {}
+    first: dict[int, LateTensor] = {}
     for index, (name, tensor) in enumerate(module.state_dict(keep_vars=True).items()):
         if id(tensor) not in parameters:
             raise LoraBridgeError(f"{type(module).__name__} has a persistent buffer {name!r}; make-base writes parameters only")
-        tensors[name] = first.setdefault(id(tensor), RandomTensor(name, tuple(tensor.shape), (seed, index)))
+        tensors[name] = first.setdefault(id(tensor), random_tensor(name, tuple(tensor.shape), (seed, index)))
     return tensors
 
 

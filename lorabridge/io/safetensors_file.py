@@ -15,7 +15,7 @@ import struct
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
-from ..tensor import DTYPES, FileSpan, Storable, Tensor
+from ..tensor import DTYPES, FileSpan, Tensor
 from .atomic import atomic_write
 from .input_file import map_input, source_of
 from .json_safe import load_json
@@ -131,7 +131,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return handle.tensors(), handle.metadata
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Storable],
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
                       metadata: Mapping[str, str] | None = None, progress=None,
                       late: Mapping[str, Callable[[], str]] | None = None) -> None:
     """Write tensors (in the given order) and metadata atomically, streaming tensor by tensor.

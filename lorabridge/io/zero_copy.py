@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from ..errors import LoraBridgeError
-from ..tensor import Storable, Tensor
+from ..tensor import Tensor
 from .streaming import release_pages
 
 # A copy method a file system or kernel does not offer fails with one of these: try the next method.
@@ -93,7 +93,7 @@ def copy_range(source: SourceFile, offset: int, dst: int, position: int, count: 
     return True
 
 
-def write_tensor(out: BinaryIO, tensor: Storable) -> None:
+def write_tensor(out: BinaryIO, tensor: Tensor) -> None:
     """Write ``tensor``'s bytes at ``out``'s position: copied in the kernel when the tensor lies unchanged
     in an input file and ``out`` can take a copy (``copy_from``, as :func:`~lorabridge.io.atomic.atomic_write`'s
     file has), else written from memory (mapped pages are let go as they are used).
@@ -107,7 +107,7 @@ def write_tensor(out: BinaryIO, tensor: Storable) -> None:
     span = tensor.source
     if span is not None and tensor.nbytes and hasattr(out, "copy_from") and out.copy_from(span.file, span.offset, tensor.nbytes):
         return
-    data = tensor.data  # read once: a tensor made on demand is made once
+    data = tensor.data  # read once: a LateTensor is made once
     out.write(data)
     release_pages(data)
 

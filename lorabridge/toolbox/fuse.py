@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from ..io.ms_ckpt import MsCheckpointFile, write_ms_checkpoint
 from ..io.safetensors_file import write_safetensors
 from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
-from ..tensor import Tensor
+from ..tensor import LateTensor, Tensor
 from .base_index import BaseIndex, WeightFile, module_of, open_weights, single_file_modules
 from .check import read_lora, refuse_misfit
 
@@ -62,26 +62,21 @@ def fused_weight(weight: np.ndarray, module: LoraModule, scale: float) -> np.nda
     return weight + delta
 
 
-class _LazyTensor:
-    """A fused output tensor as the writers see one (``dtype``, ``shape``, ``nbytes``, ``data``); ``data`` is
-    computed on first use, so the header pass of a writer costs nothing and only the tensor being written is held."""
+def _fused_tensor(base: Tensor, modules: list[tuple[LoraModule, tuple[int, int] | None]], scale: float) -> LateTensor:
+    """A fused output tensor whose bytes are computed when first read (once: the writers read a tensor's ``data``
+    once, the checks again), so the header pass of a writer costs nothing and only the tensor being written is held."""
+    return LateTensor(base.dtype, base.shape, cache(partial(_fused_bytes, base, modules, scale)))
 
-    source = None  # computed here, in no input file: writers write ``data`` (lorabridge/io/zero_copy.py)
 
-    def __init__(self, base: Tensor, modules: list[tuple[LoraModule, tuple[int, int] | None]], scale: float):
-        self.dtype, self.shape, self.nbytes = base.dtype, base.shape, base.nbytes
-        self._base, self._modules, self._scale = base, modules, scale
-
-    @cached_property
-    def data(self) -> bytes:
-        weight = np.array(self._base.to_float32())  # a copy: the base's mapped pages can go
-        release_pages(self._base.data)
-        for module, rows in self._modules:
-            if rows is None:
-                weight = fused_weight(weight, module, self._scale)
-            else:
-                weight[rows[0]:rows[1]] = fused_weight(weight[rows[0]:rows[1]], module, self._scale)
-        return bytes(Tensor.from_numpy(weight, self.dtype).data)
+def _fused_bytes(base: Tensor, modules: list[tuple[LoraModule, tuple[int, int] | None]], scale: float) -> bytes:
+    weight = np.array(base.to_float32())  # a copy: the base's mapped pages can go
+    release_pages(base.data)
+    for module, rows in modules:
+        if rows is None:
+            weight = fused_weight(weight, module, scale)
+        else:
+            weight[rows[0]:rows[1]] = fused_weight(weight[rows[0]:rows[1]], module, scale)
+    return bytes(Tensor.from_numpy(weight, base.dtype).data)
 
 
 class FusedTensors(Mapping):
@@ -96,7 +91,7 @@ class FusedTensors(Mapping):
     def __getitem__(self, key: str):
         base = self._weights.tensor(key)
         modules = self._targets.get(key)
-        return base if not modules else _LazyTensor(base, modules, self._scale)
+        return base if not modules else _fused_tensor(base, modules, self._scale)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._weights.keys())
