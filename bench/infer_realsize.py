@@ -5,8 +5,8 @@
 Builds SDXL-base at real size with random weights (``make-base``; kept in ``--base`` when given, so a
 second run skips the 4 minutes of writing) plus a random LoRA, then runs ``infer`` (fp32, CPU, the same
 initial noise) once per backend, each in a fresh process so its peak memory is its own. The phases are
-timed from ``infer``'s own log lines: loading (to "LoRA applied"), denoising (to "denoising done"),
-VAE decode (to the end of the pipeline call). Written to bench/RESULTS-infer-realsize.md (not
+timed from ``infer``'s own log lines: loading (both halves of the pipeline, each to its "LoRA applied"),
+prompt encoding, denoising (to "denoising done"), VAE decode (to the end of the pipeline call). Written to bench/RESULTS-infer-realsize.md (not
 RESULTS-infer.md, which infer_bench.py rewrites whole).
 """
 
@@ -44,11 +44,18 @@ def run_worker(backend: str, base: Path, lora: Path, out: Path, steps: int, size
     result = infer(InferOptions(backend, base, PROMPT, lora=lora, output=out, steps=steps, width=size, height=size,
                                 dtype="fp32", device="cpu" if backend == "torch" else "CPU", init_latents=latents,
                                 force=True), log)
-    at = {key: next(t for t, line in lines if line.startswith(key))
-          for key in ("LoRA applied", "prompt encoded", "denoising done", "wrote")}
-    return {"backend": backend, "load_s": at["LoRA applied"], "encode_s": at["prompt encoded"] - at["LoRA applied"],
-            "step_s": (at["denoising done"] - at["prompt encoded"]) / steps,
-            "vae_decode_s": at["wrote"] - at["denoising done"], "total_s": result.seconds, "peak_gb": peak_memory_gb(),
+
+    def at(key: str, last: bool = False) -> float:
+        times = [t for t, line in lines if line.startswith(key)]
+        return times[-1] if last else times[0]
+
+    # infer loads the pipeline in halves (adapters/staging.py): the encoders with their part of the LoRA ("LoRA
+    # applied"), the prompt encoding ("prompt encoded"), the denoiser and VAE with theirs (the last "LoRA applied")
+    encoders_loaded, denoiser_loaded = at("LoRA applied"), at("LoRA applied", last=True)
+    return {"backend": backend, "load_s": encoders_loaded + denoiser_loaded - at("prompt encoded"),
+            "encode_s": at("prompt encoded") - encoders_loaded,
+            "step_s": (at("denoising done") - denoiser_loaded) / steps,
+            "vae_decode_s": at("wrote") - at("denoising done"), "total_s": result.seconds, "peak_gb": peak_memory_gb(),
             "image": str(result.images[0])}
 
 

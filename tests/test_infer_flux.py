@@ -67,7 +67,8 @@ def test_torch_runs_flux_with_mixed_ranks_and_16_channel_noise(flux_images, mixe
 
     from lorabridge.formats.neutral import read_neutral
 
-    assert "LoRA applied (torch): 8 modules in text_encoder, 418 modules in transformer" in flux_images["torch_log"]
+    assert "LoRA applied (torch): 8 modules in text_encoder\n" in flux_images["torch_log"]
+    assert "LoRA applied (torch): 418 modules in transformer\n" in flux_images["torch_log"]
     assert np.load(flux_images["dir"] / "noise.npy").shape == (1, 16, 8, 8)
     pairs = {(m.rank, m.alpha) for m in read_neutral(mixed_lora).modules.values()}
     assert pairs == {(2, 1.0), (8, 16.0), (4, 3.0)}
@@ -82,7 +83,8 @@ def test_mindspore_matches_torch_and_the_lora_matters_20x_more(flux_images, mixe
                             "--lora", mixed_lora, "--init-latents", d / "noise.npy", "-o", d / "mindspore")
     assert ms_run.returncode == 0, ms_run.stderr[-3000:]
     # apply_lora refuses any module whose PEFT scaling is not the file's alpha / rank: all three pairs landed.
-    assert "LoRA applied (mindspore): 8 modules in text_encoder, 418 modules in transformer" in ms_run.stderr
+    assert "LoRA applied (mindspore): 8 modules in text_encoder\n" in ms_run.stderr
+    assert "LoRA applied (mindspore): 418 modules in transformer\n" in ms_run.stderr
     cross = compare_paths(d / "torch", d / "mindspore", max_mae=0.5)
     effect = compare_paths(d / "torch", d / "base")["pairs"][0]["mae"]
     row, = cross["pairs"]

@@ -87,6 +87,15 @@ def pipeline_architecture(class_name: str) -> Architecture | None:
     return None
 
 
+def component_class(base: BaseModel, component: str) -> str:
+    """The class ``model_index.json`` names for ``component`` (``UNet2DConditionModel``), looked up in diffusers or
+    mindone.diffusers by the backend."""
+    entry = _json(base.path / "model_index.json").get(component)
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
+        raise LoraBridgeError(f"model_index.json names no class for {component!r}", base.path)
+    return entry[1]
+
+
 def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text("utf-8"))

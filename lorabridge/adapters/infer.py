@@ -32,7 +32,8 @@ from ..model import LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, pack_latents, save_latents
 from .options import BACKEND_MODULES, BACKENDS, SCHEDULER_TABLES, InferOptions
-from .pipeline import apply_lora, sample, set_scheduler
+from .pipeline import apply_lora, denoiser, encode_prompt, free, sample, set_scheduler
+from .staging import give_back_memory, is_stand_in
 from .png import write_png
 
 
@@ -154,12 +155,7 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
         log(f"note: {options.scheduler} adds fresh noise at every step from {options.backend}'s own generator, "
             "so the same seed gives different images on the two backends")
 
-    pipe, fw = backend.load_pipeline(base, dtype, device, options.config)
-    if lora is not None:
-        result.applied = apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log)
-    set_scheduler(pipe, fw, options.scheduler)
-    images = sample(pipe, fw, options, pack_latents(latents, base.inference.patch), size, free_memory=True, log=log)
-    del pipe  # the VAE: all that is left of it
+    images = _run(backend, base, options, lora, dtype, device, pack_latents(latents, base.inference.patch), size, result, log)
 
     lora_sha256 = file_sha256(options.lora) if options.lora is not None else None
     with atomic_directory(out, force=True) as tmp:  # _check_output_dir checked --force before sampling
@@ -176,6 +172,29 @@ def infer(options: InferOptions, log: Callable[[str], None] = lambda line: None)
         log(f"wrote {path}")
     log(f"peak memory {peak_memory_gb():.1f} GB (resident, this process)")
     return result
+
+
+def _run(backend: ModuleType, base: BaseModel, options: InferOptions, lora: LoraModel | None, dtype: str, device: str,
+         latents, size: tuple[int, int], result: InferResult, log: Callable[[str], None]):
+    """Encode the prompt, then denoise and decode, with the pipeline loaded in halves never resident together
+    (:mod:`.staging`; a single file loads whole): each half takes its part of the LoRA."""
+    pipe, fw = backend.load_pipeline(base, dtype, device, options.config, part="encoders")
+    whole = not is_stand_in(denoiser(pipe))
+    if lora is not None:
+        result.applied.update(apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log))
+    encoded = encode_prompt(pipe, fw, options, latents, size)
+    encoders = tuple(name for name in base.inference.text_encoders if getattr(pipe, name, None) is not None)
+    free(pipe, encoders)
+    log(f"prompt encoded; {', '.join(encoders)} freed")
+    if not whole:
+        del pipe
+        give_back_memory()  # the rest of the encoders' half, before the larger half loads
+        pipe, fw = backend.load_pipeline(base, dtype, device, options.config, part="denoising")
+        if lora is not None:
+            result.applied.update(apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log,
+                                             components=(base.inference.denoiser,)))
+    set_scheduler(pipe, fw, options.scheduler)
+    return sample(pipe, fw, options, latents, size, free_memory=True, log=log, encoded=encoded)
 
 
 def peak_memory_gb() -> float:

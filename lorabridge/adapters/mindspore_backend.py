@@ -18,10 +18,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import LoraBridgeError
-from .base_model import BaseModel, describe_base
+from .base_model import BaseModel, component_class, describe_base
 from .noise import printed_to_stderr
 from .options import FRAMEWORK_DTYPES
 from .pipeline import denoiser
+from .staging import left_out, stand_in
+from .weights import check_complete, files_to_stream, named_arrays
 
 EXTRA = "mindspore"
 REQUIRED = ("mindspore", "mindone")
@@ -124,11 +126,62 @@ def single_file_refusal(path: Path) -> str:
             f"from_single_file cannot load SDXL's text encoders); convert it once with diffusers: {convert}")
 
 
+def empty_model(base: BaseModel, component: str) -> Any:
+    """``component``'s mindone.diffusers model built from its config with its parameters' initialisation deferred
+    (MindSpore's ``no_init_parameters``, as mindone's own ``from_pretrained`` does): no memory for weights yet."""
+    import mindone.diffusers
+    from mindspore.nn.utils import no_init_parameters
+
+    model_class = getattr(mindone.diffusers, component_class(base, component))
+    with no_init_parameters():
+        return model_class.from_config(model_class.load_config(str(base.path / component)))
+
+
+def streamed_model(base: BaseModel, component: str, ms_dtype: Any) -> Any | None:
+    """``component`` filled one tensor at a time (:mod:`.weights`) into :func:`empty_model`: resident, the model
+    plus one tensor. None where the component has no safetensors files to stream (its loader then reads it).
+
+    Names go from diffusers' to MindSpore's as mindone's loader maps them (``_get_pt2ms_mappings``: norms'
+    ``weight`` is ``gamma``, embeddings' ``embedding_table``...).
+    """
+    import mindspore as ms
+    from mindone.diffusers.models.modeling_utils import _get_pt2ms_mappings
+
+    files = files_to_stream(base, component)
+    if files is None:
+        return None
+    model = empty_model(base, component)
+    params = dict(model.parameters_and_names())
+    mappings = _get_pt2ms_mappings(model)
+    to_ms = {name: mappings.get(name, (name, None)) for name in set(params) | set(mappings)}
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    loaded = set()
+    for name, array in named_arrays(model, files, {name: None for name in to_ms}):
+        ms_name, convert = to_ms[name]
+        if ms_name is None:  # a tensor MindSpore's layer does not keep (BatchNorm's num_batches_tracked)
+            continue
+        value = ms.Parameter(ms.Tensor(array), name=ms_name)
+        value = convert(value) if convert is not None else value
+        param = params[ms_name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise LoraBridgeError(f"{component} weight {name!r} is {'x'.join(map(str, value.shape))}, "
+                                  f"{type(model).__name__} expects {'x'.join(map(str, param.shape))}", files[0])
+        if value.is_floating_point():
+            value = value.astype(ms.float32 if any(m in name.split(".") for m in keep_fp32) else ms_dtype)
+        param.set_data(value)
+        loaded.add(ms_name)
+    check_complete(base, component, sorted(set(params) - loaded))
+    model.set_train(False)
+    return model
+
+
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
-                  config: str | None = None) -> tuple[Any, MindSporeFramework]:
+                  config: str | None = None, part: str = "all") -> tuple[Any, MindSporeFramework]:
     """mindone.diffusers' pipeline of the base's architecture from a diffusers directory (after :func:`setup`) and its framework.
 
-    ``config`` exists for the torch backend's single-file loading and is not used here.
+    ``part`` (:data:`~.staging.PARTS`) loads it in halves never resident together: ``encoders`` or ``denoising``
+    (the denoiser streamed: :func:`streamed_model`). ``config`` exists for the torch backend's single-file
+    loading and is not used here.
     """
     base = describe_base(base) if not isinstance(base, BaseModel) else base
     if base.single_file:
@@ -144,10 +197,17 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
     with printed_to_stderr():  # mindone prints import-time notices; stdout is for results
         pipeline_class = base.architecture.pipeline_class("mindspore")
 
+    ms_dtype = getattr(ms, FRAMEWORK_DTYPES[dtype])
+    denoiser_name = base.inference.denoiser
     try:
+        given = left_out(base.inference, part)
+        if part == "denoising" and (streamed := streamed_model(base, denoiser_name, ms_dtype)) is not None:
+            given[denoiser_name] = streamed
         # use_safetensors: never mindone's "Defaulting to unsafe serialization" look for a pickle
-        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=getattr(ms, FRAMEWORK_DTYPES[dtype]),
-                                              variant=base.variant, use_safetensors=True)
+        pipe = pipeline_class.from_pretrained(str(base.path), mindspore_dtype=ms_dtype, variant=base.variant,
+                                              use_safetensors=True, **given)
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"mindone.diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
+    if part == "encoders":
+        stand_in(pipe, denoiser_name, empty_model(base, denoiser_name))
     return pipe, MindSporeFramework()

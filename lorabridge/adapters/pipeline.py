@@ -9,9 +9,8 @@ guidance default, negative prompt, the denoiser) is read from the pipeline's arc
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -22,6 +21,7 @@ from .base_model import pipeline_architecture
 from .noise import quiet_logs
 from .options import SCHEDULER_TABLES, InferOptions
 from .progress import step_log
+from .staging import give_back_memory, is_stand_in
 
 ADAPTER_NAME = "lorabridge"
 Log = Callable[[str], None]
@@ -39,13 +39,16 @@ class Framework(Protocol):
     def generator(self, seed: int) -> Any: ...
 
 
-def lora_mismatches(lora: LoraModel, pipe: Any, fw: Framework) -> list[str]:
-    """Every LoRA module the base lacks, or whose weight shape differs from the LoRA's: one string each."""
+def lora_mismatches(lora: LoraModel, pipe: Any, fw: Framework, components: list[str] | None = None) -> list[str]:
+    """Every LoRA module the base lacks, or whose weight shape differs from the LoRA's: one string each; only
+    the modules of ``components`` when given. A :class:`~.staging.StandIn`'s modules count: shapes need no weights."""
     problems = []
     architecture = pipeline_architecture(type(pipe).__name__)
-    components = architecture.components if architecture is not None else ()
-    for component in lora.components:
-        model = getattr(pipe, component, None) if component in components else None
+    known = architecture.components if architecture is not None else ()
+    for component in lora.components if components is None else components:
+        model = getattr(pipe, component, None) if component in known else None
+        if is_stand_in(model):
+            model = model.model  # shapes without weights
         if model is None:
             problems += [f"{m.name} (no component {component!r})" for m in lora.modules.values() if m.component == component]
             continue
@@ -70,23 +73,48 @@ def _adapted(pipe: Any, fw: Framework, component: str) -> dict[str, Any]:
     return {path: m for path, m in fw.modules(model) if ADAPTER_NAME in (getattr(m, "lora_A", None) or {})}
 
 
-def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fuse: bool, log: Log) -> dict[str, int]:
-    """Load the neutral file through the pipeline's own ``load_lora_weights``; check every module landed.
+def _load_into(pipe: Any, component: str, state_dict: dict, alphas: Any, metadata: Any) -> None:
+    """One component's part of the LoRA through the pipeline class's own loader for it, as its ``load_lora_weights``
+    calls them (diffusers and mindone.diffusers alike): ``load_lora_into_<denoiser>`` (``unet``, ``transformer``)
+    or ``load_lora_into_text_encoder`` with the component as prefix. Per component, so a pipeline loaded in halves
+    (:mod:`.staging`) takes each half's part; each loader keeps only its own prefix's keys."""
+    model = getattr(pipe, component)
+    common = {"network_alphas": alphas, "adapter_name": ADAPTER_NAME, "metadata": metadata, "_pipeline": pipe}
+    if component == inference_of(pipe).denoiser:
+        getattr(pipe, f"load_lora_into_{component}")(state_dict, **{component: model}, **common)
+    else:
+        pipe.load_lora_into_text_encoder(state_dict, text_encoder=model, prefix=component, **common)
 
+
+def apply_lora(pipe: Any, fw: Framework, lora: LoraModel, path, scale: float, fuse: bool, log: Log,
+               components: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Load the neutral file's modules of ``components`` (default: all the LoRA adapts) through the pipeline's own
+    loaders; check every module landed.
+
+    Every module of those components is checked against the base first, a :class:`~.staging.StandIn`'s too;
+    only those the pipeline holds loaded are applied (a pipeline loaded in halves: :mod:`.staging`).
     Returns the number of modules applied per component. Raises when the LoRA and the base do
     not match, listing the modules, or when a module's scaling is not the file's alpha / rank.
     """
-    problems = lora_mismatches(lora, pipe, fw)
+    checked = [c for c in lora.components if components is None or c in components]
+    problems = lora_mismatches(lora, pipe, fw, checked)
     if problems:
         shown = ", ".join(problems[:8]) + (f", ... (+{len(problems) - 8} more)" if len(problems) > 8 else "")
         raise LoraBridgeError(f"LoRA does not match the base model: {len(problems)} of {len(lora.modules)} modules: {shown}", path)
     unsupported = Counter(m.kind for m in lora.modules.values() if m.kind != "lora")
     if unsupported:
         raise LoraBridgeError(f"infer loads kind 'lora' only; this file has {dict(unsupported)} modules", path)
+    loading = [c for c in checked if not is_stand_in(getattr(pipe, c))]
+    if not loading:
+        return {}
     with quiet_logs(fw.schedulers.__name__):  # diffusers or mindone.diffusers
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER_NAME)
+        # return_alphas: Flux.1's lora_state_dict returns the alphas only when asked; SDXL's always does
+        state_dict, alphas, metadata = pipe.lora_state_dict(str(path.parent), weight_name=path.name, return_alphas=True,
+                                                            return_lora_metadata=True)
+        for component in loading:
+            _load_into(pipe, component, state_dict, alphas, metadata)
     applied = {}
-    for component in lora.components:
+    for component in loading:
         layers = _adapted(pipe, fw, component)
         wanted = [m for m in lora.modules.values() if m.component == component]
         missing = [m.name for m in wanted if m.path not in layers]
@@ -134,7 +162,7 @@ def free(pipe: Any, names: tuple[str, ...]) -> None:
     """Drop the pipeline's components ``names`` (diffusers and mindone.diffusers record them as absent) and their memory."""
     for name in names:
         setattr(pipe, name, None)
-    gc.collect()
+    give_back_memory()
 
 
 @contextmanager
@@ -146,47 +174,90 @@ def freeing_text_encoders(pipe: Any, log: Log) -> Iterator[None]:
     ``__call__`` in both frameworks handle absent encoders after encoding. Wrapping ``encode_prompt``
     rather than calling it ahead keeps each pipeline's own encoding arguments out of lorabridge.
     """
-    encoders = tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None)
-    encode = pipe.encode_prompt
+    encoders = tuple(name for name in inference_of(pipe).text_encoders if getattr(pipe, name, None) is not None)
 
-    def encode_then_free(*args, **kwargs):
-        embeddings = encode(*args, **kwargs)
+    def then_free(embeddings: Any) -> Any:
         free(pipe, encoders)
         log(f"prompt encoded; {', '.join(encoders)} freed")
         return embeddings
 
-    pipe.encode_prompt = encode_then_free
+    with _encoding(pipe, lambda encode, *args, **kwargs: then_free(encode(*args, **kwargs))):
+        yield
+
+
+@contextmanager
+def _encoding(pipe: Any, encoding: Callable[..., Any]) -> Iterator[None]:
+    """Within: the pipeline's ``encode_prompt(*args, **kwargs)`` is ``encoding(its own encode_prompt, *args, **kwargs)``."""
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *args, **kwargs: encoding(encode, *args, **kwargs)
     try:
         yield
     finally:
         del pipe.encode_prompt  # the class's method again
 
 
+class _Encoded(Exception):
+    """Stops a pipeline call once the prompt is encoded, carrying the embeddings."""
+
+    def __init__(self, embeddings: Any):
+        super().__init__("prompt encoded")
+        self.embeddings = embeddings
+
+
+def encode_prompt(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int]) -> Any:
+    """What the pipeline's ``encode_prompt`` returns for this run, from its own ``__call__`` (stopped there), so the
+    encoding arguments stay each pipeline's own; the denoiser may be a :class:`~.staging.StandIn`.
+    :func:`sample` takes the result as ``encoded`` in a pipeline without encoders."""
+    def stop(encode: Callable[..., Any], *args, **kwargs) -> Any:
+        raise _Encoded(encode(*args, **kwargs))
+
+    try:
+        with _encoding(pipe, stop):
+            _call(pipe, fw, options, latents.shape[0], size, {})  # no latents: the denoiser may be a stand-in
+    except _Encoded as done:
+        return done.embeddings
+    raise LoraBridgeError(f"{type(pipe).__name__} ran without encoding the prompt")
+
+
+def _call(pipe: Any, fw: Framework, options: InferOptions, count: int, size: tuple[int, int], extra: dict[str, Any]) -> Any:
+    """The pipeline's own call for this run (``count`` images), (N, H, W, 3) floats in 0..1."""
+    width, height = size
+    inference = inference_of(pipe)
+    if options.negative_prompt is not None:  # infer refuses one where the pipeline takes none
+        extra = {**extra, "negative_prompt": options.negative_prompt}
+    guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale
+    return pipe(prompt=options.prompt, num_inference_steps=options.steps, guidance_scale=guidance, width=width,
+                height=height, num_images_per_prompt=count, generator=fw.generator(options.seed), output_type="np",
+                return_dict=False, **extra)[0]
+
+
 def sample(pipe: Any, fw: Framework, options: InferOptions, latents: np.ndarray, size: tuple[int, int],
-           on_step: Callable[..., dict] | None = None, free_memory: bool = False, log: Log | None = None) -> np.ndarray:
+           on_step: Callable[..., dict] | None = None, free_memory: bool = False, log: Log | None = None,
+           encoded: Any = None) -> np.ndarray:
     """Run the denoising loop from ``latents`` (a progress bar per step, or a ``log`` line per step where stderr is
     no terminal: :mod:`.progress`); (N, H, W, 3) uint8 images.
 
     ``on_step`` is the pipelines' ``callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs``.
     ``free_memory`` frees what the rest of the call no longer needs, for a one-shot run: the text encoders
     once the prompt is encoded, the denoiser after the last step (before the VAE decodes); the images are
-    the same.
+    the same. ``encoded`` is :func:`encode_prompt`'s result, for a pipeline loaded without its encoders.
     """
-    width, height = size
     inference = inference_of(pipe)
     pipe.set_progress_bar_config(desc=f"{fw.name} denoising", disable=None)
     say: Log = log if log is not None else (lambda line: None)
     callback = step_log(options.steps, log, then=on_step) or on_step
     if free_memory:
         callback = _freeing_denoiser(inference.denoiser, callback, say)
-    extra: dict[str, Any] = {"callback_on_step_end": callback} if callback is not None else {}
-    if options.negative_prompt is not None:  # infer refuses one where the pipeline takes none
-        extra["negative_prompt"] = options.negative_prompt
-    guidance = inference.guidance_scale if options.guidance_scale is None else options.guidance_scale
-    with freeing_text_encoders(pipe, say) if free_memory else nullcontext():
-        images = pipe(prompt=options.prompt, num_inference_steps=options.steps, guidance_scale=guidance, width=width,
-                      height=height, num_images_per_prompt=latents.shape[0], latents=fw.latents(latents, pipe),
-                      generator=fw.generator(options.seed), output_type="np", return_dict=False, **extra)[0]
+    extra: dict[str, Any] = {"latents": fw.latents(latents, pipe)}
+    if callback is not None:
+        extra["callback_on_step_end"] = callback
+    encoding: AbstractContextManager[None]
+    if encoded is not None:
+        encoding = _encoding(pipe, lambda encode, *args, **kwargs: encoded)
+    else:
+        encoding = freeing_text_encoders(pipe, say) if free_memory else nullcontext()
+    with encoding:
+        images = _call(pipe, fw, options, latents.shape[0], size, extra)
     return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 

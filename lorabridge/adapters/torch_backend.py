@@ -12,12 +12,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import LoraBridgeError
-from .base_model import BaseModel, describe_base
+from .base_model import BaseModel, component_class, describe_base
 from .options import FRAMEWORK_DTYPES
 from .pipeline import denoiser
+from .staging import left_out, stand_in
+from .weights import check_complete, files_to_stream, named_arrays
 
 EXTRA = "torch"
-REQUIRED = ("torch", "diffusers", "transformers", "peft")
+REQUIRED = ("torch", "diffusers", "transformers", "peft", "accelerate")
 DEVICES = ("cuda", "cpu", "mps")
 
 
@@ -99,10 +101,47 @@ def dtype_note(dtype: str, device: str) -> str | None:
     return CPU_HALF_NOTE.format(dtype=dtype) if device == "cpu" and dtype in ("fp16", "bf16") else None
 
 
+def empty_model(base: BaseModel, component: str) -> Any:
+    """``component``'s diffusers model built from its config without weights (accelerate's ``init_empty_weights``,
+    as diffusers' own low-memory loading does): no memory, the parameters on the ``meta`` device."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    model_class = getattr(diffusers, component_class(base, component))
+    with init_empty_weights():
+        return model_class.from_config(model_class.load_config(str(base.path / component)))
+
+
+def streamed_model(base: BaseModel, component: str, torch_dtype: Any) -> Any | None:
+    """``component`` filled one tensor at a time (:mod:`.weights`) into :func:`empty_model`: resident, the model
+    plus one tensor. None where the component has no safetensors files to stream (its loader then reads it)."""
+    import torch
+    from accelerate.utils import set_module_tensor_to_device
+
+    files = files_to_stream(base, component)
+    if files is None:
+        return None
+    model = empty_model(base, component)
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, array in named_arrays(model, files, shapes):
+        value = torch.from_numpy(array)
+        if value.is_floating_point():
+            value = value.to(torch.float32 if any(m in name.split(".") for m in keep_fp32) else torch_dtype)
+        set_module_tensor_to_device(model, name, "cpu", value=value, dtype=value.dtype)  # else: the meta tensor's dtype
+    missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    check_complete(base, component, missing)
+    return model.eval()
+
+
 def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None = None,
-                  config: str | None = None) -> tuple[Any, TorchFramework]:
+                  config: str | None = None, part: str = "all") -> tuple[Any, TorchFramework]:
     """diffusers' pipeline of the base's architecture on ``device`` in ``dtype`` and its framework; a single file uses ``config``
-    (a diffusers directory holding the component configs) when given, else diffusers' defaults."""
+    (a diffusers directory holding the component configs) when given, else diffusers' defaults.
+
+    ``part`` (:data:`~.staging.PARTS`) loads a base directory in halves never resident together: ``encoders``
+    or ``denoising`` (the denoiser streamed: :func:`streamed_model`). A single file always loads whole.
+    """
     import torch
 
     base = describe_base(base) if not isinstance(base, BaseModel) else base
@@ -110,14 +149,21 @@ def load_pipeline(base: BaseModel | str, dtype: str = "fp32", device: str | None
     device = resolve_device(device)
 
     torch_dtype = getattr(torch, FRAMEWORK_DTYPES[dtype])
+    denoiser_name = base.inference.denoiser
     try:
         if base.single_file:
             pipe = pipeline_class.from_single_file(str(base.path), torch_dtype=torch_dtype,
                                                    config=str(config) if config else None)
         else:
+            given = left_out(base.inference, part)
+            if part == "denoising" and (streamed := streamed_model(base, denoiser_name, torch_dtype)) is not None:
+                given[denoiser_name] = streamed
             # use_safetensors: never fall back to a pickle describe_base did not list (and the user allow)
             pipe = pipeline_class.from_pretrained(str(base.path), torch_dtype=torch_dtype, local_files_only=True,
-                                                  variant=base.variant, use_safetensors=not base.pickled)
+                                                  variant=base.variant, use_safetensors=not base.pickled, **given)
     except (OSError, ValueError, KeyError) as exc:
         raise LoraBridgeError(f"diffusers cannot load this base model: {str(exc).splitlines()[0]}", base.path) from None
-    return pipe.to(device), TorchFramework(device)
+    pipe = pipe.to(device)
+    if part == "encoders" and not base.single_file:
+        stand_in(pipe, denoiser_name, empty_model(base, denoiser_name))
+    return pipe, TorchFramework(device)

@@ -29,7 +29,8 @@ class Inference:
     denoising diffusion or flow matching); ``guidance_scale`` the ``--guidance-scale`` default;
     ``negative_prompt`` whether the pipeline takes one; ``patch`` the side of the latent patches the
     denoiser reads as one token (Flux.1 packs 2x2); ``native_size`` the default image side, None when the
-    denoiser's ``sample_size`` times the VAE's scale gives it.
+    denoiser's ``sample_size`` times the VAE's scale gives it; ``text_encoders`` the components that only
+    encode the prompt (``infer`` loads, runs and frees them before the denoiser loads: ``adapters.staging``).
     """
 
     pipeline_classes: tuple[str, ...]
@@ -41,6 +42,7 @@ class Inference:
     required: Mapping[str, Any] = field(default_factory=dict)
     patch: int = 1
     native_size: int | None = None
+    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 
 
 PathSpelling = Callable[[str], "str | None"]  # diffusers path -> another spelling of it (None: it has none)
