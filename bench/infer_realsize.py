@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "RESULTS-infer-realsize.md"
 BACKENDS = ("torch", "mindspore")
+MS_1024 = "MindSpore: not measured yet"
 PROMPT = "a photo of a cat"
 
 
@@ -104,7 +105,8 @@ def render(report: dict) -> str:
         f"(`lorabridge make-base --arch sdxl`, fp16 on disk, loaded fp32), a random rank-4 LoRA on every attention "
         f"projection (UNet and both text encoders, unfused), {report['size']}x{report['size']}, {report['steps']} "
         "Euler steps, guidance 5 (two UNet passes per step), the same initial noise; each backend in a fresh process "
-        "running `infer` (text encoders freed after encoding, UNet freed before the VAE decodes).",
+        "running `infer` (the pipeline loaded in halves, the encoders freed before the UNet loads and the UNet before "
+        "the VAE decodes).",
         "",
         "| | " + " | ".join(r["backend"] for r in runs) + " |",
         "|---|" + "---:|" * len(runs),
@@ -112,23 +114,27 @@ def render(report: dict) -> str:
         "",
         f"Parity: MAE {report['mae']:.4f} on 0..255 (max {report['max']:.0f}) between the two backends' images.",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work (load average "
-        f"{report['load'][0]:.1f} at the start, {report['load'][1]:.1f} at the end); phases timed from `infer`'s log lines. "
-        "Peak memory is the process's `ru_maxrss` (what `infer` logs as \"peak memory\"). It is the loaders' transient: "
-        "loading alone on a quiet machine (ad hoc, `/proc/self/status`) peaked at 18.3 GB on torch with 14.0 GB resident "
-        "once loaded, and at 18.6 GB on MindSpore with 15.4 GB once loaded and garbage-collected (mindone.diffusers "
-        "leaves 2.8 GB to the cycle collector, which `infer`'s freeing runs): a component's fp16 weights (UNet 5.1 GB) are "
-        "read while its fp32 parameters are filled. The weight file's pages count while mapped and the kernel drops them "
-        "under memory pressure, so the peak varies with what else runs (16.0 GB on torch in the run above).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (load average {report['load'][0]:.1f} at the start, "
+        f"{report['load'][1]:.1f} at the end); phases timed from `infer`'s log lines. \"load\" is both halves of the "
+        "pipeline (adapters/staging.py): the text encoders with their part of the LoRA, then, once the prompt is "
+        "encoded and the encoders freed, the UNet (streamed tensor by tensor into a model built without weights: "
+        "adapters/weights.py) and the VAE with the UNet's part.",
         "",
-        "1024x1024 (ad hoc: `infer --backend torch --device cpu --steps 1` on the same base and LoRA, fp32): runs; peak "
-        "18.6 GB (the same loading transient; UNet and text encoders are freed before the larger activations), "
-        "16 minutes wall for loading, one step and the decode, with a test run sharing the 2 cores.",
+        "Peak memory is the process's `ru_maxrss` (what `infer` logs as \"peak memory\"). The fp32 weights are 13.9 GB "
+        "(UNet 10.3, text encoders 3.3, VAE 0.3); loaded in halves, the larger half is the UNet and VAE, 10.6 GB, plus "
+        "one tensor in flight. MindSpore's encoders' half peaks at 7.8 GB (mindone's loader holds the fp16 state dict "
+        "while it converts it), below the UNet's half.",
         "",
-        "Before (issue 16's run of the same setup, without freeing and before MindSpore's CPU routing was settled): peak "
-        "18.8 GB torch, 19.7 GB MindSpore; 2 steps took 30 s on torch and 15 minutes on MindSpore, 8 of them the VAE "
-        "decode. The fp32 weights alone are 13.9 GB (UNet 10.3, text encoders 3.3, VAE 0.3), all resident while "
-        "loading: the pipelines' `load_lora_weights` needs UNet and text encoders at once.",
+        "1024x1024 (ad hoc, `infer --steps 1 --width 1024 --height 1024 --dtype fp32` on the same base and LoRA, each "
+        "backend alone after the other, while a test run shared the 2 cores): torch peak 12.6 GB, 4 min 02 s for the "
+        "step (two UNet passes), 2 min 37 s for the VAE decode; " + MS_1024 + ".",
+        "",
+        "Before (the same setup, the whole pipeline loaded at once, each component by its library's `from_pretrained`, "
+        "text encoders freed after encoding and the UNet before the VAE decodes): peak 16.0 GB torch, 19.3 GB "
+        "MindSpore; load 132 s / 118 s, 80.8 s / 64.7 s per step and 19.7 s / 12.1 s VAE decode on a machine "
+        "shared with other work (load average 11.4). The loaders' transient was the cause: a component's fp16 file "
+        "read whole (5.1 GB for the UNet) while its fp32 parameters filled, MindSpore converting the read tensors in "
+        "place besides. Issue 16's first run (no freeing at all): 18.8 GB torch, 19.7 GB MindSpore.",
     ]
     return "\n".join(lines)
 

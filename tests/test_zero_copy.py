@@ -93,7 +93,25 @@ def test_kernel_copy_sendfile_and_buffered_writes_are_byte_identical(neutral_fil
 
 def test_unchanged_tensors_are_copied_in_the_kernel(neutral_file, tmp_path, count_copies):
     converted(neutral_file, tmp_path / "out.safetensors", "kohya", {})
-    assert count_copies["copy_file_range"] >= len(SafetensorsFile(neutral_file)) > 0
+    assert count_copies["copy_file_range"] > 0 and count_copies["sendfile"] == 0
+
+
+def test_tensors_lying_back_to_back_in_the_input_go_in_one_copy(neutral_file, tmp_path, count_copies):
+    """diffusers' keys are the neutral file's, in its order: its whole data region is one run, one system call."""
+    out = converted(neutral_file, tmp_path / "out.safetensors", "diffusers", {})
+    assert len(SafetensorsFile(neutral_file)) > 10 and count_copies["copy_file_range"] == 1
+    assert out and read_neutral(neutral_file).modules  # and the output is whole: byte-identity is tested above
+
+
+def test_one_copy_per_run_of_back_to_back_tensors(tmp_path, count_copies):
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: Tensor("U8", (4,), k.encode() * 4) for k in "abcdef"})
+    source = SafetensorsFile(src).tensors()
+    out = tmp_path / "out.safetensors"
+    order = ["a", "b", "c", "e", "f", "d"]  # runs: a-c, e-f, d
+    write_safetensors(out, {k: source[k] for k in order})
+    assert count_copies["copy_file_range"] == 3
+    assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 4 for k in order]
 
 
 def test_a_cast_is_written_from_memory_not_copied(neutral_file, tmp_path, count_copies):

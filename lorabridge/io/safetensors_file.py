@@ -19,7 +19,7 @@ from ..tensor import DTYPES, FileSpan, Tensor
 from .atomic import atomic_write
 from .input_file import map_input, source_of
 from .json_safe import load_json
-from .zero_copy import write_tensor
+from .zero_copy import write_tensors
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
 
@@ -141,7 +141,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     called once the tensor data is written: a value computed from the data while it is being written,
     such as a hash, costs no second pass over it. Each placeholder must occur exactly once in the header.
     Tensors that lie unchanged in an input file are copied from it in the kernel, the others written
-    from memory (:func:`~lorabridge.io.zero_copy.write_tensor`).
+    from memory (:func:`~lorabridge.io.zero_copy.write_tensors`: back-to-back input tensors in one copy).
 
     Example:
         >>> write_safetensors("out.safetensors", {"w": Tensor.from_numpy(np.zeros(3, "f4"))})   # doctest: +SKIP
@@ -164,8 +164,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     with atomic_write(path) as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for tensor in tensors.values():
-            write_tensor(out, tensor)
+        for tensor in write_tensors(out, tensors.values()):
             if progress is not None:
                 progress(tensor.nbytes)
         for position, (needle, final) in patches.items():

@@ -22,10 +22,10 @@ import errno
 import os
 import weakref
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import LoraBridgeError
-from ..tensor import Tensor
+from ..tensor import FileSpan, Tensor
 from .streaming import release_pages
 
 # A copy method a file system or kernel does not offer fails with one of these: try the next method.
@@ -110,6 +110,55 @@ def write_tensor(out: BinaryIO, tensor: Tensor) -> None:
     data = tensor.data  # read once: a LateTensor is made once
     out.write(data)
     release_pages(data)
+
+
+def write_tensors(out: BinaryIO, tensors: Iterable[Tensor]) -> Iterator[Tensor]:
+    """Write the tensors' bytes back to back at ``out``'s position, each yielded once written (for progress).
+
+    Tensors lying back to back in the same input, as a rename-only conversion leaves them, go in one kernel
+    copy: one system call per run instead of one per tensor (1,796 for a rank-128 SDXL LoRA; cp makes one).
+    The rest as :func:`write_tensor`.
+
+    Example:
+        >>> import io
+        >>> out = io.BytesIO()
+        >>> [t.nbytes for t in write_tensors(out, [Tensor("U8", (2,), b"ab"), Tensor("U8", (1,), b"c")])]
+        [2, 1]
+        >>> out.getvalue()
+        b'abc'
+    """
+    run: list[Tensor] = []  # spanned tensors, each starting where the one before ends in the same file
+
+    def write_run() -> list[Tensor]:
+        first = run[0].source
+        assert first is not None
+        if not (hasattr(out, "copy_from") and out.copy_from(first.file, first.offset, sum(t.nbytes for t in run))):
+            for tensor in run:
+                write_tensor(out, tensor)
+        done = run[:]
+        run.clear()
+        return done
+
+    for tensor in tensors:
+        span = tensor.source
+        if run and span is not None and _follows(run[-1], span):
+            run.append(tensor)
+            continue
+        if run:
+            yield from write_run()
+        if span is not None and tensor.nbytes:
+            run.append(tensor)
+        else:
+            write_tensor(out, tensor)
+            yield tensor
+    if run:
+        yield from write_run()
+
+
+def _follows(before: Tensor, span: FileSpan) -> bool:
+    """Whether ``span`` starts in the same file where ``before``'s bytes end."""
+    assert before.source is not None
+    return span.file is before.source.file and span.offset == before.source.offset + before.nbytes
 
 
 def chunks(tensor: Tensor, buffer: bytearray) -> Iterator[memoryview]:
