@@ -3,8 +3,10 @@
 mindone is written for Ascend and calls ``mindspore.mint`` ops whose kernels exist only
 there (on CPU: ``RuntimeError: The kernel GeluExt unregistered``). Each such op has an
 older ``mindspore.ops`` equivalent that runs on CPU; :func:`apply` rebinds the ``mint``
-entry points to those, everywhere MindSpore and mindone hold a reference to them. It is
-meant for tests and demos on machines without an NPU and is never applied on Ascend.
+entry points to those, everywhere MindSpore and mindone hold a reference to them. One more
+replacement is for memory, not a missing kernel: mindone's attention off Ascend (its math path)
+computes every score at once, several GB at 1024x1024, so it runs by chunks of query rows
+(:data:`ATTENTION_CHUNK_BYTES`). It is meant for machines without an NPU and is never applied on Ascend.
 
 Example:
     >>> import mindspore as ms; ms.set_device("CPU")   # doctest: +SKIP
@@ -122,6 +124,32 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return math_attention_op(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
+# The most bytes one chunk of attention scores may hold: SDXL's attention at 1024x1024 holds 1.3 GB of scores per
+# UNet layer (2 x 10 heads x 4096 x 4096 fp32) and its VAE's 1 GB (16384 x 16384), each two or three times over
+# (scores, probabilities): at most this much a chunk instead.
+ATTENTION_CHUNK_BYTES = 256 * 2**20
+_math_attention: Callable[..., Any] | None = None  # mindone's own Attention.math_attention_op, once replaced
+
+
+def _chunked_math_attention(self, query, key, value, attn_mask=None):
+    """mindone's ``Attention.math_attention_op`` (SDXL's UNet and VAE attention off Ascend) by chunks of query rows,
+    each through its own ``get_attention_scores``: softmax is per row, so each row's result is what the whole
+    computation gives, and the scores held at once are at most :data:`ATTENTION_CHUNK_BYTES`."""
+    from mindspore import mint
+
+    assert _math_attention is not None
+    rows, keys = query.shape[-2], key.shape[-2]
+    heads = query.numel() // (rows * query.shape[-1])  # batch x heads
+    chunk = max(1, ATTENTION_CHUNK_BYTES // (heads * keys * 4))  # 4: the scores may be upcast to fp32
+    if chunk >= rows:
+        return _math_attention(self, query, key, value, attn_mask)
+    per_row_mask = attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] == rows
+    parts = [_math_attention(self, query[..., start:start + chunk, :], key, value,
+                             attn_mask[..., start:start + chunk, :] if per_row_mask else attn_mask)
+             for start in range(0, rows, chunk)]
+    return mint.cat(parts, dim=-2)
+
+
 # (MindSpore kernel without a CPU implementation, module holding a Python entry point to it, attribute, CPU replacement)
 REROUTES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("GeluExt", "mindspore.ops.functional_overload", "gelu", _gelu),
@@ -158,6 +186,7 @@ def apply() -> list[str]:
     Call it before models are built: names already bound to an op (``from ... import gelu``) are
     rebound, and modules imported later import the replacement from MindSpore's own modules.
     """
+    global _math_attention
     import mindspore  # noqa: F401  (the modules below must be loaded)
 
     for _, module_name, attr, replacement in REROUTES:
@@ -165,4 +194,8 @@ def apply() -> list[str]:
             original = getattr(importlib.import_module(module_name), attr)
             _rebind(original, replacement)
             _applied[module_name, attr] = original
+    if _math_attention is None:  # not a missing kernel: memory (ATTENTION_CHUNK_BYTES)
+        attention = importlib.import_module("mindone.diffusers.models.attention_processor").Attention
+        _math_attention = attention.math_attention_op
+        attention.math_attention_op = _chunked_math_attention
     return sorted({kernel for kernel, *_ in REROUTES})
