@@ -102,6 +102,9 @@ def render(report: dict, argv: list[str]) -> str:
     lines = [
         "# Inference benchmark: what a LoRA costs (lorabridge `infer` adapters)",
         "",
+        "Real-size SDXL on CPU, both backends side by side (time per step, VAE decode, peak memory, before and after): "
+        "bench/RESULTS-infer-realsize.md (`make realsize`); on CUDA: bench/RESULTS-infer-cuda.md.",
+        "",
         f"Command: `python bench/infer_bench.py {' '.join(argv)}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{platform.python_implementation()} {platform.python_version()}; load average {report['load']} (start, end: "
