@@ -8,7 +8,7 @@ import pytest
 
 import lorabridge.formats.mindone as mindone
 import lorabridge.formats.underscored_files as underscored_files
-import lorabridge.io.safetensors_file as safetensors_file
+import lorabridge.io.zero_copy as zero_copy
 from lorabridge.architectures.flux1 import FLUX1
 from lorabridge.architectures.sdxl import SDXL
 from lorabridge.converters.registry import get_writer
@@ -68,9 +68,9 @@ def test_merged_as_written_gives_the_bytes_of_merged_first(tmp_path, monkeypatch
 
 def test_kohya_merges_each_fused_layer_after_the_first_write(tmp_path, monkeypatch):
     events = []
-    merge, write = underscored_files.merge_present, safetensors_file.write_tensor
+    merge, write = underscored_files.merge_present, zero_copy.write_tensor
     monkeypatch.setattr(underscored_files, "merge_present", lambda *a: events.append("merge") or merge(*a))
-    monkeypatch.setattr(safetensors_file, "write_tensor", lambda *a: events.append("write") or write(*a))
+    monkeypatch.setattr(zero_copy, "write_tensor", lambda *a: events.append("write") or write(*a))  # tensors in memory
     get_writer("kohya").write(flux_model(), tmp_path / "out.safetensors", WriteOptions())
     first_write = events.index("write")
     assert events[:first_write] == ["merge"] * 3  # once each, for the header's shapes
