@@ -125,12 +125,14 @@ def test_streaming_holds_one_tensor_at_a_time(tmp_path):
     assert peak < 2.5 * 2**20  # one tensor (1 MiB) and the one before it, not 16 MiB
 
 
-def test_a_single_file_or_pickled_component_is_left_to_its_loader(tiny_sdxl_dir, tmp_path):
+def test_a_pickled_or_fp8_component_is_left_to_its_loader(tiny_sdxl_dir, tmp_path):
     assert [p.name for p in files_to_stream(describe_base(tiny_sdxl_dir), "unet")] == ["diffusion_pytorch_model.safetensors"]
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_sdxl_dir, pickled)
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
     assert files_to_stream(describe_base(pickled, allow_pickle=True), "unet") is None
+    quantized = _edited_unet(tiny_sdxl_dir, tmp_path / "fp8", lambda t: {**t, "conv_in.weight": Tensor("F8_E4M3", (2,), b"\0\0")})
+    assert files_to_stream(quantized, "unet") is None  # numpy holds no FP8: diffusers' loader reads it, or refuses it
 
 
 @pytest.mark.torch

@@ -21,12 +21,14 @@ import numpy as np
 from ..errors import LoraBridgeError
 from ..io.safetensors_file import SafetensorsFile
 from ..io.streaming import release_pages
+from ..tensor import DTYPES
 from .base_model import WEIGHT_FILE, BaseModel, weight_files
 
 
 def files_to_stream(base: BaseModel, component: str) -> tuple[Path, ...] | None:
     """The safetensors files (all shards) holding ``component``'s weights in the base's variant, else plain;
-    None where it has none to stream: a single-file base, or weights only a pickle holds (its loader reads those).
+    None where it has none to stream: a single-file base, weights only a pickle holds, or tensors numpy cannot
+    hold (FP8: a quantized checkpoint): its library's loader reads those, or refuses them.
     """
     if base.single_file:
         return None
@@ -34,6 +36,11 @@ def files_to_stream(base: BaseModel, component: str) -> tuple[Path, ...] | None:
     files = by_variant.get(base.variant) or by_variant.get(None) or []
     if not files or any((match := WEIGHT_FILE.fullmatch(f.name)) is None or match["format"] != "safetensors" for f in files):
         return None
+    for path in files:
+        checkpoint = SafetensorsFile(path)
+        if any(DTYPES[checkpoint.header_entry(name)[0]][1] is None and checkpoint.header_entry(name)[0] != "BF16"
+               for name in checkpoint.keys()):
+            return None
     return tuple(files)
 
 
