@@ -46,7 +46,7 @@ def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callab
         raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
     with client:
         live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
-        finished = as_completed()
+        finished = as_completed(loop=client.loop)  # not default_client()'s: another Client may be the default
 
         def submit(job: Job, attempt: int) -> None:
             future = client.submit(convert_job, job, settings, pure=False)
