@@ -32,7 +32,7 @@ from ..model import LoraModel
 from .base_model import BaseModel, describe_base
 from .latents import draw_latents, load_latents, pack_latents, save_latents
 from .options import BACKEND_MODULES, BACKENDS, SCHEDULER_TABLES, InferOptions
-from .pipeline import apply_lora, denoiser, encode_prompt, free, sample, set_scheduler
+from .pipeline import apply_lora, denoiser, encode_prompt, free_text_encoders, sample, set_scheduler
 from .staging import give_back_memory, is_stand_in
 from .png import write_png
 
@@ -183,9 +183,7 @@ def _run(backend: ModuleType, base: BaseModel, options: InferOptions, lora: Lora
     if lora is not None:
         result.applied.update(apply_lora(pipe, fw, lora, options.lora, options.lora_scale, options.fuse, log))
     encoded = encode_prompt(pipe, fw, options, latents, size)
-    encoders = tuple(name for name in base.inference.text_encoders if getattr(pipe, name, None) is not None)
-    free(pipe, encoders)
-    log(f"prompt encoded; {', '.join(encoders)} freed")
+    free_text_encoders(pipe, log)
     if not whole:
         del pipe
         give_back_memory()  # the rest of the encoders' half, before the larger half loads

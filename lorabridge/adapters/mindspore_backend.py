@@ -23,7 +23,7 @@ from .noise import printed_to_stderr
 from .options import FRAMEWORK_DTYPES
 from .pipeline import denoiser
 from .staging import left_out, stand_in
-from .weights import check_complete, files_to_stream, named_arrays
+from .weights import check_complete, files_to_stream, kept_in_fp32, named_arrays
 
 EXTRA = "mindspore"
 REQUIRED = ("mindspore", "mindone")
@@ -154,14 +154,13 @@ def streamed_model(base: BaseModel, component: str, ms_dtype: Any) -> Any | None
     params = dict(model.parameters_and_names())
     mappings = _get_pt2ms_mappings(model)
     to_ms = {name: mappings.get(name, (name, None)) for name in set(params) | set(mappings)}
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     numpy_dtypes = {ms.float32: np.float32, ms.float16: np.float16}
     loaded = set()
     for name, array in named_arrays(model, files, {name: None for name in to_ms}):
         ms_name, convert = to_ms[name]
         if ms_name is None:  # a tensor MindSpore's layer does not keep (BatchNorm's num_batches_tracked)
             continue
-        dtype = ms.float32 if any(m in name.split(".") for m in keep_fp32) else ms_dtype
+        dtype = ms.float32 if kept_in_fp32(model, name) else ms_dtype
         if array.dtype.kind == "f" and dtype in numpy_dtypes:
             # cast by numpy: a MindSpore cast's output comes from its memory pool, which keeps the memory once the
             # model is freed (measured: the real-size UNet's 10 GB stayed resident through the VAE decode)

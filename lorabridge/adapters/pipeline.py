@@ -165,6 +165,13 @@ def free(pipe: Any, names: tuple[str, ...]) -> None:
     give_back_memory()
 
 
+def free_text_encoders(pipe: Any, log: Log) -> None:
+    """Free the text encoders the pipeline holds, once the prompt is encoded, and say which."""
+    encoders = tuple(name for name in inference_of(pipe).text_encoders if getattr(pipe, name, None) is not None)
+    free(pipe, encoders)
+    log(f"prompt encoded; {', '.join(encoders)} freed")
+
+
 @contextmanager
 def freeing_text_encoders(pipe: Any, log: Log) -> Iterator[None]:
     """Within: the text encoders are freed as soon as the pipeline's own ``encode_prompt`` has returned.
@@ -174,11 +181,8 @@ def freeing_text_encoders(pipe: Any, log: Log) -> Iterator[None]:
     ``__call__`` in both frameworks handle absent encoders after encoding. Wrapping ``encode_prompt``
     rather than calling it ahead keeps each pipeline's own encoding arguments out of lorabridge.
     """
-    encoders = tuple(name for name in inference_of(pipe).text_encoders if getattr(pipe, name, None) is not None)
-
     def then_free(embeddings: Any) -> Any:
-        free(pipe, encoders)
-        log(f"prompt encoded; {', '.join(encoders)} freed")
+        free_text_encoders(pipe, log)
         return embeddings
 
     with _encoding(pipe, lambda encode, *args, **kwargs: then_free(encode(*args, **kwargs))):

@@ -16,7 +16,7 @@ from .base_model import BaseModel, component_class, describe_base
 from .options import FRAMEWORK_DTYPES
 from .pipeline import denoiser
 from .staging import left_out, stand_in
-from .weights import check_complete, files_to_stream, named_arrays
+from .weights import check_complete, files_to_stream, kept_in_fp32, named_arrays
 
 EXTRA = "torch"
 REQUIRED = ("torch", "diffusers", "transformers", "peft", "accelerate")
@@ -122,12 +122,11 @@ def streamed_model(base: BaseModel, component: str, torch_dtype: Any) -> Any | N
     if files is None:
         return None
     model = empty_model(base, component)
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     for name, array in named_arrays(model, files, shapes):
         value = torch.from_numpy(array)
         if value.is_floating_point():
-            value = value.to(torch.float32 if any(m in name.split(".") for m in keep_fp32) else torch_dtype)
+            value = value.to(torch.float32 if kept_in_fp32(model, name) else torch_dtype)
         set_module_tensor_to_device(model, name, "cpu", value=value, dtype=value.dtype)  # else: the meta tensor's dtype
     missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     check_complete(base, component, missing)

@@ -38,8 +38,8 @@ def files_to_stream(base: BaseModel, component: str) -> tuple[Path, ...] | None:
         return None
     for path in files:
         checkpoint = SafetensorsFile(path)
-        if any(DTYPES[checkpoint.header_entry(name)[0]][1] is None and checkpoint.header_entry(name)[0] != "BF16"
-               for name in checkpoint.keys()):
+        dtypes = {checkpoint.header_entry(name)[0] for name in checkpoint.keys()}
+        if any(DTYPES[dtype][1] is None and dtype != "BF16" for dtype in dtypes):
             return None
     return tuple(files)
 
@@ -72,16 +72,22 @@ def named_arrays(model: Any, files: Sequence[Path], shapes: Mapping[str, tuple[i
     model's tensor shapes by name; None where the framework stores the tensor in another shape and checks it
     itself): a tensor the model lacks or of another shape is refused, naming the file."""
     renamed = fixed_names(model, files)
-    owner = {name: path for path in files for name in SafetensorsFile(path).keys()}
-    for name, array in streamed_arrays(files):
-        model_name = renamed.get(name, name)
-        if model_name not in shapes:
-            raise LoraBridgeError(f"holds {name!r}, which {type(model).__name__} has not", owner[name])
-        expected = shapes[model_name]
-        if expected is not None and tuple(array.shape) != tuple(expected):
-            raise LoraBridgeError(f"{name!r} is {'x'.join(map(str, array.shape))}, {type(model).__name__} expects "
-                                  f"{'x'.join(map(str, expected))}", owner[name])
-        yield model_name, array
+    for path in files:
+        for name, array in streamed_arrays([path]):
+            model_name = renamed.get(name, name)
+            if model_name not in shapes:
+                raise LoraBridgeError(f"holds {name!r}, which {type(model).__name__} has not", path)
+            expected = shapes[model_name]
+            if expected is not None and tuple(array.shape) != tuple(expected):
+                raise LoraBridgeError(f"{name!r} is {'x'.join(map(str, array.shape))}, {type(model).__name__} expects "
+                                      f"{'x'.join(map(str, expected))}", path)
+            yield model_name, array
+
+
+def kept_in_fp32(model: Any, name: str) -> bool:
+    """Whether the model keeps the tensor ``name`` in fp32 whatever the dtype asked (its ``_keep_in_fp32_modules``,
+    matched by path part as diffusers and mindone match them)."""
+    return any(module in name.split(".") for module in getattr(model, "_keep_in_fp32_modules", None) or ())
 
 
 def check_complete(base: BaseModel, component: str, missing: Sequence[str]) -> None:
