@@ -241,6 +241,15 @@ def write_big_flux(path: Path, modules: int = 24, rank: int = 128) -> None:
     write_safetensors(path, tensors, {})
 
 
+def big_and_small_library(root: Path, small: int) -> Path:
+    """``root`` holding one big Flux.1 LoRA (seconds to convert: a worker can be caught mid-file) and ``small`` small ones."""
+    root.mkdir()
+    write_big_flux(root / "big.safetensors")
+    for i in range(small):
+        write_flux(root / f"small{i}.safetensors", seed=i)
+    return root
+
+
 def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
     """Wait until the batch's state record says ``source`` is being converted (the worker is mid-file)."""
     deadline = time.monotonic() + timeout
@@ -260,11 +269,7 @@ def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
 def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
     pools = []
     monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))
-    root, out = tmp_path / "lib", tmp_path / "out"
-    root.mkdir()
-    write_big_flux(root / "big.safetensors")
-    for i in range(3):
-        write_flux(root / f"small{i}.safetensors", seed=i)
+    root, out = big_and_small_library(tmp_path / "lib", small=3), tmp_path / "out"
     results = []
     batch = threading.Thread(target=lambda: results.append(run_batch([root], out, "neutral", jobs=2, progress=False)))
     batch.start()

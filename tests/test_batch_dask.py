@@ -17,7 +17,7 @@ import pytest
 
 from lorabridge.batch import REPORT_NAME, run_batch
 from lorabridge.report import validation_report
-from tests.test_batch import converting, good_library, write_big_flux, write_flux
+from tests.test_batch import big_and_small_library, converting, good_library
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -52,11 +52,7 @@ def test_a_library_on_dask_reports_like_a_local_batch_and_resumes(cluster, tmp_p
 
 def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_reported_once(cluster, tmp_path):
     local, client = cluster
-    root, out = tmp_path / "lib", tmp_path / "out"
-    root.mkdir()
-    write_big_flux(root / "big.safetensors")
-    for i in range(4):
-        write_flux(root / f"small{i}.safetensors", seed=i)
+    root, out = big_and_small_library(tmp_path / "lib", small=4), tmp_path / "out"
     results = []
     batch = threading.Thread(target=lambda: results.append(
         run_batch([root], out, "neutral", dask=local.scheduler_address, progress=False)))
