@@ -21,7 +21,7 @@ from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats import neutral
 from lorabridge.formats.checks import all_finite
-from lorabridge.io import atomic, ms_ckpt, streaming
+from lorabridge.io import atomic, ms_ckpt, streaming, zero_copy
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.io.streaming import in_background, release_pages
 from lorabridge.manifest import build_manifest, load_schema, schema_problems, tensor_sha256
@@ -229,3 +229,36 @@ def test_checkpoint_tags_are_read_lazily_for_detection(tmp_path):
     assert next(tags) == "w0"
     with pytest.raises(LoraBridgeError, match="cut.ckpt: .*truncated"):
         list(tags)
+
+
+def test_kernel_copies_in_pieces_written_out_behind_keep_every_byte(tmp_path, monkeypatch):
+    """A long kernel copy goes in WRITEBACK_BYTES pieces, each handed to the writeback thread while the next is
+    copied: the published file is the input's bytes, the header patched after the copy included."""
+    from lorabridge.io.input_file import held_inputs
+    from lorabridge.io.safetensors_file import SafetensorsFile
+
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1)
+    written_out = []
+    real = atomic._write_out
+    monkeypatch.setattr(atomic, "_write_out", lambda fd, start, count: written_out.append(count) or real(fd, start, count))
+    data = np.random.default_rng(5).bytes(100_000)
+    write_safetensors(tmp_path / "in.safetensors", {"t": Tensor("U8", (len(data),), data)})
+    with held_inputs():
+        source = SafetensorsFile(tmp_path / "in.safetensors").tensors()
+        write_safetensors(tmp_path / "out.safetensors", source, {"late": "X" * 8}, late={"X" * 8: lambda: "Y" * 8})
+    out = SafetensorsFile(tmp_path / "out.safetensors")
+    assert bytes(out.tensor("t").data) == data and out.metadata == {"late": "Y" * 8}
+    assert len(written_out) >= 20 and all(count >= 4096 for count in written_out)
+
+
+def test_a_failed_write_out_is_reported_as_a_one_line_error_and_nothing_is_published(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
+
+    def failing(fd, start, count):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(atomic, "_write_out", failing)
+    with pytest.raises(LoraBridgeError, match="cannot write the output: Input/output error"):
+        with atomic.atomic_write(tmp_path / "out.bin") as out:
+            out.write(b"x" * 10_000)
+    assert list(tmp_path.iterdir()) == []

@@ -19,10 +19,12 @@ import errno
 import fcntl
 import io
 import os
+import queue
 import re
 import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -100,21 +102,88 @@ def replacing(allowed: bool) -> Iterator[None]:
         _may_replace.reset(token)
 
 
-# Every this many bytes, the temporary file's new pages are handed to the disk (without waiting), so
-# the fsync at the end waits for the last stretch only instead of the whole file.
-WRITEBACK_BYTES = 64 * 1024 * 1024
+# Every this many bytes, the temporary file's new pages are handed to the disk by a thread while the
+# writer goes on (a kernel copy is cut into pieces this long for it), so the write to the disk runs
+# beside the copy into the page cache and the fsync at the end waits for the last piece only.
+WRITEBACK_BYTES = 32 * 1024 * 1024
+
+
+def _libc_sync_file_range() -> Callable | None:
+    """Linux's sync_file_range(2), or None where the C library lacks it (macOS)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_RANGE = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: the range is on the disk on return
+
+
+def _write_out(fd: int, start: int, count: int) -> None:
+    """Put ``count`` bytes of ``fd``'s file at ``start`` on the disk (data only: the fsync at the end makes
+    it durable with the metadata) and drop them from the page cache, clean now, which no reader needs.
+    Without sync_file_range, POSIX_FADV_DONTNEED alone starts the writeback (Linux) and waits for none."""
+    if _sync_file_range is not None and _sync_file_range(fd, start, count, _SYNC_RANGE) != 0:
+        code = ctypes.get_errno()
+        if code not in _UNSUPPORTED:
+            raise OSError(code, os.strerror(code))
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, count, os.POSIX_FADV_DONTNEED)
+
+
+class _Flusher:
+    """A thread that writes ranges of one file out to the disk, in order, while its writer fills the next.
+
+    A write to the page cache (or a kernel copy into it) is CPU work; putting those pages on the disk
+    is the device's: in one thread they take turns, in two they overlap (``cp && sync`` takes turns).
+    The thread is started with the first range; :meth:`finish` waits for the last and raises what failed.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def write_out(self, start: int, count: int) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorabridge-writeback", daemon=True)
+            self._thread.start()
+        self._ranges.put((start, count))
+
+    def finish(self) -> None:
+        """Wait until every range handed over is written out (before the file is fsynced or closed)."""
+        if self._thread is not None:
+            self._ranges.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while (item := self._ranges.get()) is not None:
+            if self._error is None:
+                try:
+                    _write_out(self._fd, *item)
+                except OSError as exc:  # reported by finish(), in the writer's thread
+                    self._error = exc
 
 
 class _EarlyWriteback(io.BufferedWriter):
-    """A buffered file whose written pages start going to disk as it grows (Linux: posix_fadvise
-    DONTNEED starts writeback of dirty pages without waiting for it, and drops no page not yet on disk).
+    """A buffered file whose written pages go to the disk (:class:`_Flusher`) as it grows.
     A failed write (disk full, file size limit) is reported as one line about ``target``."""
 
-    _started = 0  # writeback was started for the bytes before this offset
+    _started = 0  # the bytes before this offset were handed to the flusher
 
     def __init__(self, raw: io.FileIO, target: Path):
         super().__init__(raw)
         self.target = target
+        self._flusher = _Flusher(raw.fileno())
 
     def write(self, data) -> int:
         with _reported(self.target, "cannot write the output"):
@@ -123,24 +192,66 @@ class _EarlyWriteback(io.BufferedWriter):
         return written
 
     def copy_from(self, source: SourceFile, offset: int, count: int) -> bool:
-        """Append ``count`` bytes at ``offset`` of ``source``, copied in the kernel (see :mod:`.zero_copy`);
-        False, with nothing written, where these two files allow no kernel copy."""
+        """Append ``count`` bytes at ``offset`` of ``source``, copied in the kernel (see :mod:`.zero_copy`)
+        in pieces the flusher writes out behind; False, with nothing written, where these two files allow
+        no kernel copy."""
         with _reported(self.target, "cannot write the output"):
             self.flush()
             position = self.tell()
-            if not copy_range(source, offset, self.fileno(), position, count):
-                self.seek(position)
-                return False
-            self.seek(position + count)
-            self._write_back()
+            done = 0
+            while done < count:
+                piece = min(count - done, WRITEBACK_BYTES)
+                if not copy_range(source, offset + done, self.fileno(), position + done, piece):
+                    if done:  # the first piece decides; a later refusal would be a kernel changing its mind
+                        raise OSError(errno.EIO, "the kernel copy stopped part-way")
+                    self.seek(position)
+                    return False
+                done += piece
+                self.seek(position + done)
+                self._write_back()
         return True
+
+    def write_many(self, buffers: list) -> None:
+        """Append ``buffers`` back to back in as few system calls as the system allows (``pwritev``)."""
+        if not hasattr(os, "pwritev"):
+            for buffer in buffers:
+                self.write(buffer)
+            return
+        with _reported(self.target, "cannot write the output"):
+            self.flush()
+            position = self.tell()
+            views = [memoryview(buffer).cast("B") for buffer in buffers]
+            while views:
+                written = os.pwritev(self.fileno(), views, position)
+                if written == 0:
+                    raise OSError(errno.EIO, "the system wrote nothing")
+                position += written
+                while views and written >= len(views[0]):  # drop what was written; the rest goes again
+                    written -= len(views.pop(0))
+                if written:
+                    views[0] = views[0][written:]
+            self.seek(position)
+            self._write_back()
 
     def _write_back(self) -> None:
         position = self.tell()
-        if position - self._started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+        if position - self._started >= WRITEBACK_BYTES:
             self.flush()
-            os.posix_fadvise(self.fileno(), self._started, position - self._started, os.POSIX_FADV_DONTNEED)
+            self._flusher.write_out(self._started, position - self._started)
             self._started = position
+
+    def finish_writeback(self) -> None:
+        """Flush, and wait for the ranges handed to the disk so far (their errors are this file's)."""
+        with _reported(self.target, "cannot write the output"):
+            self.flush()
+            self._flusher.finish()
+
+    def close(self) -> None:
+        try:
+            with contextlib.suppress(OSError):  # closing after a failure: what failed was reported already
+                self._flusher.finish()
+        finally:
+            super().close()
 
 
 @contextlib.contextmanager
@@ -186,8 +297,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         yield handle
         deferred.settle()  # checks that ran beside the write (NaN/Inf scan) may still refuse it (--strict)
         check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
+        handle.finish_writeback()
         with _reported(path, "cannot write the output"):
-            handle.flush()
             os.fsync(handle.fileno())
             handle.close()
             if replace:
