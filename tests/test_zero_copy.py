@@ -51,10 +51,17 @@ def fixed_clock(monkeypatch):
     monkeypatch.setattr(manifest, "now_utc", lambda: "2000-01-01T00:00:00Z")
 
 
+@pytest.fixture(autouse=True)
+def copy_every_run(monkeypatch):
+    """The fixtures' tensors are a few bytes to a few KiB: copy every run in the kernel, however short, as
+    real tensors are (the gathered write of short runs has its own tests below)."""
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1)
+
+
 @pytest.fixture
 def count_copies(monkeypatch):
-    """How many times each kernel copy ran (os.copy_file_range, os.sendfile)."""
-    counts = {"copy_file_range": 0, "sendfile": 0}
+    """How many times each kernel copy (os.copy_file_range, os.sendfile) and gathered write (os.pwritev) ran."""
+    counts = {"copy_file_range": 0, "sendfile": 0, "pwritev": 0}
     for name in counts:
         real = getattr(os, name)
 
@@ -66,7 +73,10 @@ def count_copies(monkeypatch):
 
 
 def force(monkeypatch, mode: str) -> None:
-    """``sendfile``: copy_file_range fails as between two file systems; ``buffered``: sendfile fails too."""
+    """``sendfile``: copy_file_range fails as between two file systems; ``buffered``: sendfile fails too;
+    ``gathered``: every run is short enough to be written from memory, gathered."""
+    if mode == "gathered":
+        monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1 << 40)
     if mode in ("sendfile", "buffered"):
         monkeypatch.setattr(os, "copy_file_range", _failing(errno.EXDEV))
     if mode == "buffered":
@@ -83,12 +93,12 @@ def converted(src: Path, out: Path, target: str, options: dict) -> bytes:
 def test_kernel_copy_sendfile_and_buffered_writes_are_byte_identical(neutral_file, tmp_path, monkeypatch, name):
     target, options = TARGETS[name]
     outputs = {}
-    for mode in ("kernel", "sendfile", "buffered"):
+    for mode in ("kernel", "sendfile", "buffered", "gathered"):
         with monkeypatch.context() as patch:
             force(patch, mode)
             suffix = ".ckpt" if name.endswith(("ckpt", "ckpt crc")) else ".safetensors"
             outputs[mode] = converted(neutral_file, tmp_path / f"{mode}{suffix}", target, options)
-    assert outputs["kernel"] and outputs["kernel"] == outputs["sendfile"] == outputs["buffered"]
+    assert outputs["kernel"] and outputs["kernel"] == outputs["sendfile"] == outputs["buffered"] == outputs["gathered"]
 
 
 def test_unchanged_tensors_are_copied_in_the_kernel(neutral_file, tmp_path, count_copies):
@@ -112,6 +122,55 @@ def test_one_copy_per_run_of_back_to_back_tensors(tmp_path, count_copies):
     write_safetensors(out, {k: source[k] for k in order})
     assert count_copies["copy_file_range"] == 3
     assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 4 for k in order]
+
+
+def test_short_runs_are_gathered_into_one_write_from_memory(tmp_path, count_copies, monkeypatch):
+    """A kernel copy's set-up costs more than copying a few KiB: runs under KERNEL_COPY_MIN_BYTES go from
+    their mapped pages, all in one pwritev, in order."""
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 256 * 1024)
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: Tensor("U8", (4,), k.encode() * 4) for k in "abcdef"})
+    source = SafetensorsFile(src).tensors()
+    out = tmp_path / "out.safetensors"
+    order = ["a", "b", "c", "e", "f", "d"]
+    with held_inputs():
+        write_safetensors(out, {k: source[k] for k in order})
+    assert count_copies["copy_file_range"] == 0 and count_copies["pwritev"] == 1
+    assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 4 for k in order]
+
+
+def test_gathered_writes_and_kernel_copies_keep_the_tensors_order(tmp_path, count_copies, monkeypatch):
+    """Short runs gathered, long ones copied, tensors in memory written alone: the output is in the given order."""
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 64)
+    monkeypatch.setattr(zero_copy, "GATHER_MAX", 2)
+    sizes = {"a": 4, "b": 100, "c": 4, "d": 4, "e": 200, "f": 4, "g": 4}
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: Tensor("U8", (n,), k.encode() * n) for k, n in sizes.items()})
+    source = SafetensorsFile(src).tensors()
+    order = ["g", "a", "memory", "e", "c", "b", "d", "f"]  # each a run of its own but e and b, d and f
+    given = {k: source[k] if k in source else Tensor("U8", (3,), b"mem") for k in order}
+    out = tmp_path / "out.safetensors"
+    with held_inputs():
+        write_safetensors(out, given)
+    assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [bytes(t.data) for t in given.values()]
+    assert count_copies["copy_file_range"] == 2 and count_copies["pwritev"] >= 2
+
+
+def test_a_gathered_write_cut_short_by_the_system_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """pwritev may write less than asked (a signal, a full pipe of a FUSE file system): the rest follows, in order."""
+    real = os.pwritev
+
+    def at_most_5_bytes(fd, buffers, offset):
+        first = memoryview(buffers[0])[:5]
+        return real(fd, [first], offset)
+    monkeypatch.setattr(os, "pwritev", at_most_5_bytes)
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1 << 20)
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: Tensor("U8", (7,), k.encode() * 7) for k in "abc"})
+    out = tmp_path / "out.safetensors"
+    with held_inputs():
+        write_safetensors(out, {k: t for k, t in reversed(SafetensorsFile(src).tensors().items())})
+    assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 7 for k in "cba"]
 
 
 def test_a_cast_is_written_from_memory_not_copied(neutral_file, tmp_path, count_copies):
