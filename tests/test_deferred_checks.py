@@ -117,3 +117,22 @@ def test_outside_the_block_a_check_runs_in_place():
     seen = []
     deferred.check(lambda: "scanned", seen.append)
     assert seen == ["scanned"]
+
+
+def test_small_tensors_scanned_together_are_named_one_by_one():
+    """Small tensors are scanned a batch at a time; a NaN/Inf is still named in the tensor that holds it,
+    with its count, among many clean ones, in every dtype, and in large tensors scanned alone."""
+    from lorabridge.formats import checks
+
+    tensors = []
+    for i in range(300):
+        dtype = ("F32", "F16", "BF16", "F64")[i % 4]
+        values = RNG.standard_normal(i % 17 + 1)
+        if i in (7, 150, 299):
+            values[-1] = (np.nan, np.inf, -np.inf)[(7, 150, 299).index(i)]
+        tensors.append((f"t{i}", Tensor.from_numpy(values.astype(np.float32), dtype)))
+    big = RNG.standard_normal(checks.SMALL_TENSOR_BYTES).astype(np.float32)
+    big[5] = np.nan
+    tensors.append(("big", Tensor.from_numpy(big)))
+    assert checks._non_finite(tensors) == ["t7 (1 of 8)", "t150 (1 of 15)", "t299 (1 of 11)", f"big (1 of {big.size})"]
+    assert checks._non_finite(tensors[:7] + tensors[8:150]) == []
