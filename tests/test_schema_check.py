@@ -83,3 +83,20 @@ def test_converting_a_neutral_file_does_not_import_jsonschema(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.stdout.strip() == "False"
+
+
+def test_each_distinct_module_entry_is_checked_once_and_every_bad_one_still_fails():
+    """schema_problems checks one entry of each distinct value: a bad entry anywhere, even one differing
+    from a good one only in a JSON type (1 against 1.0), is still found."""
+    from lorabridge.manifest import schema_problems
+
+    entry = next(iter(MANIFEST["modules"].values()))
+    many = {**MANIFEST, "modules": {f"unet.m{i}.x": dict(entry) for i in range(300)}}
+    assert schema_problems(many) == []
+    for value in (0, "4", True, 4.0):  # 4.0 is an integer to JSON Schema: not surely valid, so jsonschema decides
+        changed = copy.deepcopy(many)
+        changed["modules"]["unet.m250.x"]["rank"] = value
+        expected = sorted((e.json_path, e.message) for e in VALIDATOR.iter_errors(changed))
+        assert schema_problems(changed) == expected and bool(expected) == (value != 4.0), value
+    badly_named = {**many, "modules": {**many["modules"], "no-dots": dict(entry)}}
+    assert schema_problems(badly_named)
