@@ -148,6 +148,47 @@ def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date
     assert result.entries[0].architecture == "flux-1-dev"
 
 
+def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, monkeypatch):
+    """A local batch publishes each output without an fsync (the file system is synced once when the batch
+    ends: one write-out of everything instead of an fsync per file waiting on the disk); a single file,
+    and a Dask task whose worker may be another machine, fsync each output."""
+    from lorabridge.batch.plan import Job
+    from lorabridge.batch.work import Settings, convert_job
+
+    root = tmp_path / "lib"
+    good_library(root)
+    fsyncs, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real(fd))
+    source = root / "sdxl" / "style.safetensors"
+    for at_the_end, expected in ((True, 0), (False, 2)):  # the file, then its directory
+        fsyncs.clear()
+        out = tmp_path / f"out-{at_the_end}"
+        entry = convert_job(Job(source, out / "style.safetensors", 0), Settings(out, "kohya", sync_at_the_end=at_the_end))
+        assert entry.status == "converted" and len(fsyncs) == expected
+    synced, settings = [], []
+    monkeypatch.setattr("lorabridge.batch.sync_file_system", synced.append)
+    real_run = local.run_local
+    monkeypatch.setattr(local, "run_local", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
+    result = run_batch([root], tmp_path / "batch", "kohya", jobs=1, progress=False)
+    assert result.ok and synced == [tmp_path / "batch"] and settings[0].sync_at_the_end
+
+
+def test_an_output_cut_short_by_a_power_cut_before_the_closing_sync_is_converted_again(tmp_path):
+    """Until the batch's closing sync a power cut can leave a published output short or empty; its record knows
+    the size it was published with, so the rerun converts it again instead of refusing it as foreign."""
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    run_batch([root], out, "neutral", jobs=1, progress=False)
+    short = out / "sdxl" / "deep" / "m.safetensors"
+    whole = short.read_bytes()
+    short.write_bytes(whole[:len(whole) // 3])
+    (out / "flux" / "f.safetensors").write_bytes(b"")
+    rerun = run_batch([root], out, "neutral", jobs=1, progress=False)
+    statuses = {Path(e.output).name: e.status for e in rerun.entries}
+    assert statuses["m.safetensors"] == statuses["f.safetensors"] == "converted" and rerun.ok
+    assert len(short.read_bytes()) == len(whole) and read_neutral(short).modules and read_neutral(out / "flux" / "f.safetensors").modules
+
+
 def test_jobs_1_and_jobs_2_write_the_same_bytes(tmp_path):
     root = tmp_path / "lib"
     good_library(root)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from ..converters.registry import get_writer
 from ..errors import LoraBridgeError
 from ..formats.contract import OPTION_DEFAULTS
+from ..io.atomic import sync_file_system
 from .discover import find_inputs
 from .plan import plan_jobs
 from .report import FAILED, BatchResult, ReportWriter
@@ -59,7 +60,9 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
-    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force)
+    # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
+    # on other machines write through their own page caches, so each fsyncs its outputs.
+    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask)
     failed = False
     if dask:
         from .cluster import run_dask
@@ -84,6 +87,9 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         writer.close()
         if bar is not None:
             bar.close()
+        if settings.sync_at_the_end:  # what the workers published, and the report, on the disk before the batch ends
+            for directory in {out, report_path.parent}:
+                sync_file_system(directory)
     return BatchResult(done, time.perf_counter() - started, report_path)
 
 

@@ -8,6 +8,10 @@ The rule (see :func:`decide`), per output:
 * the output is the batch's own (its record names it and it has not been touched since), but the
   source or the settings changed -> converted again, replacing it: the record proves it is
   derived output, not the user's file;
+* the output is the batch's own but now shorter than when it was published -> converted again: a
+  batch on one machine syncs its outputs to the disk once, at its end, and a power cut before that
+  can leave a published output short or empty (never with other bytes: file systems grow a file's
+  size on the disk only as its data gets there);
 * an output the batch has no record of (or one changed since the batch wrote it) -> refused
   exactly as ``lorabridge convert`` refuses ("output exists; pass --force to replace it"), except
   a neutral output whose manifest records this source's sha256 (``provenance.source_sha256``,
@@ -123,7 +127,10 @@ def decide(out_dir: Path, output: Path, sha256: str | None, settings: dict[str, 
     if not os.path.lexists(output):
         return CONVERT, None
     record = read_record(out_dir, output)
-    if record is None or (record.status == "done" and record.stamp != stamp(output)):
+    now = stamp(output)
+    if record is not None and record.status == "done" and record.stamp and now and now[0] < record.stamp[0]:
+        return REDO, record  # ours, and shorter than published: a power cut before the batch's closing sync
+    if record is None or (record.status == "done" and record.stamp != now):
         neutral = neutral_source(output) if trust_manifest and sha256 is not None else None
         if neutral is not None and neutral[0] == sha256:
             return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", stamp(output), None, neutral[1])

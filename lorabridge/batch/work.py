@@ -12,6 +12,7 @@ per-process file leases (:mod:`lorabridge.io.input_file`), which threads of one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ from ..converters import convert
 from ..converters.registry import FORMATS, get_writer
 from ..converters.torch import detect_input
 from ..errors import LoraBridgeError, single_line
-from ..io.atomic import EXISTS
+from ..io.atomic import EXISTS, syncing_at_the_end
 from ..io.input_file import check_regular, held_inputs
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
@@ -41,6 +42,7 @@ class Settings:
     from_format: str | None = None
     options: tuple[tuple[str, Any], ...] = ()  # conversion options given (not at their defaults), as convert() takes them
     force: bool = False
+    sync_at_the_end: bool = False  # outputs published without an fsync each; the batch syncs the file system at its end
 
     def recorded(self) -> dict[str, Any]:
         """What a record keeps of these settings: an output made with other ones is not up to date."""
@@ -58,7 +60,7 @@ def convert_job(job: Job, settings: Settings) -> Entry:
     """
     started = time.perf_counter()
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
-    with _one_at_a_time:
+    with _one_at_a_time, (syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext()):
         try:
             _convert(job, settings, entry)
         except LoraBridgeError as exc:
