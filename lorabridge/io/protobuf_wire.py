@@ -49,20 +49,31 @@ def varint(buf, pos: int, end: int) -> tuple[int, int]:
 def fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any, int]]:
     """Yield (field number, wire type, value, offset) for each field of the message in [start, end).
 
-    The value is an int for varints and a (begin, end) byte span for everything else.
+    The value is an int for varints and a (begin, end) byte span for everything else. Keys, lengths and
+    values under 128 (one byte: nearly all of a checkpoint's) are read inline, without a call to :func:`varint`.
     """
     pos = start
     while pos < end:
         at = pos
-        key, pos = varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         value: int | tuple[int, int]
         if number == 0:
             raise Malformed("protobuf field number 0", at)
         if wire == VARINT:
-            value, pos = varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                value, pos = buf[pos], pos + 1
+            else:
+                value, pos = varint(buf, pos, end)
         elif wire == LEN:
-            length, pos = varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                length, pos = buf[pos], pos + 1
+            else:
+                length, pos = varint(buf, pos, end)
             if length > end - pos:
                 raise Malformed(f"field {number} claims {length} bytes but only {end - pos} remain (truncated?)", at)
             value, pos = (pos, pos + length), pos + length
