@@ -57,7 +57,8 @@ SECTION_MARKER = "<!-- section: {} -->"  # starts the generated section of one a
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 VERSIONS = ("lorabridge", "numpy", "safetensors", "torch", "mindspore", "diffusers", "jsonschema", "click")
-TARGET_CP_RATIO = 0.5  # every converter at >= 0.5x cp's throughput on the rank-128 file
+TARGET_CP_RATIO = 0.8  # issue 14: every converter at >= 0.8x cp's throughput on the rank-128 file...
+TARGET_CP_SYNC_RATIO = 1.0  # ... and >= 1.0x that of cp + fsync (our outputs are fsynced before they are published)
 TARGET_SEED_SPEEDUP = 10.0  # >= 10x faster than the seed's approach
 TARGET_RSS_SLACK = 100 * 2**20  # peak RSS <= largest tensor + 100 MB
 TARGET_CLI_S = 0.3  # --help and inspect
@@ -460,6 +461,10 @@ def input_table(rows: list[Row], baseline: str) -> list[str]:
     return lines
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: list[tuple[str, list[Run], list[str]]]
             ) -> tuple[list[str], list[tuple[str, Row, str]]]:
     """The issue's targets, each met or missed with its number; and the rows to profile: (input, row,
@@ -467,14 +472,15 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
     lines, misses = [], []
     ours = lambda name: [r for r in all_rows.get(name, []) if r.contender.kind == "ours"]
     if TARGET_INPUT in all_rows:
-        lines.append(f"**Throughput >= {TARGET_CP_RATIO}x cp on the rank-128 file** (`{TARGET_INPUT}`):")
+        lines.append(f"**Throughput >= {TARGET_CP_RATIO}x cp and >= {TARGET_CP_SYNC_RATIO}x cp + fsync on the rank-128 "
+                     f"file** (`{TARGET_INPUT}`; issue 14):")
         for r in ours(TARGET_INPUT):
-            ratio = r.cp / r.wall
-            met = r.ok and ratio >= TARGET_CP_RATIO
-            lines.append(f"- {r.contender.name}: {'met' if met else 'MISSED'}, {ratio:.2f}x cp "
-                         f"({r.wall:.3f} s vs cp {r.cp:.3f} s; {r.cp_sync / r.wall:.2f}x cp + fsync; "
+            ratio, sync_ratio = r.cp / r.wall, r.cp_sync / r.wall
+            lines.append(f"- {r.contender.name}: {_met(r.ok and ratio >= TARGET_CP_RATIO)} {ratio:.2f}x cp, "
+                         f"{_met(r.ok and sync_ratio >= TARGET_CP_SYNC_RATIO)} {sync_ratio:.2f}x cp + fsync "
+                         f"({r.wall:.3f} s vs cp {r.cp:.3f} s, cp + fsync {r.cp_sync:.3f} s; "
                          f"start-up excluded {r.cp / (r.wall - r.startup):.2f}x cp)")
-            if not met:
+            if not (r.ok and ratio >= TARGET_CP_RATIO and sync_ratio >= TARGET_CP_SYNC_RATIO):
                 misses.append((TARGET_INPUT, r, "time"))
     seeded = [name for name in all_rows if any(r.contender.name.startswith("seed") for r in all_rows[name])]
     if seeded:
@@ -584,7 +590,7 @@ def render_section(architecture: str, args, info: dict, tables: dict[str, list[R
         out.append(f"| `{label}` | {spread(runs)} | {statistics.median(r.cpu_s for r in runs):.3f} | "
                    f"{mib(max(r.peak_rss_bytes for r in runs))} | "
                    f"{', '.join(heavy) or 'no torch, mindspore, diffusers'} |")
-    out += ["", "## Targets (issue 7)", ""] + target_lines
+    out += ["", "## Targets (issues 7 and 14)", ""] + target_lines
     if profiles:
         out += ["", "## Profiles of the misses", "",
                 f"Time: `python -m cProfile` of the command, the {PROFILE_LINES} functions with the most own time (one "

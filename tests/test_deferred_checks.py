@@ -136,3 +136,21 @@ def test_small_tensors_scanned_together_are_named_one_by_one():
     tensors.append(("big", Tensor.from_numpy(big)))
     assert checks._non_finite(tensors) == ["t7 (1 of 8)", "t150 (1 of 15)", "t299 (1 of 11)", f"big (1 of {big.size})"]
     assert checks._non_finite(tensors[:7] + tensors[8:150]) == []
+
+
+def test_each_large_tensor_s_mapped_pages_are_let_go_before_the_next_is_scanned(monkeypatch):
+    """The scan touches every page of a mapped input: each tensor's are released as soon as it is scanned (or,
+    small, copied into its batch), so the process's RSS stays near one tensor, not the whole file."""
+    from lorabridge.formats import checks
+
+    events = []
+    real_scan = checks.all_finite
+    monkeypatch.setattr(checks, "all_finite", lambda t: events.append(("scan", t.nbytes)) or real_scan(t))
+    monkeypatch.setattr(checks, "release_pages", lambda data: events.append(("release", len(data))))
+    big = checks.SMALL_TENSOR_BYTES // 4 + 1  # F32 values just over the small-tensor size
+    tensors = [(f"big{i}", Tensor.from_numpy(np.ones(big, np.float32))) for i in range(3)]
+    tensors += [(f"small{i}", Tensor.from_numpy(np.ones(8, np.float32))) for i in range(4)]
+    assert checks._non_finite(tensors) == []
+    scans_of_big = [i for i, e in enumerate(events) if e == ("scan", big * 4)]
+    assert len(scans_of_big) == 3 and all(events[i + 1] == ("release", big * 4) for i in scans_of_big)
+    assert events[-5:] == [("release", 32)] * 4 + [("scan", 128)]  # the small ones released once joined

@@ -238,9 +238,18 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
     the work itself. Only a batch that holds a NaN/Inf is looked at tensor by tensor.
     """
     checked = [i for i, (_, t) in enumerate(tensors) if t.dtype in CHECKED_DTYPES and t.numel]
-    suspects = [i for i in checked if tensors[i][1].nbytes > SMALL_TENSOR_BYTES and not all_finite(tensors[i][1])]
+    suspects = []
+    for i in checked:  # each large tensor alone, its mapped pages let go as it is done (RSS stays small)
+        tensor = tensors[i][1]
+        if tensor.nbytes > SMALL_TENSOR_BYTES:
+            if not all_finite(tensor):
+                suspects.append(i)
+            release_pages(tensor.data)
     for batch in _small_batches([(i, tensors[i][1]) for i in checked if tensors[i][1].nbytes <= SMALL_TENSOR_BYTES]):
-        if not all_finite(_joined([t for _, t in batch])):
+        joined = _joined([t for _, t in batch])
+        for _, t in batch:
+            release_pages(t.data)
+        if not all_finite(joined):
             suspects += [i for i, t in batch if not all_finite(t)]
     bad = []
     for i in sorted(suspects):
@@ -248,8 +257,6 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
         values = t.to_numpy()
         count = int(values.size - np.count_nonzero(np.isfinite(values)))
         bad.append(f"{name} ({count} of {values.size})")
-    for i in checked:
-        release_pages(tensors[i][1].data)
     return bad
 
 
