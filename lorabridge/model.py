@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,6 +135,24 @@ class LoraModule:
         loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2); full: diff (alpha unused).
         """
         return KINDS[self.kind].delta(self.tensors, self.scale)
+
+
+class Pending:
+    """A provenance value still being computed beside the write: the source file's sha256, which
+    :func:`lorabridge.converters.convert` hashes in a thread while the LoRA is read and written. A writer that
+    stores it (the neutral manifest) writes a placeholder and the value once the data is written
+    (:func:`~lorabridge.io.safetensors_file.write_safetensors`' ``late``); :meth:`value` waits for it.
+
+    Example:
+        >>> Pending(lambda: "ab" * 32).value()[:4]
+        'abab'
+    """
+
+    def __init__(self, result: Callable[[], str]):
+        self._result = result
+
+    def value(self) -> str:
+        return self._result()
 
 
 @dataclass

@@ -262,3 +262,29 @@ def test_a_failed_write_out_is_reported_as_a_one_line_error_and_nothing_is_publi
         with atomic.atomic_write(tmp_path / "out.bin") as out:
             out.write(b"x" * 10_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_source_is_hashed_beside_the_write_not_before_it(tmp_path, neutral_file, monkeypatch):
+    """convert -> neutral starts writing before the source's sha256 is known: the hash goes into the header
+    behind a placeholder once the data is written, as tensor_sha256 does."""
+    import threading
+
+    import lorabridge.converters as converters
+    from lorabridge.io import zero_copy as zc
+
+    writing = threading.Event()
+    real_hash, real_write = converters._sha256_of_file, zc.write_tensors
+
+    def slow_hash(path):
+        assert writing.wait(10), "the write did not start while the source was being hashed"
+        return real_hash(path)
+
+    def write_tensors(out, tensors):
+        writing.set()
+        yield from real_write(out, tensors)
+    monkeypatch.setattr(converters, "_sha256_of_file", slow_hash)
+    monkeypatch.setattr("lorabridge.io.safetensors_file.write_tensors", write_tensors)
+    result = convert(neutral_file, tmp_path / "copy.safetensors", "neutral", progress=False)
+    stored = json.loads(SafetensorsFile(tmp_path / "copy.safetensors").metadata["lorabridge.manifest"])
+    digest = hashlib.sha256(neutral_file.read_bytes()).hexdigest()
+    assert stored["provenance"]["source_sha256"] == result.model.provenance["source_sha256"] == digest

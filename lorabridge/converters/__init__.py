@@ -23,7 +23,7 @@ from ..io.contents import FileContents, file_contents
 from ..io.deferred import beside_writing
 from ..io.input_file import check_regular, check_unchanged, held_inputs
 from ..io.streaming import in_background
-from ..model import LoraModel
+from ..model import LoraModel, Pending
 from .registry import FORMATS, get_format, get_writer, split_options
 
 
@@ -54,8 +54,10 @@ HASH_CHUNK_BYTES = 1 << 20  # read into one reused buffer that stays in the CPU 
 
 def file_sha256(path: Path) -> str | None:
     """sha256 of a file's bytes (None for a directory input such as a PEFT adapter folder)."""
-    if not path.is_file():
-        return None
+    return _sha256_of_file(path) if path.is_file() else None
+
+
+def _sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK_BYTES)
     view = memoryview(buffer)
@@ -65,10 +67,11 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def record_source(model: LoraModel, source: Path, source_format: str, source_sha256: str | None) -> None:
+def record_source(model: LoraModel, source: Path, source_format: str, source_sha256: str | Pending | None) -> None:
     """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history.
 
-    ``source_sha256``: see :func:`file_sha256` (None for a directory, or when the target does not store it).
+    ``source_sha256``: see :func:`file_sha256` (None for a directory, or when the target does not store it; a
+    :class:`~lorabridge.model.Pending` one while it is being hashed beside the write).
     """
     previous = dict(model.provenance)
     history = previous.pop("history", [])
@@ -138,7 +141,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     source = detect_format(src, from_formats)
     read_options, write_options = split_options(options, source, target)
     out = check_output_path(dst, force, inputs=(src,), directory=target.writes_directory)
-    source_hash = in_background(file_sha256, src) if target.records_source_hash else None
+    # The source's sha256, for a target that records it: hashed in a thread beside reading and writing, and
+    # written into the output's header once the data is written (a placeholder until then).
+    source_hash = Pending(in_background(_sha256_of_file, src)) if target.records_source_hash and src.is_file() else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
@@ -146,7 +151,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         if check is not None:
             check(model, src)
         check_unchanged()
-        record_source(model, src, source.name, source_hash() if source_hash else None)
+        record_source(model, src, source.name, source_hash)
         write_model(model, out, target, write_options, force=force, progress=progress)
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)]
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):

@@ -17,7 +17,7 @@ from ..io.safetensors_file import SafetensorsFile, write_safetensors
 from ..io.streaming import in_background
 from ..manifest import (MANIFEST_KEY, PEFT_MAGNITUDE, VERSION_PATTERN, VersionError, build_manifest, check_version,
                         dump_json, model_facts, module_facts, schema_problems, stored_role, tensor_sha256)
-from ..model import LoraModel, LoraModule, dominant_dtype, split_key
+from ..model import LoraModel, LoraModule, Pending, dominant_dtype, split_key
 from ..naming.peft_config import adapter_metadata
 from ..neutral_rules import ALLOWED_DTYPES, REASONS, interop_problems
 from ..rules import module_findings
@@ -78,16 +78,27 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     tensors = stored_tensors(model)
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
-    manifest = build_manifest(model, placeholder)
-    problems = schema_problems(manifest)
-    if problems:
-        raise ValidationProblem(problems, path)
+    late: dict[str, Callable[[], str]] = {placeholder: digest}
+    source = model.provenance.get("source_sha256")
+    if isinstance(source, Pending):  # the source's hash, still being computed beside this write: the same way
+        model.provenance["source_sha256"] = source_placeholder = os.urandom(32).hex()
+        late[source_placeholder] = source.value
     try:
-        metadata = interop_metadata(model, manifest)
-    except ValueError as exc:  # a NaN/Inf in the training facts or unknown fields kept from a source
-        raise LoraBridgeError(f"the manifest cannot be written as JSON ({exc})", path) from None
-    write_safetensors(path, tensors, metadata, progress=progress, late={placeholder: digest})
+        manifest = build_manifest(model, placeholder)
+        problems = schema_problems(manifest)
+        if problems:
+            raise ValidationProblem(problems, path)
+        try:
+            metadata = interop_metadata(model, manifest)
+        except ValueError as exc:  # a NaN/Inf in the training facts or unknown fields kept from a source
+            raise LoraBridgeError(f"the manifest cannot be written as JSON ({exc})", path) from None
+        write_safetensors(path, tensors, metadata, progress=progress, late=late)
+    finally:
+        if isinstance(source, Pending):
+            model.provenance["source_sha256"] = source.value()
     manifest["tensor_sha256"] = digest()
+    if isinstance(source, Pending):
+        manifest["provenance"]["source_sha256"] = model.provenance["source_sha256"]
     return manifest
 
 
