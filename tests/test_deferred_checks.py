@@ -154,3 +154,28 @@ def test_each_large_tensor_s_mapped_pages_are_let_go_before_the_next_is_scanned(
     scans_of_big = [i for i, e in enumerate(events) if e == ("scan", big * 4)]
     assert len(scans_of_big) == 3 and all(events[i + 1] == ("release", big * 4) for i in scans_of_big)
     assert events[-5:] == [("release", 32)] * 4 + [("scan", 128)]  # the small ones released once joined
+
+
+@pytest.mark.parametrize("source_format", ["mindone-sgm", "kohya"])
+def test_a_reader_s_scan_runs_beside_the_rest_and_still_refuses_before_publishing(nan_neutral, tmp_path, monkeypatch,
+                                                                                  source_format):
+    """Readers of foreign files scan for NaN/Inf as they check the model; in a conversion that scan runs in a thread
+    too (convert wraps reading and writing in one block): same warnings, same output, and --strict publishes nothing."""
+    import threading
+
+    from lorabridge.formats import checks
+
+    suffix = ".ckpt" if source_format == "mindone-sgm" else ".safetensors"
+    foreign = tmp_path / f"nan{suffix}"
+    run(nan_neutral, foreign, False, monkeypatch, to=source_format)
+    threads, real = [], checks._non_finite
+    monkeypatch.setattr(checks, "_non_finite", lambda tensors: threads.append(threading.current_thread()) or real(tensors))
+    here = run(foreign, tmp_path / "here.safetensors", False, monkeypatch, to="neutral")
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    before = run(foreign, tmp_path / "before.safetensors", True, monkeypatch, to="neutral")
+    strip = lambda notes, out: [n.replace(str(out), "OUT") for n in notes]  # noqa: E731
+    assert strip(here.warnings, tmp_path / "here.safetensors") == strip(before.warnings, tmp_path / "before.safetensors")
+    assert sum("hold NaN or Inf values" in n for n in here.warnings) == 1
+    with pytest.raises(LoraBridgeError, match=r"2 tensor\(s\) hold NaN or Inf values: .*refused \(--strict\)"):
+        run(foreign, tmp_path / "strict.safetensors", False, monkeypatch, to="neutral", strict=True)
+    assert not (tmp_path / "strict.safetensors").exists() and not list(tmp_path.glob(".*partial"))

@@ -156,6 +156,18 @@ def test_gathered_writes_and_kernel_copies_keep_the_tensors_order(tmp_path, coun
     assert count_copies["copy_file_range"] == 2 and count_copies["pwritev"] >= 2
 
 
+def test_a_run_of_more_tiny_tensors_than_one_writev_takes_is_written_whole(tmp_path, monkeypatch):
+    """A short run may hold thousands of tiny tensors (biases, scalars): more than IOV_MAX buffers go in several calls."""
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1 << 20)
+    src = tmp_path / "in.safetensors"
+    tensors = {f"t{i:04d}": Tensor("U8", (3,), i.to_bytes(3, "little")) for i in range(3000)}
+    write_safetensors(src, tensors)
+    out = tmp_path / "out.safetensors"
+    with held_inputs():
+        write_safetensors(out, SafetensorsFile(src).tensors())
+    assert {k: bytes(t.data) for k, t in SafetensorsFile(out).tensors().items()} == {k: t.data for k, t in tensors.items()}
+
+
 def test_a_gathered_write_cut_short_by_the_system_goes_on_where_it_stopped(tmp_path, monkeypatch):
     """pwritev may write less than asked (a signal, a full pipe of a FUSE file system): the rest follows, in order."""
     real = os.pwritev

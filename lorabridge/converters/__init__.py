@@ -129,7 +129,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     each goes to the reader and/or writer that declares it, and one given (not at its default) that
     neither honours is refused before anything is read or written. What the reader and writer warn
     about (:class:`~lorabridge.errors.LoraBridgeWarning`) is collected in ``warnings``, in order.
-    The source file is hashed (provenance ``source_sha256``) in a thread beside reading, when the
+    A reader's NaN/Inf scan runs in a thread beside the rest, its verdict given before the output is published
+    (:mod:`lorabridge.io.deferred`). The source file is hashed (provenance ``source_sha256``) in a thread beside reading, when the
     target declares ``records_source_hash`` (the neutral manifest); for other targets the hash
     would be a pass over the input that nothing keeps, so it is skipped (None).
 
@@ -144,7 +145,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     # The source's sha256, for a target that records it: hashed in a thread beside reading and writing, and
     # written into the output's header once the data is written (a placeholder until then).
     source_hash = Pending(in_background(_sha256_of_file, src)) if target.records_source_hash and src.is_file() else None
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, beside_writing():  # the reader's NaN/Inf scan too
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
         check_architecture(model, target, src)

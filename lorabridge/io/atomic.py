@@ -216,6 +216,16 @@ class _Flusher:
                     self._error = exc
 
 
+def _iov_max() -> int:
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))
+    except (AttributeError, ValueError, OSError):
+        return 16  # POSIX's minimum
+
+
+_IOV_MAX = _iov_max()  # buffers one writev takes (1,024 on Linux)
+
+
 class _EarlyWriteback(io.BufferedWriter):
     """A buffered file whose written pages go to the disk (:class:`_Flusher`) as it grows.
     A failed write (disk full, file size limit) is reported as one line about ``target``."""
@@ -254,7 +264,8 @@ class _EarlyWriteback(io.BufferedWriter):
         return True
 
     def write_many(self, buffers: list) -> None:
-        """Append ``buffers`` back to back in as few system calls as the system allows (``pwritev``)."""
+        """Append ``buffers`` back to back in as few system calls as the system allows (``pwritev``, at most
+        ``IOV_MAX`` buffers per call)."""
         if not hasattr(os, "pwritev"):
             for buffer in buffers:
                 self.write(buffer)
@@ -264,7 +275,7 @@ class _EarlyWriteback(io.BufferedWriter):
             position = self.tell()
             views = [memoryview(buffer).cast("B") for buffer in buffers]
             while views:
-                written = os.pwritev(self.fileno(), views, position)
+                written = os.pwritev(self.fileno(), views[:_IOV_MAX], position)
                 if written == 0:
                     raise OSError(errno.EIO, "the system wrote nothing")
                 position += written

@@ -48,7 +48,8 @@ def settle() -> None:
 
 @contextlib.contextmanager
 def beside_writing() -> Iterator[None]:
-    """Within this block, :func:`check` runs scans in threads; all are settled before it ends.
+    """Within this block, :func:`check` runs scans in threads; all are settled before it ends (a block
+    inside another is part of the outer one: its checks are settled with the outer block's).
 
     Example:
         >>> with beside_writing():
@@ -57,6 +58,9 @@ def beside_writing() -> Iterator[None]:
         written
         scanned
     """
+    if _pending.get() is not None:  # inside another block: its checks are settled where that block's are
+        yield
+        return
     token = _pending.set([])
     try:
         yield
