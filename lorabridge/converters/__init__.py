@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -35,7 +36,11 @@ class ConversionResult:
     output: Path
     seconds: float
     warnings: list[str] = field(default_factory=list)  # LoraBridgeWarning messages, for the command to print
-    written: FileContents = field(default_factory=FileContents)  # what the output holds, read back from it
+
+    @cached_property
+    def written(self) -> FileContents:
+        """What the output holds, read back from it when first asked (a command's summary; a batch never asks)."""
+        return file_contents(self.output)
 
 
 def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> Format:
@@ -158,4 +163,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     seconds = time.perf_counter() - started
-    return ConversionResult(model, source.name, target.name, out, seconds, notices, file_contents(out))
+    return ConversionResult(model, source.name, target.name, out, seconds, notices)
