@@ -179,3 +179,17 @@ def test_a_reader_s_scan_runs_beside_the_rest_and_still_refuses_before_publishin
     with pytest.raises(LoraBridgeError, match=r"2 tensor\(s\) hold NaN or Inf values: .*refused \(--strict\)"):
         run(foreign, tmp_path / "strict.safetensors", False, monkeypatch, to="neutral", strict=True)
     assert not (tmp_path / "strict.safetensors").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_the_first_refusal_stops_the_block_and_later_checks_are_dropped():
+    """A reader's and a writer's scan can both refuse the same NaN: the command stops with the first, not the last."""
+    def refuse(who):
+        def verdict(_):
+            raise LoraBridgeError("refused", who)
+        return verdict
+    with pytest.raises(LoraBridgeError) as raised:
+        with deferred.beside_writing():
+            deferred.check(lambda: None, refuse("reader"))
+            deferred.check(lambda: None, refuse("writer"))
+            deferred.settle()
+    assert str(raised.value.path) == "reader" and raised.value.__context__ is None

@@ -40,10 +40,17 @@ def check(scan: Callable[[], T], verdict: Callable[[T], None]) -> None:
 
 
 def settle() -> None:
-    """Give the verdicts of the checks started so far, in the order they were started."""
+    """Give the verdicts of the checks started so far, in the order they were started. The first that refuses
+    stops the command: the checks after it are dropped (a reader's and a writer's scan of the same tensors
+    would otherwise refuse twice, the second refusal hiding the first)."""
     pending = _pending.get()
     while pending:
-        pending.pop(0)()
+        verdict = pending.pop(0)
+        try:
+            verdict()
+        except BaseException:
+            pending.clear()
+            raise
 
 
 @contextlib.contextmanager
