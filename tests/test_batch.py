@@ -26,6 +26,7 @@ from lorabridge.batch.discover import find_inputs
 from lorabridge.batch.state import STATE_DIR, read_record
 from lorabridge.converters import convert
 from lorabridge.formats.neutral import read_neutral, write_neutral
+from lorabridge.io import atomic
 from lorabridge.io.safetensors_file import write_safetensors
 from lorabridge.report import validation_report
 from lorabridge.tensor import Tensor
@@ -157,14 +158,17 @@ def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, m
 
     root = tmp_path / "lib"
     good_library(root)
-    fsyncs, real = [], os.fsync
+    fsyncs, started, real = [], [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real(fd))
+    real_start = atomic._start_write_out
+    monkeypatch.setattr(atomic, "_start_write_out", lambda fd: started.append(fd) or real_start(fd))
     source = root / "sdxl" / "style.safetensors"
     for at_the_end, expected in ((True, 0), (False, 2)):  # the file, then its directory
-        fsyncs.clear()
+        fsyncs.clear(), started.clear()
         out = tmp_path / f"out-{at_the_end}"
         entry = convert_job(Job(source, out / "style.safetensors", 0), Settings(out, "kohya", sync_at_the_end=at_the_end))
         assert entry.status == "converted" and len(fsyncs) == expected
+        assert len(started) == (1 if at_the_end else 0), "without an fsync, its write to the disk is started, not waited for"
     synced, settings = [], []
     monkeypatch.setattr("lorabridge.batch.sync_file_system", synced.append)
     real_run = local.run_local
