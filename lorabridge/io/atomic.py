@@ -26,7 +26,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import LoraBridgeError
 from . import deferred
@@ -102,6 +102,21 @@ def replacing(allowed: bool) -> Iterator[None]:
         _may_replace.reset(token)
 
 
+def _libc_function(name: str, *argtypes: Any) -> Callable | None:
+    """The C library's function ``name`` (errno kept, ``int`` result), or None where it lacks it: the Linux
+    system calls Python's ``os`` does not offer (renameat2, sync_file_range, syncfs)."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _libc_function("syncfs", ctypes.c_int)
+
+
 # Whether each atomic write puts its file on the disk (fsync, then its directory) before publishing it. A batch of
 # many outputs on one machine syncs the file system once at its end instead (:func:`syncing_at_the_end`).
 _sync_each: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_sync_each", default=True)
@@ -131,13 +146,12 @@ def syncing_at_the_end() -> Iterator[None]:
 
 def sync_file_system(directory: str | os.PathLike) -> None:
     """Put everything written to the file system holding ``directory`` on the disk (Linux syncfs(2), else sync)."""
-    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-    if syncfs is None:
+    if _syncfs is None:
         os.sync()
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        if syncfs(fd) != 0:
+        if _syncfs(fd) != 0:
             code = ctypes.get_errno()
             raise LoraBridgeError(f"cannot put the outputs on the disk: {os.strerror(code)}", directory)
     finally:
@@ -150,26 +164,16 @@ def sync_file_system(directory: str | os.PathLike) -> None:
 WRITEBACK_BYTES = 32 * 1024 * 1024
 
 
-def _libc_sync_file_range() -> Callable | None:
-    """Linux's sync_file_range(2), or None where the C library lacks it (macOS)."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_RANGE = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: the range is on the disk on return
+_sync_file_range = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_RANGE_WAIT_BEFORE, _RANGE_WRITE, _RANGE_WAIT_AFTER = 1, 2, 4  # sync_file_range's flags
+_RANGE_ON_DISK = _RANGE_WAIT_BEFORE | _RANGE_WRITE | _RANGE_WAIT_AFTER  # the range is on the disk on return
 
 
 def _write_out(fd: int, start: int, count: int) -> None:
     """Put ``count`` bytes of ``fd``'s file at ``start`` on the disk (data only: the fsync at the end makes
     it durable with the metadata) and drop them from the page cache, clean now, which no reader needs.
     Without sync_file_range, POSIX_FADV_DONTNEED alone starts the writeback (Linux) and waits for none."""
-    if _sync_file_range is not None and _sync_file_range(fd, start, count, _SYNC_RANGE) != 0:
+    if _sync_file_range is not None and _sync_file_range(fd, start, count, _RANGE_ON_DISK) != 0:
         code = ctypes.get_errno()
         if code not in _UNSUPPORTED:
             raise OSError(code, os.strerror(code))
@@ -180,7 +184,7 @@ def _write_out(fd: int, start: int, count: int) -> None:
 def _start_write_out(fd: int) -> None:
     """Start writing ``fd``'s file to the disk, waiting for none of it (sync_file_range WRITE; nothing where absent)."""
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE over the whole file; an error shows at the closing sync
+        _sync_file_range(fd, 0, 0, _RANGE_WRITE)  # the whole file; an error shows at the closing sync
 
 
 class _Flusher:
@@ -514,18 +518,8 @@ _AT_FDCWD = -100
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _libc_renameat2() -> Callable | None:
-    """Linux's renameat2(2) (glibc 2.28+), or None where the C library lacks it (macOS, old glibc)."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2 = _libc_renameat2()
+# Linux's renameat2(2) (glibc 2.28+); None on macOS and old glibc
+_renameat2 = _libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 
 
 def _rename(src: Path, dst: Path, flags: int) -> bool:
