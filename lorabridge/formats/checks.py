@@ -262,15 +262,17 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
 
 def _small_batches(tensors: list[tuple[int, Tensor]]) -> Iterator[list[tuple[int, Tensor]]]:
     """``tensors`` in batches of one dtype, each at most :data:`SMALL_BATCH_BYTES` (bounded memory)."""
-    batches: dict[str, tuple[list[tuple[int, Tensor]], list[int]]] = {}  # dtype -> (batch, [its bytes])
+    batches: dict[str, list[tuple[int, Tensor]]] = {}  # dtype -> the batch being filled
+    sizes: dict[str, int] = {}  # dtype -> its bytes
     for item in tensors:
-        batch, size = batches.setdefault(item[1].dtype, ([], [0]))
-        if batch and size[0] + item[1].nbytes > SMALL_BATCH_BYTES:
-            yield batch
-            batch, size = batches[item[1].dtype] = ([], [0])
-        batch.append(item)
-        size[0] += item[1].nbytes
-    yield from (batch for batch, _ in batches.values() if batch)
+        dtype, nbytes = item[1].dtype, item[1].nbytes
+        if dtype in batches and sizes[dtype] + nbytes > SMALL_BATCH_BYTES:
+            yield batches.pop(dtype)
+        if dtype not in batches:
+            batches[dtype], sizes[dtype] = [], 0
+        batches[dtype].append(item)
+        sizes[dtype] += nbytes
+    yield from batches.values()
 
 
 def _joined(tensors: list[Tensor]) -> Tensor:
