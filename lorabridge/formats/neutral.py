@@ -79,10 +79,12 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
     digest = in_background(tensor_sha256, tensors)
     placeholder = os.urandom(32).hex()  # 64 hex digits, like the hash, and nowhere else in the header
     late: dict[str, Callable[[], str]] = {placeholder: digest}
-    source = model.provenance.get("source_sha256")
-    if isinstance(source, Pending):  # the source's hash, still being computed beside this write: the same way
+    pending = model.provenance.get("source_sha256")
+    if not isinstance(pending, Pending):
+        pending = None
+    else:  # the source's hash, still being computed beside this write: written the same way
         model.provenance["source_sha256"] = source_placeholder = os.urandom(32).hex()
-        late[source_placeholder] = source.value
+        late[source_placeholder] = pending.value
     try:
         manifest = build_manifest(model, placeholder)
         problems = schema_problems(manifest)
@@ -93,12 +95,13 @@ def write_neutral(model: LoraModel, path: str | os.PathLike, progress: Callable[
         except ValueError as exc:  # a NaN/Inf in the training facts or unknown fields kept from a source
             raise LoraBridgeError(f"the manifest cannot be written as JSON ({exc})", path) from None
         write_safetensors(path, tensors, metadata, progress=progress, late=late)
-    finally:
-        if isinstance(source, Pending):
-            model.provenance["source_sha256"] = source.value()
+    except BaseException:
+        if pending is not None:  # as it was, without waiting for a hash no one will read
+            model.provenance["source_sha256"] = pending
+        raise
     manifest["tensor_sha256"] = digest()
-    if isinstance(source, Pending):
-        manifest["provenance"]["source_sha256"] = model.provenance["source_sha256"]
+    if pending is not None:  # known since the header was patched
+        model.provenance["source_sha256"] = manifest["provenance"]["source_sha256"] = pending.value()
     return manifest
 
 
