@@ -379,6 +379,46 @@ def test_damaged_files_fail_with_lorabridge_errors_only(tmp_path_factory, data):
         assert "\n" not in str(exc)
 
 
+def _parse_both_ways(raw: bytes):
+    """(the save_checkpoint-layout reader's result, the by-fields parser's result or its Malformed message)."""
+    fast = ms_ckpt._record_as_saved(raw, 0, len(raw))
+    try:
+        slow = ms_ckpt._record_by_fields(raw, 0, len(raw))
+    except ms_ckpt.Malformed as exc:
+        slow = str(exc)
+    return fast, slow
+
+
+def test_records_as_save_checkpoint_lays_them_out_take_the_direct_reader(tmp_path):
+    write_ms_checkpoint(tmp_path / "a.ckpt", {"a" * 200: f32(300, 2), "b": f32()})
+    raw = (tmp_path / "a.ckpt").read_bytes()
+    fast, slow = _parse_both_ways(raw)
+    assert fast is not None and fast == slow  # multi-byte lengths (tag, tensor, content) and a dim over 127
+    assert fast[0].dims == (300, 2) and fast[0].tag == "a" * 200
+
+
+@settings(max_examples=400, deadline=None)
+@given(tag=st.text(max_size=140), dims=st.lists(st.integers(0, (1 << 64) - 1), max_size=4),
+       tensor_type=st.sampled_from(["Float32", "Int64", "str", "Float1"]), content=st.binary(max_size=300),
+       packed=st.booleans(), extra=st.sampled_from([b"", pb_field(9, b"x"), pb_varint(4 << 3) + pb_varint(1)]),
+       flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=2),
+       cut=st.integers(0, 40))
+def test_the_direct_reader_agrees_with_the_by_fields_parser_or_leaves_the_record_to_it(
+        tag, dims, tensor_type, content, packed, extra, flips, cut):
+    """Whatever the bytes, the direct reader returns what the protobuf parser returns, or None (then the parser decides)."""
+    dims_fields = (pb_field(1, b"".join(pb_varint(d) for d in dims)) if packed
+                   else b"".join(pb_varint(1 << 3) + pb_varint(d) for d in dims))
+    proto = dims_fields + pb_field(2, tensor_type.encode()) + pb_field(3, content) + extra
+    raw = bytearray(pb_field(1, pb_field(1, tag.encode()) + pb_field(2, proto)))
+    for index, value in flips:
+        raw[index % len(raw)] = value
+    raw = raw[:max(1, len(raw) - cut)]
+    fast, slow = _parse_both_ways(bytes(raw))
+    assert fast is None or fast == slow
+    if not packed and not extra and not flips and not cut and all(d < 1 << 63 for d in dims):
+        assert fast is not None  # as save_checkpoint writes it: never left to the slow parser
+
+
 # ---------------------------------------------------------------- MindSpore's safetensors checkpoints
 
 

@@ -81,8 +81,64 @@ class _Record:
     content: tuple[int, int]
 
 
+def _length(buf, pos: int, end: int) -> tuple[int, int]:
+    """A varint length at ``pos``: one byte (under 128, nearly every key and length) read inline."""
+    if buf[pos] < 0x80:
+        return buf[pos], pos + 1
+    return varint(buf, pos, end)
+
+
+def _record_as_saved(buf, pos: int, end: int) -> tuple[_Record, int] | None:
+    """The record at ``pos`` if it is laid out exactly as ``save_checkpoint`` writes one, else None.
+
+    Why: the generic walk (:func:`protobuf_wire.parse_message`, twice per record) is most of the cost
+    of reading a small LoRA's ~1,000 records. MindSpore writes the fields of a record in one order,
+    each once: ``0a len | 0a len tag | 12 len | (08 dim)* 12 len type 1a len content``. This reads that
+    order with direct byte tests; anything else (other order, packed dims, unknown or repeated fields,
+    a bad length, a negative dim, bad UTF-8) returns None and :func:`_record_by_fields` decides, with its
+    errors. Where both read a record, they agree (tested on random and damaged records).
+    """
+    try:
+        if buf[pos] != _RECORD_KEY:
+            return None
+        length, body = _length(buf, pos + 1, end)
+        stop = body + length
+        if stop > end or buf[body] != 0x0A:
+            return None
+        tag_len, at = _length(buf, body + 1, stop)
+        tag_end = at + tag_len
+        if tag_end >= stop or buf[tag_end] != 0x12:
+            return None
+        tag = bytes(buf[at:tag_end]).decode("utf-8")
+        tensor_len, at = _length(buf, tag_end + 1, stop)
+        if at + tensor_len != stop:
+            return None
+        dims = []
+        while buf[at] == 0x08:
+            dim, at = _length(buf, at + 1, stop)
+            dims.append(dim)
+        if buf[at] != 0x12 or any(dim >> 63 for dim in dims):
+            return None
+        type_len, at = _length(buf, at + 1, stop)
+        type_end = at + type_len
+        if type_end >= stop or buf[type_end] != 0x1A:
+            return None
+        tensor_type = bytes(buf[at:type_end]).decode("utf-8")
+        content_len, at = _length(buf, type_end + 1, stop)
+        if at + content_len != stop:
+            return None
+        return _Record(pos, tag, tensor_type, tuple(dims), (at, stop)), stop
+    except (Malformed, IndexError, UnicodeDecodeError):
+        return None
+
+
 def _parse_record(buf, pos: int, end: int) -> tuple[_Record, int]:
     """Parse the record at ``pos``; return it and the offset just past it. Content is not touched."""
+    return _record_as_saved(buf, pos, end) or _record_by_fields(buf, pos, end)
+
+
+def _record_by_fields(buf, pos: int, end: int) -> tuple[_Record, int]:
+    """:func:`_parse_record` for any valid layout, by the protobuf schemas; every problem a :class:`Malformed`."""
     if buf[pos] != _RECORD_KEY:
         raise Malformed(f"expected a checkpoint record (byte 0x0a), found 0x{buf[pos]:02x}", pos)
     length, body = varint(buf, pos + 1, end)
