@@ -4,6 +4,7 @@ same order, the same --strict refusal with nothing published, the same output by
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import numpy as np
@@ -136,6 +137,38 @@ def test_small_tensors_scanned_together_are_named_one_by_one():
     tensors.append(("big", Tensor.from_numpy(big)))
     assert checks._non_finite(tensors) == ["t7 (1 of 8)", "t150 (1 of 15)", "t299 (1 of 11)", f"big (1 of {big.size})"]
     assert checks._non_finite(tensors[:7] + tensors[8:150]) == []
+
+
+def test_scans_running_at_once_join_their_batches_in_buffers_of_their_own(monkeypatch):
+    """Join buffers are kept between scans (no fresh 8 MiB each time), but two scans in threads, both
+    holding a joined batch when they check it, never share one: each finds its own NaN."""
+    from lorabridge.formats import checks
+
+    both_joined = threading.Barrier(2, timeout=10)
+    real_scan = checks.all_finite
+
+    def scan_when_both_have_joined(tensor):
+        if tensor.shape == (16,):  # a joined batch: wait until the other thread holds one too
+            both_joined.wait()
+        return real_scan(tensor)
+
+    monkeypatch.setattr(checks, "all_finite", scan_when_both_have_joined)
+    sets = {}
+    for name, bad in (("a", 1), ("b", 6)):
+        values = np.ones((2, 8), np.float32)
+        values.flat[bad] = np.nan
+        sets[name] = [(f"{name}{i}", Tensor.from_numpy(values[i])) for i in range(2)]
+    found = {}
+    threads = [threading.Thread(target=lambda n=n: found.__setitem__(n, checks._non_finite(sets[n]))) for n in sets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == {"a": ["a0 (1 of 8)"], "b": ["b0 (1 of 8)"]}
+    monkeypatch.setattr(checks, "all_finite", real_scan)
+    kept = len(checks._spare_join_buffers)
+    checks._non_finite(sets["a"])
+    assert kept >= 2 and len(checks._spare_join_buffers) == kept  # taken and given back, none made
 
 
 def test_each_large_tensor_s_mapped_pages_are_let_go_before_the_next_is_scanned(monkeypatch):

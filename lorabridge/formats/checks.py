@@ -15,6 +15,7 @@ reference has (:attr:`Architecture.variants`: Flux.1 Fill's ``x_embedder``) fits
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000),
                  "BF16": ("<u2", 0x7F80)}
 FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 SMALL_TENSOR_BYTES = 1 << 16  # tensors up to this size are checked for NaN/Inf together, in batches of
-SMALL_BATCH_BYTES = 8 << 20  # up to this many bytes
+SMALL_BATCH_BYTES = 8 << 20  # up to this many bytes, joined in a buffer kept for the next scan (_join_buffer)
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 # Module-name fragments that point to a model; the first that matches names the likely model. A hint is
@@ -245,12 +246,14 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
             if not all_finite(tensor):
                 suspects.append(i)
             release_pages(tensor.data)
-    for batch in _small_batches([(i, tensors[i][1]) for i in checked if tensors[i][1].nbytes <= SMALL_TENSOR_BYTES]):
-        joined = _joined([t for _, t in batch])
-        for _, t in batch:
-            release_pages(t.data)
-        if not all_finite(joined):
-            suspects += [i for i, t in batch if not all_finite(t)]
+    small = [(i, tensors[i][1]) for i in checked if tensors[i][1].nbytes <= SMALL_TENSOR_BYTES]
+    with _join_buffer() as buffer:
+        for batch in _small_batches(small):
+            joined = _joined([t for _, t in batch], buffer)
+            for _, t in batch:
+                release_pages(t.data)
+            if not all_finite(joined):
+                suspects += [i for i, t in batch if not all_finite(t)]
     bad = []
     for i in sorted(suspects):
         name, t = tensors[i]
@@ -275,10 +278,32 @@ def _small_batches(tensors: list[tuple[int, Tensor]]) -> Iterator[list[tuple[int
     yield from batches.values()
 
 
-def _joined(tensors: list[Tensor]) -> Tensor:
-    """One flat tensor of ``tensors``' values (all of one dtype), back to back."""
-    data = b"".join(memoryview(t.data).cast("B") for t in tensors)
-    return Tensor(tensors[0].dtype, (len(data) // DTYPES[tensors[0].dtype][0],), data)
+_spare_join_buffers: list[bytearray] = []  # kept between scans; at most one per scan running at once
+
+
+@contextlib.contextmanager
+def _join_buffer() -> Iterator[bytearray]:
+    """A :data:`SMALL_BATCH_BYTES` buffer to join small tensors in, kept for the next scan afterwards.
+
+    Why kept: a fresh 8 MiB each batch is ~2,000 page faults of zeroed memory, a third of a batch
+    conversion's system time per rank-4 file (measured: 5,200 -> 1,350 faults a file). Scans running
+    at once (a reader's and a writer's, in threads) each take their own.
+    """
+    buffer = _spare_join_buffers.pop() if _spare_join_buffers else bytearray(SMALL_BATCH_BYTES)
+    try:
+        yield buffer
+    finally:
+        _spare_join_buffers.append(buffer)
+
+
+def _joined(tensors: list[Tensor], buffer: bytearray) -> Tensor:
+    """One flat tensor of ``tensors``' values (all of one dtype, at most ``len(buffer)`` bytes), back to back
+    in ``buffer``: valid until the buffer is filled again."""
+    end = 0
+    for tensor in tensors:
+        start, end = end, end + tensor.nbytes
+        buffer[start:end] = memoryview(tensor.data).cast("B")
+    return Tensor(tensors[0].dtype, (end // DTYPES[tensors[0].dtype][0],), memoryview(buffer)[:end])
 
 
 def warn_zero_alphas(model: LoraModel, path) -> None:
