@@ -182,16 +182,17 @@ def now_utc() -> str:
 
 
 def module_entry(module: LoraModule) -> dict[str, Any]:
+    weight_shape = module.weight_shape  # worked out once for in_features, out_features and kernel_size
     entry: dict[str, Any] = {
         "kind": module.kind,
         "rank": module.rank,
         "alpha": module.alpha,
         "alpha_source": module.alpha_source,
-        "in_features": module.in_features,
-        "out_features": module.out_features,
+        "in_features": weight_shape[1],
+        "out_features": weight_shape[0],
     }
-    if module.kernel_size:
-        entry["kernel_size"] = list(module.kernel_size)
+    if weight_shape[2:]:
+        entry["kernel_size"] = list(weight_shape[2:])
     if module.dora_axis:
         entry["dora_axis"] = module.dora_axis
     entry["dtype"] = dominant_dtype({stored_role(module, role): t.dtype for role, t in module.tensors.items()})

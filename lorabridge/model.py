@@ -46,6 +46,8 @@ def dominant_dtype(dtypes: dict[str, str]) -> str:
         >>> dominant_dtype({"lora_B.weight": "F32", "lora_A.weight": "F16"})
         'F16'
     """
+    if len(distinct := set(dtypes.values())) == 1:  # nearly every module: no ordering, no count
+        return distinct.pop()
     ordered = [dtypes[role] for role in sorted(dtypes, key=lambda role: role.encode("utf-8"))]
     return Counter(ordered).most_common(1)[0][0]
 

@@ -35,13 +35,32 @@ def alpha_problem(alpha: float) -> str | None:
     return None if math.isfinite(alpha) else f"alpha {alpha} is not a finite number"
 
 
+_MEMO_SIZE = 4096  # distinct module signatures remembered (a LoRA has a few dozen; a merge of many, more)
+_findings_by_signature: dict[tuple, tuple[Finding, ...]] = {}
+
+
 def module_findings(module: LoraModule) -> list[Finding]:
     """What is wrong with a module's tensors for its kind, as (reason class, role, message); empty when nothing is.
 
     Missing roles come as ("missing-tensor", role, :data:`MISSING`); then roles foreign to the kind,
     then empty axes, ranks that disagree, factors whose product has no single shape, a misshapen DoRA
     magnitude (or a ``dora_axis`` without one); a non-finite alpha comes as ("schema", "alpha", why).
+
+    The findings depend on the module's kind, roles and shapes (in order), DoRA axis and alpha only, never
+    on its name or data, and a LoRA's hundreds of modules share a few dozen such signatures: each is worked
+    out once and remembered (a reader, ``check_model`` and a writer each ask about every module).
     """
+    signature = (module.kind, tuple((role, tuple(tensor.shape)) for role, tensor in module.tensors.items()),
+                 module.dora_axis, module.alpha, module.alpha_source)
+    found = _findings_by_signature.get(signature)
+    if found is None:
+        if len(_findings_by_signature) >= _MEMO_SIZE:
+            _findings_by_signature.clear()
+        found = _findings_by_signature[signature] = tuple(_worked_out_findings(module))
+    return list(found)
+
+
+def _worked_out_findings(module: LoraModule) -> list[Finding]:
     kind = KINDS[module.kind]
     required, optional = kind.required, kind.optional
     t = {role: tensor.shape for role, tensor in module.tensors.items()}

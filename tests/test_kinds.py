@@ -18,7 +18,8 @@ import pytest
 from lorabridge.kinds import (ALL_ROLES, DORA_AXES, DORA_ROLE, KINDS, AlphaSource, DoraAxis, KindName, dora_axis_of,
                               dora_findings, dora_shape, kinds_of)
 from lorabridge.model import LoraModule
-from lorabridge.rules import ALPHA_ORIGINS
+from lorabridge import rules
+from lorabridge.rules import ALPHA_ORIGINS, module_findings
 from lorabridge.tensor import Tensor
 
 RNG = np.random.default_rng(11)
@@ -190,3 +191,33 @@ def test_an_unknown_kind_is_refused_clearly():
     for use in (lambda: module.rank, lambda: module.weight_shape, module.delta_weight):
         with pytest.raises(ValueError, match=message):
             use()
+
+
+def test_module_findings_are_worked_out_once_per_signature_and_follow_every_part_of_it(monkeypatch):
+    """A LoRA's modules share a few shape signatures: findings are remembered by kind, roles and shapes in
+    order, DoRA axis and alpha, never by name or data, and any change to one of those is seen."""
+    worked_out = []
+    real = rules._worked_out_findings
+    monkeypatch.setattr(rules, "_worked_out_findings", lambda m: worked_out.append(m.name) or real(m))
+    monkeypatch.setattr(rules, "_findings_by_signature", {})
+
+    def lora(name, a=(4, 8), b=(16, 3), alpha=4.0, dora_axis=None, **more):
+        tensors = {"lora_A.weight": Tensor.from_numpy(RNG.standard_normal(a).astype(np.float32)),
+                   "lora_B.weight": Tensor.from_numpy(RNG.standard_normal(b).astype(np.float32))}
+        tensors.update({role: Tensor.from_numpy(np.ones(shape, "f4")) for role, shape in more.items()})
+        return LoraModule(name, "lora", tensors, alpha, dora_axis=dora_axis)
+
+    mismatch = [("rank-mismatch", "lora_B.weight", "rank mismatch, lora_A is [4, 8] but lora_B is [16, 3]")]
+    assert module_findings(lora("unet.one")) == mismatch
+    assert module_findings(lora("unet.two")) == mismatch and worked_out == ["unet.one"]  # other name and data
+    assert module_findings(lora("unet.fits", b=(16, 4))) == []
+    assert module_findings(lora("unet.nan", b=(16, 4), alpha=float("inf")))[0][:2] == ("schema", "alpha")
+    assert module_findings(lora("unet.axis", b=(16, 4), dora_axis="out")) == [
+        ("dora", "dora_axis", "set, but the module has no DoRA magnitude")]
+    assert module_findings(lora("unet.dora", b=(16, 4), dora_axis="in", dora_scale=(16, 1))) == [
+        ("dora", "dora_scale", "DoRA magnitude is [16, 1], dora_axis 'in' on a [16, 8] weight needs [1, 8] "
+                               "(that is the out axis' shape)")]
+    reordered = lora("unet.reordered", a=(4, 0), b=(0, 4))
+    reordered.tensors = dict(reversed(reordered.tensors.items()))
+    assert [role for _, role, _ in module_findings(reordered)] == ["lora_B.weight", "lora_A.weight"]
+    assert len(worked_out) == 6
