@@ -12,9 +12,10 @@ run by :func:`in_background` takes a second core while the main thread writes.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
@@ -24,6 +25,7 @@ _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
 # on recent kernels), so a tensor's neighbours would come back mapped.
 RELEASE_EVERY_BYTES = 16 * 1024 * 1024
 _used: dict[int, int] = {}  # id(map) -> bytes used since its pages were last released
+_kept: dict[int, list[bytearray]] = {}  # size -> buffers of that size no one holds now
 
 
 def release_pages(data) -> None:
@@ -74,3 +76,25 @@ def in_background(function: Callable[..., T], *args) -> Callable[[], T]:
         return outcome["value"]
 
     return result
+
+
+@contextlib.contextmanager
+def kept_buffer(size: int) -> Iterator[bytearray]:
+    """A scratch buffer of ``size`` bytes, kept for the next caller once this one is done with it.
+
+    Why kept: the first use of a fresh buffer of a few MiB costs a page fault for every 4 KiB of it
+    (zeroed memory), and a batch converts thousands of small files, each of which would pay that
+    again. Callers holding one at the same time (threads) each get their own; the contents are
+    whatever the last user left.
+
+    Example:
+        >>> with kept_buffer(16) as first: first[:2] = b"hi"
+        >>> with kept_buffer(16) as again: bytes(again[:2])
+        b'hi'
+    """
+    spares = _kept.setdefault(size, [])
+    buffer = spares.pop() if spares else bytearray(size)
+    try:
+        yield buffer
+    finally:
+        spares.append(buffer)
