@@ -82,9 +82,16 @@ class _Record:
 
 
 def _length(buf, pos: int, end: int) -> tuple[int, int]:
-    """A varint length at ``pos``: one byte (under 128, nearly every key and length) read inline."""
-    if buf[pos] < 0x80:
-        return buf[pos], pos + 1
+    """A varint at ``pos``: one or two bytes (under 16,384: tags, dims, a small LoRA's lengths) read inline.
+
+    May read a byte past ``end``; :func:`_record_as_saved` then finds positions that do not add up.
+    """
+    first = buf[pos]
+    if first < 0x80:
+        return first, pos + 1
+    second = buf[pos + 1]
+    if second < 0x80:
+        return first & 0x7F | second << 7, pos + 2
     return varint(buf, pos, end)
 
 
@@ -116,8 +123,10 @@ def _record_as_saved(buf, pos: int, end: int) -> tuple[_Record, int] | None:
         dims = []
         while buf[at] == 0x08:
             dim, at = _length(buf, at + 1, stop)
+            if dim >> 63:  # negative as int64: the by-fields parser names it
+                return None
             dims.append(dim)
-        if buf[at] != 0x12 or any(dim >> 63 for dim in dims):
+        if buf[at] != 0x12:
             return None
         type_len, at = _length(buf, at + 1, stop)
         type_end = at + type_len
@@ -211,7 +220,7 @@ def _entry(group: list[_Record], file_size: int) -> _Entry:
             raise Malformed(f"chunks of {where} disagree: {first.tensor_type}{list(first.dims)} then "
                              f"{record.tensor_type}{list(record.dims)}", record.offset)
     spans = tuple(record.content for record in group)
-    held = sum(end - begin for begin, end in spans)
+    held = spans[0][1] - spans[0][0] if len(spans) == 1 else sum(end - begin for begin, end in spans)
     if first.tensor_type == MS_STR_TYPE:
         return _Entry(first.tag, MS_STR_TYPE, (), spans, first.offset)
     if first.tensor_type in MS_UNSUPPORTED:
