@@ -10,6 +10,7 @@ import hashlib
 import json
 import mmap
 import struct
+import warnings
 
 import jsonschema
 import numpy as np
@@ -176,6 +177,21 @@ def test_all_finite_finds_a_bad_value_in_the_last_chunk():
     values[-1] = np.inf
     assert not all_finite(Tensor.from_numpy(values))
     assert all_finite(Tensor.from_numpy(values[:-1]))
+
+
+@pytest.mark.parametrize("numpy_type", [np.float32, np.float64])
+def test_a_sum_that_overflows_is_no_evidence_of_nan_or_inf(numpy_type):
+    """F32/F64 are summed first; finite values whose sum overflows are still finite, and -Inf and +Inf,
+    whose sum is NaN, are still found."""
+    largest = np.finfo(numpy_type).max
+    values = np.full(1000, largest / 2, dtype=numpy_type)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.add.reduce(values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and numpy's overflow is not the user's warning
+        assert all_finite(Tensor.from_numpy(values))
+    values[[3, 700]] = [-np.inf, np.inf]
+    assert not all_finite(Tensor.from_numpy(values))
 
 
 # --- schema check of distinct module entries: the same problems as checking every entry --------------
