@@ -9,6 +9,7 @@ the same bytes, --fail-fast, and two batches at once on one OUT_DIR.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -311,6 +312,16 @@ def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
 
 
 @pytest.mark.slow
+def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
+    """What a worker imported is left out of the garbage collector's full passes (gc.freeze), which would
+    otherwise walk it every few files."""
+    pool = local._pool(1)
+    try:
+        assert pool.submit(gc.get_freeze_count).result(timeout=120) > 10_000
+    finally:
+        pool.shutdown()
+
+
 def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
     pools = []
     monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))

@@ -21,7 +21,7 @@ from typing import Callable, Generator, Sequence
 
 from .plan import Job
 from .report import Entry
-from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
+from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, prepare_worker, unrun
 
 QUEUED_PER_WORKER = 2
 
@@ -31,7 +31,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(["lorabridge.batch.work"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=prepare_worker)
 
 
 def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Generator[Entry, None, None]:

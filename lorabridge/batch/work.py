@@ -13,6 +13,7 @@ per-process file leases (:mod:`lorabridge.io.input_file`), which threads of one 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -47,6 +48,13 @@ class Settings:
     def recorded(self) -> dict[str, Any]:
         """What a record keeps of these settings: an output made with other ones is not up to date."""
         return {"to": self.to, "from": self.from_format, "options": dict(self.options)}
+
+
+def prepare_worker() -> None:
+    """Set a worker process up once, before its first file: what it imported (numpy, lorabridge) is frozen out
+    of the garbage collector's full passes, which would otherwise walk all of it every few files (~12 ms
+    each, measured: 2-3 ms a file of a rank-4 LoRA, 40 files in a row)."""
+    gc.freeze()
 
 
 def convert_job(job: Job, settings: Settings) -> Entry:
