@@ -2,7 +2,7 @@
 LoRAs (MindONE ``.ckpt``, about 23 MB each) against ``cp -r`` of the same directory and against one
 ``lorabridge convert`` process per file, measured side by side in one run (wall time, warm page cache).
 
-    python bench/batch_bench.py [--files 100] [--jobs N] [--to neutral] [--workdir /tmp/lorabridge-batch-bench]
+    python bench/batch_bench.py [--files 100] [--jobs N] [--to neutral] [--repeat 1] [--workdir /tmp/lorabridge-batch-bench]
 
 Prints a Markdown section for bench/RESULTS.md ("Batch"). Every contender reads the same warm
 sources and writes a fresh directory; ``cp -r`` is also timed with an fsync of every copy (``sync
@@ -10,7 +10,8 @@ FILES``), as a single ``lorabridge convert`` fsyncs its output before publishing
 generated file under nested folders (conversion cost does not depend on the values). A batch on one
 machine syncs its outputs to the disk once, as it ends (``syncfs``), so ``cp -r`` is also timed followed
 by ``sync -f`` of its output's file system; ``sync`` runs between contenders, so none pays for
-another's dirty pages.
+another's dirty pages. A floor is timed too: hashing every file twice (sha256, the source's and the
+tensors' hash a neutral output records) in as many processes as the batch, without converting.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +35,27 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 LORABRIDGE = [sys.executable, "-m", "lorabridge"]
 PER_FOLDER = 10
+CP_SYNC = "cp -r, then sync -f (the file system once, as the batch ends)"
+PER_PROCESS = "lorabridge convert, one process per file"
+
+
+# The two sha256 passes a neutral output needs (the source's, for provenance and resume; tensor_sha256 over
+# the same bytes), with hashlib as lorabridge uses it, in a pool of worker processes: a floor no conversion
+# to neutral can go under, timed beside cp -r.
+HASH_TWICE = """
+import hashlib, sys
+from multiprocessing import Pool
+def twice(path):
+    buffer = bytearray(1 << 20)
+    for _ in range(2):
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while count := handle.readinto(buffer):
+                digest.update(memoryview(buffer)[:count])
+if __name__ == "__main__":
+    with Pool(int(sys.argv[1])) as pool:
+        pool.map(twice, sys.argv[2:])
+"""
 
 
 def timed(argv: list[str]) -> float:
@@ -60,6 +84,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--to", default="neutral")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorabridge-batch-bench"))
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every contender in turn; medians reported")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -74,46 +99,61 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         return out
 
-    load_before = os.getloadavg()
-    rows = {}
-    rows["cp -r"] = timed(["cp", "-r", str(src), str(fresh("cp"))])
-    subprocess.run(["sync"], check=True)
-    rows["cp -r, then sync -f (the file system once, as the batch ends)"] = timed(
-        ["sh", "-c", 'cp -r "$1" "$2" && sync -f "$2"', "sh", str(src), str(fresh("cp"))])
-    subprocess.run(["sync"], check=True)
-    started = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(fresh("cp"))], check=True)
-    subprocess.run(["sync", *[str(p) for p in (work / "cp").rglob("*.ckpt")]], check=True)
-    rows["cp -r + fsync each copy"] = time.perf_counter() - started
-    subprocess.run(["sync"], check=True)
-    rows[f"lorabridge batch --jobs {args.jobs}"] = timed(
-        [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(fresh("cp")), "--jobs", str(args.jobs)])
-    rows["lorabridge batch, rerun (all up to date)"] = timed(
-        [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(work / "cp"), "--jobs", str(args.jobs)])
-    subprocess.run(["sync"], check=True)
-    loop = fresh("cp")
-    started = time.perf_counter()
-    for path in sources:
-        out = loop / path.relative_to(src).with_suffix(".safetensors")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([*LORABRIDGE, "convert", str(path), "--to", args.to, "-o", str(out)], env=ENV, check=True,
-                       stdout=subprocess.DEVNULL)
-    rows["lorabridge convert, one process per file"] = time.perf_counter() - started
-    load_after = os.getloadavg()
-    shutil.rmtree(loop)
+    def cp_then_fsync_each() -> float:
+        started = time.perf_counter()
+        subprocess.run(["cp", "-r", str(src), str(fresh("cp"))], check=True)
+        subprocess.run(["sync", *[str(p) for p in (work / "cp").rglob("*.ckpt")]], check=True)
+        return time.perf_counter() - started
 
-    batch = rows[f"lorabridge batch --jobs {args.jobs}"]
+    def one_process_per_file() -> float:
+        loop = fresh("cp")
+        started = time.perf_counter()
+        for path in sources:
+            out = loop / path.relative_to(src).with_suffix(".safetensors")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([*LORABRIDGE, "convert", str(path), "--to", args.to, "-o", str(out)], env=ENV, check=True,
+                           stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    batch_name = f"lorabridge batch --jobs {args.jobs}"
+    contenders: dict[str, Callable[[], float]] = {  # run in this order each round, each after a sync
+        "cp -r": lambda: timed(["cp", "-r", str(src), str(fresh("cp"))]),
+        CP_SYNC: lambda: timed(["sh", "-c", 'cp -r "$1" "$2" && sync -f "$2"', "sh", str(src), str(fresh("cp"))]),
+        "cp -r + fsync each copy": cp_then_fsync_each,
+        batch_name: lambda: timed([*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(fresh("cp")),
+                                   "--jobs", str(args.jobs)]),
+        "lorabridge batch, rerun (all up to date)": lambda: timed(
+            [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(work / "cp"), "--jobs", str(args.jobs)]),
+        f"floor: sha256 of every file twice, {args.jobs} processes (no conversion)": lambda: timed(
+            [sys.executable, "-c", HASH_TWICE, str(args.jobs), *map(str, sources)]),
+        PER_PROCESS: one_process_per_file,
+    }
+    load_before = os.getloadavg()
+    runs: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeat):
+        for name, run in contenders.items():
+            subprocess.run(["sync"], check=True)  # no contender pays for another's dirty pages
+            runs[name].append(run())
+    load_after = os.getloadavg()
+    shutil.rmtree(work / "cp", ignore_errors=True)
+    rows = {name: statistics.median(seconds) for name, seconds in runs.items()}
+
+    batch = rows[batch_name]
     print(f"{args.files} files x {total / args.files / 1e6:.1f} MB = {total / 1e6:.0f} MB, --to {args.to}, "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after\n")
-    print("| contender | wall s | MB/s | time / batch's |")
+          f"{os.cpu_count()} CPUs, {args.repeat} round(s) of every contender in turn, medians; load average "
+          f"{load_before[0]:.1f} before / {load_after[0]:.1f} after\n")
+    print("| contender | wall s (median, min-max) | MB/s | time / batch's |")
     print("| --- | ---: | ---: | ---: |")
     for name, seconds in rows.items():
-        print(f"| {name} | {seconds:.2f} | {total / 1e6 / seconds:.0f} | {seconds / batch:.2f}x |")
-    cp, cp_sync, per_file = rows["cp -r"], rows["cp -r, then sync -f (the file system once, as the batch ends)"], \
-        rows["lorabridge convert, one process per file"]
+        print(f"| {name} | {seconds:.2f} ({min(runs[name]):.2f}-{max(runs[name]):.2f}) | {total / 1e6 / seconds:.0f} "
+              f"| {seconds / batch:.2f}x |")
+    cp, cp_sync, per_file = rows["cp -r"], rows[CP_SYNC], rows[PER_PROCESS]
     print(f"\nGoals (issue 14): batch <= 2x cp -r: {'met' if batch <= 2 * cp else 'MISSED'}, {batch / cp:.2f}x "
           f"({batch / cp_sync:.2f}x cp -r then sync, which the batch's closing sync matches); "
           f">= 5x faster than one process per file: {'met' if per_file >= 5 * batch else 'MISSED'}, {per_file / batch:.2f}x")
+    if args.to == "neutral":
+        floor = next(seconds for name, seconds in rows.items() if name.startswith("floor"))
+        print(f"The two sha256 passes alone take {floor / cp:.2f}x cp -r; the batch takes {batch / floor:.2f}x them.")
 
 
 if __name__ == "__main__":
