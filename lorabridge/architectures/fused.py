@@ -114,7 +114,10 @@ def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
         >>> part_ranks(row_blocks(b, [2, 2, 2]))
         [(0, 2), (2, 4), (4, 6)]
     """
-    used = [_used_columns(b) for b in b_parts]
+    used = []
+    for b in b_parts:
+        used.append(_used_columns(b))
+        release_pages(b.data)  # read all through: a file's 32 fused text-encoder B's would stay mapped (78 MiB)
     if any(u.size == 0 for u in used) or any(used[i][-1] >= used[i + 1][0] for i in range(len(used) - 1)):
         return None
     starts = [0] + [int(u[0]) for u in used[1:]]
