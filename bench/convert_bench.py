@@ -106,6 +106,10 @@ def _cp_sync(reads: str) -> Callable[[Files, Path], list[str]]:
     return lambda f, out: ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", os.fspath(f.input(reads)), os.fspath(out)]
 
 
+def _floor(hashes: int, reads: str) -> Callable[[Files, Path], list[str]]:
+    return lambda f, out: [PY, "bench/contenders/floor_copy.py", str(hashes), os.fspath(f.input(reads)), os.fspath(out)]
+
+
 def _ours(reads: str, *args: str) -> Callable[[Files, Path], list[str]]:
     return lambda f, out: _cli(*args)(f, out, reads)
 
@@ -119,6 +123,8 @@ def _sdxl_contenders() -> list[Contender]:
     return [
         Contender("cp", "floor", "ckpt", "cp.ckpt", cp("ckpt")),
         Contender("cp + fsync", "floor", "ckpt", "cp_sync.ckpt", cp_sync("ckpt")),
+        Contender("floor for -> neutral: python + numpy, cp, 2 sha256 passes beside, fsync", "floor", "ckpt",
+                  "floor.ckpt", _floor(2, "ckpt")),
         Contender("seed: load_checkpoint, pair by position, torch.save", "baseline", "ckpt", "seed_pt.ckpt",
                   lambda f, out: [PY, "bench/contenders/seed_ms2pt.py", os.fspath(f.input("ckpt")), os.fspath(f.ms_names),
                                   os.fspath(f.pt_names), os.fspath(out)]),
@@ -126,6 +132,7 @@ def _sdxl_contenders() -> list[Contender]:
                   ours("ckpt", "ms2neutral", "IN", "-o", "OUT")),
         Contender("cp", "floor", "neutral", "cp.safetensors", cp("neutral")),
         Contender("cp + fsync", "floor", "neutral", "cp_sync.safetensors", cp_sync("neutral")),
+        Contender("floor: python + numpy, cp, fsync", "floor", "neutral", "floor.safetensors", _floor(0, "neutral")),
         Contender("diffusers: lora_state_dict + save_lora_weights", "baseline", "neutral", "diffusers_out",
                   _diffusers("StableDiffusionXLPipeline", "neutral")),
         Contender("ours: neutral2pt (diffusers)", "ours", "neutral", "neutral2pt.safetensors",
@@ -187,6 +194,11 @@ DIFFUSERS_NOTE = ("`python bench/contenders/diffusers_resave.py PIPELINE IN OUTD
 BENCHES = {
     SDXL.name: Bench("ckpt", (("neutral", "ckpt", "neutral", {}),), _sdxl_contenders, "seed", (
         "`cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
+        "floors: `python bench/contenders/floor_copy.py HASHES IN OUT`: Python started and numpy imported, the file "
+        "copied (`shutil.copyfile`, `copy_file_range`) with HASHES sha256 passes over it in threads beside, the "
+        "output fsynced; nothing converted or scanned. 2 passes for a conversion to neutral (its source's sha256 "
+        "and tensor_sha256), none reading the neutral file (its hash is not verified by default). No converter "
+        "doing what ours must can be faster than its floor",
         "seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
         "(the seed's `convert_lora_ms2pt.py` steps: `mindspore.load_checkpoint`, names paired by line position "
         "from two lists, `torch.tensor(p.asnumpy())`, `torch.save`; without its `fire` wrapper, and with MindSpore "
@@ -482,6 +494,10 @@ def targets(all_rows: dict[str, list[Row]], largest: dict[str, int], cli_rows: l
                          f"start-up excluded {r.cp / (r.wall - r.startup):.2f}x cp)")
             if not (r.ok and ratio >= TARGET_CP_RATIO and sync_ratio >= TARGET_CP_SYNC_RATIO):
                 misses.append((TARGET_INPUT, r, "time"))
+        for r in all_rows[TARGET_INPUT]:
+            if r.ok and r.contender.name.startswith("floor"):
+                lines.append(f"- (what no converter goes under) {r.contender.name}: {r.cp / r.wall:.2f}x cp, "
+                             f"{r.cp_sync / r.wall:.2f}x cp + fsync ({r.wall:.3f} s)")
     seeded = [name for name in all_rows if any(r.contender.name.startswith("seed") for r in all_rows[name])]
     if seeded:
         lines.append(f"\n**>= {TARGET_SEED_SPEEDUP:g}x faster than the seed's approach** (seed wall / ours, same input):")
