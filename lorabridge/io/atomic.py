@@ -171,14 +171,16 @@ _RANGE_ON_DISK = _RANGE_WAIT_BEFORE | _RANGE_WRITE | _RANGE_WAIT_AFTER  # the ra
 
 def _write_out(fd: int, start: int, count: int) -> None:
     """Put ``count`` bytes of ``fd``'s file at ``start`` on the disk (data only: the fsync at the end makes
-    it durable with the metadata) and drop them from the page cache, clean now, which no reader needs.
-    Without sync_file_range, POSIX_FADV_DONTNEED alone starts the writeback (Linux) and waits for none."""
+    it durable with the metadata); nothing where sync_file_range is absent.
+
+    The pages stay in the page cache: what a command does next with its output (the summary reads a
+    ``.ckpt``'s every record back) would otherwise wait for the disk once per page it touches (measured:
+    neutral2ms on the rank-128 file spent 0.7 s reading its output's 1,669 record heads back from the disk).
+    """
     if _sync_file_range is not None and _sync_file_range(fd, start, count, _RANGE_ON_DISK) != 0:
         code = ctypes.get_errno()
         if code not in _UNSUPPORTED:
             raise OSError(code, os.strerror(code))
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, start, count, os.POSIX_FADV_DONTNEED)
 
 
 def _start_write_out(fd: int) -> None:
