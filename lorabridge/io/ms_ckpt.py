@@ -93,6 +93,24 @@ def _length(buf, pos: int, end: int) -> tuple[int, int]:
     return varint(buf, pos, end)
 
 
+class _Unlike(Exception):
+    """The record is not laid out as ``save_checkpoint`` lays one out: :func:`_record_by_fields` decides."""
+
+
+def _expect(condition: bool) -> None:
+    if not condition:
+        raise _Unlike
+
+
+def _text_followed_by(buf, pos: int, stop: int, key: int) -> tuple[str, int]:
+    """The length-prefixed UTF-8 text at ``pos`` and the offset just past it, where the next field's ``key``
+    is, before ``stop``."""
+    length, at = _length(buf, pos, stop)
+    end = at + length
+    _expect(end < stop and buf[end] == key)
+    return bytes(buf[at:end]).decode("utf-8"), end
+
+
 def _record_as_saved(buf, pos: int, end: int) -> tuple[_Record, int] | None:
     """The record at ``pos`` if it is laid out exactly as ``save_checkpoint`` writes one, else None.
 
@@ -104,38 +122,24 @@ def _record_as_saved(buf, pos: int, end: int) -> tuple[_Record, int] | None:
     errors. Where both read a record, they agree (tested on random and damaged records).
     """
     try:
-        if buf[pos] != _RECORD_KEY:
-            return None
+        _expect(buf[pos] == _RECORD_KEY)
         length, body = _length(buf, pos + 1, end)
         stop = body + length
-        if stop > end or buf[body] != 0x0A:
-            return None
-        tag_len, at = _length(buf, body + 1, stop)
-        tag_end = at + tag_len
-        if tag_end >= stop or buf[tag_end] != 0x12:
-            return None
-        tag = bytes(buf[at:tag_end]).decode("utf-8")
-        tensor_len, at = _length(buf, tag_end + 1, stop)
-        if at + tensor_len != stop:
-            return None
+        _expect(stop <= end and buf[body] == 0x0A)
+        tag, at = _text_followed_by(buf, body + 1, stop, 0x12)
+        tensor_len, at = _length(buf, at + 1, stop)
+        _expect(at + tensor_len == stop)
         dims = []
         while buf[at] == 0x08:
             dim, at = _length(buf, at + 1, stop)
-            if dim >> 63:  # negative as int64: the by-fields parser names it
-                return None
+            _expect(not dim >> 63)  # negative as int64: the by-fields parser names it
             dims.append(dim)
-        if buf[at] != 0x12:
-            return None
-        type_len, at = _length(buf, at + 1, stop)
-        type_end = at + type_len
-        if type_end >= stop or buf[type_end] != 0x1A:
-            return None
-        tensor_type = bytes(buf[at:type_end]).decode("utf-8")
-        content_len, at = _length(buf, type_end + 1, stop)
-        if at + content_len != stop:
-            return None
+        _expect(buf[at] == 0x12)
+        tensor_type, at = _text_followed_by(buf, at + 1, stop, 0x1A)
+        content_len, at = _length(buf, at + 1, stop)
+        _expect(at + content_len == stop)
         return _Record(pos, tag, tensor_type, tuple(dims), (at, stop)), stop
-    except (Malformed, IndexError, UnicodeDecodeError):
+    except (_Unlike, Malformed, IndexError, UnicodeDecodeError):
         return None
 
 
