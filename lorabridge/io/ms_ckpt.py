@@ -79,20 +79,6 @@ class _Record(NamedTuple):  # tuples, not frozen dataclasses: one of each per te
     content: tuple[int, int]
 
 
-def _length(buf, pos: int, end: int) -> tuple[int, int]:
-    """A varint at ``pos``: one or two bytes (under 16,384: tags, dims, a small LoRA's lengths) read inline.
-
-    May read a byte past ``end``; :func:`_record_as_saved` then finds positions that do not add up.
-    """
-    first = buf[pos]
-    if first < 0x80:
-        return first, pos + 1
-    second = buf[pos + 1]
-    if second < 0x80:
-        return first & 0x7F | second << 7, pos + 2
-    return varint(buf, pos, end)
-
-
 class _Unlike(Exception):
     """The record is not laid out as ``save_checkpoint`` lays one out: :func:`_record_by_fields` decides."""
 
@@ -105,7 +91,7 @@ def _expect(condition: bool) -> None:
 def _text_followed_by(buf, pos: int, stop: int, key: int) -> tuple[str, int]:
     """The length-prefixed UTF-8 text at ``pos`` and the offset just past it, where the next field's ``key``
     is, before ``stop``."""
-    length, at = _length(buf, pos, stop)
+    length, at = varint(buf, pos, stop)
     end = at + length
     _expect(end < stop and buf[end] == key)
     return bytes(buf[at:end]).decode("utf-8"), end
@@ -123,20 +109,20 @@ def _record_as_saved(buf, pos: int, end: int) -> tuple[_Record, int] | None:
     """
     try:
         _expect(buf[pos] == _RECORD_KEY)
-        length, body = _length(buf, pos + 1, end)
+        length, body = varint(buf, pos + 1, end)
         stop = body + length
         _expect(stop <= end and buf[body] == 0x0A)
         tag, at = _text_followed_by(buf, body + 1, stop, 0x12)
-        tensor_len, at = _length(buf, at + 1, stop)
+        tensor_len, at = varint(buf, at + 1, stop)
         _expect(at + tensor_len == stop)
         dims = []
         while buf[at] == 0x08:
-            dim, at = _length(buf, at + 1, stop)
+            dim, at = varint(buf, at + 1, stop)
             _expect(not dim >> 63)  # negative as int64: the by-fields parser names it
             dims.append(dim)
         _expect(buf[at] == 0x12)
         tensor_type, at = _text_followed_by(buf, at + 1, stop, 0x1A)
-        content_len, at = _length(buf, at + 1, stop)
+        content_len, at = varint(buf, at + 1, stop)
         _expect(at + content_len == stop)
         return _Record(pos, tag, tensor_type, tuple(dims), (at, stop)), stop
     except (_Unlike, Malformed, IndexError, UnicodeDecodeError):

@@ -29,7 +29,17 @@ class Malformed(Exception):
 
 
 def varint(buf, pos: int, end: int) -> tuple[int, int]:
-    """Decode one varint starting at ``pos``, never reading at or past ``end``."""
+    """Decode one varint starting at ``pos``, never reading at or past ``end``.
+
+    One and two bytes (values under 16,384: nearly every key, length and dimension) are read without the loop.
+    """
+    if pos + 1 < end:
+        first = buf[pos]
+        if first < 0x80:
+            return first, pos + 1
+        second = buf[pos + 1]
+        if second < 0x80:
+            return first & 0x7F | second << 7, pos + 2
     start, result, shift = pos, 0, 0
     while True:
         if pos >= end:
