@@ -286,15 +286,17 @@ class _EarlyWriteback(io.BufferedWriter):
             self.flush()
             position = self.tell()
             views = [memoryview(buffer).cast("B") for buffer in buffers]
-            while views:
-                written = os.pwritev(self.fileno(), views[:_IOV_MAX], position)
+            first = 0  # views before this one are written
+            while first < len(views):
+                written = os.pwritev(self.fileno(), views[first:first + _IOV_MAX], position)
                 if written == 0:
                     raise OSError(errno.EIO, "the system wrote nothing")
                 position += written
-                while views and written >= len(views[0]):  # drop what was written; the rest goes again
-                    written -= len(views.pop(0))
+                while first < len(views) and written >= len(views[first]):  # skip what was written; the rest goes again
+                    written -= len(views[first])
+                    first += 1
                 if written:
-                    views[0] = views[0][written:]
+                    views[first] = views[first][written:]
             self.seek(position)
             self._write_back()
 
