@@ -133,7 +133,7 @@ def decide(out_dir: Path, output: Path, sha256: str | None, settings: dict[str, 
     if record is None or (record.status == "done" and record.stamp != now):
         neutral = neutral_source(output) if trust_manifest and sha256 is not None else None
         if neutral is not None and neutral[0] == sha256:
-            return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", stamp(output), None, neutral[1])
+            return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", now, None, neutral[1])
         return FOREIGN, record
     if record.status == "done" and record.source_sha256 == sha256 and record.settings == settings:
         return UP_TO_DATE, record
