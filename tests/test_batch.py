@@ -311,7 +311,6 @@ def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
     return False
 
 
-@pytest.mark.slow
 def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
     """What a worker imported is left out of the garbage collector's full passes (gc.freeze), which would
     otherwise walk it every few files."""
@@ -322,6 +321,7 @@ def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
     pools = []
     monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))
