@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from .kinds import ALL_ROLES, KINDS, AlphaSource, DoraAxis, KindName
 from .tensor import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # The registry's default architecture (lorabridge.architectures.DEFAULT) and its components, in the order
 # summaries list them. Spelled out here because the registry imports this module; tests/test_architectures.py

@@ -11,9 +11,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Mapping, MutableMapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Protocol, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # safetensors dtype name -> (bytes per element, numpy dtype or None when numpy has none)
 DTYPES: dict[str, tuple[int, str | None]] = {
@@ -36,6 +37,7 @@ DTYPES: dict[str, tuple[int, str | None]] = {
 
 
 def _dtype_of_numpy(array: np.ndarray) -> str:
+    import numpy as np
     wanted = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     for name, (_, np_name) in DTYPES.items():
         if np_name is not None and np.dtype(np_name) == wanted:
@@ -98,6 +100,7 @@ class Tensor:
     @classmethod
     def from_numpy(cls, array: np.ndarray, dtype: str | None = None) -> "Tensor":
         """Wrap a numpy array; ``dtype="BF16"`` rounds float32 to bfloat16 (round-to-nearest-even)."""
+        import numpy as np
         if dtype == "BF16":
             return cls("BF16", tuple(array.shape), float32_to_bf16_bytes(np.asarray(array, np.float32)))
         if dtype is not None:
@@ -110,6 +113,7 @@ class Tensor:
 
     def to_numpy(self) -> np.ndarray:
         """A read-only numpy view; BF16 is widened to float32 (exactly), FP8 is refused."""
+        import numpy as np
         if self.dtype == "BF16":
             raw = np.frombuffer(self.data, dtype="<u2").astype("<u4") << 16
             return raw.view("<f4").reshape(self.shape)
@@ -120,10 +124,12 @@ class Tensor:
 
     def to_float32(self) -> np.ndarray:
         """The values as a float32 array, for math (merging, splitting, checks)."""
+        import numpy as np
         return np.asarray(self.to_numpy(), dtype=np.float32)
 
     def cast(self, dtype: str) -> "Tensor":
         """The same values in another float dtype (no-op, no copy, when already that dtype)."""
+        import numpy as np
         if dtype == self.dtype:
             return self
         with np.errstate(over="ignore"):  # values beyond the target's range become Inf: formats.checks.cast_model names them
@@ -195,6 +201,7 @@ def made_late(make: Callable[[], Mapping[str, Tensor]], made: MutableMapping) ->
 
 def float32_to_bf16_bytes(array: np.ndarray) -> bytes:
     """Round float32 to bfloat16 with round-to-nearest-even, as torch does; NaN stays NaN."""
+    import numpy as np
     bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
     rounding = ((bits >> 16) & 1) + 0x7FFF
     out = ((bits + rounding) >> 16).astype("<u2")

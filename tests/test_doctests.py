@@ -1,5 +1,6 @@
 """The examples in lorabridge's docstrings run and print what they show (those marked +SKIP need files or
-frameworks); importing any lorabridge module is cheap and needs neither MindSpore nor torch."""
+frameworks; all may use ``np``, as numpy's own examples do: modules import numpy where they use it, not at
+the top); importing any lorabridge module is cheap and needs neither MindSpore nor torch."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pkgutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import lorabridge
@@ -19,8 +21,8 @@ MODULES = [m.name for m in pkgutil.walk_packages(lorabridge.__path__, "lorabridg
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                             verbose=False)
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"np": np}, verbose=False,
+                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring example(s) of {name} failed (output above)"
 
 

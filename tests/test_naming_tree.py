@@ -6,6 +6,7 @@ import doctest
 import json
 from importlib import resources
 
+import numpy as np
 import pytest
 
 from lorabridge import architectures
@@ -27,7 +28,7 @@ def test_committed_tree_is_what_diffusers_and_transformers_build_today(built_sdx
 
 @pytest.mark.parametrize("module", [architectures, architecture, fused, tree, sdxl, sgm, text_encoders], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
-    result = doctest.testmod(module)
+    result = doctest.testmod(module, extraglobs={"np": np})  # examples use np as numpy's own do
     assert result.attempted > 0 and result.failed == 0
 
 

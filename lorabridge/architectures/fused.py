@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import LoraBridgeError
 from ..io.streaming import release_pages
 from ..kinds import KINDS, AlphaSource
 from ..model import LoraModule
 from ..tensor import DTYPES, Tensor, row_blocks
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BLOCK = "{n}"  # where a fused layer's name holds its block number
 
@@ -87,11 +89,13 @@ def _stack_rows(tensors: list[Tensor]) -> Tensor:
 
 def _raw(t: Tensor) -> np.ndarray:
     """The tensor's elements as unsigned integers of its width: bit patterns, for exact slicing and zero tests."""
+    import numpy as np
     return np.frombuffer(t.data, dtype=f"<u{DTYPES[t.dtype][0]}").reshape(t.shape)
 
 
 def _used_columns(b: Tensor) -> np.ndarray:
     """Indices of the rank columns of a lora_B block that hold a non-zero value (+0 and -0 are zero)."""
+    import numpy as np
     bits = _raw(b)
     sign = np.array(1 << (bits.dtype.itemsize * 8 - 1), bits.dtype)
     return np.flatnonzero(((bits & ~sign) != 0).any(axis=0))
@@ -126,6 +130,7 @@ def part_ranks(b_parts: list[Tensor]) -> list[tuple[int, int]] | None:
 
 def _rank_slice(a: Tensor, b: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
     """Rows [start, end) of A and the same columns of B, as their exact bytes."""
+    import numpy as np
     step = len(a.data) // a.shape[0]
     a_part = Tensor(a.dtype, (end - start, *a.shape[1:]), memoryview(a.data)[start * step:end * step])
     b_part = Tensor(b.dtype, (b.shape[0], end - start), np.ascontiguousarray(_raw(b)[:, start:end]).tobytes())
@@ -226,6 +231,7 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
 
         fused = merge_fused((q, k, v), "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj")
     """
+    import numpy as np
     q = parts[0]
     names = tuple(m.name.rsplit(".", 1)[-1] for m in parts)
     for m in parts:
@@ -275,6 +281,7 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
 
         fused = merge_present({0: q, 2: v}, "double_blocks.0.img_attn.qkv", (3072, 3072, 3072))  # k's delta W is 0
     """
+    import numpy as np
     kinds = {m.kind for m in parts.values()}
     if kinds == {"full"}:
         return _merge_full(parts, fused_name, sizes)
@@ -300,6 +307,7 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
 def _merge_full(parts: Mapping[int, LoraModule], fused_name: str, sizes: Sequence[int]) -> LoraModule:
     """One full delta from the full deltas of a fused layer's parts present: ``diff`` (and ``diff_b`` where any
     part has one) stacked by rows, zeros for a missing part; the bytes of each part kept where dtypes agree."""
+    import numpy as np
     first, present = next(iter(parts.items()))
     roles = ("diff", "diff_b") if any("diff_b" in m.tensors for m in parts.values()) else ("diff",)
     dtype = _common_dtype([t for m in parts.values() for t in m.tensors.values()])

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..deltas import Svd
 from ..tensor import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 KindName = Literal["lora", "loha", "lokr", "full"]
 AlphaSource = Literal["stored", "user", "assumed"]  # read from the file, given (--alpha), or = rank: the source has none
@@ -80,6 +81,7 @@ class Kind(ABC):
 
 def matrix64(tensor: Tensor) -> np.ndarray:
     """A factor as a float64 matrix, trailing (kernel) axes flattened into the columns."""
+    import numpy as np
     x = tensor.to_float32().astype(np.float64)
     return x.reshape(x.shape[0], -1)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..deltas import Svd
 from ..tensor import Tensor, row_blocks
 from .base import Finding, Kind, Shapes, Tensors
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Full(Kind):

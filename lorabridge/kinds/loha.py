@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..deltas import Svd, loha_delta, svd_of_product
 from ..tensor import Tensor, row_blocks
 from .base import Finding, Kind, Shapes, Tensors, matrix64, same_rank, wrong_ndim
 from .dora import DORA_ROLE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 

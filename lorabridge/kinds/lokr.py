@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..deltas import Svd, dense_svd, factor_product, lokr_delta, lokr_tucker, svd_of_kron, svd_of_product
 from ..tensor import Tensor, row_blocks
 from .base import MISSING, Finding, Kind, Shapes, Tensors, matrix64, same_rank, wrong_ndim
 from .dora import DORA_ROLE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _factor(t: Tensors, name: str) -> np.ndarray:
