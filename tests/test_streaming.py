@@ -22,7 +22,8 @@ from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats import neutral
 from lorabridge.formats.checks import all_finite
-from lorabridge.io import atomic, ms_ckpt, streaming, zero_copy
+from lorabridge.io import atomic, ms_ckpt, safetensors_file, streaming, zero_copy
+from lorabridge.io.input_file import held_inputs
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.io.streaming import in_background, release_pages
 from lorabridge.manifest import build_manifest, load_schema, schema_problems, tensor_sha256
@@ -83,6 +84,24 @@ def test_late_metadata_gives_the_bytes_of_knowing_it_up_front(tmp_path):
     write_safetensors(tmp_path / "late.safetensors", _tensors(), {"hash": "f" * 64, "other": "text"},
                       late={"f" * 64: lambda: digest})
     assert (tmp_path / "late.safetensors").read_bytes() == (tmp_path / "known.safetensors").read_bytes()
+
+
+def test_a_header_is_parsed_once_per_command_however_often_the_file_is_opened(tmp_path, monkeypatch):
+    """Detecting a format, reading it and summing up each open the file: inside held_inputs (every command) the
+    map is shared, and so is its checked header; each reader still gets metadata of its own to change."""
+    path = tmp_path / "lora.safetensors"
+    write_safetensors(path, _tensors(), {"note": "kept"})
+    parses = []
+    parse = safetensors_file.load_json
+    monkeypatch.setattr(safetensors_file, "load_json", lambda *args, **kw: parses.append(args[2]) or parse(*args, **kw))
+    with held_inputs():
+        first, second = SafetensorsFile(path), SafetensorsFile(path)
+        first.metadata["note"] = "changed by the first reader"
+        assert second.metadata == {"note": "kept"} and second.keys() == first.keys()
+        assert second.tensor("a").data.tobytes() == first.tensor("a").data.tobytes()
+    assert parses == [path]
+    SafetensorsFile(path), SafetensorsFile(path)  # outside held_inputs every open maps the file anew
+    assert parses == [path] * 3
 
 
 @pytest.mark.parametrize("metadata, late, message", [

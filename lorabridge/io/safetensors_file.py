@@ -10,8 +10,10 @@ Files it writes load unchanged with ``safetensors.safe_open`` (tested).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import weakref
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
@@ -22,6 +24,12 @@ from .json_safe import load_json
 from .zero_copy import write_tensors
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
+
+_Entry = tuple[str, tuple[int, ...], int, int]  # dtype, shape, begin and end in the data region
+# Headers already parsed and checked, by the map they came from: inside held_inputs a file is mapped once
+# however often it is opened, and detecting a format, reading it and summing up an output each open it
+# (a 2,000-tensor header costs ~20 ms to parse and check). Maps outside held_inputs are new each time.
+_parsed: weakref.WeakKeyDictionary[mmap.mmap, tuple[dict[str, str], dict[str, _Entry], int]] = weakref.WeakKeyDictionary()
 
 
 def _is_count(value) -> bool:
@@ -44,6 +52,18 @@ class SafetensorsFile:
             raise LoraBridgeError(f"truncated: {size} bytes, a safetensors file has at least 8", path)
         self._map = mapped
         self._source = source_of(mapped)
+        parsed = _parsed.get(mapped) if isinstance(mapped, mmap.mmap) else None
+        if parsed is None:
+            parsed = self._parse_header(size)
+            if isinstance(mapped, mmap.mmap):
+                _parsed[mapped] = parsed
+        metadata, self._entries, self.data_start = parsed
+        self.metadata: dict[str, str] = dict(metadata)  # the caller's own: changing it changes no other reader's
+        self.data_size = size - self.data_start
+
+    def _parse_header(self, size: int) -> tuple[dict[str, str], dict[str, _Entry], int]:
+        """(metadata, entries by name, where the data starts), every entry checked against the data region."""
+        path = self.path
         (header_len,) = struct.unpack("<Q", self._map[:8])
         if header_len > MAX_HEADER_BYTES:
             raise LoraBridgeError(f"header claims {header_len} bytes, over the {MAX_HEADER_BYTES} limit", path)
@@ -55,12 +75,10 @@ class SafetensorsFile:
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise LoraBridgeError("__metadata__ must map strings to strings", path)
-        self.metadata: dict[str, str] = metadata
-        self.data_start = 8 + header_len
-        self.data_size = size - self.data_start
-        self._entries = {name: self._check_entry(name, entry) for name, entry in header.items()}
+        data_size = size - 8 - header_len
+        return metadata, {name: self._check_entry(name, entry, data_size) for name, entry in header.items()}, 8 + header_len
 
-    def _check_entry(self, name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
+    def _check_entry(self, name: str, entry, data_size: int) -> _Entry:
         where = f"tensor {name!r}"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise LoraBridgeError(f"{where}: header entry needs dtype, shape and data_offsets", self.path)
@@ -77,8 +95,8 @@ class SafetensorsFile:
             need *= dim
         if offsets[1] - offsets[0] != need:
             raise LoraBridgeError(f"{where}: {dtype}{shape} needs {need} bytes, offsets span {offsets[1] - offsets[0]}", self.path)
-        if offsets[1] > self.data_size:
-            raise LoraBridgeError(f"{where}: data ends at byte {offsets[1]} but the file holds {self.data_size} (truncated?)", self.path)
+        if offsets[1] > data_size:
+            raise LoraBridgeError(f"{where}: data ends at byte {offsets[1]} but the file holds {data_size} (truncated?)", self.path)
         return dtype, tuple(shape), offsets[0], offsets[1]
 
     def layout_problem(self) -> str | None:
