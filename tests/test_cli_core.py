@@ -84,6 +84,22 @@ def test_light_commands_import_no_framework_and_not_numpy(argv):
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
 
 
+def test_main_leaves_the_exit_collection_nothing_to_walk(monkeypatch, capsys):
+    """The process exits after one command: what it built is frozen, not walked by the collector at exit."""
+    import gc
+
+    from lorabridge import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["lorabridge", "inspect", str(VECTORS / "mixed.safetensors")])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli_module.main()
+        assert exited.value.code == 0 and "mixed.safetensors" in capsys.readouterr().out
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_every_command_has_help():
     from click.testing import CliRunner
 
