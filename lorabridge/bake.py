@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from .deltas import Svd, dense_svd
 from .errors import LoraBridgeError, listed
 from .kinds import DORA_ROLE, KINDS, KindName
@@ -45,6 +43,7 @@ def delta_svd(module: LoraModule, keep: int) -> Svd:
     SDXL module takes milliseconds, not the seconds a dense SVD of a 10240 x 1280 matrix takes. Tucker
     modules (convs only) and full deltas go dense.
     """
+    import numpy as np
     factored = KINDS[module.kind].svd(module.tensors, keep)
     if factored is None:  # delta_weight() is scaled already
         u, s, vt = dense_svd(module.delta_weight().reshape(module.out_features, -1).astype(np.float64))
@@ -67,6 +66,7 @@ def lora_from_svd(module: LoraModule, svd: Svd) -> LoraModule:
         >>> lora.kind, lora.rank, lora.alpha, lora.delta_weight().tolist()
         ('lora', 1, 1.0, [[4.0, 0.0], [0.0, 0.0]])
     """
+    import numpy as np
     out, rest = module.weight_shape[0], module.weight_shape[1:]
     u, s, vt = svd
     kept = len(s)
@@ -92,6 +92,7 @@ def bake_module(module: LoraModule, rank: int) -> tuple[LoraModule, BakedModule]
         >>> lora, report = bake_module(loha_module, 8)   # doctest: +SKIP
         >>> report.relative_error   # doctest: +SKIP
     """
+    import numpy as np
     out = module.weight_shape[0]
     baked = lora_from_svd(module, delta_svd(module, max(1, rank)))
     a, b, kept = baked.tensors["lora_A.weight"], baked.tensors["lora_B.weight"], baked.rank

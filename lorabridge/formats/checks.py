@@ -21,8 +21,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
-import numpy as np
-
 from ..architectures import architectures
 from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
@@ -201,6 +199,7 @@ def all_finite(tensor: Tensor) -> bool:
     a finite sum means finite values (a NaN or Inf makes the sum NaN or Inf); a sum that overflowed
     proves nothing, and the exponent bits decide.
     """
+    import numpy as np
     if tensor.dtype in SUMMED_DTYPES:
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow or NaN here is a finding, not a warning
             if math.isfinite(np.add.reduce(tensor.to_numpy().reshape(-1))):
@@ -245,6 +244,7 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
     tensors of a few KiB each would otherwise cost numpy's per-call overhead 1,120 times, several times
     the work itself. Only a batch that holds a NaN/Inf is looked at tensor by tensor.
     """
+    import numpy as np
     checked = [i for i, (_, t) in enumerate(tensors) if t.dtype in CHECKED_DTYPES and t.numel]
     suspects = []
     for i in checked:  # each large tensor alone, its mapped pages let go as it is done (RSS stays small)
@@ -402,6 +402,7 @@ def writable_lora(model: LoraModel, path: str | os.PathLike, options: WriteOptio
 
 def _overflow(source: Tensor, cast: Tensor) -> int:
     """How many finite values of ``source`` became Inf in ``cast`` (0 when the cast changed nothing)."""
+    import numpy as np
     if cast is source or source.dtype not in CHECKED_DTYPES or all_finite(cast) or not all_finite(source):
         return 0  # a source with NaN/Inf of its own was reported by check_finite
     return int(cast.numel - np.count_nonzero(np.isfinite(cast.to_numpy())))
