@@ -6,9 +6,11 @@ optimizations must keep: the bytes written, the hashes, the errors, and that not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
+import os
 import struct
 import warnings
 
@@ -268,7 +270,8 @@ def test_checkpoint_tags_are_read_lazily_for_detection(tmp_path):
 
 def test_kernel_copies_in_pieces_written_out_behind_keep_every_byte(tmp_path, monkeypatch):
     """A long kernel copy goes in WRITEBACK_BYTES pieces, each handed to the writeback thread while the next is
-    copied: the published file is the input's bytes, the header patched after the copy included."""
+    copied (pieces handed over while it was busy go out together): the published file is the input's bytes,
+    the header patched after the copy included."""
     from lorabridge.io.input_file import held_inputs
     from lorabridge.io.safetensors_file import SafetensorsFile
 
@@ -276,7 +279,7 @@ def test_kernel_copies_in_pieces_written_out_behind_keep_every_byte(tmp_path, mo
     monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1)
     written_out = []
     real = atomic._write_out
-    monkeypatch.setattr(atomic, "_write_out", lambda fd, start, count: written_out.append(count) or real(fd, start, count))
+    monkeypatch.setattr(atomic, "_write_out", lambda fd, start, count, durable: written_out.append(count) or real(fd, start, count, durable))
     data = np.random.default_rng(5).bytes(100_000)
     write_safetensors(tmp_path / "in.safetensors", {"t": Tensor("U8", (len(data),), data)})
     with held_inputs():
@@ -284,13 +287,32 @@ def test_kernel_copies_in_pieces_written_out_behind_keep_every_byte(tmp_path, mo
         write_safetensors(tmp_path / "out.safetensors", source, {"late": "X" * 8}, late={"X" * 8: lambda: "Y" * 8})
     out = SafetensorsFile(tmp_path / "out.safetensors")
     assert bytes(out.tensor("t").data) == data and out.metadata == {"late": "Y" * 8}
-    assert len(written_out) >= 20 and all(count >= 4096 for count in written_out)
+    assert sum(written_out) >= len(data) - 4096 and all(count >= 4096 for count in written_out)
+
+
+@pytest.mark.parametrize("synced_each", [True, False])
+def test_an_output_synced_before_publishing_is_flushed_piece_by_piece_as_it_grows(tmp_path, monkeypatch, synced_each):
+    """The disk's cache flush is the slow part of an fsync: an output fsynced before it is published has its
+    data flushed (fdatasync) as it grows, beside the writing. A batch syncs the file system once at its end,
+    so its outputs' pieces are only handed to the device, never flushed one by one."""
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
+    flushed = []
+    monkeypatch.setattr(atomic, "_data_sync", lambda fd: flushed.append(os.fstat(fd).st_size))
+    with contextlib.nullcontext() if synced_each else atomic.syncing_at_the_end():
+        with atomic.atomic_write(tmp_path / "out.bin") as out:
+            for _ in range(20):
+                out.write(b"x" * 4096)
+    assert (tmp_path / "out.bin").read_bytes() == b"x" * 4096 * 20
+    if synced_each:
+        assert flushed and flushed == sorted(flushed) and flushed[-1] <= 4096 * 20
+    else:
+        assert flushed == []
 
 
 def test_a_failed_write_out_is_reported_as_a_one_line_error_and_nothing_is_published(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
 
-    def failing(fd, start, count):
+    def failing(fd, start, count, durable):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(atomic, "_write_out", failing)
     with pytest.raises(LoraBridgeError, match="cannot write the output: Input/output error"):
