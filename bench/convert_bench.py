@@ -195,8 +195,9 @@ BENCHES = {
     SDXL.name: Bench("ckpt", (("neutral", "ckpt", "neutral", {}),), _sdxl_contenders, "seed", (
         "`cp IN OUT`; `sh -c 'cp \"$1\" \"$2\" && sync \"$2\"' sh IN OUT`",
         "floors: `python bench/contenders/floor_copy.py HASHES IN OUT`: Python started and numpy imported, the file "
-        "copied (`shutil.copyfile`, `copy_file_range`) with HASHES sha256 passes over it in threads beside, the "
-        "output fsynced; nothing converted or scanned. 2 passes for a conversion to neutral (its source's sha256 "
+        "copied (`copy_file_range`) in 32 MiB pieces, each flushed (`fdatasync`) by a thread while the next is "
+        "copied, as our outputs are, with HASHES sha256 passes over it in threads beside, the output fsynced; "
+        "nothing converted or scanned. 2 passes for a conversion to neutral (its source's sha256 "
         "and tensor_sha256), none reading the neutral file (its hash is not verified by default). No converter "
         "doing what ours must can be faster than its floor",
         "seed: `python bench/contenders/seed_ms2pt.py IN.ckpt ms_lora_params.txt pt_lora_params_ordered.txt OUT` "
