@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 import warnings
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -104,6 +105,33 @@ def test_a_header_is_parsed_once_per_command_however_often_the_file_is_opened(tm
     assert parses == [path]
     SafetensorsFile(path), SafetensorsFile(path)  # outside held_inputs every open maps the file anew
     assert parses == [path] * 3
+
+
+def _data_start(path) -> int:
+    with open(path, "rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
+
+
+def _trailing_spaces(path) -> int:
+    header = Path(path).read_bytes()[8:_data_start(path)]
+    return len(header) - len(header.rstrip(b" "))
+
+
+def test_copied_tensors_land_where_they_lay_within_a_page_and_the_data_stays_8_byte_aligned(tmp_path):
+    """The header ends with as many spaces as put the output's data at the input's place within a page: the
+    kernel then copies whole pages. Tensors made in memory get the 8-byte alignment alone."""
+    from safetensors import safe_open
+
+    write_safetensors(tmp_path / "in.safetensors", _tensors(), {"note": "an input"})
+    with held_inputs():
+        source = SafetensorsFile(tmp_path / "in.safetensors").tensors()
+        write_safetensors(tmp_path / "copied.safetensors", source, {"note": "a longer note: the header grows"})
+    write_safetensors(tmp_path / "made.safetensors", _tensors())
+    copied, made = _data_start(tmp_path / "copied.safetensors"), _data_start(tmp_path / "made.safetensors")
+    assert copied % 4096 == _data_start(tmp_path / "in.safetensors") % 4096 and copied % 8 == 0
+    assert made % 8 == 0 and _trailing_spaces(tmp_path / "made.safetensors") < 8  # no page padding without an input
+    with safe_open(tmp_path / "copied.safetensors", "np") as f:
+        assert {k: f.get_tensor(k).tobytes() for k in f.keys()} == {k: bytes(t.data) for k, t in _tensors().items()}
 
 
 @pytest.mark.parametrize("metadata, late, message", [

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import weakref
+from collections import Counter
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
@@ -24,6 +25,7 @@ from .json_safe import load_json
 from .zero_copy import write_tensors
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors format sets
+PAGE_BYTES = 4096  # the page cache's unit: a kernel copy between equal places within pages moves whole pages
 
 _Entry = tuple[str, tuple[int, ...], int, int]  # dtype, shape, begin and end in the data region
 # Headers already parsed and checked, by the map they came from: inside held_inputs a file is mapped once
@@ -149,6 +151,24 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return handle.tensors(), handle.metadata
 
 
+def _padding(data_start: int, tensors: Mapping[str, Tensor]) -> int:
+    """Spaces to end the header with (JSON allows them; the safetensors library pads to 8 bytes too): the data
+    8-byte aligned and, where most of its bytes come from an input file, at the same place within a page as
+    there, so that the kernel copies them page by page (a 784 MB copy, flushed as it goes, measured 1.63 ->
+    1.38 s when aligned so). Costs at most 4 KiB of spaces; the bytes of every tensor are unchanged.
+    """
+    shifts: Counter[int] = Counter()  # (input offset - output offset) within a page -> bytes at that shift
+    offset = 0
+    for tensor in tensors.values():
+        if tensor.source is not None:
+            shifts[(tensor.source.offset - offset) % PAGE_BYTES] += tensor.nbytes
+        offset += tensor.nbytes
+    shift = shifts.most_common(1)[0][0] if shifts else None
+    if shift is None or shift % 8:  # nothing copied, or the input's data is not 8-byte aligned (a .ckpt)
+        return -data_start % 8
+    return (shift - data_start) % PAGE_BYTES
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
                       metadata: Mapping[str, str] | None = None, progress=None,
                       late: Mapping[str, Callable[[], str]] | None = None) -> None:
@@ -172,7 +192,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
         header[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
         offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * _padding(8 + len(raw), tensors)
     patches = {}
     for placeholder, final in (late or {}).items():
         needle = placeholder.encode("utf-8")
