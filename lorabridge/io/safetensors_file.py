@@ -164,7 +164,7 @@ def _padding(data_start: int, tensors: Mapping[str, Tensor]) -> int:
             shifts[(tensor.source.offset - offset) % PAGE_BYTES] += tensor.nbytes
         offset += tensor.nbytes
     shift = shifts.most_common(1)[0][0] if shifts else None
-    if shift is None or shift % 8:  # nothing copied, or the input's data is not 8-byte aligned (a .ckpt)
+    if shift is None or shift % 8:  # nothing copied, or the input keeps its data off 8-byte boundaries
         return -data_start % 8
     return (shift - data_start) % PAGE_BYTES
 
