@@ -312,11 +312,13 @@ def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
 
 
 def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
-    """What a worker imported is left out of the garbage collector's full passes (gc.freeze), which would
-    otherwise walk it every few files."""
+    """What a worker imported, numpy (which every file's NaN/Inf scan needs) included, is left out of the
+    garbage collector's full passes (gc.freeze), which would otherwise walk it every few files."""
     pool = local._pool(1)
     try:
         assert pool.submit(gc.get_freeze_count).result(timeout=120) > 10_000
+        # asked with eval: a function of this test module would import numpy into the worker itself
+        assert pool.submit(eval, "'numpy' in __import__('sys').modules").result(timeout=120)
     finally:
         pool.shutdown()
 
