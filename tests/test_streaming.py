@@ -30,7 +30,7 @@ from lorabridge.io.input_file import held_inputs
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.io.streaming import in_background, release_pages
 from lorabridge.manifest import build_manifest, load_schema, schema_problems, tensor_sha256
-from lorabridge.tensor import Tensor
+from lorabridge.tensor import FileSpan, Tensor
 from tests.fixtures.core import make_lora_model
 
 
@@ -43,6 +43,7 @@ def _mapped(path, access=mmap.ACCESS_READ):
 def release_often(monkeypatch):
     """Release a map's pages on every use, so that small test files exercise the release."""
     monkeypatch.setattr(streaming, "RELEASE_EVERY_BYTES", 1)
+    monkeypatch.setattr(streaming, "KEEP_MAPS_UP_TO_BYTES", 0)
 
 
 def test_released_pages_read_back_the_same(tmp_path, release_often):
@@ -67,6 +68,23 @@ def test_private_maps_are_never_released(tmp_path, release_often):
         release_pages(view)
         assert bytes(view[:4]) == b"edit"
     release_pages(b"bytes are not mapped")
+
+
+def test_a_small_map_stays_mapped_and_is_hashed_from_its_pages_a_large_one_by_pread(tmp_path, monkeypatch):
+    """A map of at most KEEP_MAPS_UP_TO_BYTES is never released, so a hash reads a tensor's mapped bytes in one
+    piece; from a larger map, released as it is used, the bytes come by pread through the small buffer."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(5).bytes(1 << 16))
+    handle, mapped = _mapped(path)
+    source = zero_copy.SourceFile(os.dup(handle.fileno()), path)
+    with handle, mapped, memoryview(mapped) as whole, whole[4096:12288] as view:
+        tensor = Tensor("U8", (8192,), view, FileSpan(source, 4096))
+        assert streaming.kept_mapped(view) and not streaming.kept_mapped(memoryview(bytes(view)))
+        assert [len(piece) for piece in zero_copy.chunks(tensor, bytearray(1024))] == [8192]
+        monkeypatch.setattr(streaming, "KEEP_MAPS_UP_TO_BYTES", (1 << 16) - 1)
+        assert not streaming.kept_mapped(view)
+        pieces = [bytes(piece) for piece in zero_copy.chunks(tensor, bytearray(1024))]
+        assert [len(piece) for piece in pieces] == [1024] * 8 and b"".join(pieces) == bytes(view)
 
 
 def test_in_background_returns_the_result_or_raises_the_error():

@@ -24,13 +24,18 @@ _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
 # around the one touched too (the 64 KiB "fault-around" block, or the whole large page cache folio
 # on recent kernels), so a tensor's neighbours would come back mapped.
 RELEASE_EVERY_BYTES = 16 * 1024 * 1024
+# A map no larger than this is never released: all of it resident costs little, while releasing makes each
+# later pass (NaN/Inf scan, write, hash) fault every page in again. A rank-4 SDXL LoRA (23 MB, 1,120 tensors)
+# is read in ~4 passes; kept mapped, converting it costs ~30 ms less CPU (process time, medians of 30 files).
+KEEP_MAPS_UP_TO_BYTES = 32 * 1024 * 1024
 _used: dict[int, int] = {}  # id(map) -> bytes used since its pages were last released
 _kept: dict[int, list[bytearray]] = {}  # size -> buffers of that size no one holds now
 
 
 def release_pages(data) -> None:
     """Say that ``data``, a view into a read-only memory map, has been used: every 16 MiB of use, the
-    map's pages are dropped from this process's resident set (the data stays in the page cache).
+    map's pages are dropped from this process's resident set (the data stays in the page cache). A map of
+    at most :data:`KEEP_MAPS_UP_TO_BYTES` stays whole (:func:`kept_mapped`).
 
     Anything else (``bytes``, a view of a writable or private map) is left alone: only a read-only
     shared file map can give its pages back without losing data. Pages another thread is reading
@@ -40,7 +45,7 @@ def release_pages(data) -> None:
         >>> release_pages(b"not a map")   # no-op
     """
     if not (_CAN_RELEASE and isinstance(data, memoryview) and data.readonly
-            and isinstance(data.obj, mmap.mmap) and not data.obj.closed):
+            and isinstance(data.obj, mmap.mmap) and not data.obj.closed) or kept_mapped(data):
         return
     key = id(data.obj)
     used = _used.get(key, 0) + data.nbytes
@@ -48,6 +53,18 @@ def release_pages(data) -> None:
         data.obj.madvise(mmap.MADV_DONTNEED)
         used = 0
     _used[key] = used
+
+
+def kept_mapped(data) -> bool:
+    """Whether ``data`` is a view into a map small enough that :func:`release_pages` leaves all of it mapped
+    (:data:`KEEP_MAPS_UP_TO_BYTES`): reading it again costs no page faults, and nothing needs a copy to spare them.
+
+    Example:
+        >>> kept_mapped(memoryview(b"not a map"))
+        False
+    """
+    return (isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) and not data.obj.closed
+            and len(data.obj) <= KEEP_MAPS_UP_TO_BYTES)
 
 
 def in_background(function: Callable[..., T], *args) -> Callable[[], T]:

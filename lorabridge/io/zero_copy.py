@@ -8,7 +8,7 @@ reflinks no copy at all), falling back to ``sendfile`` where the file systems ca
 between two of them, ``ENOSYS``/``EOPNOTSUPP``/``EINVAL`` where unsupported), then to writing the
 mapped view as before. What must still be computed over the bytes (the neutral manifest's
 ``tensor_sha256``, a CRC) reads them through :func:`chunks`: ``pread`` into one small reused buffer
-from the page cache, cheaper than faulting the map's pages in and out.
+from the page cache, cheaper than faulting a large map's pages in and out (a small map stays mapped).
 
 Safety is the reader's: a span is only given for a file that is mapped, which inside
 :func:`~lorabridge.io.input_file.held_inputs` means leased (no one can truncate or write it until
@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import LoraBridgeError
 from ..tensor import FileSpan, Tensor
-from .streaming import release_pages
+from .streaming import kept_mapped, release_pages
 
 # A copy method a file system or kernel does not offer fails with one of these: try the next method.
 UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
@@ -200,14 +200,16 @@ def _follows(before: Tensor, span: FileSpan) -> bool:
 
 def chunks(tensor: Tensor, buffer: bytearray) -> Iterator[memoryview]:
     """``tensor``'s bytes in order, for a hash or a checksum: from its input file by ``pread`` into ``buffer``
-    (reused; each piece is valid until the next is produced) when it has a span, else its data in one piece.
+    (reused; each piece is valid until the next is produced) when it has a span in a map that is let go as it
+    is used, else its data in one piece (in memory, or in a small map kept mapped: no faults to spare, and one
+    ``pread`` per tensor would cost more than it saves for the thousand small tensors of a rank-4 LoRA).
 
     Example:
         >>> [bytes(piece) for piece in chunks(Tensor("U8", (3,), b"abc"), bytearray(2))]
         [b'abc']
     """
     span = tensor.source
-    if span is None:
+    if span is None or kept_mapped(tensor.data):
         yield memoryview(tensor.data).cast("B")
         release_pages(tensor.data)
         return
