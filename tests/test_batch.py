@@ -22,8 +22,9 @@ import numpy as np
 import psutil
 import pytest
 
-from lorabridge.batch import REPORT_NAME, local, run_batch
+from lorabridge.batch import REPORT_NAME, local, run_batch, work
 from lorabridge.batch.discover import find_inputs
+from lorabridge.batch.plan import Job
 from lorabridge.batch.state import STATE_DIR, read_record
 from lorabridge.converters import convert
 from lorabridge.formats.neutral import read_neutral, write_neutral
@@ -155,8 +156,7 @@ def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, m
     ends: one write-out of everything instead of an fsync per file waiting on the disk); a single file,
     and a Dask task whose worker may be another machine, fsync each output."""
     from lorabridge.batch.plan import Job
-    from lorabridge.batch.work import Settings, convert_job
-
+    
     root = tmp_path / "lib"
     good_library(root)
     fsyncs, started, real = [], [], os.fsync
@@ -321,6 +321,37 @@ def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
         assert pool.submit(eval, "'numpy' in __import__('sys').modules").result(timeout=120)
     finally:
         pool.shutdown()
+
+
+def test_a_file_is_converted_without_automatic_garbage_collection_and_collected_once_after(tmp_path, monkeypatch):
+    """The collector's automatic passes over a conversion's short-lived objects cost more than one full
+    pass after the file: none runs while the file converts, a full one runs after, and the collector is on again."""
+    write_flux(tmp_path / "lora.safetensors")
+    during, after, converting_now = [], [], []
+
+    def converting(*args, **kwargs):
+        converting_now.append(True)
+        try:
+            return convert(*args, **kwargs)
+        finally:
+            converting_now.clear()
+
+    def record(phase, info):
+        if phase == "start":
+            (during if converting_now else after).append(info["generation"])
+
+    monkeypatch.setattr(work, "convert", converting)
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(record)
+    try:
+        gc.set_threshold(1)  # were the collector on, nearly every allocation of the conversion would start a pass
+        entry = work.convert_job(Job(tmp_path / "lora.safetensors", tmp_path / "out" / "lora.safetensors", 0),
+                                 work.Settings(tmp_path / "out", "neutral"))
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(record)
+    assert entry.status == "converted" and gc.isenabled()
+    assert during == [] and 2 in after
 
 
 @pytest.mark.slow

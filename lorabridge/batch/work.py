@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..converters import convert
 from ..converters.registry import FORMATS, get_writer
@@ -60,6 +60,25 @@ def prepare_worker() -> None:
     gc.freeze()
 
 
+@contextlib.contextmanager
+def _collected_once() -> Iterator[None]:
+    """No automatic garbage collection during one file, one full collection after it.
+
+    Why: a rank-4 file makes ~30,000 short-lived containers, nearly all freed by reference counting; the
+    collector's automatic passes over them (~22 of the youngest generation per file) took 4.8 ms a file,
+    one full pass at the end 0.9 ms (measured in a worker, 40 files). Cycles (an exception's traceback)
+    wait at most until the file ends.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect()
+
+
 def convert_job(job: Job, settings: Settings) -> Entry:
     """Convert one file of a batch (or skip it, up to date); a :class:`LoraBridgeError` becomes a failed entry.
 
@@ -71,7 +90,7 @@ def convert_job(job: Job, settings: Settings) -> Entry:
     """
     started = time.perf_counter()
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
-    with _one_at_a_time, (syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext()):
+    with _one_at_a_time, _collected_once(), (syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext()):
         try:
             _convert(job, settings, entry)
         except LoraBridgeError as exc:
