@@ -92,7 +92,9 @@ def _surely_valid_by_distinct_entries(manifest: Any) -> bool:
 
     Module entries are checked against one subschema whatever their name, and entries with the same
     ``repr`` are equal JSON values of the same types (``1``, ``1.0`` and ``true`` differ), so one check
-    answers for all of them: an SDXL LoRA's 1,000 entries have a few dozen distinct ones.
+    answers for all of them: an SDXL LoRA's 1,000 entries have a few dozen distinct ones. The repr keeps
+    the keys' order: an equal entry in another order is checked once more, which is only slower (the
+    writer builds every entry in one order; sorting each first cost 2.3 ms of a rank-4 LoRA's 5.7).
     """
     schema = load_schema()
     modules = manifest.get("modules") if isinstance(manifest, dict) else None
@@ -101,7 +103,7 @@ def _surely_valid_by_distinct_entries(manifest: Any) -> bool:
     entry_schema = schema["properties"]["modules"]["additionalProperties"]
     passed: set[str] = set()
     for entry in modules.values():
-        key = repr(sorted(entry.items())) if isinstance(entry, dict) else None
+        key = repr(entry) if isinstance(entry, dict) else None
         if key in passed:
             continue
         if not surely_valid(entry, entry_schema, schema):
