@@ -155,8 +155,6 @@ def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, m
     """A local batch publishes each output without an fsync (the file system is synced once when the batch
     ends: one write-out of everything instead of an fsync per file waiting on the disk); a single file,
     and a Dask task whose worker may be another machine, fsync each output."""
-    from lorabridge.batch.plan import Job
-    
     root = tmp_path / "lib"
     good_library(root)
     fsyncs, started, real = [], [], os.fsync
@@ -167,7 +165,7 @@ def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, m
     for at_the_end, expected in ((True, 0), (False, 2)):  # the file, then its directory
         fsyncs.clear(), started.clear()
         out = tmp_path / f"out-{at_the_end}"
-        entry = convert_job(Job(source, out / "style.safetensors", 0), Settings(out, "kohya", sync_at_the_end=at_the_end))
+        entry = work.convert_job(Job(source, out / "style.safetensors", 0), work.Settings(out, "kohya", sync_at_the_end=at_the_end))
         assert entry.status == "converted" and len(fsyncs) == expected
         assert len(started) == (1 if at_the_end else 0), "without an fsync, its write to the disk is started, not waited for"
     synced, settings = [], []

@@ -111,7 +111,7 @@ def test_records_source_hash_matches_whether_the_converter_hashes_the_source(nam
     quietly(get_format("kohya").write, make_lora_model(), source)
     hashed = []
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    monkeypatch.setattr(converters, "_sha256_of_file", lambda path: hashed.append(path) or digest)
+    monkeypatch.setattr(converters, "_sha256_of_file", lambda path, held=None: hashed.append(path) or digest)
     result = quietly(convert, source, output(name, tmp_path), to=name, progress=False)
     assert bool(hashed) == get_format(name).records_source_hash
     if hashed:

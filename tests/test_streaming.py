@@ -378,9 +378,9 @@ def test_the_source_is_hashed_beside_the_write_not_before_it(tmp_path, neutral_f
     writing = threading.Event()
     real_hash, real_write = converters._sha256_of_file, zc.write_tensors
 
-    def slow_hash(path):
+    def slow_hash(path, held=None):
         assert writing.wait(10), "the write did not start while the source was being hashed"
-        return real_hash(path)
+        return real_hash(path, held)
 
     def write_tensors(out, tensors):
         writing.set()
@@ -391,3 +391,26 @@ def test_the_source_is_hashed_beside_the_write_not_before_it(tmp_path, neutral_f
     stored = json.loads(SafetensorsFile(tmp_path / "copy.safetensors").metadata["lorabridge.manifest"])
     digest = hashlib.sha256(neutral_file.read_bytes()).hexdigest()
     assert stored["provenance"]["source_sha256"] == result.model.provenance["source_sha256"] == digest
+
+
+def test_the_source_is_hashed_from_the_bytes_the_reader_holds_when_they_stay_in_memory(tmp_path, neutral_file, monkeypatch):
+    """A small mapped input (or one read into memory) is hashed where the reader holds it, with no read of
+    the file; a map too large to keep is hashed by reading the file in pieces. The hash is the same."""
+    import lorabridge.converters as converters
+
+    reads, real_open = [], open
+
+    def counting_open(path, *args, **kwargs):
+        if not isinstance(path, int) and Path(path) == neutral_file:
+            reads.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    digest = hashlib.sha256(neutral_file.read_bytes()).hexdigest()
+    reads.clear()
+    assert convert(neutral_file, tmp_path / "a.safetensors", "neutral", progress=False).model.provenance["source_sha256"] == digest
+    assert reads == []
+    monkeypatch.setattr(streaming, "KEEP_MAPS_UP_TO_BYTES", 0)
+    assert convert(neutral_file, tmp_path / "b.safetensors", "neutral", progress=False).model.provenance["source_sha256"] == digest
+    assert reads == [neutral_file]
+    assert converters._sha256_of_file(neutral_file, memoryview(neutral_file.read_bytes())) == digest

@@ -8,6 +8,7 @@ never overwritten, outputs are written atomically, existing outputs need ``force
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import sys
 import time
@@ -22,8 +23,8 @@ from ..formats.contract import Format, WritableFormat, WriteOptions
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.deferred import beside_writing
-from ..io.input_file import check_regular, check_unchanged, held_inputs
-from ..io.streaming import in_background
+from ..io.input_file import check_regular, check_unchanged, held_inputs, map_input
+from ..io.streaming import in_background, kept_mapped
 from ..model import LoraModel, Pending
 from .registry import FORMATS, get_format, get_writer, split_options
 
@@ -62,7 +63,13 @@ def file_sha256(path: Path) -> str | None:
     return _sha256_of_file(path) if path.is_file() else None
 
 
-def _sha256_of_file(path: Path) -> str:
+def _sha256_of_file(path: Path, held=None) -> str:
+    """sha256 of the file at ``path``, read in pieces; or of ``held``, its bytes as a reader holds them
+    (:func:`~lorabridge.io.input_file.map_input`), where they are already in memory or in a map small enough
+    to stay mapped (:func:`~lorabridge.io.streaming.kept_mapped`): no read copies them, and the pages the
+    hash maps in serve the reader too (a rank-4 .ckpt: hash and record walk 41-42 -> 36-38 ms of CPU)."""
+    if held is not None and (not isinstance(held, mmap.mmap) or kept_mapped(memoryview(held))):
+        return hashlib.sha256(held).hexdigest()
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK_BYTES)
     view = memoryview(buffer)
@@ -149,7 +156,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
     out = check_output_path(dst, force, inputs=(src,), directory=target.writes_directory)
     # The source's sha256, for a target that records it: hashed in a thread beside reading and writing, and
     # written into the output's header once the data is written (a placeholder until then).
-    source_hash = Pending(in_background(_sha256_of_file, src)) if target.records_source_hash and src.is_file() else None
+    source_hash = Pending(in_background(_sha256_of_file, src, map_input(src)[1])) if target.records_source_hash and src.is_file() else None
     with warnings.catch_warnings(record=True) as caught, beside_writing():  # the reader's NaN/Inf scan too
         warnings.simplefilter("always", LoraBridgeWarning)
         model = source.read(src, read_options)
