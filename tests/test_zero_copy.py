@@ -19,7 +19,7 @@ from lorabridge import manifest
 from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral
-from lorabridge.io import zero_copy
+from lorabridge.io import atomic, zero_copy
 from lorabridge.io.input_file import held_inputs
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
 from lorabridge.tensor import FileSpan, Tensor
@@ -122,6 +122,24 @@ def test_one_copy_per_run_of_back_to_back_tensors(tmp_path, count_copies):
     write_safetensors(out, {k: source[k] for k in order})
     assert count_copies["copy_file_range"] == 3
     assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 4 for k in order]
+
+
+def test_runs_of_one_input_go_to_the_kernel_together_up_to_a_batch_size(tmp_path, monkeypatch):
+    """Runs apart in one input (a checkpoint's tensors between record headers) are copied in one call of the
+    output's copy_from, its position set once; COPY_BATCH_BYTES bounds a call, so progress moves in steps."""
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: Tensor("U8", (4,), k.encode() * 4) for k in "abcdef"})
+    source = SafetensorsFile(src).tensors()
+    order = ["a", "b", "c", "e", "f", "d"]  # runs: a-c, e-f, d
+    calls, real = [], atomic._EarlyWriteback.copy_from
+    monkeypatch.setattr(atomic._EarlyWriteback, "copy_from", lambda self, file, spans: calls.append(list(spans)) or real(self, file, spans))
+    for batch, expected in ((64 << 20, [[12, 8, 4]]), (8, [[12], [8], [4]])):
+        monkeypatch.setattr(zero_copy, "COPY_BATCH_BYTES", batch)
+        calls.clear()
+        out = tmp_path / f"out-{batch}.safetensors"
+        write_safetensors(out, {k: source[k] for k in order})
+        assert [[count for _, count in spans] for spans in calls] == expected
+        assert [bytes(t.data) for t in SafetensorsFile(out).tensors().values()] == [k.encode() * 4 for k in order]
 
 
 def test_short_runs_are_gathered_into_one_write_from_memory(tmp_path, count_copies, monkeypatch):

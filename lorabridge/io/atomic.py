@@ -26,7 +26,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from ..errors import LoraBridgeError
 from . import deferred
@@ -273,24 +273,29 @@ class _EarlyWriteback(io.BufferedWriter):
             self._write_back()
         return written
 
-    def copy_from(self, source: SourceFile, offset: int, count: int) -> bool:
-        """Append ``count`` bytes at ``offset`` of ``source``, copied in the kernel (see :mod:`.zero_copy`)
-        in pieces the flusher writes out behind; False, with nothing written, where these two files allow
-        no kernel copy."""
+    def copy_from(self, source: SourceFile, spans: Sequence[tuple[int, int]]) -> bool:
+        """Append the bytes of ``spans`` ((offset, count) pairs of ``source``) back to back, copied in the
+        kernel (see :mod:`.zero_copy`) in pieces the flusher writes out behind; False, with nothing written,
+        where these two files allow no kernel copy.
+
+        Many spans in one call: the file position is asked for and set once, not around every copy (a
+        MindSpore checkpoint's 1,424 records of a rank-128 LoRA, apart between record headers, cost 4,400
+        ``lseek`` calls, each a wait for the GIL on the way back, ~0.14 s of a 2.6 s conversion)."""
         with _reported(self.target, "cannot write the output"):
             self.flush()
-            position = self.tell()
-            done = 0
-            while done < count:
-                piece = min(count - done, WRITEBACK_BYTES)
-                if not copy_range(source, offset + done, self.fileno(), position + done, piece):
-                    if done:  # the first piece decides; a later refusal would be a kernel changing its mind
-                        raise OSError(errno.EIO, "the kernel copy stopped part-way")
-                    self.seek(position)
-                    return False
-                done += piece
-                self.seek(position + done)
-                self._write_back()
+            start = position = self.tell()
+            for offset, count in spans:
+                done = 0
+                while done < count:
+                    piece = min(count - done, WRITEBACK_BYTES)
+                    if not copy_range(source, offset + done, self.fileno(), position, piece):
+                        if position > start:  # the first piece decides; a later refusal would be a kernel changing its mind
+                            raise OSError(errno.EIO, "the kernel copy stopped part-way")
+                        self.seek(start)
+                        return False
+                    done, position = done + piece, position + piece
+                    self._write_back(position)
+            self.seek(position)
         return True
 
     def write_many(self, buffers: list) -> None:
@@ -318,8 +323,10 @@ class _EarlyWriteback(io.BufferedWriter):
             self.seek(position)
             self._write_back()
 
-    def _write_back(self) -> None:
-        position = self.tell()
+    def _write_back(self, position: int | None = None) -> None:
+        """Hand the bytes before ``position`` to the flusher once they make a piece (``position``: the file
+        position unless given; a copy in the kernel writes past the position without moving it)."""
+        position = self.tell() if position is None else position
         if position - self._started >= WRITEBACK_BYTES:
             self.flush()
             self._flusher.write_out(self._started, position - self._started)

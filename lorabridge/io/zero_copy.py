@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import LoraBridgeError
-from ..tensor import FileSpan, Tensor
+from ..tensor import FileHandle, FileSpan, Tensor
 from .streaming import kept_mapped, release_pages
 
 # A copy method a file system or kernel does not offer fails with one of these: try the next method.
@@ -36,6 +36,7 @@ _COPY_STEP = 1 << 30  # at most this much per system call (sendfile's count is c
 KERNEL_COPY_MIN_BYTES = 256 * 1024
 GATHER_MAX = 1024  # tensors per gathered write (IOV_MAX, the most buffers one writev takes on Linux)
 GATHER_MAX_BYTES = 64 * 1024 * 1024  # bytes per gathered write, so progress and writeback go on in steps
+COPY_BATCH_BYTES = 64 * 1024 * 1024  # bytes per call copying several runs in the kernel, for the same reason
 
 
 class SourceFile:
@@ -109,7 +110,7 @@ def write_tensor(out: BinaryIO, tensor: Tensor) -> None:
         b'ab'
     """
     span = tensor.source
-    if span is not None and tensor.nbytes and hasattr(out, "copy_from") and out.copy_from(span.file, span.offset, tensor.nbytes):
+    if span is not None and tensor.nbytes and hasattr(out, "copy_from") and out.copy_from(span.file, [(span.offset, tensor.nbytes)]):
         return
     data = tensor.data  # read once: a LateTensor is made once
     out.write(data)
@@ -121,6 +122,8 @@ def write_tensors(out: BinaryIO, tensors: Iterable[Tensor]) -> Iterator[Tensor]:
 
     Tensors lying back to back in the same input, as a rename-only conversion leaves them, go in one kernel
     copy: one system call per run instead of one per tensor (1,796 for a rank-128 SDXL LoRA; cp makes one).
+    Consecutive runs of one input (a MindSpore checkpoint's tensors, apart between record headers) go to
+    ``out.copy_from`` together, up to :data:`COPY_BATCH_BYTES`, so the output's position is set once per batch.
     Runs shorter than :data:`KERNEL_COPY_MIN_BYTES` are gathered and written from their mapped pages, up
     to a thousand in one system call (``out.write_many``, as :func:`~lorabridge.io.atomic.atomic_write`'s
     file has): a rank-4 LoRA's 1,120 tensors of a few KiB each, apart in a MindSpore checkpoint, would
@@ -138,6 +141,11 @@ def write_tensors(out: BinaryIO, tensors: Iterable[Tensor]) -> Iterator[Tensor]:
     run: list[Tensor] = []  # spanned tensors, each starting where the one before ends in the same file
     gathered: list[Tensor] = []  # tensors to write from memory next, in order
     gathered_bytes = 0
+    copy_from = getattr(out, "copy_from", None)  # atomic_write's file has it; an io.BytesIO has not
+    copies: list[Tensor] = []  # tensors of runs to copy in the kernel next, in order
+    spans: list[tuple[int, int]] = []  # those runs' (offset, count) in their input, copies_file
+    copies_file: FileHandle | None = None
+    copies_bytes = 0
 
     def gather(tensors: list[Tensor]) -> list[Tensor]:
         nonlocal gathered_bytes
@@ -160,17 +168,38 @@ def write_tensors(out: BinaryIO, tensors: Iterable[Tensor]) -> Iterator[Tensor]:
             release_pages(view)
         return done
 
+    def copy_runs() -> list[Tensor]:
+        nonlocal copies_bytes
+        done = copies[:]
+        assert copy_from is not None and copies_file is not None
+        copied = copy_from(copies_file, spans)
+        copies.clear()
+        spans.clear()
+        copies_bytes = 0
+        if copied:
+            return done
+        gathered.extend(done)  # no kernel copy between these two files: from memory (nothing else is gathered now)
+        return write_gathered()
+
     def write_run() -> list[Tensor]:
+        nonlocal copies_bytes, copies_file
         done = run[:]
         run.clear()
         first, size = done[0].source, sum(t.nbytes for t in done)
         assert first is not None
-        if size < KERNEL_COPY_MIN_BYTES or not hasattr(out, "copy_from"):
-            return gather(done)
-        before = write_gathered() if gathered else []  # what came first is written first
-        if out.copy_from(first.file, first.offset, size):
-            return before + done
-        return before + gather(done)  # no kernel copy between these two files: from memory
+        if size < KERNEL_COPY_MIN_BYTES or copy_from is None:
+            return (copy_runs() if copies else []) + gather(done)  # what came first is written first
+        before = write_gathered() if gathered else []
+        if copies and copies_file is not first.file:
+            before += copy_runs()
+        copies_file = first.file
+        copies.extend(done)
+        spans.append((first.offset, size))
+        copies_bytes += size
+        return before + (copy_runs() if copies_bytes >= COPY_BATCH_BYTES else [])
+
+    def write_pending() -> list[Tensor]:
+        return copy_runs() if copies else write_gathered() if gathered else []
 
     for tensor in tensors:
         span = tensor.source
@@ -182,14 +211,12 @@ def write_tensors(out: BinaryIO, tensors: Iterable[Tensor]) -> Iterator[Tensor]:
         if span is not None and tensor.nbytes:
             run.append(tensor)
             continue
-        if gathered:
-            yield from write_gathered()
+        yield from write_pending()
         write_tensor(out, tensor)  # in memory, or made now (a LateTensor): written alone, its data read once
         yield tensor
     if run:
         yield from write_run()
-    if gathered:
-        yield from write_gathered()
+    yield from write_pending()
 
 
 def _follows(before: Tensor, span: FileSpan) -> bool:
