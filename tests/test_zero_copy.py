@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ from lorabridge import manifest
 from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral
+from lorabridge.formats.underscored_files import alpha_of
 from lorabridge.io import atomic, zero_copy
 from lorabridge.io.input_file import held_inputs
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+from lorabridge.naming.underscored import ALPHA
 from lorabridge.tensor import FileSpan, Tensor
 
 TMPFS = Path("/dev/shm")
@@ -285,3 +288,18 @@ def test_write_safetensors_copies_a_span_in_the_middle_of_a_file(tmp_path):
     write_safetensors(out, {"b": copied["b"], "new": Tensor("U8", (1,), b"z"), "a": copied["a"]})
     back = SafetensorsFile(out).tensors()
     assert (bytes(back["a"].data), bytes(back["b"].data), bytes(back["new"].data)) == (b"abc", bytes(range(8)), b"z")
+
+
+def test_an_alpha_is_read_from_its_file_not_through_the_map(tmp_path):
+    """Reading a scalar through the map faults in the pages around it (a whole large folio on recent kernels):
+    a kohya Flux.1 LoRA's 494 alphas, spread through the file, left ~100 MB of it resident. A small tensor with a
+    span is read by pread: here its data (a decoy) differs from the file, so which one was read shows."""
+    path = tmp_path / "alpha.bin"
+    path.write_bytes(struct.pack("<f", 8.0))
+    source = zero_copy.SourceFile(os.open(path, os.O_RDONLY), path)
+    alpha = Tensor("F32", (), struct.pack("<f", 1.0), FileSpan(source, 0))
+    assert zero_copy.small_tensor_bytes(alpha) == struct.pack("<f", 8.0)
+    assert alpha_of({ALPHA: alpha}, 4, None) == (8.0, "stored", {"alpha_dtype": "F32"})
+    os.truncate(path, 2)
+    with pytest.raises(LoraBridgeError, match="changed while it was being read"):
+        zero_copy.small_tensor_bytes(alpha)

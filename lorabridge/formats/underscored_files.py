@@ -20,6 +20,7 @@ from ..architectures import get_architecture
 from ..architectures.fused import merge_present, split_fused
 from ..errors import LoraBridgeError, listed
 from ..io.torch_file import TORCH_SUFFIXES, read_state_dict, write_state_dict
+from ..io.zero_copy import small_tensor_bytes
 from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
 from ..rules import module_problems
@@ -53,7 +54,8 @@ def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -
         return (float(user_alpha), "user", {}) if user_alpha is not None else (float(rank), "assumed", {})
     if tensor.numel != 1:
         raise ModuleProblem(f"alpha must be a single number, it has shape {list(tensor.shape)}")
-    return float(tensor.to_float32().reshape(-1)[0]), "stored", {"alpha_dtype": tensor.dtype}
+    value = Tensor(tensor.dtype, tensor.shape, small_tensor_bytes(tensor)).to_float32()  # not through the map
+    return float(value.reshape(-1)[0]), "stored", {"alpha_dtype": tensor.dtype}
 
 
 def with_dora(module: LoraModule) -> LoraModule:
