@@ -63,7 +63,7 @@ def file_sha256(path: Path) -> str | None:
     return _sha256_of_file(path) if path.is_file() else None
 
 
-def _sha256_of_file(path: Path, held=None) -> str:
+def _sha256_of_file(path: Path, held: mmap.mmap | memoryview | None = None) -> str:
     """sha256 of the file at ``path``, read in pieces; or of ``held``, its bytes as a reader holds them
     (:func:`~lorabridge.io.input_file.map_input`), where they are already in memory or in a map small enough
     to stay mapped (:func:`~lorabridge.io.streaming.kept_mapped`): no read copies them, and the pages the
