@@ -46,7 +46,7 @@ def release_pages(data) -> None:
         >>> release_pages(b"not a map")   # no-op
     """
     if not (_CAN_RELEASE and isinstance(data, memoryview) and data.readonly
-            and isinstance(data.obj, mmap.mmap) and not data.obj.closed) or kept_mapped(data):
+            and isinstance(data.obj, mmap.mmap) and not data.obj.closed) or len(data.obj) <= KEEP_MAPS_UP_TO_BYTES:
         return
     key = id(data.obj)
     used = _used.get(key, 0) + data.nbytes

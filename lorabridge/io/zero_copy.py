@@ -226,22 +226,17 @@ def _follows(before: Tensor, span: FileSpan) -> bool:
 
 
 def small_tensor_bytes(tensor: Tensor) -> bytes:
-    """A small tensor's bytes (an alpha, a scalar), by ``pread`` from its input file when it has a span,
-    else from its data. Why: reading them through the map faults in the pages around them (a whole large
-    folio on recent kernels), and a kohya Flux.1 LoRA's 494 alphas lie between its weights all through the
-    file: read through the map, they left ~100 MB of it resident at once (peak RssFile 117 MiB, 306 MB input).
+    """A small tensor's bytes (an alpha, a scalar), as :func:`chunks` reads them: by ``pread`` from its input
+    file when it lies in a map that is let go as it is used, else from its data. Why: reading them through the
+    map faults in the pages around them (a whole large folio on recent kernels), and a kohya Flux.1 LoRA's 494
+    alphas lie between its weights all through the file: read through the map, they left ~100 MB of it resident
+    at once (peak RssFile 117 MiB, 306 MB input).
 
     Example:
         >>> small_tensor_bytes(Tensor("F32", (), b"\\x00\\x00\\x80\\x3f"))
         b'\\x00\\x00\\x80?'
     """
-    span = tensor.source
-    if span is None:
-        return bytes(tensor.data)
-    data = os.pread(span.file.fileno(), tensor.nbytes, span.offset)
-    if len(data) != tensor.nbytes:
-        raise _changed(span.file.path)
-    return data
+    return b"".join(bytes(piece) for piece in chunks(tensor, bytearray(max(tensor.nbytes, 1))))
 
 
 def chunks(tensor: Tensor, buffer: bytearray) -> Iterator[memoryview]:
