@@ -10,6 +10,7 @@ the same bytes, --fail-fast, and two batches at once on one OUT_DIR.
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ import psutil
 import pytest
 
 from lorabridge.batch import REPORT_NAME, local, run_batch, work
-from lorabridge.batch.discover import find_inputs
+from lorabridge.batch.discover import expand_glob, find_inputs
 from lorabridge.batch.plan import Job
 from lorabridge.batch.state import STATE_DIR, read_record
 from lorabridge.converters import convert
@@ -232,6 +233,61 @@ def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is
     assert [f.error for f in found if f.error] == ["no file matches this pattern"]
     assert found[2].relative == Path("sdxl/deep/m.ckpt")
 
+
+
+def test_symbolic_link_loops_are_walked_once_and_globbed_once(tmp_path):
+    """``glob.glob`` follows links back to a parent until the path is 40 links deep: two in one folder make 2^40 paths."""
+    root = tmp_path / "lib"
+    (root / "sub").mkdir(parents=True)
+    write_neutral(make_lora_model(seed=1), root / "sub" / "a.safetensors")
+    (root / "sub" / "up").symlink_to("..")
+    (root / "again").symlink_to(".")
+    (root / "and-again").symlink_to(".")
+    (root / "loop.ckpt").symlink_to("loop.ckpt")  # itself: stat says "too many levels of symbolic links"
+    for sources, expected in [([root], ["loop.ckpt", "sub/a.safetensors"]),
+                              ([str(root / "**" / "*.safetensors")], ["sub/a.safetensors"]),
+                              ([str(root / "**")], ["loop.ckpt", "sub/a.safetensors"])]:
+        found = find_inputs(sources)
+        assert sorted(str(f.path.relative_to(root)) for f in found) == expected, sources
+        assert all(f.error is None for f in found)
+
+
+def test_a_library_nested_deeper_than_python_recursion_is_walked(tmp_path):
+    deep = tmp_path / "lib"
+    for _ in range(sys.getrecursionlimit() + 100):  # Path.mkdir(parents=True) recurses itself
+        deep = deep / "d"
+        deep.mkdir(parents=True)
+    (deep / "a.ckpt").write_bytes(b"x")
+    assert [f.path for f in find_inputs([tmp_path / "lib"])] == [deep / "a.ckpt"]
+    assert [f.path for f in find_inputs([str(tmp_path / "lib" / "**" / "*.ckpt")])] == [deep / "a.ckpt"]
+
+
+@pytest.mark.parametrize("pattern", ["*", "**", "**/*.ckpt", "*/*", "sub/*/x.*", ".h*", "**/.h*", "sub/**/[xy].ckpt",
+                                     "sub/deep", "no/**/x.ckpt"])
+def test_globs_match_what_glob_glob_matches_where_there_is_no_loop(tmp_path, pattern):
+    for name in ["a.ckpt", ".hidden.ckpt", "sub/x.ckpt", "sub/y.ckpt", "sub/deep/x.pt", "sub/deep/z.ckpt",
+                 "sub/.h/x.ckpt", "other/x.bin"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(tmp_path / "sub")
+    expected = {os.path.realpath(p) for p in glob.glob(str(tmp_path / pattern), recursive=True)}
+    assert {os.path.realpath(p) for p in expand_glob(str(tmp_path / pattern))} == expected  # "linked/x" is "sub/x"
+
+
+def test_lora_named_entries_that_are_not_files_are_reported_not_left_out(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "good.safetensors")
+    (root / "moved.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    os.mkfifo(root / "pipe.ckpt")
+    (root / "pipe.txt").symlink_to("nowhere")  # not LoRA-named: not a candidate, as a README is not
+    result = run_batch([root], tmp_path / "out", "kohya", jobs=1, progress=False)
+    errors = {Path(e.input).name: e.error for e in result.entries}
+    assert errors == {"good.safetensors": None,
+                      "moved.safetensors": f"{root / 'moved.safetensors'}: is a broken symbolic link (to "
+                                           f"{str(tmp_path / 'gone.safetensors')!r})",
+                      "pipe.ckpt": f"{root / 'pipe.ckpt'}: is a FIFO (named pipe), not a regular file; refusing to read it"}
+    assert not result.ok
 
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"

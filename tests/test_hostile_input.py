@@ -154,6 +154,14 @@ def test_a_directory_is_refused_where_the_format_is_a_file(tmp_path, run_cli):
     assert_refused(result.output, result.exit_code, tmp_path / "dir", out, "not a LoRA file")
 
 
+
+def test_a_broken_symbolic_link_is_named_as_one(tmp_path, run_cli):
+    (tmp_path / "lora.safetensors").symlink_to(tmp_path / "moved-away.safetensors")
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", tmp_path / "lora.safetensors", "--to", "kohya", "-o", out)
+    assert_refused(result.output, result.exit_code, tmp_path / "lora.safetensors", out,
+                   f"is a broken symbolic link (to {str(tmp_path / 'moved-away.safetensors')!r})")
+
 # ---- untrusted JSON: deep nesting, huge integers, bools as integers, lone surrogates -------------
 
 

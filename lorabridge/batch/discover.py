@@ -10,7 +10,15 @@ What counts as an input:
   ``.safetensors`` there that is not a LoRA (a base model, a VAE) is reported as failed, with why;
 * names starting with ``.`` (lorabridge's temporaries, the batch state, hidden folders) and the
   output directory itself are never walked, so a rerun into ``OUT_DIR`` inside the source tree
-  does not pick up its own outputs.
+  does not pick up its own outputs;
+* an entry with a LoRA suffix that is not a regular file (a FIFO, a device, a broken symbolic link)
+  is an input too: its conversion fails with what it is, so the report shows that a LoRA-named
+  entry was not converted instead of leaving it out.
+
+Symbolic links to directories are followed, each real directory is walked once: a link back to a
+parent (``current -> .``) is not walked again, and a glob's ``**`` enters each real directory once
+(``glob.glob`` follows such a link until the path is 40 links deep, and two of them in one folder
+make 2^40 paths). The walk keeps its own stack, so no depth of folders exhausts Python's recursion.
 
 Each input keeps its path relative to the directory (or glob base) it was found under, which
 :mod:`~lorabridge.batch.plan` mirrors under ``OUT_DIR``.
@@ -18,8 +26,10 @@ Each input keeps its path relative to the directory (or glob base) it was found 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -57,11 +67,11 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
         >>> find_inputs(["/no/such/*.safetensors"])[0].error
         'no file matches this pattern'
     """
-    skipped = {os.path.realpath(p) for p in exclude}
+    walked = {key for key in map(_directory_key, exclude) if key}  # directories walked (or never to be), all sources
     seen: set[str] = set()
     found: list[Found] = []
     for source in sources:
-        for item in _expand(os.fspath(source), skipped):
+        for item in _expand(os.fspath(source), walked):
             key = os.path.realpath(item.path)
             if item.error or key not in seen:
                 seen.add(key)
@@ -69,23 +79,71 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
     return found
 
 
-def _expand(source: str, skipped: set[str]) -> Iterator[Found]:
+def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[Found]:
     path = Path(source)
     if os.path.lexists(path) or not glob.has_magic(source):
         if path.is_dir() and not is_adapter_directory(path):
-            yield from _walk(path, path, skipped)
+            yield from _walk(path, path, walked)
         else:  # named explicitly: always an input (a missing one fails with "no such file or directory")
             yield Found(path, Path(path.name))
         return
     base = _glob_base(source)
-    matches = sorted(glob.glob(source, recursive=True))
+    matches = expand_glob(source)
     if not matches:
         yield Found(path, Path(path.name), "no file matches this pattern")
-    for match in map(Path, matches):
-        if match.is_dir() and not is_adapter_directory(match):
-            yield from _walk(match, base, skipped)
+    for match in matches:
+        if _is_dir(match) and not is_adapter_directory(match):
+            yield from _walk(match, base, walked)
         elif _candidate(match):
             yield Found(match, match.relative_to(base))
+
+
+def expand_glob(pattern: str) -> list[Path]:
+    """The paths ``pattern`` matches, as ``glob.glob(pattern, recursive=True)`` finds them (wildcards skip names
+    starting with ``.`` unless the pattern's part does; ``**`` is any depth of folders), sorted per folder, except
+    that ``**`` enters each real directory once (see the module docstring): a file reached by two routes (a link
+to a folder beside the folder) is listed by the first.
+
+    Example:
+        >>> expand_glob("/no/such/**/*.ckpt")
+        []
+    """
+    path = Path(pattern)
+    matches = [Path(path.anchor)] if path.anchor else [Path()]
+    parts = path.parts[1:] if path.anchor else path.parts
+    for at, part in enumerate(parts):
+        if part == "**":
+            once: set[tuple[int, int]] = set()
+            matches = [folder for match in matches for folder in _folders_below(match, once)]
+            if at == len(parts) - 1:  # last: the files in those folders too
+                matches += [folder / name for folder in matches for name in _names(folder)
+                            if not name.startswith(".") and not _is_dir(folder / name)]
+        elif glob.has_magic(part):
+            matches = [match / name for match in matches
+                       for name in fnmatch.filter(_names(match), part) if part.startswith(".") or not name.startswith(".")]
+        else:
+            matches = [match / part for match in matches if os.path.lexists(match / part)]
+    return list(dict.fromkeys(matches))  # "a/**/**" reaches a folder twice: glob too lists it once
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:  # not a directory, gone, unreadable: matches nothing, as in glob
+        return []
+
+
+def _folders_below(top: Path, once: set[tuple[int, int]]) -> Iterator[Path]:
+    """``top`` and every folder below it, depth-first by name, skipping hidden ones and directories already in ``once``."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        key = _directory_key(folder)
+        if key is None or key in once:
+            continue
+        once.add(key)
+        yield folder
+        stack.extend(folder / name for name in reversed(_names(folder)) if not name.startswith("."))
 
 
 def _glob_base(pattern: str) -> Path:
@@ -95,27 +153,59 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _directory_key(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the directory ``path`` leads to (through symbolic links), which every route to it shares;
+    None if it is not one. Why not ``os.path.realpath``: it resolves the path one part at a time in Python, and a
+    walk asking it of every folder of a deep tree takes time growing with the square of the depth (52 s at 1,100)."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # gone, a link loop, a NUL in the name
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory (through symbolic links); False where it cannot be told (a link loop)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _candidate(path: Path) -> bool:
-    """Inside a directory or a glob: a file with a LoRA suffix, or a PEFT adapter directory."""
+    """Inside a directory or a glob: an entry with a LoRA suffix that is not a directory (a file, or something
+    that fails to convert as what it is), or a PEFT adapter directory."""
     if path.name.startswith("."):
         return False
-    return path.suffix.lower() in LORA_SUFFIXES if path.is_file() else path.is_dir() and is_adapter_directory(path)
+    if _is_dir(path):
+        return is_adapter_directory(path)
+    return path.suffix.lower() in LORA_SUFFIXES
 
 
-def _walk(directory: Path, base: Path, skipped: set[str]) -> Iterator[Found]:
-    """Depth-first, sorted by name; adapter directories are one input and are not entered."""
-    if os.path.realpath(directory) in skipped:
-        return
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError as exc:  # reported, not skipped silently
-        yield Found(directory, directory.relative_to(base), f"cannot read directory: {exc.strerror or exc}")
-        return
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir() and not is_adapter_directory(path):
-            yield from _walk(path, base, skipped)
+def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator[Found]:
+    """Depth-first, entries sorted by name (a folder's contents where the folder sorts); adapter directories are
+    one input and are not entered; a real directory already in ``walked`` is not walked again."""
+    stack: list[Iterator[Path]] = []
+    folder: Path | None = directory
+    while folder is not None or stack:
+        if folder is not None:
+            key = _directory_key(folder)
+            if key not in walked:  # None (gone or unreadable since it was listed) never is: scandir says why
+                if key is not None:
+                    walked.add(key)
+                try:
+                    names = sorted(entry.name for entry in os.scandir(folder))
+                except OSError as exc:  # reported, not skipped silently
+                    yield Found(folder, folder.relative_to(base), f"cannot read directory: {exc.strerror or exc}")
+                else:
+                    stack.append(iter([folder / name for name in names if not name.startswith(".")]))
+            folder = None
+            if not stack:
+                continue
+        path = next(stack[-1], None)
+        if path is None:
+            stack.pop()
+        elif _is_dir(path) and not is_adapter_directory(path):
+            folder = path
         elif _candidate(path):
             yield Found(path, path.relative_to(base))

@@ -70,6 +70,8 @@ def check_regular(path: str | os.PathLike, directory_ok: bool = False) -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise LoraBridgeError(f"is a broken symbolic link (to {os.readlink(path)!r})", path) from None
         raise LoraBridgeError("no such file or directory", path) from None
     except OSError as exc:
         raise LoraBridgeError(f"cannot read: {exc.strerror or exc}", path) from None
