@@ -258,8 +258,14 @@ def test_a_library_nested_deeper_than_python_recursion_is_walked(tmp_path):
         deep = deep / "d"
         deep.mkdir(parents=True)
     (deep / "a.ckpt").write_bytes(b"x")
-    assert [f.path for f in find_inputs([tmp_path / "lib"])] == [deep / "a.ckpt"]
-    assert [f.path for f in find_inputs([str(tmp_path / "lib" / "**" / "*.ckpt")])] == [deep / "a.ckpt"]
+    try:
+        assert [f.path for f in find_inputs([tmp_path / "lib"])] == [deep / "a.ckpt"]
+        assert [f.path for f in find_inputs([str(tmp_path / "lib" / "**" / "*.ckpt")])] == [deep / "a.ckpt"]
+    finally:  # removed here: shutil.rmtree, which pytest cleans its old temporaries with, recurses too
+        (deep / "a.ckpt").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
 
 
 @pytest.mark.parametrize("pattern", ["*", "**", "**/*.ckpt", "*/*", "sub/*/x.*", ".h*", "**/.h*", "sub/**/[xy].ckpt",
@@ -288,6 +294,23 @@ def test_lora_named_entries_that_are_not_files_are_reported_not_left_out(tmp_pat
                                            f"{str(tmp_path / 'gone.safetensors')!r})",
                       "pipe.ckpt": f"{root / 'pipe.ckpt'}: is a FIFO (named pipe), not a regular file; refusing to read it"}
     assert not result.ok
+
+
+def test_names_with_newlines_or_bytes_that_are_not_utf8_convert_and_report_as_json(tmp_path):
+    """A library copied from a Latin-1 system keeps names that are not UTF-8: Python holds their bytes as lone
+    surrogates, which neither a UTF-8 report line nor a manifest can take as they are."""
+    root = tmp_path / "lib"
+    root.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.safetensors")
+    for name in [latin1, "new\nline.safetensors", "ローラ.safetensors"]:
+        write_neutral(make_lora_model(seed=1), root / name)
+    result = run_batch([root], tmp_path / "out", "neutral", jobs=1, progress=False)
+    assert result.ok and result.count("converted") == 3, result.render()
+    lines = (tmp_path / "out" / REPORT_NAME).read_bytes().decode("utf-8").splitlines()
+    reported = {os.fsencode(json.loads(line)["input"]) for line in lines}
+    assert reported == {os.fsencode(root / name) for name in [latin1, "new\nline.safetensors", "ローラ.safetensors"]}
+    assert any("ローラ" in line for line in lines)  # readable where the name is UTF-8
+    assert read_neutral(tmp_path / "out" / latin1).provenance["source_file"] == "caf\ufffd.safetensors"
 
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"

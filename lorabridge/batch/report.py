@@ -46,12 +46,30 @@ class ReportWriter:
         self._handle: IO[str] = open(fd, "w", encoding="utf-8")
 
     def add(self, entry: Entry) -> None:
-        self._handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
+        self._handle.write(_json_line(asdict(entry)))
         self._handle.flush()
 
     def close(self) -> None:
         self._handle.close()
         os.replace(self._temporary, self.path)
+
+
+def _json_line(record: dict) -> str:
+    r"""``record`` as one line of UTF-8 JSON, names as they are (readable: ``"ローラ.ckpt"``), except in a line
+    with a file name that is not UTF-8 (bytes a Latin-1 system wrote), which Python holds as lone surrogates no
+    UTF-8 file can take: that line is written with ``\uXXXX`` escapes, which ``json.loads`` and ``os.fsencode``
+    turn back into the name's bytes.
+
+    Example:
+        >>> _json_line({"input": "ローラ.ckpt"}), _json_line({"input": "caf\udce9.ckpt"})
+        ('{"input": "ローラ.ckpt"}\n', '{"input": "caf\\udce9.ckpt"}\n')
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record)
+    return text + "\n"
 
 
 @dataclass

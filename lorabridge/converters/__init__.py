@@ -79,6 +79,17 @@ def _sha256_of_file(path: Path, held: mmap.mmap | memoryview | None = None) -> s
     return digest.hexdigest()
 
 
+def unicode_name(name: str) -> str:
+    r"""A file name as text a manifest (JSON in UTF-8) can hold: a name that is not UTF-8 (bytes a Latin-1
+    system wrote, which Python holds as lone surrogates) gets U+FFFD for each byte that is not.
+
+    Example:
+        >>> unicode_name("lora.ckpt"), unicode_name("caf\udce9.ckpt") == "caf\N{REPLACEMENT CHARACTER}.ckpt"
+        ('lora.ckpt', True)
+    """
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def record_source(model: LoraModel, source: Path, source_format: str, source_sha256: str | Pending | None) -> None:
     """Make ``model.provenance`` describe this conversion, keeping earlier provenance as history.
 
@@ -89,7 +100,7 @@ def record_source(model: LoraModel, source: Path, source_format: str, source_sha
     history = previous.pop("history", [])
     if previous:
         history = [*history, previous]
-    model.provenance = {"source_format": source_format, "source_file": source.name,
+    model.provenance = {"source_format": source_format, "source_file": unicode_name(source.name),
                         "source_sha256": source_sha256, **({"history": history} if history else {})}
 
 
