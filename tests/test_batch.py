@@ -13,6 +13,8 @@ import gc
 import glob
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from lorabridge.batch.discover import expand_glob, find_inputs
 from lorabridge.batch.plan import Job
 from lorabridge.batch.state import STATE_DIR, read_record
 from lorabridge.converters import convert
+from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral, write_neutral
 from lorabridge.io import atomic
 from lorabridge.io.safetensors_file import write_safetensors
@@ -311,6 +314,31 @@ def test_names_with_newlines_or_bytes_that_are_not_utf8_convert_and_report_as_js
     assert reported == {os.fsencode(root / name) for name in [latin1, "new\nline.safetensors", "ローラ.safetensors"]}
     assert any("ローラ" in line for line in lines)  # readable where the name is UTF-8
     assert read_neutral(tmp_path / "out" / latin1).provenance["source_file"] == "caf\ufffd.safetensors"
+
+
+def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_report(tmp_path):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    convert(root / "x.safetensors", root / "adapter", "peft", progress=False)
+    lora = (root / "x.safetensors").read_bytes()
+    (tmp_path / "notes.txt").write_text("mine")
+    refused = {root / "x.safetensors": "--report names an input of this batch; refusing to replace it",
+               root / "adapter" / "report.jsonl": "--report names a file inside an input adapter folder",
+               Path("/dev/null"): "--report names a character device, not a regular file; refusing to replace it"}
+    for report, why in refused.items():
+        with pytest.raises(LoraBridgeError, match=re.escape(why)):
+            run_batch([root], out, "neutral", report=report, force=True, progress=False)
+    with pytest.raises(LoraBridgeError, match="not a lorabridge batch report; pass --force to replace it"):
+        run_batch([root], out, "neutral", report=tmp_path / "notes.txt", progress=False)
+    assert not out.exists() and (root / "x.safetensors").read_bytes() == lora
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    for _ in range(2):  # an earlier report is the batch's own: replaced without --force
+        assert run_batch([root], out, "neutral", report=tmp_path / "r.jsonl", jobs=1, progress=False).ok
+    assert run_batch([root], out, "neutral", report=tmp_path / "notes.txt", force=True, jobs=1, progress=False).ok
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "r.jsonl").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"

@@ -28,7 +28,7 @@ from ..formats.contract import OPTION_DEFAULTS
 from ..io.atomic import sync_file_system
 from .discover import find_inputs
 from .plan import plan_jobs
-from .report import FAILED, BatchResult, ReportWriter
+from .report import FAILED, BatchResult, ReportWriter, check_report_target
 from .work import Settings
 
 REPORT_NAME = "lorabridge-report.jsonl"
@@ -56,9 +56,10 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
                               "the files (start them with --nworkers N --nthreads 1)")
     target = get_writer(to)  # an unknown or read-only target fails once, before any file
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
+    check_report_target(report_path, [job.source for job in jobs_], force)
+    out.mkdir(parents=True, exist_ok=True)
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
     # on other machines write through their own page caches, so each fsyncs its outputs.

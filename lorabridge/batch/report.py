@@ -8,16 +8,21 @@ it is interrupted: two batches naming one report never interleave their lines, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
-from ..errors import listed, shown
+from ..errors import LoraBridgeError, listed, shown
+from ..io.atomic import current_umask
+from ..io.input_file import kind_of
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
+REPORT_LINE_LIMIT = 1 << 20  # bytes of an existing --report file's first line read to tell whether it is a report
 
 
 @dataclass
@@ -43,6 +48,7 @@ class ReportWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._temporary = tempfile.mkstemp(".partial", f".{path.name}.", path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a report is read by others as outputs are
         self._handle: IO[str] = open(fd, "w", encoding="utf-8")
 
     def add(self, entry: Entry) -> None:
@@ -52,6 +58,50 @@ class ReportWriter:
     def close(self) -> None:
         self._handle.close()
         os.replace(self._temporary, self.path)
+
+
+def check_report_target(path: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse a report path whose file the batch must not replace: one of its inputs (even with ``force``), a
+    FIFO or device, or (without ``force``) a file that is not an earlier batch's report. Why: the report is
+    renamed into place when the batch ends, and ``--report`` can name any path (a typo for an input's).
+
+    Example:
+        >>> check_report_target(Path("/dev/null"), [], force=True)
+        Traceback (most recent call last):
+        lorabridge.errors.LoraBridgeError: /dev/null: --report names a character device, not a regular file; refusing to replace it
+    """
+    inputs = list(inputs)
+    folders = [Path(os.path.realpath(source)) for source in inputs if source.is_dir()]  # PEFT adapter folders
+    if any(Path(os.path.realpath(path)).is_relative_to(folder) for folder in folders):
+        raise LoraBridgeError("--report names a file inside an input adapter folder; refusing to write there", path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LoraBridgeError(f"--report cannot be checked: {exc.strerror or exc}", path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LoraBridgeError(f"--report names {kind_of(info.st_mode)}, not a regular file; refusing to replace it", path)
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(source, path):
+                raise LoraBridgeError("--report names an input of this batch; refusing to replace it", path)
+    if not force and not _is_report(path):
+        raise LoraBridgeError("--report names a file that is not a lorabridge batch report; pass --force to "
+                              "replace it", path)
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is empty or starts with a report line (a JSON object with ``input`` and ``status``)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(REPORT_LINE_LIMIT)
+        if not first:
+            return True
+        line = json.loads(first)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(line, dict) and {"input", "status"} <= line.keys()
 
 
 def _json_line(record: dict) -> str:

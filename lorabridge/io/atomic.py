@@ -357,7 +357,8 @@ def _reported(path: Path, doing: str) -> Iterator[None]:
         raise LoraBridgeError(f"{doing}: {exc.strerror or exc}", path) from None
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and back: POSIX has no call that only reads it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -385,7 +386,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     lock = _hold_lock(os.dup(fd))
     handle = _EarlyWriteback(io.FileIO(fd, "wb"), path, durable=sync)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
         yield handle
         deferred.settle()  # checks that ran beside the write (NaN/Inf scan) may still refuse it (--strict)
         check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
@@ -432,7 +433,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
         staging = Path(tempfile.mkdtemp(_SUFFIX, _temporary_prefix(path), path.parent))
     lock = _hold_lock(os.open(staging, os.O_RDONLY))
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; outputs get the usual permissions
         yield staging
         deferred.settle()
         with _reported(path, "cannot write the output"):

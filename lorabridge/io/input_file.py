@@ -52,7 +52,8 @@ _CAN_LEASE = fcntl is not None and hasattr(fcntl, "F_SETLEASE")
 _LEASE_SIGNAL = getattr(signal, "SIGURG", 0)
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular one is, for a message ("a FIFO (named pipe)", "a directory"...)."""
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
@@ -79,7 +80,7 @@ def check_regular(path: str | os.PathLike, directory_ok: bool = False) -> Path:
         return path
     if stat.S_ISDIR(mode):
         raise LoraBridgeError("is a directory, expected a file", path)
-    raise LoraBridgeError(f"is {_kind(mode)}, not a regular file; refusing to read it", path)
+    raise LoraBridgeError(f"is {kind_of(mode)}, not a regular file; refusing to read it", path)
 
 
 def open_regular(path: str | os.PathLike) -> int:
@@ -93,7 +94,7 @@ def open_regular(path: str | os.PathLike) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # swapped between stat and open
         os.close(fd)
-        raise LoraBridgeError(f"is {_kind(mode)}, not a regular file; refusing to read it", path)
+        raise LoraBridgeError(f"is {kind_of(mode)}, not a regular file; refusing to read it", path)
     return fd
 
 
