@@ -340,6 +340,16 @@ def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_rep
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "r.jsonl").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
+
+def test_the_output_directory_named_as_a_source_fails_instead_of_converting_nothing(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    result = run_batch([root], root, "kohya", jobs=1, progress=False)
+    assert not result.ok and [e.error for e in result.entries] == [
+        f"{root}: is the output directory, which a batch never reads (a rerun would convert its own outputs); "
+        "choose another -o"]
+
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"
     root.mkdir()

@@ -58,7 +58,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     out = Path(out_dir)
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
-    check_report_target(report_path, [job.source for job in jobs_], force)
+    read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
+    check_report_target(report_path, read, force)
     out.mkdir(parents=True, exist_ok=True)
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers

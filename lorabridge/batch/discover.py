@@ -67,10 +67,15 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
         >>> find_inputs(["/no/such/*.safetensors"])[0].error
         'no file matches this pattern'
     """
-    walked = {key for key in map(_directory_key, exclude) if key}  # directories walked (or never to be), all sources
+    excluded = {key for key in map(_directory_key, exclude) if key}
+    walked = set(excluded)  # directories walked (or never to be), across all sources
     seen: set[str] = set()
     found: list[Found] = []
     for source in sources:
+        if _directory_key(source) in excluded:  # else it would name nothing, and the batch say "0 files"
+            found.append(Found(Path(source), Path(Path(source).name), "is the output directory, which a batch "
+                               "never reads (a rerun would convert its own outputs); choose another -o"))
+            continue
         for item in _expand(os.fspath(source), walked):
             key = os.path.realpath(item.path)
             if item.error or key not in seen:
