@@ -29,7 +29,8 @@ import pytest
 from lorabridge.batch import REPORT_NAME, local, run_batch, work
 from lorabridge.batch.discover import expand_glob, find_inputs
 from lorabridge.batch.plan import Job
-from lorabridge.batch.state import STATE_DIR, read_record
+from lorabridge.batch.state import STATE_DIR, read_record, record_path
+from lorabridge.batch.work import convert_job
 from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral, write_neutral
@@ -349,6 +350,26 @@ def test_the_output_directory_named_as_a_source_fails_instead_of_converting_noth
     assert not result.ok and [e.error for e in result.entries] == [
         f"{root}: is the output directory, which a batch never reads (a rerun would convert its own outputs); "
         "choose another -o"]
+
+
+HOSTILE_RECORDS = {"deep": lambda path: path.write_text("[" * 100_000 + "]" * 100_000),
+                   "huge": lambda path: path.write_text('{"source": "' + "x" * (2 << 20) + '"}'),
+                   "stamp of text": lambda path: path.write_text(json.dumps(
+                       {**json.loads(path.read_text()), "stamp": ["big", "late"]})),
+                   "fifo": lambda path: (path.unlink(), os.mkfifo(path))}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_RECORDS))
+def test_a_hostile_state_record_makes_the_output_foreign_never_a_crash_or_a_hang(tmp_path, kind):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    assert run_batch([root], out, "kohya", jobs=1, progress=False).ok
+    HOSTILE_RECORDS[kind](record_path(out, out / "x.safetensors"))
+    entry = convert_job(Job(root / "x.safetensors", out / "x.safetensors", 1), work.Settings(out, "kohya"))
+    assert (entry.status, entry.error) == ("failed", f"{out / 'x.safetensors'}: output exists; pass --force to replace it")
+    assert convert_job(Job(root / "x.safetensors", out / "x.safetensors", 1),
+                       work.Settings(out, "kohya", force=True)).status == "converted"
 
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"

@@ -39,11 +39,13 @@ from typing import Any
 
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
+from ..io.input_file import open_regular
 from ..io.json_safe import load_json
 from ..io.safetensors_file import SafetensorsFile
 from ..manifest import MANIFEST_KEY
 
 STATE_DIR = ".lorabridge-batch"
+RECORD_BYTES = 1 << 20  # a record is ~400 bytes (its settings hold the conversion options); larger is not one
 
 
 @dataclass
@@ -93,12 +95,30 @@ def record_path(out_dir: Path, output: Path) -> Path:
 
 
 def read_record(out_dir: Path, output: Path) -> Record | None:
-    """The record of ``output``, or None (none, or unreadable: treated as none)."""
+    """The record of ``output``, or None (none, or unreadable or malformed: treated as none, which makes the
+    output foreign, refused without ``--force``).
+
+    Records are the batch's own, but ``OUT_DIR`` may be shared: one is read as untrusted (never more than
+    :data:`RECORD_BYTES`, not a FIFO, nesting that exhausts the parser, fields of other types).
+    """
     try:
-        data = json.loads(record_path(out_dir, output).read_text("utf-8"))
-        return Record(**data)
-    except (OSError, ValueError, TypeError):
+        fd = open_regular(record_path(out_dir, output))
+        with open(fd, "rb") as handle:
+            raw = handle.read(RECORD_BYTES + 1)
+        record = Record(**json.loads(raw)) if len(raw) <= RECORD_BYTES else None
+    except (LoraBridgeError, OSError, ValueError, TypeError, RecursionError):
         return None
+    return record if record is not None and _well_formed(record) else None
+
+
+def _well_formed(record: Record) -> bool:
+    """Whether every field has its type (:func:`decide` compares them: a string stamp would raise there)."""
+    texts = (record.source_sha256, record.format, record.architecture)
+    stamp = record.stamp
+    return (isinstance(record.source, str) and isinstance(record.status, str) and isinstance(record.settings, dict)
+            and all(text is None or isinstance(text, str) for text in texts)
+            and (stamp is None or (isinstance(stamp, list) and len(stamp) == 2
+                                   and all(type(n) is int for n in stamp))))
 
 
 def write_record(out_dir: Path, output: Path, record: Record) -> None:
