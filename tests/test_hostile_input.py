@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorabridge.errors import LoraBridgeError
 from lorabridge.io.safetensors_file import read_safetensors, write_safetensors
 from lorabridge.manifest import MANIFEST_KEY
 from lorabridge.tensor import Tensor
@@ -154,6 +155,14 @@ def test_a_directory_is_refused_where_the_format_is_a_file(tmp_path, run_cli):
     assert_refused(result.output, result.exit_code, tmp_path / "dir", out, "not a LoRA file")
 
 
+
+
+def test_hashing_a_source_that_became_a_fifo_after_its_check_fails_instead_of_blocking(tmp_path):
+    from lorabridge.converters import _sha256_of_file  # what convert and a batch hash a large source with
+
+    os.mkfifo(tmp_path / "lora.safetensors")
+    with pytest.raises(LoraBridgeError, match="is a FIFO"):
+        _sha256_of_file(tmp_path / "lora.safetensors")
 
 def test_a_broken_symbolic_link_is_named_as_one(tmp_path, run_cli):
     (tmp_path / "lora.safetensors").symlink_to(tmp_path / "moved-away.safetensors")

@@ -23,7 +23,7 @@ from ..formats.contract import Format, WritableFormat, WriteOptions
 from ..io.atomic import check_output_path, replacing
 from ..io.contents import FileContents, file_contents
 from ..io.deferred import beside_writing
-from ..io.input_file import check_regular, check_unchanged, held_inputs, map_input
+from ..io.input_file import check_regular, check_unchanged, held_inputs, map_input, open_regular
 from ..io.streaming import in_background, kept_mapped
 from ..model import LoraModel, Pending
 from .registry import FORMATS, get_format, get_writer, split_options
@@ -73,7 +73,7 @@ def _sha256_of_file(path: Path, held: mmap.mmap | memoryview | None = None) -> s
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK_BYTES)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
+    with open(open_regular(path), "rb", buffering=0) as handle:  # a FIFO swapped in meanwhile cannot block it
         while count := handle.readinto(buffer):
             digest.update(view[:count])
     return digest.hexdigest()
