@@ -87,6 +87,35 @@ def test_a_small_map_stays_mapped_and_is_hashed_from_its_pages_a_large_one_by_pr
         assert [len(piece) for piece in pieces] == [1024] * 8 and b"".join(pieces) == bytes(view)
 
 
+
+def _mapped_kib(mapped: mmap.mmap) -> int:
+    """Resident KiB of ``mapped`` in this process (its block in /proc/self/smaps)."""
+    base = np.frombuffer(mapped, np.uint8).__array_interface__["data"][0]
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for at, line in enumerate(lines):
+        if "-" in line.split(" ")[0] and int(line.split("-")[0], 16) == base:
+            return next(int(row.split()[1]) for row in lines[at + 1:] if row.startswith("Rss:"))
+    raise AssertionError("map not found in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_a_pass_reading_small_pieces_far_apart_is_charged_for_what_it_maps_not_its_bytes(tmp_path, monkeypatch):
+    """A fault maps the pages around the byte touched (64 KiB at least, a whole large folio for a file read from the
+    disk): 4 KiB read every 256 KiB counted as 4 KiB each let 64 times more stay mapped than the release stride."""
+    monkeypatch.setattr(streaming, "KEEP_MAPS_UP_TO_BYTES", 0)
+    monkeypatch.setattr(streaming, "RELEASE_EVERY_BYTES", 1 << 20)
+    path, data = tmp_path / "data.bin", np.random.default_rng(3).bytes(64 << 20)
+    path.write_bytes(data)
+    handle, mapped = _mapped(path)
+    peak = 0
+    with handle, mapped, memoryview(mapped) as whole:
+        for start in range(0, 64 << 20, 256 << 10):
+            with whole[start:start + 4096] as piece:
+                assert piece[0] == data[start]
+                release_pages(piece)
+            peak = max(peak, _mapped_kib(mapped))
+    assert peak <= 2 * 1024 + 4 * 2048, peak  # the stride, plus a few largest folios around the last pieces
+
 def test_in_background_returns_the_result_or_raises_the_error():
     assert in_background(sum, [1, 2, 3])() == 6
     with pytest.raises(ZeroDivisionError):
@@ -398,14 +427,14 @@ def test_the_source_is_hashed_from_the_bytes_the_reader_holds_when_they_stay_in_
     the file; a map too large to keep is hashed by reading the file in pieces. The hash is the same."""
     import lorabridge.converters as converters
 
-    reads, real_open = [], open
+    reads, real_open = [], converters.open_regular
 
-    def counting_open(path, *args, **kwargs):
-        if not isinstance(path, int) and Path(path) == neutral_file:
+    def counting_open(path):
+        if Path(path) == neutral_file:
             reads.append(path)
-        return real_open(path, *args, **kwargs)
+        return real_open(path)
 
-    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(converters, "open_regular", counting_open)
     digest = hashlib.sha256(neutral_file.read_bytes()).hexdigest()
     reads.clear()
     assert convert(neutral_file, tmp_path / "a.safetensors", "neutral", progress=False).model.provenance["source_sha256"] == digest
