@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
-from typing import Any, Callable, Iterator, TypeVar, cast
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
@@ -32,10 +34,20 @@ KEEP_MAPS_UP_TO_BYTES = 32 * 1024 * 1024
 # The most a page fault maps around the byte touched: a whole page cache folio, at most a PMD (2 MiB on x86-64
 # and arm64 with 4 KiB pages) on recent kernels, where files read from the disk come in by readahead in large folios.
 LARGEST_FOLIO_BYTES = 2 * 1024 * 1024
-_used: dict[int, int] = {}  # id(map) -> bytes charged since its pages were last released
-_ends: dict[tuple[int, int], int] = {}  # (id(map), thread) -> where that thread's last view ended (map offset)
-_bases: dict[int, int] = {}  # id(map) -> its address
 _kept: dict[int, list[bytearray]] = {}  # size -> buffers of that size no one holds now
+
+
+@dataclass
+class _Use:
+    """How a map has been used since its pages were last released."""
+
+    address: int  # the map's, which views' addresses are offsets from
+    charged: int = 0  # bytes charged (:func:`_charge`)
+    ends: dict[int, int] = field(default_factory=dict)  # thread -> where its last view ended (an offset)
+
+
+_uses: weakref.WeakKeyDictionary[mmap.mmap, _Use] = weakref.WeakKeyDictionary()  # gone with the map (a worker
+# converts thousands of files; a new map may get an old one's id)
 
 
 def release_pages(data) -> None:
@@ -53,30 +65,28 @@ def release_pages(data) -> None:
     if not (_CAN_RELEASE and isinstance(data, memoryview) and data.readonly
             and isinstance(data.obj, mmap.mmap) and not data.obj.closed) or len(data.obj) <= KEEP_MAPS_UP_TO_BYTES:
         return
-    key = id(data.obj)
-    used = _used.get(key, 0) + _charge(data, key)
-    if used >= RELEASE_EVERY_BYTES:
-        data.obj.madvise(mmap.MADV_DONTNEED)
-        used = 0
-    _used[key] = used
+    import numpy as np  # every pass that maps a large file has imported it already
+
+    mapped = data.obj
+    use = _uses.get(mapped)
+    if use is None:
+        use = _uses[mapped] = _Use(np.frombuffer(mapped, np.uint8).__array_interface__["data"][0])
+    use.charged += _charge(data, np.frombuffer(data, np.uint8).__array_interface__["data"][0] - use.address, use)
+    if use.charged >= RELEASE_EVERY_BYTES:
+        mapped.madvise(mmap.MADV_DONTNEED)
+        use.charged = 0
 
 
-def _charge(data: memoryview, key: int) -> int:
-    """What using ``data`` mapped: its bytes, plus the gap since the same thread's last view of this map (up to
+def _charge(data: memoryview, start: int, use: _Use) -> int:
+    """What using ``data`` (at ``start`` in its map) mapped: its bytes, plus the gap since the same thread's last view of this map (up to
     :data:`LARGEST_FOLIO_BYTES`; a jump back, or a first view, counts that much). Why: a pass reading small pieces
     far apart (a kohya Flux.1 LoRA's fused B blocks, ~590 KB apart) maps a whole folio around each piece, so
     counting its bytes alone let ~75 MiB of a 306 MB input stay mapped between releases (peak RssFile, the file
     read from the disk); a pass over adjacent pieces is charged its bytes, as before. Threads are apart: the hash,
     the write and the NaN/Inf scan each go through the file in order, at their own place."""
-    import numpy as np  # every pass that maps a large file has it imported already
-
-    if key not in _bases:
-        _bases[key] = np.frombuffer(cast(mmap.mmap, data.obj), np.uint8).__array_interface__["data"][0]
-    start = np.frombuffer(data, np.uint8).__array_interface__["data"][0] - _bases[key]
-    end = start + data.nbytes
-    thread = (key, threading.get_ident())
-    last = _ends.get(thread)
-    _ends[thread] = end
+    thread = threading.get_ident()
+    last = use.ends.get(thread)
+    use.ends[thread] = start + data.nbytes
     gap = start - last if last is not None and start >= last else LARGEST_FOLIO_BYTES
     return data.nbytes + min(gap, LARGEST_FOLIO_BYTES)
 
