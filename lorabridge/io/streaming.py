@@ -51,9 +51,10 @@ _uses: weakref.WeakKeyDictionary[mmap.mmap, _Use] = weakref.WeakKeyDictionary() 
 
 
 def release_pages(data) -> None:
-    """Say that ``data``, a view into a read-only memory map, has been used: every 16 MiB of use, the
-    map's pages are dropped from this process's resident set (the data stays in the page cache). A map of
-    at most :data:`KEEP_MAPS_UP_TO_BYTES` stays whole (:func:`kept_mapped`).
+    """Say that ``data``, a view into a read-only memory map, has been used: every 16 MiB of use (each view
+    charged what it mapped, :func:`_charge`), the map's pages are dropped from this process's resident set
+    (the data stays in the page cache). A map of at most :data:`KEEP_MAPS_UP_TO_BYTES` stays whole
+    (:func:`kept_mapped`).
 
     Anything else (``bytes``, a view of a writable or private map) is left alone: only a read-only
     shared file map can give its pages back without losing data. Pages another thread is reading
