@@ -156,7 +156,7 @@ def test_scans_running_at_once_join_their_batches_in_buffers_of_their_own(monkey
     monkeypatch.setattr(checks, "all_finite", scan_when_both_have_joined)
     sets = {}
     for name, bad in (("a", 1), ("b", 6)):
-        values = np.ones((2, 8), np.float32)
+        values = np.ones((2, 8), np.float16)  # F16: joined (small F32 are summed one by one, where they lie)
         values.flat[bad] = np.nan
         sets[name] = [(f"{name}{i}", Tensor.from_numpy(values[i])) for i in range(2)]
     found = {}
@@ -185,10 +185,21 @@ def test_each_large_tensor_s_mapped_pages_are_let_go_before_the_next_is_scanned(
     big = checks.SMALL_TENSOR_BYTES // 4 + 1  # F32 values just over the small-tensor size
     tensors = [(f"big{i}", Tensor.from_numpy(np.ones(big, np.float32))) for i in range(3)]
     tensors += [(f"small{i}", Tensor.from_numpy(np.ones(8, np.float32))) for i in range(4)]
+    tensors += [(f"half{i}", Tensor.from_numpy(np.ones(8, np.float16))) for i in range(4)]
     assert checks._non_finite(tensors) == []
     scans_of_big = [i for i, e in enumerate(events) if e == ("scan", big * 4)]
     assert len(scans_of_big) == 3 and all(events[i + 1] == ("release", big * 4) for i in scans_of_big)
-    assert events[-5:] == [("release", 32)] * 4 + [("scan", 128)]  # the small ones released once joined
+    assert events[-9:] == ([("release", 32)] * 4  # small F32: each summed where it lies, then released
+                           + [("release", 16)] * 4 + [("scan", 64)])  # small F16: released once joined
+
+
+def test_small_f32_tensors_summed_one_by_one_are_reported_only_for_a_nan_or_inf_not_for_an_overflowing_sum():
+    from lorabridge.formats import checks
+
+    values = {"fine": [1.0, 2.0], "huge": [3e38, 3e38], "nan": [1.0, np.nan], "inf": [-np.inf, 1.0]}
+    tensors = [(name, Tensor.from_numpy(np.array(v, np.float32))) for name, v in values.items()]
+    tensors.append(("double", Tensor.from_numpy(np.array([np.nan, 1.0, 2.0], np.float64))))
+    assert checks._non_finite(tensors) == ["nan (1 of 2)", "inf (1 of 2)", "double (1 of 3)"]
 
 
 @pytest.mark.parametrize("source_format", ["mindone-sgm", "kohya"])

@@ -30,7 +30,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
-        context.set_forkserver_preload(["lorabridge.batch.work"])
+        context.set_forkserver_preload(["lorabridge.batch.work", "numpy"])  # imported once, not once per worker
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=prepare_worker)
 
 

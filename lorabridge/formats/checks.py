@@ -39,6 +39,7 @@ CHECKED_DTYPES = ("F64", "F32", "F16", "BF16")  # NaN/Inf checked (numpy cannot 
 EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
                  "BF16": ("<u2", 0x7F80)}
 SUMMED_DTYPES = ("F32", "F64")  # all_finite sums these first (numpy sums them natively, in SIMD)
+DTYPE_OF_SUMMED = {"F32": "<f4", "F64": "<f8"}
 FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 SMALL_TENSOR_BYTES = 1 << 16  # tensors up to this size are checked for NaN/Inf together, in batches of
 SMALL_BATCH_BYTES = 8 << 20  # up to this many bytes, joined in a kept buffer (io.streaming.kept_buffer)
@@ -240,9 +241,10 @@ def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
 def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
     """``name (count of numel)`` for each of ``tensors`` holding NaN or Inf values.
 
-    Small tensors are checked a batch at a time (:func:`_small_batches`): a rank-4 SDXL LoRA's 1,120
-    tensors of a few KiB each would otherwise cost numpy's per-call overhead 1,120 times, several times
-    the work itself. Only a batch that holds a NaN/Inf is looked at tensor by tensor.
+    Small F32/F64 tensors are summed one by one where they lie (:func:`_summed_one_by_one`); other small
+    ones are checked a batch at a time (:func:`_small_batches`): a LoRA's thousand F16 tensors of a few KiB
+    each would otherwise cost :func:`all_finite`'s per-call overhead a thousand times, several times the
+    work itself. Only a batch that holds a NaN/Inf is looked at tensor by tensor.
     """
     import numpy as np
     checked = [i for i, (_, t) in enumerate(tensors) if t.dtype in CHECKED_DTYPES and t.numel]
@@ -254,6 +256,8 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
                 suspects.append(i)
             release_pages(tensor.data)
     small = [(i, tensors[i][1]) for i in checked if tensors[i][1].nbytes <= SMALL_TENSOR_BYTES]
+    suspects += _summed_one_by_one([item for item in small if item[1].dtype in SUMMED_DTYPES])
+    small = [item for item in small if item[1].dtype not in SUMMED_DTYPES]
     with kept_buffer(SMALL_BATCH_BYTES) as buffer:  # kept between scans: a fresh 8 MiB costs ~2,000 page faults
         for batch in _small_batches(small):
             joined = _joined([t for _, t in batch], buffer)
@@ -268,6 +272,21 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
         count = int(values.size - np.count_nonzero(np.isfinite(values)))
         bad.append(f"{name} ({count} of {values.size})")
     return bad
+
+
+def _summed_one_by_one(tensors: list[tuple[int, Tensor]]) -> list[int]:
+    """The indices of ``tensors`` (small F32/F64) that may hold NaN or Inf: those whose sum is not finite
+    (:func:`all_finite`'s first test), each summed where it lies. Why not joined into batches, as the
+    other dtypes are: one lean numpy call per tensor (~3 us) costs less than copying the bytes together
+    (a rank-4 SDXL .ckpt's 1,120 F32 tensors: 7-9 ms against 12-16 ms)."""
+    import numpy as np
+    suspects = []
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow or NaN here is a finding, not a warning
+        for i, tensor in tensors:
+            if not math.isfinite(np.add.reduce(np.frombuffer(tensor.data, DTYPE_OF_SUMMED[tensor.dtype]))):
+                suspects.append((i, tensor))
+            release_pages(tensor.data)
+    return [i for i, tensor in suspects if not all_finite(tensor)]  # a sum that overflowed proves nothing
 
 
 def _small_batches(tensors: list[tuple[int, Tensor]]) -> Iterator[list[tuple[int, Tensor]]]:

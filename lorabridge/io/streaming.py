@@ -63,12 +63,13 @@ def release_pages(data) -> None:
     Example:
         >>> release_pages(b"not a map")   # no-op
     """
-    if not (_CAN_RELEASE and isinstance(data, memoryview) and data.readonly
-            and isinstance(data.obj, mmap.mmap) and not data.obj.closed) or len(data.obj) <= KEEP_MAPS_UP_TO_BYTES:
+    if type(data) is not memoryview or not _CAN_RELEASE:  # the common exits first: this runs per tensor per pass
+        return
+    mapped = data.obj
+    if not isinstance(mapped, mmap.mmap) or mapped.closed or len(mapped) <= KEEP_MAPS_UP_TO_BYTES or not data.readonly:
         return
     import numpy as np  # every pass that maps a large file has imported it already
 
-    mapped = data.obj
     use = _uses.get(mapped)
     if use is None:
         use = _uses[mapped] = _Use(np.frombuffer(mapped, np.uint8).__array_interface__["data"][0])
