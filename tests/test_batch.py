@@ -17,6 +17,7 @@ import re
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorabridge.batch import REPORT_NAME, local, run_batch, work
 from lorabridge.batch.discover import expand_glob, find_inputs
@@ -283,6 +286,28 @@ def test_globs_match_what_glob_glob_matches_where_there_is_no_loop(tmp_path, pat
     expected = {os.path.realpath(p) for p in glob.glob(str(tmp_path / pattern), recursive=True)}
     assert {os.path.realpath(p) for p in expand_glob(str(tmp_path / pattern))} == expected  # "linked/x" is "sub/x"
 
+
+
+NAME = st.sampled_from(["a", "b.ckpt", ".h", "c.pt", "[x]", "d"])
+PART = st.sampled_from(["*", "?", "**", "*.ckpt", "[ab]*", ".*", "[!a]", "a", "d", "[x]", "*[", ""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(paths=st.lists(st.lists(NAME, min_size=1, max_size=3), max_size=8),
+       pattern=st.lists(PART, min_size=1, max_size=4))
+def test_fuzzed_globs_over_fuzzed_trees_match_what_glob_glob_matches(paths, pattern):
+    with tempfile.TemporaryDirectory() as top:
+        for parts in paths:
+            folder = Path(top, *parts[:-1])
+            if any(p.is_file() for p in [folder, *folder.parents] if str(p).startswith(top)):
+                continue  # a name already taken by a file
+            folder.mkdir(parents=True, exist_ok=True)
+            if not Path(folder, parts[-1]).is_dir():
+                Path(folder, parts[-1]).write_bytes(b"x")
+        text = os.path.join(top, *pattern)
+        # glob's "missing/**" yields "missing/" (it does not check that a folder before ** exists): not a match
+        expected = {os.path.realpath(p) for p in glob.glob(text, recursive=True) if os.path.lexists(p)}
+        assert {os.path.realpath(p) for p in expand_glob(text)} == expected, text
 
 def test_lora_named_entries_that_are_not_files_are_reported_not_left_out(tmp_path):
     root = tmp_path / "lib"

@@ -128,6 +128,8 @@ to a folder beside the folder) is listed by the first.
                        for name in fnmatch.filter(_names(match), part) if part.startswith(".") or not name.startswith(".")]
         else:
             matches = [match / part for match in matches if os.path.lexists(match / part)]
+    if pattern.endswith((os.sep, os.altsep or os.sep)):  # "loras/*/": folders only, as in glob
+        matches = [match for match in matches if _is_dir(match)]
     return list(dict.fromkeys(matches))  # "a/**/**" reaches a folder twice: glob too lists it once
 
 
