@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lorabridge.batch import REPORT_NAME, run_batch
+from lorabridge.errors import LoraBridgeError
 from lorabridge.report import validation_report
 from tests.test_batch import big_and_small_library, converting, good_library
 
@@ -78,3 +79,11 @@ def kill_the_worker_converting(client, out: Path, source: Path) -> bool:
     for address in busy:
         os.kill(pids[address], signal.SIGKILL)
     return bool(busy)
+
+
+@pytest.mark.parametrize("address, why", [("not a url", "missing port number"), ("foo://x:1", "unknown address scheme")])
+def test_a_bad_scheduler_address_fails_in_one_line_before_anything_is_written(tmp_path, address, why):
+    good_library(tmp_path / "lib")
+    with pytest.raises(LoraBridgeError, match=f"not a Dask scheduler address \\(tcp://HOST:PORT\\): {why}"):
+        run_batch([tmp_path / "lib"], tmp_path / "out", "neutral", dask=address, progress=False)
+    assert not (tmp_path / "out").exists()

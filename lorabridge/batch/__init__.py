@@ -60,6 +60,10 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
     check_report_target(report_path, read, force)
+    if dask:
+        from .cluster import connect, run_dask
+
+        client = connect(dask)
     out.mkdir(parents=True, exist_ok=True)
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
@@ -67,9 +71,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask)
     failed = False
     if dask:
-        from .cluster import run_dask
-
-        entries = run_dask(jobs_, settings, dask, lambda: fail_fast and failed)
+        entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
     else:
         from .local import run_local
 

@@ -25,25 +25,36 @@ from .report import Entry
 from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
 
 if TYPE_CHECKING:
-    from distributed import Future
+    from distributed import Client, Future
 
 CONNECT_SECONDS = 30
 
 
-def run_dask(jobs: Sequence[Job], settings: Settings, address: str, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
-    """Convert ``jobs`` on the Dask scheduler at ``address``, yielding each file's entry as it finishes.
+def connect(address: str) -> Client:
+    """A client of the Dask scheduler at ``address``; a one-line error when dask.distributed is missing, the
+    address is not one, or no scheduler answers within :data:`CONNECT_SECONDS`. Called before the batch
+    writes anything, so a typo in ``--dask`` leaves no ``OUT_DIR`` and no empty report behind."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise LoraBridgeError("--dask needs dask.distributed: pip install 'lorabridge[cluster]'") from None
+    try:
+        return Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
+    except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol
+        raise LoraBridgeError(f"not a Dask scheduler address (tcp://HOST:PORT): {exc}", address) from None
+
+
+def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
+    """Convert ``jobs`` on the cluster ``client`` is connected to (:func:`connect`), yielding each file's entry as
+    it finishes; the client is closed when the generator ends.
 
     ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, unfinished tasks are
     cancelled and their files reported as not converted.
     """
-    try:
-        from distributed import Client, KilledWorker, as_completed
-    except ImportError:
-        raise LoraBridgeError("--dask needs dask.distributed: pip install 'lorabridge[cluster]'") from None
-    try:
-        client = Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
+    from distributed import KilledWorker, as_completed
+
     with client:
         live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
         finished = as_completed(loop=client.loop)  # not default_client()'s: another Client may be the default
