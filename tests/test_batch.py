@@ -396,6 +396,19 @@ def test_a_hostile_state_record_makes_the_output_foreign_never_a_crash_or_a_hang
     assert convert_job(Job(root / "x.safetensors", out / "x.safetensors", 1),
                        work.Settings(out, "kohya", force=True)).status == "converted"
 
+
+def test_an_output_directory_or_report_that_cannot_be_created_fails_in_one_line_before_any_file(tmp_path, run_cli):
+    good_library(tmp_path / "lib")
+    (tmp_path / "file").write_bytes(b"x")
+    cases = {("-o", tmp_path / "file" / "out"): f"error: {tmp_path / 'file' / 'out'}: cannot create the output "
+                                                 "directory: Not a directory",
+             ("-o", tmp_path / "out", "--report", tmp_path / "file" / "r.jsonl"):
+                 f"error: {tmp_path / 'file' / 'r.jsonl'}: cannot write the report: File exists"}  # mkdir's words
+    for arguments, message in cases.items():
+        result = run_cli("batch", tmp_path / "lib", "--to", "neutral", *arguments)
+        assert result.exit_code == 1 and result.output.strip() == message, result.output
+    assert not list((tmp_path / "out").rglob("*.safetensors"))  # no file was converted
+
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"
     root.mkdir()

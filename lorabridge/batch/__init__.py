@@ -60,24 +60,34 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
     check_report_target(report_path, read, force)
-    if dask:
+    client = None
+    if dask:  # first: a typo in the address leaves nothing behind
         from .cluster import connect, run_dask
 
         client = connect(dask)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LoraBridgeError(f"cannot create the output directory: {exc.strerror or exc}", out) from None
+        writer = ReportWriter(report_path)  # before any file runs: a report that cannot be written stops nothing half-way
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
     # on other machines write through their own page caches, so each fsyncs its outputs.
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask)
     failed = False
-    if dask:
+    if client is not None:
         entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
     else:
         from .local import run_local
 
         entries = run_local(jobs_, settings, jobs or os.cpu_count() or 1, lambda: fail_fast and failed)
     bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
-    writer, done = ReportWriter(report_path), []
+    done = []
     try:
         for entry in entries:
             writer.add(entry)

@@ -46,8 +46,11 @@ class ReportWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._temporary = tempfile.mkstemp(".partial", f".{path.name}.", path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._temporary = tempfile.mkstemp(".partial", f".{path.name}.", path.parent)
+        except OSError as exc:
+            raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", path) from None
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a report is read by others as outputs are
         self._handle: IO[str] = open(fd, "w", encoding="utf-8")
 
@@ -76,7 +79,7 @@ def check_report_target(path: Path, inputs: Iterable[Path], force: bool) -> None
         raise LoraBridgeError("--report names a file inside an input adapter folder; refusing to write there", path)
     try:
         info = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace (creating it fails on its own)
         return
     except OSError as exc:
         raise LoraBridgeError(f"--report cannot be checked: {exc.strerror or exc}", path) from None
