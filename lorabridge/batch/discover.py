@@ -10,7 +10,7 @@ What counts as an input:
   ``.safetensors`` there that is not a LoRA (a base model, a VAE) is reported as failed, with why;
 * names starting with ``.`` (lorabridge's temporaries, the batch state, hidden folders) and the
   output directory itself are never walked, so a rerun into ``OUT_DIR`` inside the source tree
-  does not pick up its own outputs;
+  does not pick up its own outputs (``OUT_DIR`` named as a source is a failed input, saying so);
 * an entry with a LoRA suffix that is not a regular file (a FIFO, a device, a broken symbolic link)
   is an input too: its conversion fails with what it is, so the report shows that a LoRA-named
   entry was not converted instead of leaving it out.
@@ -45,7 +45,8 @@ class Found:
 
     path: Path
     relative: Path
-    error: str | None = None  # set when the argument itself named nothing (a glob matching no file)
+    error: str | None = None  # why it cannot be converted at all: a glob matching nothing, a folder that cannot be
+    # read, OUT_DIR named as a source
 
 
 def is_adapter_directory(path: Path) -> bool:
