@@ -66,7 +66,8 @@ def release_pages(data) -> None:
     if type(data) is not memoryview or not _CAN_RELEASE:  # the common exits first: this runs per tensor per pass
         return
     mapped = data.obj
-    if not isinstance(mapped, mmap.mmap) or mapped.closed or len(mapped) <= KEEP_MAPS_UP_TO_BYTES or not data.readonly:
+    if not isinstance(mapped, mmap.mmap) or mapped.closed or len(mapped) <= KEEP_MAPS_UP_TO_BYTES or not data.readonly \
+            or not data.c_contiguous:  # a strided view has no single place in the map (no reader makes one)
         return
     import numpy as np  # every pass that maps a large file has imported it already
 
