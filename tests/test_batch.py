@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from lorabridge.batch import REPORT_NAME, local, run_batch, work
 from lorabridge.batch.discover import expand_glob, find_inputs
 from lorabridge.batch.plan import Job
+from lorabridge.batch.report import Entry, ReportWriter
 from lorabridge.batch.state import STATE_DIR, read_record, record_path
 from lorabridge.batch.work import convert_job
 from lorabridge.converters import convert
@@ -408,6 +409,16 @@ def test_an_output_directory_or_report_that_cannot_be_created_fails_in_one_line_
         result = run_cli("batch", tmp_path / "lib", "--to", "neutral", *arguments)
         assert result.exit_code == 1 and result.output.strip() == message, result.output
     assert not list((tmp_path / "out").rglob("*.safetensors"))  # no file was converted
+
+
+def test_a_report_on_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path):
+    writer = ReportWriter(tmp_path / "r.jsonl")
+    writer._handle.close()
+    writer._handle = open("/dev/full", "w", encoding="utf-8")  # every write: ENOSPC, as on a full disk
+    for step in (lambda: writer.add(Entry("a.ckpt", "a.safetensors")), writer.close):
+        with pytest.raises(LoraBridgeError, match="r.jsonl: cannot write the report: No space left on device"):
+            step()
+    assert list(tmp_path.iterdir()) == []
 
 def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
     root = tmp_path / "lib"

@@ -55,12 +55,21 @@ class ReportWriter:
         self._handle: IO[str] = open(fd, "w", encoding="utf-8")
 
     def add(self, entry: Entry) -> None:
-        self._handle.write(_json_line(asdict(entry)))
-        self._handle.flush()
+        try:
+            self._handle.write(_json_line(asdict(entry)))
+            self._handle.flush()
+        except OSError as exc:  # the disk is full: a library's conversion is where that happens
+            raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", self.path) from None
 
     def close(self) -> None:
-        self._handle.close()
-        os.replace(self._temporary, self.path)
+        """Publish the report (also that of a batch stopped part-way); if it cannot be written, remove the temporary."""
+        try:
+            self._handle.close()
+            os.replace(self._temporary, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temporary)
+            raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", self.path) from None
 
 
 def check_report_target(path: Path, inputs: Iterable[Path], force: bool) -> None:
