@@ -463,6 +463,28 @@ def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_s
     assert third.count("skipped") == 11 and third.ok
 
 
+
+def test_a_file_another_batch_publishes_between_our_decision_and_our_record_ends_converted_and_done(tmp_path, monkeypatch):
+    """The race two batches on one OUT_DIR can run into: the other one publishes the output and records it "done"
+    after this one decided to convert it but before this one's "converting" record replaced that "done"."""
+    root, out = tmp_path / "lib", tmp_path / "out"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    job, settings = Job(root / "x.safetensors", out / "x.safetensors", 1), work.Settings(out, "kohya")
+    real_write_record = work.write_record
+
+    def other_batch_first(out_dir, output, record):
+        if record.status == "converting" and not output.exists():  # the other batch, just before our record
+            convert(job.source, output, "kohya", progress=False)
+            real_write_record(out_dir, output, work.Record(os.fspath(job.source), record.source_sha256,
+                                                           record.settings, "done", work.stamp(output)))
+        real_write_record(out_dir, output, record)
+
+    monkeypatch.setattr(work, "write_record", other_batch_first)
+    entry = convert_job(job, settings)
+    assert (entry.status, entry.error) == ("converted", None)
+    assert read_record(out, job.output).status == "done"
+
 def write_big_flux(path: Path, modules: int = 24, rank: int = 128) -> None:
     """A Flux.1 LoRA of about 75 MB (rank 128 on the q/k/v of the first double blocks): seconds to convert here."""
     tensors = {}

@@ -29,7 +29,7 @@ from ..io.atomic import EXISTS, syncing_at_the_end
 from ..io.input_file import check_regular, held_inputs
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
-from .state import FOREIGN, REDO, UP_TO_DATE, Record, decide, source_digest, stamp, write_record
+from .state import CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, source_digest, stamp, write_record
 
 _one_at_a_time = threading.Lock()
 
@@ -121,6 +121,11 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     job.output.parent.mkdir(parents=True, exist_ok=True)
     source = os.fspath(job.source)
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "converting"))
+    if action == CONVERT and os.path.lexists(job.output):
+        # Another batch on this OUT_DIR published it since we decided, and may have recorded it "done" before our
+        # "converting" replaced that: converted again (our record claims it now), the record ends "done" either way.
+        # Checked after our record is written: a publish after this check is followed by its "done", which wins.
+        action = REDO
     with held_inputs():
         result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
                          force=settings.force or action == REDO, **dict(settings.options))
