@@ -39,7 +39,6 @@ CHECKED_DTYPES = ("F64", "F32", "F16", "BF16")  # NaN/Inf checked (numpy cannot 
 EXPONENT_BITS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
                  "BF16": ("<u2", 0x7F80)}
 SUMMED_DTYPES = ("F32", "F64")  # all_finite sums these first (numpy sums them natively, in SIMD)
-DTYPE_OF_SUMMED = {"F32": "<f4", "F64": "<f8"}
 FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 SMALL_TENSOR_BYTES = 1 << 16  # tensors up to this size are checked for NaN/Inf together, in batches of
 SMALL_BATCH_BYTES = 8 << 20  # up to this many bytes, joined in a kept buffer (io.streaming.kept_buffer)
@@ -283,7 +282,7 @@ def _summed_one_by_one(tensors: list[tuple[int, Tensor]]) -> list[int]:
     suspects = []
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow or NaN here is a finding, not a warning
         for i, tensor in tensors:
-            if not math.isfinite(np.add.reduce(np.frombuffer(tensor.data, DTYPE_OF_SUMMED[tensor.dtype]))):
+            if not math.isfinite(np.add.reduce(np.frombuffer(tensor.data, DTYPES[tensor.dtype][1]))):
                 suspects.append((i, tensor))
             release_pages(tensor.data)
     return [i for i, tensor in suspects if not all_finite(tensor)]  # a sum that overflowed proves nothing
