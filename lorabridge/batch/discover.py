@@ -98,9 +98,10 @@ def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[Found]:
     if not matches:
         yield Found(path, Path(path.name), "no file matches this pattern")
     for match in matches:
-        if _is_dir(match) and not is_adapter_directory(match):
+        kind = _kind(match)
+        if kind == _WALK:
             yield from _walk(match, base, walked)
-        elif _candidate(match):
+        elif kind == _INPUT and not match.name.startswith("."):  # a hidden one is matched by ".*", not an input
             yield Found(match, match.relative_to(base))
 
 
@@ -180,14 +181,16 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _candidate(path: Path) -> bool:
-    """Inside a directory or a glob: an entry with a LoRA suffix that is not a directory (a file, or something
-    that fails to convert as what it is), or a PEFT adapter directory."""
-    if path.name.startswith("."):
-        return False
+_WALK, _INPUT = "walk", "input"
+
+
+def _kind(path: Path) -> str | None:
+    """What an entry of a folder or a glob's match is: a folder to walk (:data:`_WALK`), an input (:data:`_INPUT`:
+    a PEFT adapter folder, or an entry with a LoRA suffix that is not a folder: a file, or something that fails
+    to convert as what it is), or neither (None). Asked once per entry: one ``stat``, one adapter detection."""
     if _is_dir(path):
-        return is_adapter_directory(path)
-    return path.suffix.lower() in LORA_SUFFIXES
+        return _INPUT if is_adapter_directory(path) else _WALK
+    return _INPUT if path.suffix.lower() in LORA_SUFFIXES else None
 
 
 def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator[Found]:
@@ -213,7 +216,9 @@ def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator
         path = next(stack[-1], None)
         if path is None:
             stack.pop()
-        elif _is_dir(path) and not is_adapter_directory(path):
+            continue
+        kind = _kind(path)
+        if kind == _WALK:
             folder = path
-        elif _candidate(path):
+        elif kind == _INPUT:
             yield Found(path, path.relative_to(base))
