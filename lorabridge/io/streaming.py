@@ -69,15 +69,20 @@ def release_pages(data) -> None:
     if not isinstance(mapped, mmap.mmap) or mapped.closed or len(mapped) <= KEEP_MAPS_UP_TO_BYTES or not data.readonly \
             or not data.c_contiguous:  # a strided view has no single place in the map (no reader makes one)
         return
-    import numpy as np  # every pass that maps a large file has imported it already
-
     use = _uses.get(mapped)
     if use is None:
-        use = _uses[mapped] = _Use(np.frombuffer(mapped, np.uint8).__array_interface__["data"][0])
-    use.charged += _charge(data, np.frombuffer(data, np.uint8).__array_interface__["data"][0] - use.address, use)
+        use = _uses[mapped] = _Use(_address(mapped))
+    use.charged += _charge(data, _address(data) - use.address, use)
     if use.charged >= RELEASE_EVERY_BYTES:
         mapped.madvise(mmap.MADV_DONTNEED)
         use.charged = 0
+
+
+def _address(buffer) -> int:
+    """Where a contiguous buffer's first byte is in memory (Python has no call for it; numpy reads it)."""
+    import numpy as np  # every pass that maps a large file has imported it already
+
+    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
 
 
 def _charge(data: memoryview, start: int, use: _Use) -> int:
