@@ -85,6 +85,15 @@ def library(tmp_path) -> tuple[Path, dict[str, tuple[str, str]]]:
     return root, good
 
 
+@pytest.fixture
+def one_lora(tmp_path) -> Path:
+    """A library folder holding one neutral SDXL LoRA, ``x.safetensors``."""
+    root = tmp_path / "lib"
+    root.mkdir()
+    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    return root
+
+
 def report_of(out: Path) -> dict[str, dict]:
     lines = (out / REPORT_NAME).read_text().splitlines()
     entries = [json.loads(line) for line in lines]
@@ -343,10 +352,8 @@ def test_names_with_newlines_or_bytes_that_are_not_utf8_convert_and_report_as_js
     assert read_neutral(tmp_path / "out" / latin1).provenance["source_file"] == "caf\ufffd.safetensors"
 
 
-def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_report(tmp_path):
-    root, out = tmp_path / "lib", tmp_path / "out"
-    root.mkdir()
-    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_report(tmp_path, one_lora):
+    root, out = one_lora, tmp_path / "out"
     convert(root / "x.safetensors", root / "adapter", "peft", progress=False)
     lora = (root / "x.safetensors").read_bytes()
     (tmp_path / "notes.txt").write_text("mine")
@@ -368,10 +375,8 @@ def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_rep
     assert stat.S_IMODE((tmp_path / "r.jsonl").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
 
-def test_the_output_directory_named_as_a_source_fails_instead_of_converting_nothing(tmp_path):
-    root = tmp_path / "lib"
-    root.mkdir()
-    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+def test_the_output_directory_named_as_a_source_fails_instead_of_converting_nothing(one_lora):
+    root = one_lora
     result = run_batch([root], root, "kohya", jobs=1, progress=False)
     assert not result.ok and [e.error for e in result.entries] == [
         f"{root}: is the output directory, which a batch never reads (a rerun would convert its own outputs); "
@@ -386,10 +391,8 @@ HOSTILE_RECORDS = {"deep": lambda path: path.write_text("[" * 100_000 + "]" * 10
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE_RECORDS))
-def test_a_hostile_state_record_makes_the_output_foreign_never_a_crash_or_a_hang(tmp_path, kind):
-    root, out = tmp_path / "lib", tmp_path / "out"
-    root.mkdir()
-    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+def test_a_hostile_state_record_makes_the_output_foreign_never_a_crash_or_a_hang(tmp_path, one_lora, kind):
+    root, out = one_lora, tmp_path / "out"
     assert run_batch([root], out, "kohya", jobs=1, progress=False).ok
     HOSTILE_RECORDS[kind](record_path(out, out / "x.safetensors"))
     entry = convert_job(Job(root / "x.safetensors", out / "x.safetensors", 1), work.Settings(out, "kohya"))
@@ -420,10 +423,8 @@ def test_a_report_on_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp
             step()
     assert list(tmp_path.iterdir()) == []
 
-def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path):
-    root = tmp_path / "lib"
-    root.mkdir()
-    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path, one_lora):
+    root = one_lora
     convert(root / "x.safetensors", root / "x.ckpt", "mindone-sgm", progress=False)
     result = run_batch([root], tmp_path / "out", "kohya", jobs=1, progress=False)
     by_name = {Path(e.input).name: e for e in result.entries}
@@ -464,12 +465,11 @@ def test_two_batches_at_once_on_one_out_dir_leave_whole_outputs_and_a_readable_s
 
 
 
-def test_a_file_another_batch_publishes_between_our_decision_and_our_record_ends_converted_and_done(tmp_path, monkeypatch):
+def test_a_file_another_batch_publishes_between_our_decision_and_our_record_ends_converted_and_done(tmp_path, one_lora,
+                                                                                                   monkeypatch):
     """The race two batches on one OUT_DIR can run into: the other one publishes the output and records it "done"
     after this one decided to convert it but before this one's "converting" record replaced that "done"."""
-    root, out = tmp_path / "lib", tmp_path / "out"
-    root.mkdir()
-    write_neutral(make_lora_model(seed=1), root / "x.safetensors")
+    root, out = one_lora, tmp_path / "out"
     job, settings = Job(root / "x.safetensors", out / "x.safetensors", 1), work.Settings(out, "kohya")
     real_write_record = work.write_record
 
