@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import hashlib
 import json
 import os
 import re
@@ -209,6 +210,34 @@ def test_an_output_cut_short_by_a_power_cut_before_the_closing_sync_is_converted
     statuses = {Path(e.output).name: e.status for e in rerun.entries}
     assert statuses["m.safetensors"] == statuses["f.safetensors"] == "converted" and rerun.ok
     assert len(short.read_bytes()) == len(whole) and read_neutral(short).modules and read_neutral(out / "flux" / "f.safetensors").modules
+
+
+def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the_same_bytes(tmp_path, monkeypatch):
+    """Where the batch's workers alone keep every core busy, a file's hashes and NaN/Inf scan run in its worker's
+    one thread (lorabridge.io.streaming.one_thread): same output, same verdicts; with a core to spare, threads."""
+    root = tmp_path / "lib"
+    good_library(root)
+    monkeypatch.setattr("lorabridge.manifest.now_utc", lambda: "2026-01-01T00:00:00Z")
+    source = root / "sdxl" / "deep" / "m.ckpt"  # -> neutral: the source's hash, the tensors' hash and the scan
+    started = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: started.append(thread.name) or real_start(thread))
+    written = {}
+    for helpers in (True, False):
+        started.clear()
+        out = tmp_path / f"out-{helpers}"
+        entry = convert_job(Job(source, out / "m.safetensors", 0), work.Settings(out, "neutral", helper_threads=helpers))
+        assert entry.status == "converted" and entry.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert bool(started) == helpers, started
+        written[helpers] = (out / "m.safetensors").read_bytes()
+    assert written[True] == written[False]
+    settings = []
+    real_run = local.run_local
+    monkeypatch.setattr(local, "run_local", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for jobs in (None, 2, 1):
+        assert run_batch([root / "flux"], tmp_path / f"batch-{jobs}", "neutral", jobs=jobs, progress=False).ok
+    assert [given.helper_threads for given in settings] == [False, False, True]
 
 
 def test_jobs_1_and_jobs_2_write_the_same_bytes(tmp_path):

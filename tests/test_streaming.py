@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lorabridge.formats.checks import all_finite
 from lorabridge.io import atomic, ms_ckpt, safetensors_file, streaming, zero_copy
 from lorabridge.io.input_file import held_inputs
 from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
-from lorabridge.io.streaming import in_background, release_pages
+from lorabridge.io.streaming import in_background, one_thread, release_pages
 from lorabridge.manifest import build_manifest, load_schema, schema_problems, tensor_sha256
 from lorabridge.tensor import FileSpan, Tensor
 from tests.fixtures.core import make_lora_model
@@ -129,6 +130,29 @@ def test_in_background_returns_the_result_or_raises_the_error():
     assert in_background(sum, [1, 2, 3])() == 6
     with pytest.raises(ZeroDivisionError):
         in_background(lambda: 1 / 0)()
+
+
+def test_inside_one_thread_the_work_runs_once_in_the_thread_that_first_asks_and_never_if_none_asks():
+    """A batch whose workers keep every core busy starts no helper threads (see one_thread's measurement)."""
+    calls = []
+
+    def work(value):
+        calls.append(threading.get_ident())
+        if value is None:
+            raise ValueError("no value")
+        return value
+
+    started = threading.active_count()
+    with one_thread():
+        result, failing, unasked = in_background(work, 7), in_background(work, None), in_background(work, 8)
+        assert calls == [] and threading.active_count() == started
+    assert result() == result() == 7 and calls == [threading.get_ident()], "run once, here, when asked"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no value"):
+            failing()
+    assert len(calls) == 2, "the error is kept, not the work done again"
+    assert in_background(work, 9)() == 9 and calls[-1] != threading.get_ident(), "outside the block: a thread again"
+    del unasked
 
 
 def _tensors():
@@ -408,8 +432,6 @@ def test_a_failed_write_out_is_reported_as_a_one_line_error_and_nothing_is_publi
 def test_the_source_is_hashed_beside_the_write_not_before_it(tmp_path, neutral_file, monkeypatch):
     """convert -> neutral starts writing before the source's sha256 is known: the hash goes into the header
     behind a placeholder once the data is written, as tensor_sha256 does."""
-    import threading
-
     import lorabridge.converters as converters
     from lorabridge.io import zero_copy as zc
 

@@ -76,16 +76,20 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             client.close()
         raise
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
+    cores = os.cpu_count() or 1
+    workers = jobs or cores
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
-    # on other machines write through their own page caches, so each fsyncs its outputs.
-    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask)
+    # on other machines write through their own page caches, so each fsyncs its outputs. A worker here starts no
+    # helper threads when the workers alone keep every core busy; a Dask worker's machine is not known here.
+    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
+                        helper_threads=bool(dask) or workers < cores)
     failed = False
     if client is not None:
         entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
     else:
         from .local import run_local
 
-        entries = run_local(jobs_, settings, jobs or os.cpu_count() or 1, lambda: fail_fast and failed)
+        entries = run_local(jobs_, settings, workers, lambda: fail_fast and failed)
     bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
     done = []
     try:

@@ -27,6 +27,7 @@ from ..converters.torch import detect_input
 from ..errors import LoraBridgeError, single_line
 from ..io.atomic import EXISTS, syncing_at_the_end
 from ..io.input_file import check_regular, held_inputs
+from ..io.streaming import one_thread
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
 from .state import CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, source_digest, stamp, write_record
@@ -44,6 +45,7 @@ class Settings:
     options: tuple[tuple[str, Any], ...] = ()  # conversion options given (not at their defaults), as convert() takes them
     force: bool = False
     sync_at_the_end: bool = False  # outputs published without an fsync each; the batch syncs the file system at its end
+    helper_threads: bool = True  # False where the workers keep every core busy: see lorabridge.io.streaming.one_thread
 
     def recorded(self) -> dict[str, Any]:
         """What a record keeps of these settings: an output made with other ones is not up to date."""
@@ -92,7 +94,8 @@ def convert_job(job: Job, settings: Settings) -> Entry:
     """
     started = time.perf_counter()
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
-    with _one_at_a_time, _collected_once(), (syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext()):
+    with (_one_at_a_time, _collected_once(), syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext(),
+          contextlib.nullcontext() if settings.helper_threads else one_thread()):
         try:
             _convert(job, settings, entry)
         except LoraBridgeError as exc:
