@@ -213,8 +213,9 @@ def test_an_output_cut_short_by_a_power_cut_before_the_closing_sync_is_converted
 
 
 def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the_same_bytes(tmp_path, monkeypatch):
-    """Where the batch's workers alone keep every core busy, a file's hashes and NaN/Inf scan run in its worker's
-    one thread (lorabridge.io.streaming.one_thread): same output, same verdicts; with a core to spare, threads."""
+    """Where the files a batch converts at once keep every core busy, a file's hashes and NaN/Inf scan run in its
+    worker's one thread (lorabridge.io.streaming.one_thread): same output, same verdicts. With a core to spare
+    (fewer jobs, or fewer files, than cores), helper threads."""
     root = tmp_path / "lib"
     good_library(root)
     monkeypatch.setattr("lorabridge.manifest.now_utc", lambda: "2026-01-01T00:00:00Z")
@@ -235,9 +236,9 @@ def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the
     real_run = local.run_local
     monkeypatch.setattr(local, "run_local", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    for jobs in (None, 2, 1):
-        assert run_batch([root / "flux"], tmp_path / f"batch-{jobs}", "neutral", jobs=jobs, progress=False).ok
-    assert [given.helper_threads for given in settings] == [False, False, True]
+    for name, (library, jobs) in enumerate([(root, None), (root, 2), (root, 1), (root / "flux", None)]):
+        assert run_batch([library], tmp_path / f"batch-{name}", "neutral", jobs=jobs, progress=False).ok
+    assert [given.helper_threads for given in settings] == [False, False, True, True]
 
 
 def test_jobs_1_and_jobs_2_write_the_same_bytes(tmp_path):

@@ -80,9 +80,10 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     workers = jobs or cores
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
     # on other machines write through their own page caches, so each fsyncs its outputs. A worker here starts no
-    # helper threads when the workers alone keep every core busy; a Dask worker's machine is not known here.
+    # helper threads when the files converting at once keep every core busy (one large file alone on two cores
+    # converts 10% faster with them); a Dask worker's machine is not known here.
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
-                        helper_threads=bool(dask) or workers < cores)
+                        helper_threads=bool(dask) or min(workers, len(jobs_)) < cores)
     failed = False
     if client is not None:
         entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
