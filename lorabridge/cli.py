@@ -371,7 +371,7 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--to", "to_format", required=True, metavar="FORMAT", help="Output format, as for convert.")
 @click.option("--from", "from_format", default=None, metavar="FORMAT", help="Input format instead of auto-detection.")
 @click.option("--alpha", type=FiniteFloat(), default=None, help="Alpha for modules whose input stores none (see pt2neutral).")
-@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Worker processes [default: the CPU count].")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Worker processes [default: the CPUs this process may run on].")
 @click.option("--dask", "dask_address", default=None, metavar="tcp://HOST:PORT",
               help="Run each file as a task on this Dask scheduler (pip install 'lorabridge[cluster]'); "
                    "every worker must see SRC and OUT_DIR at the same paths.")

@@ -235,10 +235,19 @@ def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the
     settings = []
     real_run = local.run_local
     monkeypatch.setattr(local, "run_local", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for name, (library, jobs) in enumerate([(root, None), (root, 2), (root, 1), (root / "flux", None)]):
         assert run_batch([library], tmp_path / f"batch-{name}", "neutral", jobs=jobs, progress=False).ok
     assert [given.helper_threads for given in settings] == [False, False, True, True]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_the_default_jobs_are_the_cpus_this_process_may_run_on_not_the_machines():
+    """Under ``taskset -c 0`` (or a container's cpuset) a batch starts one worker, not one per CPU of the machine."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from lorabridge.batch import usable_cores; print(usable_cores(), os.cpu_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split()[0] == "1"
 
 
 def test_jobs_1_and_jobs_2_write_the_same_bytes(tmp_path):

@@ -40,7 +40,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
               progress: bool = True, **options: Any) -> BatchResult:
     """Convert every LoRA that ``sources`` name to format ``to``, mirrored under ``out_dir``.
 
-    ``jobs``: worker processes (default: the CPU count); ``dask``: a scheduler address to run on
+    ``jobs``: worker processes (default: :func:`usable_cores`); ``dask``: a scheduler address to run on
     instead; ``report``: the JSON Lines report (default ``out_dir/lorabridge-report.jsonl``);
     ``fail_fast``: start no new file after a failure; ``force``: convert every file again, replacing
     existing outputs; ``options``: conversion options as :func:`lorabridge.converters.convert` takes them.
@@ -76,7 +76,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             client.close()
         raise
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     workers = jobs or cores
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
     # on other machines write through their own page caches, so each fsyncs its outputs. A worker here starts no
@@ -110,6 +110,18 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             for directory in {out, report_path.parent}:
                 sync_file_system(directory)
     return BatchResult(done, time.perf_counter() - started, report_path)
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (``taskset``, a container's cpuset), not the machine's: the default
+    ``--jobs``, and what decides whether the workers keep every core busy.
+
+    Example:
+        >>> usable_cores() >= 1
+        True
+    """
+    affinity = getattr(os, "sched_getaffinity", None)  # absent on macOS and Windows
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _bar(files: int, nbytes: int):
