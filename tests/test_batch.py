@@ -245,7 +245,7 @@ def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the
 def test_the_default_jobs_are_the_cpus_this_process_may_run_on_not_the_machines():
     """Under ``taskset -c 0`` (or a container's cpuset) a batch starts one worker, not one per CPU of the machine."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from lorabridge.batch import usable_cores; print(usable_cores(), os.cpu_count())")
+            "from lorabridge.batch.cores import usable_cores; print(usable_cores(), os.cpu_count())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.split()[0] == "1"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lorabridge.batch import REPORT_NAME, run_batch
+from lorabridge.batch import REPORT_NAME, cluster as batch_cluster, run_batch
+from lorabridge.batch.cores import usable_cores
 from lorabridge.errors import LoraBridgeError
 from lorabridge.report import validation_report
 from tests.test_batch import big_and_small_library, converting, good_library
@@ -87,3 +88,19 @@ def test_a_bad_scheduler_address_fails_in_one_line_before_anything_is_written(tm
     with pytest.raises(LoraBridgeError, match=f"not a Dask scheduler address \\(tcp://HOST:PORT\\): {why}"):
         run_batch([tmp_path / "lib"], tmp_path / "out", "neutral", dask=address, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_tasks_convert_in_one_thread_where_the_cluster_s_workers_fill_their_machine_s_cores(cluster, tmp_path, monkeypatch):
+    """The fixture's two one-thread workers share this machine: they fill its cores where it lets them use at most
+    two (CI), and a batch of fewer files than workers leaves one free. See lorabridge.batch.cores."""
+    local, client = cluster
+    fills = usable_cores() <= 2
+    assert batch_cluster.cluster_fills_its_cores(client, files=10) is fills
+    assert batch_cluster.cluster_fills_its_cores(client, files=1) is False
+    root = tmp_path / "lib"
+    good_library(root)
+    settings = []
+    real_run = batch_cluster.run_dask
+    monkeypatch.setattr(batch_cluster, "run_dask", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
+    assert run_batch([root], tmp_path / "out", "kohya", dask=local.scheduler_address, progress=False).ok
+    assert settings[0].helper_threads is not fills

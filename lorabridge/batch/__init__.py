@@ -26,6 +26,7 @@ from ..converters.registry import get_writer
 from ..errors import LoraBridgeError
 from ..formats.contract import OPTION_DEFAULTS
 from ..io.atomic import sync_file_system
+from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import plan_jobs
 from .report import FAILED, BatchResult, ReportWriter, check_report_target
@@ -40,7 +41,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
               progress: bool = True, **options: Any) -> BatchResult:
     """Convert every LoRA that ``sources`` name to format ``to``, mirrored under ``out_dir``.
 
-    ``jobs``: worker processes (default: :func:`usable_cores`); ``dask``: a scheduler address to run on
+    ``jobs``: worker processes (default: :func:`~lorabridge.batch.cores.usable_cores`); ``dask``: a scheduler address to run on
     instead; ``report``: the JSON Lines report (default ``out_dir/lorabridge-report.jsonl``);
     ``fail_fast``: start no new file after a failure; ``force``: convert every file again, replacing
     existing outputs; ``options``: conversion options as :func:`lorabridge.converters.convert` takes them.
@@ -62,7 +63,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     check_report_target(report_path, read, force)
     client = None
     if dask:  # first: a typo in the address leaves nothing behind
-        from .cluster import connect, run_dask
+        from .cluster import cluster_fills_its_cores, connect, run_dask
 
         client = connect(dask)
     try:
@@ -70,20 +71,22 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LoraBridgeError(f"cannot create the output directory: {exc.strerror or exc}", out) from None
+        workers = jobs or usable_cores()
+        if client is not None:
+            busy = cluster_fills_its_cores(client, len(jobs_))
+        else:
+            busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: usable_cores()}, len(jobs_))
         writer = ReportWriter(report_path)  # before any file runs: a report that cannot be written stops nothing half-way
     except BaseException:
         if client is not None:
             client.close()
         raise
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
-    cores = usable_cores()
-    workers = jobs or cores
     # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
-    # on other machines write through their own page caches, so each fsyncs its outputs. A worker here starts no
-    # helper threads when the files converting at once keep every core busy (one large file alone on two cores
-    # converts 10% faster with them); a Dask worker's machine is not known here.
+    # on other machines write through their own page caches, so each fsyncs its outputs. A file converts without
+    # helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
-                        helper_threads=bool(dask) or min(workers, len(jobs_)) < cores)
+                        helper_threads=not busy)
     failed = False
     if client is not None:
         entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
@@ -110,18 +113,6 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             for directory in {out, report_path.parent}:
                 sync_file_system(directory)
     return BatchResult(done, time.perf_counter() - started, report_path)
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (``taskset``, a container's cpuset), not the machine's: the default
-    ``--jobs``, and what decides whether the workers keep every core busy.
-
-    Example:
-        >>> usable_cores() >= 1
-        True
-    """
-    affinity = getattr(os, "sched_getaffinity", None)  # absent on macOS and Windows
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _bar(files: int, nbytes: int):

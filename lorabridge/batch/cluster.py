@@ -17,9 +17,11 @@ reruns the tasks a lost worker held.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
 from ..errors import LoraBridgeError
+from .cores import keep_every_core_busy, usable_cores
 from .plan import Job
 from .report import Entry
 from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
@@ -44,6 +46,25 @@ def connect(address: str) -> Client:
         raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
     except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol
         raise LoraBridgeError(f"not a Dask scheduler address (tcp://HOST:PORT): {exc}", address) from None
+
+
+def cluster_fills_its_cores(client: Client, files: int) -> bool:
+    """Whether ``files`` tasks keep every CPU of the cluster's machines busy (:mod:`~lorabridge.batch.cores`): the
+    workers of each host have, together, as many threads as that host lets them use (each worker is asked, with
+    :func:`~lorabridge.batch.cores.usable_cores`). A worker that does not answer counts as a core to spare; workers
+    that join later are not counted."""
+    workers = client.scheduler_info()["workers"]
+    answers = client.run(usable_cores, on_error="return")
+    threads: Counter[str] = Counter()
+    cores: dict[str, int | None] = {}
+    for address, worker in workers.items():
+        host, answer = worker["host"], answers.get(address)
+        threads[host] += worker["nthreads"]
+        if not isinstance(answer, int):
+            cores[host] = None
+        elif cores.get(host, answer) is not None:  # a host one of whose workers did not answer stays unknown
+            cores[host] = answer
+    return keep_every_core_busy(threads, cores, files)
 
 
 def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
