@@ -126,21 +126,13 @@ def in_background(function: Callable[..., T], *args) -> Callable[[], T]:
     if not _helper_threads.get():
         return _when_asked(function, args)
     outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as exc:  # handed to the caller of result()
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"lorabridge-{getattr(function, '__name__', 'task')}", daemon=True)
+    thread = threading.Thread(target=_run, args=(outcome, function, args),
+                              name=f"lorabridge-{getattr(function, '__name__', 'task')}", daemon=True)
     thread.start()
 
     def result() -> T:
         thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return _given(outcome)
 
     return result
 
@@ -152,15 +144,25 @@ def _when_asked(function: Callable[..., T], args: tuple) -> Callable[[], T]:
 
     def result() -> T:
         if not outcome:
-            try:
-                outcome["value"] = function(*args)
-            except BaseException as exc:
-                outcome["error"] = exc
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+            _run(outcome, function, args)
+        return _given(outcome)
 
     return result
+
+
+def _run(outcome: dict[str, Any], function: Callable[..., Any], args: tuple) -> None:
+    """``function(*args)``, its value or its error kept in ``outcome`` for :func:`_given`."""
+    try:
+        outcome["value"] = function(*args)
+    except BaseException as exc:  # handed to whoever asks for the result
+        outcome["error"] = exc
+
+
+def _given(outcome: dict[str, Any]) -> Any:
+    """The value :func:`_run` kept, or its error raised."""
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @contextlib.contextmanager
