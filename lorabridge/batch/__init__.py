@@ -71,11 +71,12 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LoraBridgeError(f"cannot create the output directory: {exc.strerror or exc}", out) from None
-        workers = jobs or usable_cores()
+        cores = usable_cores()
+        workers = jobs or cores
         if client is not None:
             busy = cluster_fills_its_cores(client, len(jobs_))
         else:
-            busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: usable_cores()}, len(jobs_))
+            busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: cores}, len(jobs_))
         writer = ReportWriter(report_path)  # before any file runs: a report that cannot be written stops nothing half-way
     except BaseException:
         if client is not None:
