@@ -170,10 +170,14 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
         'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
     """
     digest, buffer = hashlib.sha256(), bytearray(READ_CHUNK_BYTES)
-    for key in sorted(tensors, key=lambda k: k.encode("utf-8")):
-        t = tensors[key]
-        digest.update(f"{key}\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8"))
-        digest.update(struct.pack("<Q", t.nbytes))
+    described: dict[tuple[str, tuple[int, ...]], bytes] = {}  # a LoRA has few distinct (dtype, shape): each told once
+    for name in sorted((key.encode("utf-8"), key) for key in tensors):
+        t = tensors[name[1]]
+        description = described.get((t.dtype, t.shape))
+        if description is None:
+            description = described[t.dtype, t.shape] = (
+                f"\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8") + struct.pack("<Q", t.nbytes))
+        digest.update(name[0] + description)
         for piece in chunks(t, buffer):
             digest.update(piece)
     return digest.hexdigest()

@@ -214,6 +214,35 @@ def test_copied_tensors_land_where_they_lay_within_a_page_and_the_data_stays_8_b
         assert {k: f.get_tensor(k).tobytes() for k in f.keys()} == {k: bytes(t.data) for k, t in _tensors().items()}
 
 
+_ODD_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12).filter(lambda n: n != "__metadata__")
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(_ODD_NAMES, min_size=0, max_size=6, unique=True),
+       metadata=st.dictionaries(_ODD_NAMES, st.text(max_size=12), max_size=3))
+def test_the_header_is_the_compact_json_of_the_tensors_and_metadata(tmp_path_factory, names, metadata):
+    """Whatever the names (quotes, backslashes, newlines, control characters, non-ASCII), the header the writer
+    builds entry by entry is what ``json.dumps`` makes of the same dict, as the safetensors library reads it."""
+    tensors = {name: Tensor("F16", (2, index + 1), bytes(4 * (index + 1))) for index, name in enumerate(names)}
+    out = tmp_path_factory.mktemp("header") / "odd.safetensors"
+    write_safetensors(out, tensors, metadata)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, tensor in tensors.items():
+        header[name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    written = Path(out).read_bytes()[8:_data_start(out)]
+    assert written.rstrip(b" ") == json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert SafetensorsFile(out).metadata == metadata
+
+
+def test_a_tensor_named_like_the_metadata_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="__metadata__"):
+        write_safetensors(tmp_path / "out.safetensors", {"__metadata__": _tensors()["a"]}, {"note": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("metadata, late, message", [
     ({"hash": "abc"}, {"zzz": lambda: "xyz"}, "occurs 0 times"),
     ({"one": "abc", "two": "abc"}, {"abc": lambda: "xyz"}, "occurs 2 times"),

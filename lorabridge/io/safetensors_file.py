@@ -15,6 +15,7 @@ import os
 import struct
 import weakref
 from collections import Counter
+from json.encoder import encode_basestring  # json.dumps' own escaping of a str (ensure_ascii=False)
 from typing import Callable, Mapping
 
 from ..errors import LoraBridgeError
@@ -151,6 +152,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return handle.tensors(), handle.metadata
 
 
+def _compact_json(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _padding(data_start: int, shifts: Counter[int]) -> int:
     """Spaces to end the header with (JSON allows them; the safetensors library pads to 8 bytes too): the data
     8-byte aligned and, where most of its bytes come from an input file, at the same place within a page as
@@ -179,18 +184,26 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     Example:
         >>> write_safetensors("out.safetensors", {"w": Tensor.from_numpy(np.zeros(3, "f4"))})   # doctest: +SKIP
     """
-    header: dict[str, object] = {}
+    if "__metadata__" in tensors:
+        raise ValueError("a tensor cannot be named __metadata__: safetensors keeps that key for the metadata")
+    entries = []  # the header's JSON, built entry by entry: json.dumps of 1,120 tensor dicts took 4.5 ms, this 2-3
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        entries.append('"__metadata__":' + _compact_json({str(k): str(v) for k, v in metadata.items()}))
     offset = 0
     shifts: Counter[int] = Counter()  # see _padding
+    described: dict[tuple[str, tuple[int, ...]], str] = {}  # (dtype, shape) -> its JSON up to the offsets
     for name, tensor in tensors.items():
         nbytes = tensor.nbytes
-        header[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        description = described.get((tensor.dtype, tensor.shape))
+        if description is None:
+            description = described[tensor.dtype, tensor.shape] = (
+                ':{"dtype":' + _compact_json(tensor.dtype) + ',"shape":' + _compact_json(list(tensor.shape))
+                + ',"data_offsets":[')
+        entries.append(f"{encode_basestring(name)}{description}{offset},{offset + nbytes}]}}")
         if tensor.source is not None:
             shifts[(tensor.source.offset - offset) % PAGE_BYTES] += nbytes
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = ("{" + ",".join(entries) + "}").encode("utf-8")
     raw += b" " * _padding(8 + len(raw), shifts)
     patches = {}
     for placeholder, final in (late or {}).items():
