@@ -400,6 +400,10 @@ def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_f
 
     Example: lorabridge batch loras/ --to neutral -o converted --jobs 4
     """
+    if dask_address is None:  # this machine's workers: their server's start runs beside the imports below
+        from .batch.workers import start_server
+
+        start_server()
     from .batch import run_batch
 
     result = run_batch(sources, out_dir, to_format, from_format=from_format, jobs=jobs, dask=dask_address,

@@ -189,7 +189,7 @@ def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, m
         assert entry.status == "converted" and len(fsyncs) == expected
         assert len(started) == (1 if at_the_end else 0), "without an fsync, its write to the disk is started, not waited for"
     synced, settings = [], []
-    monkeypatch.setattr("lorabridge.batch.sync_file_system", synced.append)
+    monkeypatch.setattr("lorabridge.batch.run.sync_file_system", synced.append)
     real_run = local.run_local
     monkeypatch.setattr(local, "run_local", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
     result = run_batch([root], tmp_path / "batch", "kohya", jobs=1, progress=False)
@@ -558,16 +558,50 @@ def converting(out: Path, source: Path, timeout: float = 60.0) -> bool:
     return False
 
 
-def test_a_local_worker_freezes_what_it_imported_before_its_first_file():
-    """What a worker imported, numpy (which every file's NaN/Inf scan needs) included, is left out of the
-    garbage collector's full passes (gc.freeze), which would otherwise walk it every few files."""
+def test_a_local_worker_starts_with_every_format_imported_and_frozen():
+    """A worker is forked from a server that imported numpy (every file's NaN/Inf scan needs it) and every
+    format's module, so its first file imports nothing; what it imported is left out of the garbage
+    collector's full passes (gc.freeze), which would otherwise walk it every few files."""
+    from lorabridge.converters.registry import FORMATS
+
+    wanted = sorted({"numpy", "lorabridge.architectures"} | {spec.split(":")[0] for spec in FORMATS.values()})
     pool = local._pool(1)
     try:
         assert pool.submit(gc.get_freeze_count).result(timeout=120) > 10_000
-        # asked with eval: a function of this test module would import numpy into the worker itself
-        assert pool.submit(eval, "'numpy' in __import__('sys').modules").result(timeout=120)
+        # asked with eval: a function of this test module would import what it imports into the worker itself
+        missing = pool.submit(eval, f"[m for m in {wanted!r} if m not in __import__('sys').modules]").result(timeout=120)
+        assert missing == []
     finally:
         pool.shutdown()
+
+
+def test_the_workers_server_starts_before_the_batch_command_imports_the_batch_machinery(one_lora, tmp_path):
+    """``lorabridge batch`` starts the forkserver first thing, so that its imports (an interpreter, lorabridge,
+    numpy, the formats) run beside the command's own instead of after them; ``lorabridge.batch.workers``, which
+    starts it, imports nothing else of lorabridge."""
+    script = """
+import sys, importlib.abc, multiprocessing.forkserver as forkserver
+events = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "lorabridge.batch.run":
+            events.append("imported lorabridge.batch.run")
+sys.meta_path.insert(0, Watch())
+real = forkserver.ensure_running
+forkserver.ensure_running = lambda: events.append("server started") or real()
+import lorabridge.batch.workers
+light = sorted(m for m in sys.modules if m.startswith("lorabridge"))
+from lorabridge.cli import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as exc:
+    print(repr(exc.code), light, events[:2])
+"""
+    done = subprocess.run([sys.executable, "-c", script, "batch", str(one_lora), "--to", "neutral", "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == (
+        "0 ['lorabridge', 'lorabridge.batch', 'lorabridge.batch.workers'] "
+        "['server started', 'imported lorabridge.batch.run']"), done.stderr
 
 
 def test_a_file_converts_without_automatic_garbage_collection_and_its_cycles_are_freed_when_it_ends(tmp_path, monkeypatch):

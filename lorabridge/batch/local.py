@@ -1,8 +1,7 @@
 """Running a batch on this machine: a pool of worker processes, one file per task.
 
-Workers are started fresh (``forkserver``, else ``spawn``), never forked from the command: the
-command's own state (its held inputs, its open files) must not leak into them, and each file runs
-in a clean :func:`~lorabridge.io.input_file.held_inputs` block of its worker. At most two files per
+Workers are started fresh (:mod:`~lorabridge.batch.workers`), never forked from the command, and each
+file runs in a clean :func:`~lorabridge.io.input_file.held_inputs` block of its worker. At most two files per
 worker are queued at a time, so a library of 100,000 files costs no more memory than one of ten.
 
 A worker that dies (killed, out of memory) breaks the whole pool: the files it and the others were
@@ -13,7 +12,6 @@ file leaves no partial output.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -21,17 +19,14 @@ from typing import Callable, Generator, Sequence
 
 from .plan import Job
 from .report import Entry
+from .workers import worker_context
 from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, prepare_worker, unrun
 
 QUEUED_PER_WORKER = 2
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload(["lorabridge.batch.work", "numpy"])  # imported once, not once per worker
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=prepare_worker)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=prepare_worker)
 
 
 def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Generator[Entry, None, None]:

@@ -1,0 +1,112 @@
+"""The batch as one call: :func:`run_batch` finds the files, plans their outputs, runs them on this machine's
+worker processes or a Dask cluster, and writes the report as each file ends (see :mod:`lorabridge.batch`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..converters.registry import get_writer
+from ..errors import LoraBridgeError
+from ..formats.contract import OPTION_DEFAULTS
+from ..io.atomic import sync_file_system
+from .cores import LOCAL, keep_every_core_busy, usable_cores
+from .discover import find_inputs
+from .plan import plan_jobs
+from .report import FAILED, BatchResult, ReportWriter, check_report_target
+from .work import Settings
+
+REPORT_NAME = "lorabridge-report.jsonl"
+
+
+def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to: str, *,
+              from_format: str | None = None, jobs: int | None = None, dask: str | None = None,
+              report: str | os.PathLike | None = None, fail_fast: bool = False, force: bool = False,
+              progress: bool = True, **options: Any) -> BatchResult:
+    """Convert every LoRA that ``sources`` name to format ``to``, mirrored under ``out_dir``.
+
+    ``jobs``: worker processes (default: :func:`~lorabridge.batch.cores.usable_cores`); ``dask``: a scheduler address to run on
+    instead; ``report``: the JSON Lines report (default ``out_dir/lorabridge-report.jsonl``);
+    ``fail_fast``: start no new file after a failure; ``force``: convert every file again, replacing
+    existing outputs; ``options``: conversion options as :func:`lorabridge.converters.convert` takes them.
+
+    Example:
+        >>> result = run_batch(["loras/"], "converted", to="neutral")   # doctest: +SKIP
+        >>> result.ok, result.count("converted")   # doctest: +SKIP
+        (True, 300)
+    """
+    started = time.perf_counter()
+    if dask and jobs:
+        raise LoraBridgeError("--jobs sets this machine's worker processes; with --dask the cluster's workers run "
+                              "the files (start them with --nworkers N --nthreads 1)")
+    target = get_writer(to)  # an unknown or read-only target fails once, before any file
+    out = Path(out_dir)
+    report_path = Path(report) if report is not None else out / REPORT_NAME
+    jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
+    read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
+    check_report_target(report_path, read, force)
+    client = None
+    if dask:  # first: a typo in the address leaves nothing behind
+        from .cluster import cluster_fills_its_cores, connect, run_dask
+
+        client = connect(dask)
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LoraBridgeError(f"cannot create the output directory: {exc.strerror or exc}", out) from None
+        cores = usable_cores()
+        workers = jobs or cores
+        if client is not None:
+            busy = cluster_fills_its_cores(client, len(jobs_))
+        else:
+            busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: cores}, len(jobs_))
+        writer = ReportWriter(report_path)  # before any file runs: a report that cannot be written stops nothing half-way
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
+    given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
+    # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
+    # on other machines write through their own page caches, so each fsyncs its outputs. A file converts without
+    # helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
+    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
+                        helper_threads=not busy)
+    failed = False
+    if client is not None:
+        entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
+    else:
+        from .local import run_local
+
+        entries = run_local(jobs_, settings, workers, lambda: fail_fast and failed)
+    bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
+    done = []
+    try:
+        for entry in entries:
+            writer.add(entry)
+            done.append(entry)
+            failed = failed or entry.status == FAILED
+            if bar is not None:
+                bar.update(entry.bytes)
+                bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
+    finally:
+        entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
+        writer.close()
+        if bar is not None:
+            bar.close()
+        if settings.sync_at_the_end:  # what the workers published, and the report, on the disk before the batch ends
+            for directory in {out, report_path.parent}:
+                sync_file_system(directory)
+    return BatchResult(done, time.perf_counter() - started, report_path)
+
+
+def _bar(files: int, nbytes: int):
+    """One progress bar (bytes, with files done as its postfix) on a terminal; None elsewhere."""
+    if sys.stderr is None or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"converting {files} files", leave=False)
