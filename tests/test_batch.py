@@ -604,6 +604,22 @@ except SystemExit as exc:
         "['server started', 'imported lorabridge.batch.run']"), done.stderr
 
 
+@pytest.mark.parametrize("to", ["neutral", "diffusers"])
+def test_a_worker_reads_and_checks_a_files_header_once_detection_included(tmp_path, monkeypatch, to):
+    """Detecting a file's format (a dozen formats ask for its keys), hashing it and converting it share one map
+    of the file and one checked header: a kohya SDXL LoRA's 1,680 entries are parsed once, not once per step."""
+    from lorabridge.io import safetensors_file
+
+    good_library(tmp_path / "lib")
+    source = tmp_path / "lib" / "sdxl" / "deep" / "k.safetensors"
+    parses = []
+    parse = safetensors_file.load_json
+    monkeypatch.setattr(safetensors_file, "load_json", lambda *args, **kw: parses.append(args[2]) or parse(*args, **kw))
+    entry = convert_job(Job(source, tmp_path / "out" / "k.safetensors", source.stat().st_size),
+                        work.Settings(tmp_path / "out", to))
+    assert (entry.status, entry.format, parses) == ("converted", "kohya", [source])
+
+
 def test_a_file_converts_without_automatic_garbage_collection_and_its_cycles_are_freed_when_it_ends(tmp_path, monkeypatch):
     """The collector's automatic passes over a conversion's short-lived objects cost more than one pass after
     the file: none runs while the file converts, and garbage cycles it made are freed by the time it ends."""

@@ -77,6 +77,9 @@ class Grammar:
             >>> KOHYA.parse("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha")[1:]
             ('text_encoder_2', 'text_model_encoder_layers_0_mlp_fc1', 'alpha')
         """
+        return _parsed(self, key, architecture)
+
+    def _parse(self, key: str, architecture: Architecture) -> Key | None:
         stem, suffix = self._cut_suffix(key)
         if suffix is None:
             return None
@@ -96,11 +99,32 @@ class Grammar:
 
     def _cut_suffix(self, key: str) -> tuple[str, str | None]:
         """(stem, suffix) of a key, the suffix normalised from its glued spelling; (key, None) when none fits."""
-        for glued in sorted(self.glued, key=len, reverse=True):
-            if key.endswith("_" + glued):
-                return key[: -len(glued) - 1], self.glued[glued]
-        suffix = next((s for s in sorted(self.suffixes, key=len, reverse=True) if key.endswith("." + s)), None)
-        return (key, None) if suffix is None else (key[: -len(suffix) - 1], suffix)
+        glued, dotted = _suffix_tables(self)
+        for ending, suffix in glued:
+            if key.endswith(ending):
+                return key[: -len(ending)], suffix
+        for ending, suffix in dotted:
+            if key.endswith(ending):
+                return key[: -len(ending)], suffix
+        return key, None
+
+
+PARSED_KEYS_KEPT = 1 << 14  # parsed keys remembered: a LoRA's keys are parsed several times (detection, the
+# architecture vote, grouping), and a library's files mostly share their keys; a SDXL LoRA has at most ~2,300
+
+
+@lru_cache(maxsize=PARSED_KEYS_KEPT)
+def _parsed(grammar: Grammar, key: str, architecture: Architecture) -> Key | None:
+    """:meth:`Grammar.parse`, remembered (a kohya SDXL LoRA's 1,680 keys were parsed ~5 times each per file)."""
+    return grammar._parse(key, architecture)
+
+
+@lru_cache(maxsize=32)
+def _suffix_tables(grammar: Grammar) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(``_`` + glued suffix, suffix it stands for) and (``.`` + suffix, suffix), longest first: a longer
+    ending wins over one it ends with."""
+    return ([("_" + g, grammar.glued[g]) for g in sorted(grammar.glued, key=len, reverse=True)],
+            [("." + s, s) for s in sorted(grammar.suffixes, key=len, reverse=True)])
 
 
 Prefixes = list[tuple[str, str]]  # (file prefix, component), longest prefix first
