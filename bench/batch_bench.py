@@ -1,8 +1,9 @@
 """Library-scale conversion (issue 14 item 2): one ``lorabridge batch`` over a directory of rank-4 SDXL
-LoRAs (MindONE ``.ckpt``, about 23 MB each) against ``cp -r`` of the same directory and against one
+LoRAs (MindONE ``.ckpt``, about 23 MB each; ``--input rank4-attn-kohya``: kohya ``.safetensors``) against ``cp -r`` of the same directory and against one
 ``lorabridge convert`` process per file, measured side by side in one run (wall time, warm page cache).
 
-    python bench/batch_bench.py [--files 100] [--jobs N] [--to neutral] [--repeat 1] [--workdir /tmp/lorabridge-batch-bench]
+    python bench/batch_bench.py [--files 100] [--jobs N] [--input rank4-attn] [--to neutral] [--repeat 1]
+                                [--workdir /tmp/lorabridge-batch-bench]
 
 Prints a Markdown section for bench/RESULTS.md ("Batch"). Every contender reads the same warm
 sources and writes a fresh directory; ``cp -r`` is also timed with an fsync of every copy (``sync
@@ -29,7 +30,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_inputs import INPUTS, generate  # noqa: E402
+from bench_inputs import INPUTS, InputSpec, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -64,17 +65,17 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def library(work: Path, files: int) -> Path:
-    """``files`` copies of the rank-4 input, ten per folder: work/src/g00/lora000.ckpt ..."""
-    one = generate(INPUTS["rank4-attn"], work)
-    src = work / "src"
-    if src.is_dir() and len(list(src.rglob("*.ckpt"))) == files:
+def library(work: Path, files: int, spec: InputSpec) -> Path:
+    """``files`` copies of the input, ten per folder: work/src-rank4-attn/g00/lora000.ckpt ..."""
+    one = generate(spec, work)
+    src = work / f"src-{spec.name}"
+    if src.is_dir() and len(list(src.rglob(f"*{spec.suffix}"))) == files:
         return src
     shutil.rmtree(src, ignore_errors=True)
     for i in range(files):
         folder = src / f"g{i // PER_FOLDER:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(one, folder / f"lora{i:03d}.ckpt")
+        shutil.copyfile(one, folder / f"lora{i:03d}{spec.suffix}")
     return src
 
 
@@ -82,14 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--input", default="rank4-attn", choices=[n for n, s in INPUTS.items() if s.rank == 4],
+                        help="the library's LoRA: rank4-attn (MindONE .ckpt) or rank4-attn-kohya (kohya .safetensors)")
     parser.add_argument("--to", default="neutral")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorabridge-batch-bench"))
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every contender in turn; medians reported")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    src = library(work, args.files)
-    sources = sorted(src.rglob("*.ckpt"))
+    spec = INPUTS[args.input]
+    src = library(work, args.files, spec)
+    sources = sorted(src.rglob(f"*{spec.suffix}"))
     total = sum(p.stat().st_size for p in sources)
     for path in sources:  # warm the page cache for every contender alike
         path.read_bytes()
@@ -102,7 +106,7 @@ def main() -> None:
     def cp_then_fsync_each() -> float:
         started = time.perf_counter()
         subprocess.run(["cp", "-r", str(src), str(fresh("cp"))], check=True)
-        subprocess.run(["sync", *[str(p) for p in (work / "cp").rglob("*.ckpt")]], check=True)
+        subprocess.run(["sync", *[str(p) for p in (work / "cp").rglob(f"*{spec.suffix}")]], check=True)
         return time.perf_counter() - started
 
     def one_process_per_file() -> float:
@@ -139,7 +143,7 @@ def main() -> None:
     rows = {name: statistics.median(seconds) for name, seconds in runs.items()}
 
     batch = rows[batch_name]
-    print(f"{args.files} files x {total / args.files / 1e6:.1f} MB = {total / 1e6:.0f} MB, --to {args.to}, "
+    print(f"{args.files} files x {total / args.files / 1e6:.1f} MB ({spec.name}, {spec.writer}) = {total / 1e6:.0f} MB, --to {args.to}, "
           f"{os.cpu_count()} CPUs, {args.repeat} round(s) of every contender in turn, medians; load average "
           f"{load_before[0]:.1f} before / {load_after[0]:.1f} after\n")
     print("| contender | wall s (median, min-max) | MB/s | time / batch's |")

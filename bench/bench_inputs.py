@@ -73,6 +73,9 @@ class InputSpec:
 INPUTS: dict[str, InputSpec] = {s.name: s for s in [
     InputSpec("rank4-attn", "rank 4, UNet attention only (to_q/k/v/to_out.0 of every attn1/attn2), F32",
               4, "F32", UNET_ATTENTION),
+    InputSpec("rank4-attn-kohya", "rank 4, UNet attention only, F32, as kohya sd-scripts' networks/lora.py writes an "
+              "SDXL LoRA (lora_unet_ names, lora_down/lora_up, .alpha stored)", 4, "F32", UNET_ATTENTION,
+              writer="kohya", container=None, suffix=".safetensors", alpha=4.0),
     InputSpec("rank128-attn-ff-proj-te", "rank 128, UNet attention + ff + proj_in/proj_out, both text encoders' "
               "self-attention (bigG q/k/v fused as MindONE stores it), F16", 128, "F16", UNET_ATTENTION_FF_PROJ,
               TEXT_ATTENTION),
