@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -602,6 +603,27 @@ except SystemExit as exc:
     assert done.stdout.strip().splitlines()[-1] == (
         "0 ['lorabridge', 'lorabridge.batch', 'lorabridge.batch.workers'] "
         "['server started', 'imported lorabridge.batch.run']"), done.stderr
+
+
+@pytest.mark.parametrize("to", ["neutral", "diffusers"])
+def test_a_rerun_reports_an_up_to_date_files_format_from_its_conversion_without_detecting_it_again(tmp_path, monkeypatch, to):
+    """The format detected when a file was converted holds while its sha256 does: a rerun reads it from the record
+    (or, without one, from a neutral output's manifest); a record whose format is not a known one is not believed."""
+    good_library(tmp_path / "lib")
+    source = tmp_path / "lib" / "sdxl" / "deep" / "k.safetensors"
+    job, settings = Job(source, tmp_path / "out" / "k.safetensors", source.stat().st_size), work.Settings(tmp_path / "out", to)
+    assert convert_job(job, settings).status == "converted"
+    detected = []
+    real = work.detect_input
+    monkeypatch.setattr(work, "detect_input", lambda *args: detected.append(args[0]) or real(*args))
+    assert (convert_job(job, settings).status, convert_job(job, settings).format, detected) == ("skipped", "kohya", [])
+    record = read_record(tmp_path / "out", job.output)
+    (tmp_path / "out" / STATE_DIR).joinpath(record_path(tmp_path / "out", job.output).name).write_text(
+        json.dumps({**record.__dict__, "format": "made-up"}))
+    assert (convert_job(job, settings).format, detected) == ("kohya", [source])
+    if to == "neutral":  # no record at all: the manifest's provenance says what the source was
+        shutil.rmtree(tmp_path / "out" / STATE_DIR)
+        assert (convert_job(job, settings).status, convert_job(job, settings).format, detected) == ("skipped", "kohya", [source])
 
 
 @pytest.mark.parametrize("to", ["neutral", "diffusers"])

@@ -153,21 +153,26 @@ def decide(out_dir: Path, output: Path, sha256: str | None, settings: dict[str, 
     if record is None or (record.status == "done" and record.stamp != now):
         neutral = neutral_source(output) if trust_manifest and sha256 is not None else None
         if neutral is not None and neutral[0] == sha256:
-            return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", now, None, neutral[1])
+            return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", now, neutral[2], neutral[1])
         return FOREIGN, record
     if record.status == "done" and record.source_sha256 == sha256 and record.settings == settings:
         return UP_TO_DATE, record
     return REDO, record
 
 
-def neutral_source(output: Path) -> tuple[str, str | None] | None:
-    """(provenance source_sha256, architecture) from a neutral output's manifest; None when it is not one."""
+def neutral_source(output: Path) -> tuple[str, str | None, str | None] | None:
+    """(provenance source_sha256, architecture, source_format) from a neutral output's manifest; None when it
+    is not one. The architecture and source format are the manifest's claims (checked by the caller)."""
     if not output.is_file() or output.suffix != ".safetensors":
         return None
     try:
         manifest = load_json(SafetensorsFile(output).metadata[MANIFEST_KEY], "manifest", output)
         sha256 = manifest["provenance"]["source_sha256"]
+        source_format = manifest["provenance"].get("source_format")
         architecture = manifest.get("base_model", {}).get("architecture")
     except (LoraBridgeError, KeyError, TypeError, AttributeError):
         return None
-    return (sha256, architecture) if isinstance(sha256, str) else None
+    if not isinstance(sha256, str):
+        return None
+    return (sha256, architecture if isinstance(architecture, str) else None,
+            source_format if isinstance(source_format, str) else None)

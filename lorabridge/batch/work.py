@@ -110,7 +110,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     if job.error:
         raise LoraBridgeError(job.error, job.source)
     check_regular(job.source, directory_ok=True)
-    entry.format = detect_input(job.source, [settings.from_format] if settings.from_format else list(FORMATS))
+    candidates = [settings.from_format] if settings.from_format else list(FORMATS)
     target, wanted, out_dir = get_writer(settings.to), settings.recorded(), settings.out_dir
     # A new output whose target records the source's sha256 (neutral): convert hashes the file beside reading
     # it, so it is taken from there instead of a pass of its own. Otherwise hashed first: the resume decision needs it.
@@ -119,8 +119,13 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     trust_manifest = target.records_source_hash and not wanted["options"] and not settings.from_format
     action, record = decide(out_dir, job.output, entry.sha256, wanted, trust_manifest)
     if action == UP_TO_DATE and not settings.force:
+        # Detected when it was converted, from these very bytes (the sha256 matched): not again (for a kohya or
+        # diffusers file, a dozen formats' detection is most of a rerun's time), unless the record lacks it.
+        known = record.format if record is not None and record.format in candidates else None
         entry.status, entry.architecture = SKIPPED, record.architecture if record else None
+        entry.format = known or detect_input(job.source, candidates)
         return
+    entry.format = detect_input(job.source, candidates)
     if action == FOREIGN and not settings.force:
         raise LoraBridgeError(EXISTS, job.output)
     job.output.parent.mkdir(parents=True, exist_ok=True)
