@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorabridge.errors import LoraBridgeWarning
 from lorabridge.formats import kohya, lycoris
@@ -254,3 +256,20 @@ def test_comfyui_full_diff_deltas_are_kind_full_and_written_back_where_comfyui_l
     assert {suffix for _, suffix, _ in written} == {"diff", "diff_b"}
     for stem, suffix, tensor in written:
         assert tensor.same_as(model.modules[key_map[stem]].tensors[suffix])
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(["F32", "F16", "BF16", "F64"]), data=st.binary(min_size=8, max_size=8),
+       shape=st.sampled_from([(), (1,), (1, 1)]))
+def test_a_stored_alpha_reads_as_its_float32_value_whatever_its_bits(dtype, data, shape):
+    """An alpha is the value numpy's float32 gives its bytes (F16 and BF16 widen exactly, F64 rounds), NaN
+    and Inf included (the checks refuse those), whichever way it is decoded."""
+    from lorabridge.formats.underscored_files import alpha_of
+    from lorabridge.tensor import DTYPES
+
+    alpha = Tensor(dtype, shape, data[:DTYPES[dtype][0]])
+    with np.errstate(over="ignore"):  # an F64 beyond float32's range is Inf (refused by the checks, not here)
+        value, source, extra = alpha_of({"alpha": alpha}, 4, None)
+        expected = float(alpha.to_float32().reshape(-1)[0])
+    assert (source, extra, type(value)) == ("stored", {"alpha_dtype": dtype}, float)
+    assert value == expected or (np.isnan(value) and np.isnan(expected))
