@@ -605,6 +605,23 @@ except SystemExit as exc:
         "['server started', 'imported lorabridge.batch.run']"), done.stderr
 
 
+def test_a_source_opened_for_writing_while_a_worker_reads_it_is_reported_as_that_not_as_the_readers_error(
+        one_lora, tmp_path, monkeypatch):
+    """A reader that meets a file being rewritten says "truncated" or "not a LoRA"; the batch's line says what
+    happened instead (the input's read lease was broken), as ``lorabridge convert`` does, and nothing is published."""
+    source = one_lora / "x.safetensors"
+
+    def rewritten_meanwhile(src, dst, *args, **kwargs):  # another process opens it for writing: the lease breaks
+        subprocess.run([sys.executable, "-c", "import os, sys\ntry: os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK)\n"
+                        "except BlockingIOError: pass", os.fspath(src)], check=True)
+        raise LoraBridgeError("truncated: header claims 999 bytes", src)
+    monkeypatch.setattr(work, "convert", rewritten_meanwhile)
+    out = tmp_path / "out"
+    entry = convert_job(Job(source, out / "x.safetensors", source.stat().st_size), work.Settings(out, "kohya"))
+    assert entry.status == "failed" and "opened this input for writing" in entry.error, entry.error
+    assert not (out / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("to", ["neutral", "diffusers"])
 def test_a_rerun_reports_an_up_to_date_files_format_from_its_conversion_without_detecting_it_again(tmp_path, monkeypatch, to):
     """The format detected when a file was converted holds while its sha256 does: a rerun reads it from the record

@@ -94,12 +94,14 @@ def convert_job(job: Job, settings: Settings) -> Entry:
     """
     started = time.perf_counter()
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
-    # held_inputs around the whole file, detection included: its header is read and checked once, not once for
-    # detecting its format and again for converting it (a kohya SDXL LoRA's 1,680 entries: ~10 ms each time)
     with (_one_at_a_time, _collected_once(), syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext(),
-          contextlib.nullcontext() if settings.helper_threads else one_thread(), held_inputs()):
+          contextlib.nullcontext() if settings.helper_threads else one_thread()):
         try:
-            _convert(job, settings, entry)
+            # Held around the whole file, detection included: its header is read and checked once, not once to detect
+            # its format and again to convert it (a kohya SDXL LoRA's 1,680 entries: ~10 ms each time). Inside the
+            # try: an error leaving the block is first turned into "this input changed" when it did (check_unchanged).
+            with held_inputs():
+                _convert(job, settings, entry)
         except LoraBridgeError as exc:
             entry.status, entry.error = FAILED, exc.one_line()
     entry.seconds = round(time.perf_counter() - started, 4)
