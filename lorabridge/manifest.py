@@ -171,13 +171,13 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
     """
     digest, buffer = hashlib.sha256(), bytearray(READ_CHUNK_BYTES)
     described: dict[tuple[str, tuple[int, ...]], bytes] = {}  # a LoRA has few distinct (dtype, shape): each told once
-    for name in sorted((key.encode("utf-8"), key) for key in tensors):
-        t = tensors[name[1]]
+    for encoded, key in sorted((key.encode("utf-8"), key) for key in tensors):
+        t = tensors[key]
         description = described.get((t.dtype, t.shape))
         if description is None:
             description = described[t.dtype, t.shape] = (
                 f"\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8") + struct.pack("<Q", t.nbytes))
-        digest.update(name[0] + description)
+        digest.update(encoded + description)
         for piece in chunks(t, buffer):
             digest.update(piece)
     return digest.hexdigest()
