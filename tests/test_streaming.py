@@ -529,3 +529,50 @@ def test_the_source_is_hashed_from_the_bytes_the_reader_holds_when_they_stay_in_
     assert convert(neutral_file, tmp_path / "b.safetensors", "neutral", progress=False).model.provenance["source_sha256"] == digest
     assert reads == [neutral_file]
     assert converters._sha256_of_file(neutral_file, memoryview(neutral_file.read_bytes())) == digest
+
+
+@pytest.mark.parametrize("target, suffix", [("neutral", ".safetensors"), ("kohya", ".safetensors"), ("mindone-sgm", ".ckpt")])
+def test_the_summary_is_read_from_the_output_while_the_disk_takes_its_last_bytes(tmp_path, neutral_file, monkeypatch, target, suffix):
+    """A single output fsynced on its own is read back (the command's summary) once all its bytes are written and
+    before the wait for the disk, then published; what is read equals reading the published file."""
+    import lorabridge.converters as converters
+    from lorabridge.io.contents import file_contents
+
+    events, real_read, real_finish = [], converters.file_contents, atomic._EarlyWriteback.finish_writeback
+    monkeypatch.setattr(converters, "file_contents", lambda path: events.append(("read", Path(path))) or real_read(path))
+    monkeypatch.setattr(atomic._EarlyWriteback, "finish_writeback", lambda self: events.append(("wait", None)) or real_finish(self))
+    out = tmp_path / f"out{suffix}"
+    result = convert(neutral_file, out, target, progress=False)
+    assert [event for event, _ in events] == ["read", "wait"]
+    assert events[0][1].parent == tmp_path and events[0][1] != out  # the temporary file, not yet published
+    assert result.read_back is not None and result.written == result.read_back == file_contents(out)
+
+
+@pytest.mark.parametrize("synced_at_the_end, read_back", [(True, True), (False, False)])
+def test_outputs_not_waited_for_or_not_summarised_are_not_read_back(tmp_path, neutral_file, monkeypatch, synced_at_the_end, read_back):
+    """Outputs synced once as a batch ends are not waited for one by one, and a caller that never asks for the
+    summary (a batch's worker, synced at the end or on a Dask cluster) says so: nothing is read back while
+    writing, and ``written`` reads the published output only when asked."""
+    import lorabridge.converters as converters
+    from lorabridge.io.contents import file_contents
+
+    reads, real_read = [], converters.file_contents
+    monkeypatch.setattr(converters, "file_contents", lambda path: reads.append(path) or real_read(path))
+    with atomic.syncing_at_the_end() if synced_at_the_end else contextlib.nullcontext():
+        result = convert(neutral_file, tmp_path / "out.safetensors", "kohya", progress=False, read_back=read_back)
+    assert reads == [] and result.read_back is None
+    assert result.written == file_contents(tmp_path / "out.safetensors") and reads == [tmp_path / "out.safetensors"]
+
+
+def test_an_output_being_written_is_read_back_mapped_not_leased_or_copied(tmp_path):
+    """Inside held_inputs an input that cannot be leased (one open for writing) is read into memory; an output this
+    thread reads back while writing it is mapped, as outside held_inputs."""
+    from lorabridge.io.input_file import held_inputs, map_input, reading_own_output
+
+    path = tmp_path / "being-written.bin"
+    with open(path, "wb") as handle, held_inputs():
+        handle.write(b"x" * 8192)
+        handle.flush()
+        with reading_own_output():
+            assert isinstance(map_input(path)[1], mmap.mmap)
+        assert not isinstance(map_input(path)[1], mmap.mmap)  # no lease on a file open for writing: read instead

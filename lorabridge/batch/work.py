@@ -139,7 +139,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
         # Checked after our record is written: a publish after this check is followed by its "done", which wins.
         action = REDO
     result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
-                     force=settings.force or action == REDO, **dict(settings.options))
+                     force=settings.force or action == REDO, read_back=False, **dict(settings.options))
     entry.architecture, entry.sha256 = result.model.architecture, entry.sha256 or result.model.provenance["source_sha256"]
     entry.warnings = [single_line(warning) for warning in result.warnings]
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,

@@ -7,6 +7,7 @@ never overwritten, outputs are written atomically, existing outputs need ``force
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import LoraBridgeError, LoraBridgeWarning
 from ..formats.contract import Format, WritableFormat, WriteOptions
-from ..io.atomic import check_output_path, replacing
+from ..io.atomic import check_output_path, replacing, while_flushing
 from ..io.contents import FileContents, file_contents
 from ..io.deferred import beside_writing
 from ..io.input_file import check_regular, check_unchanged, held_inputs, map_input, open_regular
@@ -37,11 +38,30 @@ class ConversionResult:
     output: Path
     seconds: float
     warnings: list[str] = field(default_factory=list)  # LoraBridgeWarning messages, for the command to print
+    read_back: FileContents | None = None  # the output's contents, read while the disk took its last bytes
 
     @cached_property
     def written(self) -> FileContents:
-        """What the output holds, read back from it when first asked (a command's summary; a batch never asks)."""
-        return file_contents(self.output)
+        """What the output holds: read back from it while it was flushed to the disk (a single-file output
+        fsynced on its own, :func:`~lorabridge.io.atomic.while_flushing`), else when first asked (a batch never asks)."""
+        return self.read_back if self.read_back is not None else file_contents(self.output)
+
+
+class _ReadBack:
+    """What each file a writer wrote holds, read back while the disk took its last bytes (for the summary)."""
+
+    def __init__(self) -> None:
+        self.contents: list[FileContents | None] = []
+
+    def append_contents(self, temporary: Path) -> None:
+        try:
+            self.contents.append(file_contents(temporary))
+        except (LoraBridgeError, OSError):  # not read here: ConversionResult.written reads the output, and says why not
+            self.contents.append(None)
+
+    def only(self) -> FileContents | None:
+        """The contents of the one file written; None if the writer wrote several (or none), or reading failed."""
+        return self.contents[0] if len(self.contents) == 1 else None
 
 
 def detect_format(path: str | os.PathLike, candidates: Iterable[str] | None = None) -> Format:
@@ -141,11 +161,15 @@ def write_model(model: LoraModel, out: Path, target: WritableFormat, write_optio
 @held_inputs()  # no input can be truncated under us while we read it (see io/input_file.py)
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_formats: Iterable[str] | None = None,
             force: bool = False, progress: bool = True, check: Callable[[LoraModel, Path], None] | None = None,
-            **options: Any) -> ConversionResult:
+            read_back: bool = True, **options: Any) -> ConversionResult:
     """Convert ``src`` (auto-detected among ``from_formats``) to format ``to`` at ``dst``.
 
     ``check(model, src)``, if given, may refuse the model read before anything is written (``--base``: the fit
     to a base model, :func:`lorabridge.toolbox.check.base_fit`).
+
+    ``read_back``: read what a single-file output holds (``ConversionResult.written``, a command's summary) while the
+    disk takes its last bytes (:func:`~lorabridge.io.atomic.while_flushing`), where it costs no wall time; a caller
+    that never asks (a batch's worker) passes False, and ``written`` then reads the output only if asked.
 
     ``options`` are :class:`~lorabridge.formats.contract.ReadOptions` and
     :class:`~lorabridge.formats.contract.WriteOptions` fields (``alpha``, ``skip_unknown``, ``dtype``...);
@@ -161,6 +185,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
         >>> convert("lora.ckpt", "lora.safetensors", to="neutral")   # doctest: +SKIP
     """
     src, started = Path(src), time.perf_counter()
+    contents = _ReadBack()
     target = get_writer(to)
     source = detect_format(src, from_formats)
     read_options, write_options = split_options(options, source, target)
@@ -176,9 +201,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, from_for
             check(model, src)
         check_unchanged()
         record_source(model, src, source.name, source_hash)
-        write_model(model, out, target, write_options, force=force, progress=progress)
+        reading = read_back and not target.writes_directory
+        with while_flushing(contents.append_contents) if reading else contextlib.nullcontext():
+            write_model(model, out, target, write_options, force=force, progress=progress)
     notices = [str(w.message) for w in caught if issubclass(w.category, LoraBridgeWarning)]
     for other in (w for w in caught if not issubclass(w.category, LoraBridgeWarning)):
         warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     seconds = time.perf_counter() - started
-    return ConversionResult(model, source.name, target.name, out, seconds, notices)
+    return ConversionResult(model, source.name, target.name, out, seconds, notices, contents.only())

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from ..errors import LoraBridgeError
 from . import deferred
-from .input_file import check_unchanged
+from .input_file import check_unchanged, reading_own_output
 from .streaming import LARGEST_FOLIO_BYTES
 from .zero_copy import SourceFile, copy_range
 
@@ -143,6 +143,32 @@ def syncing_at_the_end() -> Iterator[None]:
         yield
     finally:
         _sync_each.reset(token)
+
+
+# Work to do with each fsynced output while the disk takes the last of it (:func:`while_flushing`).
+_while_flushing: contextvars.ContextVar[Callable[[Path], None] | None] = contextvars.ContextVar(
+    "lorabridge_while_flushing", default=None)
+
+
+@contextlib.contextmanager
+def while_flushing(task: Callable[[Path], None]) -> Iterator[None]:
+    """Within this block, each atomic write that fsyncs its output calls ``task(temporary)`` once every byte of
+    it is written, before waiting for the disk to take the last of them; the output is published after.
+
+    Why: a command's summary reads its output back (headers, a ``.ckpt``'s records: 0.05-0.15 s for a rank-128
+    SDXL LoRA), and the wait for the disk at the end of a write (0.3-1 s) leaves the CPU idle: read there, the
+    summary costs no wall time. ``task`` must only read the file. A batch's writes (:func:`syncing_at_the_end`)
+    do not wait for the disk one by one, so they never call it.
+
+    Example:
+        >>> with while_flushing(lambda temporary: print(temporary.stat().st_size)):   # doctest: +SKIP
+        ...     write_safetensors("out.safetensors", tensors)
+    """
+    token = _while_flushing.set(task)
+    try:
+        yield
+    finally:
+        _while_flushing.reset(token)
 
 
 def sync_file_system(directory: str | os.PathLike) -> None:
@@ -411,6 +437,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         yield handle
         deferred.settle()  # checks that ran beside the write (NaN/Inf scan) may still refuse it (--strict)
         check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
+        task = _while_flushing.get()
+        if sync and task is not None:
+            with _reported(path, "cannot write the output"):
+                handle.flush()
+            with reading_own_output():
+                task(Path(tmp))
         handle.finish_writeback()
         with _reported(path, "cannot write the output"):
             if sync:

@@ -27,6 +27,7 @@ files are mapped without a lease, as ``numpy.memmap`` or ``safetensors`` do.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import mmap
 import os
 import signal
@@ -141,6 +142,27 @@ def held_inputs() -> Iterator[None]:
             os.close(fd)
 
 
+# Set while this thread reads back an output it is writing (:func:`reading_own_output`).
+_own_output: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_own_output", default=False)
+
+
+@contextlib.contextmanager
+def reading_own_output() -> Iterator[None]:
+    """Within the block (in this thread), files are mapped as outside :func:`held_inputs`: for reading back an
+    output this process is still writing. No read lease can be taken on a file open for writing, and reading it
+    into memory instead (what :func:`map_input` does for an input it cannot lease) would cost its size.
+
+    Example:
+        >>> with reading_own_output():   # doctest: +SKIP
+        ...     file_contents(temporary)
+    """
+    token = _own_output.set(True)
+    try:
+        yield
+    finally:
+        _own_output.reset(token)
+
+
 def holding_inputs() -> bool:
     """Whether a :func:`held_inputs` block is active (readers then map only leased files)."""
     return _active is not None
@@ -251,7 +273,7 @@ def map_input(path: str | os.PathLike) -> tuple[Path, mmap.mmap | memoryview | N
         info = os.fstat(fd)
         if not info.st_size:
             return path, None, 0
-        if _active is None:
+        if _active is None or _own_output.get():
             return path, _mapped(fd, info.st_size, path), info.st_size
         key = (info.st_dev, info.st_ino)
         if key not in _active.buffers:
