@@ -8,6 +8,7 @@ import pytest
 
 import lorabridge.formats.mindone as mindone
 import lorabridge.formats.underscored_files as underscored_files
+import lorabridge.io.ms_ckpt as ms_ckpt
 import lorabridge.io.zero_copy as zero_copy
 from lorabridge.architectures.flux1 import FLUX1
 from lorabridge.architectures.sdxl import SDXL
@@ -46,7 +47,7 @@ def sdxl_model() -> LoraModel:
     return model
 
 
-def eager(make, made):
+def eager(make, made, specs=None):
     return dict(make())
 
 
@@ -75,3 +76,17 @@ def test_kohya_merges_each_fused_layer_after_the_first_write(tmp_path, monkeypat
     first_write = events.index("write")
     assert events[:first_write] == ["merge"] * 3  # once each, for the header's shapes
     assert events[first_write:].count("merge") == 3  # again just before its tensors are written
+
+
+def test_mindone_merges_each_fused_layer_once_before_writing_and_once_as_it_is_written(tmp_path, monkeypatch):
+    """The merge made for a fused layer's alpha also gives its tensors' dtypes and shapes for the header: each
+    merge costs a copy of its B blocks and a comparison of its A matrices, so it is made once before the first write,
+    and once more just before its tensors are written (not held meanwhile)."""
+    events = []
+    merge, write = mindone.merge_present, ms_ckpt.write_tensor
+    monkeypatch.setattr(mindone, "merge_present", lambda *a: events.append("merge") or merge(*a))
+    monkeypatch.setattr(ms_ckpt, "write_tensor", lambda *a: events.append("write") or write(*a))
+    get_writer("mindone-sgm").write(sdxl_model(), tmp_path / "out.ckpt", WriteOptions())
+    first_write = events.index("write")
+    assert events[:first_write] == ["merge"] * 3  # bigG in_proj of layers 0 and 5 for the header, then layer 0's to write
+    assert events[first_write:].count("merge") == 1  # layer 5's, as it is written

@@ -84,7 +84,7 @@ def part_rows(total: int, sizes: Sequence[int]) -> list[int] | None:
 def _stack_rows(tensors: list[Tensor]) -> Tensor:
     """Concatenate same-dtype tensors along rows by joining their bytes (bit-exact)."""
     rows = sum(t.shape[0] for t in tensors)
-    return Tensor(tensors[0].dtype, (rows, *tensors[0].shape[1:]), b"".join(bytes(t.data) for t in tensors))
+    return Tensor(tensors[0].dtype, (rows, *tensors[0].shape[1:]), b"".join([t.data for t in tensors]))
 
 
 def _raw(t: Tensor) -> np.ndarray:

@@ -258,8 +258,7 @@ class MindoneFormat:
         makers, unspellable = self._spelled_modules(model)
         _raise_problems(unspellable, f"module(s) with no name in MindONE {self.naming.name} naming", path)
         tensors: dict[str, Tensor] = {}
-        unscaled = [m.scale for m in map(_made, makers.values()) if m.alpha != m.rank]  # a merge's made, then let go
-        fold = fold_alpha and unscaled and not (self.naming.stores_alpha or alpha_in_metadata)
+        fold = False  # decided below, once every module's alpha is known; folding changes no dtype or shape
 
         def module_tensors(key: str, m: LoraModule) -> dict[str, Tensor]:
             b, out = m.tensors[B], {f"{key}.{self.naming.suffix(A)}": m.tensors[A]}
@@ -273,12 +272,20 @@ class MindoneFormat:
         def made_tensors(key: str, make: Callable[[], LoraModule]) -> dict[str, Tensor]:
             return module_tensors(key, make())
 
+        unscaled, specs = [], {}  # a merge is made here once (its alpha, its tensors' dtypes and shapes), then let go
+        for key, make in makers.items():
+            m = _made(make)
+            if m.alpha != m.rank:
+                unscaled.append(m.scale)
+            if m is not make:
+                specs[key] = {name: (t.dtype, t.shape) for name, t in module_tensors(key, m).items()}
+        fold = fold_alpha and bool(unscaled) and not (self.naming.stores_alpha or alpha_in_metadata)
         made: dict = {}  # merged q/k/v are made again as they are written, one at a time (made_late)
         for key, make in makers.items():
             if isinstance(make, LoraModule):
                 tensors.update(module_tensors(key, make))
             else:
-                tensors.update(made_late(partial(made_tensors, key, make), made))
+                tensors.update(made_late(partial(made_tensors, key, make), made, specs[key]))
         notes = []
         if unscaled and not (self.naming.stores_alpha or alpha_in_metadata):
             ratios = ", ".join(f"{r:g}" for r in sorted(set(unscaled)))
