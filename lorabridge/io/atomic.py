@@ -186,29 +186,29 @@ def sync_file_system(directory: str | os.PathLike) -> None:
 
 
 # Every this many bytes, the temporary file's new pages are handed to the disk by a thread while the
-# writer goes on (a kernel copy is cut into pieces this long for it), so the disk works beside the copy
-# into the page cache and the fsync at the end waits for the last piece only.
+# writer goes on (a kernel copy is cut into pieces, :func:`_piece_at`, handed over as they add up to this), so
+# the disk works beside the copy into the page cache and the fsync at the end waits for the last piece only.
 WRITEBACK_BYTES = 32 * 1024 * 1024
 
 
 
 
 def _piece_at(position: int) -> int:
-    """How long a kernel copy to the output at ``position`` may be: :data:`WRITEBACK_BYTES`, shortened so that it
-    ends on a large folio's boundary (:data:`~.streaming.LARGEST_FOLIO_BYTES`) of the output.
+    """How long a kernel copy to the output at ``position`` may be: up to the next boundary of a large folio
+    (:data:`~.streaming.LARGEST_FOLIO_BYTES`) of the output, so that no copy ends inside a folio it did not fill
+    from its start, unless its data ends there.
 
-    Why: the flusher writes the file out after each piece while the next is copied; a piece ending inside a folio
-    leaves it to be finished by the next copy while it is being written out. Measured on the rank-128 file (a
-    bare copy at the offsets a safetensors output has, six runs each): 1.87 s with pieces ending mid-folio,
-    1.69 s with pieces ending on a 2 MiB boundary, 1.70 s for a copy starting page-aligned.
+    Why, measured on the rank-128 file (bare copies with the flusher behind, as our writer does them): one copy at
+    a safetensors output's offsets, in 32 MiB pieces ending mid-folio 1.87 s, on 2 MiB boundaries 1.69 s (six runs
+    each); the 828 copies of a conversion to kohya (tensors reordered) replayed as they were, 2.07 s, cut at 2 MiB
+    boundaries, 1.86 s (medians of eight). A piece ending mid-folio leaves the next copy finishing a folio that
+    the flusher may be writing out.
 
     Example:
-        >>> _piece_at(0) == WRITEBACK_BYTES, _piece_at(324_232) == WRITEBACK_BYTES - 324_232
+        >>> _piece_at(0) == LARGEST_FOLIO_BYTES, _piece_at(324_232) == LARGEST_FOLIO_BYTES - 324_232
         (True, True)
     """
-    end = position + WRITEBACK_BYTES
-    end -= end % LARGEST_FOLIO_BYTES
-    return end - position if end > position else WRITEBACK_BYTES  # pieces shorter than a folio: as they come
+    return LARGEST_FOLIO_BYTES - position % LARGEST_FOLIO_BYTES
 
 
 _sync_file_range = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
@@ -322,7 +322,7 @@ class _EarlyWriteback(io.BufferedWriter):
 
     def copy_from(self, source: SourceFile, spans: Sequence[tuple[int, int]]) -> bool:
         """Append the bytes of ``spans`` ((offset, count) pairs of ``source``) back to back, copied in the
-        kernel (see :mod:`.zero_copy`) in pieces the flusher writes out behind; False, with nothing written,
+        kernel (see :mod:`.zero_copy`) in pieces (:func:`_piece_at`) the flusher writes out behind; False, with nothing written,
         where these two files allow no kernel copy.
 
         Many spans in one call: the file position is asked for and set once, not around every copy (a
