@@ -84,6 +84,24 @@ def test_light_commands_import_no_framework_and_not_numpy(argv):
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("argv", [["neutral2pt"], ["neutral2ms"], ["convert", "--to", "kohya"]])
+def test_a_conversion_from_neutral_imports_numpy_beside_its_main_thread(argv, neutral_file, tmp_path):
+    """numpy (~0.1 s to import) is imported by the NaN/Inf scan's thread, while the main thread reads, plans and
+    starts copying: a main thread that needed it too (an alpha tensor, a merge, a page count) would wait for it."""
+    code = ("import sys, threading, runpy\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'numpy':\n"
+            "            print('NUMPY-BY', threading.current_thread().name, flush=True)\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            f"sys.argv = ['cli.py', {argv[0]!r}, {str(neutral_file)!r}, *{argv[1:]!r}, '-o', {str(tmp_path / 'out')!r}]\n"
+            "runpy.run_path('cli.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported_by = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("NUMPY-BY ")]
+    assert len(imported_by) == 1 and imported_by[0] != "MainThread", proc.stdout[-500:]
+
+
 def test_main_leaves_the_exit_collection_nothing_to_walk(monkeypatch, capsys):
     """The process exits after one command: what it built is frozen, not walked by the collector at exit."""
     import gc

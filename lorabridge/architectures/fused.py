@@ -231,7 +231,6 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
 
         fused = merge_fused((q, k, v), "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj")
     """
-    import numpy as np
     q = parts[0]
     names = tuple(m.name.rsplit(".", 1)[-1] for m in parts)
     for m in parts:
@@ -251,6 +250,7 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
         tensors = {"lora_A.weight": a_list[0], "lora_B.weight": _stack_rows(b_list)}
         alpha = q.alpha
     else:
+        import numpy as np  # only here: split then merged (the common case) joins bytes, no numpy on the way to the first write
         a_dtype, b_dtype = _common_dtype(a_list), _common_dtype(b_list)
         total = sum(m.rank for m in parts)
         a_cat = np.concatenate([a.to_float32() for a in a_list], axis=0)
@@ -281,7 +281,6 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
 
         fused = merge_present({0: q, 2: v}, "double_blocks.0.img_attn.qkv", (3072, 3072, 3072))  # k's delta W is 0
     """
-    import numpy as np
     kinds = {m.kind for m in parts.values()}
     if kinds == {"full"}:
         return _merge_full(parts, fused_name, sizes)
@@ -292,6 +291,7 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
     a, b = present.tensors["lora_A.weight"], present.tensors["lora_B.weight"]
 
     def filler(i: int) -> LoraModule:
+        import numpy as np
         rows = present.out_features * sizes[i] // sizes[first]
         zeros = Tensor.from_numpy(np.zeros((rows, present.rank), np.float32), b.dtype)
         return LoraModule(f"{fused_name}[{i}]", "lora", {"lora_A.weight": a, "lora_B.weight": zeros},

@@ -36,8 +36,6 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
-
 from ..architectures.fused import merge_present, split_fused
 from ..architectures.sdxl import SDXL
 from ..errors import LoraBridgeError, listed
@@ -263,6 +261,7 @@ class MindoneFormat:
         def module_tensors(key: str, m: LoraModule) -> dict[str, Tensor]:
             b, out = m.tensors[B], {f"{key}.{self.naming.suffix(A)}": m.tensors[A]}
             if fold and m.alpha != m.rank:
+                import numpy as np
                 b = Tensor.from_numpy(b.to_float32() * np.float32(m.scale), b.dtype)
             out[f"{key}.{self.naming.suffix(B)}"] = b
             if self.naming.stores_alpha and m.alpha_source != "assumed":

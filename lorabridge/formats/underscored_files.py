@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
-
 from ..architectures import get_architecture
 from ..architectures.fused import merge_present, split_fused
 from ..errors import LoraBridgeError, listed
@@ -185,6 +183,8 @@ def alpha_tensor(module: LoraModule) -> Tensor:
 
     An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf.
     """
+    import numpy as np  # here: a conversion's main thread reaches its first copy while the NaN/Inf scan imports it
+
     return fitting_cast(Tensor.from_numpy(np.array(module.alpha, np.float32)), module.extra.get("alpha_dtype", module.dtype))
 
 
@@ -247,6 +247,8 @@ def cast_to(tensor: Tensor, dtype: str | None) -> Tensor:
 def fitting_cast(alpha: Tensor, dtype: str) -> Tensor:
     """A 0-d ``alpha`` in ``dtype``, or kept as it is where ``dtype`` cannot hold it (an alpha above fp16's
     65504 would be Inf, making delta W Inf in every loader)."""
+    import numpy as np
+
     cast = alpha.cast(dtype)
     return cast if np.isfinite(cast.to_float32()).all() else alpha
 

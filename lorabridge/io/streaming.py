@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import mmap
 import threading
 import weakref
@@ -81,11 +82,39 @@ def release_pages(data) -> None:
         use.charged = 0
 
 
-def _address(buffer) -> int:
-    """Where a contiguous buffer's first byte is in memory (Python has no call for it; numpy reads it)."""
-    import numpy as np  # every pass that maps a large file has imported it already
+class _BufferView(ctypes.Structure):
+    """CPython's ``Py_buffer`` (part of the stable ABI): what ``PyObject_GetBuffer`` fills in."""
 
-    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_BufferView), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_BufferView)]
+_release_buffer.restype = None
+
+
+def _address(buffer) -> int:
+    """Where a contiguous buffer's first byte is in memory. Python has no call for it; the C API's buffer
+    protocol gives it. Not numpy's view of it: numpy would then be imported by the first pass over a large file,
+    on the way to a conversion's first copy, while the NaN/Inf scan imports it in another thread (~0.1 s waited).
+
+    Example:
+        >>> data = bytearray(b"abc")
+        >>> _address(memoryview(data)[1:]) - _address(data)
+        1
+    """
+    view = _BufferView()
+    _get_buffer(buffer, ctypes.byref(view), 0)  # PyBUF_SIMPLE: raises for a buffer that is not contiguous
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
 
 
 def _charge(data: memoryview, start: int, use: _Use) -> int:
