@@ -108,3 +108,23 @@ def test_a_declared_module_without_tensors_is_missing_tensors_not_a_crash(tmp_pa
     path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
     _, _, findings = examine(path)
     assert ("missing-tensor", "tensor 'unet.conv_in.lora_A.weight'") in [finding[:2] for finding in findings]
+
+
+@FUZZ
+@given(field=st.sampled_from(["dtype", "shape", "data_offsets", None, "__metadata__"]), value=JSON)
+def test_arbitrary_header_entry_values_give_our_error_or_parse(field, value, tmp_path):
+    """Any JSON value as a tensor's dtype, shape or data_offsets, as a whole tensor entry (None) or as the
+    metadata, is read or refused with our error: a list or an object where a string belongs is unhashable, and
+    was once a crash."""
+    raw = SEEDS[0]
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(key for key in header if key != "__metadata__")
+    if field == "__metadata__":
+        header["__metadata__"] = value
+    elif field is None:
+        header[name] = value
+    else:
+        header[name][field] = value
+    head = json.dumps(header).encode()
+    read_bytes_safely(struct.pack("<Q", len(head)) + head + raw[8 + n:], tmp_path)

@@ -203,6 +203,16 @@ def entry_field(field, value):
     return make
 
 
+def first_entry_as(value):
+    """The kohya file with the header entry of the tensor stored first replaced by ``value``."""
+    def make(files):
+        header, data = header_of(files["kohya"])
+        first = next(k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] == 0)
+        header[first] = value
+        return with_header(header, data)
+    return make
+
+
 def surrogate_in(place):
     def make(files):
         header, data = header_of(files["neutral" if place == "manifest" else "kohya"])
@@ -228,6 +238,10 @@ BAD_JSON = {
     "5000-digit dimension": (entry_field("shape", lambda t: "[" + "9" * 5000 + ", 640]"), "convert", "digits"),
     "bool dimension": (entry_field("shape", lambda t: "[true]" if t == "[]" else "[true, " + t[1:]), "convert", "shape"),
     "bool data_offset": (entry_field("data_offsets", lambda t: t.replace("[0,", "[false,")), "convert", "data_offsets"),
+    "list dtype": (entry_field("dtype", lambda t: f"[{t}]"), "convert", "unknown dtype"),
+    "object dtype": (entry_field("dtype", lambda t: f'{{"name": {t}}}'), "convert", "unknown dtype"),
+    "entry not an object": (first_entry_as(["F32", [4], [0, 16]]), "convert", "needs dtype, shape and data_offsets"),
+    "entry without dtype": (first_entry_as({"shape": [4], "data_offsets": [0, 16]}), "convert", "needs dtype"),
     "lone surrogate in metadata": (surrogate_in("metadata"), "convert", "surrogate"),
     "lone surrogate in a tensor name": (surrogate_in("tensor name"), "convert", "surrogate"),
     "lone surrogate in the manifest": (surrogate_in("manifest"), "neutral2pt", "surrogate"),
