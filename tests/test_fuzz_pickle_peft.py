@@ -124,3 +124,24 @@ def test_the_torch_seeds_parse(tmp_path):
         (tmp_path / f"{number}.pt").write_bytes(seed)
         tensors, metadata = read_torch_file(tmp_path / f"{number}.pt")
         assert sorted(tensors) == ["x.alpha", "x.lora_A.weight", "x.lora_B.weight"] and metadata["note"] == "seed"
+
+
+@FUZZ
+@given(field=st.sampled_from(CONFIG_FIELDS), value=JSON, whole=st.booleans())
+def test_diffusers_files_with_arbitrary_adapter_metadata_give_our_error_or_a_model(field, value, whole, tmp_path):
+    """diffusers' ``lora_adapter_metadata`` is a LoraConfig per component inside a safetensors header: any JSON
+    value in any of its fields, or as the whole of it, is read or refused with our error by every reader that
+    looks at it (and by inspect)."""
+    from lorabridge.converters.registry import get_format
+    from lorabridge.formats.neutral import inspect_file
+
+    name = MODULE.removeprefix("base_model.model.")
+    tensors = {f"unet.{name}.lora_A.weight": Tensor.from_numpy(np.ones((2, 640), np.float32)),
+               f"unet.{name}.lora_B.weight": Tensor.from_numpy(np.ones((640, 2), np.float32))}
+    config = value if whole else {f"unet.{key}": item for key, item in {**CONFIG, field: value}.items()}
+    path = tmp_path / "fuzz.safetensors"
+    path.unlink(missing_ok=True)
+    write_safetensors(path, tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    for fmt in map(get_format, ("diffusers", "legacy-diffusers", "peft", "kohya")):
+        reads_or_refuses(fmt.read if fmt.detect(path) else fmt.detect, path)
+    reads_or_refuses(inspect_file, path)
