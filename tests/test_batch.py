@@ -659,6 +659,26 @@ def test_a_worker_reads_and_checks_a_files_header_once_detection_included(tmp_pa
     assert (entry.status, entry.format, parses) == ("converted", "kohya", [source])
 
 
+def test_a_library_s_second_file_with_the_same_keys_is_detected_without_parsing_them_again(tmp_path):
+    """The diffusers, PEFT and OneTrainer detectors each parse every key of a kohya file before kohya's turn (none
+    of theirs parses): their parses are remembered, so a library's next file with the same keys costs lookups."""
+    from lorabridge.converters import detect_format
+    from lorabridge.naming import onetrainer_keys, peft_keys
+
+    good_library(tmp_path / "lib")
+    first = tmp_path / "lib" / "sdxl" / "deep" / "k.safetensors"
+    second = tmp_path / "second.safetensors"
+    shutil.copyfile(first, second)
+    parsers = (peft_keys.parse_key, onetrainer_keys.parse_omi)
+    for parser in parsers:
+        parser.cache_clear()
+    assert detect_format(first).name == "kohya"
+    misses = [parser.cache_info().misses for parser in parsers]
+    assert all(misses)  # the first file's keys were parsed
+    assert detect_format(second).name == "kohya"
+    assert [parser.cache_info().misses for parser in parsers] == misses
+
+
 def test_a_file_converts_without_automatic_garbage_collection_and_its_cycles_are_freed_when_it_ends(tmp_path, monkeypatch):
     """The collector's automatic passes over a conversion's short-lived objects cost more than one pass after
     the file: none runs while the file converts, and garbage cycles it made are freed by the time it ends."""

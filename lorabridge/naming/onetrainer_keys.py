@@ -19,9 +19,11 @@ Its newer outputs (``de1437cb``, 2026: diffusers, kohya, ComfyUI) are the layout
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from ..architectures.flux1 import FLUX1
+from . import PARSED_KEYS_KEPT
 from .underscored import ALPHA, Grammar
 
 COMPONENT = "transformer"
@@ -77,6 +79,7 @@ class OmiKey(NamedTuple):
     swapped: bool
 
 
+@lru_cache(maxsize=PARSED_KEYS_KEPT)  # its detector scans every key of a file in another format
 def parse_omi(key: str) -> OmiKey | None:
     """The parts of an OMI key, or None when its prefix or suffix is none of OMI's. A transformer name that
     resolves to no Flux.1 module keeps its OMI spelling (``transformer.<name>``) for the checks to list.

@@ -11,6 +11,9 @@ mindone.diffusers files all spell keys so; alpha lives in a LoraConfig (:mod:`.p
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+
+from . import PARSED_KEYS_KEPT
 
 PEFT_PREFIX = "base_model.model."
 # PEFT key tail -> neutral role. The adapter name, when present, sits before ".weight".
@@ -20,6 +23,7 @@ ROLES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_v
 PEFT_ROLES = {role: peft for peft, role in ROLES.items()}
 
 
+@lru_cache(maxsize=PARSED_KEYS_KEPT)  # the diffusers and PEFT detectors scan every key of a file in another format
 def parse_key(key: str) -> tuple[str, str, str | None] | None:
     """(module path, neutral role, adapter name or None) of a PEFT tensor key, or None if it is not one.
 

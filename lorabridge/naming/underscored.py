@@ -24,6 +24,7 @@ from typing import Iterable, Literal, Mapping, NamedTuple, Sequence
 from ..architectures import DEFAULT, architectures
 from ..architectures.architecture import Architecture
 from ..model import LoraModule
+from . import PARSED_KEYS_KEPT
 
 ALPHA = "alpha"  # the suffix whose tensor is the module's alpha, not one of its tensors
 
@@ -107,10 +108,6 @@ class Grammar:
             if key.endswith(ending):
                 return key[: -len(ending)], suffix
         return key, None
-
-
-PARSED_KEYS_KEPT = 1 << 14  # parsed keys remembered: a LoRA's keys are parsed several times (detection, the
-# architecture vote, grouping), and a library's files mostly share their keys; a SDXL LoRA has at most ~2,300
 
 
 @lru_cache(maxsize=PARSED_KEYS_KEPT)
