@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 from ..errors import LoraBridgeError
 from . import deferred
 from .input_file import check_unchanged, reading_own_output
+from .scoped import set_within
 from .streaming import LARGEST_FOLIO_BYTES
 from .zero_copy import SourceFile, copy_range
 
@@ -87,8 +88,7 @@ def _refuse_overlap(out: Path, src: Path, directory: bool) -> None:
 _may_replace: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_may_replace", default=True)
 
 
-@contextlib.contextmanager
-def replacing(allowed: bool) -> Iterator[None]:
+def replacing(allowed: bool) -> contextlib.AbstractContextManager[None]:
     """Within this block, atomic writes replace an existing output only if ``allowed`` (a command's --force);
     otherwise the publishing rename fails with "output exists", even against a run racing this one.
 
@@ -96,11 +96,7 @@ def replacing(allowed: bool) -> Iterator[None]:
         >>> with replacing(force):   # doctest: +SKIP
         ...     write_safetensors("out.safetensors", tensors)
     """
-    token = _may_replace.set(allowed)
-    try:
-        yield
-    finally:
-        _may_replace.reset(token)
+    return set_within(_may_replace, allowed)
 
 
 def _libc_function(name: str, *argtypes: Any) -> Callable | None:
@@ -123,8 +119,7 @@ _syncfs = _libc_function("syncfs", ctypes.c_int)
 _sync_each: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_sync_each", default=True)
 
 
-@contextlib.contextmanager
-def syncing_at_the_end() -> Iterator[None]:
+def syncing_at_the_end() -> contextlib.AbstractContextManager[None]:
     """Within this block, atomic writes publish without an fsync each; the caller calls
     :func:`sync_file_system` once the last is written.
 
@@ -138,11 +133,7 @@ def syncing_at_the_end() -> Iterator[None]:
         ...     for src in sources: convert(src, ...)
         >>> sync_file_system(out_dir)   # doctest: +SKIP
     """
-    token = _sync_each.set(False)
-    try:
-        yield
-    finally:
-        _sync_each.reset(token)
+    return set_within(_sync_each, False)
 
 
 # Work to do with each fsynced output while the disk takes the last of it (:func:`while_flushing`).
@@ -150,8 +141,7 @@ _while_flushing: contextvars.ContextVar[Callable[[Path], None] | None] = context
     "lorabridge_while_flushing", default=None)
 
 
-@contextlib.contextmanager
-def while_flushing(task: Callable[[Path], None]) -> Iterator[None]:
+def while_flushing(task: Callable[[Path], None]) -> contextlib.AbstractContextManager[None]:
     """Within this block, each atomic write that fsyncs its output calls ``task(temporary)`` once every byte of
     it is written, before waiting for the disk to take the last of them; the output is published after.
 
@@ -164,11 +154,7 @@ def while_flushing(task: Callable[[Path], None]) -> Iterator[None]:
         >>> with while_flushing(lambda temporary: print(temporary.stat().st_size)):   # doctest: +SKIP
         ...     write_safetensors("out.safetensors", tensors)
     """
-    token = _while_flushing.set(task)
-    try:
-        yield
-    finally:
-        _while_flushing.reset(token)
+    return set_within(_while_flushing, task)
 
 
 def sync_file_system(directory: str | os.PathLike) -> None:

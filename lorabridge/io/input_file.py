@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import LoraBridgeError
+from .scoped import set_within
 from .zero_copy import SourceFile
 
 try:
@@ -146,8 +147,7 @@ def held_inputs() -> Iterator[None]:
 _own_output: contextvars.ContextVar[bool] = contextvars.ContextVar("lorabridge_own_output", default=False)
 
 
-@contextlib.contextmanager
-def reading_own_output() -> Iterator[None]:
+def reading_own_output() -> contextlib.AbstractContextManager[None]:
     """Within the block (in this thread), files are mapped as outside :func:`held_inputs`: for reading back an
     output this process is still writing. No read lease can be taken on a file open for writing, and reading it
     into memory instead (what :func:`map_input` does for an input it cannot lease) would cost its size.
@@ -156,11 +156,7 @@ def reading_own_output() -> Iterator[None]:
         >>> with reading_own_output():   # doctest: +SKIP
         ...     file_contents(temporary)
     """
-    token = _own_output.set(True)
-    try:
-        yield
-    finally:
-        _own_output.reset(token)
+    return set_within(_own_output, True)
 
 
 def holding_inputs() -> bool:

@@ -22,6 +22,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
+from .scoped import set_within
+
 T = TypeVar("T")
 _CAN_RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
 # A map's pages are released once this many bytes of it have been used since the last release: one
@@ -194,8 +196,7 @@ def _given(outcome: dict[str, Any]) -> Any:
     return outcome["value"]
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> contextlib.AbstractContextManager[None]:
     """Within this block :func:`in_background` starts no thread: its work runs in the thread that asks for the
     result, when it first asks (a hash when the header is patched, a scan when its verdict is due).
 
@@ -210,11 +211,7 @@ def one_thread() -> Iterator[None]:
         >>> result()
         6
     """
-    token = _helper_threads.set(False)
-    try:
-        yield
-    finally:
-        _helper_threads.reset(token)
+    return set_within(_helper_threads, False)
 
 
 @contextlib.contextmanager
