@@ -23,7 +23,7 @@ from lorabridge.errors import LoraBridgeError, LoraBridgeWarning  # noqa: E402
 from lorabridge.formats import kohya  # noqa: E402
 from lorabridge.formats.contract import ReadOptions, WriteOptions  # noqa: E402
 from lorabridge.formats.neutral import read_neutral, write_neutral  # noqa: E402
-from lorabridge.io.safetensors_file import read_safetensors  # noqa: E402
+from lorabridge.io.safetensors_file import read_safetensors, write_safetensors  # noqa: E402
 from lorabridge.model import LoraModel, LoraModule  # noqa: E402
 from lorabridge.architectures.sdxl import SDXL  # noqa: E402
 from lorabridge.report import validation_report  # noqa: E402
@@ -266,6 +266,30 @@ def test_a_missing_half_is_refused_with_the_module_named(tmp_path):
     del sd["lora_te1_text_model_encoder_layers_11_mlp_fc2.lora_up.weight"]
     with pytest.raises(LoraBridgeError, match=r"text_encoder\.text_model\.encoder\.layers\.11\.mlp\.fc2 has .* but no lora_B\.weight"):
         kohya.read(save_kohya(tmp_path / "bad.safetensors", sd))
+
+
+@pytest.mark.parametrize("alpha_dtype,alpha", [(torch.float64, 0.1), (torch.int64, 2**24 + 1)])
+def test_an_alpha_float32_cannot_hold_goes_back_bit_exact(tmp_path, alpha_dtype, alpha):
+    """0.1 as F64 and 16,777,217 as I64 are not float32 values: read through float32 they came back changed."""
+    src = save_kohya(tmp_path / "src.safetensors", kohya_state_dict(alpha_dtype=alpha_dtype, alpha=alpha))
+    neutral = convert(src, tmp_path / "n.safetensors", to="neutral", progress=False).output
+    assert {m.alpha for m in read_neutral(neutral).modules.values()} == {float(alpha)}
+    out = convert(neutral, tmp_path / "back.safetensors", to="kohya", progress=False).output
+    original, _ = read_safetensors(src)
+    written, _ = read_safetensors(out)
+    assert all(written[k].same_as(original[k]) for k in original)
+
+
+def test_an_fp8_alpha_is_refused_in_one_line(tmp_path, run_cli):
+    """No struct or numpy type reads FP8; such an alpha was a TypeError traceback."""
+    tensors = {k: Tensor.from_numpy(v.numpy()) for k, v in kohya_state_dict().items()}
+    tensors["lora_unet_input_blocks_0_0.alpha"] = Tensor("F8_E4M3", (), b"\x38")
+    src = tmp_path / "fp8.safetensors"
+    write_safetensors(src, tensors)
+    result = run_cli("convert", src, "--to", "neutral", "-o", tmp_path / "n.safetensors")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "broken LoRA module(s): unet.conv_in: alpha: F8_E4M3 tensors cannot be turned into numbers" in result.output
+    assert not (tmp_path / "n.safetensors").exists()
 
 
 def test_a_non_scalar_alpha_is_refused(tmp_path):

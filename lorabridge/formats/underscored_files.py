@@ -23,7 +23,7 @@ from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
 from ..rules import module_problems
 from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, Grammar, ModuleProblem, Spelling, group_keys, stem
-from ..tensor import Tensor, made_late
+from ..tensor import Tensor, made_late, scalar_value
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
 
@@ -38,6 +38,8 @@ SAFETENSORS_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F1
 # The legacy hash covers header bytes too, so it cannot survive a rewrite and is dropped.
 DATA_HASH_KEYS = ("sshs_model_hash", "modelspec.hash_sha256")
 STALE_KEYS = ("sshs_legacy_hash",)
+# Alpha dtypes holding values float32 cannot (an F64 0.1, an I64 16,777,217): stored from the float64 value.
+WIDER_THAN_FLOAT32 = ("F64", "I64", "I32", "U64", "U32")
 MODELSPEC_DEFAULTS = {"modelspec.sai_model_spec": "1.0.0"}  # and the architecture's own modelspec fields
 
 
@@ -52,8 +54,11 @@ def alpha_of(parts: Mapping[str, Tensor], rank: int, user_alpha: float | None) -
         return (float(user_alpha), "user", {}) if user_alpha is not None else (float(rank), "assumed", {})
     if tensor.numel != 1:
         raise ModuleProblem(f"alpha must be a single number, it has shape {list(tensor.shape)}")
-    value = Tensor(tensor.dtype, tensor.shape, small_tensor_bytes(tensor)).to_float32()  # not through the map
-    return float(value.reshape(-1)[0]), "stored", {"alpha_dtype": tensor.dtype}
+    try:
+        value = scalar_value(tensor.dtype, small_tensor_bytes(tensor))  # not through the map
+    except TypeError as exc:  # an FP8 alpha
+        raise ModuleProblem(f"alpha: {exc}") from None
+    return value, "stored", {"alpha_dtype": tensor.dtype}
 
 
 def with_dora(module: LoraModule) -> LoraModule:
@@ -181,11 +186,15 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
 def alpha_tensor(module: LoraModule) -> Tensor:
     """The module's alpha as a 0-d tensor, in the dtype the source stored it in (else the module's).
 
-    An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf.
+    An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf. An F64 or
+    integer alpha is made from the value itself, not through float32, which would change 0.1 or 16,777,217.
     """
     import numpy as np  # here: a conversion's main thread reaches its first copy while the NaN/Inf scan imports it
 
-    return fitting_cast(Tensor.from_numpy(np.array(module.alpha, np.float32)), module.extra.get("alpha_dtype", module.dtype))
+    dtype = module.extra.get("alpha_dtype", module.dtype)
+    if dtype in WIDER_THAN_FLOAT32:
+        return Tensor.from_numpy(np.array(module.alpha, np.float64), dtype)
+    return fitting_cast(Tensor.from_numpy(np.array(module.alpha, np.float32)), dtype)
 
 
 def full_tensors(module: LoraModule) -> dict[str, Tensor]:

@@ -236,7 +236,11 @@ def small_tensor_bytes(tensor: Tensor) -> bytes:
         >>> small_tensor_bytes(Tensor("F32", (), b"\\x00\\x00\\x80\\x3f"))
         b'\\x00\\x00\\x80?'
     """
-    return b"".join(bytes(piece) for piece in chunks(tensor, bytearray(max(tensor.nbytes, 1))))
+    if tensor.source is None or kept_mapped(tensor.data):  # :func:`chunks`' one piece, without its generator
+        data = bytes(tensor.data)  # (a kohya file reads 560 alphas)
+        release_pages(tensor.data)
+        return data
+    return b"".join(bytes(piece) for piece in chunks(tensor, bytearray(tensor.nbytes)))
 
 
 def chunks(tensor: Tensor, buffer: bytearray) -> Iterator[memoryview]:
