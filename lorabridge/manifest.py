@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
+from .io.streaming import kept_mapped
 from .io.zero_copy import READ_CHUNK_BYTES, chunks
 from .model import LoraModel, LoraModule, dominant_dtype
 from .schema_check import surely_valid
@@ -178,6 +179,9 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
             description = described[t.dtype, t.shape] = (
                 f"\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8") + struct.pack("<Q", t.nbytes))
         digest.update(encoded + description)
+        if kept_mapped(t.data):  # as chunks would give it, in one piece: its generator costs more than a small tensor's hash
+            digest.update(t.data)
+            continue
         for piece in chunks(t, buffer):
             digest.update(piece)
     return digest.hexdigest()

@@ -9,6 +9,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorabridge.converters as converters
 from lorabridge.io import streaming
@@ -239,3 +241,56 @@ def test_the_first_refusal_stops_the_block_and_later_checks_are_dropped():
             deferred.check(lambda: None, refuse("writer"))
             deferred.settle()
     assert str(raised.value.path) == "reader" and raised.value.__context__ is None
+
+
+_VALUES = st.sampled_from([0.0, 1.5, -2.0, 3e38, np.nan, np.inf, -np.inf])  # 3e38 twice overflows a float32 sum
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=st.lists(st.tuples(st.sampled_from(["F32", "F16", "U8"]), st.lists(_VALUES, min_size=1, max_size=12),
+                                 st.booleans()), min_size=1, max_size=14))
+def test_small_tensors_side_by_side_in_a_file_are_reported_exactly_as_one_by_one(tmp_path_factory, layout):
+    """Small tensors lying in a mapped file are checked a stretch of the map at a time (a kohya file's pairs with
+    their alphas between): whatever lies between them (unchecked tensors holding NaN, bytes that put the next
+    tensor off an element boundary), the findings are those of each tensor checked alone."""
+    from lorabridge.formats import checks
+    from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+
+    numpy_types = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
+    tensors = {}
+    with np.errstate(invalid="ignore", over="ignore"):
+        for n, (dtype, values, _) in enumerate(layout):
+            tensors[f"t{n:02d}"] = Tensor.from_numpy(np.array(values).astype(numpy_types[dtype]))
+    path = tmp_path_factory.mktemp("side") / "layout.safetensors"
+    write_safetensors(path, tensors)
+    read = SafetensorsFile(path)
+    checked = [(name, read.tensor(name)) for n, name in enumerate(tensors) if layout[n][2] and layout[n][0] != "U8"]
+    expected = []
+    for name, tensor in checked:
+        values = tensor.to_numpy()
+        if not np.isfinite(values).all():
+            expected.append(f"{name} ({int(values.size - np.isfinite(values).sum())} of {values.size})")
+    assert checks._non_finite(checked) == expected
+    stretches, _ = checks._side_by_side([(n, t) for n, (_, t) in enumerate(checked)])
+    assert all(len(members) > 1 for _, members in stretches)
+
+
+def test_a_kohya_file_s_small_tensors_are_checked_in_a_few_stretches(tmp_path, monkeypatch):
+    """The point of stretches: a kohya file's 2 x N small F32 factors, each with its F32 alpha before it, take a few
+    calls, not one each (the alphas, 4 bytes between them, are inside the stretch)."""
+    from lorabridge.formats import checks
+    from lorabridge.io.safetensors_file import SafetensorsFile, write_safetensors
+
+    tensors = {}
+    for n in range(40):
+        tensors[f"m{n:02d}.alpha"] = Tensor.from_numpy(np.array(4.0, np.float32))
+        tensors[f"m{n:02d}.lora_down.weight"] = Tensor.from_numpy(np.ones((4, 8), np.float32))
+        tensors[f"m{n:02d}.lora_up.weight"] = Tensor.from_numpy(np.ones((8, 4), np.float32))
+    write_safetensors(tmp_path / "k.safetensors", tensors)
+    read = SafetensorsFile(tmp_path / "k.safetensors")
+    factors = [(name, read.tensor(name)) for name in tensors if not name.endswith("alpha")]
+    scanned = []
+    real_scan = checks.all_finite
+    monkeypatch.setattr(checks, "all_finite", lambda t: scanned.append(t.nbytes) or real_scan(t))
+    assert checks._non_finite(factors) == []
+    assert scanned == [40 * (2 * 4 * 8 * 4 + 4) - 4]  # one stretch: every factor, and the alphas between them

@@ -25,6 +25,7 @@ from ..architectures import architectures
 from ..architectures.architecture import Architecture
 from ..errors import LoraBridgeError, LoraBridgeWarning, listed
 from ..io import deferred
+from ..io.input_file import offset_in_map
 from ..io.streaming import kept_buffer, release_pages
 from ..kinds import MISSING, DoraAxis, KindName
 from ..model import LoraModel, LoraModule
@@ -42,6 +43,7 @@ SUMMED_DTYPES = ("F32", "F64")  # all_finite sums these first (numpy sums them n
 FINITE_CHUNK = 1 << 18  # elements checked at a time: no full-size temporaries
 SMALL_TENSOR_BYTES = 1 << 16  # tensors up to this size are checked for NaN/Inf together, in batches of
 SMALL_BATCH_BYTES = 8 << 20  # up to this many bytes, joined in a kept buffer (io.streaming.kept_buffer)
+STRETCH_GAP_BYTES = 4096  # small tensors at most this far apart in a kept map are checked as one stretch of it
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 # Module-name fragments that point to a model; the first that matches names the likely model. A hint is
@@ -240,10 +242,11 @@ def check_finite(model: LoraModel, path, *, strict: bool = False) -> None:
 def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
     """``name (count of numel)`` for each of ``tensors`` holding NaN or Inf values.
 
-    Small F32/F64 tensors are summed one by one where they lie (:func:`_summed_one_by_one`); other small
-    ones are checked a batch at a time (:func:`_small_batches`): a LoRA's thousand F16 tensors of a few KiB
-    each would otherwise cost :func:`all_finite`'s per-call overhead a thousand times, several times the
-    work itself. Only a batch that holds a NaN/Inf is looked at tensor by tensor.
+    Small tensors lying side by side in a kept map are checked a stretch of the map at a time, where they lie
+    (:func:`_side_by_side`); other small F32/F64 ones are summed one by one (:func:`_summed_one_by_one`), and the
+    rest checked a batch at a time (:func:`_small_batches`): a LoRA's thousand tensors of a few KiB each would
+    otherwise cost :func:`all_finite`'s per-call overhead a thousand times, several times the work itself. Only
+    a stretch or batch that holds a NaN/Inf is looked at tensor by tensor.
     """
     import numpy as np
     checked = [i for i, (_, t) in enumerate(tensors) if t.dtype in CHECKED_DTYPES and t.numel]
@@ -255,6 +258,10 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> list[str]:
                 suspects.append(i)
             release_pages(tensor.data)
     small = [(i, tensors[i][1]) for i in checked if tensors[i][1].nbytes <= SMALL_TENSOR_BYTES]
+    stretches, small = _side_by_side(small)
+    for stretch, members in stretches:
+        if not all_finite(stretch):
+            suspects += [i for i, t in members if not all_finite(t)]
     suspects += _summed_one_by_one([item for item in small if item[1].dtype in SUMMED_DTYPES])
     small = [item for item in small if item[1].dtype not in SUMMED_DTYPES]
     with kept_buffer(SMALL_BATCH_BYTES) as buffer:  # kept between scans: a fresh 8 MiB costs ~2,000 page faults
@@ -286,6 +293,44 @@ def _summed_one_by_one(tensors: list[tuple[int, Tensor]]) -> list[int]:
                 suspects.append((i, tensor))
             release_pages(tensor.data)
     return [i for i, tensor in suspects if not all_finite(tensor)]  # a sum that overflowed proves nothing
+
+
+def _side_by_side(tensors: list[tuple[int, Tensor]]) -> tuple[list[tuple[Tensor, list[tuple[int, Tensor]]]], list[tuple[int, Tensor]]]:
+    """(stretches, the rest): ``tensors`` of one dtype lying in one kept map (:func:`~lorabridge.io.input_file.offset_in_map`)
+    at most :data:`STRETCH_GAP_BYTES` apart, each stretch as one flat tensor over the map from its first member's
+    start to its last one's end, with its members; at most :data:`SMALL_BATCH_BYTES` a stretch.
+
+    Why it is sound: every member starts a whole number of elements from the stretch's start, so each of its values
+    is one of the stretch's, and a finite stretch means finite members. The bytes between members (a kohya file's
+    alphas, a MindSpore record's head) are read as values too: if they look like NaN/Inf, the members are checked
+    one by one, as they were before. Why: a rank-4 SDXL LoRA's 1,120 F32 tensors summed one call each took
+    9-10 ms; its whole data region, summed in one call, 3 ms.
+    """
+    placed, rest = [], []
+    for item in tensors:
+        where = offset_in_map(item[1])
+        if where is None:
+            rest.append(item)
+        else:
+            placed.append((id(where[0]), item[1].dtype, where[1], where[0], item))
+    placed.sort(key=lambda entry: entry[:3])
+    groups: list[list] = []  # [map, dtype, start, end, members]
+    for _, dtype, offset, mapped, item in placed:
+        end, last = offset + item[1].nbytes, groups[-1] if groups else None
+        if (last is not None and last[0] is mapped and last[1] == dtype and last[3] <= offset <= last[3] + STRETCH_GAP_BYTES
+                and (offset - last[2]) % DTYPES[dtype][0] == 0 and end - last[2] <= SMALL_BATCH_BYTES):
+            last[3] = end
+            last[4].append(item)
+        else:
+            groups.append([mapped, dtype, offset, end, [item]])
+    stretches = []
+    for mapped, _, start, end, members in groups:
+        if len(members) == 1:
+            rest.append(members[0])
+            continue
+        dtype = members[0][1].dtype
+        stretches.append((Tensor(dtype, ((end - start) // DTYPES[dtype][0],), memoryview(mapped)[start:end]), members))
+    return stretches, rest
 
 
 def _small_batches(tensors: list[tuple[int, Tensor]]) -> Iterator[list[tuple[int, Tensor]]]:

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import LoraBridgeError
+from ..tensor import Tensor
 from .scoped import set_within
+from .streaming import kept_mapped
 from .zero_copy import SourceFile
 
 try:
@@ -251,6 +253,26 @@ def source_of(data) -> SourceFile | None:
         True
     """
     return _sources.get(data) if isinstance(data, mmap.mmap) else None
+
+
+def offset_in_map(tensor: Tensor) -> tuple[mmap.mmap, int] | None:
+    """(the map, where ``tensor``'s bytes start in it) when they lie in a kept map (:func:`~.streaming.kept_mapped`)
+    of the input file its span names; None otherwise. A map :func:`map_input` makes holds the whole file from its
+    first byte, so the span's file offset is the offset in the map. Why: a pass over a LoRA's many small tensors
+    can find those lying side by side and take them as one stretch of the map (the NaN/Inf scan sums a rank-4
+    SDXL file's 1,120 tensors in a few calls instead of one each).
+
+    Example:
+        >>> offset_in_map(Tensor("U8", (1,), b"a")) is None
+        True
+    """
+    data, span = tensor.data, tensor.source
+    if span is None or not isinstance(data, memoryview) or not kept_mapped(data):
+        return None
+    mapped = data.obj
+    if not isinstance(mapped, mmap.mmap) or _sources.get(mapped) is not span.file:
+        return None
+    return mapped, span.offset
 
 
 def map_input(path: str | os.PathLike) -> tuple[Path, mmap.mmap | memoryview | None, int]:
