@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from .deltas import Svd, dense_svd
 from .errors import LoraBridgeError, listed
 from .kinds import DORA_ROLE, KINDS, KindName
-from .model import LoraModel, LoraModule
-from .tensor import Tensor
+from .model import LoraModel, LoraModule, named_tensors
+from .tensor import Tensor, math_refusal
 
 SHOWN = 5  # modules named in a refusal
 
@@ -141,7 +141,8 @@ def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | 
     ``keeps`` are the kinds the target holds besides (kohya files hold ``full`` deltas too). Without
     ``bake_rank`` a model holding other kinds is refused with the modules listed; with it they are
     baked and the reconstruction error of each becomes a warning line. Baking a ``full`` module
-    keeps its weight delta only: a dropped bias delta (``diff_b``) is a warning line too.
+    keeps its weight delta only: a dropped bias delta (``diff_b``) is a warning line too. Factors to bake
+    in FP8 are refused, naming them: numpy, which the SVD runs in, has no FP8 type.
 
     Example:
         >>> model, warnings = lora_only(model, "kohya", bake_rank=None, path="out.safetensors")   # doctest: +SKIP
@@ -156,6 +157,9 @@ def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | 
         raise LoraBridgeError(f"the {target} format holds only {holds}, {len(others)} module(s) are {kinds}: "
                               f"{shown}; pass --bake-to-lora RANK to convert them by truncated SVD, "
                               "or write the lycoris format", path)
+    refusal = math_refusal(named_tensors(others, skip=(DORA_ROLE,)), "--bake-to-lora's SVD")  # the magnitude is kept as it is
+    if refusal:
+        raise LoraBridgeError(refusal, path)
     baked, report = bake_to_lora(model, int(bake_rank), keeps)
     biased = [m.name for m in others if "diff_b" in m.tensors]
     dropped = [f"dropped the bias delta (diff_b) of {len(biased)} baked full module(s), a LoRA has none: "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
 from .kinds import ALL_ROLES, KINDS, AlphaSource, DoraAxis, KindName
 from .tensor import Tensor
@@ -138,6 +138,20 @@ class LoraModule:
         loha: alpha/r * (w1a @ w1b) * (w2a @ w2b); lokr: scale * kron(w1, w2); full: diff (alpha unused).
         """
         return KINDS[self.kind].delta(self.tensors, self.scale)
+
+
+def named_tensors(modules: Iterable[LoraModule], roles: Collection[str] | None = None, *,
+                  skip: Collection[str] = ()) -> dict[str, Tensor]:
+    """The tensors of ``modules`` under their neutral keys ``<module>.<role>``: every role, or those of ``roles``,
+    less those in ``skip``. What an operation hands :func:`~lorabridge.tensor.math_refusal`: the tensors its math reads.
+
+    Example:
+        >>> m = LoraModule("unet.x", "full", {"diff": Tensor("F16", (1, 1), b"\\0<")}, 1.0)
+        >>> list(named_tensors([m])), named_tensors([m], skip=("diff",))
+        (['unet.x.diff'], {})
+    """
+    return {f"{m.name}.{role}": t for m in modules for role, t in m.tensors.items()
+            if (roles is None or role in roles) and role not in skip}
 
 
 class Pending:

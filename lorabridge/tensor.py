@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Protocol, Sequence
 
+from .errors import listed
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -38,6 +40,9 @@ DTYPES: dict[str, tuple[int, str | None]] = {
 # dtype -> struct format of one little-endian element: how :func:`scalar_value` reads a single number without numpy.
 SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
                   "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}
+# Dtypes numpy has no type for and lorabridge no arithmetic for (to_numpy refuses them): carried bit-exactly where a
+# conversion only moves bytes, refused (math_refusal) where it would compute.
+NO_MATH_DTYPES = ("F8_E4M3", "F8_E5M2")
 # Bytes compared per piece by Tensor.same_as: under the C library's threshold for mapping an allocation afresh.
 COMPARED_BYTES = 64 * 1024
 
@@ -239,6 +244,38 @@ def scalar_value(dtype: str, raw: bytes) -> float:
     if form is None:
         raise TypeError(f"{dtype} tensors cannot be turned into numbers")
     return float(struct.unpack(form, raw)[0])
+
+
+def math_refusal(tensors: Mapping[str, Tensor], operation: str) -> str | None:
+    """Why ``operation`` cannot compute with ``tensors`` (name -> tensor), as one line for a refusal that names the
+    file: those in a dtype numpy has no type for (FP8); None when it can.
+
+    Why ask first: ``to_numpy`` refuses FP8 with a TypeError, a traceback wherever math reaches it. An operation
+    asks before its math, with the tensors that math reads only, so FP8 tensors a conversion just moves (a rename,
+    a split by rows, an alpha stored beside them) still go through bit-exactly.
+
+    Example:
+        >>> math_refusal({"unet.x.lora_B.weight": Tensor("F8_E4M3", (1,), b"8")}, "folding alpha/rank into lora_B")
+        'unet.x.lora_B.weight is F8_E4M3, which folding alpha/rank into lora_B cannot compute with (numpy has no FP8 type)'
+        >>> math_refusal({"unet.x.lora_B.weight": Tensor("F16", (1,), b"\\0<")}, "folding") is None
+        True
+    """
+    found = [f"{name} is {t.dtype}" for name, t in tensors.items() if t.dtype in NO_MATH_DTYPES]
+    if not found:
+        return None
+    what = found[0] if len(found) == 1 else f"{len(found)} tensors are FP8 ({listed(found)})"
+    return f"{what}, which {operation} cannot compute with (numpy has no FP8 type)"
+
+
+def zeros(dtype: str, shape: tuple[int, ...]) -> Tensor:
+    """A tensor of zeros in any dtype, made without numpy: all-zero bits are +0 in every float format and 0 in every
+    integer one, so a zero block beside FP8 rows is FP8 too (numpy has no such type to make it in).
+
+    Example:
+        >>> zeros("F8_E4M3", (2, 3)).nbytes, zeros("BF16", (2,)).to_numpy().tolist()
+        (6, [0.0, 0.0])
+    """
+    return Tensor(dtype, tuple(shape), bytes(math.prod(shape) * DTYPES[dtype][0]))
 
 
 def float32_to_bf16_bytes(array: np.ndarray) -> bytes:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from ..errors import LoraBridgeError
 from ..io.streaming import release_pages
 from ..kinds import KINDS, AlphaSource
-from ..model import LoraModule
-from ..tensor import DTYPES, Tensor, row_blocks
+from ..model import LoraModule, named_tensors
+from ..tensor import DTYPES, Tensor, math_refusal, row_blocks, zeros
 
 if TYPE_CHECKING:
     import numpy as np
@@ -199,6 +199,9 @@ def _dense_parts(module: LoraModule, names: tuple[str, ...], rows: list[int]) ->
     if "dora_scale" in module.tensors:
         raise LoraBridgeError(f"{module.name}: this {module.kind} with a DoRA magnitude does not split into "
                               f"{_parts(names)} (its factors do not divide at their rows, and a full delta holds no DoRA)")
+    refusal = math_refusal(named_tensors([module]), f"splitting it into {_parts(names)} full deltas")
+    if refusal:
+        raise LoraBridgeError(refusal)
     delta, start, out = module.delta_weight(), 0, []
     extra = {key: value for key, value in module.extra.items() if key != "alpha_dtype"}  # a full delta stores no alpha
     for name, count in zip(names, rows):
@@ -225,7 +228,8 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
     the original bytes. Otherwise A is the A stacked (rank r_q + r_k + r_v for
     q, k, v), B is block-diagonal, and alpha is scaled so alpha / rank stays the
     first part's scale; a part with another scale has its B multiplied by the ratio
-    (float math, rounded to B's dtype).
+    (float math, rounded to B's dtype). FP8 factors merge the first way only: numpy,
+    which the second computes in, has no FP8 type (refused, naming them).
 
     Example::
 
@@ -250,6 +254,10 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
         tensors = {"lora_A.weight": a_list[0], "lora_B.weight": _stack_rows(b_list)}
         alpha = q.alpha
     else:
+        refusal = math_refusal(named_tensors(parts, ("lora_A.weight", "lora_B.weight")),
+                               f"stacking {_parts(names, '')} into one LoRA on {fused_name} (their A, alpha or B dtype differ)")
+        if refusal:
+            raise LoraBridgeError(refusal)
         import numpy as np  # only here: split then merged (the common case) joins bytes, no numpy on the way to the first write
         a_dtype, b_dtype = _common_dtype(a_list), _common_dtype(b_list)
         total = sum(m.rank for m in parts)
@@ -267,6 +275,11 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
     present = [d for d in doras if d is not None]  # all of them or none (checked above)
     if present:
         dtype = present[0].dtype
+        mixed = len({d.dtype for d in present}) > 1
+        refusal = math_refusal(named_tensors(parts, ("dora_scale",)) if mixed else {},
+                               f"casting the DoRA magnitudes of {_parts(names, '')} to one dtype for {fused_name}")
+        if refusal:
+            raise LoraBridgeError(refusal)
         tensors["dora_scale"] = _stack_rows([d if d.dtype == dtype else d.cast(dtype) for d in present])
     return LoraModule(fused_name, "lora", tensors, alpha, alpha_source, q.dora_axis, extra)
 
@@ -291,10 +304,9 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
     a, b = present.tensors["lora_A.weight"], present.tensors["lora_B.weight"]
 
     def filler(i: int) -> LoraModule:
-        import numpy as np
         rows = present.out_features * sizes[i] // sizes[first]
-        zeros = Tensor.from_numpy(np.zeros((rows, present.rank), np.float32), b.dtype)
-        return LoraModule(f"{fused_name}[{i}]", "lora", {"lora_A.weight": a, "lora_B.weight": zeros},
+        none = zeros(b.dtype, (rows, present.rank))  # in B's dtype whatever it is (FP8 too): the bytes merge as they are
+        return LoraModule(f"{fused_name}[{i}]", "lora", {"lora_A.weight": a, "lora_B.weight": none},
                           present.alpha, present.alpha_source)
 
     every = tuple(parts.get(i) or filler(i) for i in range(len(sizes)))
@@ -307,18 +319,20 @@ def merge_present(parts: Mapping[int, LoraModule], fused_name: str, sizes: Seque
 def _merge_full(parts: Mapping[int, LoraModule], fused_name: str, sizes: Sequence[int]) -> LoraModule:
     """One full delta from the full deltas of a fused layer's parts present: ``diff`` (and ``diff_b`` where any
     part has one) stacked by rows, zeros for a missing part; the bytes of each part kept where dtypes agree."""
-    import numpy as np
     first, present = next(iter(parts.items()))
     roles = ("diff", "diff_b") if any("diff_b" in m.tensors for m in parts.values()) else ("diff",)
     dtype = _common_dtype([t for m in parts.values() for t in m.tensors.values()])
+    cast = {name: t for name, t in named_tensors(parts.values()).items() if t.dtype != dtype}
+    refusal = math_refusal(cast, f"casting the parts of {fused_name} to one dtype")
+    if refusal:
+        raise LoraBridgeError(refusal)
 
     def rows(i: int, role: str) -> Tensor:
         module = parts.get(i)
         if module is not None and role in module.tensors:
             return module.tensors[role].cast(dtype)
         count = present.out_features * sizes[i] // sizes[first]
-        shape = (count, *present.tensors["diff"].shape[1:]) if role == "diff" else (count,)
-        return Tensor.from_numpy(np.zeros(shape, np.float32), dtype)
+        return zeros(dtype, (count, *present.tensors["diff"].shape[1:]) if role == "diff" else (count,))
 
     tensors = {role: _stack_rows([rows(i, role) for i in range(len(sizes))]) for role in roles}
     extra = dict(present.extra) if all(m.extra == present.extra for m in parts.values()) else {}

@@ -28,9 +28,9 @@ from ..io import deferred
 from ..io.input_file import offset_in_map
 from ..io.streaming import kept_buffer, release_pages
 from ..kinds import MISSING, DoraAxis, KindName
-from ..model import LoraModel, LoraModule
+from ..model import LoraModel, LoraModule, named_tensors
 from ..rules import alpha_problem, module_problems
-from ..tensor import DTYPES, Tensor
+from ..tensor import DTYPES, Tensor, math_refusal
 from .contract import WriteOptions
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
@@ -485,6 +485,9 @@ def cast_model(model: LoraModel, dtype: str | None, path, *, strict: bool = Fals
     if dtype not in DTYPE_NAMES:
         raise LoraBridgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     wanted = DTYPE_NAMES[dtype]
+    refusal = math_refusal(named_tensors(model.modules.values()), f"--dtype {dtype}")  # Tensor.cast computes in numpy
+    if refusal:
+        raise LoraBridgeError(refusal, path)
     cast = LoraModel(architecture=model.architecture, provenance=model.provenance, training=model.training, extra=model.extra)
     overflowed = []
     for m in model.modules.values():

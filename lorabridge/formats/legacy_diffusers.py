@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import LoraBridgeError
 from ..io.torch_file import state_dict_keys, write_state_dict
-from ..model import LoraModel, LoraModule
+from ..model import LoraModel, LoraModule, named_tensors
 from ..naming.legacy_diffusers_keys import parse_key, spell
-from ..tensor import Tensor
+from ..tensor import Tensor, math_refusal
 from .checks import warn, writable_lora
 from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
                        ReadOptions, WriteOptions)
@@ -66,7 +67,11 @@ def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRI
         >>> write(model, "sdxl_lora_pt.ckpt")   # doctest: +SKIP
     """
     model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
-    folded = [m.name for m in model.modules.values() if m.alpha != m.rank]
+    folded = [m for m in model.modules.values() if m.alpha != m.rank]
+    refusal = math_refusal(named_tensors(folded, ("lora_B.weight",)), "folding alpha/rank into the up factor")
+    if refusal:
+        raise LoraBridgeError(f"{refusal}; legacy-diffusers files store no alpha: write a format that does (diffusers, "
+                              "kohya)", path)
     if folded:
         warn(f"{path}: legacy-diffusers files store no alpha; alpha/rank folded into the up factor of "
              f"{len(folded)} module(s) (values rounded to their dtype)")

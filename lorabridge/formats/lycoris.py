@@ -38,7 +38,7 @@ from ..kinds import MISSING, KindName, kinds_of
 from ..model import LoraModel, LoraModule
 from ..naming.underscored import ALPHA, KOHYA, Grammar, ModuleProblem
 from ..rules import module_problems
-from ..tensor import Tensor
+from ..tensor import Tensor, math_refusal
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .underscored_files import (alpha_of, alpha_tensor, full_module, full_tensors, lora_module, read_underscored, with_dora,
                                 write_underscored)
@@ -95,10 +95,13 @@ def fold_mid(down: Tensor, mid: Tensor) -> Tensor:
     """A Tucker LoCon's lora_mid (r, r, kh, kw) folded into its lora_down (r, in, 1, 1): (r, in, kh, kw).
 
     A 1x1 conv (down) followed by the k x k conv (mid) is one k x k conv whose weight is
-    ``mid`` contracted with ``down`` over the inner rank, so delta W is unchanged.
+    ``mid`` contracted with ``down`` over the inner rank, so delta W is unchanged; in numpy, so not in FP8 (refused).
     """
     if len(down.shape) != 4 or len(mid.shape) != 4 or down.shape[2:] != (1, 1) or mid.shape[1] != down.shape[0]:
         raise ModuleProblem(f"lora_mid {list(mid.shape)} does not fit lora_down {list(down.shape)}")
+    refusal = math_refusal({"lora_down.weight": down, LORA_MID: mid}, "folding the Tucker lora_mid into lora_down")
+    if refusal:
+        raise ModuleProblem(refusal)
     folded = np.einsum("pjhw,ji->pihw", mid.to_float32(), down.to_float32().reshape(down.shape[:2]))
     return Tensor.from_numpy(folded.astype(np.float32), down.dtype)
 

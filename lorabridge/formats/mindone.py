@@ -49,7 +49,7 @@ from ..naming.mindone_keys import LORA_SUFFIXES, NAMINGS, A, B, Naming
 from ..naming.peft_config import adapter_metadata, metadata_alpha
 from ..naming.underscored import ALPHA, ModuleProblem
 from ..rules import module_problems
-from ..tensor import Tensor, made_late
+from ..tensor import Tensor, made_late, math_refusal
 from .checks import check_model, warn, warn_user_alpha, writable_lora
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .peft_modules import stored_alpha
@@ -271,14 +271,22 @@ class MindoneFormat:
         def made_tensors(key: str, make: Callable[[], LoraModule]) -> dict[str, Tensor]:
             return module_tensors(key, make())
 
-        unscaled, specs = [], {}  # a merge is made here once (its alpha, its tensors' dtypes and shapes), then let go
+        # a merge is made here once (its alpha, its tensors' dtypes and shapes), then let go; scaled_b: the B a fold scales
+        unscaled, specs, scaled_b = [], {}, {}
         for key, make in makers.items():
-            m = _made(make)
+            try:
+                m = _made(make)
+            except LoraBridgeError as exc:  # merging q/k/v (architectures.fused), which knows no file
+                raise LoraBridgeError(exc.message, exc.path or path) from None
             if m.alpha != m.rank:
                 unscaled.append(m.scale)
+                scaled_b[f"{m.name}.{B}"] = m.tensors[B]
             if m is not make:
                 specs[key] = {name: (t.dtype, t.shape) for name, t in module_tensors(key, m).items()}
         fold = fold_alpha and bool(unscaled) and not (self.naming.stores_alpha or alpha_in_metadata)
+        refusal = math_refusal(scaled_b, "folding alpha/rank into lora_B") if fold else None
+        if refusal:
+            raise LoraBridgeError(f"{refusal}; neutral2ms --no-fold-alpha writes lora_B unscaled", path)
         made: dict = {}  # merged q/k/v are made again as they are written, one at a time (made_late)
         for key, make in makers.items():
             if isinstance(make, LoraModule):

@@ -285,6 +285,7 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spell
         else:
             fused.setdefault((key_stem, f"{module.component}.{fused_at[0]}"), {})[fused_at[1]] = module
     made: dict = {}  # merged layers are made again as they are written, one at a time (made_late)
+    unmerged = []  # fused layers whose parts do not merge (kinds, shapes, FP8 where the merge computes)
     for (key_stem, name), parts in fused.items():
         def merged(key_stem=key_stem, name=name, parts=parts) -> dict[str, Tensor]:
             module = merge_present(parts, name, architecture.fused_sizes(name.partition(".")[2]))
@@ -292,9 +293,11 @@ def write_underscored(model: LoraModel, path: str | os.PathLike, spelling: Spell
         try:
             tensors.update(made_late(merged, made))
         except LoraBridgeError as exc:
-            problems.append(exc.message)
+            unmerged.append(exc.message)
     if problems:
         raise LoraBridgeError(f"cannot name {len(problems)} module(s) in this format: {listed(problems, SHOWN)}", path)
+    if unmerged:
+        raise LoraBridgeError(f"cannot merge {len(unmerged)} fused layer(s) from their parts: {listed(unmerged, SHOWN)}", path)
     tensors = safetensors_order(tensors)
     if Path(path).suffix.lower() in TORCH_SUFFIXES:
         lost = lost_training(model, path, "a torch pickle", "write a .safetensors file to keep them")

@@ -34,7 +34,7 @@ from ..errors import LoraBridgeError, listed
 from ..io.input_file import held_inputs
 from ..kinds import DORA_ROLE
 from ..model import LoraModel, LoraModule
-from ..tensor import Tensor
+from ..tensor import Tensor, math_refusal
 from .files import check_output, read_lora, write_lora
 from .report import ModuleError, ToolReport
 from .resize import resize_module
@@ -83,13 +83,17 @@ def _cast(module: LoraModule, dtype: str) -> LoraModule:
 
 def _groups(models: list[LoraModel], weights: list[float], names: list[str]) -> dict[str, list[tuple[float, LoraModule]]]:
     """Per layer (in order of first appearance), the (weight, module) of every input adapting it; refuses
-    DoRA and a layer adapted with different weight shapes."""
+    DoRA, FP8 tensors (every tensor is computed with, in numpy, which has no FP8 type) and a layer adapted with
+    different weight shapes."""
     groups: dict[str, list[tuple[float, LoraModule]]] = {}
     for model, weight, source in zip(models, weights, names):
         dora = [m.name for m in model.modules.values() if DORA_ROLE in m.tensors]
         if dora:
             raise LoraBridgeError(f"{len(dora)} DoRA module(s) ({listed(dora, SHOWN, ', ')}): merging DoRA is not "
                                   "defined (a magnitude normalises W + delta W as a whole), merge plain LoRAs", source)
+        refusal = math_refusal(model.tensors(), "merging")
+        if refusal:
+            raise LoraBridgeError(refusal, source)
         for module in model.modules.values():
             groups.setdefault(module.name, []).append((weight, module))
     for name, parts in groups.items():

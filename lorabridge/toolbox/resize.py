@@ -23,8 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..bake import lora_from_svd
+from ..errors import LoraBridgeError
 from ..io.input_file import held_inputs
-from ..model import LoraModel, LoraModule
+from ..kinds import DORA_ROLE
+from ..model import LoraModel, LoraModule, named_tensors
+from ..tensor import math_refusal
 from .files import check_output, read_lora, write_lora
 from .report import ModuleError, ToolReport
 from .svd import RankTarget, delta_norm, residual_norm, spectrum
@@ -70,6 +73,9 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, target: RankTarg
                 force: bool = False) -> ToolReport:
     """Read ``src`` (any supported format), resize it to ``target`` and write ``out`` (format ``to``) atomically.
 
+    Every module's spectrum is computed, even one already small enough, so factors in FP8 (no numpy type) are
+    refused first, naming ``src``.
+
     Example:
         >>> report = resize_file("lora_r128.safetensors", "lora_r32.safetensors", RankTarget(rank=32))   # doctest: +SKIP
         >>> print(report.render())   # doctest: +SKIP
@@ -77,6 +83,9 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, target: RankTarg
     started, src = time.perf_counter(), Path(src)
     out = check_output(out, to, (src,), force)
     model, notes = read_lora(src)
+    refusal = math_refusal(named_tensors(model.modules.values(), skip=(DORA_ROLE,)), "resize's SVD")  # magnitudes are kept
+    if refusal:
+        raise LoraBridgeError(refusal, src)
     resized, errors = resize_model(model, target)
     resized.provenance["operation"] = f"resize {target.describe()}"
     notes += write_lora(resized, out, to, src, force)
