@@ -16,12 +16,13 @@ from .errors import LoraBridgeError, listed
 from .io.json_safe import load_json
 from .architectures import ARCHITECTURES, DEFAULT
 from .model import LoraModel
+from .tensor import FLOAT_DTYPES
 
 # Spec 8: the reason classes, in the order a reader checks (and reports) them.
 REASONS = ("container", "not-neutral", "version", "dtype", "schema", "undeclared-tensor", "missing-tensor", "roles",
            "shape", "rank-mismatch", "dora", "manifest-mismatch", "interop", "hash")
 # Spec 2: the tensor dtypes a neutral file may hold.
-ALLOWED_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+ALLOWED_DTYPES = FLOAT_DTYPES
 # Spec 6: the values a writer stores beside the manifest for diffusers, mindone.diffusers and ModelSpec readers.
 MODELSPEC = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "https://github.com/huggingface/diffusers"}
 PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora")

@@ -5,9 +5,10 @@ a reader accepts is one ``validate`` accepts, and no factor that cannot be multi
 the math (baking, fusing): a rule checked in one place and not the other is how a LoHa with
 disagreeing factors got in, and then crashed ``--bake-to-lora``.
 
-Shapes, and alpha: a NaN or infinite alpha makes every value of delta W NaN/Inf, and cannot be
+Shapes, dtypes (a factor holds floating-point values; integers would be multiplied in by no loader), and
+alpha: a NaN or infinite alpha makes every value of delta W NaN/Inf, and cannot be
 written as JSON. Zero and negative alphas follow the rules (see :func:`alpha_problem`).
-Only shapes and alpha are looked at, never tensor data, so the check costs nothing on large files.
+Only shapes, dtypes and alpha are looked at, never tensor data, so the check costs nothing on large files.
 Every problem carries its reason class of spec section 8 (``missing-tensor``, ``roles``, ``shape``,
 ``rank-mismatch``, ``dora``...), which ``validate`` reports (see :func:`module_findings`).
 The shape rules of each kind live with the kind (:data:`lorabridge.kinds.KINDS`), the DoRA
@@ -20,6 +21,7 @@ import math
 
 from .kinds import DORA_ROLE, KINDS, MISSING, Finding, dora_findings
 from .model import LoraModule
+from .tensor import FLOAT_DTYPES
 
 Problem = tuple[str, str]  # (role the problem is about, what is wrong)
 ALPHA_ORIGINS = {"stored": "stored in the file", "user": "given with --alpha", "assumed": "assumed"}  # by alpha_source
@@ -42,15 +44,15 @@ _findings_by_signature: dict[tuple, tuple[Finding, ...]] = {}
 def module_findings(module: LoraModule) -> list[Finding]:
     """What is wrong with a module's tensors for its kind, as (reason class, role, message); empty when nothing is.
 
-    Missing roles come as ("missing-tensor", role, :data:`MISSING`); then roles foreign to the kind,
-    then empty axes, ranks that disagree, factors whose product has no single shape, a misshapen DoRA
-    magnitude (or a ``dora_axis`` without one); a non-finite alpha comes as ("schema", "alpha", why).
+    Missing roles come as ("missing-tensor", role, :data:`MISSING`); then roles foreign to the kind, then
+    empty axes, integer or boolean tensors ("dtype"), ranks that disagree, factors whose product has no single
+    shape, a misshapen DoRA magnitude (or a ``dora_axis`` without one); a non-finite alpha comes as ("schema", "alpha", why).
 
-    The findings depend on the module's kind, roles and shapes (in order), DoRA axis and alpha only, never
+    The findings depend on the module's kind, roles, shapes and dtypes (in order), DoRA axis and alpha only, never
     on its name or data, and a LoRA's hundreds of modules share a few dozen such signatures: each is worked
     out once and remembered (a reader, ``check_model`` and a writer each ask about every module).
     """
-    signature = (module.kind, tuple((role, tuple(tensor.shape)) for role, tensor in module.tensors.items()),
+    signature = (module.kind, tuple((role, tuple(tensor.shape), tensor.dtype) for role, tensor in module.tensors.items()),
                  module.dora_axis, module.alpha, module.alpha_source)
     found = _findings_by_signature.get(signature)
     if found is None:
@@ -67,6 +69,8 @@ def _worked_out_findings(module: LoraModule) -> list[Finding]:
     problems: list[Finding] = [("missing-tensor", role, MISSING) for role in required if role not in t]
     problems += [("roles", role, f"{role} is not part of a {module.kind} module") for role in t if role not in required + optional]
     problems += [("shape", role, f"{role} has an empty axis: {list(shape)}") for role, shape in t.items() if 0 in shape]
+    problems += [("dtype", role, f"{role} holds {tensor.dtype} values, not floating-point ones") for role, tensor in module.tensors.items()
+                 if tensor.dtype not in FLOAT_DTYPES]
     problems = problems or kind.shape_findings(t)
     if not problems and DORA_ROLE in t:
         problems = dora_findings(module.dora_axis, module.tensors[DORA_ROLE], module.weight_shape)

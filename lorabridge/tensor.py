@@ -37,6 +37,9 @@ DTYPES: dict[str, tuple[int, str | None]] = {
     "U8": (1, "u1"),
     "BOOL": (1, "?"),
 }
+# The dtypes a LoRA's tensors may hold (neutral spec 2): floating point. An integer or boolean factor is no LoRA
+# factor (no loader multiplies one in), so readers refuse it (rules.module_findings); alphas may be integers.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # dtype -> struct format of one little-endian element: how :func:`scalar_value` reads a single number without numpy.
 SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
                   "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}

@@ -352,3 +352,17 @@ def test_an_fp8_lokr_that_splits_only_as_dense_deltas_is_refused():
     assert {m.kind for m in split_fused(plain, ("q", "k", "v"))} == {"full"}
     with pytest.raises(LoraBridgeError, match=r"in_proj\.lokr_w2 is F8_E4M3, which splitting it into"):
         split_fused(module, ("q", "k", "v"))
+
+
+@pytest.mark.parametrize("dtype", ["BOOL", "U8", "I64"])
+@pytest.mark.parametrize("source", [*WRITABLE, "lycoris-rich", "xlabs", "onetrainer"])
+def test_an_integer_or_boolean_factor_is_refused_by_every_reader_in_one_line(source, dtype, sources, run_cli, tmp_path):
+    """No loader multiplies an integer factor in: every reader refuses one (rules.module_findings, reason "dtype"),
+    naming the role; an integer alpha (diffusers' kohya conversions store I64 ones) is still read."""
+    made = [v for v in variants(sources[source], tmp_path, dtype) if not v[0].startswith("alpha")]
+    assert made
+    for role, path, _ in made:
+        result = run_cli("convert", path, "--to", "kohya" if source != "kohya" else "neutral", "-o", tmp_path / f"out-{role}")
+        assert result.exit_code == 1 and result.output.count("\n") == 1, (role, result.output)
+        said = f"dtype {dtype} is not one of" if source == "neutral" else f"holds {dtype} values, not floating-point ones"
+        assert said in result.output and str(path) in result.output, result.output  # neutral: its spec's dtype rule
