@@ -118,3 +118,24 @@ def test_bad_inputs_are_one_line(run_cli, tiny_lora_file, tmp_path):
                            ((tmp_path / "none.safetensors",), "none.safetensors")):
         result = run_cli("check", *args)
         assert result.exit_code == 1 and expected in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_target_storing_no_alpha_does_not_load_an_fp8_lora_b_that_convert_cannot_fold(tmp_path):
+    """MindONE files store no alpha: convert folds alpha/rank into lora_B, in numpy, which has no FP8 type, and so
+    refuses an FP8 lora_B; check says so for those targets, and nothing changes for targets that store alpha."""
+    from lorabridge.model import LoraModel, LoraModule
+    from lorabridge.tensor import Tensor
+    from lorabridge.toolbox.check import TARGETS, check_target
+
+    name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    a = Tensor.from_numpy(np.ones((4, 640), np.float32))
+    model = LoraModel()
+    for alpha in (8.0, 4.0):  # alpha != rank folds; alpha == rank has nothing to fold
+        model.modules.clear()
+        model.add(LoraModule(name, "lora", {"lora_A.weight": a, "lora_B.weight": Tensor("F8_E4M3", (640, 4), bytes(2560))}, alpha))
+        verdicts = {target: check_target(model, TARGETS[target], "neutral") for target in ("mindone-sgm", "mindone-diffusers", "kohya")}
+        folds = alpha != 4.0
+        assert [v["loads"] for v in verdicts.values()] == [not folds, not folds, True]
+        said = [p for v in verdicts.values() for p in v["problems"] if "F8_E4M3" in p]
+        assert len(said) == (2 if folds else 0)
+        assert all(f"{name}.lora_B.weight is F8_E4M3, which folding alpha/rank into lora_B for" in p for p in said)

@@ -30,7 +30,8 @@ from ..errors import LoraBridgeError, listed
 from ..formats.contract import Format
 from ..formats.kohya import OUT_AXIS_READERS, UNET_BLOCKS
 from ..formats.mindone import MINDONE_SDXL_LORA_LAYERS
-from ..model import LoraModel, LoraModule
+from ..model import LoraModel, LoraModule, named_tensors
+from ..tensor import math_refusal
 from .base_index import BaseIndex, index_base
 
 UNDERSCORED_INPUTS = ("kohya", "lycoris", "mindone-kohya")  # inputs whose alphas diffusers' kohya converter reads
@@ -103,6 +104,15 @@ def _alpha_problems(model: LoraModel, target: Target, source_format: str, fmt: F
     return problems
 
 
+def _fold_refusal(model: LoraModel, fmt: Format) -> str | None:
+    """Why ``convert`` refuses to write ``model`` in ``fmt``, a format storing no alpha: alpha/rank folded into an
+    FP8 lora_B (numpy, which folds, has no FP8 type); None where it writes it."""
+    if fmt.stores_alpha:
+        return None
+    folded = [m for m in model.modules.values() if m.rank and m.alpha != m.rank]
+    return math_refusal(named_tensors(folded, ("lora_B.weight",)), f"folding alpha/rank into lora_B for {fmt.name}")
+
+
 def check_target(model: LoraModel, target: Target, source_format: str) -> dict[str, Any]:
     """One target's verdict: modules it names and drops, and the problems its loader has with this LoRA."""
     fmt = _declared(target)
@@ -135,8 +145,11 @@ def check_target(model: LoraModel, target: Target, source_format: str) -> dict[s
         where = OUT_AXIS_READERS if fmt.name == "kohya" else f"{fmt.name} stores DoRA magnitudes on {', '.join(fmt.dora_axes) or 'no'} axis"
         problems.append(f"{len(dora)} DoRA module(s) per {dora[0].dora_axis} axis: {where}: {listed(_names(dora))}")
     problems += _alpha_problems(model, target, source_format, fmt)
+    unfoldable = _fold_refusal(model, fmt)
+    if unfoldable:
+        problems.append(unfoldable)
     report["loads"] = not unmatched or target.layers is not None and len(unmatched) < len(modules)
-    if other_kinds or (dora and fmt.name != "kohya"):
+    if other_kinds or (dora and fmt.name != "kohya") or unfoldable:
         report["loads"] = False
     return report
 
