@@ -118,6 +118,8 @@ class Tensor:
         if dtype == "BF16":
             return cls("BF16", tuple(array.shape), float32_to_bf16_bytes(np.asarray(array, np.float32)))
         if dtype is not None:
+            if DTYPES[dtype][1] is None:  # FP8: asarray(array, None) would keep the array's own dtype, unasked
+                raise TypeError(f"{dtype} tensors cannot be made from numpy arrays")
             array = np.asarray(array, DTYPES[dtype][1])
         shape = tuple(np.shape(array))  # before ascontiguousarray, which turns a 0-d array into 1-d
         array = np.ascontiguousarray(array)

@@ -425,3 +425,16 @@ def test_training_facts_that_are_not_strings_become_json_metadata(tmp_path):
         kohya.write(model, tmp_path / "k.safetensors")
     _, metadata = read_safetensors(tmp_path / "k.safetensors")
     assert (metadata["learning_rate"], metadata["resolution"], metadata["ss_network_dim"]) == ("0.0001", "[1024, 1024]", "2")
+
+
+@pytest.mark.filterwarnings("ignore:.*outside the down/mid/up blocks")
+def test_an_fp8_module_s_alpha_is_written_as_f32_and_its_factors_as_they_are(tmp_path):
+    """A module's alpha goes in its own dtype, unless that is FP8: numpy makes no FP8 values (and FP8 holds few)."""
+    a, b = Tensor("F8_E4M3", (2, 8), bytes(range(16))), Tensor("F8_E4M3", (8, 2), bytes(range(16, 32)))
+    model = LoraModel()
+    model.add(LoraModule("unet.conv_in", "lora", {"lora_A.weight": a, "lora_B.weight": b}, 0.75))
+    kohya.write(model, tmp_path / "k.safetensors")
+    written, _ = read_safetensors(tmp_path / "k.safetensors")
+    alpha = written["lora_unet_input_blocks_0_0.alpha"]
+    assert alpha.dtype == "F32" and alpha.to_numpy().item() == 0.75
+    assert written["lora_unet_input_blocks_0_0.lora_down.weight"].same_as(a) and written["lora_unet_input_blocks_0_0.lora_up.weight"].same_as(b)

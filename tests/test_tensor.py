@@ -33,3 +33,12 @@ def test_cast_to_same_dtype_is_identity():
 def test_byte_count_must_match_shape():
     with pytest.raises(ValueError, match="needs 12 bytes"):
         Tensor("F32", (3,), b"\0" * 8)
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
+def test_a_tensor_in_a_dtype_numpy_lacks_is_not_made_from_numpy_but_refused(dtype):
+    """numpy has no FP8 type: asked for one, from_numpy (and so cast) used to return the array's own F32, unasked."""
+    with pytest.raises(TypeError, match=f"{dtype} tensors cannot be made from numpy arrays"):
+        Tensor.from_numpy(np.ones(2, np.float32), dtype)
+    with pytest.raises(TypeError):
+        Tensor.from_numpy(np.ones(2, np.float32)).cast(dtype)

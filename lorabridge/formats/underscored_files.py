@@ -23,7 +23,7 @@ from ..kinds import AlphaSource, dora_axis_of, dora_shape
 from ..model import LoraModel, LoraModule
 from ..rules import module_problems
 from ..naming.underscored import ALPHA, DIFF, DIFF_B, KOHYA, Grammar, ModuleProblem, Spelling, group_keys, stem
-from ..tensor import Tensor, made_late, scalar_value
+from ..tensor import NO_MATH_DTYPES, Tensor, made_late, scalar_value
 from .checks import DTYPE_NAMES, check_model, warn
 from .training import lost_training, training_metadata
 
@@ -186,12 +186,15 @@ def read_underscored(path: str | os.PathLike, grammar: Grammar, build: Builder, 
 def alpha_tensor(module: LoraModule) -> Tensor:
     """The module's alpha as a 0-d tensor, in the dtype the source stored it in (else the module's).
 
-    An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf. An F64 or
+    An alpha that dtype cannot hold (above fp16's 65504) is stored as F32 instead of turning into Inf, and so is an
+    FP8 module's alpha. An F64 or
     integer alpha is made from the value itself, not through float32, which would change 0.1 or 16,777,217.
     """
     import numpy as np  # here: a conversion's main thread reaches its first copy while the NaN/Inf scan imports it
 
     dtype = module.extra.get("alpha_dtype", module.dtype)
+    if dtype in NO_MATH_DTYPES:  # an FP8 module's alpha is stored as F32: numpy makes no FP8, and FP8 holds few values
+        dtype = "F32"
     if dtype in WIDER_THAN_FLOAT32:
         return Tensor.from_numpy(np.array(module.alpha, np.float64), dtype)
     return fitting_cast(Tensor.from_numpy(np.array(module.alpha, np.float32)), dtype)
