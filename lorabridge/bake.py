@@ -17,7 +17,7 @@ from .deltas import Svd, dense_svd
 from .errors import LoraBridgeError, listed
 from .kinds import DORA_ROLE, KINDS, KindName
 from .model import LoraModel, LoraModule, named_tensors
-from .tensor import Tensor, math_refusal
+from .tensor import Tensor, refuse_math
 
 SHOWN = 5  # modules named in a refusal
 
@@ -157,9 +157,7 @@ def lora_only(model: LoraModel, target: str, bake_rank: int | None, path: str | 
         raise LoraBridgeError(f"the {target} format holds only {holds}, {len(others)} module(s) are {kinds}: "
                               f"{shown}; pass --bake-to-lora RANK to convert them by truncated SVD, "
                               "or write the lycoris format", path)
-    refusal = math_refusal(named_tensors(others, skip=(DORA_ROLE,)), "--bake-to-lora's SVD")  # the magnitude is kept as it is
-    if refusal:
-        raise LoraBridgeError(refusal, path)
+    refuse_math(named_tensors(others, skip=(DORA_ROLE,)), "--bake-to-lora's SVD", path)  # the magnitude is kept as it is
     baked, report = bake_to_lora(model, int(bake_rank), keeps)
     biased = [m.name for m in others if "diff_b" in m.tensors]
     dropped = [f"dropped the bias delta (diff_b) of {len(biased)} baked full module(s), a LoRA has none: "

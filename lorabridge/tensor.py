@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Mapping, MutableMapping, Protocol, Sequence
 
-from .errors import listed
+from .errors import LoraBridgeError, listed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -270,6 +270,18 @@ def math_refusal(tensors: Mapping[str, Tensor], operation: str) -> str | None:
         return None
     what = found[0] if len(found) == 1 else f"{len(found)} tensors are FP8 ({listed(found)})"
     return f"{what}, which {operation} cannot compute with (numpy has no FP8 type)"
+
+
+def refuse_math(tensors: Mapping[str, Tensor], operation: str, path: str | os.PathLike | None = None) -> None:
+    """Raise :func:`math_refusal`'s reason as a one-line :class:`~lorabridge.errors.LoraBridgeError` naming ``path``
+    (the file the operation reads or writes); return when ``operation`` can compute with ``tensors``.
+
+    Example:
+        >>> refuse_math({"unet.x.lora_B.weight": Tensor("F16", (1,), b"\\0<")}, "merging", "a.safetensors")
+    """
+    refusal = math_refusal(tensors, operation)
+    if refusal:
+        raise LoraBridgeError(refusal, path)
 
 
 def zeros(dtype: str, shape: tuple[int, ...]) -> Tensor:

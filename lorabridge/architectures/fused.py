@@ -19,7 +19,7 @@ from ..errors import LoraBridgeError
 from ..io.streaming import release_pages
 from ..kinds import KINDS, AlphaSource
 from ..model import LoraModule, named_tensors
-from ..tensor import DTYPES, Tensor, math_refusal, row_blocks, zeros
+from ..tensor import DTYPES, Tensor, refuse_math, row_blocks, zeros
 
 if TYPE_CHECKING:
     import numpy as np
@@ -199,9 +199,7 @@ def _dense_parts(module: LoraModule, names: tuple[str, ...], rows: list[int]) ->
     if "dora_scale" in module.tensors:
         raise LoraBridgeError(f"{module.name}: this {module.kind} with a DoRA magnitude does not split into "
                               f"{_parts(names)} (its factors do not divide at their rows, and a full delta holds no DoRA)")
-    refusal = math_refusal(named_tensors([module]), f"splitting it into {_parts(names)} full deltas")
-    if refusal:
-        raise LoraBridgeError(refusal)
+    refuse_math(named_tensors([module]), f"splitting it into {_parts(names)} full deltas")
     delta, start, out = module.delta_weight(), 0, []
     extra = {key: value for key, value in module.extra.items() if key != "alpha_dtype"}  # a full delta stores no alpha
     for name, count in zip(names, rows):
@@ -254,10 +252,8 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
         tensors = {"lora_A.weight": a_list[0], "lora_B.weight": _stack_rows(b_list)}
         alpha = q.alpha
     else:
-        refusal = math_refusal(named_tensors(parts, ("lora_A.weight", "lora_B.weight")),
-                               f"stacking {_parts(names, '')} into one LoRA on {fused_name} (their A, alpha or B dtype differ)")
-        if refusal:
-            raise LoraBridgeError(refusal)
+        refuse_math(named_tensors(parts, ("lora_A.weight", "lora_B.weight")),
+                    f"stacking {_parts(names, '')} into one LoRA on {fused_name} (their A, alpha or B dtype differ)")
         import numpy as np  # only here: split then merged (the common case) joins bytes, no numpy on the way to the first write
         a_dtype, b_dtype = _common_dtype(a_list), _common_dtype(b_list)
         total = sum(m.rank for m in parts)
@@ -276,10 +272,8 @@ def merge_fused(parts: tuple[LoraModule, ...], fused_name: str) -> LoraModule:
     if present:
         dtype = present[0].dtype
         mixed = len({d.dtype for d in present}) > 1
-        refusal = math_refusal(named_tensors(parts, ("dora_scale",)) if mixed else {},
-                               f"casting the DoRA magnitudes of {_parts(names, '')} to one dtype for {fused_name}")
-        if refusal:
-            raise LoraBridgeError(refusal)
+        refuse_math(named_tensors(parts, ("dora_scale",)) if mixed else {},
+                    f"casting the DoRA magnitudes of {_parts(names, '')} to one dtype for {fused_name}")
         tensors["dora_scale"] = _stack_rows([d if d.dtype == dtype else d.cast(dtype) for d in present])
     return LoraModule(fused_name, "lora", tensors, alpha, alpha_source, q.dora_axis, extra)
 
@@ -323,9 +317,7 @@ def _merge_full(parts: Mapping[int, LoraModule], fused_name: str, sizes: Sequenc
     roles = ("diff", "diff_b") if any("diff_b" in m.tensors for m in parts.values()) else ("diff",)
     dtype = _common_dtype([t for m in parts.values() for t in m.tensors.values()])
     cast = {name: t for name, t in named_tensors(parts.values()).items() if t.dtype != dtype}
-    refusal = math_refusal(cast, f"casting the parts of {fused_name} to one dtype")
-    if refusal:
-        raise LoraBridgeError(refusal)
+    refuse_math(cast, f"casting the parts of {fused_name} to one dtype")
 
     def rows(i: int, role: str) -> Tensor:
         module = parts.get(i)

@@ -30,7 +30,7 @@ from ..io.streaming import kept_buffer, release_pages
 from ..kinds import MISSING, DoraAxis, KindName
 from ..model import LoraModel, LoraModule, named_tensors
 from ..rules import alpha_problem, module_problems
-from ..tensor import DTYPES, Tensor, math_refusal
+from ..tensor import DTYPES, Tensor, refuse_math
 from .contract import WriteOptions
 
 Tree = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> module path -> weight shape
@@ -485,9 +485,7 @@ def cast_model(model: LoraModel, dtype: str | None, path, *, strict: bool = Fals
     if dtype not in DTYPE_NAMES:
         raise LoraBridgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     wanted = DTYPE_NAMES[dtype]
-    refusal = math_refusal(named_tensors(model.modules.values()), f"--dtype {dtype}")  # Tensor.cast computes in numpy
-    if refusal:
-        raise LoraBridgeError(refusal, path)
+    refuse_math(named_tensors(model.modules.values()), f"--dtype {dtype}", path)  # Tensor.cast computes in numpy
     cast = LoraModel(architecture=model.architecture, provenance=model.provenance, training=model.training, extra=model.extra)
     overflowed = []
     for m in model.modules.values():

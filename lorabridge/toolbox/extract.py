@@ -22,7 +22,7 @@ from ..formats.neutral import write_neutral
 from ..io.atomic import check_output_path, replacing
 from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
-from ..tensor import Tensor, math_refusal
+from ..tensor import Tensor, refuse_math
 from .base_index import BaseIndex, Layer, WeightFile, index_base, open_weights
 
 
@@ -85,9 +85,7 @@ def _weight(layer: Layer, files: dict[Path, WeightFile]) -> np.ndarray:
     if layer.file not in files:
         files[layer.file] = open_weights(layer.file)
     tensor = files[layer.file].tensor(layer.key)
-    refusal = math_refusal({f"tensor {layer.key!r}": tensor}, "extract")
-    if refusal:
-        raise LoraBridgeError(refusal, layer.file)
+    refuse_math({f"tensor {layer.key!r}": tensor}, "extract", layer.file)
     values = np.array(tensor.to_float32())  # a copy: the mapped pages can go
     release_pages(tensor.data)
     return values if layer.rows is None else values[layer.rows[0]:layer.rows[1]]

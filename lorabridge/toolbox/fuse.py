@@ -29,7 +29,7 @@ from ..io.ms_ckpt import MsCheckpointFile, write_ms_checkpoint
 from ..io.safetensors_file import write_safetensors
 from ..io.streaming import release_pages
 from ..model import LoraModel, LoraModule
-from ..tensor import LateTensor, Tensor, math_refusal
+from ..tensor import LateTensor, Tensor, refuse_math
 from .base_index import BaseIndex, WeightFile, module_of, open_weights, single_file_modules
 from .check import read_lora, refuse_misfit
 
@@ -158,9 +158,7 @@ def fuse(lora: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLik
     """
     base, lora = Path(base), Path(lora)
     model, _ = read_lora(lora)
-    refusal = math_refusal(model.tensors(), "fusing")  # before any output: the sums run as the writer reaches each tensor
-    if refusal:
-        raise LoraBridgeError(refusal, lora)
+    refuse_math(model.tensors(), "fusing", lora)  # before any output: the sums run as the writer reaches each tensor
     index = refuse_misfit(model, base, lora)
     refuse_unread(index)
     directory = index.layout == "diffusers"

@@ -34,7 +34,7 @@ from ..errors import LoraBridgeError, listed
 from ..io.input_file import held_inputs
 from ..kinds import DORA_ROLE
 from ..model import LoraModel, LoraModule
-from ..tensor import Tensor, math_refusal
+from ..tensor import Tensor, refuse_math
 from .files import check_output, read_lora, write_lora
 from .report import ModuleError, ToolReport
 from .resize import resize_module
@@ -91,9 +91,7 @@ def _groups(models: list[LoraModel], weights: list[float], names: list[str]) -> 
         if dora:
             raise LoraBridgeError(f"{len(dora)} DoRA module(s) ({listed(dora, SHOWN, ', ')}): merging DoRA is not "
                                   "defined (a magnitude normalises W + delta W as a whole), merge plain LoRAs", source)
-        refusal = math_refusal(model.tensors(), "merging")
-        if refusal:
-            raise LoraBridgeError(refusal, source)
+        refuse_math(model.tensors(), "merging", source)
         for module in model.modules.values():
             groups.setdefault(module.name, []).append((weight, module))
     for name, parts in groups.items():

@@ -23,11 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..bake import lora_from_svd
-from ..errors import LoraBridgeError
 from ..io.input_file import held_inputs
 from ..kinds import DORA_ROLE
 from ..model import LoraModel, LoraModule, named_tensors
-from ..tensor import math_refusal
+from ..tensor import refuse_math
 from .files import check_output, read_lora, write_lora
 from .report import ModuleError, ToolReport
 from .svd import RankTarget, delta_norm, residual_norm, spectrum
@@ -83,9 +82,7 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, target: RankTarg
     started, src = time.perf_counter(), Path(src)
     out = check_output(out, to, (src,), force)
     model, notes = read_lora(src)
-    refusal = math_refusal(named_tensors(model.modules.values(), skip=(DORA_ROLE,)), "resize's SVD")  # magnitudes are kept
-    if refusal:
-        raise LoraBridgeError(refusal, src)
+    refuse_math(named_tensors(model.modules.values(), skip=(DORA_ROLE,)), "resize's SVD", src)  # magnitudes are kept
     resized, errors = resize_model(model, target)
     resized.provenance["operation"] = f"resize {target.describe()}"
     notes += write_lora(resized, out, to, src, force)
