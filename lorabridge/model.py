@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
 from .kinds import ALL_ROLES, KINDS, AlphaSource, DoraAxis, KindName
-from .tensor import Tensor
+from .tensor import Tensor, math_refusal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,6 +152,31 @@ def named_tensors(modules: Iterable[LoraModule], roles: Collection[str] | None =
     """
     return {f"{m.name}.{role}": t for m in modules for role, t in m.tensors.items()
             if (roles is None or role in roles) and role not in skip}
+
+
+def folded_b(module: LoraModule) -> Tensor:
+    """A LoRA module's lora_B with alpha / rank folded in, rounded to its own dtype, for formats storing no alpha (their
+    scale is 1: MindONE's, old diffusers'); lora_B itself where alpha is the rank. Same delta W, up to that rounding.
+
+    Example:
+        >>> one = Tensor("F32", (1, 1), b"\\0\\0\\x80?")
+        >>> folded_b(LoraModule("unet.x", "lora", {"lora_A.weight": one, "lora_B.weight": one}, 2.0)).to_numpy().tolist()
+        [[2.0]]
+    """
+    b = module.tensors["lora_B.weight"]
+    if module.alpha == module.rank:
+        return b
+    import numpy as np  # here: a conversion's main thread reaches its first copy while the NaN/Inf scan imports it
+
+    return Tensor.from_numpy(b.to_float32() * np.float32(module.scale), b.dtype)
+
+
+def fold_refusal(modules: Iterable[LoraModule], operation: str = "folding alpha/rank into lora_B") -> str | None:
+    """Why :func:`folded_b` cannot fold the alphas of ``modules`` (those whose alpha is not their rank) into their lora_B,
+    as one line (FP8: :func:`~lorabridge.tensor.math_refusal`); None when it can. Writers ask before writing, and
+    ``check`` asks on their behalf."""
+    folded = [m for m in modules if m.alpha != m.rank]
+    return math_refusal(named_tensors(folded, ("lora_B.weight",)), operation)
 
 
 class Pending:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from ..errors import LoraBridgeError
 from ..io.torch_file import state_dict_keys, write_state_dict
-from ..model import LoraModel, LoraModule, named_tensors
+from ..model import LoraModel, fold_refusal, folded_b
 from ..naming.legacy_diffusers_keys import parse_key, spell
-from ..tensor import Tensor, math_refusal
 from .checks import warn, writable_lora
 from .contract import (FOREIGN_READ, PLAIN_LORA_WRITE, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress,
                        ReadOptions, WriteOptions)
@@ -48,14 +47,6 @@ def read(path: str | os.PathLike, options: ReadOptions = READ_DEFAULTS) -> LoraM
     return read_diffusers_file(path, options)
 
 
-def _scaled_up(module: LoraModule) -> Tensor:
-    """lora_B with alpha / rank folded in (the format has no alpha: its scale is 1)."""
-    b = module.tensors["lora_B.weight"]
-    if module.alpha == module.rank:
-        return b
-    return Tensor.from_numpy(b.to_float32() * (module.alpha / module.rank), b.dtype)
-
-
 def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRITE_DEFAULTS, *,
           progress: Progress | None = None, force: bool = False) -> None:
     """Write old diffusers keys: a torch pickle for .ckpt/.bin/.pt/.pth outputs (as the seed), else safetensors.
@@ -68,7 +59,7 @@ def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRI
     """
     model = writable_lora(model, path, options, target=FORMAT.name, kinds=FORMAT.kinds, dora_axes=FORMAT.dora_axes)
     folded = [m for m in model.modules.values() if m.alpha != m.rank]
-    refusal = math_refusal(named_tensors(folded, ("lora_B.weight",)), "folding alpha/rank into the up factor")
+    refusal = fold_refusal(folded, "folding alpha/rank into the up factor")
     if refusal:
         raise LoraBridgeError(f"{refusal}; legacy-diffusers files store no alpha: write a format that does (diffusers, "
                               "kohya)", path)
@@ -86,7 +77,7 @@ def write(model: LoraModel, path: str | os.PathLike, options: WriteOptions = WRI
     tensors = {}
     for m in model.modules.values():
         tensors[spell(m, "lora_A.weight")] = m.tensors["lora_A.weight"]
-        tensors[spell(m, "lora_B.weight")] = _scaled_up(m)
+        tensors[spell(m, "lora_B.weight")] = folded_b(m)
     if Path(path).suffix.lower() == ".safetensors":
         metadata = {**training_metadata(model, FILE_METADATA_KEYS), "format": "pt"}
     else:

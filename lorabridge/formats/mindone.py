@@ -44,12 +44,12 @@ from ..io.ms_safetensors import read_ms_safetensors, write_ms_safetensors
 from ..io.safetensors_file import SafetensorsFile
 from ..kinds import DoraAxis, KindName
 from ..manifest import MANIFEST_KEY
-from ..model import LoraModel, LoraModule, target_type
+from ..model import LoraModel, LoraModule, fold_refusal, folded_b, target_type
 from ..naming.mindone_keys import LORA_SUFFIXES, NAMINGS, A, B, Naming
 from ..naming.peft_config import adapter_metadata, metadata_alpha
 from ..naming.underscored import ALPHA, ModuleProblem
 from ..rules import module_problems
-from ..tensor import Tensor, made_late, math_refusal
+from ..tensor import Tensor, made_late
 from .checks import check_model, warn, warn_user_alpha, writable_lora
 from .contract import FOREIGN_READ, READ_DEFAULTS, WRITE_DEFAULTS, DeclaredFormat, Progress, ReadOptions, WriteOptions
 from .peft_modules import stored_alpha
@@ -259,11 +259,7 @@ class MindoneFormat:
         fold = False  # decided below, once every module's alpha is known; folding changes no dtype or shape
 
         def module_tensors(key: str, m: LoraModule) -> dict[str, Tensor]:
-            b, out = m.tensors[B], {f"{key}.{self.naming.suffix(A)}": m.tensors[A]}
-            if fold and m.alpha != m.rank:
-                import numpy as np
-                b = Tensor.from_numpy(b.to_float32() * np.float32(m.scale), b.dtype)
-            out[f"{key}.{self.naming.suffix(B)}"] = b
+            out = {f"{key}.{self.naming.suffix(A)}": m.tensors[A], f"{key}.{self.naming.suffix(B)}": folded_b(m) if fold else m.tensors[B]}
             if self.naming.stores_alpha and m.alpha_source != "assumed":
                 out[f"{key}.{self.naming.suffix(ALPHA)}"] = alpha_tensor(m)
             return out
@@ -271,8 +267,10 @@ class MindoneFormat:
         def made_tensors(key: str, make: Callable[[], LoraModule]) -> dict[str, Tensor]:
             return module_tensors(key, make())
 
-        # a merge is made here once (its alpha, its tensors' dtypes and shapes), then let go; scaled_b: the B a fold scales
-        unscaled, specs, scaled_b = [], {}, {}
+        # a merge is made here once (its alpha, its tensors' dtypes and shapes), then let go: only the scales a fold
+        # would apply are kept, and the modules it could not scale (refused below, all named)
+        unscaled, unfoldable, specs = [], [], {}
+        may_fold = fold_alpha and not (self.naming.stores_alpha or alpha_in_metadata)
         for key, make in makers.items():
             try:
                 m = _made(make)
@@ -280,11 +278,12 @@ class MindoneFormat:
                 raise LoraBridgeError(exc.message, exc.path or path) from None
             if m.alpha != m.rank:
                 unscaled.append(m.scale)
-                scaled_b[f"{m.name}.{B}"] = m.tensors[B]
+                if may_fold and fold_refusal([m]):
+                    unfoldable.append(m)
             if m is not make:
                 specs[key] = {name: (t.dtype, t.shape) for name, t in module_tensors(key, m).items()}
-        fold = fold_alpha and bool(unscaled) and not (self.naming.stores_alpha or alpha_in_metadata)
-        refusal = math_refusal(scaled_b, "folding alpha/rank into lora_B") if fold else None
+        fold = may_fold and bool(unscaled)
+        refusal = fold_refusal(unfoldable)
         if refusal:
             raise LoraBridgeError(f"{refusal}; neutral2ms --no-fold-alpha writes lora_B unscaled", path)
         made: dict = {}  # merged q/k/v are made again as they are written, one at a time (made_late)

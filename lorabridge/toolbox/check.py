@@ -30,8 +30,7 @@ from ..errors import LoraBridgeError, listed
 from ..formats.contract import Format
 from ..formats.kohya import OUT_AXIS_READERS, UNET_BLOCKS
 from ..formats.mindone import MINDONE_SDXL_LORA_LAYERS
-from ..model import LoraModel, LoraModule, named_tensors
-from ..tensor import math_refusal
+from ..model import LoraModel, LoraModule, fold_refusal
 from .base_index import BaseIndex, index_base
 
 UNDERSCORED_INPUTS = ("kohya", "lycoris", "mindone-kohya")  # inputs whose alphas diffusers' kohya converter reads
@@ -107,10 +106,7 @@ def _alpha_problems(model: LoraModel, target: Target, source_format: str, fmt: F
 def _fold_refusal(model: LoraModel, fmt: Format) -> str | None:
     """Why ``convert`` refuses to write ``model`` in ``fmt``, a format storing no alpha: alpha/rank folded into an
     FP8 lora_B (numpy, which folds, has no FP8 type); None where it writes it."""
-    if fmt.stores_alpha:
-        return None
-    folded = [m for m in model.modules.values() if m.rank and m.alpha != m.rank]
-    return math_refusal(named_tensors(folded, ("lora_B.weight",)), f"folding alpha/rank into lora_B for {fmt.name}")
+    return None if fmt.stores_alpha else fold_refusal(model.modules.values(), f"folding alpha/rank into lora_B for {fmt.name}")
 
 
 def check_target(model: LoraModel, target: Target, source_format: str) -> dict[str, Any]:
