@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
-from .io.streaming import kept_mapped
-from .io.zero_copy import READ_CHUNK_BYTES, chunks
+from .io.streaming import release_pages
+from .io.zero_copy import READ_CHUNK_BYTES, chunks, in_one_piece
 from .model import LoraModel, LoraModule, dominant_dtype
 from .schema_check import surely_valid
 from .tensor import Tensor
@@ -179,8 +179,9 @@ def tensor_sha256(tensors: Mapping[str, Tensor]) -> str:
             description = described[t.dtype, t.shape] = (
                 f"\0{t.dtype}\0{','.join(map(str, t.shape))}\0".encode("utf-8") + struct.pack("<Q", t.nbytes))
         digest.update(encoded + description)
-        if kept_mapped(t.data):  # as chunks would give it, in one piece: its generator costs more than a small tensor's hash
+        if in_one_piece(t):  # as chunks would give it: its generator costs more than a small tensor's hash
             digest.update(t.data)
+            release_pages(t.data)
             continue
         for piece in chunks(t, buffer):
             digest.update(piece)
