@@ -16,6 +16,7 @@ reference has (:attr:`Architecture.variants`: Flux.1 Fill's ``x_embedder``) fits
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -314,23 +315,40 @@ def _side_by_side(tensors: list[tuple[int, Tensor]]) -> tuple[list[tuple[Tensor,
         else:
             placed.append((id(where[0]), item[1].dtype, where[1], where[0], item))
     placed.sort(key=lambda entry: entry[:3])
-    groups: list[list] = []  # [map, dtype, start, end, members]
+    groups: list[_Stretch] = []
     for _, dtype, offset, mapped, item in placed:
         end, last = offset + item[1].nbytes, groups[-1] if groups else None
-        if (last is not None and last[0] is mapped and last[1] == dtype and last[3] <= offset <= last[3] + STRETCH_GAP_BYTES
-                and (offset - last[2]) % DTYPES[dtype][0] == 0 and end - last[2] <= SMALL_BATCH_BYTES):
-            last[3] = end
-            last[4].append(item)
+        if last is not None and last.takes(mapped, dtype, offset, end):
+            last.end = end
+            last.members.append(item)
         else:
-            groups.append([mapped, dtype, offset, end, [item]])
+            groups.append(_Stretch(mapped, dtype, offset, end, [item]))
     stretches = []
-    for mapped, _, start, end, members in groups:
-        if len(members) == 1:
-            rest.append(members[0])
-            continue
-        dtype = members[0][1].dtype
-        stretches.append((Tensor(dtype, ((end - start) // DTYPES[dtype][0],), memoryview(mapped)[start:end]), members))
+    for group in groups:
+        if len(group.members) == 1:
+            rest.append(group.members[0])
+        else:
+            view = memoryview(group.mapped)[group.start:group.end]
+            stretches.append((Tensor(group.dtype, (len(view) // DTYPES[group.dtype][0],), view), group.members))
     return stretches, rest
+
+
+@dataclass
+class _Stretch:
+    """Small tensors of one dtype side by side in one map (:func:`_side_by_side`), from ``start`` to ``end`` in it."""
+
+    mapped: mmap.mmap
+    dtype: str
+    start: int
+    end: int
+    members: list[tuple[int, Tensor]]
+
+    def takes(self, mapped: mmap.mmap, dtype: str, offset: int, end: int) -> bool:
+        """Whether a tensor of ``dtype`` at ``offset``..``end`` of ``mapped`` extends this stretch: the same map and dtype,
+        at most :data:`STRETCH_GAP_BYTES` after its end, a whole number of elements from its start (every value read
+        is one of the tensor's), the stretch at most :data:`SMALL_BATCH_BYTES`."""
+        return (mapped is self.mapped and dtype == self.dtype and self.end <= offset <= self.end + STRETCH_GAP_BYTES
+                and (offset - self.start) % DTYPES[dtype][0] == 0 and end - self.start <= SMALL_BATCH_BYTES)
 
 
 def _small_batches(tensors: list[tuple[int, Tensor]]) -> Iterator[list[tuple[int, Tensor]]]:
