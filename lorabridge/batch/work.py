@@ -3,8 +3,9 @@
 The conversion is :func:`lorabridge.converters.convert`, the call behind ``lorabridge convert``, so
 each file behaves exactly as that command would (same detection, same errors, atomic output, the
 same refusal to replace a file that is not the batch's own without ``--force``). What the batch adds
-is the resume rule of :mod:`~lorabridge.batch.state` and an :class:`~lorabridge.batch.report.Entry`
-instead of an exception: a bad file is one failed line, and the batch goes on.
+is the resume rule of :mod:`~lorabridge.batch.state`, an :class:`~lorabridge.batch.report.Entry`
+instead of an exception (a bad file is one failed line, and the batch goes on), and outputs that leave
+the page cache once the disk has them (:mod:`~lorabridge.io.drop_behind`).
 
 Workers run one conversion at a time per process (a lock): lorabridge holds its inputs still with
 per-process file leases (:mod:`lorabridge.io.input_file`), which threads of one process would share.
@@ -26,6 +27,7 @@ from ..converters.registry import FORMATS, get_writer
 from ..converters.torch import detect_input
 from ..errors import LoraBridgeError, single_line
 from ..io.atomic import EXISTS, syncing_at_the_end
+from ..io.drop_behind import dropping_behind
 from ..io.input_file import check_regular, held_inputs
 from ..io.streaming import one_thread
 from .plan import Job
@@ -94,7 +96,8 @@ def convert_job(job: Job, settings: Settings) -> Entry:
     """
     started = time.perf_counter()
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
-    with (_one_at_a_time, _collected_once(), syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext(),
+    with (_one_at_a_time, _collected_once(), dropping_behind(),
+          syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext(),
           contextlib.nullcontext() if settings.helper_threads else one_thread()):
         try:
             # Held around the whole file, detection included: its header is read and checked once, not once to detect

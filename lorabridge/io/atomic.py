@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from ..errors import LoraBridgeError
-from . import deferred
+from . import deferred, drop_behind
 from .input_file import check_unchanged, reading_own_output
 from .scoped import set_within
 from .streaming import LARGEST_FOLIO_BYTES
@@ -414,6 +414,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     if os.path.lexists(path) and not replace:
         raise LoraBridgeError(EXISTS, path)
     _remove_stale_temporaries(path.parent)
+    drop_behind.output_starts()
     with _reported(path, "cannot create the output"):
         fd, tmp = tempfile.mkstemp(_SUFFIX, _temporary_prefix(path), path.parent)
     lock = _hold_lock(os.dup(fd))
@@ -435,6 +436,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
                 os.fsync(handle.fileno())
             else:  # the disk starts on it now, beside the next file's work, so the closing sync has less to wait for
                 _start_write_out(handle.fileno())
+            drop_behind.output_written(handle.fileno(), on_disk=sync)
             handle.close()
             if replace:
                 os.replace(tmp, path)
