@@ -3,7 +3,7 @@ LoRAs (MindONE ``.ckpt``, about 23 MB each; ``--input rank4-attn-kohya``: kohya 
 ``lorabridge convert`` process per file, measured side by side in one run (wall time, warm page cache).
 
     python bench/batch_bench.py [--files 100] [--jobs N] [--input rank4-attn] [--to neutral] [--repeat 1]
-                                [--workdir /tmp/lorabridge-batch-bench]
+                                [--memory as-is|cold|warm] [--workdir /tmp/lorabridge-batch-bench]
 
 Prints a Markdown section for bench/RESULTS.md ("Batch"). Every contender reads the same warm
 sources and writes a fresh directory; ``cp -r`` is also timed with an fsync of every copy (``sync
@@ -12,7 +12,9 @@ generated file under nested folders (conversion cost does not depend on the valu
 machine syncs its outputs to the disk once, as it ends (``syncfs``), so ``cp -r`` is also timed followed
 by ``sync -f`` of its output's file system; ``sync`` runs between contenders, so none pays for
 another's dirty pages. A floor is timed too: hashing every file twice (sha256, the source's and the
-tensors' hash a neutral output records) in as many processes as the batch, without converting.
+tensors' hash a neutral output records) in as many processes as the batch, without converting. On a VM
+whose free memory goes back to the host, what writing costs depends on how long ago memory was freed:
+``--memory cold`` or ``warm`` starts every contender alike (:data:`MEMORY`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ LORABRIDGE = [sys.executable, "-m", "lorabridge"]
 PER_FOLDER = 10
 CP_SYNC = "cp -r, then sync -f (the file system once, as the batch ends)"
 PER_PROCESS = "lorabridge convert, one process per file"
+RERUN = "lorabridge batch, rerun (all up to date)"
 
 
 # The two sha256 passes a neutral output needs (the source's, for provenance and resume; tensor_sha256 over
@@ -57,6 +60,27 @@ if __name__ == "__main__":
     with Pool(int(sys.argv[1])) as pool:
         pool.map(twice, sys.argv[2:])
 """
+
+
+def _settled() -> None:
+    """Wait until freed memory has gone back to the host: this VM's balloon reports free pages (kernel
+    ``page_reporting``), and writing into memory the host must hand over again took ~50 ms per 23 MB here
+    against ~6 ms into pages just freed; 20 s after a removal, every page it freed was cold again (measured)."""
+    time.sleep(20)
+
+
+def _warmed() -> None:
+    """Touch and free 3 GiB (more than the library) right before the contender: its outputs go to pages just freed."""
+    import numpy as np
+
+    block = np.ones(3 << 30, np.uint8)
+    del block
+
+
+# The state of free memory every contender starts in, alike: as the previous one left it ("as-is": memory its
+# removed output freed, part of it already gone back to the host), all of it gone back to the host ("cold",
+# as a VM's free memory mostly is), or just freed ("warm", as a machine without a balloon always has it).
+MEMORY: dict[str, Callable[[], None]] = {"as-is": lambda: None, "cold": _settled, "warm": _warmed}
 
 
 def timed(argv: list[str]) -> float:
@@ -88,6 +112,8 @@ def main() -> None:
     parser.add_argument("--to", default="neutral")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorabridge-batch-bench"))
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every contender in turn; medians reported")
+    parser.add_argument("--memory", choices=list(MEMORY), default="as-is",
+                        help="the state of free memory each contender starts in (see MEMORY)")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -126,7 +152,7 @@ def main() -> None:
         "cp -r + fsync each copy": cp_then_fsync_each,
         batch_name: lambda: timed([*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(fresh("cp")),
                                    "--jobs", str(args.jobs)]),
-        "lorabridge batch, rerun (all up to date)": lambda: timed(
+        RERUN: lambda: timed(
             [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(work / "cp"), "--jobs", str(args.jobs)]),
         f"floor: sha256 of every file twice, {args.jobs} processes (no conversion)": lambda: timed(
             [sys.executable, "-c", HASH_TWICE, str(args.jobs), *map(str, sources)]),
@@ -136,7 +162,10 @@ def main() -> None:
     runs: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeat):
         for name, run in contenders.items():
+            if name != RERUN:  # (the rerun reads the batch's output) the last output goes before the memory is set, not after
+                shutil.rmtree(work / "cp", ignore_errors=True)
             subprocess.run(["sync"], check=True)  # no contender pays for another's dirty pages
+            MEMORY[args.memory]()
             runs[name].append(run())
     load_after = os.getloadavg()
     shutil.rmtree(work / "cp", ignore_errors=True)
@@ -144,7 +173,8 @@ def main() -> None:
 
     batch = rows[batch_name]
     print(f"{args.files} files x {total / args.files / 1e6:.1f} MB ({spec.name}, {spec.writer}) = {total / 1e6:.0f} MB, --to {args.to}, "
-          f"{os.cpu_count()} CPUs, {args.repeat} round(s) of every contender in turn, medians; load average "
+          f"{os.cpu_count()} CPUs, free memory {args.memory} before each contender, "
+          f"{args.repeat} round(s) of every contender in turn, medians; load average "
           f"{load_before[0]:.1f} before / {load_after[0]:.1f} after\n")
     print("| contender | wall s (median, min-max) | MB/s | time / batch's |")
     print("| --- | ---: | ---: | ---: |")
