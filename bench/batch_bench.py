@@ -124,36 +124,32 @@ def main() -> None:
     for path in sources:  # warm the page cache for every contender alike
         path.read_bytes()
 
-    def fresh(name: str) -> Path:  # one output folder at a time: the disk holds two copies of the library at most
-        out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        return out
+    out = work / "cp"  # every contender's output: one at a time, so the disk holds two copies of the library at most
 
     def cp_then_fsync_each() -> float:
         started = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(fresh("cp"))], check=True)
-        subprocess.run(["sync", *[str(p) for p in (work / "cp").rglob(f"*{spec.suffix}")]], check=True)
+        subprocess.run(["cp", "-r", str(src), str(out)], check=True)
+        subprocess.run(["sync", *[str(p) for p in out.rglob(f"*{spec.suffix}")]], check=True)
         return time.perf_counter() - started
 
     def one_process_per_file() -> float:
-        loop = fresh("cp")
         started = time.perf_counter()
         for path in sources:
-            out = loop / path.relative_to(src).with_suffix(".safetensors")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([*LORABRIDGE, "convert", str(path), "--to", args.to, "-o", str(out)], env=ENV, check=True,
+            target = out / path.relative_to(src).with_suffix(".safetensors")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([*LORABRIDGE, "convert", str(path), "--to", args.to, "-o", str(target)], env=ENV, check=True,
                            stdout=subprocess.DEVNULL)
         return time.perf_counter() - started
 
     batch_name = f"lorabridge batch --jobs {args.jobs}"
     contenders: dict[str, Callable[[], float]] = {  # run in this order each round, each after a sync
-        "cp -r": lambda: timed(["cp", "-r", str(src), str(fresh("cp"))]),
-        CP_SYNC: lambda: timed(["sh", "-c", 'cp -r "$1" "$2" && sync -f "$2"', "sh", str(src), str(fresh("cp"))]),
+        "cp -r": lambda: timed(["cp", "-r", str(src), str(out)]),
+        CP_SYNC: lambda: timed(["sh", "-c", 'cp -r "$1" "$2" && sync -f "$2"', "sh", str(src), str(out)]),
         "cp -r + fsync each copy": cp_then_fsync_each,
-        batch_name: lambda: timed([*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(fresh("cp")),
+        batch_name: lambda: timed([*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out),
                                    "--jobs", str(args.jobs)]),
         RERUN: lambda: timed(
-            [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(work / "cp"), "--jobs", str(args.jobs)]),
+            [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out), "--jobs", str(args.jobs)]),
         f"floor: sha256 of every file twice, {args.jobs} processes (no conversion)": lambda: timed(
             [sys.executable, "-c", HASH_TWICE, str(args.jobs), *map(str, sources)]),
         PER_PROCESS: one_process_per_file,
@@ -163,12 +159,12 @@ def main() -> None:
     for _ in range(args.repeat):
         for name, run in contenders.items():
             if name != RERUN:  # (the rerun reads the batch's output) the last output goes before the memory is set, not after
-                shutil.rmtree(work / "cp", ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)  # no contender pays for another's dirty pages
             MEMORY[args.memory]()
             runs[name].append(run())
     load_after = os.getloadavg()
-    shutil.rmtree(work / "cp", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     rows = {name: statistics.median(seconds) for name, seconds in runs.items()}
 
     batch = rows[batch_name]
