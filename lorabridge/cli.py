@@ -380,6 +380,9 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @click.option("--keep-going/--fail-fast", default=True, show_default=True,
               help="After a file fails, go on with the others, or start no new file (those not started are "
                    "reported as not converted). Either way the exit code is 1 if any file failed.")
+@click.option("--rehash", is_flag=True, default=False,
+              help="Hash every source to tell whether its output is up to date, even one whose inode, size and "
+                   "modification and change times are those recorded when it was last hashed.")
 @_force
 @_skip_unknown
 @_strict
@@ -389,12 +392,13 @@ def convert_command(src: str, output: str, to_format: str, from_format: str | No
 @_dtype
 def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_format: str | None,
                   alpha: float | None, jobs: int | None, dask_address: str | None, report: str | None,
-                  keep_going: bool, force: bool, **options) -> None:
+                  keep_going: bool, rehash: bool, force: bool, **options) -> None:
     """Convert every LoRA in SRC... (files, directories walked recursively, globs) to FORMAT under OUT_DIR.
 
     Each file converts as `convert` would convert it, in parallel worker processes, with one progress
     bar, a summary and a per-file JSON Lines report. A rerun resumes: outputs whose recorded source
-    sha256 and settings match are skipped, failed and changed files are redone; --force converts every
+    sha256 and settings match are skipped (a source is hashed again only if its inode, size or times
+    changed, or with --rehash), failed and changed files are redone; --force converts every
     file again, replacing outputs. Exit 0 only if every file converted or was up to date. A command of its own, not `convert` with several inputs: a
     directory is both one input (a PEFT adapter) and a library, and -o names a file there, a tree here.
 
@@ -407,7 +411,7 @@ def batch_command(sources: tuple[str, ...], out_dir: str, to_format: str, from_f
     from .batch import run_batch
 
     result = run_batch(sources, out_dir, to_format, from_format=from_format, jobs=jobs, dask=dask_address,
-                       report=report, fail_fast=not keep_going, force=force, alpha=alpha, **options)
+                       report=report, fail_fast=not keep_going, force=force, rehash=rehash, alpha=alpha, **options)
     click.echo(result.render())
     sys.exit(0 if result.ok else 1)
 

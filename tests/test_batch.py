@@ -31,7 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorabridge.batch import REPORT_NAME, local, run_batch, work
+from lorabridge.batch import REPORT_NAME, local, run_batch, state, work
 from lorabridge.batch.discover import expand_glob, find_inputs
 from lorabridge.batch.plan import Job
 from lorabridge.batch.report import Entry, ReportWriter
@@ -136,6 +136,8 @@ def test_the_command_exits_0_only_when_every_file_converted_and_a_rerun_skips_th
     again = run_cli("batch", root, "--to", "kohya", "-o", out, "--jobs", "2")
     assert again.exit_code == 0 and again.output.startswith("5 files: 0 converted, 5 skipped (up to date), 0 failed")
     assert {e["status"] for e in report_of(out).values()} == {"skipped"}
+    rehashed = run_cli("batch", root, "--to", "kohya", "-o", out, "--rehash")
+    assert rehashed.exit_code == 0 and rehashed.output.startswith("5 files: 0 converted, 5 skipped (up to date)")
     (root / "junk.ckpt").write_bytes(b"not a checkpoint")
     failing = run_cli("batch", root, "--to", "kohya", "-o", out)
     assert failing.exit_code == 1 and "1 failed" in failing.output and "junk.ckpt" in failing.output
@@ -160,6 +162,67 @@ def test_a_changed_source_and_changed_settings_are_redone_and_foreign_outputs_ar
     assert entry.status == "failed" and entry.error == f"{foreign}: output exists; pass --force to replace it"
     forced = run_batch([root], out, "kohya", jobs=1, progress=False, dtype="fp16", force=True)
     assert forced.count("converted") == 5
+
+
+def bytes_read(action) -> int:
+    """How many bytes this process read (``read``-family calls, page cache included) while ``action()`` ran."""
+    before = psutil.Process().io_counters().read_chars
+    action()
+    return psutil.Process().io_counters().read_chars - before
+
+
+def test_a_rerun_takes_an_unchanged_sources_sha256_from_its_record_without_reading_it(tmp_path, monkeypatch):
+    """Inode, size, modification and change time unchanged since the source was hashed: its bytes are too, and a
+    library's rerun costs a stat per file instead of reading every source again. ``--rehash`` reads them anyway."""
+    monkeypatch.setattr(state, "RACY_NS", 0)  # the source was written a moment ago (see the racy test below)
+    source, out = tmp_path / "f.safetensors", tmp_path / "out"
+    write_flux(source)
+    job = Job(source, out / "f.safetensors", source.stat().st_size)
+    assert convert_job(job, work.Settings(out, "kohya")).status == "converted"
+    info = source.stat()
+    assert read_record(out, job.output).source_stamp == [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+    entries = []
+    read = bytes_read(lambda: entries.append(convert_job(job, work.Settings(out, "kohya"))))
+    assert read < info.st_size // 4, f"read {read} bytes of a {info.st_size}-byte source that did not change"
+    assert (entries[0].status, entries[0].sha256) == ("skipped", hashlib.sha256(source.read_bytes()).hexdigest())
+    read = bytes_read(lambda: entries.append(convert_job(job, work.Settings(out, "kohya", rehash=True))))
+    assert read >= info.st_size and entries[1].status == "skipped"
+
+
+def test_a_source_rewritten_with_its_size_and_mtime_put_back_is_still_seen_changed(tmp_path, monkeypatch):
+    """What ``touch -d`` or a copy that keeps times can put back, the change time cannot: it moves on every write
+    and on every utime, so the source is hashed again, found changed and converted again."""
+    monkeypatch.setattr(state, "RACY_NS", 0)
+    source, out = tmp_path / "f.safetensors", tmp_path / "out"
+    write_flux(source)
+    job, settings = Job(source, out / "f.safetensors", source.stat().st_size), work.Settings(out, "kohya")
+    assert convert_job(job, settings).status == "converted"
+    info = source.stat()
+    time.sleep(0.05)  # past a tick of the kernel's coarse clock (1-10 ms), which file times come from
+    replacement = tmp_path / "g.safetensors"
+    write_flux(replacement, seed=7)
+    source.write_bytes(replacement.read_bytes())  # in place: same inode, same size
+    os.utime(source, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert (source.stat().st_size, source.stat().st_mtime_ns) == (info.st_size, info.st_mtime_ns)
+    entry = convert_job(job, settings)
+    assert (entry.status, entry.sha256) == ("converted", hashlib.sha256(replacement.read_bytes()).hexdigest())
+
+
+def test_a_source_changed_just_before_it_was_hashed_gets_no_stamp_until_a_later_run_hashes_it_again(tmp_path, monkeypatch):
+    """A source changed less than RACY_NS before its hash could be written again within the same clock tick with
+    all four the same ("racily clean", as git calls it): its record keeps no stamp, so the next run hashes it, and
+    that run, the change now old, records the stamp that spares the runs after it."""
+    source, out = tmp_path / "f.safetensors", tmp_path / "out"
+    write_flux(source)
+    job, settings = Job(source, out / "f.safetensors", source.stat().st_size), work.Settings(out, "kohya")
+    assert convert_job(job, settings).status == "converted"
+    assert read_record(out, job.output).source_stamp is None
+    size = source.stat().st_size
+    assert bytes_read(lambda: convert_job(job, settings)) >= size  # hashed: still racy, no stamp recorded
+    monkeypatch.setattr(state, "RACY_NS", 0)  # as if the change were old now
+    assert bytes_read(lambda: convert_job(job, settings)) >= size  # hashed, up to date, and the stamp recorded
+    assert read_record(out, job.output).source_stamp is not None
+    assert bytes_read(lambda: convert_job(job, settings)) < size // 4
 
 
 def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date_without_a_record(tmp_path):
@@ -427,6 +490,8 @@ HOSTILE_RECORDS = {"deep": lambda path: path.write_text("[" * 100_000 + "]" * 10
                    "huge": lambda path: path.write_text('{"source": "' + "x" * (2 << 20) + '"}'),
                    "stamp of text": lambda path: path.write_text(json.dumps(
                        {**json.loads(path.read_text()), "stamp": ["big", "late"]})),
+                   "source stamp of floats": lambda path: path.write_text(json.dumps(
+                       {**json.loads(path.read_text()), "source_stamp": [1.0, 2, 3, 4]})),
                    "fifo": lambda path: (path.unlink(), os.mkfifo(path))}
 
 

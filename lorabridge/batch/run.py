@@ -25,13 +25,15 @@ REPORT_NAME = "lorabridge-report.jsonl"
 def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to: str, *,
               from_format: str | None = None, jobs: int | None = None, dask: str | None = None,
               report: str | os.PathLike | None = None, fail_fast: bool = False, force: bool = False,
-              progress: bool = True, **options: Any) -> BatchResult:
+              rehash: bool = False, progress: bool = True, **options: Any) -> BatchResult:
     """Convert every LoRA that ``sources`` name to format ``to``, mirrored under ``out_dir``.
 
     ``jobs``: worker processes (default: :func:`~lorabridge.batch.cores.usable_cores`); ``dask``: a scheduler address to run on
     instead; ``report``: the JSON Lines report (default ``out_dir/lorabridge-report.jsonl``);
     ``fail_fast``: start no new file after a failure; ``force``: convert every file again, replacing
-    existing outputs; ``options``: conversion options as :func:`lorabridge.converters.convert` takes them.
+    existing outputs; ``rehash``: hash every source to decide whether its output is up to date, even one whose
+    inode, size and times are those its record kept (:mod:`~lorabridge.batch.state`); ``options``: conversion
+    options as :func:`lorabridge.converters.convert` takes them.
 
     Example:
         >>> result = run_batch(["loras/"], "converted", to="neutral")   # doctest: +SKIP
@@ -74,7 +76,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     # on other machines write through their own page caches, so each fsyncs its outputs. A file converts without
     # helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
-                        helper_threads=not busy)
+                        helper_threads=not busy, rehash=rehash)
     failed = False
     if client is not None:
         entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)

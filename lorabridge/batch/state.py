@@ -17,6 +17,13 @@ The rule (see :func:`decide`), per output:
   a neutral output whose manifest records this source's sha256 (``provenance.source_sha256``,
   written by any lorabridge conversion) with default settings: that one is up to date.
 
+A source is hashed once: its record also keeps the source's inode, size, modification and change times
+(:func:`source_stamp`), and while they are the same a rerun takes the recorded sha256 instead of reading the
+file again (as ``git status``, ``make`` and ``rsync`` trust them). Any write, truncation, rename over it or
+``touch`` moves the change time, which no user-space call can set back. A source changed less than
+:data:`RACY_NS` before it was hashed gets no stamp: a second write within the same tick of the file system's
+clock could leave all four the same (``git``'s "racily clean" files). ``--rehash`` hashes every source anyway.
+
 Records live in ``OUT_DIR/.lorabridge-batch/``, one JSON file per output named by a hash of its
 path, each written whole to a temporary and renamed into place. Two batch runs on one ``OUT_DIR``
 therefore never corrupt the state: each record is replaced atomically, the last writer wins, and
@@ -32,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +53,7 @@ from ..io.safetensors_file import SafetensorsFile
 from ..manifest import MANIFEST_KEY
 
 STATE_DIR = ".lorabridge-batch"
+RACY_NS = 2_000_000_000  # a source changed less than this before it was hashed is hashed again by the next run
 RECORD_BYTES = 1 << 20  # a record is ~400 bytes (its settings hold the conversion options); larger is not one
 
 
@@ -59,6 +68,7 @@ class Record:
     stamp: list[int] | None = None
     format: str | None = None
     architecture: str | None = None
+    source_stamp: list[int] | None = None  # the source's when it was hashed (:func:`source_stamp`), if not racy
 
 
 def source_digest(path: Path) -> str | None:
@@ -74,6 +84,48 @@ def source_digest(path: Path) -> str | None:
             digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
         return digest.hexdigest()
     return file_sha256(path) if path.is_file() else None
+
+
+def source_stamp(path: Path) -> list[int] | None:
+    """Inode, size, modification and change time (ns) of a source file; None for a directory (an adapter
+    folder: hashed every time) or a file that cannot be stat'ed. The device is left out: one NFS file has
+    a different one on each Dask worker, and its inode, which NFS keeps, already tells files apart."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def settled_stamp(before: list[int] | None, after: list[int] | None, hashed_from_ns: int) -> list[int] | None:
+    """The stamp to record for a source stamped ``before`` its hash and ``after`` it, hashing having started
+    at ``hashed_from_ns`` (``time.time_ns()``): ``before`` when the file did not change meanwhile and its last
+    change is older than :data:`RACY_NS`, else None (the next run hashes it).
+
+    Example:
+        >>> settled_stamp([7, 10, 1, 1_000], [7, 10, 1, 1_000], 9_000_000_000)
+        [7, 10, 1, 1000]
+        >>> settled_stamp([7, 10, 1, 8_500_000_000], [7, 10, 1, 8_500_000_000], 9_000_000_000) is None  # racy
+        True
+    """
+    if before is None or before != after or before[3] >= hashed_from_ns - RACY_NS:
+        return None
+    return before
+
+
+def recorded_digest(record: Record | None, now: list[int] | None) -> str | None:
+    """The sha256 ``record`` keeps for its source when the source's stamp is still ``now``; else None (hash it).
+
+    Example:
+        >>> done = Record("a.ckpt", "ab" * 32, {}, "done", [1, 2], source_stamp=[7, 10, 1, 1_000])
+        >>> recorded_digest(done, [7, 10, 1, 1_000]) == "ab" * 32, recorded_digest(done, [7, 10, 1, 2_000])
+        (True, None)
+    """
+    if record is None or record.status != "done" or now is None or record.source_stamp != now:
+        return None
+    return record.source_sha256
 
 
 def stamp(path: Path) -> list[int] | None:
@@ -114,11 +166,14 @@ def read_record(out_dir: Path, output: Path) -> Record | None:
 def _well_formed(record: Record) -> bool:
     """Whether every field has its type (:func:`decide` compares them: a string stamp would raise there)."""
     texts = (record.source_sha256, record.format, record.architecture)
-    stamp = record.stamp
     return (isinstance(record.source, str) and isinstance(record.status, str) and isinstance(record.settings, dict)
             and all(text is None or isinstance(text, str) for text in texts)
-            and (stamp is None or (isinstance(stamp, list) and len(stamp) == 2
-                                   and all(type(n) is int for n in stamp))))
+            and _integers(record.stamp, 2) and _integers(record.source_stamp, 4))
+
+
+def _integers(value: Any, count: int) -> bool:
+    """None, or a list of ``count`` ints (not bools, floats or strings a hand-edited record might hold)."""
+    return value is None or (isinstance(value, list) and len(value) == count and all(type(n) is int for n in value))
 
 
 def write_record(out_dir: Path, output: Path, record: Record) -> None:
@@ -139,14 +194,14 @@ def write_record(out_dir: Path, output: Path, record: Record) -> None:
 CONVERT, UP_TO_DATE, REDO, FOREIGN = "convert", "up to date", "redo", "foreign"
 
 
-def decide(out_dir: Path, output: Path, sha256: str | None, settings: dict[str, Any],
+def decide(output: Path, record: Record | None, sha256: str | None, settings: dict[str, Any],
            trust_manifest: bool) -> tuple[str, Record | None]:
-    """What to do with ``output`` (:data:`CONVERT`, :data:`UP_TO_DATE`, :data:`REDO` or :data:`FOREIGN`), and
-    its record; the rule is the module docstring's. ``trust_manifest``: the target is neutral and the run
-    gives no option, so a neutral output's recorded source sha256 alone says whether it is up to date."""
+    """What to do with ``output`` (:data:`CONVERT`, :data:`UP_TO_DATE`, :data:`REDO` or :data:`FOREIGN`), whose
+    record (:func:`read_record`) is ``record``, and the record that says so; the rule is the module docstring's.
+    ``trust_manifest``: the target is neutral and the run gives no option, so a neutral output's recorded
+    source sha256 alone says whether it is up to date."""
     if not os.path.lexists(output):
         return CONVERT, None
-    record = read_record(out_dir, output)
     now = stamp(output)
     if record is not None and record.status == "done" and record.stamp and now and now[0] < record.stamp[0]:
         return REDO, record  # ours, and shorter than published: a power cut before the batch's closing sync

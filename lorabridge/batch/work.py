@@ -18,7 +18,7 @@ import gc
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +32,8 @@ from ..io.input_file import check_regular, held_inputs
 from ..io.streaming import one_thread
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
-from .state import CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, source_digest, stamp, write_record
+from .state import (CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, read_record, recorded_digest, settled_stamp,
+                    source_digest, source_stamp, stamp, write_record)
 
 _one_at_a_time = threading.Lock()
 
@@ -48,6 +49,7 @@ class Settings:
     force: bool = False
     sync_at_the_end: bool = False  # outputs published without an fsync each; the batch syncs the file system at its end
     helper_threads: bool = True  # False where the workers keep every core busy: see lorabridge.io.streaming.one_thread
+    rehash: bool = False  # hash every source, even one whose stamp says it is unchanged since its record's hash
 
     def recorded(self) -> dict[str, Any]:
         """What a record keeps of these settings: an output made with other ones is not up to date."""
@@ -117,18 +119,26 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     check_regular(job.source, directory_ok=True)
     candidates = [settings.from_format] if settings.from_format else list(FORMATS)
     target, wanted, out_dir = get_writer(settings.to), settings.recorded(), settings.out_dir
+    hashed_from, before = time.time_ns(), source_stamp(job.source)
+    exists = os.path.lexists(job.output)
+    stored = read_record(out_dir, job.output) if exists else None
+    # A source unchanged since its record's hash (same inode, size and times) is not read again, unless --rehash.
+    entry.sha256 = None if settings.rehash else recorded_digest(stored, before)
     # A new output whose target records the source's sha256 (neutral): convert hashes the file beside reading
     # it, so it is taken from there instead of a pass of its own. Otherwise hashed first: the resume decision needs it.
-    hashed_by_convert = target.records_source_hash and job.source.is_file() and not os.path.lexists(job.output)
-    entry.sha256 = None if hashed_by_convert else source_digest(job.source)
+    hashed_by_convert = target.records_source_hash and job.source.is_file() and not exists
+    if entry.sha256 is None and not hashed_by_convert:
+        entry.sha256 = source_digest(job.source)
     trust_manifest = target.records_source_hash and not wanted["options"] and not settings.from_format
-    action, record = decide(out_dir, job.output, entry.sha256, wanted, trust_manifest)
+    action, record = decide(job.output, stored, entry.sha256, wanted, trust_manifest)
     if action == UP_TO_DATE and not settings.force:
         # Detected when it was converted, from these very bytes (the sha256 matched): not again (for a kohya or
         # diffusers file, a dozen formats' detection is most of a rerun's time), unless the record lacks it.
         known = record.format if record is not None and record.format in candidates else None
         entry.status, entry.architecture = SKIPPED, record.architecture if record else None
         entry.format = known or detect_input(job.source, candidates)
+        if record is stored:  # the batch's own record (not a neutral output's manifest, which stays foreign)
+            _restamp(out_dir, job.output, record, settled_stamp(before, source_stamp(job.source), hashed_from))
         return
     entry.format = detect_input(job.source, candidates)
     if action == FOREIGN and not settings.force:
@@ -146,8 +156,15 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     entry.architecture, entry.sha256 = result.model.architecture, entry.sha256 or result.model.provenance["source_sha256"]
     entry.warnings = [single_line(warning) for warning in result.warnings]
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
-                                             entry.architecture))
+                                             entry.architecture, settled_stamp(before, source_stamp(job.source), hashed_from)))
     entry.status = CONVERTED
+
+
+def _restamp(out_dir: Path, output: Path, record: Record | None, now: list[int] | None) -> None:
+    """Keep the source's new stamp in the record of an output found up to date by hashing (a source only
+    touched, copied back in place, or hashed too soon after a change last time): the next run need not hash it."""
+    if record is not None and now is not None and record.source_stamp != now:
+        write_record(out_dir, output, replace(record, source_stamp=now))
 
 
 NOT_RUN = "not converted: the batch stopped at an earlier failure (--fail-fast)"
