@@ -19,10 +19,11 @@ The rule (see :func:`decide`), per output:
 
 A source is hashed once: its record also keeps the source's inode, size, modification and change times
 (:func:`source_stamp`), and while they are the same a rerun takes the recorded sha256 instead of reading the
-file again (as ``git status``, ``make`` and ``rsync`` trust them). Any write, truncation, rename over it or
-``touch`` moves the change time, which no user-space call can set back. A source changed less than
-:data:`RACY_NS` before it was hashed gets no stamp: a second write within the same tick of the file system's
-clock could leave all four the same (``git``'s "racily clean" files). ``--rehash`` hashes every source anyway.
+file again (as ``git status``, ``make`` and ``rsync`` trust them). Any write, truncation or ``touch`` moves the
+change time, which no call sets short of moving the system clock, and a file put in its place (even on a reused
+inode number) has its own. A source changed less than :data:`RACY_NS` before it was hashed gets no stamp: a
+second write within the same tick of the file system's clock could leave all four the same (``git``'s "racily
+clean" files). ``--rehash`` hashes every source anyway.
 
 Records live in ``OUT_DIR/.lorabridge-batch/``, one JSON file per output named by a hash of its
 path, each written whole to a temporary and renamed into place. Two batch runs on one ``OUT_DIR``
