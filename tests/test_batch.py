@@ -225,6 +225,37 @@ def test_a_source_changed_just_before_it_was_hashed_gets_no_stamp_until_a_later_
     assert bytes_read(lambda: convert_job(job, settings)) < size // 4
 
 
+def test_a_rerun_of_an_unchanged_library_decides_in_the_command_and_hands_no_file_to_a_worker(tmp_path, monkeypatch):
+    """Up to date by its record alone (stamp, settings, output as recorded): the command reports the file skipped
+    itself; a file whose source, settings or output changed, or any file with --force or --rehash, goes to a worker."""
+    monkeypatch.setattr(state, "RACY_NS", 0)
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    jobs = {}
+    for source in sorted(p for p in root.rglob("*") if p.is_file() and "p" not in p.relative_to(root).parts) + [root / "sdxl" / "p"]:
+        job = Job(source, out / source.relative_to(root).with_suffix(".safetensors"), source.stat().st_size)
+        assert convert_job(job, work.Settings(out, "kohya")).status == "converted"
+        jobs[source.name] = job
+    handed = []
+    real = local.run_local
+    monkeypatch.setattr(local, "run_local", lambda to_run, *rest: handed.append([j.source.name for j in to_run]) or
+                        real(to_run, *rest))
+    result = run_batch([root], out, "kohya", jobs=1, progress=False)
+    assert result.ok and result.count("skipped") == 5 and handed == [["p"]]  # the PEFT folder: hashed every time
+    entry = next(e for e in result.entries if e.input == str(jobs["k.safetensors"].source))
+    assert (entry.format, entry.architecture, entry.sha256) == (
+        "kohya", SDXL, hashlib.sha256(jobs["k.safetensors"].source.read_bytes()).hexdigest())
+    settings = work.Settings(out.resolve(), "kohya")
+    job = Job(jobs["k.safetensors"].source.resolve(), jobs["k.safetensors"].output.resolve(), 1)
+    assert work.unchanged_entry(job, settings) is not None
+    for other in [work.Settings(out.resolve(), "kohya", force=True), work.Settings(out.resolve(), "kohya", rehash=True),
+                  work.Settings(out.resolve(), "kohya", options=(("dtype", "fp16"),)),
+                  work.Settings(out.resolve(), "diffusers")]:
+        assert work.unchanged_entry(job, other) is None, other
+    job.output.write_bytes(job.output.read_bytes())  # the output touched since: not the batch's own any more
+    assert work.unchanged_entry(job, settings) is None
+
+
 def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date_without_a_record(tmp_path):
     root, out = tmp_path / "lib", tmp_path / "out"
     good_library(root)

@@ -3,6 +3,7 @@ worker processes or a Dask cluster, and writes the report as each file ends (see
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import plan_jobs
 from .report import FAILED, BatchResult, ReportWriter, check_report_target
-from .work import Settings
+from .work import Settings, unchanged_entry
 
 REPORT_NAME = "lorabridge-report.jsonl"
 
@@ -78,16 +79,18 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
                         helper_threads=not busy, rehash=rehash)
     failed = False
+    bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
+    unchanged = [unchanged_entry(job, settings) for job in jobs_]  # up to date by their records: no worker needed
+    to_run = [job for job, entry in zip(jobs_, unchanged) if entry is None]
     if client is not None:
-        entries = run_dask(jobs_, settings, client, lambda: fail_fast and failed)
+        entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
     else:
         from .local import run_local
 
-        entries = run_local(jobs_, settings, workers, lambda: fail_fast and failed)
-    bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
+        entries = run_local(to_run, settings, workers, lambda: fail_fast and failed)
     done = []
     try:
-        for entry in entries:
+        for entry in itertools.chain((entry for entry in unchanged if entry is not None), entries):
             writer.add(entry)
             done.append(entry)
             failed = failed or entry.status == FAILED

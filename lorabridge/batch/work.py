@@ -97,6 +97,9 @@ def convert_job(job: Job, settings: Settings) -> Entry:
         ('failed', '/no/such.ckpt: no such file or directory')
     """
     started = time.perf_counter()
+    skipped = unchanged_entry(job, settings)
+    if skipped is not None:
+        return skipped
     entry = Entry(os.fspath(job.source), os.fspath(job.output), bytes=job.nbytes)
     with (_one_at_a_time, _collected_once(), dropping_behind(),
           syncing_at_the_end() if settings.sync_at_the_end else contextlib.nullcontext(),
@@ -122,7 +125,8 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     hashed_from, before = time.time_ns(), source_stamp(job.source)
     exists = os.path.lexists(job.output)
     stored = read_record(out_dir, job.output) if exists else None
-    # A source unchanged since its record's hash (same inode, size and times) is not read again, unless --rehash.
+    # A source unchanged since its record's hash (same inode, size and times) is not read again, unless --rehash
+    # (here: its settings changed, or the output did; an unchanged one was skipped by unchanged_entry already).
     entry.sha256 = None if settings.rehash else recorded_digest(stored, before)
     # A new output whose target records the source's sha256 (neutral): convert hashes the file beside reading
     # it, so it is taken from there instead of a pass of its own. Otherwise hashed first: the resume decision needs it.
@@ -158,6 +162,34 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
                                              entry.architecture, settled_stamp(before, source_stamp(job.source), hashed_from)))
     entry.status = CONVERTED
+
+
+def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
+    """The "skipped" entry of a file whose output is up to date by its record alone (its source's stamp is the
+    one recorded with its hash, :func:`~lorabridge.batch.state.recorded_digest`, and the settings and output are
+    the recorded ones); None when the file needs a worker: to be hashed, converted, or to fail.
+
+    Why apart from :func:`convert_job`: the batch asks it of every file before handing any to a worker, so a
+    rerun of a library that has not changed costs a stat and a record read per file in one process, not a task
+    and its exchange with a worker process or a Dask cluster.
+
+    Example:
+        >>> unchanged_entry(Job(Path("/no/such.ckpt"), Path("/tmp/out/such.safetensors"), 0),
+        ...                 Settings(Path("/tmp/out"), "neutral")) is None
+        True
+    """
+    started = time.perf_counter()
+    if job.error or settings.force or settings.rehash or not os.path.lexists(job.output):
+        return None
+    stored = read_record(settings.out_dir, job.output)
+    sha256 = recorded_digest(stored, source_stamp(job.source))
+    if stored is None or sha256 is None or stored.format not in ([settings.from_format] if settings.from_format else FORMATS):
+        return None
+    action, _ = decide(job.output, stored, sha256, settings.recorded(), trust_manifest=False)
+    if action != UP_TO_DATE:
+        return None
+    return Entry(os.fspath(job.source), os.fspath(job.output), SKIPPED, sha256=sha256, format=stored.format,
+                 architecture=stored.architecture, seconds=round(time.perf_counter() - started, 4), bytes=job.nbytes)
 
 
 def _restamp(out_dir: Path, output: Path, record: Record | None, now: list[int] | None) -> None:
