@@ -21,9 +21,10 @@ A source is hashed once: its record also keeps the source's inode, size, modific
 (:func:`source_stamp`), and while they are the same a rerun takes the recorded sha256 instead of reading the
 file again (as ``git status``, ``make`` and ``rsync`` trust them). Any write, truncation or ``touch`` moves the
 change time, which no call sets short of moving the system clock, and a file put in its place (even on a reused
-inode number) has its own. A source changed less than :data:`RACY_NS` before it was hashed gets no stamp: a
-second write within the same tick of the file system's clock could leave all four the same (``git``'s "racily
-clean" files). ``--rehash`` hashes every source anyway.
+inode number) has its own. A source changed less than :data:`RACY_NS` (a minute) before it was hashed gets no
+stamp: a second write within the same tick of the file system's clock, or through a writable map before the
+kernel wrote the first back, could leave all four the same (``git``'s "racily clean" files). ``--rehash`` hashes
+every source anyway.
 
 Records live in ``OUT_DIR/.lorabridge-batch/``, one JSON file per output named by a hash of its
 path, each written whole to a temporary and renamed into place. Two batch runs on one ``OUT_DIR``
@@ -54,7 +55,11 @@ from ..io.safetensors_file import SafetensorsFile
 from ..manifest import MANIFEST_KEY
 
 STATE_DIR = ".lorabridge-batch"
-RACY_NS = 2_000_000_000  # a source changed less than this before it was hashed is hashed again by the next run
+# A source changed less than this before it was hashed is hashed again by the next run. Why a minute, not a clock
+# tick: a program writing through a shared writable map moves the file's times only at its first write to a page
+# after the page was last written back, and the kernel writes dirty pages back within ~35 s
+# (vm.dirty_expire_centisecs 3000 + dirty_writeback_centisecs 500): until then its writes change no time.
+RACY_NS = 60_000_000_000
 RECORD_BYTES = 1 << 20  # a record is ~400 bytes (its settings hold the conversion options); larger is not one
 
 
@@ -106,9 +111,9 @@ def settled_stamp(before: list[int] | None, after: list[int] | None, hashed_from
     change is older than :data:`RACY_NS`, else None (the next run hashes it).
 
     Example:
-        >>> settled_stamp([7, 10, 1, 1_000], [7, 10, 1, 1_000], 9_000_000_000)
+        >>> settled_stamp([7, 10, 1, 1_000], [7, 10, 1, 1_000], 90_000_000_000)
         [7, 10, 1, 1000]
-        >>> settled_stamp([7, 10, 1, 8_500_000_000], [7, 10, 1, 8_500_000_000], 9_000_000_000) is None  # racy
+        >>> settled_stamp([7, 10, 1, 8_500_000_000], [7, 10, 1, 8_500_000_000], 60_000_000_000) is None  # racy
         True
     """
     if before is None or before != after or before[3] >= hashed_from_ns - RACY_NS:
