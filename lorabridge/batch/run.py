@@ -3,12 +3,11 @@ worker processes or a Dask cluster, and writes the report as each file ends (see
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 from ..converters.registry import get_writer
 from ..errors import LoraBridgeError
@@ -17,7 +16,7 @@ from ..io.atomic import sync_file_system
 from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import plan_jobs
-from .report import FAILED, BatchResult, ReportWriter, check_report_target
+from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
 from .work import Settings, unchanged_entry
 
 REPORT_NAME = "lorabridge-report.jsonl"
@@ -78,27 +77,41 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     # helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
                         helper_threads=not busy, rehash=rehash)
-    failed = False
     bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
-    unchanged = [unchanged_entry(job, settings) for job in jobs_]  # up to date by their records: no worker needed
-    to_run = [job for job, entry in zip(jobs_, unchanged) if entry is None]
-    if client is not None:
-        entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
-    else:
-        from .local import run_local
+    done: list[Entry] = []
+    entries: Generator[Entry, None, None] | None = None
+    failed = False
 
-        entries = run_local(to_run, settings, workers, lambda: fail_fast and failed)
-    done = []
+    def add(entry: Entry) -> None:
+        nonlocal failed
+        failed = failed or entry.status == FAILED
+        done.append(entry)
+        writer.add(entry)
+        if bar is not None:
+            bar.update(entry.bytes)
+            bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
+
     try:
-        for entry in itertools.chain((entry for entry in unchanged if entry is not None), entries):
-            writer.add(entry)
-            done.append(entry)
-            failed = failed or entry.status == FAILED
-            if bar is not None:
-                bar.update(entry.bytes)
-                bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
+        to_run = []
+        for job in jobs_:  # up to date by its record alone: reported now, without a worker (a stat and a record read)
+            entry = unchanged_entry(job, settings)
+            if entry is None:
+                to_run.append(job)
+            else:
+                add(entry)
+        if client is not None:
+            entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
+        else:
+            from .local import run_local
+
+            entries = run_local(to_run, settings, workers, lambda: fail_fast and failed)
+        for entry in entries:
+            add(entry)
     finally:
-        entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
+        if entries is not None:
+            entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
+        elif client is not None:
+            client.close()
         writer.close()
         if bar is not None:
             bar.close()
