@@ -537,6 +537,41 @@ def test_a_hostile_state_record_makes_the_output_foreign_never_a_crash_or_a_hang
                        work.Settings(out, "kohya", force=True)).status == "converted"
 
 
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                    max_leaves=20)
+RECORD_FIELDS = ["source", "source_sha256", "settings", "status", "stamp", "format", "architecture", "source_stamp"]
+INTEGERS = st.lists(st.integers(min_value=-2, max_value=1 << 70), min_size=1, max_size=5)
+WELL_FORMED = st.fixed_dictionaries(
+    {"source": st.text(max_size=4), "source_sha256": st.none() | st.just("ab" * 32),
+     "settings": st.just({"to": "kohya", "from": None, "options": {}}), "status": st.sampled_from(["done", "converting"])},
+    optional={"stamp": INTEGERS, "source_stamp": INTEGERS, "format": st.sampled_from(["kohya", "made-up"]),
+              "architecture": st.text(max_size=4)})
+ONE_FIELD_OFF = st.tuples(WELL_FORMED, st.sampled_from(RECORD_FIELDS), JSON).map(lambda t: {**t[0], t[1]: t[2]})
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(RECORD_FIELDS) | st.text(max_size=6), JSON, max_size=9) | WELL_FORMED | ONE_FIELD_OFF)
+def test_fuzzed_state_records_are_believed_only_when_well_formed_and_never_crash_a_decision(fields):
+    """A record in a shared OUT_DIR is untrusted input: any JSON there is either a well-formed record (every field of
+    its type) or none at all, and deciding about an output, or skipping it by its stamp, never raises on it."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        source, output = out / "x.ckpt", out / "x.safetensors"
+        source.write_bytes(b"source")
+        output.write_bytes(b"output")
+        path = record_path(out, output)
+        path.parent.mkdir()
+        path.write_text(json.dumps(fields))
+        record = read_record(out, output)
+        if record is not None:
+            assert set(fields) <= set(RECORD_FIELDS) and {"source", "source_sha256", "settings", "status"} <= set(fields)
+            for value, length in [(record.stamp, 2), (record.source_stamp, 4)]:
+                assert value is None or (isinstance(value, list) and len(value) == length and all(type(n) is int for n in value))
+        state.decide(output, record, "ab" * 32, {"to": "kohya"}, trust_manifest=True)
+        work.unchanged_entry(Job(source, output, 6), work.Settings(out, "kohya"))
+
+
 def test_an_output_directory_or_report_that_cannot_be_created_fails_in_one_line_before_any_file(tmp_path, run_cli):
     good_library(tmp_path / "lib")
     (tmp_path / "file").write_bytes(b"x")
