@@ -23,8 +23,9 @@ file again (as ``git status``, ``make`` and ``rsync`` trust them). Any write, tr
 change time, which no call sets short of moving the system clock, and a file put in its place (even on a reused
 inode number) has its own. A source changed less than :data:`RACY_NS` (a minute) before it was hashed gets no
 stamp: a second write within the same tick of the file system's clock, or through a writable map before the
-kernel wrote the first back, could leave all four the same (``git``'s "racily clean" files). ``--rehash`` hashes
-every source anyway.
+kernel wrote the first back, could leave all four the same (``git``'s "racily clean" files); the change time is
+the file system's clock and "before it was hashed" the hashing machine's, so clocks more than that apart (a Dask
+worker's and its file server's) weaken this guard, and only it. ``--rehash`` hashes every source anyway.
 
 Records live in ``OUT_DIR/.lorabridge-batch/``, one JSON file per output named by a hash of its
 path, each written whole to a temporary and renamed into place. Two batch runs on one ``OUT_DIR``
