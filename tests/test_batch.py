@@ -268,8 +268,8 @@ def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date
 
 def test_on_this_machine_outputs_are_synced_once_at_the_end_not_each(tmp_path, monkeypatch):
     """A local batch publishes each output without an fsync (the file system is synced once when the batch
-    ends: one write-out of everything instead of an fsync per file waiting on the disk); a single file,
-    and a Dask task whose worker may be another machine, fsync each output."""
+    ends: one write-out of everything instead of an fsync per file waiting on the disk); a single file fsyncs
+    its output (on Dask, see test_batch_dask: every worker syncs once the last task has ended)."""
     root = tmp_path / "lib"
     good_library(root)
     fsyncs, started, real = [], [], os.fsync

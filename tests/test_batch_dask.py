@@ -18,6 +18,7 @@ import pytest
 from lorabridge.batch import REPORT_NAME, cluster as batch_cluster, run_batch
 from lorabridge.batch.cores import usable_cores
 from lorabridge.errors import LoraBridgeError
+from lorabridge.io.atomic import sync_file_system
 from lorabridge.report import validation_report
 from tests.test_batch import big_and_small_library, converting, good_library
 
@@ -50,6 +51,33 @@ def test_a_library_on_dask_reports_like_a_local_batch_and_resumes(cluster, tmp_p
         assert output.read_bytes() == (tmp_path / "dask" / output.relative_to(tmp_path / "local")).read_bytes()
     again = run_batch([root], tmp_path / "dask", "kohya", dask=local.scheduler_address, progress=False)
     assert again.count("skipped") == 5 and again.count("failed") == 1
+
+
+def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_last_task_has_ended(cluster, tmp_path,
+                                                                                                  monkeypatch):
+    """Each worker machine writes through its own page cache: once every task has ended, the batch asks every
+    worker to sync the output's file system (as a local batch syncs this machine's), instead of an fsync per file."""
+    local, client = cluster
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    given, runs, real_submit, real_run = [], [], distributed.Client.submit, distributed.Client.run
+
+    def submit(self, function, *args, **kwargs):
+        given.append(args[1])  # the task's Settings
+        return real_submit(self, function, *args, **kwargs)
+
+    def run(self, function, *args, **kwargs):
+        answers = real_run(self, function, *args, **kwargs)
+        runs.append((function, args, set(answers), {p.name for p in out.rglob("*.safetensors")}))
+        return answers
+
+    monkeypatch.setattr(distributed.Client, "submit", submit)
+    monkeypatch.setattr(distributed.Client, "run", run)
+    result = run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
+    assert result.ok and len(given) == 5 and all(settings.sync_at_the_end for settings in given)
+    syncs = [(args, workers, published) for function, args, workers, published in runs if function is sync_file_system]
+    every_output = {"style.safetensors", "k.safetensors", "p.safetensors", "m.safetensors", "f.safetensors"}
+    assert syncs == [((Path(os.path.abspath(out)),), set(client.scheduler_info()["workers"]), every_output)]
 
 
 def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_reported_once(cluster, tmp_path):

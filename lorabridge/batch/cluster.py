@@ -8,7 +8,9 @@ the same atomic publish and the same resume records as a local batch. Start work
 thread each (``dask worker tcp://scheduler:8786 --nworkers N --nthreads 1``): a worker process
 converts one file at a time (see :mod:`~lorabridge.batch.work`).
 
-Results stream back as tasks finish (``as_completed``) into the one report. A task that fails for a
+Tasks publish their outputs without an fsync each; once the last has ended, every worker syncs the output's
+file system (``syncfs``), as a local batch syncs this machine's at its end: each worker machine has its own page
+cache. Results stream back as tasks finish (``as_completed``) into the one report. A task that fails for a
 reason other than the file (its worker died and the scheduler gave up on it: ``KilledWorker``, a
 lost connection, a bug) is submitted once more; its second failure is reported. A worker that dies
 mid-file leaves no partial output (outputs are published by a rename), and the scheduler itself
@@ -21,6 +23,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
 from ..errors import LoraBridgeError
+from ..io.atomic import sync_file_system
 from .cores import keep_every_core_busy, usable_cores
 from .plan import Job
 from .report import Entry
@@ -100,4 +103,7 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
             if stop() and live:
                 client.cancel([future for _, _, future in live.values()])
                 yield from (unrun(job, NOT_RUN) for job, _, _ in live.values())
-                return
+                break
+        # Tasks publish their outputs without an fsync each (Settings.sync_at_the_end): every worker now syncs the
+        # output's file system once, as a local batch does at its end (one write-out instead of an fsync per file).
+        client.run(sync_file_system, settings.out_dir)

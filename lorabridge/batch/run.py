@@ -72,10 +72,10 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             client.close()
         raise
     given = tuple(sorted((k, v) for k, v in options.items() if v != OPTION_DEFAULTS.get(k)))
-    # On this machine the batch syncs the file system once at its end instead of an fsync per output; Dask workers
-    # on other machines write through their own page caches, so each fsyncs its outputs. A file converts without
-    # helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
-    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=not dask,
+    # The batch syncs the output's file system once at its end instead of an fsync per output: this machine's, and
+    # on Dask every worker's (they may be other machines, each writing through its own page cache). A file converts
+    # without helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
+    settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=True,
                         helper_threads=not busy, rehash=rehash)
     bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
     done: list[Entry] = []
@@ -115,9 +115,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         writer.close()
         if bar is not None:
             bar.close()
-        if settings.sync_at_the_end:  # what the workers published, and the report, on the disk before the batch ends
-            for directory in {out, report_path.parent}:
-                sync_file_system(directory)
+        for directory in {out, report_path.parent}:  # what the workers published, and the report, on the disk
+            sync_file_system(directory)
     return BatchResult(done, time.perf_counter() - started, report_path)
 
 

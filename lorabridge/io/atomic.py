@@ -162,7 +162,10 @@ def sync_file_system(directory: str | os.PathLike) -> None:
     if _syncfs is None:
         os.sync()
         return
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:  # (a Dask worker that does not see OUT_DIR where this machine does)
+        raise LoraBridgeError(f"cannot put the outputs on the disk: {exc.strerror or exc}", directory) from None
     try:
         if _syncfs(fd) != 0:
             code = ctypes.get_errno()
