@@ -256,6 +256,21 @@ def test_a_rerun_of_an_unchanged_library_decides_in_the_command_and_hands_no_fil
     assert work.unchanged_entry(job, settings) is None
 
 
+def test_a_new_stamp_never_replaces_a_record_another_batch_wrote_while_the_source_was_hashed(tmp_path, monkeypatch):
+    """Keeping the stamp of a source found up to date by hashing writes its record again: not if another batch on the
+    same OUT_DIR replaced the record meanwhile (its record describes the output now there; ours would not)."""
+    source, out = tmp_path / "f.safetensors", tmp_path / "out"
+    write_flux(source)
+    job, settings = Job(source, out / "f.safetensors", source.stat().st_size), work.Settings(out, "kohya")
+    assert convert_job(job, settings).status == "converted"  # no stamp: the source was written a moment ago
+    monkeypatch.setattr(state, "RACY_NS", 0)
+    theirs = state.Record("elsewhere", "cd" * 32, settings.recorded(), "done", state.stamp(job.output), "kohya")
+    real = work.source_digest
+    monkeypatch.setattr(work, "source_digest", lambda path: state.write_record(out, job.output, theirs) or real(path))
+    assert convert_job(job, settings).status == "skipped"
+    assert read_record(out, job.output) == theirs
+
+
 def test_a_neutral_output_whose_manifest_records_the_source_sha256_is_up_to_date_without_a_record(tmp_path):
     root, out = tmp_path / "lib", tmp_path / "out"
     good_library(root)

@@ -194,9 +194,11 @@ def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
 
 def _restamp(out_dir: Path, output: Path, record: Record | None, now: list[int] | None) -> None:
     """Keep the source's new stamp in the record of an output found up to date by hashing (a source only
-    touched, copied back in place, or hashed too soon after a change last time): the next run need not hash it."""
-    if record is not None and now is not None and record.source_stamp != now:
-        write_record(out_dir, output, replace(record, source_stamp=now))
+    touched, copied back in place, or hashed too soon after a change last time): the next run need not hash it.
+    Not if the record changed while the source was hashed (another batch on this OUT_DIR converted it again since)."""
+    if record is None or now is None or record.source_stamp == now or read_record(out_dir, output) != record:
+        return
+    write_record(out_dir, output, replace(record, source_stamp=now))
 
 
 NOT_RUN = "not converted: the batch stopped at an earlier failure (--fail-fast)"
