@@ -9,8 +9,8 @@ The rule (see :func:`decide`), per output:
   source or the settings changed -> converted again, replacing it: the record proves it is
   derived output, not the user's file;
 * the output is the batch's own but now shorter than when it was published -> converted again: a
-  batch on one machine syncs its outputs to the disk once, at its end, and a power cut before that
-  can leave a published output short or empty (never with other bytes: file systems grow a file's
+  batch syncs its outputs to the disk once, at its end (on Dask, each worker its own), and a power cut
+  before that can leave a published output short or empty (never with other bytes: file systems grow a file's
   size on the disk only as its data gets there);
 * an output the batch has no record of (or one changed since the batch wrote it) -> refused
   exactly as ``lorabridge convert`` refuses ("output exists; pass --force to replace it"), except
