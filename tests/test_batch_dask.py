@@ -80,6 +80,22 @@ def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_las
     assert syncs == [((Path(os.path.abspath(out)),), set(client.scheduler_info()["workers"]), every_output)]
 
 
+def test_a_worker_that_cannot_sync_the_outputs_fails_the_batch_in_one_line_after_every_file_is_reported(tmp_path,
+                                                                                                        monkeypatch):
+    """The closing sync is part of the batch: a worker whose sync fails (an I/O error, OUT_DIR not where it looks)
+    fails the command with that error, once every file's line is in the report (workers here: threads of this
+    process, so the failure can be arranged)."""
+    from lorabridge.io import atomic
+
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    monkeypatch.setattr(atomic, "_syncfs", lambda fd: -1)
+    with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as local:
+        with pytest.raises(LoraBridgeError, match="cannot put the outputs on the disk"):
+            run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
+    assert len((out / REPORT_NAME).read_text().splitlines()) == 5
+
+
 def test_a_worker_killed_mid_file_leaves_no_partial_output_and_every_file_is_reported_once(cluster, tmp_path):
     local, client = cluster
     root, out = big_and_small_library(tmp_path / "lib", small=4), tmp_path / "out"

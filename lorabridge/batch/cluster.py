@@ -106,4 +106,8 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
                 break
         # Tasks publish their outputs without an fsync each (Settings.sync_at_the_end): every worker now syncs the
         # output's file system once, as a local batch does at its end (one write-out instead of an fsync per file).
-        client.run(sync_file_system, settings.out_dir)
+        # A worker that cannot is an error; one that left meanwhile is not (its machine writes its page cache back).
+        synced = client.run(sync_file_system, settings.out_dir, on_error="return")
+        failures = [answer for answer in synced.values() if isinstance(answer, LoraBridgeError)]
+        if failures:
+            raise failures[0]
