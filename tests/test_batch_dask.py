@@ -89,7 +89,9 @@ def test_a_worker_that_cannot_sync_the_outputs_fails_the_batch_in_one_line_after
 
     root, out = tmp_path / "lib", tmp_path / "out"
     good_library(root)
-    monkeypatch.setattr(atomic, "_syncfs", lambda fd: -1)
+    real = atomic._syncfs
+    main = threading.main_thread()  # the command's own closing sync, in this thread, works: the workers' fails
+    monkeypatch.setattr(atomic, "_syncfs", lambda fd: real(fd) if threading.current_thread() is main else -1)
     with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as local:
         with pytest.raises(LoraBridgeError, match="cannot put the outputs on the disk"):
             run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
