@@ -51,6 +51,10 @@ class Settings:
     helper_threads: bool = True  # False where the workers keep every core busy: see lorabridge.io.streaming.one_thread
     rehash: bool = False  # hash every source, even one whose stamp says it is unchanged since its record's hash
 
+    def candidates(self) -> list[str]:
+        """The input formats a file may be: the one ``--from`` names, else every readable one (detected)."""
+        return [self.from_format] if self.from_format else list(FORMATS)
+
     def recorded(self) -> dict[str, Any]:
         """What a record keeps of these settings: an output made with other ones is not up to date."""
         return {"to": self.to, "from": self.from_format, "options": dict(self.options)}
@@ -120,7 +124,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     if job.error:
         raise LoraBridgeError(job.error, job.source)
     check_regular(job.source, directory_ok=True)
-    candidates = [settings.from_format] if settings.from_format else list(FORMATS)
+    candidates = settings.candidates()
     target, wanted, out_dir = get_writer(settings.to), settings.recorded(), settings.out_dir
     hashed_from, before = time.time_ns(), source_stamp(job.source)
     exists = os.path.lexists(job.output)
@@ -183,7 +187,7 @@ def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
         return None
     stored = read_record(settings.out_dir, job.output)
     sha256 = recorded_digest(stored, source_stamp(job.source))
-    if stored is None or sha256 is None or stored.format not in ([settings.from_format] if settings.from_format else FORMATS):
+    if stored is None or sha256 is None or stored.format not in settings.candidates():
         return None
     action, _ = decide(job.output, stored, sha256, settings.recorded(), trust_manifest=False)
     if action != UP_TO_DATE:
