@@ -152,16 +152,14 @@ def main() -> None:
         return time.perf_counter() - started
 
     batch_name = f"lorabridge batch --jobs {args.jobs}"
+    batch = [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out), "--jobs", str(args.jobs)]
     contenders: dict[str, Callable[[], float]] = {  # run in this order each round, each after a sync
         "cp -r": lambda: timed(["cp", "-r", str(src), str(out)]),
         CP_SYNC: lambda: timed(["sh", "-c", 'cp -r "$1" "$2" && sync -f "$2"', "sh", str(src), str(out)]),
         "cp -r + fsync each copy": cp_then_fsync_each,
-        batch_name: lambda: timed([*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out),
-                                   "--jobs", str(args.jobs)]),
-        RERUN: lambda: timed(
-            [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out), "--jobs", str(args.jobs)]),
-        REHASH: lambda: timed(
-            [*LORABRIDGE, "batch", str(src), "--to", args.to, "-o", str(out), "--jobs", str(args.jobs), "--rehash"]),
+        batch_name: lambda: timed(batch),
+        RERUN: lambda: timed(batch),
+        REHASH: lambda: timed([*batch, "--rehash"]),
         f"floor: sha256 of every file twice, {args.jobs} processes (no conversion)": lambda: timed(
             [sys.executable, "-c", HASH_TWICE, str(args.jobs), *map(str, sources)]),
         PER_PROCESS: one_process_per_file,
