@@ -600,6 +600,36 @@ def test_an_output_directory_or_report_that_cannot_be_created_fails_in_one_line_
     assert not list((tmp_path / "out").rglob("*.safetensors"))  # no file was converted
 
 
+def test_an_out_dir_whose_record_folder_is_a_file_fails_once_in_one_line(tmp_path, one_lora, run_cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STATE_DIR).write_bytes(b"not a folder")
+    message = f"{out / STATE_DIR}: the batch keeps its records here, and this is not a directory"
+    result = run_cli("batch", one_lora, "--to", "kohya", "-o", out)
+    assert result.exit_code == 1 and result.output.strip() == f"error: {message}", result.output
+    assert sorted(p.name for p in out.iterdir()) == [STATE_DIR]  # nothing converted, no report
+    # A Dask task (or a direct call) that meets it: that file fails in the same line, not as a lorabridge bug.
+    entry = convert_job(Job(one_lora / "x.safetensors", out / "x.safetensors", 0), work.Settings(out, "kohya"))
+    assert (entry.status, entry.error) == ("failed", message)
+
+
+def test_a_record_that_cannot_be_written_fails_its_file_in_one_line_and_leaves_no_temporary(tmp_path, one_lora,
+                                                                                           monkeypatch):
+    real_mkstemp = state.tempfile.mkstemp
+
+    def on_a_full_disk(*args, **kwargs):  # the temporary is made; every write to it fails as on a full disk
+        fd, name = real_mkstemp(*args, **kwargs)
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return fd, name
+
+    monkeypatch.setattr(state.tempfile, "mkstemp", on_a_full_disk)
+    out = tmp_path / "out"
+    entry = convert_job(Job(one_lora / "x.safetensors", out / "x.safetensors", 0), work.Settings(out, "kohya"))
+    assert entry.status == "failed"
+    assert entry.error == f"{record_path(out, out / 'x.safetensors')}: cannot write the batch's record: No space left on device"
+    assert list((out / STATE_DIR).iterdir()) == [] and not (out / "x.safetensors").exists()
+
+
 def test_a_report_on_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path):
     writer = ReportWriter(tmp_path / "r.jsonl")
     writer._handle.close()

@@ -17,6 +17,7 @@ from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
+from .state import make_state_dir
 from .work import Settings, unchanged_entry
 
 REPORT_NAME = "lorabridge-report.jsonl"
@@ -60,6 +61,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LoraBridgeError(f"cannot create the output directory: {exc.strerror or exc}", out) from None
+        make_state_dir(out)
         cores = usable_cores()
         workers = jobs or cores
         if client is not None:

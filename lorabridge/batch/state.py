@@ -183,19 +183,38 @@ def _integers(value: Any, count: int) -> bool:
     return value is None or (isinstance(value, list) and len(value) == count and all(type(n) is int for n in value))
 
 
-def write_record(out_dir: Path, output: Path, record: Record) -> None:
-    """Replace ``output``'s record atomically (a temporary in the state folder, then a rename)."""
-    path = record_path(out_dir, output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(".tmp", ".", path.parent)
+def make_state_dir(out_dir: Path) -> Path:
+    """The folder of ``out_dir``'s records, created if missing; a :class:`LoraBridgeError` naming it when it
+    cannot be (a file of that name, a read-only or full disk). A batch calls it before any file runs, so such an
+    ``OUT_DIR`` fails once, in one line, not every file alike."""
+    directory = out_dir / STATE_DIR
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's words for "exists and is not a directory"
+        raise LoraBridgeError("the batch keeps its records here, and this is not a directory", directory) from None
+    except OSError as exc:
+        raise LoraBridgeError(f"cannot keep the batch's records: {exc.strerror or exc}", directory) from None
+    return directory
+
+
+def write_record(out_dir: Path, output: Path, record: Record) -> None:
+    """Replace ``output``'s record atomically (a temporary in the state folder, then a rename); a
+    :class:`LoraBridgeError` naming the record when it cannot be written (a full disk fails that file only)."""
+    path = record_path(out_dir, output)
+    make_state_dir(out_dir)
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(".tmp", ".", path.parent)
         with open(fd, "w", encoding="utf-8") as handle:
             json.dump(asdict(record), handle)
         os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        temporary = None
+    except OSError as exc:
+        raise LoraBridgeError(f"cannot write the batch's record: {exc.strerror or exc}", path) from None
+    finally:
+        if temporary is not None:  # not renamed into place (an error, or interrupted)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 CONVERT, UP_TO_DATE, REDO, FOREIGN = "convert", "up to date", "redo", "foreign"
