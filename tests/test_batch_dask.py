@@ -140,6 +140,7 @@ def test_tasks_convert_in_one_thread_where_the_cluster_s_workers_fill_their_mach
     """The fixture's two one-thread workers share this machine: they fill its cores where it lets them use at most
     two (CI), and a batch of fewer files than workers leaves one free. See lorabridge.batch.cores."""
     local, client = cluster
+    client.wait_for_workers(2, timeout=60)  # the nanny's replacement for the worker an earlier test killed
     fills = usable_cores() <= 2
     assert batch_cluster.cluster_fills_its_cores(client, files=10) is fills
     assert batch_cluster.cluster_fills_its_cores(client, files=1) is False
