@@ -649,6 +649,20 @@ def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path, one_
                                              f"output {tmp_path / 'out' / 'x.safetensors'}")
 
 
+def test_a_file_where_the_mirrored_tree_needs_a_folder_fails_that_file_in_one_line(tmp_path):
+    root, out = tmp_path / "lib", tmp_path / "out"
+    (root / "sub").mkdir(parents=True)
+    write_neutral(make_lora_model(seed=1), root / "sub" / "x.safetensors")
+    write_neutral(make_lora_model(seed=2), root / "y.safetensors")
+    out.mkdir()
+    (out / "sub").write_bytes(b"the user's file")
+    result = run_batch([root], out, "kohya", jobs=1, progress=False)
+    by_name = {Path(e.input).name: e for e in result.entries}
+    assert by_name["y.safetensors"].status == "converted"
+    assert by_name["x.safetensors"].error == f"{out / 'sub'}: is not a directory"
+    assert (out / "sub").read_bytes() == b"the user's file"
+
+
 def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_file(tmp_path, run_cli):
     result = run_cli("batch", tmp_path, "--to", "xlabs", "-o", tmp_path / "out")
     assert result.exit_code == 1 and result.output.startswith("error: xlabs is read-only")

@@ -151,7 +151,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     entry.format = detect_input(job.source, candidates)
     if action == FOREIGN and not settings.force:
         raise LoraBridgeError(EXISTS, job.output)
-    job.output.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(job.output.parent)
     source = os.fspath(job.source)
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "converting"))
     if action == CONVERT and os.path.lexists(job.output):
@@ -166,6 +166,15 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
                                              entry.architecture, settled_stamp(before, source_stamp(job.source), hashed_from)))
     entry.status = CONVERTED
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the folder of the mirrored tree an output goes in; a file in the way fails that file in one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = "is not a directory" if isinstance(exc, FileExistsError) else f"cannot create: {exc.strerror or exc}"
+        raise LoraBridgeError(problem, exc.filename or folder) from None
 
 
 def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
