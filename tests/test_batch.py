@@ -501,17 +501,21 @@ def test_names_with_newlines_or_bytes_that_are_not_utf8_convert_and_report_as_js
     assert read_neutral(tmp_path / "out" / latin1).provenance["source_file"] == "caf\ufffd.safetensors"
 
 
-def test_the_report_never_replaces_an_input_a_device_or_a_file_that_is_not_a_report(tmp_path, one_lora):
+def test_the_report_never_replaces_an_input_an_output_a_device_or_a_file_that_is_not_a_report(tmp_path, one_lora):
     root, out = one_lora, tmp_path / "out"
     convert(root / "x.safetensors", root / "adapter", "peft", progress=False)
     lora = (root / "x.safetensors").read_bytes()
     (tmp_path / "notes.txt").write_text("mine")
     refused = {root / "x.safetensors": "--report names an input of this batch; refusing to replace it",
                root / "adapter" / "report.jsonl": "--report names a file inside an input adapter folder",
-               Path("/dev/null"): "--report names a character device, not a regular file; refusing to replace it"}
+               Path("/dev/null"): "--report names a character device, not a regular file; refusing to replace it",
+               out / "x.safetensors": "--report names one of this batch's outputs, or a path inside one",
+               out / STATE_DIR / "r.jsonl": "--report names one of this batch's outputs, or a path inside one"}
     for report, why in refused.items():
         with pytest.raises(LoraBridgeError, match=re.escape(why)):
             run_batch([root], out, "neutral", report=report, force=True, progress=False)
+    with pytest.raises(LoraBridgeError, match="--report names one of this batch's outputs, or a path inside one"):
+        run_batch([root], out, "peft", report=out / "x" / "r.jsonl", force=True, progress=False)  # a PEFT folder
     with pytest.raises(LoraBridgeError, match="not a lorabridge batch report; pass --force to replace it"):
         run_batch([root], out, "neutral", report=tmp_path / "notes.txt", progress=False)
     assert not out.exists() and (root / "x.safetensors").read_bytes() == lora

@@ -72,10 +72,11 @@ class ReportWriter:
             raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", self.path) from None
 
 
-def check_report_target(path: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse a report path whose file the batch must not replace: one of its inputs (even with ``force``), a
-    FIFO or device, or (without ``force``) a file that is not an earlier batch's report. Why: the report is
-    renamed into place when the batch ends, and ``--report`` can name any path (a typo for an input's).
+def check_report_target(path: Path, inputs: Iterable[Path], force: bool, outputs: Iterable[Path] = ()) -> None:
+    """Refuse a report path whose file the batch must not replace: one of its inputs or ``outputs`` (or a path
+    inside one; even with ``force``), a FIFO or device, or (without ``force``) a file that is not an earlier
+    batch's report. Why: the report is renamed into place when the batch ends, after the outputs, and
+    ``--report`` can name any path (a typo for an input's or an output's).
 
     Example:
         >>> check_report_target(Path("/dev/null"), [], force=True)
@@ -83,6 +84,10 @@ def check_report_target(path: Path, inputs: Iterable[Path], force: bool) -> None
         lorabridge.errors.LoraBridgeError: /dev/null: --report names a character device, not a regular file; refusing to replace it
     """
     inputs = list(inputs)
+    at_or_above = {path.absolute(), *path.absolute().parents}  # paths as named: no file system call per output
+    if any(output.absolute() in at_or_above for output in outputs):
+        raise LoraBridgeError("--report names one of this batch's outputs, or a path inside one; refusing to "
+                              "write there", path)
     folders = [Path(os.path.realpath(source)) for source in inputs if source.is_dir()]  # PEFT adapter folders
     if any(Path(os.path.realpath(path)).is_relative_to(folder) for folder in folders):
         raise LoraBridgeError("--report names a file inside an input adapter folder; refusing to write there", path)

@@ -17,7 +17,7 @@ from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
-from .state import make_state_dir
+from .state import STATE_DIR, make_state_dir
 from .work import Settings, unchanged_entry
 
 REPORT_NAME = "lorabridge-report.jsonl"
@@ -50,7 +50,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
-    check_report_target(report_path, read, force)
+    check_report_target(report_path, read, force, outputs=[*(job.output for job in jobs_), out / STATE_DIR])
     client = None
     if dask:  # first: a typo in the address leaves nothing behind
         from .cluster import cluster_fills_its_cores, connect, run_dask
