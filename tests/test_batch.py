@@ -536,6 +536,23 @@ def test_the_output_directory_named_as_a_source_fails_instead_of_converting_noth
         "choose another -o"]
 
 
+def test_an_output_directory_inside_an_input_adapter_folder_is_refused_before_anything_is_written(tmp_path, one_lora):
+    adapter = one_lora / "adapter"
+    convert(one_lora / "x.safetensors", adapter, "peft", progress=False)
+    before = sorted(adapter.rglob("*"))
+    link = tmp_path / "link"
+    link.symlink_to(adapter)
+    cases = [([adapter], adapter / "out", adapter),  # sources, -o, the folder the message names
+             ([one_lora], adapter, adapter),  # the adapter found in a library
+             ([link], adapter / "out", link),  # one named through a symbolic link, the other not
+             ([adapter], link / "sub", adapter)]
+    for sources, out, folder in cases:
+        why = f"{out}: the output directory is inside the input adapter folder {folder}; choose another -o"
+        with pytest.raises(LoraBridgeError, match=re.escape(why)):
+            run_batch(sources, out, "neutral", report=tmp_path / "r.jsonl", jobs=1, progress=False)
+    assert sorted(adapter.rglob("*")) == before and not (tmp_path / "r.jsonl").exists()
+
+
 HOSTILE_RECORDS = {"deep": lambda path: path.write_text("[" * 100_000 + "]" * 100_000),
                    "huge": lambda path: path.write_text('{"source": "' + "x" * (2 << 20) + '"}'),
                    "stamp of text": lambda path: path.write_text(json.dumps(

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
+from ..errors import LoraBridgeError, shown
 from ..formats.contract import Format
 from .discover import Found
 
@@ -74,3 +75,18 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
         claimed.setdefault(output, item.path)
         jobs.append(Job(Path(os.path.abspath(item.path)), output, input_bytes(item.path), error))
     return jobs
+
+
+def check_out_dir(out_dir: Path, jobs: Sequence[Job]) -> None:
+    """Refuse an ``out_dir`` that is, or lies inside, an input adapter folder (PEFT): the batch would write its
+    outputs, records and report into an input, whose sha256 (over its files) would then change on every run.
+
+    Example:
+        >>> check_out_dir(Path("/out"), [Job(Path("/in/x.ckpt"), Path("/out/x.safetensors"), 1)])   # not inside
+    """
+    real = Path(os.path.realpath(out_dir))
+    inside = {real, *real.parents}
+    for job in jobs:  # a stat per input; an adapter folder's path resolved, as symbolic links may name either
+        if job.error is None and job.source.is_dir() and Path(os.path.realpath(job.source)) in inside:
+            raise LoraBridgeError(f"the output directory is inside the input adapter folder {shown(job.source)}; "
+                                  "choose another -o", out_dir)

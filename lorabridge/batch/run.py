@@ -15,7 +15,7 @@ from ..formats.contract import OPTION_DEFAULTS
 from ..io.atomic import sync_file_system
 from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
-from .plan import plan_jobs
+from .plan import check_out_dir, plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
 from .state import STATE_DIR, make_state_dir
 from .work import Settings, unchanged_entry
@@ -49,6 +49,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     out = Path(out_dir)
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
+    check_out_dir(out, jobs_)
     read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
     check_report_target(report_path, read, force, outputs=[*(job.output for job in jobs_), out / STATE_DIR])
     client = None
