@@ -12,6 +12,7 @@ file leaves no partial output.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -20,13 +21,14 @@ from typing import Callable, Generator, Sequence
 from .plan import Job
 from .report import Entry
 from .workers import worker_context
-from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, prepare_worker, unrun
+from .work import DIED_TWICE, NOT_RUN, Settings, convert_in_worker, crashed, prepare_worker, unrun
 
 QUEUED_PER_WORKER = 2
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=prepare_worker)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=prepare_worker,
+                               initargs=(os.getpid(),))
 
 
 def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
@@ -42,7 +44,7 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
         while pending or running:
             while pending and len(running) < workers * QUEUED_PER_WORKER and not stop():
                 job, attempt = pending.popleft()
-                running[pool.submit(convert_job, job, settings)] = (job, attempt)
+                running[pool.submit(convert_in_worker, job, settings)] = (job, attempt)
             if stop():
                 yield from (unrun(job, NOT_RUN) for job, _ in pending)
                 pending.clear()

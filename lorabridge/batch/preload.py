@@ -8,6 +8,6 @@ from __future__ import annotations
 import numpy  # noqa: F401  (the NaN/Inf scan's; imported where used, so not by anything below)
 
 from ..converters.registry import all_formats
-from . import work  # noqa: F401  (the task every worker runs: lorabridge.batch.work.convert_job)
+from . import work  # noqa: F401  (the task every worker runs: lorabridge.batch.work.convert_in_worker)
 
 all_formats()  # each format's module: imported as a file in that format is met, so only when asked

@@ -30,6 +30,7 @@ from ..io.atomic import EXISTS, syncing_at_the_end
 from ..io.drop_behind import dropping_behind
 from ..io.input_file import check_regular, held_inputs
 from ..io.streaming import one_thread
+from ..stopping import Stopped, stop_on_signals, stop_when_gone
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
 from .state import (CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, read_record, recorded_digest, settled_stamp,
@@ -60,14 +61,30 @@ class Settings:
         return {"to": self.to, "from": self.from_format, "options": dict(self.options)}
 
 
-def prepare_worker() -> None:
-    """Set a worker process up once, before its first file: what it imported (lorabridge, and numpy, which
-    every file's NaN/Inf scan imports otherwise) is frozen out of the garbage collector's full passes, which
-    would otherwise walk all of it every few files (~12 ms each, measured: 2-3 ms a file of a rank-4 LoRA,
-    40 files in a row)."""
+def prepare_worker(command_pid: int) -> None:
+    """Set a worker process up once, before its first file.
+
+    * What it imported (lorabridge, and numpy, which every file's NaN/Inf scan imports otherwise) is frozen out
+      of the garbage collector's full passes, which would otherwise walk all of it every few files (~12 ms each,
+      measured: 2-3 ms a file of a rank-4 LoRA, 40 files in a row).
+    * SIGTERM and SIGHUP stop it cleanly (:mod:`lorabridge.stopping`), as does the end of the batch's command
+      (``command_pid``) however it ended: a worker otherwise outlives a command that was killed, waiting forever.
+    """
     import numpy  # noqa: F401  (imported where used, so not yet: frozen with the rest)
 
+    stop_on_signals()
+    stop_when_gone(command_pid)
     gc.freeze()
+
+
+def convert_in_worker(job: Job, settings: Settings) -> Entry:
+    """:func:`convert_job` as a worker process runs it: told to stop, the worker leaves once the file has
+    unwound (its temporaries removed), and the batch retries the file, or is itself stopping."""
+    try:
+        return convert_job(job, settings)
+    except Stopped as stop:
+        # Leave now: back in the pool's loop, a worker whose command is gone would wait for its next file forever.
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
 
 
 @contextlib.contextmanager
