@@ -114,7 +114,7 @@ def test_a_batch_told_to_stop_publishes_its_report_and_leaves_no_temporary_or_wo
 
 
 @pytest.mark.slow
-def test_a_batch_killed_outright_still_has_its_workers_stop_without_leaving_their_temporaries(tmp_path, library):
+def test_a_batch_killed_outright_has_its_workers_stop_and_the_next_batch_removes_its_report_temporary(tmp_path, library):
     out = tmp_path / "out"
     command, helpers = start_batch(library, out)
     command.kill()
@@ -122,6 +122,10 @@ def test_a_batch_killed_outright_still_has_its_workers_stop_without_leaving_thei
     assert gone(helpers)  # without the watch on the command, they wait for their next file forever
     # Only the command's own report temporary is left (SIGKILL runs no cleanup); no worker left an output's.
     assert [p.name.split(".")[1:3] for p in hidden_files(out)] == [["lorabridge-report", "jsonl"]]
+    rerun = subprocess.run([sys.executable, "-m", "lorabridge", "batch", str(library), "--to", "kohya", "-o", str(out)],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert hidden_files(out) == []  # the next batch removed it: named and locked as lorabridge's temporaries are
 
 
 def test_a_signal_that_was_ignored_stays_ignored():

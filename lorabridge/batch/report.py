@@ -12,13 +12,12 @@ import contextlib
 import json
 import os
 import stat
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Iterable
 
 from ..errors import LoraBridgeError, listed, shown
-from ..io.atomic import current_umask
+from ..io.atomic import current_umask, locked_temporary
 from ..io.input_file import kind_of
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
@@ -48,7 +47,7 @@ class ReportWriter:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._temporary = tempfile.mkstemp(".partial", f".{path.name}.", path.parent)
+            fd, self._temporary = locked_temporary(path)  # a killed batch's is removed by the next one
         except OSError as exc:
             raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", path) from None
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a report is read by others as outputs are

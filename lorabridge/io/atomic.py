@@ -416,11 +416,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     replace, sync = _may_replace.get(), _sync_each.get()
     if os.path.lexists(path) and not replace:
         raise LoraBridgeError(EXISTS, path)
-    _remove_stale_temporaries(path.parent)
     drop_behind.output_starts()
     with _reported(path, "cannot create the output"):
-        fd, tmp = tempfile.mkstemp(_SUFFIX, _temporary_prefix(path), path.parent)
-    lock = _hold_lock(os.dup(fd))
+        fd, tmp = locked_temporary(path)
+    lock = os.dup(fd)  # the lock lasts while either is open: past the write handle's close, up to the publish
     handle = _EarlyWriteback(io.FileIO(fd, "wb"), path, durable=sync)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
@@ -524,10 +523,24 @@ def _temporary_prefix(path: Path) -> str:
     return f".{name}{tag}"
 
 
+def locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, named and locked as lorabridge's are, once the temporaries killed
+    runs left there are removed: ``(fd, name)``. The lock (shared: works on any file system and open mode)
+    lasts until every descriptor of this open file is closed: the sign, for :func:`_remove_stale_temporaries`,
+    that its writer is alive even where its PID is not visible (another container sharing the directory). So a
+    temporary whose writer was killed outright is removed by the next lorabridge run writing beside it.
+    :func:`atomic_write` writes outputs through one; a batch its report.
+
+    Example:
+        >>> fd, name = locked_temporary(Path("out/report.jsonl"))   # doctest: +SKIP
+    """
+    _remove_stale_temporaries(path.parent)
+    fd, name = tempfile.mkstemp(_SUFFIX, _temporary_prefix(path), path.parent)
+    return _hold_lock(fd), name
+
+
 def _hold_lock(fd: int) -> int:
-    """Lock ``fd``'s file (shared: works on any file system and open mode) until ``fd`` is closed: the sign,
-    for :func:`_remove_stale_temporaries`, that its writer is alive even where its PID is not visible
-    (another container sharing the directory). Held past the write handle, up to the publish."""
+    """Lock ``fd``'s file (shared) until every descriptor of its open file is closed (see :func:`locked_temporary`)."""
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
