@@ -17,6 +17,7 @@ import pytest
 from lorabridge.converters import convert
 from lorabridge.errors import LoraBridgeError
 from lorabridge.formats.neutral import read_neutral, write_neutral
+from lorabridge.io import atomic
 from tests.fixtures.core import make_lora_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,34 @@ def test_a_killed_runs_temporary_is_removed_by_the_next_run_into_that_directory(
     os.kill(live.pid, signal.SIGCONT)
     assert live.wait(timeout=120) == 0
     assert (tmp_path / "live").exists() and not live_temporary.exists()
+
+
+def test_a_large_directory_is_scanned_for_stale_temporaries_once_a_minute_a_small_one_before_each_output(
+        tmp_path, neutral_file, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # the PID of a writer that is gone
+
+    def plant(folder: Path, name: str) -> Path:
+        stale = folder / f".{name}.lorabridge-{dead}.abcdefgh.partial"
+        stale.write_bytes(b"left by a killed run")
+        return stale
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    large.mkdir()
+    for number in range(atomic._SMALL_DIRECTORY + 1):  # a flat library's outputs
+        (large / f"{number}.safetensors").touch()
+    for folder in (small, large):
+        stale = plant(folder, "a.safetensors")
+        convert(neutral_file, folder / "first.safetensors", "kohya", progress=False)
+        assert not stale.exists()  # the first output into a folder removes what killed runs left there
+    for folder, still_there in ((small, False), (large, True)):
+        stale = plant(folder, "b.safetensors")
+        convert(neutral_file, folder / "second.safetensors", "kohya", progress=False)
+        assert stale.exists() is still_there  # the large one: not read again within the minute
+    monkeypatch.setattr(atomic, "_RESCAN_S", 0.0)  # the minute has passed
+    convert(neutral_file, large / "third.safetensors", "kohya", progress=False)
+    assert not stale.exists()
 
 
 def test_library_convert_holds_its_inputs_while_it_reads(tmp_path, monkeypatch):

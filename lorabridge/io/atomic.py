@@ -18,6 +18,7 @@ import ctypes
 import errno
 import fcntl
 import io
+import math
 import os
 import queue
 import re
@@ -25,6 +26,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
@@ -545,14 +547,31 @@ def _hold_lock(fd: int) -> int:
     return fd
 
 
+# A directory holding more entries than this is scanned for stale temporaries at most once a _RESCAN_S by one
+# process: before every output, a batch writing 100,000 files into one flat folder would read that folder 100,000
+# times (quadratic: ~4 ms a scan at 5,000 entries, measured). Smaller ones are scanned before each output
+# (well under a millisecond).
+_SMALL_DIRECTORY = 256
+_RESCAN_S = 60.0
+_large_scanned: dict[str, float] = {}  # large directory -> when this process last scanned it (time.monotonic)
+
+
 def _remove_stale_temporaries(directory: Path) -> None:
     """Remove the temporaries killed lorabridge runs left in ``directory``: only entries named as ours
-    whose writer's PID is no longer alive and that no one holds locked (a live writer always does)."""
+    whose writer's PID is no longer alive and that no one holds locked (a live writer always does). A large
+    directory this process scanned less than :data:`_RESCAN_S` ago is not scanned again."""
+    key, now = os.path.abspath(directory), time.monotonic()
+    if now - _large_scanned.get(key, -math.inf) < _RESCAN_S:
+        return
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
+    if len(entries) > _SMALL_DIRECTORY:
+        _large_scanned[key] = now
     for entry in entries:
+        if not entry.name.endswith(_SUFFIX):  # most entries: outputs, not temporaries
+            continue
         match = _TEMPORARY.fullmatch(entry.name)
         if match and not _alive(int(match[1])):
             with contextlib.suppress(OSError):
