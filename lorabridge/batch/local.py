@@ -7,7 +7,8 @@ worker are queued at a time, so a library of 100,000 files costs no more memory 
 A worker that dies (killed, out of memory) breaks the whole pool: the files it and the others were
 running are queued again on a fresh pool, each at most once more; a file whose second attempt dies
 too is reported as failed. A file never runs twice at once, and outputs are atomic, so a retried
-file leaves no partial output.
+file leaves no partial output. A worker told to stop (SIGTERM, SIGHUP), or whose command is gone, abandons
+its file as on Ctrl-C and exits (:func:`~lorabridge.batch.work.prepare_worker`).
 """
 
 from __future__ import annotations
