@@ -25,7 +25,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 # The lorabridge command, its writes slowed (a sleep per tensor stands in for a slow disk) so that it is surely
 # mid-write when the signal comes.
 SLOW_CLI = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as under a terminal: a test run under nohup has it ignored
     from lorabridge.io import safetensors_file
     real_write = safetensors_file.write_safetensors
     def slow_write(path, tensors, metadata=None, progress=None, **options):
