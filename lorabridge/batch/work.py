@@ -162,7 +162,7 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
         known = record.format if record is not None and record.format in candidates else None
         entry.status, entry.architecture = SKIPPED, record.architecture if record else None
         entry.format = known or detect_input(job.source, candidates)
-        if record is stored:  # the batch's own record (not a neutral output's manifest, which stays foreign)
+        if record is not None and record is stored:  # the batch's own record (not a neutral output's manifest, which stays foreign)
             _restamp(out_dir, job.output, record, settled_stamp(before, source_stamp(job.source), hashed_from))
         return
     entry.format = detect_input(job.source, candidates)
@@ -222,11 +222,11 @@ def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
                  architecture=stored.architecture, seconds=round(time.perf_counter() - started, 4), bytes=job.nbytes)
 
 
-def _restamp(out_dir: Path, output: Path, record: Record | None, now: list[int] | None) -> None:
+def _restamp(out_dir: Path, output: Path, record: Record, now: list[int] | None) -> None:
     """Keep the source's new stamp in the record of an output found up to date by hashing (a source only
     touched, copied back in place, or hashed too soon after a change last time): the next run need not hash it.
     Not if the record changed while the source was hashed (another batch on this OUT_DIR converted it again since)."""
-    if record is None or now is None or record.source_stamp == now or read_record(out_dir, output) != record:
+    if now is None or record.source_stamp == now or read_record(out_dir, output) != record:
         return
     write_record(out_dir, output, replace(record, source_stamp=now))
 
