@@ -92,6 +92,13 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def median_table(runs: dict[str, list[float]], first_column: str) -> str:
+    """A Markdown table of each contender's median wall time with its range, for RESULTS.md."""
+    rows = [f"| {first_column} | wall s (median, min-max) |", "| --- | ---: |"]
+    rows += [f"| {name} | {statistics.median(s):.2f} ({min(s):.2f}-{max(s):.2f}) |" for name, s in runs.items()]
+    return "\n".join(rows)
+
+
 def library(work: Path, files: int, spec: InputSpec) -> Path:
     """``files`` copies of the input, ten per folder: work/src-rank4-attn/g00/lora000.ckpt ...
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_bench import LORABRIDGE, library, timed  # noqa: E402
+from batch_bench import LORABRIDGE, library, median_table, timed  # noqa: E402
 from bench_inputs import INPUTS  # noqa: E402
 
 
@@ -56,10 +55,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     print(f"{args.files} files, {total / 1e6:.0f} MB ({args.input}), --to {args.to}, {args.jobs} workers, "
           f"{args.repeat} round(s), medians\n")
-    print("| contender | wall s (median, min-max) |")
-    print("| --- | ---: |")
-    for name, seconds in runs.items():
-        print(f"| {name} | {statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f}) |")
+    print(median_table(runs, "contender"))
 
 
 if __name__ == "__main__":

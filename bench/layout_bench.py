@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_bench import LORABRIDGE, MEMORY, timed  # noqa: E402
+from batch_bench import LORABRIDGE, MEMORY, median_table, timed  # noqa: E402
 from bench_inputs import INPUTS, generate  # noqa: E402
 
 
@@ -80,10 +80,7 @@ def main() -> None:
     flat, nested = statistics.median(runs["flat"]), statistics.median(runs["nested"])
     print(f"{args.files} files of {one.stat().st_size / 1e3:.0f} KB (hard links), --to {args.to}, {args.jobs} workers, "
           f"{args.repeat} round(s), memory {args.memory}, medians; flat / nested = {flat / nested:.2f}\n")
-    print("| layout | wall s (median, min-max) |")
-    print("| --- | ---: |")
-    for layout, seconds in runs.items():
-        print(f"| {layout} | {statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f}) |")
+    print(median_table(runs, "layout"))
 
 if __name__ == "__main__":
     main()
