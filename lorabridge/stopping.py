@@ -75,7 +75,9 @@ def wait_for_exit(pid: int, poll_s: float = 1.0) -> None:
             time.sleep(poll_s)
         return
     try:
-        select.select([watched], [], [])  # readable once the process has exited
+        watch = select.poll()  # not select.select, which takes no descriptor above 1023
+        watch.register(watched, select.POLLIN)
+        watch.poll()  # readable once the process has exited
     finally:
         os.close(watched)
 
