@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from ..errors import LoraBridgeError, listed, shown
-from ..io.atomic import current_umask, locked_temporary
+from ..io.atomic import create_locked, current_umask, new_temporary
 from ..io.input_file import kind_of
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
@@ -47,11 +47,19 @@ class ReportWriter:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._temporary = locked_temporary(path)  # a killed batch's is removed by the next one
         except OSError as exc:
             raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", path) from None
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a report is read by others as outputs are
-        self._handle: IO[str] = open(fd, "w", encoding="utf-8")
+        self._temporary = new_temporary(path)  # named and locked as outputs' are: a killed batch's is removed later
+        try:
+            fd = create_locked(self._temporary)
+            os.fchmod(fd, 0o666 & ~current_umask())  # created 0600; a report is read by others as outputs are
+            self._handle: IO[str] = open(fd, "w", encoding="utf-8")
+        except BaseException as exc:  # a stop signal too, even the instant the file was created
+            with contextlib.suppress(OSError):
+                os.unlink(self._temporary)
+            if isinstance(exc, OSError):
+                raise LoraBridgeError(f"cannot write the report: {exc.strerror or exc}", path) from None
+            raise
 
     def add(self, entry: Entry) -> None:
         try:

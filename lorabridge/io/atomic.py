@@ -22,6 +22,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -419,12 +420,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     if os.path.lexists(path) and not replace:
         raise LoraBridgeError(EXISTS, path)
     drop_behind.output_starts()
-    with _reported(path, "cannot create the output"):
-        fd, tmp = locked_temporary(path)
-    lock = os.dup(fd)  # the lock lasts while either is open: past the write handle's close, up to the publish
-    handle = _EarlyWriteback(io.FileIO(fd, "wb"), path, durable=sync)
+    tmp = new_temporary(path)
+    lock, handle = -1, None
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        with _reported(path, "cannot create the output"):
+            fd = create_locked(tmp)
+        lock = os.dup(fd)  # the lock lasts while either is open: past the write handle's close, up to the publish
+        handle = _EarlyWriteback(io.FileIO(fd, "wb"), path, durable=sync)
+        os.fchmod(fd, 0o666 & ~current_umask())  # created 0600, as mkstemp does; outputs get the usual permissions
         yield handle
         deferred.settle()  # checks that ran beside the write (NaN/Inf scan) may still refuse it (--strict)
         check_unchanged()  # bytes copied from an input (zero_copy) were read while this output was written
@@ -447,13 +450,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             else:
                 _publish_new(Path(tmp), path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            handle.close()  # what a failed write left buffered cannot be written either
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()  # what a failed write left buffered cannot be written either
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     finally:
-        os.close(lock)
+        if lock >= 0:
+            os.close(lock)
     if sync:
         _sync_directory(path.parent)
 
@@ -503,7 +508,7 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
 
 _SUFFIX = ".partial"
 _TEMPORARY = re.compile(r"\..*\.lorabridge-(\d+)\.[a-z0-9_]{8}\.partial", re.DOTALL)
-_RANDOM = 8  # characters mkstemp/mkdtemp put between prefix and suffix
+_RANDOM = 8  # characters between prefix and suffix (ours, and mkdtemp's)
 
 
 def _name_max(directory: Path) -> int:
@@ -525,24 +530,35 @@ def _temporary_prefix(path: Path) -> str:
     return f".{name}{tag}"
 
 
-def locked_temporary(path: Path) -> tuple[int, str]:
-    """A new temporary file beside ``path``, named and locked as lorabridge's are, once the temporaries killed
-    runs left there are removed: ``(fd, name)``. The lock (shared: works on any file system and open mode)
-    lasts until every descriptor of this open file is closed: the sign, for :func:`_remove_stale_temporaries`,
-    that its writer is alive even where its PID is not visible (another container sharing the directory). So a
-    temporary whose writer was killed outright is removed by the next lorabridge run writing beside it.
-    :func:`atomic_write` writes outputs through one; a batch its report.
+def new_temporary(path: Path) -> Path:
+    """A fresh name for a temporary beside ``path``, ``.<name>.lorabridge-<pid>.<8 random>.partial``, once the
+    temporaries killed runs left there are removed.
+
+    The name is known before the file exists (:func:`create_locked` makes it), so whoever creates it can remove
+    it on any exception, even one raised the instant its creation returned: a stop signal that came while
+    ``open`` waited on the disk runs its handler right then (:mod:`lorabridge.stopping`), and with ``mkstemp``
+    the name was lost with the frame. Ours alone: it holds this process's PID and 32 random bits.
 
     Example:
-        >>> fd, name = locked_temporary(Path("out/report.jsonl"))   # doctest: +SKIP
+        >>> new_temporary(Path("/no/such/dir/report.jsonl")).name.startswith(".report.jsonl.lorabridge-")
+        True
     """
     _remove_stale_temporaries(path.parent)
-    fd, name = tempfile.mkstemp(_SUFFIX, _temporary_prefix(path), path.parent)
-    return _hold_lock(fd), name
+    return path.parent / f"{_temporary_prefix(path)}{secrets.token_hex(_RANDOM // 2)}{_SUFFIX}"
+
+
+def create_locked(temporary: Path) -> int:
+    """Create ``temporary`` (a :func:`new_temporary` name; never an existing file) and lock it: a shared lock,
+    held until every descriptor of this open file is closed, which works on any file system and open mode. It
+    is the sign, for :func:`_remove_stale_temporaries`, that its writer is alive even where its PID is not
+    visible (another container sharing the directory); a temporary whose writer was killed outright is removed
+    by the next lorabridge run writing beside it. :func:`atomic_write` writes outputs through one, a batch its
+    report."""
+    return _hold_lock(os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
 def _hold_lock(fd: int) -> int:
-    """Lock ``fd``'s file (shared) until every descriptor of its open file is closed (see :func:`locked_temporary`)."""
+    """Lock ``fd``'s file (shared) until every descriptor of its open file is closed (see :func:`create_locked`)."""
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
