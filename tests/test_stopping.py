@@ -129,6 +129,16 @@ def test_a_batch_killed_outright_has_its_workers_stop_and_the_next_batch_removes
     assert hidden_files(out) == []  # the next batch removed it: named and locked as lorabridge's temporaries are
 
 
+def test_only_the_first_signal_stops_later_ones_cannot_cut_the_cleanup_short():
+    probe = ("import os, signal\n"
+             "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"  # as under a terminal (a test run may be under nohup)
+             "from lorabridge.stopping import Stopped, stop_on_signals; stop_on_signals()\n"
+             "try:\n    os.kill(os.getpid(), signal.SIGHUP)\nexcept Stopped as stop:\n    print(stop.code)\n"
+             "os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGHUP)\nprint('cleanup went on')")
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert (shown.returncode, shown.stdout.split("\n")[:2]) == (0, ["129", "cleanup went on"]), shown
+
+
 def test_a_signal_that_was_ignored_stays_ignored():
     probe = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
              "from lorabridge.stopping import stop_on_signals; stop_on_signals()\n"

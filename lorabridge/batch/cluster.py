@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
 from ..errors import LoraBridgeError
 from ..io.atomic import sync_file_system
+from ..stopping import check_stopped
 from .cores import keep_every_core_busy, usable_cores
 from .plan import Job
 from .report import Entry
@@ -91,6 +92,7 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
         for job in jobs:
             submit(job, 0)
         for future in finished:
+            check_stopped()  # here, between files: a stop signal (deferred by run_batch) ends the batch
             job, attempt, _ = live.pop(future.key)
             if future.status == "finished":
                 yield future.result()

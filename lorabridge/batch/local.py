@@ -19,12 +19,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Generator, Sequence
 
+from ..stopping import check_stopped
 from .plan import Job
 from .report import Entry
 from .workers import worker_context
 from .work import DIED_TWICE, NOT_RUN, Settings, convert_in_worker, crashed, prepare_worker, unrun
 
 QUEUED_PER_WORKER = 2
+STOP_POLL_S = 0.25  # how often the wait for a file to finish looks for a stop signal
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -51,7 +53,8 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
                 pending.clear()
                 if not running:
                     break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=STOP_POLL_S, return_when=FIRST_COMPLETED)
+            check_stopped()  # here, between files: a stop signal (deferred by run_batch) ends the batch
             if any(isinstance(future.exception(), BrokenProcessPool) for future in done):
                 done = set(running)  # every file the pool held is lost with it
                 pool.shutdown(wait=True, cancel_futures=True)

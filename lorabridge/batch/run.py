@@ -17,6 +17,7 @@ from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import check_out_dir, plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
+from ..stopping import check_stopped, deferring
 from .state import STATE_DIR, make_state_dir
 from .work import Settings, unchanged_entry
 
@@ -94,32 +95,36 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
             bar.update(entry.bytes)
             bar.set_postfix_str(f"{len(done)}/{len(jobs_)} files" + (", some failed" if failed else ""))
 
-    try:
-        to_run = []
-        for job in jobs_:  # up to date by its record alone: reported now, without a worker (a stat and a record read)
-            entry = unchanged_entry(job, settings)
-            if entry is None:
-                to_run.append(job)
+    # A stop signal (SIGTERM, SIGHUP: lorabridge.stopping) is acted on between files, never inside the worker pool's
+    # or the Dask client's locks, where the exception it raises could leave one held and the batch hung.
+    with deferring():
+        try:
+            to_run = []
+            for job in jobs_:  # up to date by its record alone: reported now, without a worker (a stat and a record read)
+                check_stopped()
+                entry = unchanged_entry(job, settings)
+                if entry is None:
+                    to_run.append(job)
+                else:
+                    add(entry)
+            if client is not None:
+                entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
             else:
-                add(entry)
-        if client is not None:
-            entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
-        else:
-            from .local import run_local
+                from .local import run_local
 
-            entries = run_local(to_run, settings, workers, lambda: fail_fast and failed)
-        for entry in entries:
-            add(entry)
-    finally:
-        if entries is not None:
-            entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
-        elif client is not None:
-            client.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-        for directory in {out, report_path.parent}:  # what the workers published, and the report, on the disk
-            sync_file_system(directory)
+                entries = run_local(to_run, settings, workers, lambda: fail_fast and failed)
+            for entry in entries:
+                add(entry)
+        finally:
+            if entries is not None:
+                entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
+            elif client is not None:
+                client.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+            for directory in {out, report_path.parent}:  # what the workers published, and the report, on the disk
+                sync_file_system(directory)
     return BatchResult(done, time.perf_counter() - started, report_path)
 
 
