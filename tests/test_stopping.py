@@ -78,11 +78,19 @@ def library(tmp_path) -> Path:
     return root
 
 
+def as_under_a_terminal() -> None:
+    """Ctrl-C's and the hang-up's signals at their defaults, as a command started from a terminal has them: a test
+    run in the background (CI) has SIGINT ignored, and one under nohup SIGHUP; an ignored signal stays ignored."""
+    for number in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def start_batch(library: Path, out: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """A batch, once it has reported its first file; with its worker processes (and their forkserver)."""
     command = subprocess.Popen([sys.executable, "-m", "lorabridge", "batch", str(library), "--to", "kohya", "-o",
                                 str(out), "--jobs", "2"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=as_under_a_terminal)
     wait_until(lambda: any(p.stat().st_size for p in out.glob(".lorabridge-report.jsonl.*.partial")),
                "first report line", command)
     helpers = psutil.Process(command.pid).children(recursive=True)
@@ -98,16 +106,18 @@ def gone(processes: list[psutil.Process], timeout: float = 30) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("whom", ["command", "process group"])
-def test_a_batch_told_to_stop_publishes_its_report_and_leaves_no_temporary_or_worker(tmp_path, library, whom):
+@pytest.mark.parametrize("whom, signum", [("command", signal.SIGTERM), ("process group", signal.SIGTERM),
+                                          ("process group", signal.SIGINT)], ids=["kill", "killpg", "ctrl-c"])
+def test_a_batch_told_to_stop_publishes_its_report_and_leaves_no_temporary_or_worker(tmp_path, library, whom, signum):
     out = tmp_path / "out"
     command, helpers = start_batch(library, out)
     if whom == "command":  # kill PID: the workers are not told; the batch waits for the files they convert
-        command.send_signal(signal.SIGTERM)
-    else:  # a service manager stopping the whole group: each worker stops its file too
-        os.killpg(command.pid, signal.SIGTERM)
+        command.send_signal(signum)
+    else:  # a service manager stopping the whole group, or Ctrl-C in a terminal: each worker gets it too
+        os.killpg(command.pid, signum)
     output, _ = command.communicate(timeout=60)
-    assert command.returncode == 143 and output.strip().splitlines()[-1] == "error: stopped by SIGTERM", output
+    said = "error: stopped by SIGTERM" if signum == signal.SIGTERM else "Aborted!"  # Ctrl-C: click's, as ever
+    assert (command.returncode, output.strip().splitlines()[-1]) == (143 if signum == signal.SIGTERM else 1, said), output
     assert gone(helpers)
     lines = [json.loads(line) for line in (out / "lorabridge-report.jsonl").read_text().splitlines()]
     assert 0 < len(lines) < 300 and all(line["status"] == "converted" for line in lines)
