@@ -133,7 +133,7 @@ def wait_for_exit(pid: int, poll_s: float = 1.0) -> None:
     except ProcessLookupError:
         return
     except (AttributeError, OSError):  # no pidfd here
-        while _exists(pid):
+        while process_exists(pid):
             time.sleep(poll_s)
         return
     try:
@@ -144,7 +144,13 @@ def wait_for_exit(pid: int, poll_s: float = 1.0) -> None:
         os.close(watched)
 
 
-def _exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process numbered ``pid`` exists (any user's): the number may have been reused since.
+
+    Example:
+        >>> process_exists(os.getpid()), process_exists(2**22 + 1)
+        (True, False)
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

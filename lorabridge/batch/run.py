@@ -13,11 +13,11 @@ from ..converters.registry import get_writer
 from ..errors import LoraBridgeError
 from ..formats.contract import OPTION_DEFAULTS
 from ..io.atomic import sync_file_system
+from ..stopping import check_stopped, deferring
 from .cores import LOCAL, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import check_out_dir, plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
-from ..stopping import check_stopped, deferring
 from .state import STATE_DIR, make_state_dir
 from .work import Settings, unchanged_entry
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from ..errors import LoraBridgeError
+from ..stopping import process_exists
 from . import deferred, drop_behind
 from .input_file import check_unchanged, reading_own_output
 from .scoped import set_within
@@ -589,19 +590,9 @@ def _remove_stale_temporaries(directory: Path) -> None:
         if not entry.name.endswith(_SUFFIX):  # most entries: outputs, not temporaries
             continue
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and not _alive(int(match[1])):
+        if match and not process_exists(int(match[1])):
             with contextlib.suppress(OSError):
                 _remove_if_unlocked(Path(entry.path))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _remove_if_unlocked(path: Path) -> None:
