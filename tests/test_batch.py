@@ -636,14 +636,14 @@ def test_an_out_dir_whose_record_folder_is_a_file_fails_once_in_one_line(tmp_pat
 
 def test_a_record_that_cannot_be_written_fails_its_file_in_one_line_and_leaves_no_temporary(tmp_path, one_lora,
                                                                                            monkeypatch):
-    real_mkstemp = state.tempfile.mkstemp
+    real_create = state.create_locked
 
-    def on_a_full_disk(*args, **kwargs):  # the temporary is made; every write to it fails as on a full disk
-        fd, name = real_mkstemp(*args, **kwargs)
+    def on_a_full_disk(temporary):  # the temporary is made; every write to it fails as on a full disk
+        fd = real_create(temporary)
         os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
-        return fd, name
+        return fd
 
-    monkeypatch.setattr(state.tempfile, "mkstemp", on_a_full_disk)
+    monkeypatch.setattr(state, "create_locked", on_a_full_disk)
     out = tmp_path / "out"
     entry = convert_job(Job(one_lora / "x.safetensors", out / "x.safetensors", 0), work.Settings(out, "kohya"))
     assert entry.status == "failed"

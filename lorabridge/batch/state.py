@@ -43,13 +43,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..converters import file_sha256
 from ..errors import LoraBridgeError
+from ..io.atomic import create_locked, new_temporary
 from ..io.input_file import open_regular
 from ..io.json_safe import load_json
 from ..io.safetensors_file import SafetensorsFile
@@ -202,19 +202,17 @@ def write_record(out_dir: Path, output: Path, record: Record) -> None:
     :class:`LoraBridgeError` naming the record when it cannot be written (a full disk fails that file only)."""
     path = record_path(out_dir, output)
     make_state_dir(out_dir)
-    temporary = None
+    temporary = new_temporary(path)  # named and locked as outputs' are: one a killed worker left is removed later
     try:
-        fd, temporary = tempfile.mkstemp(".tmp", ".", path.parent)
-        with open(fd, "w", encoding="utf-8") as handle:
+        with open(create_locked(temporary), "w", encoding="utf-8") as handle:
             json.dump(asdict(record), handle)
         os.replace(temporary, path)
-        temporary = None
-    except OSError as exc:
-        raise LoraBridgeError(f"cannot write the batch's record: {exc.strerror or exc}", path) from None
-    finally:
-        if temporary is not None:  # not renamed into place (an error, or interrupted)
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+    except BaseException as exc:  # a stop signal too, even the instant the file was created
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(exc, OSError):
+            raise LoraBridgeError(f"cannot write the batch's record: {exc.strerror or exc}", path) from None
+        raise
 
 
 CONVERT, UP_TO_DATE, REDO, FOREIGN = "convert", "up to date", "redo", "foreign"
