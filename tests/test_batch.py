@@ -400,6 +400,41 @@ def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is
     assert found[2].relative == Path("sdxl/deep/m.ckpt")
 
 
+def hub_mirror(root: Path) -> None:
+    """A hub mirror's layout: one folder per repository, each holding a file of the same name."""
+    for seed, repo in enumerate(["repoA", "repoB"]):
+        (root / repo).mkdir(parents=True)
+        write_neutral(make_lora_model(seed=seed), root / repo / "pytorch_lora_weights.safetensors")
+    write_neutral(make_lora_model(seed=3), root / "loose.safetensors")
+
+
+def relatives(sources) -> list[str]:
+    return sorted(str(f.relative) for f in find_inputs(sources))
+
+
+def test_outputs_mirror_the_sources_below_the_folder_holding_them_all_so_a_shells_glob_and_ours_agree(
+        tmp_path, monkeypatch):
+    """``batch lib/*`` (the shell expands it) and ``batch 'lib/*'`` (we do) name the same files, so they must put
+    them in the same places; before, the shell's version mirrored each folder's contents into OUT_DIR itself, and
+    every repository's ``pytorch_lora_weights.safetensors`` but the first failed on one output."""
+    monkeypatch.chdir(tmp_path)
+    hub_mirror(Path("lib"))
+    whole = ["loose.safetensors", "repoA/pytorch_lora_weights.safetensors", "repoB/pytorch_lora_weights.safetensors"]
+    assert relatives(["lib"]) == whole  # one folder: its contents
+    assert relatives(["lib/*"]) == relatives(sorted(glob.glob("lib/*"))) == whole
+    assert relatives(["lib/repoB", "lib/repoA"]) == whole[1:]  # several: each under its own name, in any order
+    assert relatives(["lib/repoA/pytorch_lora_weights.safetensors", "lib/repoB/pytorch_lora_weights.safetensors"]) \
+        == whole[1:]
+    assert relatives(["lib/repoA", "lib"]) == relatives(["lib", "lib/repoA"]) == whole  # each file once, one place
+    assert relatives(["lib/repoA", str(tmp_path / "lib" / "repoB")]) == whole[1:]  # relative and absolute alike
+    assert relatives(["lib/repoA/pytorch_lora_weights.safetensors"]) == ["pytorch_lora_weights.safetensors"]
+    # a source that names nothing moves no other's output
+    assert relatives(["lib/repoA", "/no/such.ckpt", "/no/such/*.ckpt"]) == [
+        "*.ckpt", "pytorch_lora_weights.safetensors", "such.ckpt"]
+    result = run_batch(sorted(glob.glob("lib/*")), Path("out"), "kohya", jobs=1, progress=False)
+    assert result.ok and sorted(str(p.relative_to("out")) for p in Path("out").rglob("*.safetensors")) == whole
+
+
 
 def test_symbolic_link_loops_are_walked_once_and_globbed_once(tmp_path):
     """``glob.glob`` follows links back to a parent until the path is 40 links deep: two in one folder make 2^40 paths."""

@@ -20,8 +20,11 @@ parent (``current -> .``) is not walked again, and a glob's ``**`` enters each r
 (``glob.glob`` follows such a link until the path is 40 links deep, and two of them in one folder
 make 2^40 paths). The walk keeps its own stack, so no depth of folders exhausts Python's recursion.
 
-Each input keeps its path relative to the directory (or glob base) it was found under, which
-:mod:`~lorabridge.batch.plan` mirrors under ``OUT_DIR``.
+Each input keeps its path below the deepest folder that holds every source (a directory named or matched
+counting as itself, a file or adapter folder as the folder it is in), which :mod:`~lorabridge.batch.plan` mirrors
+under ``OUT_DIR``. One folder named: its contents are mirrored. Several: each lands under its own name, as ``cp -r
+a b OUT`` puts them, so that ``batch lib/*`` (the shell's expansion) and ``batch 'lib/*'`` (ours) give one layout,
+and a hub mirror's ``repoA/pytorch_lora_weights.safetensors`` and ``repoB/...`` never land on one output.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ LORA_SUFFIXES = frozenset({".safetensors", ".ckpt", ".bin", ".pt", ".pth"})
 
 @dataclass(frozen=True)
 class Found:
-    """One input: ``path`` to read, ``relative`` where it sits below the argument it was found under."""
+    """One input: ``path`` to read, ``relative`` where it sits below the folder holding every source."""
 
     path: Path
     relative: Path
@@ -71,38 +74,58 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
     excluded = {key for key in map(_directory_key, exclude) if key}
     walked = set(excluded)  # directories walked (or never to be), across all sources
     seen: set[str] = set()
-    found: list[Found] = []
+    found: list[_Found] = []
     for source in sources:
         if _directory_key(source) in excluded:  # else it would name nothing, and the batch say "0 files"
-            found.append(Found(Path(source), Path(Path(source).name), "is the output directory, which a batch "
-                               "never reads (a rerun would convert its own outputs); choose another -o"))
+            found.append(_Found(Path(source), None, "is the output directory, which a batch never reads (a rerun "
+                                "would convert its own outputs); choose another -o"))
             continue
         for item in _expand(os.fspath(source), walked):
             key = os.path.realpath(item.path)
             if item.error or key not in seen:
                 seen.add(key)
                 found.append(item)
-    return found
+    return _below_common_folder(found)
 
 
-def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[Found]:
+@dataclass(frozen=True)
+class _Found:
+    """An input as a source yields it: ``anchor`` is the folder its output path is counted from (a directory named
+    or matched, or the folder a named or matched entry is in); None for a source that names nothing there."""
+
+    path: Path
+    anchor: Path | None
+    error: str | None = None
+
+
+def _below_common_folder(found: list[_Found]) -> list[Found]:
+    """Each input with its path below the deepest folder holding every anchor (compared as absolute paths as given,
+    not resolved: a walk keeps the names of the symbolic links it follows, and so does the output tree); a source
+    that names nothing by its name alone."""
+    anchors = [os.path.abspath(item.anchor) for item in found if item.anchor is not None]
+    base = os.path.commonpath(anchors) if anchors else ""
+    return [Found(item.path, Path(os.path.relpath(os.path.abspath(item.path), base)) if item.anchor is not None
+                  else Path(item.path.name), item.error) for item in found]
+
+
+def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:
     path = Path(source)
     if os.path.lexists(path) or not glob.has_magic(source):
         if path.is_dir() and not is_adapter_directory(path):
-            yield from _walk(path, path, walked)
-        else:  # named explicitly: always an input (a missing one fails with "no such file or directory")
-            yield Found(path, Path(path.name))
+            yield from _walk(path, walked)
+        else:  # named explicitly: always an input (a missing one fails with "no such file or directory", and being
+            # nowhere, it moves no other's output: a mistyped /no/such.ckpt beside lib does not put lib's under out/work)
+            yield _Found(path, path.parent if os.path.lexists(path) else None)
         return
-    base = _glob_base(source)
     matches = expand_glob(source)
     if not matches:
-        yield Found(path, Path(path.name), "no file matches this pattern")
+        yield _Found(path, None, "no file matches this pattern")
     for match in matches:
         kind = _kind(match)
         if kind == _WALK:
-            yield from _walk(match, base, walked)
+            yield from _walk(match, walked)
         elif kind == _INPUT and not match.name.startswith("."):  # a hidden one is matched by ".*", not an input
-            yield Found(match, match.relative_to(base))
+            yield _Found(match, match.parent)
 
 
 def expand_glob(pattern: str) -> list[Path]:
@@ -155,13 +178,6 @@ def _folders_below(top: Path, once: set[tuple[int, int]]) -> Iterator[Path]:
         stack.extend(folder / name for name in reversed(_names(folder)) if not name.startswith("."))
 
 
-def _glob_base(pattern: str) -> Path:
-    """The directory a glob pattern starts from: its leading parts without wildcards."""
-    parts = Path(pattern).parts
-    fixed = parts[:next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))]
-    return Path(*fixed) if fixed else Path(".")
-
-
 def _directory_key(path: str | os.PathLike) -> tuple[int, int] | None:
     """(device, inode) of the directory ``path`` leads to (through symbolic links), which every route to it shares;
     None if it is not one. Why not ``os.path.realpath``: it resolves the path one part at a time in Python, and a
@@ -193,7 +209,7 @@ def _kind(path: Path) -> str | None:
     return _INPUT if path.suffix.lower() in LORA_SUFFIXES else None
 
 
-def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator[Found]:
+def _walk(directory: Path, walked: set[tuple[int, int]]) -> Iterator[_Found]:
     """Depth-first, entries sorted by name (a folder's contents where the folder sorts); adapter directories are
     one input and are not entered; a real directory already in ``walked`` is not walked again."""
     stack: list[Iterator[Path]] = []
@@ -207,7 +223,7 @@ def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator
                 try:
                     names = sorted(entry.name for entry in os.scandir(folder))
                 except OSError as exc:  # reported, not skipped silently
-                    yield Found(folder, folder.relative_to(base), f"cannot read directory: {exc.strerror or exc}")
+                    yield _Found(folder, directory, f"cannot read directory: {exc.strerror or exc}")
                 else:
                     stack.append(iter([folder / name for name in names if not name.startswith(".")]))
             folder = None
@@ -221,4 +237,4 @@ def _walk(directory: Path, base: Path, walked: set[tuple[int, int]]) -> Iterator
         if kind == _WALK:
             folder = path
         elif kind == _INPUT:
-            yield Found(path, path.relative_to(base))
+            yield _Found(path, directory)

@@ -1,7 +1,7 @@
 """Planning a batch: where each input's output goes under ``OUT_DIR``.
 
-The source tree is mirrored: ``SRC/a/b/style.ckpt`` converted ``--to kohya`` into ``OUT`` becomes
-``OUT/a/b/style.safetensors``. The name is the input's stem plus the target's usual suffix, derived
+The source tree is mirrored (below the folder holding every source, :mod:`~lorabridge.batch.discover`):
+``SRC/a/b/style.ckpt`` converted ``--to kohya`` into ``OUT`` becomes ``OUT/a/b/style.safetensors``. The name is the input's stem plus the target's usual suffix, derived
 from what the target declares (no table to keep in step with the registry): a directory target
 (PEFT) gets a folder named after the stem, MindSpore targets a ``.ckpt`` (MindONE's trainer's
 container), every other format a ``.safetensors``. Two inputs that would land on one output
