@@ -400,6 +400,27 @@ def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is
     assert found[2].relative == Path("sdxl/deep/m.ckpt")
 
 
+def test_a_library_folder_holding_a_unet_adapter_is_walked_not_taken_for_one_adapter(library, tmp_path):
+    """A folder of per-component adapters (``unet/``, ``text_encoder/``...) is one input only while it holds
+    nothing else to convert; before, a library folder with a ``unet/`` adapter in it was one "adapter" whose
+    other LoRAs were neither converted nor reported."""
+    root, _ = library
+    loras = tmp_path / "loras"
+    shutil.copytree(root / "sdxl" / "p" / "unet", loras / "unet")
+    (loras / "styles").mkdir()
+    shutil.copy(root / "sdxl" / "deep" / "m.ckpt", loras / "styles" / "b.ckpt")
+    shutil.copy(root / "sdxl" / "deep" / "k.safetensors", loras / "c.safetensors")
+    (loras / "README.md").write_text("not a LoRA")
+    assert relatives([loras]) == ["c.safetensors", "styles/b.ckpt", "unet"]
+    result = run_batch([loras], tmp_path / "out", "neutral", jobs=1, progress=False)
+    assert result.ok and [e.format for e in sorted(result.entries, key=lambda e: e.input)] == [
+        "kohya", "mindone-sgm", "peft"]
+    # an adapter folder of components, with only what such a folder holds beside them, stays one input
+    assert sorted(p.name for p in (root / "sdxl" / "p").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
+    (root / "sdxl" / "p" / "README.md").write_text("a model card")
+    assert [str(f.relative) for f in find_inputs([root / "sdxl"]) if f.relative.parts[0] == "p"] == ["p"]
+
+
 def hub_mirror(root: Path) -> None:
     """A hub mirror's layout: one folder per repository, each holding a file of the same name."""
     for seed, repo in enumerate(["repoA", "repoB"]):

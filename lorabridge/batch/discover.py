@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from ..architectures import registered_components
 from ..converters.registry import get_format
 
 LORA_SUFFIXES = frozenset({".safetensors", ".ckpt", ".bin", ".pt", ".pth"})
@@ -53,13 +54,30 @@ class Found:
 
 
 def is_adapter_directory(path: Path) -> bool:
-    """Whether directory ``path`` is one PEFT adapter input (a folder with adapter_config.json, or one per component).
+    """Whether directory ``path`` is one PEFT adapter input: a folder with adapter_config.json, or a folder of
+    per-component adapters (``unet/``, ``text_encoder/``...) that holds nothing else a batch would convert.
+
+    Why the second condition: a library folder that happens to hold a ``unet/`` adapter beside other LoRAs and
+    folders of them is a library, and was taken for one adapter whose other files were neither converted nor
+    reported. Walked, its ``unet/`` is an input of its own (a PEFT adapter of that component).
 
     Example:
         >>> is_adapter_directory(Path("/"))
         False
     """
-    return get_format("peft").detect(path)
+    if not get_format("peft").detect(path):
+        return False
+    from ..formats.peft import CONFIG_NAME  # (imported by detect above)
+
+    if os.path.lexists(path / CONFIG_NAME):
+        return True
+    components = registered_components()
+    for name in _names(path):
+        if name.startswith(".") or name in components:
+            continue
+        if _is_dir(path / name) or Path(name).suffix.lower() in LORA_SUFFIXES:
+            return False  # another folder, or a LoRA file beside the components: a library
+    return True
 
 
 def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
