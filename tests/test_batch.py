@@ -726,6 +726,41 @@ def test_two_inputs_that_map_to_one_output_are_not_both_converted(tmp_path, one_
                                              f"output {tmp_path / 'out' / 'x.safetensors'}")
 
 
+def test_an_output_inside_another_outputs_folder_is_not_written_even_with_force(tmp_path, one_lora):
+    """``x.ckpt`` and ``x/y.ckpt`` converted to PEFT folders: ``OUT/x`` and ``OUT/x/y``. Before, the second run
+    (``--force``, as the first run's error suggested) replaced ``OUT/x`` and with it ``x/y``'s output, which the
+    report called converted."""
+    root, out = tmp_path / "mine", tmp_path / "out"
+    (root / "x").mkdir(parents=True)
+    convert(one_lora / "x.safetensors", root / "x.ckpt", "mindone-sgm", progress=False)
+    shutil.copy(one_lora / "x.safetensors", root / "x" / "y.safetensors")
+    for force in (False, True):
+        result = run_batch([root], out, "peft", jobs=1, force=force, progress=False)
+        by_name = {Path(e.input).name: e for e in result.entries}
+        assert by_name["y.safetensors"].status == "converted"
+        assert by_name["x.ckpt"].error == (f"{root / 'x.ckpt'}: {root / 'x' / 'y.safetensors'} is converted to "
+                                           f"{out / 'x' / 'y'}, inside this file's output {out / 'x'}")
+        assert (out / "x" / "y" / "unet" / "adapter_config.json").is_file()
+
+
+def test_an_output_that_would_replace_an_input_of_the_batch_fails_even_with_force(tmp_path, one_lora):
+    """``-o`` the library's own folder with its files named one by one (the shell's ``lib/*``): ``a.ckpt``'s output
+    is the input ``a.safetensors``. Before, ``--force`` replaced that input with ``a.ckpt``'s conversion."""
+    root = tmp_path / "mine"
+    root.mkdir()
+    convert(one_lora / "x.safetensors", root / "a.ckpt", "mindone-sgm", progress=False)
+    shutil.copy(one_lora / "x.safetensors", root / "a.safetensors")
+    before = (root / "a.safetensors").read_bytes()
+    (tmp_path / "link").symlink_to(root)
+    for out in (root, tmp_path / "link"):  # as named, and through a link
+        result = run_batch([root / "a.ckpt", root / "a.safetensors"], out, "kohya", jobs=1, force=True,
+                           report=tmp_path / "report.jsonl", progress=False)
+        assert [e.error for e in sorted(result.entries, key=lambda e: e.input)] == [
+            f"{root / name}: its output {out / 'a.safetensors'} is an input of this batch, which a batch never "
+            "replaces; choose another -o" for name in ("a.ckpt", "a.safetensors")]
+        assert (root / "a.safetensors").read_bytes() == before
+
+
 def test_a_file_where_the_mirrored_tree_needs_a_folder_fails_that_file_in_one_line(tmp_path):
     root, out = tmp_path / "lib", tmp_path / "out"
     (root / "sub").mkdir(parents=True)

@@ -33,7 +33,7 @@ import fnmatch
 import glob
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -51,6 +51,7 @@ class Found:
     relative: Path
     error: str | None = None  # why it cannot be converted at all: a glob matching nothing, a folder that cannot be
     # read, OUT_DIR named as a source
+    real: str | None = None  # its path with every symbolic link resolved (os.path.realpath), where it names something
 
 
 def is_adapter_directory(path: Path) -> bool:
@@ -102,7 +103,7 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
             key = os.path.realpath(item.path)
             if item.error or key not in seen:
                 seen.add(key)
-                found.append(item)
+                found.append(replace(item, real=key))
     return _below_common_folder(found)
 
 
@@ -114,6 +115,7 @@ class _Found:
     path: Path
     anchor: Path | None
     error: str | None = None
+    real: str | None = None
 
 
 def _below_common_folder(found: list[_Found]) -> list[Found]:
@@ -123,7 +125,8 @@ def _below_common_folder(found: list[_Found]) -> list[Found]:
     anchors = [os.path.abspath(item.anchor) for item in found if item.anchor is not None]
     base = os.path.commonpath(anchors) if anchors else ""
     return [Found(item.path, Path(os.path.relpath(os.path.abspath(item.path), base)) if item.anchor is not None
-                  else Path(item.path.name), item.error) for item in found]
+                  else Path(item.path.name), item.error, item.real if item.anchor is not None else None)
+            for item in found]
 
 
 def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:

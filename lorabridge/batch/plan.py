@@ -5,8 +5,10 @@ The source tree is mirrored (below the folder holding every source, :mod:`~lorab
 from what the target declares (no table to keep in step with the registry): a directory target
 (PEFT) gets a folder named after the stem, MindSpore targets a ``.ckpt`` (MindONE's trainer's
 container), every other format a ``.safetensors``. Two inputs that would land on one output
-(``x.ckpt`` and ``x.safetensors`` side by side) are not both converted: the first (in discovery
-order) is, the others fail with a line naming it.
+(``x.ckpt`` and ``x.safetensors`` side by side), or one inside the other's (``x.ckpt`` and ``x/y.ckpt``
+converted to PEFT folders), are not both converted: the first (in discovery order) is, the others fail with
+a line naming it. An output that would replace an input of the batch (``-o`` the library's own folder, its
+files named one by one) fails, ``--force`` or not.
 """
 
 from __future__ import annotations
@@ -63,18 +65,44 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
         >>> [job.output for job in plan_jobs([Found(Path("/in/a/x.ckpt"), Path("a/x.ckpt"))], Path("/out"), get_format("neutral"))]
         [PosixPath('/out/a/x.safetensors')]
     """
+    found = list(found)
     suffix = target_suffix(target)
-    claimed: dict[Path, Path] = {}
+    inputs = {item.real for item in found if item.real}
+    out, real_out = os.path.abspath(out_dir), os.path.realpath(out_dir)  # outputs resolved as OUT_DIR is
+    claimed: dict[Path, Path] = {}  # output -> the input converted to it
+    holding: dict[Path, Path] = {}  # a folder of the output tree -> an output inside it
     jobs = []
     for item in found:
         stem = item.relative.name if item.path.is_dir() else item.relative.stem
         output = Path(os.path.abspath(out_dir / item.relative.parent / (stem + suffix)))
-        error = item.error
-        if error is None and output in claimed:
-            error = f"{os.fspath(claimed[output])} is converted to the same output {os.fspath(output)}"
-        claimed.setdefault(output, item.path)
+        error = item.error or _clash(output, claimed, holding, inputs, out, real_out)
+        if error is None:
+            claimed[output] = item.path
+            for folder in output.parents:
+                if len(folder.parts) <= len(Path(out).parts):
+                    break
+                holding.setdefault(folder, output)
         jobs.append(Job(Path(os.path.abspath(item.path)), output, input_bytes(item.path), error))
     return jobs
+
+
+def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], inputs: set[str], out: str,
+           real_out: str) -> str | None:
+    """Why ``output`` cannot be written beside the outputs ``claimed`` so far (a folder of theirs in ``holding``),
+    or over one of the batch's ``inputs`` (real paths); None when it can."""
+    if output in claimed:
+        return f"{os.fspath(claimed[output])} is converted to the same output {os.fspath(output)}"
+    if output in holding:
+        inside = holding[output]
+        return (f"{os.fspath(claimed[inside])} is converted to {os.fspath(inside)}, inside this file's output "
+                f"{os.fspath(output)}")
+    for folder in output.parents:
+        if folder in claimed:
+            return (f"{os.fspath(claimed[folder])} is converted to {os.fspath(folder)}, which this file's output "
+                    f"{os.fspath(output)} would be inside")
+    if real_out + os.fspath(output)[len(out):] in inputs:
+        return f"its output {os.fspath(output)} is an input of this batch, which a batch never replaces; choose another -o"
+    return None
 
 
 def check_out_dir(out_dir: Path, jobs: Sequence[Job]) -> None:
