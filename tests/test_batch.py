@@ -565,13 +565,27 @@ def test_the_report_never_replaces_an_input_an_output_a_device_or_a_file_that_is
     refused = {root / "x.safetensors": "--report names an input of this batch; refusing to replace it",
                root / "adapter" / "report.jsonl": "--report names a file inside an input adapter folder",
                Path("/dev/null"): "--report names a character device, not a regular file; refusing to replace it",
-               out / "x.safetensors": "--report names one of this batch's outputs, or a path inside one",
-               out / STATE_DIR / "r.jsonl": "--report names one of this batch's outputs, or a path inside one"}
+               out / "x.safetensors": "--report names one of this batch's outputs; refusing to write there",
+               # spelled otherwise: before, "out/sub/../x.safetensors" or a link to OUT_DIR replaced that output
+               out / "sub" / ".." / "x.safetensors": "--report names one of this batch's outputs",
+               tmp_path / "link" / "x.safetensors": "--report names one of this batch's outputs",
+               out / STATE_DIR / "r.jsonl": "--report names a path inside one of this batch's outputs",
+               # before, found out only when the report was renamed over OUT_DIR, after every file had converted
+               out: "--report names the output directory or a folder it is in",
+               tmp_path: "--report names the output directory or a folder it is in"}
+    (tmp_path / "link").symlink_to(out)
     for report, why in refused.items():
         with pytest.raises(LoraBridgeError, match=re.escape(why)):
             run_batch([root], out, "neutral", report=report, force=True, progress=False)
-    with pytest.raises(LoraBridgeError, match="--report names one of this batch's outputs, or a path inside one"):
-        run_batch([root], out, "peft", report=out / "x" / "r.jsonl", force=True, progress=False)  # a PEFT folder
+    for report, why in [(out / "x" / "r.jsonl", "a path inside one of this batch's outputs"),  # a PEFT folder
+                        (out / "adapter", "one of this batch's outputs")]:
+        with pytest.raises(LoraBridgeError, match=re.escape(f"--report names {why}")):
+            run_batch([root], out, "peft", report=report, force=True, progress=False)
+    (root / "sub").mkdir()
+    shutil.copy(root / "x.safetensors", root / "sub" / "y.safetensors")
+    with pytest.raises(LoraBridgeError, match="--report names a folder this batch writes outputs into"):
+        run_batch([root], out, "neutral", report=out / "sub", progress=False)
+    shutil.rmtree(root / "sub")
     with pytest.raises(LoraBridgeError, match="not a lorabridge batch report; pass --force to replace it"):
         run_batch([root], out, "neutral", report=tmp_path / "notes.txt", progress=False)
     assert not out.exists() and (root / "x.safetensors").read_bytes() == lora

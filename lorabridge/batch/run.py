@@ -52,7 +52,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
     check_out_dir(out, jobs_)
     read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
-    check_report_target(report_path, read, force, outputs=[*(job.output for job in jobs_), out / STATE_DIR])
+    check_report_target(report_path, read, force, out, outputs=[*(job.output for job in jobs_),
+                                                                Path(os.path.abspath(out / STATE_DIR))])
     client = None
     if dask:  # first: a typo in the address leaves nothing behind
         from .cluster import cluster_fills_its_cores, connect, run_dask
