@@ -794,7 +794,18 @@ def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_
     assert result.exit_code == 1 and result.output.startswith("error: xlabs is read-only")
     both = run_cli("batch", tmp_path, "--to", "neutral", "-o", tmp_path / "out", "--jobs", "2", "--dask", "tcp://x:1")
     assert both.exit_code == 1 and both.output.startswith("error: --jobs sets this machine's worker processes")
+    # before: every file failed alike, each hashed first (--from), and a traceback (a pool of 2**31 - 1 processes)
+    source = run_cli("batch", tmp_path, "--to", "neutral", "--from", "nosuch", "-o", tmp_path / "out")
+    assert source.exit_code == 1 and source.output.startswith("error: unknown format 'nosuch'; known: neutral, ")
+    many = run_cli("batch", tmp_path, "--to", "neutral", "-o", tmp_path / "out", "--jobs", str(2**31 - 1))
+    assert many.exit_code == 1 and many.output == "error: --jobs must be 1 to 1024, not 2147483647\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_starts_no_more_worker_processes_than_it_has_files(tmp_path, one_lora, monkeypatch):
+    pools = []
+    monkeypatch.setattr(local, "_pool", lambda workers, real=local._pool: pools.append(workers) or real(workers))
+    assert run_batch([one_lora], tmp_path / "out", "kohya", jobs=8, progress=False).ok and pools == [1]
 
 
 @pytest.mark.slow

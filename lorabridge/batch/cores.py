@@ -12,6 +12,7 @@ import os
 from typing import Mapping
 
 LOCAL = "this machine"
+MAX_JOBS = 1024  # worker processes on one machine at most (each holds ~100 MB; a larger library wants --dask)
 
 
 def usable_cores() -> int:

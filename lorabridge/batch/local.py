@@ -40,6 +40,9 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
     ``stop()`` is asked before each new file is started; once it says True (``--fail-fast`` after a
     failure) the files not started yet are yielded as failed, "not converted".
     """
+    if not jobs:
+        return
+    workers = min(workers, len(jobs))  # no process started that would get no file
     pending = deque((job, 0) for job in jobs)  # (job, attempts so far)
     running: dict[Future, tuple[Job, int]] = {}
     pool = _pool(workers)

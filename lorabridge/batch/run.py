@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Generator, Sequence
 
-from ..converters.registry import get_writer
+from ..converters.registry import get_format, get_writer
 from ..errors import LoraBridgeError
 from ..formats.contract import OPTION_DEFAULTS
 from ..io.atomic import sync_file_system
 from ..stopping import check_stopped, deferring
-from .cores import LOCAL, keep_every_core_busy, usable_cores
+from .cores import LOCAL, MAX_JOBS, keep_every_core_busy, usable_cores
 from .discover import find_inputs
 from .plan import check_out_dir, plan_jobs
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
@@ -46,7 +46,11 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     if dask and jobs:
         raise LoraBridgeError("--jobs sets this machine's worker processes; with --dask the cluster's workers run "
                               "the files (start them with --nworkers N --nthreads 1)")
+    if jobs is not None and not 1 <= jobs <= MAX_JOBS:
+        raise LoraBridgeError(f"--jobs must be 1 to {MAX_JOBS}, not {jobs}")
     target = get_writer(to)  # an unknown or read-only target fails once, before any file
+    if from_format is not None:
+        get_format(from_format)  # so does an unknown --from (not once per file, each hashed first)
     out = Path(out_dir)
     report_path = Path(report) if report is not None else out / REPORT_NAME
     jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
