@@ -9,6 +9,7 @@ the same bytes, --fail-fast, and two batches at once on one OUT_DIR.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import glob
 import hashlib
@@ -314,12 +315,35 @@ def test_an_output_cut_short_by_a_power_cut_before_the_closing_sync_is_converted
     run_batch([root], out, "neutral", jobs=1, progress=False)
     short = out / "sdxl" / "deep" / "m.safetensors"
     whole = short.read_bytes()
-    short.write_bytes(whole[:len(whole) // 3])
-    (out / "flux" / "f.safetensors").write_bytes(b"")
+    cut_short_by_a_power_cut(out, short, whole[:len(whole) // 3])
+    cut_short_by_a_power_cut(out, out / "flux" / "f.safetensors", b"")
     rerun = run_batch([root], out, "neutral", jobs=1, progress=False)
     statuses = {Path(e.output).name: e.status for e in rerun.entries}
     assert statuses["m.safetensors"] == statuses["f.safetensors"] == "converted" and rerun.ok
     assert len(short.read_bytes()) == len(whole) and read_neutral(short).modules and read_neutral(out / "flux" / "f.safetensors").modules
+
+
+def cut_short_by_a_power_cut(out: Path, output: Path, left: bytes) -> None:
+    """``output`` as a power cut before the batch's closing sync leaves it: its inode, with fewer bytes, and the
+    change time the journal last wrote, which is no later than the one its record kept at publication (here:
+    the record is given the truncation's, as the test cannot set a file's change time back)."""
+    output.write_bytes(left)
+    record = read_record(out, output)
+    state.write_record(out, output, dataclasses.replace(record, stamp=[*record.stamp[:3], os.stat(output).st_ctime_ns]))
+
+
+def test_a_shorter_file_the_user_put_in_an_outputs_place_is_foreign_not_cut_short(tmp_path, one_lora):
+    """Before, any output shorter than published was taken for one cut short by a power cut, and replaced without
+    --force: a user's file copied over it (same inode, a later change time) or renamed into its place."""
+    out = tmp_path / "out"
+    run_batch([one_lora], out, "kohya", jobs=1, progress=False)
+    output = out / "x.safetensors"
+    for put_there in (lambda: output.write_bytes(b"my notes"),
+                      lambda: (tmp_path / "mine").write_bytes(b"my notes") or os.replace(tmp_path / "mine", output)):
+        put_there()
+        rerun = run_batch([one_lora], out, "kohya", jobs=1, progress=False)
+        assert [e.error for e in rerun.entries] == [f"{output}: output exists; pass --force to replace it"]
+        assert output.read_bytes() == b"my notes"
 
 
 def test_workers_that_keep_every_core_busy_start_no_helper_threads_and_write_the_same_bytes(tmp_path, monkeypatch):
@@ -672,8 +696,9 @@ def test_fuzzed_state_records_are_believed_only_when_well_formed_and_never_crash
         record = read_record(out, output)
         if record is not None:
             assert set(fields) <= set(RECORD_FIELDS) and {"source", "source_sha256", "settings", "status"} <= set(fields)
-            for value, length in [(record.stamp, 2), (record.source_stamp, 4)]:
-                assert value is None or (isinstance(value, list) and len(value) == length and all(type(n) is int for n in value))
+            for value, lengths in [(record.stamp, (2, 4)), (record.source_stamp, (4,))]:  # a stamp of before: 2
+                assert value is None or (isinstance(value, list) and len(value) in lengths
+                                         and all(type(n) is int for n in value))
         state.decide(output, record, "ab" * 32, {"to": "kohya"}, trust_manifest=True)
         work.unchanged_entry(Job(source, output, 6), work.Settings(out, "kohya"))
 
@@ -719,6 +744,28 @@ def test_a_record_that_cannot_be_written_fails_its_file_in_one_line_and_leaves_n
     assert entry.status == "failed"
     assert entry.error == f"{record_path(out, out / 'x.safetensors')}: cannot write the batch's record: No space left on device"
     assert list((out / STATE_DIR).iterdir()) == [] and not (out / "x.safetensors").exists()
+
+
+def test_an_output_a_full_disk_kept_from_being_published_leaves_no_claim_on_its_place(tmp_path, one_lora, monkeypatch):
+    """A "converting" record claims the output for the batch (a worker killed after publishing it could not record
+    "done"). Before, one left by a clean failure made the rerun replace, without --force, a file the user then put
+    in that place; now the record goes back to what it was before the conversion (here: none)."""
+    real_create = atomic.create_locked
+
+    def on_a_full_disk(temporary):
+        fd = real_create(temporary)
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return fd
+
+    out, job = tmp_path / "out", Job(one_lora / "x.safetensors", tmp_path / "out" / "x.safetensors", 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic, "create_locked", on_a_full_disk)
+        entry = convert_job(job, work.Settings(out, "kohya"))
+    assert entry.status == "failed" and "No space left on device" in entry.error
+    assert list((out / STATE_DIR).iterdir()) == [] and list(out.iterdir()) == [out / STATE_DIR]
+    job.output.write_bytes(b"the user's file")
+    assert convert_job(job, work.Settings(out, "kohya")).error == f"{job.output}: output exists; pass --force to replace it"
+    assert job.output.read_bytes() == b"the user's file"
 
 
 def test_a_report_on_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path):

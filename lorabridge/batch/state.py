@@ -8,10 +8,12 @@ The rule (see :func:`decide`), per output:
 * the output is the batch's own (its record names it and it has not been touched since), but the
   source or the settings changed -> converted again, replacing it: the record proves it is
   derived output, not the user's file;
-* the output is the batch's own but now shorter than when it was published -> converted again: a
-  batch syncs its outputs to the disk once, at its end (on Dask, each worker its own), and a power cut
-  before that can leave a published output short or empty (never with other bytes: file systems grow a file's
-  size on the disk only as its data gets there);
+* the output is the batch's own but now shorter than when it was published, the same inode, and changed no
+  later than then (its change time, which no program can set back) -> converted again: a batch syncs its
+  outputs to the disk once, at its end (on Dask, each worker its own), and a power cut before that can leave a
+  published output short or empty (never with other bytes: file systems grow a file's size on the disk only as
+  its data gets there), while a shorter file the user put there (copied over it, or renamed into its place)
+  has a later change time or another inode and is foreign;
 * an output the batch has no record of (or one changed since the batch wrote it) -> refused
   exactly as ``lorabridge convert`` refuses ("output exists; pass --force to replace it"), except
   a neutral output whose manifest records this source's sha256 (``provenance.source_sha256``,
@@ -72,7 +74,7 @@ class Record:
     source_sha256: str | None
     settings: dict[str, Any]
     status: str  # "converting" (started) or "done" (published; ``stamp`` is the output's then)
-    stamp: list[int] | None = None
+    stamp: list[int] | None = None  # :func:`stamp` (records written before the inode and change time: 2 numbers)
     format: str | None = None
     architecture: str | None = None
     source_stamp: list[int] | None = None  # the source's when it was hashed (:func:`source_stamp`), if not racy
@@ -136,15 +138,32 @@ def recorded_digest(record: Record | None, now: list[int] | None) -> str | None:
 
 
 def stamp(path: Path) -> list[int] | None:
-    """Size and modification time of an output (summed / latest over a directory's files); None if missing."""
+    """Size, modification time, inode and change time (ns) of an output (a directory's: its files' sizes summed,
+    their latest times, its own inode); None if missing. The first two say whether the output is the one
+    recorded (they survive a copy of ``OUT_DIR`` with ``cp -a`` or ``rsync -a``); the last two, whether a shorter
+    one was cut short by a power cut (:func:`decide`)."""
     try:
         if path.is_dir():
             files = [f.stat() for f in path.rglob("*") if f.is_file()]
-            return [sum(s.st_size for s in files), max((s.st_mtime_ns for s in files), default=0)]
+            return [sum(s.st_size for s in files), max((s.st_mtime_ns for s in files), default=0),
+                    path.stat().st_ino, max((s.st_ctime_ns for s in files), default=0)]
         info = path.stat()
     except OSError:
         return None
-    return [info.st_size, info.st_mtime_ns]
+    return [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
+
+
+def _as_published(recorded: list[int] | None, now: list[int] | None) -> bool:
+    """Whether an output stamped ``now`` is the one recorded ``recorded`` (size and modification time)."""
+    return recorded == now if recorded is None or now is None else recorded[:2] == now[:2]
+
+
+def _cut_short(recorded: list[int], now: list[int]) -> bool:
+    """Whether an output stamped ``now`` is the one published ``recorded``, shorter as only a power cut leaves it:
+    smaller, the same inode, and changed no later than when it was published (a record without them: smaller)."""
+    if now[0] >= recorded[0]:
+        return False
+    return len(recorded) < 4 or (now[2] == recorded[2] and now[3] <= recorded[3])
 
 
 def record_path(out_dir: Path, output: Path) -> Path:
@@ -175,7 +194,7 @@ def _well_formed(record: Record) -> bool:
     texts = (record.source_sha256, record.format, record.architecture)
     return (isinstance(record.source, str) and isinstance(record.status, str) and isinstance(record.settings, dict)
             and all(text is None or isinstance(text, str) for text in texts)
-            and _integers(record.stamp, 2) and _integers(record.source_stamp, 4))
+            and (_integers(record.stamp, 4) or _integers(record.stamp, 2)) and _integers(record.source_stamp, 4))
 
 
 def _integers(value: Any, count: int) -> bool:
@@ -227,9 +246,9 @@ def decide(output: Path, record: Record | None, sha256: str | None, settings: di
     if not os.path.lexists(output):
         return CONVERT, None
     now = stamp(output)
-    if record is not None and record.status == "done" and record.stamp and now and now[0] < record.stamp[0]:
+    if record is not None and record.status == "done" and record.stamp and now and _cut_short(record.stamp, now):
         return REDO, record  # ours, and shorter than published: a power cut before the batch's closing sync
-    if record is None or (record.status == "done" and record.stamp != now):
+    if record is None or (record.status == "done" and not _as_published(record.stamp, now)):
         neutral = neutral_source(output) if trust_manifest and sha256 is not None else None
         if neutral is not None and neutral[0] == sha256:
             return UP_TO_DATE, Record(os.fspath(output), sha256, settings, "done", now, neutral[2], neutral[1])

@@ -33,8 +33,8 @@ from ..io.streaming import one_thread
 from ..stopping import Stopped, stop_on_signals, stop_when_gone
 from .plan import Job
 from .report import CONVERTED, FAILED, SKIPPED, Entry
-from .state import (CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, read_record, recorded_digest, settled_stamp,
-                    source_digest, source_stamp, stamp, write_record)
+from .state import (CONVERT, FOREIGN, REDO, UP_TO_DATE, Record, decide, read_record, record_path, recorded_digest,
+                    settled_stamp, source_digest, source_stamp, stamp, write_record)
 
 _one_at_a_time = threading.Lock()
 
@@ -170,19 +170,37 @@ def _convert(job: Job, settings: Settings, entry: Entry) -> None:
         raise LoraBridgeError(EXISTS, job.output)
     _make_folder(job.output.parent)
     source = os.fspath(job.source)
+    unpublished = stamp(job.output)  # what is there before this conversion (None: nothing)
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "converting"))
     if action == CONVERT and os.path.lexists(job.output):
         # Another batch on this OUT_DIR published it since we decided, and may have recorded it "done" before our
         # "converting" replaced that: converted again (our record claims it now), the record ends "done" either way.
         # Checked after our record is written: a publish after this check is followed by its "done", which wins.
         action = REDO
-    result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
-                     force=settings.force or action == REDO, read_back=False, **dict(settings.options))
+    try:
+        result = convert(job.source, job.output, settings.to, from_formats=[entry.format], progress=False,
+                         force=settings.force or action == REDO, read_back=False, **dict(settings.options))
+    except BaseException:
+        if stamp(job.output) == unpublished:  # nothing published: the record says again what it said before
+            _put_back(out_dir, job.output, stored)
+        raise
     entry.architecture, entry.sha256 = result.model.architecture, entry.sha256 or result.model.provenance["source_sha256"]
     entry.warnings = [single_line(warning) for warning in result.warnings]
     write_record(out_dir, job.output, Record(source, entry.sha256, wanted, "done", stamp(job.output), entry.format,
                                              entry.architecture, settled_stamp(before, source_stamp(job.source), hashed_from)))
     entry.status = CONVERTED
+
+
+def _put_back(out_dir: Path, output: Path, record: Record | None) -> None:
+    """Make ``output``'s record ``record`` again (None: no record) after a conversion that failed before it published
+    anything. Why: a "converting" record left behind claims the output for the batch (it may have been published by
+    a worker killed before it recorded "done"), so a file the user puts there later would be replaced without
+    ``--force`` (measured: a full disk failed three files, and the rerun replaced the user's file put in one's place)."""
+    with contextlib.suppress(LoraBridgeError, OSError):  # the failure being reported matters more than this
+        if record is None:
+            os.unlink(record_path(out_dir, output))
+        else:
+            write_record(out_dir, output, record)
 
 
 def _make_folder(folder: Path) -> None:
