@@ -402,9 +402,10 @@ def test_fail_fast_starts_no_new_file_after_a_failure_and_still_reports_every_fi
     for i in range(5):
         write_flux(root / f"f{i}.safetensors", seed=i)
     result = run_batch([root], tmp_path / "out", "neutral", jobs=1, fail_fast=True, progress=False)
-    statuses = [e.status for e in result.entries]
-    assert len(result.entries) == 6 and statuses.count("converted") <= 2 and not result.ok
-    assert sum("stopped at an earlier failure (--fail-fast)" in (e.error or "") for e in result.entries) >= 3
+    # the first file fails; the one queued behind it in the worker (before: converted) does not start either
+    assert [e.status for e in result.entries] == ["failed"] * 6 and not result.ok
+    assert sum("stopped at an earlier failure (--fail-fast)" in (e.error or "") for e in result.entries) == 5
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is_never_read(tmp_path):
@@ -851,7 +852,7 @@ def test_an_unknown_or_read_only_target_or_jobs_with_dask_fails_once_before_any_
 
 def test_a_batch_starts_no_more_worker_processes_than_it_has_files(tmp_path, one_lora, monkeypatch):
     pools = []
-    monkeypatch.setattr(local, "_pool", lambda workers, real=local._pool: pools.append(workers) or real(workers))
+    monkeypatch.setattr(local, "_pool", lambda workers, flag, real=local._pool: pools.append(workers) or real(workers, flag))
     assert run_batch([one_lora], tmp_path / "out", "kohya", jobs=8, progress=False).ok and pools == [1]
 
 
@@ -940,7 +941,7 @@ def test_a_local_worker_starts_with_every_format_imported_and_frozen():
     from lorabridge.converters.registry import FORMATS
 
     wanted = sorted({"numpy", "lorabridge.architectures"} | {spec.split(":")[0] for spec in FORMATS.values()})
-    pool = local._pool(1)
+    pool = local._pool(1, None)
     try:
         assert pool.submit(gc.get_freeze_count).result(timeout=120) > 10_000
         # asked with eval: a function of this test module would import what it imports into the worker itself
@@ -1095,7 +1096,7 @@ def test_a_file_converts_without_automatic_garbage_collection_and_its_cycles_are
 @pytest.mark.slow
 def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_output(tmp_path, monkeypatch):
     pools = []
-    monkeypatch.setattr(local, "_pool", lambda workers, make=local._pool: pools.append(workers) or make(workers))
+    monkeypatch.setattr(local, "_pool", lambda workers, flag, make=local._pool: pools.append(workers) or make(workers, flag))
     root, out = big_and_small_library(tmp_path / "lib", small=3), tmp_path / "out"
     results = []
     batch = threading.Thread(target=lambda: results.append(run_batch([root], out, "neutral", jobs=2, progress=False)))

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
 from ..errors import LoraBridgeError
 from ..io.atomic import sync_file_system
-from ..stopping import check_stopped
+from ..stopping import Stopped, check_stopped
 from .cores import keep_every_core_busy, usable_cores
 from .plan import Job
 from .report import Entry
-from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, unrun
+from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, stopped_by, unrun
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -92,7 +92,6 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
         for job in jobs:
             submit(job, 0)
         for future in finished:
-            check_stopped()  # here, between files: a stop signal (deferred by run_batch) ends the batch
             job, attempt, _ = live.pop(future.key)
             if future.status == "finished":
                 yield future.result()
@@ -102,6 +101,14 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
                 yield unrun(job, DIED_TWICE)
             else:
                 yield crashed(job, future.exception())
+            try:
+                check_stopped()  # here, between files: a stop signal (deferred by run_batch) ends the batch
+            except (Stopped, KeyboardInterrupt) as stopped:
+                # Tasks still queued are cancelled; one a worker is converting finishes there (Dask cannot stop it)
+                # and publishes its output, as after --fail-fast. Every file is still reported once.
+                client.cancel([future for _, _, future in live.values()])
+                yield from (unrun(job, stopped_by(stopped)) for job, _, _ in live.values())
+                raise
             if stop() and live:
                 client.cancel([future for _, _, future in live.values()])
                 yield from (unrun(job, NOT_RUN) for job, _, _ in live.values())

@@ -85,7 +85,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     # on Dask every worker's (they may be other machines, each writing through its own page cache). A file converts
     # without helper threads where the files converting at once keep every core busy (lorabridge.batch.cores).
     settings = Settings(Path(os.path.abspath(out)), to, from_format, given, force, sync_at_the_end=True,
-                        helper_threads=not busy, rehash=rehash)
+                        helper_threads=not busy, rehash=rehash, fail_fast=fail_fast)
     bar = _bar(len(jobs_), sum(job.nbytes for job in jobs_)) if progress else None
     done: list[Entry] = []
     entries: Generator[Entry, None, None] | None = None

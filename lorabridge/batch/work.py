@@ -51,6 +51,7 @@ class Settings:
     sync_at_the_end: bool = False  # outputs published without an fsync each; the batch syncs the file system at its end
     helper_threads: bool = True  # False where the workers keep every core busy: see lorabridge.io.streaming.one_thread
     rehash: bool = False  # hash every source, even one whose stamp says it is unchanged since its record's hash
+    fail_fast: bool = False  # a worker whose file failed starts no new file (prepare_worker), nor do the others
 
     def candidates(self) -> list[str]:
         """The input formats a file may be: the one ``--from`` names, else every readable one (detected)."""
@@ -61,7 +62,10 @@ class Settings:
         return {"to": self.to, "from": self.from_format, "options": dict(self.options)}
 
 
-def prepare_worker(command_pid: int) -> None:
+_no_new_file: Any = None  # the batch's "start no new file" flag, in a worker process (prepare_worker)
+
+
+def prepare_worker(command_pid: int, no_new_file: Any = None) -> None:
     """Set a worker process up once, before its first file.
 
     * What it imported (lorabridge, and numpy, which every file's NaN/Inf scan imports otherwise) is frozen out
@@ -69,19 +73,30 @@ def prepare_worker(command_pid: int) -> None:
       measured: 2-3 ms a file of a rank-4 LoRA, 40 files in a row).
     * SIGTERM and SIGHUP stop it cleanly (:mod:`lorabridge.stopping`), as does the end of the batch's command
       (``command_pid``) however it ended: a worker otherwise outlives a command that was killed, waiting forever.
+    * ``no_new_file`` (a ``multiprocessing.Event``), once set by the command (``--fail-fast`` after a failure, a
+      stop signal), makes :func:`convert_in_worker` start no file: files already handed to the pool, queued
+      behind the one a worker converts, are not converted after the batch decided to stop.
     """
+    global _no_new_file
     import numpy  # noqa: F401  (imported where used, so not yet: frozen with the rest)
 
+    _no_new_file = no_new_file
     stop_on_signals()
     stop_when_gone(command_pid)
     gc.freeze()
 
 
-def convert_in_worker(job: Job, settings: Settings) -> Entry:
-    """:func:`convert_job` as a worker process runs it: told to stop, the worker leaves once the file has
-    unwound (its temporaries removed), and the batch retries the file, or is itself stopping."""
+def convert_in_worker(job: Job, settings: Settings) -> Entry | None:
+    """:func:`convert_job` as a worker process runs it; None, converting nothing, once the batch starts no new file
+    (:func:`prepare_worker`). Told to stop, the worker leaves once the file has unwound (its temporaries
+    removed), and the batch retries the file, or is itself stopping."""
+    if _no_new_file is not None and _no_new_file.is_set():
+        return None
     try:
-        return convert_job(job, settings)
+        entry = convert_job(job, settings)
+        if settings.fail_fast and entry.status == FAILED and _no_new_file is not None:
+            _no_new_file.set()  # now: the file queued behind this one must not start before the command hears of it
+        return entry
     except Stopped as stop:
         # Leave now: back in the pool's loop, a worker whose command is gone would wait for its next file forever.
         os._exit(stop.code if isinstance(stop.code, int) else 1)
@@ -250,6 +265,17 @@ def _restamp(out_dir: Path, output: Path, record: Record, now: list[int] | None)
 
 
 NOT_RUN = "not converted: the batch stopped at an earlier failure (--fail-fast)"
+
+
+def stopped_by(reason: BaseException) -> str:
+    """Why the files a stopped batch did not convert are not converted: ``reason`` is what stopped it.
+
+    Example:
+        >>> stopped_by(KeyboardInterrupt())
+        'not converted: the batch was interrupted (Ctrl-C)'
+    """
+    return (f"not converted: the batch was stopped by {reason.signal_name}" if isinstance(reason, Stopped)
+            else "not converted: the batch was interrupted (Ctrl-C)")
 DIED_TWICE = "its worker process died twice (killed, or out of memory)"
 
 
