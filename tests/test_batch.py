@@ -406,6 +406,11 @@ def test_fail_fast_starts_no_new_file_after_a_failure_and_still_reports_every_fi
     assert [e.status for e in result.entries] == ["failed"] * 6 and not result.ok
     assert sum("stopped at an earlier failure (--fail-fast)" in (e.error or "") for e in result.entries) == 5
     assert not list((tmp_path / "out").glob("*.safetensors"))
+    summary = result.render().splitlines()  # the one real failure listed, the files not started counted apart
+    assert summary[0].startswith("6 files: 0 converted, 0 skipped (up to date), 6 failed (5 of them not converted "
+                                 "as the batch stopped); ")
+    assert summary[1].startswith(f"failed: {root / 'a_bad.safetensors'}: ") and "f0.safetensors" not in summary[1]
+    assert summary[2] == "not converted: the batch stopped at an earlier failure (--fail-fast)"
 
 
 def test_inputs_are_files_directories_and_globs_each_once_and_the_output_tree_is_never_read(tmp_path):

@@ -117,6 +117,14 @@ def check_report_target(path: Path, inputs: Iterable[Path], force: bool, out_dir
                               "replace it", path)
 
 
+NOT_CONVERTED = ": not converted: "  # in the error of a file a stopped batch did not convert (batch.work.unrun)
+
+
+def _not_started(entry: Entry) -> bool:
+    """Whether ``entry`` is a file the batch did not convert because it stopped (``--fail-fast``, a signal)."""
+    return entry.status == FAILED and NOT_CONVERTED in (entry.error or "")
+
+
 def _output_clash(report: str, out_dir: Path, outputs: Iterable[Path]) -> str | None:
     """What the report's resolved path ``report`` is to the batch's output tree, if it is part of it: one of
     ``outputs``, inside one (a PEFT output folder), or a folder they go in. Compared as strings below ``out_dir``
@@ -198,11 +206,15 @@ class BatchResult:
         """
         total = sum(entry.bytes for entry in self.entries if entry.status == CONVERTED)
         files = len(self.entries)
+        unstarted = [entry.error or "" for entry in self.entries if _not_started(entry)]
+        failures = [entry.error or entry.input for entry in self.entries if entry.status == FAILED and not _not_started(entry)]
         lines = [f"{files} file{'s' * (files != 1)}: {self.count(CONVERTED)} converted, "
-                 f"{self.count(SKIPPED)} skipped (up to date), {self.count(FAILED)} failed; "
+                 f"{self.count(SKIPPED)} skipped (up to date), {self.count(FAILED)} failed"
+                 + (f" ({len(unstarted)} of them not converted as the batch stopped)" if unstarted else "") + "; "
                  f"{total / 1e6:.1f} MB in {self.seconds:.1f} s ({total / 1e6 / max(self.seconds, 1e-9):.1f} MB/s)"]
-        failures = [entry.error or entry.input for entry in self.entries if entry.status == FAILED]
         if failures:
             lines.append(f"failed: {listed(failures, 5)}")
+        if unstarted:
+            lines.append(f"not converted: {unstarted[0].rpartition(NOT_CONVERTED)[2]}")
         lines.append(f"report: {shown(self.report)}")
         return "\n".join(lines)
