@@ -451,6 +451,17 @@ def test_a_library_folder_holding_a_unet_adapter_is_walked_not_taken_for_one_ada
     assert [str(f.relative) for f in find_inputs([root / "sdxl"]) if f.relative.parts[0] == "p"] == ["p"]
 
 
+def test_a_glob_reaching_into_a_peft_adapter_folder_takes_the_folder_whole(library):
+    """``lib/**/*.safetensors`` matches an adapter's ``unet/adapter_model.safetensors``; converted alone it has no
+    config, so no alpha (before: assumed = rank, silently). The folder is the input, as a walk takes it; a path
+    that names the inside of an adapter literally is taken as named."""
+    root, _ = library
+    named = [str(f.relative) for f in find_inputs([str(root / "**" / "*.safetensors")])]
+    assert "sdxl/p" in named and not any(name.startswith("sdxl/p/") for name in named)
+    inside = find_inputs([str(root / "sdxl" / "p" / "unet" / "*.safetensors")])
+    assert [f.path for f in inside] == [root / "sdxl" / "p" / "unet" / "adapter_model.safetensors"]
+
+
 def hub_mirror(root: Path) -> None:
     """A hub mirror's layout: one folder per repository, each holding a file of the same name."""
     for seed, repo in enumerate(["repoA", "repoB"]):

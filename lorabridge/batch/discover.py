@@ -141,7 +141,9 @@ def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:
     matches = expand_glob(source)
     if not matches:
         yield _Found(path, None, "no file matches this pattern")
+    base, adapters = _glob_base(source), dict[Path, bool]()
     for match in matches:
+        match = _adapter_holding(match, base, adapters) or match
         kind = _kind(match)
         if kind == _WALK:
             yield from _walk(match, walked)
@@ -197,6 +199,29 @@ def _folders_below(top: Path, once: set[tuple[int, int]]) -> Iterator[Path]:
         once.add(key)
         yield folder
         stack.extend(folder / name for name in reversed(_names(folder)) if not name.startswith("."))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The directory a glob pattern starts from: its leading parts without wildcards."""
+    parts = Path(pattern).parts
+    fixed = parts[:next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _adapter_holding(match: Path, base: Path, known: dict[Path, bool]) -> Path | None:
+    """The outermost PEFT adapter folder that holds ``match`` below the glob's ``base``, if one does (``known``
+    caches the answers per folder). Why: ``lib/**/*.safetensors`` matches an adapter's ``adapter_model.safetensors``,
+    which converted alone had no config, so no alpha (assumed = rank); a walk takes the folder as one input, and so
+    does a glob now. A path the pattern names literally (``lib/p/unet/*.safetensors``) is taken as it is."""
+    holder = None
+    for folder in match.parents:
+        if folder == base or len(folder.parts) <= len(base.parts):
+            break
+        if folder not in known:
+            known[folder] = _is_dir(folder) and is_adapter_directory(folder)
+        if known[folder]:
+            holder = folder
+    return holder
 
 
 def _directory_key(path: str | os.PathLike) -> tuple[int, int] | None:
