@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from lorabridge.errors import LoraBridgeError
 from lorabridge.io.atomic import sync_file_system
 from lorabridge.report import validation_report
 from tests.test_batch import big_and_small_library, converting, good_library
+from tests.test_stopping import ENV, ROOT, wait_until
 
 distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
@@ -151,3 +156,107 @@ def test_tasks_convert_in_one_thread_where_the_cluster_s_workers_fill_their_mach
     monkeypatch.setattr(batch_cluster, "run_dask", lambda jobs, given, *rest: settings.append(given) or real_run(jobs, given, *rest))
     assert run_batch([root], tmp_path / "out", "kohya", dask=local.scheduler_address, progress=False).ok
     assert settings[0].helper_threads is not fills
+
+
+def test_an_empty_scheduler_address_is_refused_not_taken_for_no_cluster(tmp_path):
+    """``--dask "$SCHEDULER"`` with the variable unset: before, the batch converted on this machine without a word."""
+    good_library(tmp_path / "lib")
+    with pytest.raises(LoraBridgeError, match="--dask needs a scheduler address"):
+        run_batch([tmp_path / "lib"], tmp_path / "out", "neutral", dask="", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def worker_preload(tmp_path: Path, code: str) -> str:
+    """A script a Dask worker runs as it starts (``--preload``): how these tests make a worker unlike this machine."""
+    script = tmp_path / f"preload_{abs(hash(code))}.py"
+    script.write_text(code)
+    return str(script)
+
+
+@pytest.mark.parametrize("preload, why", [
+    ("import sys\nsys.modules['lorabridge'] = None\n",
+     r"Dask worker\(s\) without lorabridge 0\.1\.0: tcp://127\.0\.0\.1:\d+ \(ModuleNotFoundError: .*\); install it there"),
+    # a worker on a machine that does not mount the folder holding OUT_DIR (here: its os.path says nothing is there)
+    ("import genericpath\nimport os.path\n\ndef dask_setup(worker):\n    real = genericpath.exists\n"
+     "    genericpath.exists = os.path.exists = lambda p: '/blind/' not in str(p) and real(p)\n",
+     r"blind/out: Dask worker\(s\) that do not see the output directory at this path: tcp://127\.0\.0\.1:\d+; "),
+], ids=["no lorabridge", "no OUT_DIR"])
+def test_workers_that_cannot_run_the_batch_fail_it_in_one_line_before_any_task(tmp_path, preload, why):
+    """Before: a worker without lorabridge dropped its connection on the batch's first question and the batch
+    waited forever; one that does not see OUT_DIR converted every file into its own folder, reported converted."""
+    root, out = tmp_path / "lib", tmp_path / "blind" / "out"
+    good_library(root)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, preload=[worker_preload(tmp_path, preload)]) as local:
+        with pytest.raises(LoraBridgeError, match=why):
+            run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
+        assert len(local.scheduler_info["workers"]) == 1  # still there
+    assert not list(out.rglob("*.safetensors"))
+
+
+def test_a_batch_on_a_cluster_with_no_worker_stops_at_once_when_told(tmp_path):
+    """No task ever ends there; before, the command looked for a stop only when one did, and waited forever
+    (SIGTERM and Ctrl-C deferred, a second signal ignored)."""
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as local:
+        command = subprocess.Popen([sys.executable, "-m", "lorabridge", "batch", str(root), "--to", "kohya", "-o",
+                                    str(out), "--dask", local.scheduler_address], cwd=ROOT, env=ENV,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: any(out.glob(".lorabridge-report.jsonl.*.partial")), "the batch's start", command)
+        time.sleep(1)
+        command.send_signal(signal.SIGTERM)
+        output, _ = command.communicate(timeout=30)
+    assert (command.returncode, output.strip().splitlines()[-1]) == (143, "error: stopped by SIGTERM"), output
+    errors = [json.loads(line)["error"] for line in (out / REPORT_NAME).read_text().splitlines()]
+    assert len(errors) == 5 and all(e.endswith(": not converted: the batch was stopped by SIGTERM") for e in errors)
+
+
+def test_fail_fast_on_dask_reports_what_its_workers_converted(cluster, tmp_path):
+    """A stop cancels the tasks no worker holds; those a worker holds end and are reported as they ended. Before,
+    they were cancelled from the report's point of view but converted on the workers: reported "not converted",
+    published and recorded "done"."""
+    local, _ = cluster
+    root, out = tmp_path / "lib", tmp_path / "out"
+    good_library(root)
+    (root / "0bad.ckpt").write_bytes(b"broken")
+    for number in range(12):
+        os.link(root / "sdxl" / "deep" / "k.safetensors", root / f"k{number:02d}.safetensors")
+    result = run_batch([root], out, "kohya", dask=local.scheduler_address, fail_fast=True, progress=False)
+    assert not result.ok and len(result.entries) == 18
+    converted = {e.output for e in result.entries if e.status == "converted"}
+    assert {str(p) for p in out.rglob("*.safetensors")} == converted
+    assert all(e.error.endswith("not converted: the batch stopped at an earlier failure (--fail-fast)")
+               for e in result.entries if e.status == "failed" and "0bad" not in e.input)
+
+
+def test_losing_the_scheduler_mid_batch_ends_it_in_one_line_with_every_file_reported(tmp_path):
+    """Before: the files lost with it were "unexpected NoneType (a lorabridge bug)", and the command ended in a
+    traceback (its closing sync asked a client without a scheduler)."""
+    root, out = big_and_small_library(tmp_path / "lib", small=8), tmp_path / "out"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                                  str(port), "--no-dashboard"], stderr=subprocess.DEVNULL, env=ENV)
+    workers = None
+    try:
+        address = f"tcp://127.0.0.1:{port}"
+        with distributed.Client(address, timeout=60) as client:
+            workers = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
+                                        "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL, env=ENV)
+            client.wait_for_workers(2, timeout=60)
+        threading.Thread(target=lambda: converting(out, root / "big.safetensors") and scheduler.kill(),
+                         daemon=True).start()
+        with pytest.raises(LoraBridgeError, match=f"{address}: lost the Dask scheduler; the files it had not "
+                                                  r"reported are not converted \(a rerun resumes\)"):
+            run_batch([root], out, "neutral", dask=address, progress=False)
+    finally:
+        for process in (scheduler, workers):
+            if process is not None:
+                process.kill()
+                process.wait()
+    lines = [json.loads(line) for line in (out / REPORT_NAME).read_text().splitlines()]
+    assert sorted(line["input"] for line in lines) == sorted(str(p) for p in root.iterdir())
+    assert all(line["status"] == "converted" or line["error"].endswith("not converted: the batch lost its Dask "
+                                                                       "scheduler") for line in lines)

@@ -10,30 +10,48 @@ converts one file at a time (see :mod:`~lorabridge.batch.work`).
 
 Tasks publish their outputs without an fsync each; once the last has ended, every worker syncs the output's
 file system (``syncfs``), as a local batch syncs this machine's at its end: each worker machine has its own page
-cache. Results stream back as tasks finish (``as_completed``) into the one report. A task that fails for a
-reason other than the file (its worker died and the scheduler gave up on it: ``KilledWorker``, a
-lost connection, a bug) is submitted once more; its second failure is reported. A worker that dies
-mid-file leaves no partial output (outputs are published by a rename), and the scheduler itself
-reruns the tasks a lost worker held.
+cache. Results stream back as tasks finish (``as_completed``) into the one report. A worker that dies mid-file
+leaves no partial output (outputs are published by a rename), and the scheduler itself reruns the task (up to its
+``distributed.scheduler.allowed-failures``, 3 by default) before it gives up on it (``KilledWorker``), which is
+reported; a task that fails for another reason than its file (a lost connection, a bug) is submitted once more,
+and its second failure reported.
+
+Before any task, every worker is asked whether it has lorabridge at this version and sees ``OUT_DIR`` and the first
+input at the same paths (:func:`check_workers`): one that did not either killed its connection on the batch's first
+question or converted "successfully" into a folder the submitting machine never sees. A stop (``--fail-fast``, a
+signal) starts no new task: those still queued are cancelled, those a worker holds finish and are reported (a task
+that had not begun when told returns without converting). The command looks for a stop every :data:`POLL_S`
+seconds, also while no task ends (a cluster without workers), and a scheduler lost mid-batch ends it in one line,
+every file reported.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import uuid
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Sequence
 
+from .. import __version__
 from ..errors import LoraBridgeError
 from ..io.atomic import sync_file_system
 from ..stopping import Stopped, check_stopped
 from .cores import keep_every_core_busy, usable_cores
 from .plan import Job
 from .report import Entry
-from .work import DIED_TWICE, NOT_RUN, Settings, convert_job, crashed, stopped_by, unrun
+from .state import STATE_DIR
+from .work import NOT_RUN, Settings, convert_job, crashed, stopped_by, unrun
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
 CONNECT_SECONDS = 30
+POLL_S = 0.1  # how often the command looks for a stop or a lost scheduler while no task ends
+KILLED = "its Dask worker died each time the scheduler ran it (killed, or out of memory: KilledWorker)"
+LOST = "not converted: the batch lost its Dask scheduler"
 
 
 def connect(address: str) -> Client:
@@ -50,6 +68,44 @@ def connect(address: str) -> Client:
         raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
     except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol
         raise LoraBridgeError(f"not a Dask scheduler address (tcp://HOST:PORT): {exc}", address) from None
+
+
+def check_workers(client: Client, out_dir: Path, source: Path | None) -> None:
+    """Fail in one line, before any task, naming the workers that cannot run this batch: without lorabridge at
+    this version, or not seeing ``out_dir`` (or ``source``, an input) at the same path as this machine.
+
+    Why here and why so: a worker that lacks lorabridge dropped its connection on the batch's first question
+    (a function of lorabridge it could not unpickle) and the batch waited forever; one that does not see
+    ``OUT_DIR`` published each output into its own folder of that name, reported converted. The questions are
+    builtins (``eval`` of an import, ``os.path.exists``), which any worker can unpickle. Workers that join
+    later are not asked."""
+    versions = client.run(eval, "__import__('lorabridge').__version__", on_error="return")
+    wrong = {address: answer for address, answer in versions.items() if answer != __version__}
+    if wrong:
+        said = "; ".join(f"{address} ({_answer(answer)})" for address, answer in sorted(wrong.items()))
+        raise LoraBridgeError(f"Dask worker(s) without lorabridge {__version__}: {said}; install it there")
+    marker = out_dir / STATE_DIR / f".visible-{uuid.uuid4().hex}"
+    marker.write_bytes(b"")
+    try:
+        blind = _not_seeing(client, marker)
+    finally:
+        marker.unlink()
+    if blind:
+        raise LoraBridgeError(f"Dask worker(s) that do not see the output directory at this path: {blind}; the "
+                              "inputs and OUT_DIR must be on a file system every worker mounts at the same path", out_dir)
+    blind = _not_seeing(client, source) if source is not None else ""
+    if blind:
+        raise LoraBridgeError(f"Dask worker(s) that do not see this input at this path: {blind}; the inputs and "
+                              "OUT_DIR must be on a file system every worker mounts at the same path", source)
+
+
+def _not_seeing(client: Client, path: Path) -> str:
+    answers = client.run(os.path.exists, os.fspath(path), on_error="return")
+    return ", ".join(sorted(address for address, seen in answers.items() if seen is not True))
+
+
+def _answer(answer: object) -> str:
+    return f"{type(answer).__name__}: {answer}" if isinstance(answer, BaseException) else f"lorabridge {answer}"
 
 
 def cluster_fills_its_cores(client: Client, files: int) -> bool:
@@ -75,48 +131,107 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
     """Convert ``jobs`` on the cluster ``client`` is connected to (:func:`connect`), yielding each file's entry as
     it finishes; the client is closed when the generator ends.
 
-    ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, unfinished tasks are
-    cancelled and their files reported as not converted.
+    ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, no new task starts (queued ones are
+    cancelled, a task told before it began converts nothing) and the files not converted are reported so; those
+    a worker is converting finish and are reported. A stop signal does the same, then is raised.
     """
-    from distributed import KilledWorker, as_completed
+    from distributed import Event, KilledWorker, as_completed
 
+    address = client.scheduler.address if client.scheduler is not None else None
     with client:
         live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
         finished = as_completed(loop=client.loop)  # not default_client()'s: another Client may be the default
+        told = Event(f"lorabridge-stop-{uuid.uuid4().hex}", client=client)
+        why: str | None = None  # once set: no new task starts, and why the files not converted were not
+        stopped: BaseException | None = None
 
         def submit(job: Job, attempt: int) -> None:
-            future = client.submit(convert_job, job, settings, pure=False)
+            future = client.submit(convert_unless_told, job, settings, told.name, pure=False)
             live[future.key] = (job, attempt, future)
             finished.add(future)
 
-        for job in jobs:
-            submit(job, 0)
-        for future in finished:
-            job, attempt, _ = live.pop(future.key)
-            if future.status == "finished":
-                yield future.result()
-            elif attempt == 0:
-                submit(job, 1)
-            elif isinstance(future.exception(), KilledWorker):
-                yield unrun(job, DIED_TWICE)
-            else:
-                yield crashed(job, future.exception())
-            try:
-                check_stopped()  # here, between files: a stop signal (deferred by run_batch) ends the batch
-            except (Stopped, KeyboardInterrupt) as stopped:
-                # Tasks still queued are cancelled; one a worker is converting finishes there (Dask cannot stop it)
-                # and publishes its output, as after --fail-fast. Every file is still reported once.
-                client.cancel([future for _, _, future in live.values()])
-                yield from (unrun(job, stopped_by(stopped)) for job, _, _ in live.values())
-                raise
-            if stop() and live:
-                client.cancel([future for _, _, future in live.values()])
-                yield from (unrun(job, NOT_RUN) for job, _, _ in live.values())
-                break
+        def stop_now(reason: str) -> Generator[Entry, None, None]:
+            """No new task: cancel those no worker holds yet and report them; the others end on their own."""
+            told.set()
+            held = {key for keys in client.processing().values() for key in keys}
+            # done: ended on a worker, its result not yet taken here (the scheduler no longer counts it as processing)
+            queued = [key for key in live if key not in held and not live[key][2].done()]
+            client.cancel([live[key][2] for key in queued])
+            for key in queued:
+                yield unrun(live.pop(key)[0], reason)
+
+        try:
+            for job in jobs:
+                submit(job, 0)
+            while live:
+                for future in finished.next_batch(block=False) if finished.has_ready() else ():
+                    if future.key not in live:  # cancelled by stop_now, reported there
+                        continue
+                    job, attempt, _ = live.pop(future.key)
+                    if future.status == "finished":
+                        yield future.result() or unrun(job, why or NOT_RUN)
+                    elif future.status == "cancelled":  # not by us: the scheduler is gone
+                        live[future.key] = (job, attempt, future)
+                        raise _Lost
+                    elif isinstance(future.exception(), KilledWorker):  # the scheduler already retried it
+                        yield unrun(job, KILLED)
+                    elif attempt == 0 and why is None:
+                        submit(job, 1)
+                    else:
+                        yield crashed(job, future.exception())
+                if not finished.has_ready():
+                    time.sleep(POLL_S)
+                if client.status not in ("running", "connecting"):
+                    raise _Lost
+                if stopped is None:
+                    try:
+                        check_stopped()  # here, between files: a stop signal (deferred by run_batch) stops the batch
+                    except (Stopped, KeyboardInterrupt) as exc:
+                        stopped, why = exc, stopped_by(exc)
+                        yield from stop_now(why)
+                if why is None and stop():
+                    why = NOT_RUN
+                    yield from stop_now(why)
+        except _Lost:
+            yield from (unrun(job, LOST) for job, _, _ in live.values())
+            _close_quietly(client)
+            raise LoraBridgeError("lost the Dask scheduler; the files it had not reported are not converted "
+                                  "(a rerun resumes)", address) from None
+        if stopped is not None:
+            raise stopped
         # Tasks publish their outputs without an fsync each (Settings.sync_at_the_end): every worker now syncs the
         # output's file system once, as a local batch does at its end (one write-out instead of an fsync per file).
         # A worker that cannot is an error; one that left meanwhile is not (its machine writes its page cache back).
-        synced = client.run(sync_file_system, settings.out_dir, on_error="return")
+        try:
+            synced = client.run(sync_file_system, settings.out_dir, on_error="return")
+        except Exception as exc:  # the scheduler went away after the last task (a closed comm, a closed pool)
+            raise LoraBridgeError(f"cannot ask the Dask workers to sync the outputs: {exc}", settings.out_dir) from None
         failures = [answer for answer in synced.values() if isinstance(answer, LoraBridgeError)]
         if failures:
             raise failures[0]
+
+
+def _close_quietly(client: Client) -> None:
+    """Close a client whose scheduler is gone without the traceback distributed logs (at ERROR) as its reconnection
+    attempt is cancelled: the batch says what happened in its one line."""
+    log = logging.getLogger("distributed.client")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        client.close()
+    finally:
+        log.setLevel(level)
+
+
+class _Lost(Exception):
+    """The Dask scheduler is gone (its futures cancelled under us, the client no longer connected)."""
+
+
+def convert_unless_told(job: Job, settings: Settings, told: str) -> Entry | None:
+    """A task: :func:`~lorabridge.batch.work.convert_job`, unless the batch has told its tasks to start no new file
+    (the ``distributed.Event`` named ``told``): then None, converting nothing (reported "not converted")."""
+    from distributed import Event
+
+    if Event(told).is_set():
+        return None
+    return convert_job(job, settings)

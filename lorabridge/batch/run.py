@@ -43,6 +43,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         (True, 300)
     """
     started = time.perf_counter()
+    if dask is not None and not dask.strip():  # an unset $SCHEDULER: not a reason to convert here instead
+        raise LoraBridgeError("--dask needs a scheduler address (tcp://HOST:PORT); it was given an empty one")
     if dask and jobs:
         raise LoraBridgeError("--jobs sets this machine's worker processes; with --dask the cluster's workers run "
                               "the files (start them with --nworkers N --nthreads 1)")
@@ -60,7 +62,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
                                                                 Path(os.path.abspath(out / STATE_DIR))])
     client = None
     if dask:  # first: a typo in the address leaves nothing behind
-        from .cluster import cluster_fills_its_cores, connect, run_dask
+        from .cluster import check_workers, cluster_fills_its_cores, connect, run_dask
 
         client = connect(dask)
     try:
@@ -72,6 +74,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         cores = usable_cores()
         workers = jobs or cores
         if client is not None:
+            check_workers(client, Path(os.path.abspath(out)), next((job.source for job in jobs_ if not job.error), None))
             busy = cluster_fills_its_cores(client, len(jobs_))
         else:
             busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: cores}, len(jobs_))
