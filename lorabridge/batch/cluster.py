@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -62,12 +63,34 @@ def connect(address: str) -> Client:
         from distributed import Client
     except ImportError:
         raise LoraBridgeError("--dask needs dask.distributed: pip install 'lorabridge[cluster]'") from None
+    _check_host(address)
     try:
         return Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise LoraBridgeError(f"cannot reach the Dask scheduler: {exc}", address) from None
     except (ValueError, TypeError) as exc:  # "missing port number in address", an unknown protocol
         raise LoraBridgeError(f"not a Dask scheduler address (tcp://HOST:PORT): {exc}", address) from None
+
+
+def _check_host(address: str) -> None:
+    """Refuse at once a TCP address whose port is out of range or whose host name does not resolve: the client
+    would try for :data:`CONNECT_SECONDS`, then say only "timed out"."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return
+        host, port = parse_host_port(location)
+    except (ValueError, TypeError):  # the client says what is wrong with it
+        return
+    if not 0 < port < 65536:
+        raise LoraBridgeError(f"not a Dask scheduler address (tcp://HOST:PORT): port {port} is not 1-65535", address)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise LoraBridgeError(f"cannot reach the Dask scheduler: cannot resolve {host!r}: "
+                              f"{getattr(exc, 'strerror', None) or exc}", address) from None
 
 
 def check_workers(client: Client, out_dir: Path, source: Path | None) -> None:
