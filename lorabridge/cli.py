@@ -33,6 +33,11 @@ class LoraBridgeGroup(click.Group):
                 raise
             click.echo(f"error: {exc.one_line()}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # after its cleanup (temporaries removed, a batch's report published)
+            # The shell's code for Ctrl-C (128 + SIGINT), as SIGTERM's is 143, not click's 1 ("Aborted!"), which a
+            # script could not tell from "some files failed".
+            click.echo("error: interrupted (Ctrl-C)", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=LoraBridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
