@@ -213,6 +213,17 @@ def test_a_mindspore_checkpoint_is_sent_to_ms2neutral(run_cli, tmp_path):
     write_ms_checkpoint(src, {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight":
                               Tensor.from_numpy(np.ones((2, 640), np.float32))})
     refused(run_cli("pt2neutral", src), "a MindSpore checkpoint, not a PyTorch-world file: use ms2neutral")
+    # convert and batch read MindONE's checkpoints themselves: there the way is to leave out a --from that excluded them
+    refused(run_cli("convert", src, "--from", "kohya", "--to", "diffusers", "-o", tmp_path / "o.safetensors"),
+            "a MindSpore checkpoint, not kohya: leave out --from, or name mindone-sgm or ")
+    assert_nothing_written(tmp_path, src)
+
+
+def test_a_mindspore_checkpoint_without_a_lora_says_so_where_its_readers_were_tried(run_cli, tmp_path):
+    src = tmp_path / "weights.ckpt"  # before: "use ms2neutral", which refuses it too
+    write_ms_checkpoint(src, {"model.diffusion_model.out.2.weight": Tensor.from_numpy(np.ones((4, 4), np.float32))})
+    refused(run_cli("convert", src, "--to", "diffusers", "-o", tmp_path / "o.safetensors"),
+            "a MindSpore checkpoint holding no LoRA that mindone-sgm")
     assert_nothing_written(tmp_path, src)
 
 

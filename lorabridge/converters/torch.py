@@ -38,14 +38,15 @@ def why_undetected(path: Path, tried: Iterable[str]) -> str:
     """Why none of the ``tried`` formats accepts the file at ``path``, as specifically as can be said cheaply."""
     from ..io.torch_file import read_state_dict, state_dict_keys
 
-    tried = ", ".join(tried)
+    names = list(tried)
+    tried = ", ".join(names)
     if path.is_file() and path.stat().st_size == 0:
         return "empty file (0 bytes)"
     if container_of(path) is None and not path.is_dir():
         from ..formats.mindone import container_of as mindspore_container
 
         if mindspore_container(path):
-            return "a MindSpore checkpoint, not a PyTorch-world file: use ms2neutral"
+            return _mindspore_hint(names)
         return f"neither safetensors nor a torch pickle (tried: {tried})"
     found = state_dict_keys(path) if path.is_file() else None
     if found is None and path.is_file():
@@ -59,6 +60,17 @@ def why_undetected(path: Path, tried: Iterable[str]) -> str:
     if not keys:
         return "holds no tensors"
     return f"none of its {len(keys)} tensor keys is a LoRA key of {tried}: {listed(keys, SHOWN_KEYS, ', ')}"
+
+
+def _mindspore_hint(tried: list[str]) -> str:
+    """Why a MindSpore checkpoint was not read as any of ``tried``, and what reads it: ms2neutral after pt2neutral
+    (which tries the PyTorch world's formats), no --from after a ``--from`` that named one of those."""
+    readers = [f.name for f in all_formats() if f.framework == "mindspore"]
+    if any(name in readers for name in tried):
+        return f"a MindSpore checkpoint holding no LoRA that {' or '.join(n for n in tried if n in readers)} reads"
+    if len(tried) == 1:
+        return f"a MindSpore checkpoint, not {tried[0]}: leave out --from, or name {' or '.join(readers)}"
+    return "a MindSpore checkpoint, not a PyTorch-world file: use ms2neutral"
 
 
 def detect_input(src: Path, candidates: Iterable[str]) -> str:
