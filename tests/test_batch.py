@@ -332,6 +332,16 @@ def cut_short_by_a_power_cut(out: Path, output: Path, left: bytes) -> None:
     state.write_record(out, output, dataclasses.replace(record, stamp=[*record.stamp[:3], os.stat(output).st_ctime_ns]))
 
 
+def test_a_record_from_before_stamps_held_inode_and_change_time_is_honoured_and_brought_up_to_date(tmp_path, one_lora):
+    out = tmp_path / "out"
+    run_batch([one_lora], out, "kohya", jobs=1, progress=False)
+    output = out / "x.safetensors"
+    record = read_record(out, output)
+    state.write_record(out, output, dataclasses.replace(record, stamp=record.stamp[:2]))  # as written before
+    assert [e.status for e in run_batch([one_lora], out, "kohya", jobs=1, progress=False).entries] == ["skipped"]
+    assert read_record(out, output).stamp == record.stamp
+
+
 def test_a_shorter_file_the_user_put_in_an_outputs_place_is_foreign_not_cut_short(tmp_path, one_lora):
     """Before, any output shorter than published was taken for one cut short by a power cut, and replaced without
     --force: a user's file copied over it (same inode, a later change time) or renamed into its place."""
@@ -448,6 +458,8 @@ def test_a_library_folder_holding_a_unet_adapter_is_walked_not_taken_for_one_ada
     # an adapter folder of components, with only what such a folder holds beside them, stays one input
     assert sorted(p.name for p in (root / "sdxl" / "p").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
     (root / "sdxl" / "p" / "README.md").write_text("a model card")
+    (root / "sdxl" / "p" / "samples").mkdir()  # a folder without LoRAs beside the components: still one adapter
+    (root / "sdxl" / "p" / "samples" / "1.png").write_bytes(b"png")
     assert [str(f.relative) for f in find_inputs([root / "sdxl"]) if f.relative.parts[0] == "p"] == ["p"]
 
 
@@ -495,6 +507,14 @@ def test_outputs_mirror_the_sources_below_the_folder_holding_them_all_so_a_shell
         "*.ckpt", "pytorch_lora_weights.safetensors", "such.ckpt"]
     result = run_batch(sorted(glob.glob("lib/*")), Path("out"), "kohya", jobs=1, progress=False)
     assert result.ok and sorted(str(p.relative_to("out")) for p in Path("out").rglob("*.safetensors")) == whole
+    # a glob's matches keep their paths below its fixed part: one that matches later moves none of the others
+    assert relatives(["lib/**/pytorch_lora_weights.safetensors"]) == whole[1:]
+    shutil.rmtree("lib/repoB")
+    assert relatives(["lib/**/pytorch_lora_weights.safetensors"]) == whole[1:2]  # before: its name alone
+    # an adapter named from inside it: below the folder it is in, never "..", which put the output above OUT_DIR
+    convert(Path("lib/loose.safetensors"), Path("lib/p"), "peft", progress=False)
+    monkeypatch.chdir(tmp_path / "lib" / "p" / "unet")
+    assert relatives([".."]) == ["p"]
 
 
 
@@ -600,6 +620,8 @@ def test_names_with_newlines_or_bytes_that_are_not_utf8_convert_and_report_as_js
 
 def test_the_report_never_replaces_an_input_an_output_a_device_or_a_file_that_is_not_a_report(tmp_path, one_lora):
     root, out = one_lora, tmp_path / "out"
+    (tmp_path / "src" / "linked").mkdir(parents=True)
+    shutil.copy(root / "x.safetensors", tmp_path / "src" / "linked" / "y.safetensors")
     convert(root / "x.safetensors", root / "adapter", "peft", progress=False)
     lora = (root / "x.safetensors").read_bytes()
     (tmp_path / "notes.txt").write_text("mine")
@@ -618,6 +640,12 @@ def test_the_report_never_replaces_an_input_an_output_a_device_or_a_file_that_is
     for report, why in refused.items():
         with pytest.raises(LoraBridgeError, match=re.escape(why)):
             run_batch([root], out, "neutral", report=report, force=True, progress=False)
+    out.mkdir()  # a folder of OUT_DIR that is a link elsewhere: outputs are written through it, and so would be this
+    (tmp_path / "elsewhere").mkdir()
+    (out / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LoraBridgeError, match="--report names one of this batch's outputs"):
+        run_batch([tmp_path / "src"], out, "neutral", report=out / "linked" / "y.safetensors", force=True, progress=False)
+    shutil.rmtree(out)
     for report, why in [(out / "x" / "r.jsonl", "a path inside one of this batch's outputs"),  # a PEFT folder
                         (out / "adapter", "one of this batch's outputs")]:
         with pytest.raises(LoraBridgeError, match=re.escape(f"--report names {why}")):
@@ -821,6 +849,21 @@ def test_an_output_inside_another_outputs_folder_is_not_written_even_with_force(
         assert (out / "x" / "y" / "unet" / "adapter_config.json").is_file()
 
 
+def test_an_output_folder_that_would_hold_an_input_of_the_batch_fails_even_with_force(tmp_path, one_lora):
+    """``a.safetensors`` to a PEFT folder ``lib/a`` where ``lib/a/b.safetensors`` is an input: before, --force
+    replaced the folder, and the input with it."""
+    root = tmp_path / "mine"
+    (root / "a").mkdir(parents=True)
+    shutil.copy(one_lora / "x.safetensors", root / "a.safetensors")
+    shutil.copy(one_lora / "x.safetensors", root / "a" / "b.safetensors")
+    result = run_batch([root / "a.safetensors", root / "a"], root, "peft", jobs=1, force=True,
+                       report=tmp_path / "r.jsonl", progress=False)
+    by_name = {Path(e.input).name: e for e in result.entries}
+    assert by_name["a.safetensors"].error == (f"{root / 'a.safetensors'}: its output {root / 'a'} is an input of "
+                                              "this batch or holds one, which a batch never replaces; choose another -o")
+    assert (root / "a" / "b.safetensors").read_bytes() == (one_lora / "x.safetensors").read_bytes()
+
+
 def test_an_output_that_would_replace_an_input_of_the_batch_fails_even_with_force(tmp_path, one_lora):
     """``-o`` the library's own folder with its files named one by one (the shell's ``lib/*``): ``a.ckpt``'s output
     is the input ``a.safetensors``. Before, ``--force`` replaced that input with ``a.ckpt``'s conversion."""
@@ -834,8 +877,8 @@ def test_an_output_that_would_replace_an_input_of_the_batch_fails_even_with_forc
         result = run_batch([root / "a.ckpt", root / "a.safetensors"], out, "kohya", jobs=1, force=True,
                            report=tmp_path / "report.jsonl", progress=False)
         assert [e.error for e in sorted(result.entries, key=lambda e: e.input)] == [
-            f"{root / name}: its output {out / 'a.safetensors'} is an input of this batch, which a batch never "
-            "replaces; choose another -o" for name in ("a.ckpt", "a.safetensors")]
+            f"{root / name}: its output {out / 'a.safetensors'} is an input of this batch or holds one, which a "
+            "batch never replaces; choose another -o" for name in ("a.ckpt", "a.safetensors")]
         assert (root / "a.safetensors").read_bytes() == before
 
 

@@ -20,11 +20,12 @@ parent (``current -> .``) is not walked again, and a glob's ``**`` enters each r
 (``glob.glob`` follows such a link until the path is 40 links deep, and two of them in one folder
 make 2^40 paths). The walk keeps its own stack, so no depth of folders exhausts Python's recursion.
 
-Each input keeps its path below the deepest folder that holds every source (a directory named or matched
-counting as itself, a file or adapter folder as the folder it is in), which :mod:`~lorabridge.batch.plan` mirrors
-under ``OUT_DIR``. One folder named: its contents are mirrored. Several: each lands under its own name, as ``cp -r
-a b OUT`` puts them, so that ``batch lib/*`` (the shell's expansion) and ``batch 'lib/*'`` (ours) give one layout,
-and a hub mirror's ``repoA/pytorch_lora_weights.safetensors`` and ``repoB/...`` never land on one output.
+Each input keeps its path below the deepest folder that holds every source (a directory named counting as
+itself, a file or adapter folder named as the folder it is in, a glob as its fixed leading part), which
+:mod:`~lorabridge.batch.plan` mirrors under ``OUT_DIR``. One folder named: its contents are mirrored. Several: each
+lands under its own name, as ``cp -r a b OUT`` puts them, so that ``batch lib/*`` (the shell's expansion) and
+``batch 'lib/*'`` (ours) give one layout (the shell's differs only when one folder matches, as ``cp``'s does), and
+a hub mirror's ``repoA/pytorch_lora_weights.safetensors`` and ``repoB/...`` never land on one output.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def is_adapter_directory(path: Path) -> bool:
 
     Why the second condition: a library folder that happens to hold a ``unet/`` adapter beside other LoRAs and
     folders of them is a library, and was taken for one adapter whose other files were neither converted nor
-    reported. Walked, its ``unet/`` is an input of its own (a PEFT adapter of that component).
+    reported. Walked, its ``unet/`` is an input of its own (a PEFT adapter of that component). A folder beside
+    the components that holds no LoRA (a model card's ``samples/``) leaves the adapter one input.
 
     Example:
         >>> is_adapter_directory(Path("/"))
@@ -68,17 +70,41 @@ def is_adapter_directory(path: Path) -> bool:
     """
     if not get_format("peft").detect(path):
         return False
-    from ..formats.peft import CONFIG_NAME  # (imported by detect above)
-
-    if os.path.lexists(path / CONFIG_NAME):
+    if os.path.lexists(path / _CONFIG_NAME):
         return True
     components = registered_components()
     for name in _names(path):
         if name.startswith(".") or name in components:
             continue
-        if _is_dir(path / name) or Path(name).suffix.lower() in LORA_SUFFIXES:
-            return False  # another folder, or a LoRA file beside the components: a library
+        if Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(path / name):
+            return False  # a LoRA file beside the components: a library
+        if _is_dir(path / name) and _holds_inputs(path / name):
+            return False  # a folder of LoRAs beside them
     return True
+
+
+_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter folder's config (lorabridge.formats.peft.CONFIG_NAME)
+
+
+def _holds_inputs(folder: Path) -> bool:
+    """Whether ``folder`` or a folder below it (not hidden, each real one once) holds a LoRA-suffixed file or an
+    adapter config: something a walk of it would take as an input. Stops at the first."""
+    stack, seen = [folder], set()
+    while stack:
+        current = stack.pop()
+        key = _directory_key(current)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        for name in _names(current):
+            if name.startswith("."):
+                continue
+            entry = current / name
+            if name == _CONFIG_NAME or (Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(entry)):
+                return True
+            if _is_dir(entry):
+                stack.append(entry)
+    return False
 
 
 def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = ()) -> list[Found]:
@@ -135,20 +161,23 @@ def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:
         if path.is_dir() and not is_adapter_directory(path):
             yield from _walk(path, walked)
         else:  # named explicitly: always an input (a missing one fails with "no such file or directory", and being
-            # nowhere, it moves no other's output: a mistyped /no/such.ckpt beside lib does not put lib's under out/work)
-            yield _Found(path, path.parent if os.path.lexists(path) else None)
+            # nowhere, it moves no other's output: a mistyped /no/such.ckpt beside lib does not put lib's under out/work).
+            # Its folder from its absolute path: ".." (an adapter named from inside it) is a name below that folder.
+            yield _Found(path, Path(os.path.abspath(path)).parent if os.path.lexists(path) else None)
         return
     matches = expand_glob(source)
     if not matches:
         yield _Found(path, None, "no file matches this pattern")
+    # A glob's matches keep their paths below its fixed part, whichever of them match today: a folder added later
+    # that matches too does not move the outputs of those that matched before.
     base, adapters = _glob_base(source), dict[Path, bool]()
     for match in matches:
         match = _adapter_holding(match, base, adapters) or match
         kind = _kind(match)
         if kind == _WALK:
-            yield from _walk(match, walked)
+            yield from _walk(match, walked, anchor=base)
         elif kind == _INPUT and not match.name.startswith("."):  # a hidden one is matched by ".*", not an input
-            yield _Found(match, match.parent)
+            yield _Found(match, base)
 
 
 def expand_glob(pattern: str) -> list[Path]:
@@ -255,7 +284,7 @@ def _kind(path: Path) -> str | None:
     return _INPUT if path.suffix.lower() in LORA_SUFFIXES else None
 
 
-def _walk(directory: Path, walked: set[tuple[int, int]]) -> Iterator[_Found]:
+def _walk(directory: Path, walked: set[tuple[int, int]], anchor: Path | None = None) -> Iterator[_Found]:
     """Depth-first, entries sorted by name (a folder's contents where the folder sorts); adapter directories are
     one input and are not entered; a real directory already in ``walked`` is not walked again."""
     stack: list[Iterator[Path]] = []
@@ -269,7 +298,7 @@ def _walk(directory: Path, walked: set[tuple[int, int]]) -> Iterator[_Found]:
                 try:
                     names = sorted(entry.name for entry in os.scandir(folder))
                 except OSError as exc:  # reported, not skipped silently
-                    yield _Found(folder, directory, f"cannot read directory: {exc.strerror or exc}")
+                    yield _Found(folder, anchor or directory, f"cannot read directory: {exc.strerror or exc}")
                 else:
                     stack.append(iter([folder / name for name in names if not name.startswith(".")]))
             folder = None
@@ -283,4 +312,4 @@ def _walk(directory: Path, walked: set[tuple[int, int]]) -> Iterator[_Found]:
         if kind == _WALK:
             folder = path
         elif kind == _INPUT:
-            yield _Found(path, directory)
+            yield _Found(path, anchor or directory)

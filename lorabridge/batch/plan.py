@@ -68,6 +68,7 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
     found = list(found)
     suffix = target_suffix(target)
     inputs = {item.real for item in found if item.real}
+    holding_inputs = _folders_holding(inputs)
     out, real_out = os.path.abspath(out_dir), os.path.realpath(out_dir)  # outputs resolved as OUT_DIR is
     claimed: dict[Path, Path] = {}  # output -> the input converted to it
     holding: dict[Path, Path] = {}  # a folder of the output tree -> an output inside it
@@ -75,7 +76,7 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
     for item in found:
         stem = item.relative.name if item.path.is_dir() else item.relative.stem
         output = Path(os.path.abspath(out_dir / item.relative.parent / (stem + suffix)))
-        error = item.error or _clash(output, claimed, holding, inputs, out, real_out)
+        error = item.error or _clash(output, claimed, holding, inputs | holding_inputs, out, real_out)
         if error is None:
             claimed[output] = item.path
             for folder in output.parents:
@@ -86,10 +87,28 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
     return jobs
 
 
+def _folders_holding(paths: Iterable[str]) -> set[str]:
+    """Every folder above each of ``paths`` (strings, absolute): walked up only until a folder already seen, so a
+    library's 100,000 files in a few hundred folders cost one step each."""
+    folders: set[str] = set()
+    for path in paths:
+        folder = os.path.dirname(path)
+        while folder not in folders:
+            folders.add(folder)
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    return folders
+
+
 def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], inputs: set[str], out: str,
            real_out: str) -> str | None:
     """Why ``output`` cannot be written beside the outputs ``claimed`` so far (a folder of theirs in ``holding``),
-    or over one of the batch's ``inputs`` (real paths); None when it can."""
+    over one of the batch's ``inputs`` (real paths, with the folders they are in), or outside ``out``; None when
+    it can."""
+    if not os.fspath(output).startswith(out.rstrip(os.sep) + os.sep):
+        return f"its output {os.fspath(output)} would not be inside the output directory {out}"
     if output in claimed:
         return f"{os.fspath(claimed[output])} is converted to the same output {os.fspath(output)}"
     if output in holding:
@@ -101,7 +120,8 @@ def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], i
             return (f"{os.fspath(claimed[folder])} is converted to {os.fspath(folder)}, which this file's output "
                     f"{os.fspath(output)} would be inside")
     if real_out + os.fspath(output)[len(out):] in inputs:
-        return f"its output {os.fspath(output)} is an input of this batch, which a batch never replaces; choose another -o"
+        return (f"its output {os.fspath(output)} is an input of this batch or holds one, which a batch never replaces; "
+                "choose another -o")
     return None
 
 
