@@ -23,9 +23,9 @@ class LoraBridgeGroup(click.Group):
     """A group that turns expected errors into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context):
-        from .io.input_file import held_inputs
-
         try:
+            from .io.input_file import held_inputs  # (inside: Ctrl-C during its imports is Ctrl-C too)
+
             with held_inputs():  # no input can be truncated under a command reading it (see io/input_file.py)
                 return super().invoke(ctx)
         except LoraBridgeError as exc:

@@ -264,3 +264,14 @@ def test_losing_the_scheduler_mid_batch_ends_it_in_one_line_with_every_file_repo
     assert sorted(line["input"] for line in lines) == sorted(str(p) for p in root.iterdir())
     assert all(line["status"] == "converted" or line["error"].endswith("not converted: the batch lost its Dask "
                                                                        "scheduler") for line in lines)
+
+
+def test_a_missing_source_does_not_fail_the_check_of_what_the_workers_see(cluster, tmp_path):
+    """The workers are asked whether they see an input that exists here: before, a mistyped source named first
+    made every worker "not see" it, and the whole batch was refused."""
+    local, _ = cluster
+    good_library(tmp_path / "lib")
+    result = run_batch([tmp_path / "no-such.safetensors", tmp_path / "lib"], tmp_path / "out", "kohya",
+                       dask=local.scheduler_address, progress=False)
+    assert result.count("converted") == 5 and [e.error for e in result.entries if e.status == "failed"] == [
+        f"{tmp_path / 'no-such.safetensors'}: no such file or directory"]

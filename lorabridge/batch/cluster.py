@@ -175,11 +175,14 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
 
         def stop_now(reason: str) -> Generator[Entry, None, None]:
             """No new task: cancel those no worker holds yet and report them; the others end on their own."""
-            told.set()
-            held = {key for keys in client.processing().values() for key in keys}
-            # done: ended on a worker, its result not yet taken here (the scheduler no longer counts it as processing)
-            queued = [key for key in live if key not in held and not live[key][2].done()]
-            client.cancel([live[key][2] for key in queued])
+            try:
+                told.set()
+                held = {key for keys in client.processing().values() for key in keys}
+                # done: ended on a worker, its result not yet taken here (no longer processing on the scheduler)
+                queued = [key for key in live if key not in held and not live[key][2].done()]
+                client.cancel([live[key][2] for key in queued])
+            except Exception:  # a closed connection, a client without a scheduler: it is gone
+                raise _Lost from None
             for key in queued:
                 yield unrun(live.pop(key)[0], reason)
 
@@ -220,15 +223,18 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
             _close_quietly(client)
             raise LoraBridgeError("lost the Dask scheduler; the files it had not reported are not converted "
                                   "(a rerun resumes)", address) from None
-        if stopped is not None:
-            raise stopped
         # Tasks publish their outputs without an fsync each (Settings.sync_at_the_end): every worker now syncs the
-        # output's file system once, as a local batch does at its end (one write-out instead of an fsync per file).
-        # A worker that cannot is an error; one that left meanwhile is not (its machine writes its page cache back).
+        # output's file system once, as a local batch does at its end (one write-out instead of an fsync per file),
+        # a stopped batch too. A worker that cannot is an error (a stopped batch still says why it stopped); one that
+        # left meanwhile is not (its machine writes its page cache back).
         try:
             synced = client.run(sync_file_system, settings.out_dir, on_error="return")
         except Exception as exc:  # the scheduler went away after the last task (a closed comm, a closed pool)
+            if stopped is not None:
+                raise stopped from None
             raise LoraBridgeError(f"cannot ask the Dask workers to sync the outputs: {exc}", settings.out_dir) from None
+        if stopped is not None:
+            raise stopped
         failures = [answer for answer in synced.values() if isinstance(answer, LoraBridgeError)]
         if failures:
             raise failures[0]

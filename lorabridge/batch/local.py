@@ -48,7 +48,8 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
     workers = min(workers, len(jobs))  # no process started that would get no file
     pending = deque((job, 0) for job in jobs)  # (job, attempts so far)
     running: dict[Future, tuple[Job, int]] = {}
-    no_new_file = worker_context().Event()
+    # A shared byte, not an Event: an Event's lock, held by a worker killed inside is_set(), would hang set() here
+    no_new_file = worker_context().RawValue("b", 0)
     pool = _pool(workers, no_new_file)
     stopped: BaseException | None = None  # the stop signal's exception, once one came
     try:
@@ -57,7 +58,7 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
                 job, attempt = pending.popleft()
                 running[pool.submit(convert_in_worker, job, settings)] = (job, attempt)
             if stop() or stopped is not None:
-                no_new_file.set()
+                no_new_file.value = 1
                 why = NOT_RUN if stopped is None else stopped_by(stopped)
                 yield from (unrun(job, why) for job, _ in pending)
                 pending.clear()
@@ -94,7 +95,7 @@ def run_local(jobs: Sequence[Job], settings: Settings, workers: int, stop: Calla
                 else:
                     yield unrun(job, DIED_TWICE)
     finally:
-        no_new_file.set()
+        no_new_file.value = 1
         pool.shutdown(wait=True, cancel_futures=True)
     if stopped is not None:
         raise stopped

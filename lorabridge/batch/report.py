@@ -94,7 +94,7 @@ def check_report_target(path: Path, inputs: Iterable[Path], force: bool, out_dir
     """
     inputs = list(inputs)
     if out_dir is not None:
-        clash = _output_clash(os.path.realpath(path), out_dir, outputs)
+        clash = _output_clash(path, out_dir, outputs)
         if clash:
             raise LoraBridgeError(f"--report names {clash}; refusing to write there", path)
     folders = [Path(os.path.realpath(source)) for source in inputs if source.is_dir()]  # PEFT adapter folders
@@ -125,26 +125,27 @@ def _not_started(entry: Entry) -> bool:
     return entry.status == FAILED and NOT_CONVERTED in (entry.error or "")
 
 
-def _output_clash(report: str, out_dir: Path, outputs: Iterable[Path]) -> str | None:
-    """What the report's resolved path ``report`` is to the batch's output tree, if it is part of it: one of
-    ``outputs``, inside one (a PEFT output folder), or a folder they go in. Compared as strings below ``out_dir``
-    resolved (outputs are planned under it as named): ~0.3 µs an output, not a ``realpath`` each."""
-    named, real = os.path.abspath(out_dir), os.path.realpath(out_dir)
-    if report == real or real.startswith(report.rstrip(os.sep) + os.sep):
-        return "the output directory or a folder it is in"
-    if not report.startswith(real + os.sep):
-        return None
-    relative = report[len(real) + 1:]
-    for output in map(os.fspath, outputs):
-        if not output.startswith(named + os.sep):
+def _output_clash(report: Path, out_dir: Path, outputs: Iterable[Path]) -> str | None:
+    """What ``report`` is to the batch's output tree, if it is part of it: one of ``outputs`` (planned under
+    ``out_dir`` as named), inside one (a PEFT output folder), or a folder they go in. Asked of the report's path
+    both as named (absolute) against ``out_dir`` as named, and resolved (``..``, symbolic links) against ``out_dir``
+    resolved: a link to OUT_DIR, or one to a folder inside it that the outputs are written through, is caught
+    either way. Compared as strings: ~0.3 µs an output, not a ``realpath`` each."""
+    named = os.path.abspath(out_dir)
+    mine = [output[len(named) + 1:] for output in map(os.fspath, outputs) if output.startswith(named + os.sep)]
+    for path, root in ((os.path.abspath(report), named), (os.path.realpath(report), os.path.realpath(out_dir))):
+        if path == root or root.startswith(path.rstrip(os.sep) + os.sep):
+            return "the output directory or a folder it is in"
+        if not path.startswith(root + os.sep):
             continue
-        mine = output[len(named) + 1:]
-        if relative == mine:
-            return "one of this batch's outputs"
-        if relative.startswith(mine + os.sep):
-            return "a path inside one of this batch's outputs"
-        if mine.startswith(relative + os.sep):
-            return "a folder this batch writes outputs into"
+        relative = path[len(root) + 1:]
+        for output in mine:
+            if relative == output:
+                return "one of this batch's outputs"
+            if relative.startswith(output + os.sep):
+                return "a path inside one of this batch's outputs"
+            if output.startswith(relative + os.sep):
+                return "a folder this batch writes outputs into"
     return None
 
 

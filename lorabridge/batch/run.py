@@ -74,7 +74,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         cores = usable_cores()
         workers = jobs or cores
         if client is not None:
-            check_workers(client, Path(os.path.abspath(out)), next((job.source for job in jobs_ if not job.error), None))
+            probe = next((job.source for job in jobs_ if not job.error and job.source.exists()), None)  # not a typo
+            check_workers(client, Path(os.path.abspath(out)), probe)
             busy = cluster_fills_its_cores(client, len(jobs_))
         else:
             busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: cores}, len(jobs_))

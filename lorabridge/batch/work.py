@@ -73,9 +73,10 @@ def prepare_worker(command_pid: int, no_new_file: Any = None) -> None:
       measured: 2-3 ms a file of a rank-4 LoRA, 40 files in a row).
     * SIGTERM and SIGHUP stop it cleanly (:mod:`lorabridge.stopping`), as does the end of the batch's command
       (``command_pid``) however it ended: a worker otherwise outlives a command that was killed, waiting forever.
-    * ``no_new_file`` (a ``multiprocessing.Event``), once set by the command (``--fail-fast`` after a failure, a
-      stop signal), makes :func:`convert_in_worker` start no file: files already handed to the pool, queued
-      behind the one a worker converts, are not converted after the batch decided to stop.
+    * ``no_new_file`` (a shared byte, ``multiprocessing.RawValue``), once set to 1 by the command (``--fail-fast``
+      after a failure, a stop signal) or a worker (its file failed under ``--fail-fast``), makes
+      :func:`convert_in_worker` start no file: files already handed to the pool, queued behind the one a worker
+      converts, are not converted after the batch decided to stop.
     """
     global _no_new_file
     import numpy  # noqa: F401  (imported where used, so not yet: frozen with the rest)
@@ -90,12 +91,12 @@ def convert_in_worker(job: Job, settings: Settings) -> Entry | None:
     """:func:`convert_job` as a worker process runs it; None, converting nothing, once the batch starts no new file
     (:func:`prepare_worker`). Told to stop, the worker leaves once the file has unwound (its temporaries
     removed), and the batch retries the file, or is itself stopping."""
-    if _no_new_file is not None and _no_new_file.is_set():
+    if _no_new_file is not None and _no_new_file.value:
         return None
     try:
         entry = convert_job(job, settings)
         if settings.fail_fast and entry.status == FAILED and _no_new_file is not None:
-            _no_new_file.set()  # now: the file queued behind this one must not start before the command hears of it
+            _no_new_file.value = 1  # now: the file queued behind this one must not start before the command hears of it
         return entry
     except Stopped as stop:
         # Leave now: back in the pool's loop, a worker whose command is gone would wait for its next file forever.
@@ -251,6 +252,9 @@ def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
     action, _ = decide(job.output, stored, sha256, settings.recorded(), trust_manifest=False)
     if action != UP_TO_DATE:
         return None
+    if _legacy(stored):
+        with contextlib.suppress(LoraBridgeError):  # the file is skipped either way
+            _restamp(settings.out_dir, job.output, stored, None)
     return Entry(os.fspath(job.source), os.fspath(job.output), SKIPPED, sha256=sha256, format=stored.format,
                  architecture=stored.architecture, seconds=round(time.perf_counter() - started, 4), bytes=job.nbytes)
 
@@ -258,10 +262,19 @@ def unchanged_entry(job: Job, settings: Settings) -> Entry | None:
 def _restamp(out_dir: Path, output: Path, record: Record, now: list[int] | None) -> None:
     """Keep the source's new stamp in the record of an output found up to date by hashing (a source only
     touched, copied back in place, or hashed too soon after a change last time): the next run need not hash it.
-    Not if the record changed while the source was hashed (another batch on this OUT_DIR converted it again since)."""
-    if now is None or record.source_stamp == now or read_record(out_dir, output) != record:
+    Not if the record changed while the source was hashed (another batch on this OUT_DIR converted it again since).
+    A record from before output stamps held the inode and change time gets them (:func:`_legacy`)."""
+    new_source = now is not None and record.source_stamp != now
+    if not (new_source or _legacy(record)) or read_record(out_dir, output) != record:
         return
-    write_record(out_dir, output, replace(record, source_stamp=now))
+    write_record(out_dir, output, replace(record, source_stamp=now if new_source else record.source_stamp,
+                                          stamp=stamp(output) if _legacy(record) else record.stamp))
+
+
+def _legacy(record: Record) -> bool:
+    """Whether ``record``'s output stamp is from before it held the inode and change time (2 numbers): the power-cut
+    rule then takes any shorter file for the batch's own (:mod:`~lorabridge.batch.state`)."""
+    return record.stamp is not None and len(record.stamp) == 2
 
 
 NOT_RUN = "not converted: the batch stopped at an earlier failure (--fail-fast)"
