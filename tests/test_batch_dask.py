@@ -191,7 +191,7 @@ def test_workers_that_cannot_run_the_batch_fail_it_in_one_line_before_any_task(t
     root, out = tmp_path / "lib", tmp_path / "blind" / "out"
     good_library(root)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, preload=[worker_preload(tmp_path, preload)]) as local:
+                                  dashboard_address=":0", preload=[worker_preload(tmp_path, preload)]) as local:
         with pytest.raises(LoraBridgeError, match=why):
             run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
         assert len(local.scheduler_info["workers"]) == 1  # still there
@@ -203,7 +203,7 @@ def test_a_batch_on_a_cluster_with_no_worker_stops_at_once_when_told(tmp_path):
     (SIGTERM and Ctrl-C deferred, a second signal ignored)."""
     root, out = tmp_path / "lib", tmp_path / "out"
     good_library(root)
-    with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=":0") as local:
         command = subprocess.Popen([sys.executable, "-m", "lorabridge", "batch", str(root), "--to", "kohya", "-o",
                                     str(out), "--dask", local.scheduler_address], cwd=ROOT, env=ENV,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
