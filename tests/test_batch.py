@@ -1173,3 +1173,89 @@ def test_a_local_worker_killed_mid_file_costs_a_retry_and_leaves_no_partial_outp
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]
     for output in out.glob("*.safetensors"):
         assert validation_report(output)["valid"], output
+
+
+def neutral_at(path: Path, seed: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_neutral(make_lora_model(seed=seed), path)
+    return path
+
+
+def test_a_link_inside_out_dir_never_leads_an_output_over_an_input_or_the_report_over_an_output(tmp_path):
+    """Outputs are compared with the inputs resolved, folder by folder: before, ``out/a -> ../lib/b`` let --force
+    replace the input ``lib/b/x.safetensors`` (or a PEFT output delete a source folder), and a --report naming the
+    link's target replaced the output written through it."""
+    lib, out = tmp_path / "lib", tmp_path / "out"
+    neutral_at(lib / "a" / "x.safetensors", seed=1)
+    theirs = neutral_at(lib / "b" / "x.safetensors", seed=2).read_bytes()
+    out.mkdir()
+    (out / "a").symlink_to(lib / "b")
+    result = run_batch([lib], out, "neutral", jobs=1, force=True, progress=False)
+    assert {Path(e.input).parent.name: e.error for e in result.entries}["a"].endswith(
+        "is an input of this batch or holds one, which a batch never replaces; choose another -o")
+    assert (lib / "b" / "x.safetensors").read_bytes() == theirs
+    (out / "a").unlink()
+    (out / "a").symlink_to(tmp_path / "ext", target_is_directory=True)
+    (tmp_path / "ext").mkdir()
+    with pytest.raises(LoraBridgeError, match="--report names one of this batch's outputs"):
+        run_batch([lib], out, "neutral", report=tmp_path / "ext" / "x.safetensors", progress=False)
+
+
+def test_a_glob_never_reaches_into_out_dir_inside_the_library(tmp_path, monkeypatch):
+    """Before, the rerun of ``batch 'lib/**/*.safetensors' -o lib/out`` converted the batch's own outputs into
+    ``lib/out/out/...`` and failed the real sources."""
+    monkeypatch.chdir(tmp_path)
+    neutral_at(Path("lib/a/x.safetensors"))
+    for _ in range(2):
+        result = run_batch(["lib/**/*.safetensors"], Path("lib/out"), "kohya", jobs=1, progress=False)
+        assert result.ok and [e.input for e in result.entries] == [str(tmp_path / "lib/a/x.safetensors")]
+    assert not Path("lib/out/out").exists()
+    # a library inside OUT_DIR (-o . around it) is read as usual
+    assert [e.status for e in run_batch(["lib/a/*.safetensors"], Path("."), "kohya", jobs=1, progress=False).entries] \
+        == ["converted"]
+
+
+def test_a_folder_named_like_a_component_without_a_config_is_a_library_folder(library, tmp_path):
+    root, _ = library
+    lib = tmp_path / "mixed"
+    shutil.copytree(root / "sdxl" / "p" / "unet", lib / "unet")
+    neutral_at(lib / "text_encoder" / "style1.safetensors")  # not an adapter component: a folder of LoRAs
+    assert relatives([lib]) == ["text_encoder/style1.safetensors", "unet"]
+
+
+def test_a_file_whose_output_would_be_the_batch_s_records_or_report_fails_alone(tmp_path):
+    lib = tmp_path / "lib"
+    neutral_at(lib / "x.safetensors")
+    shutil.copy(lib / "x.safetensors", lib / "lorabridge-report.jsonl.safetensors")
+    shutil.copy(lib / "x.safetensors", lib / ".lorabridge-batch.safetensors")
+    result = run_batch([lib, lib / ".lorabridge-batch.safetensors"], tmp_path / "out", "peft", jobs=1, progress=False)
+    errors = {Path(e.input).name: e.error for e in result.entries}
+    assert errors["x.safetensors"] is None and errors["lorabridge-report.jsonl.safetensors"].endswith(
+        f"would take the place of the batch's report ({tmp_path / 'out' / REPORT_NAME}); rename the input")
+    assert errors[".lorabridge-batch.safetensors"].endswith(f"would take the place of the batch's records "
+                                                            f"({tmp_path / 'out' / STATE_DIR}); rename the input")
+    assert read_record(tmp_path / "out", tmp_path / "out" / "x").status == "done"
+
+
+def test_sources_are_read_where_their_names_lead_and_anchor_the_layout_even_when_empty(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    far = neutral_at(Path("far/deep/z.safetensors"), seed=2)
+    neutral_at(Path("lib/z.safetensors"), seed=3)
+    Path("far/deep/a").mkdir()
+    Path("lib/a").symlink_to(tmp_path / "far/deep/a")
+    # "lib/a/.." is far/deep, as the kernel resolves it (before: lib, as text)
+    [entry] = run_batch(["lib/a/../z.safetensors"], Path("out"), "kohya", jobs=1, progress=False).entries
+    assert entry.sha256 == hashlib.sha256(far.read_bytes()).hexdigest()
+    # a folder named, empty today, still counts: x's output does not move once b holds a LoRA
+    neutral_at(Path("lib2/a/x.safetensors"))
+    Path("lib2/b").mkdir()
+    assert relatives(["lib2/a", "lib2/b"]) == ["a/x.safetensors"]
+    assert [str(f.relative) for f in find_inputs(["lib2/a", "lib2/b/*.safetensors"]) if not f.error] == ["a/x.safetensors"]
+    # a glob climbing out of its fixed part, an empty name, a name too long: one line each, no traceback
+    assert relatives(["lib2/*/../../lib/*.safetensors"]) == ["lib/z.safetensors"]  # before: "outside OUT_DIR"
+    for args, said in [(["", "--to", "kohya", "-o", "o"], "error: an empty path was given"),
+                       (["lib", "--to", "kohya", "-o", ""], "error: an empty path was given")]:
+        result = run_cli("batch", *args)
+        assert result.exit_code == 1 and result.output.startswith(said), result.output
+    long = run_cli("batch", "n" * 300 + ".safetensors", "--to", "kohya", "-o", "o3")
+    assert long.exit_code == 1 and "File name too long" in long.output and "Traceback" not in long.output

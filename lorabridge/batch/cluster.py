@@ -175,11 +175,18 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
 
         def stop_now(reason: str) -> Generator[Entry, None, None]:
             """No new task: cancel those no worker holds yet and report them; the others end on their own."""
+            def not_started(keys: list, dask_scheduler=None) -> list:
+                """On the scheduler: which of ``keys`` no worker has been given yet. (Nested, so pickled by value:
+                a scheduler need not have lorabridge.)"""
+                waiting = ("released", "waiting", "no-worker", "queued")
+                return [key for key in keys if key in dask_scheduler.tasks and dask_scheduler.tasks[key].state in waiting]
+
             try:
                 told.set()
-                held = {key for keys in client.processing().values() for key in keys}
-                # done: ended on a worker, its result not yet taken here (no longer processing on the scheduler)
-                queued = [key for key in live if key not in held and not live[key][2].done()]
+                # Asked of the scheduler itself, after the event: a task it has not given a worker yet cannot have
+                # begun, and one it gives a worker from now on finds the event set. (The client's view lags: a task
+                # that had just ended looked unstarted here, was cancelled and reported "not converted".)
+                queued = set(client.run_on_scheduler(not_started, list(live)))
                 client.cancel([live[key][2] for key in queued])
             except Exception:  # a closed connection, a client without a scheduler: it is gone
                 raise _Lost from None
@@ -195,7 +202,12 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
                         continue
                     job, attempt, _ = live.pop(future.key)
                     if future.status == "finished":
-                        yield future.result() or unrun(job, why or NOT_RUN)
+                        try:
+                            entry = future.result()  # fetched from the worker that holds it
+                        except OSError:  # the connection closed under it (CommClosedError): the scheduler is gone
+                            live[future.key] = (job, attempt, future)
+                            raise _Lost from None
+                        yield entry or unrun(job, why or NOT_RUN)
                     elif future.status == "cancelled":  # not by us: the scheduler is gone
                         live[future.key] = (job, attempt, future)
                         raise _Lost

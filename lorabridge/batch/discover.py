@@ -74,8 +74,8 @@ def is_adapter_directory(path: Path) -> bool:
         return True
     components = registered_components()
     for name in _names(path):
-        if name.startswith(".") or name in components:
-            continue
+        if name.startswith(".") or (name in components and os.path.lexists(path / name / _CONFIG_NAME)):
+            continue  # one of the adapter's components (a folder named so without a config is like any other)
         if Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(path / name):
             return False  # a LoRA file beside the components: a library
         if _is_dir(path / name) and _holds_inputs(path / name):
@@ -120,17 +120,30 @@ def find_inputs(sources: Sequence[str | os.PathLike], exclude: Iterable[Path] = 
     walked = set(excluded)  # directories walked (or never to be), across all sources
     seen: set[str] = set()
     found: list[_Found] = []
+    anchors: list[Path] = []  # each source's folder, found something in it or not (see _below_common_folder)
     for source in sources:
         if _directory_key(source) in excluded:  # else it would name nothing, and the batch say "0 files"
             found.append(_Found(Path(source), None, "is the output directory, which a batch never reads (a rerun "
                                 "would convert its own outputs); choose another -o"))
             continue
-        for item in _expand(os.fspath(source), walked):
+        anchors += _anchor_of(os.fspath(source))
+        for item in _expand(os.fspath(source), walked, excluded):
             key = os.path.realpath(item.path)
             if item.error or key not in seen:
                 seen.add(key)
                 found.append(replace(item, real=key))
-    return _below_common_folder(found)
+    return _below_common_folder(found, anchors)
+
+
+def _anchor_of(source: str) -> list[Path]:
+    """The folder a source's outputs are counted from whatever it holds today: a folder named (walked), or a glob's
+    fixed part. Why even when nothing is found in it: a folder that is empty today, or a glob that matches nothing
+    yet, would otherwise move every other source's outputs once it holds a LoRA."""
+    path = Path(source)
+    if os.path.lexists(path) or not glob.has_magic(source):
+        return [path] if _is_dir(path) and not is_adapter_directory(path) else []
+    base = _glob_base(source)
+    return [base] if _is_dir(base) else []
 
 
 @dataclass(frozen=True)
@@ -144,21 +157,22 @@ class _Found:
     real: str | None = None
 
 
-def _below_common_folder(found: list[_Found]) -> list[Found]:
-    """Each input with its path below the deepest folder holding every anchor (compared as absolute paths as given,
-    not resolved: a walk keeps the names of the symbolic links it follows, and so does the output tree); a source
-    that names nothing by its name alone."""
+def _below_common_folder(found: list[_Found], sources: list[Path]) -> list[Found]:
+    """Each input with its path below the deepest folder holding every anchor and the ``sources``' own folders
+    (compared as absolute paths as given, not resolved: a walk keeps the names of the symbolic links it follows,
+    and so does the output tree); a source that names nothing by its name alone."""
     anchors = [os.path.abspath(item.anchor) for item in found if item.anchor is not None]
+    anchors += map(os.path.abspath, sources)
     base = os.path.commonpath(anchors) if anchors else ""
     return [Found(item.path, Path(os.path.relpath(os.path.abspath(item.path), base)) if item.anchor is not None
                   else Path(item.path.name), item.error, item.real if item.anchor is not None else None)
             for item in found]
 
 
-def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:
+def _expand(source: str, walked: set[tuple[int, int]], excluded: set[tuple[int, int]]) -> Iterator[_Found]:
     path = Path(source)
     if os.path.lexists(path) or not glob.has_magic(source):
-        if path.is_dir() and not is_adapter_directory(path):
+        if _is_dir(path) and not is_adapter_directory(path):
             yield from _walk(path, walked)
         else:  # named explicitly: always an input (a missing one fails with "no such file or directory", and being
             # nowhere, it moves no other's output: a mistyped /no/such.ckpt beside lib does not put lib's under out/work).
@@ -170,14 +184,38 @@ def _expand(source: str, walked: set[tuple[int, int]]) -> Iterator[_Found]:
         yield _Found(path, None, "no file matches this pattern")
     # A glob's matches keep their paths below its fixed part, whichever of them match today: a folder added later
     # that matches too does not move the outputs of those that matched before.
-    base, adapters = _glob_base(source), dict[Path, bool]()
+    base, adapters, inside = _glob_base(source), dict[Path, bool](), dict[Path, bool]()
     for match in matches:
+        if _in_excluded(match, base, excluded, inside):  # OUT_DIR inside the library: the batch's own outputs
+            continue
         match = _adapter_holding(match, base, adapters) or match
+        # below the fixed part, as its matches are unless the pattern climbs out of it ("lib/*/../../other/*")
+        anchor = base if _under(match, base) else Path(os.path.abspath(match)).parent
         kind = _kind(match)
         if kind == _WALK:
-            yield from _walk(match, walked, anchor=base)
+            yield from _walk(match, walked, anchor=anchor)
         elif kind == _INPUT and not match.name.startswith("."):  # a hidden one is matched by ".*", not an input
-            yield _Found(match, base)
+            yield _Found(match, anchor)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies below ``folder``, both made absolute (``..`` taken as written)."""
+    return os.path.abspath(path).startswith(os.path.abspath(folder).rstrip(os.sep) + os.sep)
+
+
+def _in_excluded(match: Path, base: Path, excluded: set[tuple[int, int]], known: dict[Path, bool]) -> bool:
+    """Whether ``match`` is, or lies in, a folder never to be read (OUT_DIR) at or below the glob's ``base``, as a
+    walk from there would never enter it (one above ``base``, ``-o .`` around the library, is no concern); ``known``
+    caches each folder's answer (a glob's matches share them)."""
+    top = os.path.abspath(base)
+    for folder in (match, *match.parents):
+        if not excluded or not (_under(folder, base) or os.path.abspath(folder) == top):
+            return False
+        if folder not in known:
+            known[folder] = _directory_key(folder) in excluded
+        if known[folder]:
+            return True
+    return False
 
 
 def expand_glob(pattern: str) -> list[Path]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import LoraBridgeError, shown
 from ..formats.contract import Format
@@ -56,9 +56,10 @@ def input_bytes(path: Path) -> int:
         return 0
 
 
-def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job]:
+def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format, reserved: Mapping[Path, str] | None = None) -> list[Job]:
     """A :class:`Job` per input, its output mirrored under ``out_dir`` with ``target``'s suffix; paths are
-    absolute (workers, a Dask cluster's too, need not share this process's working directory).
+    absolute (workers, a Dask cluster's too, need not share this process's working directory). ``reserved``:
+    paths under ``out_dir`` the batch keeps for itself (its records, its report) -> what they are.
 
     Example:
         >>> from lorabridge.converters.registry import get_format
@@ -68,23 +69,40 @@ def plan_jobs(found: Iterable[Found], out_dir: Path, target: Format) -> list[Job
     found = list(found)
     suffix = target_suffix(target)
     inputs = {item.real for item in found if item.real}
-    holding_inputs = _folders_holding(inputs)
-    out, real_out = os.path.abspath(out_dir), os.path.realpath(out_dir)  # outputs resolved as OUT_DIR is
+    inputs |= _folders_holding(inputs)
+    out = os.path.abspath(out_dir)
+    kept = {Path(os.path.abspath(path)): what for path, what in (reserved or {}).items()}
     claimed: dict[Path, Path] = {}  # output -> the input converted to it
     holding: dict[Path, Path] = {}  # a folder of the output tree -> an output inside it
+    resolve = resolver()
     jobs = []
     for item in found:
-        stem = item.relative.name if item.path.is_dir() else item.relative.stem
+        stem = item.relative.name if os.path.isdir(item.path) else item.relative.stem  # (False for a name too long)
         output = Path(os.path.abspath(out_dir / item.relative.parent / (stem + suffix)))
-        error = item.error or _clash(output, claimed, holding, inputs | holding_inputs, out, real_out)
+        error = item.error or _clash(output, claimed, holding, kept, out) or _over_input(output, resolve, inputs)
         if error is None:
             claimed[output] = item.path
             for folder in output.parents:
                 if len(folder.parts) <= len(Path(out).parts):
                     break
                 holding.setdefault(folder, output)
-        jobs.append(Job(Path(os.path.abspath(item.path)), output, input_bytes(item.path), error))
+        # absolute() keeps "..": read through a link as the walk went (abspath would take "a/.." for the folder of a)
+        jobs.append(Job(item.path.absolute(), output, input_bytes(item.path), error))
     return jobs
+
+
+def resolver() -> Callable[[Path], str]:
+    """A function giving a path with every symbolic link resolved, its folder's ``realpath`` asked once per folder
+    (outputs share a few hundred): a link inside ``OUT_DIR`` (``out/a -> ../lib/b``) leads outputs elsewhere."""
+    folders: dict[Path, str] = {}
+
+    def resolve(path: Path) -> str:
+        folder = folders.get(path.parent)
+        if folder is None:
+            folder = folders[path.parent] = os.path.realpath(path.parent)
+        return os.path.join(folder, path.name)
+
+    return resolve
 
 
 def _folders_holding(paths: Iterable[str]) -> set[str]:
@@ -102,11 +120,10 @@ def _folders_holding(paths: Iterable[str]) -> set[str]:
     return folders
 
 
-def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], inputs: set[str], out: str,
-           real_out: str) -> str | None:
+def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], kept: Mapping[Path, str],
+           out: str) -> str | None:
     """Why ``output`` cannot be written beside the outputs ``claimed`` so far (a folder of theirs in ``holding``),
-    over one of the batch's ``inputs`` (real paths, with the folders they are in), or outside ``out``; None when
-    it can."""
+    over what the batch keeps for itself (``kept``), or outside ``out``; None when it can."""
     if not os.fspath(output).startswith(out.rstrip(os.sep) + os.sep):
         return f"its output {os.fspath(output)} would not be inside the output directory {out}"
     if output in claimed:
@@ -119,7 +136,16 @@ def _clash(output: Path, claimed: dict[Path, Path], holding: dict[Path, Path], i
         if folder in claimed:
             return (f"{os.fspath(claimed[folder])} is converted to {os.fspath(folder)}, which this file's output "
                     f"{os.fspath(output)} would be inside")
-    if real_out + os.fspath(output)[len(out):] in inputs:
+    for path, what in kept.items():
+        if path == output or output in path.parents or path in output.parents:
+            return f"its output {os.fspath(output)} would take the place of {what} ({os.fspath(path)}); rename the input"
+    return None
+
+
+def _over_input(output: Path, resolve: Callable[[Path], str], inputs: set[str]) -> str | None:
+    """Why ``output`` must not be written: resolved, it is one of the batch's ``inputs`` (real paths, with the
+    folders they are in) or holds one."""
+    if resolve(output) in inputs:
         return (f"its output {os.fspath(output)} is an input of this batch or holds one, which a batch never replaces; "
                 "choose another -o")
     return None
@@ -135,6 +161,6 @@ def check_out_dir(out_dir: Path, jobs: Sequence[Job]) -> None:
     real = Path(os.path.realpath(out_dir))
     inside = {real, *real.parents}
     for job in jobs:  # a stat per input; an adapter folder's path resolved, as symbolic links may name either
-        if job.error is None and job.source.is_dir() and Path(os.path.realpath(job.source)) in inside:
+        if job.error is None and os.path.isdir(job.source) and Path(os.path.realpath(job.source)) in inside:
             raise LoraBridgeError(f"the output directory is inside the input adapter folder {shown(job.source)}; "
                                   "choose another -o", out_dir)

@@ -16,7 +16,7 @@ from ..io.atomic import sync_file_system
 from ..stopping import check_stopped, deferring
 from .cores import LOCAL, MAX_JOBS, keep_every_core_busy, usable_cores
 from .discover import find_inputs
-from .plan import check_out_dir, plan_jobs
+from .plan import check_out_dir, plan_jobs, resolver
 from .report import FAILED, BatchResult, Entry, ReportWriter, check_report_target
 from .state import STATE_DIR, make_state_dir
 from .work import Settings, unchanged_entry
@@ -53,13 +53,18 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     target = get_writer(to)  # an unknown or read-only target fails once, before any file
     if from_format is not None:
         get_format(from_format)  # so does an unknown --from (not once per file, each hashed first)
+    if any(os.fspath(path) == "" for path in (*sources, out_dir, *([report] if report is not None else []))):
+        raise LoraBridgeError("an empty path was given (an unset variable?); name the folder, or '.' for this one")
     out = Path(out_dir)
     report_path = Path(report) if report is not None else out / REPORT_NAME
-    jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target)
+    # What the batch keeps for itself in OUT_DIR: a file whose output would be there fails alone (a --report given
+    # is the user's choice: one naming an output refuses the batch below, as a typo should)
+    reserved = {out / STATE_DIR: "the batch's records", **({report_path: "the batch's report"} if report is None else {})}
+    jobs_ = plan_jobs(find_inputs(sources, exclude=[out]), out, target, reserved=reserved)
     check_out_dir(out, jobs_)
-    read = [job.source for job in jobs_ if job.error is None or not job.source.is_dir()]  # not OUT_DIR named as a source
-    check_report_target(report_path, read, force, out, outputs=[*(job.output for job in jobs_),
-                                                                Path(os.path.abspath(out / STATE_DIR))])
+    read = [job.source for job in jobs_ if job.error is None or not os.path.isdir(job.source)]  # not OUT_DIR named as one
+    written = [*(job.output for job in jobs_ if job.error is None), Path(os.path.abspath(out / STATE_DIR))]
+    check_report_target(report_path, read, force, out, outputs=written, resolved=list(map(resolver(), written)))
     client = None
     if dask:  # first: a typo in the address leaves nothing behind
         from .cluster import check_workers, cluster_fills_its_cores, connect, run_dask
@@ -74,7 +79,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         cores = usable_cores()
         workers = jobs or cores
         if client is not None:
-            probe = next((job.source for job in jobs_ if not job.error and job.source.exists()), None)  # not a typo
+            probe = next((job.source for job in jobs_ if not job.error and os.path.exists(job.source)), None)  # no typo
             check_workers(client, Path(os.path.abspath(out)), probe)
             busy = cluster_fills_its_cores(client, len(jobs_))
         else:
