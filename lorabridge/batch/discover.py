@@ -70,40 +70,29 @@ def is_adapter_directory(path: Path) -> bool:
     """
     if not get_format("peft").detect(path):
         return False
-    if os.path.lexists(path / _CONFIG_NAME):
+    from ..formats.peft import CONFIG_NAME  # (imported by detect above)
+
+    if os.path.lexists(path / CONFIG_NAME):
         return True
     components = registered_components()
     for name in _names(path):
-        if name.startswith(".") or (name in components and os.path.lexists(path / name / _CONFIG_NAME)):
+        if name.startswith(".") or (name in components and os.path.lexists(path / name / CONFIG_NAME)):
             continue  # one of the adapter's components (a folder named so without a config is like any other)
         if Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(path / name):
             return False  # a LoRA file beside the components: a library
-        if _is_dir(path / name) and _holds_inputs(path / name):
+        if _is_dir(path / name) and _holds_inputs(path / name, CONFIG_NAME):
             return False  # a folder of LoRAs beside them
     return True
 
 
-_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter folder's config (lorabridge.formats.peft.CONFIG_NAME)
-
-
-def _holds_inputs(folder: Path) -> bool:
+def _holds_inputs(folder: Path, config_name: str) -> bool:
     """Whether ``folder`` or a folder below it (not hidden, each real one once) holds a LoRA-suffixed file or an
-    adapter config: something a walk of it would take as an input. Stops at the first."""
-    stack, seen = [folder], set()
-    while stack:
-        current = stack.pop()
-        key = _directory_key(current)
-        if key is None or key in seen:
-            continue
-        seen.add(key)
+    adapter config (``config_name``): something a walk of it would take as an input. Stops at the first."""
+    for current in _folders_below(folder, set()):
         for name in _names(current):
-            if name.startswith("."):
-                continue
-            entry = current / name
-            if name == _CONFIG_NAME or (Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(entry)):
+            if not name.startswith(".") and (name == config_name or (
+                    Path(name).suffix.lower() in LORA_SUFFIXES and not _is_dir(current / name))):
                 return True
-            if _is_dir(entry):
-                stack.append(entry)
     return False
 
 
