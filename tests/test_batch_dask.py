@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +24,6 @@ import pytest
 from lorabridge.batch import REPORT_NAME, cluster as batch_cluster, run_batch
 from lorabridge.batch.cores import usable_cores
 from lorabridge.errors import LoraBridgeError
-from lorabridge.io.atomic import sync_file_system
 from lorabridge.report import validation_report
 from tests.test_batch import big_and_small_library, converting, good_library
 from tests.test_stopping import ENV, ROOT, wait_until
@@ -68,7 +69,7 @@ def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_las
     given, runs, real_submit, real_run = [], [], distributed.Client.submit, distributed.Client.run
 
     def submit(self, function, *args, **kwargs):
-        given.append(args[1])  # the task's Settings
+        given.append(pickle.loads(args[2])[1])  # the task's Settings (args: version, task, its pickled job and settings...)
         return real_submit(self, function, *args, **kwargs)
 
     def run(self, function, *args, **kwargs):
@@ -80,9 +81,10 @@ def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_las
     monkeypatch.setattr(distributed.Client, "run", run)
     result = run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
     assert result.ok and len(given) == 5 and all(settings.sync_at_the_end for settings in given)
-    syncs = [(args, workers, published) for function, args, workers, published in runs if function is sync_file_system]
+    syncs = [(args[2], workers, published) for _, args, workers, published in runs
+             if args[1] == "lorabridge.batch.cluster:sync_outputs"]
     every_output = {"style.safetensors", "k.safetensors", "p.safetensors", "m.safetensors", "f.safetensors"}
-    assert syncs == [((Path(os.path.abspath(out)),), set(client.scheduler_info()["workers"]), every_output)]
+    assert syncs == [(os.path.abspath(out), set(client.scheduler_info()["workers"]), every_output)]
 
 
 def test_a_worker_that_cannot_sync_the_outputs_fails_the_batch_in_one_line_after_every_file_is_reported(tmp_path,
@@ -170,6 +172,13 @@ def test_an_empty_scheduler_address_is_refused_not_taken_for_no_cluster(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+# Scripts a Dask worker runs as it starts (--preload), making it unlike this machine: without lorabridge; on a machine
+# that does not mount the folder holding OUT_DIR (here: its os.path says nothing is there below a '/blind/').
+NO_LORABRIDGE = "import sys\nsys.modules['lorabridge'] = None\n"
+BLIND = ("import genericpath\nimport os.path\n\ndef dask_setup(worker):\n    real = genericpath.exists\n"
+         "    genericpath.exists = os.path.exists = lambda p: '/blind/' not in str(p) and real(p)\n")
+
+
 def worker_preload(tmp_path: Path, code: str) -> str:
     """A script a Dask worker runs as it starts (``--preload``): how these tests make a worker unlike this machine."""
     script = tmp_path / f"preload_{abs(hash(code))}.py"
@@ -178,11 +187,10 @@ def worker_preload(tmp_path: Path, code: str) -> str:
 
 
 @pytest.mark.parametrize("preload, why", [
-    ("import sys\nsys.modules['lorabridge'] = None\n",
-     r"Dask worker\(s\) without lorabridge 0\.1\.0: tcp://127\.0\.0\.1:\d+ \(ModuleNotFoundError: .*\); install it there"),
-    # a worker on a machine that does not mount the folder holding OUT_DIR (here: its os.path says nothing is there)
-    ("import genericpath\nimport os.path\n\ndef dask_setup(worker):\n    real = genericpath.exists\n"
-     "    genericpath.exists = os.path.exists = lambda p: '/blind/' not in str(p) and real(p)\n",
+    (NO_LORABRIDGE,
+     r"Dask worker\(s\) that cannot run lorabridge 0\.1\.0: tcp://127\.0\.0\.1:\d+ has no lorabridge "
+     r"\(ModuleNotFoundError: .*\); install lorabridge 0\.1\.0 there$"),
+    (BLIND,
      r"blind/out: Dask worker\(s\) that do not see the output directory at this path: tcp://127\.0\.0\.1:\d+; "),
 ], ids=["no lorabridge", "no OUT_DIR"])
 def test_workers_that_cannot_run_the_batch_fail_it_in_one_line_before_any_task(tmp_path, preload, why):
@@ -196,6 +204,36 @@ def test_workers_that_cannot_run_the_batch_fail_it_in_one_line_before_any_task(t
             run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
         assert len(local.scheduler_info["workers"]) == 1  # still there
     assert not list(out.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("preload, why", [
+    (NO_LORABRIDGE,
+     r"has no lorabridge \(ModuleNotFoundError: .*\); install lorabridge 0\.1\.0 there"),
+    (BLIND,
+     r"does not see OUT_DIR at this path; the inputs and OUT_DIR must be on a file system every worker mounts at "
+     r"the same path"),
+], ids=["no lorabridge", "no OUT_DIR"])
+def test_a_worker_that_joins_after_the_check_and_cannot_run_the_batch_converts_nothing_and_says_why(tmp_path, preload,
+                                                                                                      why):
+    """An adaptive cluster adds workers mid-batch, after :func:`check_workers`. Before: one without lorabridge
+    dropped its connection on its first task, reconnected, was sent it again, and the batch waited forever; one not
+    seeing OUT_DIR published every file into a folder of its own, reported converted. Now each task is refused
+    there (and submitted once more), and its file reported "not converted" naming the worker and what it lacks."""
+    root, out = tmp_path / "lib", tmp_path / "blind" / "out"
+    good_library(root)
+    with distributed.LocalCluster(n_workers=0, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0", preload=[worker_preload(tmp_path, preload)]) as local:
+        command = subprocess.Popen([sys.executable, "-m", "lorabridge", "batch", str(root), "--to", "kohya", "-o",
+                                    str(out), "--dask", local.scheduler_address], cwd=ROOT, env=ENV,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: any(out.glob(".lorabridge-report.jsonl.*.partial")), "the batch's start", command)
+        local.scale(1)  # checked with no worker: this one joins after
+        output, _ = command.communicate(timeout=120)
+    assert command.returncode == 1, output
+    errors = [json.loads(line)["error"] for line in (out / REPORT_NAME).read_text().splitlines()]
+    assert len(errors) == 5 and all(re.search(r": not converted: its Dask worker tcp://127\.0\.0\.1:\d+ " + why + "$",
+                                              error) for error in errors), errors
+    assert not list(out.rglob("*.safetensors")) and not list(out.glob(".lorabridge-batch/.visible*"))
 
 
 def test_a_batch_on_a_cluster_with_no_worker_stops_at_once_when_told(tmp_path):

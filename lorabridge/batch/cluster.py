@@ -18,8 +18,11 @@ and its second failure reported.
 
 Before any task, every worker is asked whether it has lorabridge at this version and sees ``OUT_DIR`` and the first
 input at the same paths (:func:`check_workers`): one that did not either killed its connection on the batch's first
-question or converted "successfully" into a folder the submitting machine never sees. A stop (``--fail-fast``, a
-signal) starts no new task: those still queued are cancelled, those a worker holds finish and are reported (a task
+question or converted "successfully" into a folder the submitting machine never sees. A worker that joins later (an
+adaptive cluster) is asked by each task it runs: everything the batch sends goes through :func:`_worker_call`, which
+any worker can unpickle, and a task converts only where lorabridge is at this version and the batch's marker in
+``OUT_DIR`` is seen; elsewhere it is submitted once more, then its file reported "not converted", naming the worker
+and what it lacks. A stop (``--fail-fast``, a signal) starts no new task: those still queued are cancelled, those a worker holds finish and are reported (a task
 that had not begun when told returns without converting). The command looks for a stop every :data:`POLL_S`
 seconds, also while no task ends (a cluster without workers), and a scheduler lost mid-batch ends it in one line,
 every file reported.
@@ -27,20 +30,22 @@ every file reported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import socket
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 from .. import __version__
 from ..errors import LoraBridgeError
-from ..io.atomic import sync_file_system
+from ..io.atomic import create_locked, new_temporary, sync_file_system
 from ..stopping import Stopped, check_stopped
-from .cores import keep_every_core_busy, usable_cores
+from .cores import keep_every_core_busy
 from .plan import Job
 from .report import Entry
 from .state import STATE_DIR
@@ -93,42 +98,115 @@ def _check_host(address: str) -> None:
                               f"{getattr(exc, 'strerror', None) or exc}", address) from None
 
 
-def check_workers(client: Client, out_dir: Path, source: Path | None) -> None:
+REFUSED = "lorabridge: refused"  # the first item of what a worker answers when it cannot run what the batch sent
+
+
+def _worker_call(refused: str = REFUSED) -> Callable[..., Any]:
+    """The one function the batch sends its workers: ``call(version, "module:function", *args)`` imports lorabridge
+    on the worker and calls the function if lorabridge is there at ``version``, else answers ``(REFUSED, why)``.
+
+    Why: a worker unpickles what it is sent before running it, and one without lorabridge, sent a function or
+    object of lorabridge's, drops its connection to the scheduler, reconnects and is sent it again: the batch
+    waited forever (measured with a worker that joined mid-batch). This function is nested, so cloudpickle sends
+    it by value, and it holds builtins only: any worker unpickles it. The batch's own objects go inside as bytes
+    (a pickle), opened by the function called, once lorabridge is known to be there.
+
+    Example:
+        >>> call = _worker_call()
+        >>> call("0.0.0-other", "os.path:exists", "/")
+        ('lorabridge: refused', 'has lorabridge 0.1.0, not 0.0.0-other; install lorabridge 0.0.0-other there')
+        >>> call(__version__, "os.path:exists", "/")
+        True
+    """
+    def call(version: str, target: str, *args: Any) -> Any:
+        import importlib
+
+        try:
+            found = importlib.import_module("lorabridge").__version__
+        except ImportError as exc:
+            return refused, f"has no lorabridge ({type(exc).__name__}: {exc}); install lorabridge {version} there"
+        if found != version:
+            return refused, f"has lorabridge {found}, not {version}; install lorabridge {version} there"
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call
+
+
+_call = _worker_call()
+
+
+def _refusal(answer: object) -> str | None:
+    """Why a worker refused (its answer through :func:`_worker_call`), or None when it did not."""
+    if isinstance(answer, tuple) and len(answer) == 2 and answer[0] == REFUSED:
+        return str(answer[1])
+    return None
+
+
+def _on_every_worker(client: Client, target: str, *args: Any) -> dict[str, Any]:
+    """``target(*args)`` on every worker, through :func:`_worker_call`: each worker's answer, a refusal or the
+    exception it raised."""
+    return client.run(_call, __version__, target, *args, on_error="return")
+
+
+class Marker:
+    """A file in ``OUT_DIR``'s records folder that lives as long as the batch: a worker that does not see it does
+    not see ``OUT_DIR`` where this machine does (:func:`seen_by_this_worker`). Created locked, under a temporary's
+    name (:func:`~lorabridge.io.atomic.new_temporary`), so one a killed batch left is removed by a later run."""
+
+    def __init__(self, out_dir: Path):
+        self.path = new_temporary(out_dir / STATE_DIR / "visible")
+        self._fd: int | None = create_locked(self.path)
+
+    def close(self) -> None:
+        """Remove the marker (once; again does nothing): its batch has no task left."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+
+def seen_by_this_worker(path: str) -> bool:
+    """On a worker: whether it sees ``path`` (an input, or the batch's :class:`Marker`)."""
+    return os.path.exists(path)
+
+
+def check_workers(client: Client, out_dir: Path, source: Path | None) -> Marker:
     """Fail in one line, before any task, naming the workers that cannot run this batch: without lorabridge at
-    this version, or not seeing ``out_dir`` (or ``source``, an input) at the same path as this machine.
+    this version, or not seeing ``out_dir`` (or ``source``, an input) at the same path as this machine. Returns the
+    batch's :class:`Marker`, which its tasks look for (workers that join later are asked by each task).
 
     Why here and why so: a worker that lacks lorabridge dropped its connection on the batch's first question
     (a function of lorabridge it could not unpickle) and the batch waited forever; one that does not see
-    ``OUT_DIR`` published each output into its own folder of that name, reported converted. The questions are
-    builtins (``eval`` of an import, ``os.path.exists``), which any worker can unpickle. Workers that join
-    later are not asked."""
-    versions = client.run(eval, "__import__('lorabridge').__version__", on_error="return")
-    wrong = {address: answer for address, answer in versions.items() if answer != __version__}
-    if wrong:
-        said = "; ".join(f"{address} ({_answer(answer)})" for address, answer in sorted(wrong.items()))
-        raise LoraBridgeError(f"Dask worker(s) without lorabridge {__version__}: {said}; install it there")
-    marker = out_dir / STATE_DIR / f".visible-{uuid.uuid4().hex}"
-    marker.write_bytes(b"")
+    ``OUT_DIR`` published each output into its own folder of that name, reported converted."""
+    marker = Marker(out_dir)
     try:
-        blind = _not_seeing(client, marker)
-    finally:
-        marker.unlink()
-    if blind:
-        raise LoraBridgeError(f"Dask worker(s) that do not see the output directory at this path: {blind}; the "
-                              "inputs and OUT_DIR must be on a file system every worker mounts at the same path", out_dir)
-    blind = _not_seeing(client, source) if source is not None else ""
-    if blind:
-        raise LoraBridgeError(f"Dask worker(s) that do not see this input at this path: {blind}; the inputs and "
-                              "OUT_DIR must be on a file system every worker mounts at the same path", source)
+        seen = _on_every_worker(client, "lorabridge.batch.cluster:seen_by_this_worker", os.fspath(marker.path))
+        wrong = {address: _refusal(answer) or f"raised {type(answer).__name__}: {answer}"
+                 for address, answer in seen.items() if _refusal(answer) or isinstance(answer, BaseException)}
+        if wrong:
+            said = "; ".join(f"{address} {why}" for address, why in sorted(wrong.items()))
+            raise LoraBridgeError(f"Dask worker(s) that cannot run lorabridge {__version__}: {said}")
+        blind = _not_seeing(seen)
+        if blind:
+            raise LoraBridgeError(f"Dask worker(s) that do not see the output directory at this path: {blind}; the "
+                                  "inputs and OUT_DIR must be on a file system every worker mounts at the same path",
+                                  out_dir)
+        if source is not None:
+            blind = _not_seeing(_on_every_worker(client, "lorabridge.batch.cluster:seen_by_this_worker",
+                                                 os.fspath(source)))
+            if blind:
+                raise LoraBridgeError(f"Dask worker(s) that do not see this input at this path: {blind}; the inputs "
+                                      "and OUT_DIR must be on a file system every worker mounts at the same path", source)
+    except BaseException:
+        marker.close()
+        raise
+    return marker
 
 
-def _not_seeing(client: Client, path: Path) -> str:
-    answers = client.run(os.path.exists, os.fspath(path), on_error="return")
+def _not_seeing(answers: dict[str, Any]) -> str:
     return ", ".join(sorted(address for address, seen in answers.items() if seen is not True))
-
-
-def _answer(answer: object) -> str:
-    return f"{type(answer).__name__}: {answer}" if isinstance(answer, BaseException) else f"lorabridge {answer}"
 
 
 def cluster_fills_its_cores(client: Client, files: int) -> bool:
@@ -137,7 +215,7 @@ def cluster_fills_its_cores(client: Client, files: int) -> bool:
     :func:`~lorabridge.batch.cores.usable_cores`). A worker that does not answer counts as a core to spare; workers
     that join later are not counted."""
     workers = client.scheduler_info()["workers"]
-    answers = client.run(usable_cores, on_error="return")
+    answers = _on_every_worker(client, "lorabridge.batch.cores:usable_cores")  # a refusal is no int: unknown
     threads: Counter[str] = Counter()
     cores: dict[str, int | None] = {}
     for address, worker in workers.items():
@@ -150,9 +228,12 @@ def cluster_fills_its_cores(client: Client, files: int) -> bool:
     return keep_every_core_busy(threads, cores, files)
 
 
-def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Callable[[], bool]) -> Generator[Entry, None, None]:
+def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, marker: Marker,
+             stop: Callable[[], bool]) -> Generator[Entry, None, None]:
     """Convert ``jobs`` on the cluster ``client`` is connected to (:func:`connect`), yielding each file's entry as
-    it finishes; the client is closed when the generator ends.
+    it finishes; ``marker`` (from :func:`check_workers`) is removed and the client closed when the generator ends.
+    A task refused by its worker (no lorabridge at this version, ``OUT_DIR`` not seen: a worker that joined after
+    the check) is submitted once more, then its file reported "not converted", naming the worker and why.
 
     ``stop()`` as for :func:`~lorabridge.batch.local.run_local`: once True, no new task starts (queued ones are
     cancelled, a task told before it began converts nothing) and the files not converted are reported so; those
@@ -161,7 +242,7 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
     from distributed import Event, KilledWorker, as_completed
 
     address = client.scheduler.address if client.scheduler is not None else None
-    with client:
+    with client, contextlib.closing(marker):
         live: dict[object, tuple[Job, int, Future]] = {}  # task key -> (job, earlier attempts, future)
         finished = as_completed(loop=client.loop)  # not default_client()'s: another Client may be the default
         told = Event(f"lorabridge-stop-{uuid.uuid4().hex}", client=client)
@@ -169,7 +250,8 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
         stopped: BaseException | None = None
 
         def submit(job: Job, attempt: int) -> None:
-            future = client.submit(convert_unless_told, job, settings, told.name, pure=False)
+            future = client.submit(_call, __version__, "lorabridge.batch.cluster:convert_task",
+                                   pickle.dumps((job, settings)), os.fspath(marker.path), told.name, pure=False)
             live[future.key] = (job, attempt, future)
             finished.add(future)
 
@@ -207,7 +289,13 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
                         except OSError:  # the connection closed under it (CommClosedError): the scheduler is gone
                             live[future.key] = (job, attempt, future)
                             raise _Lost from None
-                        yield entry or unrun(job, why or NOT_RUN)
+                        refused = _refusal(entry)
+                        if refused is None:
+                            yield entry or unrun(job, why or NOT_RUN)
+                        elif attempt == 0 and why is None:  # another worker may take it
+                            submit(job, 1)
+                        else:
+                            yield unrun(job, f"not converted: its Dask worker {_holder(client, future)} {refused}")
                     elif future.status == "cancelled":  # not by us: the scheduler is gone
                         live[future.key] = (job, attempt, future)
                         raise _Lost
@@ -240,7 +328,8 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
         # a stopped batch too. A worker that cannot is an error (a stopped batch still says why it stopped); one that
         # left meanwhile is not (its machine writes its page cache back).
         try:
-            synced = client.run(sync_file_system, settings.out_dir, on_error="return")
+            synced = _on_every_worker(client, "lorabridge.batch.cluster:sync_outputs", os.fspath(settings.out_dir),
+                                      os.fspath(marker.path))
         except Exception as exc:  # the scheduler went away after the last task (a closed comm, a closed pool)
             if stopped is not None:
                 raise stopped from None
@@ -250,6 +339,13 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, stop: Call
         failures = [answer for answer in synced.values() if isinstance(answer, LoraBridgeError)]
         if failures:
             raise failures[0]
+
+
+def _holder(client: Client, future: Future) -> str:
+    """The address of the worker that ran ``future`` (it holds the result), for the report."""
+    with contextlib.suppress(Exception):
+        return ", ".join(client.who_has(future).get(future.key, ())) or "(gone)"
+    return "(unknown)"
 
 
 def _close_quietly(client: Client) -> None:
@@ -268,11 +364,28 @@ class _Lost(Exception):
     """The Dask scheduler is gone (its futures cancelled under us, the client no longer connected)."""
 
 
-def convert_unless_told(job: Job, settings: Settings, told: str) -> Entry | None:
-    """A task: :func:`~lorabridge.batch.work.convert_job`, unless the batch has told its tasks to start no new file
-    (the ``distributed.Event`` named ``told``): then None, converting nothing (reported "not converted")."""
+BLIND = ("does not see OUT_DIR at this path; the inputs and OUT_DIR must be on a file system every worker mounts at "
+         "the same path")
+
+
+def convert_task(payload: bytes, marker: str, told: str) -> Entry | None | tuple[str, str]:
+    """A task, run through :func:`_worker_call`: :func:`~lorabridge.batch.work.convert_job` of the job and settings
+    pickled in ``payload``. Not where the batch has told its tasks to start no new file (the ``distributed.Event``
+    named ``told``): None, converting nothing (reported "not converted"). Refused on a worker that does not see
+    ``marker`` (the batch's :class:`Marker`): it does not see ``OUT_DIR``, and would publish into a folder of its own.
+    (``payload`` is the submitting command's own pickle, come through Dask's connection, which is pickles itself.)"""
     from distributed import Event
 
     if Event(told).is_set():
         return None
+    if not os.path.exists(marker):
+        return REFUSED, BLIND
+    job, settings = pickle.loads(payload)
     return convert_job(job, settings)
+
+
+def sync_outputs(out_dir: str, marker: str) -> None:
+    """On every worker once the last task has ended: put the outputs it published on the disk (``syncfs``). A
+    worker that does not see the batch's ``marker`` converted nothing of it (its tasks were refused): nothing to do."""
+    if os.path.exists(marker):
+        sync_file_system(out_dir)

@@ -65,7 +65,7 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     read = [job.source for job in jobs_ if job.error is None or not os.path.isdir(job.source)]  # not OUT_DIR named as one
     written = [*(job.output for job in jobs_ if job.error is None), Path(os.path.abspath(out / STATE_DIR))]
     check_report_target(report_path, read, force, out, outputs=written, resolved=list(map(resolver(), written)))
-    client = None
+    client = marker = None
     if dask:  # first: a typo in the address leaves nothing behind
         from .cluster import check_workers, cluster_fills_its_cores, connect, run_dask
 
@@ -80,12 +80,14 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         workers = jobs or cores
         if client is not None:
             probe = next((job.source for job in jobs_ if not job.error and os.path.exists(job.source)), None)  # no typo
-            check_workers(client, Path(os.path.abspath(out)), probe)
+            marker = check_workers(client, Path(os.path.abspath(out)), probe)
             busy = cluster_fills_its_cores(client, len(jobs_))
         else:
             busy = keep_every_core_busy({LOCAL: workers}, {LOCAL: cores}, len(jobs_))
         writer = ReportWriter(report_path)  # before any file runs: a report that cannot be written stops nothing half-way
     except BaseException:
+        if marker is not None:
+            marker.close()
         if client is not None:
             client.close()
         raise
@@ -121,8 +123,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
                     to_run.append(job)
                 else:
                     add(entry)
-            if client is not None:
-                entries = run_dask(to_run, settings, client, lambda: fail_fast and failed)
+            if client is not None and marker is not None:
+                entries = run_dask(to_run, settings, client, marker, lambda: fail_fast and failed)
             else:
                 from .local import run_local
 
@@ -132,7 +134,8 @@ def run_batch(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
         finally:
             if entries is not None:
                 entries.close()  # an interrupted batch stops its workers (or cancels its tasks) now, not at garbage collection
-            elif client is not None:
+            elif client is not None and marker is not None:  # stopped before the first task
+                marker.close()
                 client.close()
             writer.close()
             if bar is not None:
