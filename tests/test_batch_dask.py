@@ -203,7 +203,7 @@ def test_workers_that_cannot_run_the_batch_fail_it_in_one_line_before_any_task(t
         with pytest.raises(LoraBridgeError, match=why):
             run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
         assert len(local.scheduler_info["workers"]) == 1  # still there
-    assert not list(out.rglob("*.safetensors"))
+    assert not list(out.rglob("*.safetensors")) and not list(out.glob(".lorabridge-batch/.visible*"))
 
 
 @pytest.mark.parametrize("preload, why", [
@@ -252,6 +252,7 @@ def test_a_batch_on_a_cluster_with_no_worker_stops_at_once_when_told(tmp_path):
     assert (command.returncode, output.strip().splitlines()[-1]) == (143, "error: stopped by SIGTERM"), output
     errors = [json.loads(line)["error"] for line in (out / REPORT_NAME).read_text().splitlines()]
     assert len(errors) == 5 and all(e.endswith(": not converted: the batch was stopped by SIGTERM") for e in errors)
+    assert not list(out.glob(".lorabridge-batch/.visible*"))  # the batch's marker goes with it
 
 
 def test_fail_fast_on_dask_reports_what_its_workers_converted(cluster, tmp_path):
@@ -302,6 +303,7 @@ def test_losing_the_scheduler_mid_batch_ends_it_in_one_line_with_every_file_repo
     assert sorted(line["input"] for line in lines) == sorted(str(p) for p in root.iterdir())
     assert all(line["status"] == "converted" or line["error"].endswith("not converted: the batch lost its Dask "
                                                                        "scheduler") for line in lines)
+    assert not list(out.glob(".lorabridge-batch/.visible*"))
 
 
 def test_a_missing_source_does_not_fail_the_check_of_what_the_workers_see(cluster, tmp_path):
