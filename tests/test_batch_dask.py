@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import signal
 import socket
@@ -69,7 +68,7 @@ def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_las
     given, runs, real_submit, real_run = [], [], distributed.Client.submit, distributed.Client.run
 
     def submit(self, function, *args, **kwargs):
-        given.append(pickle.loads(args[2])[1])  # the task's Settings (args: version, task, its pickled job and settings...)
+        given.append(args[3])  # the task's Settings, as fields (args: version, task, job, settings, ...)
         return real_submit(self, function, *args, **kwargs)
 
     def run(self, function, *args, **kwargs):
@@ -80,7 +79,7 @@ def test_tasks_publish_without_an_fsync_each_and_every_worker_syncs_once_the_las
     monkeypatch.setattr(distributed.Client, "submit", submit)
     monkeypatch.setattr(distributed.Client, "run", run)
     result = run_batch([root], out, "kohya", dask=local.scheduler_address, progress=False)
-    assert result.ok and len(given) == 5 and all(settings.sync_at_the_end for settings in given)
+    assert result.ok and len(given) == 5 and all(settings["sync_at_the_end"] for settings in given)
     syncs = [(args[2], workers, published) for _, args, workers, published in runs
              if args[1] == "lorabridge.batch.cluster:sync_outputs"]
     every_output = {"style.safetensors", "k.safetensors", "p.safetensors", "m.safetensors", "f.safetensors"}

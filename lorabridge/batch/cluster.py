@@ -33,11 +33,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import socket
 import time
 import uuid
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
@@ -108,8 +108,8 @@ def _worker_call(refused: str = REFUSED) -> Callable[..., Any]:
     Why: a worker unpickles what it is sent before running it, and one without lorabridge, sent a function or
     object of lorabridge's, drops its connection to the scheduler, reconnects and is sent it again: the batch
     waited forever (measured with a worker that joined mid-batch). This function is nested, so cloudpickle sends
-    it by value, and it holds builtins only: any worker unpickles it. The batch's own objects go inside as bytes
-    (a pickle), opened by the function called, once lorabridge is known to be there.
+    it by value, and it holds builtins only: any worker unpickles it. The batch's own objects go as their fields
+    (paths and builtins), made objects again by the function called, once lorabridge is known to be there.
 
     Example:
         >>> call = _worker_call()
@@ -253,8 +253,8 @@ def run_dask(jobs: Sequence[Job], settings: Settings, client: Client, marker: Ma
         refusers: set[str] = set()  # workers that refused a task: a refused file is sent again only to others
 
         def submit(job: Job, attempt: int, workers: list[str] | None = None) -> None:
-            future = client.submit(_call, __version__, "lorabridge.batch.cluster:convert_task",
-                                   pickle.dumps((job, settings)), os.fspath(marker.path), told.name, pure=False,
+            future = client.submit(_call, __version__, "lorabridge.batch.cluster:convert_task", asdict(job),
+                                   asdict(settings), os.fspath(marker.path), told.name, pure=False,
                                    workers=workers, allow_other_workers=False)
             live[future.key] = (job, attempt, future)
             finished.add(future)
@@ -379,20 +379,20 @@ BLIND = ("does not see OUT_DIR at this path; the inputs and OUT_DIR must be on a
          "the same path")
 
 
-def convert_task(payload: bytes, marker: str, told: str) -> Entry | None | tuple[str, str]:
-    """A task, run through :func:`_worker_call`: :func:`~lorabridge.batch.work.convert_job` of the job and settings
-    pickled in ``payload``. Not where the batch has told its tasks to start no new file (the ``distributed.Event``
-    named ``told``): None, converting nothing (reported "not converted"). Refused on a worker that does not see
-    ``marker`` (the batch's :class:`Marker`): it does not see ``OUT_DIR``, and would publish into a folder of its own.
-    (``payload`` is the submitting command's own pickle, come through Dask's connection, which is pickles itself.)"""
+def convert_task(job: dict[str, Any], settings: dict[str, Any], marker: str, told: str) -> Entry | None | tuple[str, str]:
+    """A task, run through :func:`_worker_call`: :func:`~lorabridge.batch.work.convert_job` of the :class:`Job` and
+    :class:`Settings` whose fields are ``job`` and ``settings`` (sent as plain fields, paths and builtins, so that
+    a worker without lorabridge unpickles them too). Not where the batch has told its tasks to start no new file
+    (the ``distributed.Event`` named ``told``): None, converting nothing (reported "not converted"). Refused on a
+    worker that does not see ``marker`` (the batch's :class:`Marker`): it does not see ``OUT_DIR``, and would
+    publish into a folder of its own."""
     from distributed import Event
 
     if Event(told).is_set():
         return None
     if not os.path.exists(marker):
         return REFUSED, BLIND
-    job, settings = pickle.loads(payload)
-    return convert_job(job, settings)
+    return convert_job(Job(**job), Settings(**settings))
 
 
 def sync_outputs(out_dir: str, marker: str) -> None:
